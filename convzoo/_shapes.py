@@ -1,0 +1,204 @@
+"""Shape math and argument checks shared by fakes, launchers and references.
+
+Everything about sliding-window geometry lives here, once: normalising ``int``/tuple arguments,
+resolving ``'same'``/``'valid'`` padding, output sizes, and the checks that give a bad argument a
+clear ``ValueError``/``TypeError`` naming it.
+
+Internally padding is a flat list ``[lo_0, hi_0, lo_1, hi_1, ...]`` in spatial order (dim 0 is
+the outermost spatial dim), so asymmetric padding (``'same'`` with an even kernel or a stride)
+is one case, not a special one.
+
+All functions here work on plain ``int`` and on ``torch.SymInt``: the fakes call them while
+tracing with dynamic shapes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+PADDING_MODES = ("zeros", "circular", "reflect", "replicate")
+# Integer codes passed to kernels as constexprs.
+PADDING_MODE_CODES = {mode: i for i, mode in enumerate(PADDING_MODES)}
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check(cond, message: str, exc: type[Exception] = ValueError) -> None:
+    """Raise ``exc(message)`` unless ``cond``; a symbolic condition becomes a ``torch._check``."""
+    if isinstance(cond, torch.SymBool):
+        torch._check(cond, lambda: message)
+    elif not cond:
+        raise exc(message)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, (int, torch.SymInt)) and not isinstance(v, bool)
+
+
+def as_tuple(value, ndim: int, name: str) -> tuple:
+    """``value`` as a tuple of ``ndim`` ints (an int is repeated).
+
+    Raises:
+        TypeError: ``value`` is neither an int nor a sequence of ints.
+        ValueError: a sequence of the wrong length.
+    """
+    if _is_int(value):
+        return (value,) * ndim
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        if not all(_is_int(v) for v in value):
+            raise TypeError(f"{name} must be an int or a sequence of ints, got {value!r}")
+        if len(value) != ndim:
+            raise ValueError(f"{name} must have {ndim} entries for {ndim}-d input, got {tuple(value)}")
+        return tuple(value)
+    raise TypeError(f"{name} must be an int or a sequence of ints, got {type(value).__name__}")
+
+
+def spatial_ndim_of(*args, default: int | None = None) -> int | None:
+    """The number of spatial dims told by the first sequence argument, else ``default``."""
+    for a in args:
+        if isinstance(a, Sequence) and not isinstance(a, str):
+            return len(a)
+    return default
+
+
+def resolve_padding(padding, in_size: Sequence, kernel_size: Sequence, dilation: Sequence,
+                    stride: Sequence) -> list:
+    """Padding as the flat ``[lo_0, hi_0, ...]`` list the ops take.
+
+    ``padding`` is an int, a per-dim sequence (symmetric), a sequence of ``(lo, hi)`` pairs,
+    ``'valid'`` (no padding) or ``'same'``. ``'same'`` gives ``ceil(in / stride)`` outputs per dim
+    (TensorFlow's rule; with stride 1 it equals PyTorch's ``'same'``), the odd element of the
+    total padding going to the high side.
+    """
+    ndim = len(in_size)
+    if isinstance(padding, str):
+        if padding == "valid":
+            return [0] * (2 * ndim)
+        if padding != "same":
+            raise ValueError(f"padding must be an int, a tuple, 'same' or 'valid', got {padding!r}")
+        flat = []
+        for n, k, d, s in zip(in_size, kernel_size, dilation, stride):
+            out = (n + s - 1) // s
+            total = torch.sym_max((out - 1) * s + d * (k - 1) + 1 - n, 0)
+            flat += [total // 2, total - total // 2]
+        return flat
+    if isinstance(padding, Sequence) and any(isinstance(p, Sequence) for p in padding):
+        if len(padding) != ndim or not all(
+            isinstance(p, Sequence) and len(p) == 2 and all(_is_int(v) for v in p) for p in padding
+        ):
+            raise ValueError(f"padding as pairs must be {ndim} (lo, hi) pairs of ints, got {padding!r}")
+        flat = [v for p in padding for v in p]
+    else:
+        flat = [v for p in as_tuple(padding, ndim, "padding") for v in (p, p)]
+    for v in flat:
+        check(v >= 0, f"padding must be non-negative, got {padding!r}")
+    return flat
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Resolved sliding-window geometry of one unfold/fold call (all per-dim tuples)."""
+
+    in_size: tuple
+    kernel_size: tuple
+    dilation: tuple
+    padding: tuple  # flat (lo_0, hi_0, lo_1, hi_1, ...)
+    stride: tuple
+    padding_mode: str
+    out_size: tuple
+
+    @property
+    def ndim(self) -> int:
+        return len(self.in_size)
+
+    @property
+    def kernel_numel(self) -> int:
+        return math.prod(self.kernel_size)
+
+    @property
+    def num_blocks(self):
+        """L, the number of sliding-window positions."""
+        return math.prod(self.out_size)
+
+    @property
+    def pad_lo(self) -> tuple:
+        return self.padding[0::2]
+
+    @property
+    def pad_hi(self) -> tuple:
+        return self.padding[1::2]
+
+
+def geometry(in_size: Sequence, kernel_size: Sequence, dilation: Sequence, padding: Sequence,
+             stride: Sequence, padding_mode: str) -> Geometry:
+    """Check one call's resolved arguments and compute its output (block-grid) size.
+
+    Raises:
+        ValueError: wrong lengths, non-positive kernel_size/stride/dilation, negative padding,
+            a padding too large for ``padding_mode``, an unknown ``padding_mode``, or a kernel
+            larger than the padded input.
+    """
+    ndim = len(in_size)
+    check(1 <= ndim <= 3, f"expected 1, 2 or 3 spatial dims, got {ndim}")
+    for name, v in (("kernel_size", kernel_size), ("dilation", dilation), ("stride", stride)):
+        check(len(v) == ndim, f"{name} must have {ndim} entries, got {list(v)}")
+        for e in v:
+            check(e > 0, f"{name} must be positive, got {list(v)}")
+    check(len(padding) == 2 * ndim, f"padding must have {2 * ndim} (lo, hi) entries, got {list(padding)}")
+    for e in padding:
+        check(e >= 0, f"padding must be non-negative, got {list(padding)}")
+    check(padding_mode in PADDING_MODES, f"padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
+    out = []
+    for i, (n, k, d, s) in enumerate(zip(in_size, kernel_size, dilation, stride)):
+        lo, hi = padding[2 * i], padding[2 * i + 1]
+        if padding_mode == "reflect":
+            check(lo < n and hi < n, f"padding ({lo}, {hi}) must be smaller than the input size {n} "
+                                     f"in dim {i} for padding_mode='reflect'")
+        elif padding_mode == "circular":
+            check(lo <= n and hi <= n, f"padding ({lo}, {hi}) must be at most the input size {n} "
+                                       f"in dim {i} for padding_mode='circular'")
+        span = d * (k - 1) + 1
+        check(n + lo + hi >= span, f"kernel_size {list(kernel_size)} with dilation {list(dilation)} "
+                                   f"spans {span} in dim {i}, larger than the padded input {n + lo + hi}")
+        out.append((n + lo + hi - span) // s + 1)
+    return Geometry(tuple(in_size), tuple(kernel_size), tuple(dilation), tuple(padding), tuple(stride),
+                    padding_mode, tuple(out))
+
+
+def check_float_tensor(t: torch.Tensor, name: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    check(t.dtype in FLOAT_DTYPES, f"{name} must have a floating dtype {FLOAT_DTYPES}, got {t.dtype}", TypeError)
+
+
+def unfold_geometry(x: torch.Tensor, kernel_size, dilation, padding, stride, padding_mode) -> Geometry:
+    """Checks for ``unfold(x, ...)``; ``x`` is ``[N, C, *spatial]``."""
+    check_float_tensor(x, "input")
+    check(3 <= x.dim() <= 5, f"input must be [N, C, *spatial] with 1-3 spatial dims, got shape {tuple(x.shape)}")
+    return geometry(tuple(x.shape[2:]), kernel_size, dilation, padding, stride, padding_mode)
+
+
+def unfold_out_shape(x: torch.Tensor, g: Geometry) -> tuple:
+    n, c = x.shape[:2]
+    return (n, c * g.kernel_numel, g.num_blocks)
+
+
+def fold_geometry(cols: torch.Tensor, output_size, kernel_size, dilation, padding, stride,
+                  padding_mode) -> Geometry:
+    """Checks for ``fold(cols, output_size, ...)``; ``cols`` is ``[N, C·∏K, L]``."""
+    check_float_tensor(cols, "input")
+    check(cols.dim() == 3, f"input must be [N, C*prod(kernel_size), L], got shape {tuple(cols.shape)}")
+    g = geometry(tuple(output_size), kernel_size, dilation, padding, stride, padding_mode)
+    check(cols.shape[1] % g.kernel_numel == 0,
+          f"input.shape[1]={cols.shape[1]} is not divisible by prod(kernel_size)={g.kernel_numel}")
+    check(cols.shape[2] == g.num_blocks,
+          f"output_size {list(output_size)} with this kernel_size/dilation/padding/stride gives "
+          f"{list(g.out_size)} = {g.num_blocks} blocks, but input.shape[2]={cols.shape[2]}")
+    return g
+
+
+def fold_out_shape(cols: torch.Tensor, g: Geometry) -> tuple:
+    return (cols.shape[0], cols.shape[1] // g.kernel_numel, *g.in_size)

@@ -1,0 +1,87 @@
+"""Tile configs, the per-kernel registry, and the bucketing of dims into table keys."""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+
+__all__ = ["Config", "KernelSpec", "bucket", "bucket_key", "get_spec", "register", "registered"]
+
+
+@dataclass(frozen=True)
+class Config:
+    """One launch configuration: the kernel's tile constexprs plus ``num_warps``/``num_stages``."""
+
+    meta: Mapping[str, int] = field(default_factory=dict)
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def to_json(self) -> dict:
+        return {"meta": dict(self.meta), "num_warps": self.num_warps, "num_stages": self.num_stages}
+
+    @classmethod
+    def from_json(cls, d: Mapping) -> Config:
+        meta = d["meta"]
+        if not isinstance(meta, Mapping) or not all(isinstance(v, int) for v in meta.values()):
+            raise ValueError(f"bad config meta {meta!r}")
+        return cls(dict(meta), int(d["num_warps"]), int(d["num_stages"]))
+
+    def launch_kwargs(self) -> dict:
+        return {**self.meta, "num_warps": self.num_warps, "num_stages": self.num_stages}
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    """What the autotuner knows of one kernel.
+
+    ``default_config(dims, dtype, interpret)`` is the readable heuristic; ``candidates(dims, dtype)``
+    yields the configs the tuner may try (already filtered by the kernel's validity check);
+    ``dims`` names the size arguments that ``lookup`` is called with (bucketed into table keys).
+    """
+
+    name: str
+    kernel: object  # the @triton.jit function; its source is hashed into every table
+    dims: tuple[str, ...]
+    default_config: Callable[[Mapping[str, int], torch.dtype, bool], Config]
+    candidates: Callable[[Mapping[str, int], torch.dtype], Iterable[Config]]
+
+    @property
+    def source_hash(self) -> str:
+        src = getattr(self.kernel, "src", None) or inspect.getsource(self.kernel)
+        return hashlib.sha256(src.encode()).hexdigest()[:16]
+
+
+_REGISTRY: dict[str, KernelSpec] = {}
+
+
+def register(spec: KernelSpec) -> KernelSpec:
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def get_spec(name: str) -> KernelSpec:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown kernel {name!r}; registered: {sorted(_REGISTRY)}") from None
+
+
+def registered() -> dict[str, KernelSpec]:
+    return dict(_REGISTRY)
+
+
+def bucket(n: int) -> int:
+    """The power of two at or above ``n`` (1 for ``n <= 1``)."""
+    n = int(n)
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+def bucket_key(dtype: torch.dtype, dims: Mapping[str, int]) -> str:
+    """The table key: dtype plus each dim bucketed to a power of two, in sorted name order."""
+    parts = [str(dtype).removeprefix("torch.")]
+    parts += [f"{k}={bucket(v)}" for k, v in sorted(dims.items())]
+    return "|".join(parts)

@@ -1,0 +1,84 @@
+"""``torch.nn.functional``-style entry points: normalise arguments, call ``torch.ops.convzoo.*``."""
+
+from __future__ import annotations
+
+import torch
+
+from convzoo import _shapes
+from convzoo import ops as _ops  # noqa: F401  (registers the custom ops)
+
+__all__ = ["fold", "unfold"]
+
+
+def _geometry_args(ndim, kernel_size, dilation, padding, stride, in_size, padding_mode):
+    ks = _shapes.as_tuple(kernel_size, ndim, "kernel_size")
+    dil = _shapes.as_tuple(dilation, ndim, "dilation")
+    st = _shapes.as_tuple(stride, ndim, "stride")
+    for name, v in (("kernel_size", ks), ("dilation", dil), ("stride", st)):
+        if any(e <= 0 for e in v):
+            raise ValueError(f"{name} must be positive, got {v}")
+    if not isinstance(padding_mode, str) or padding_mode not in _shapes.PADDING_MODES:
+        raise ValueError(f"padding_mode must be one of {_shapes.PADDING_MODES}, got {padding_mode!r}")
+    pad = _shapes.resolve_padding(padding, in_size, ks, dil, st)
+    return list(ks), list(dil), pad, list(st), padding_mode
+
+
+def unfold(input: torch.Tensor, kernel_size, dilation=1, padding=0, stride=1, *,
+           padding_mode: str = "zeros") -> torch.Tensor:
+    """Extract sliding local blocks (im2col) from a batched ``[N, C, *spatial]`` input.
+
+    Like :func:`torch.nn.functional.unfold`, for 1, 2 or 3 spatial dims: the output is
+    ``[N, C·∏kernel_size, L]`` with rows ordered ``(c, k_0, k_1, ...)`` and the L blocks in
+    row-major order of the output grid. One kernel launch for the whole batch on CUDA.
+
+    Args:
+        input: ``[N, C, *spatial]``, floating dtype, any strides (channels-last included).
+        kernel_size, dilation, stride: int or one int per spatial dim; positive.
+        padding: int, per-dim ints, per-dim ``(lo, hi)`` pairs, ``'valid'`` or ``'same'``
+            (``ceil(size / stride)`` blocks per dim, strided too).
+        padding_mode: ``'zeros'``, ``'circular'``, ``'reflect'`` or ``'replicate'``, read in place
+            (no padded copy). ``'reflect'`` needs padding < size, ``'circular'`` padding ≤ size.
+
+    Raises:
+        TypeError: ``input`` is not a floating tensor, or an argument has the wrong type.
+        ValueError: wrong number of dims, non-positive kernel_size/stride/dilation, negative
+            padding, an unknown padding or padding_mode, a kernel larger than the padded input.
+    """
+    _shapes.check_float_tensor(input, "input")
+    if not 3 <= input.dim() <= 5:
+        raise ValueError(f"input must be [N, C, *spatial] with 1-3 spatial dims, got shape {tuple(input.shape)}")
+    ndim = input.dim() - 2
+    args = _geometry_args(ndim, kernel_size, dilation, padding, stride, input.shape[2:], padding_mode)
+    return torch.ops.convzoo.unfold(input, *args)
+
+
+def fold(input: torch.Tensor, output_size, kernel_size, dilation=1, padding=0, stride=1, *,
+         padding_mode: str = "zeros") -> torch.Tensor:
+    """Combine sliding local blocks into a ``[N, C, *output_size]`` tensor (col2im): the adjoint of
+    :func:`unfold`, overlapping entries summed.
+
+    Like :func:`torch.nn.functional.fold`, for 1, 2 or 3 spatial dims (the rank is the length of the
+    first tuple among ``output_size``, ``kernel_size``, ... ; 2 if all are ints). Deterministic: a
+    gather, no atomics, and no size limit short of memory.
+
+    Args:
+        input: ``[N, C·∏kernel_size, L]``, floating dtype, any strides.
+        output_size: the spatial size of the result.
+        kernel_size, dilation, padding, stride, padding_mode: as in :func:`unfold`.
+
+    Raises:
+        TypeError: ``input`` is not a floating tensor, or an argument has the wrong type.
+        ValueError: ``input`` is not 3-d, its shape does not match ``output_size`` and the geometry,
+            or a geometry argument is invalid (see :func:`unfold`).
+    """
+    _shapes.check_float_tensor(input, "input")
+    if input.dim() != 3:
+        raise ValueError(f"input must be [N, C*prod(kernel_size), L], got shape {tuple(input.shape)}")
+    ndim = _shapes.spatial_ndim_of(output_size, kernel_size, dilation, padding, stride, default=2)
+    if not 1 <= ndim <= 3:
+        raise ValueError(f"expected 1, 2 or 3 spatial dims, got output_size={output_size!r}")
+    out = _shapes.as_tuple(output_size, ndim, "output_size")
+    if any(e <= 0 for e in out):
+        raise ValueError(f"output_size must be positive, got {out}")
+    args = _geometry_args(ndim, kernel_size, dilation, padding, stride, out, padding_mode)
+    return torch.ops.convzoo.fold(input, list(out), *args)

@@ -1,0 +1,355 @@
+"""unfold (im2col) and fold (col2im) for 1-, 2- and 3-d inputs: Triton kernels and launchers.
+
+Both kernels see every input as 3-d: a 1-d or 2-d call gets leading spatial dims of size 1 with
+kernel 1, stride 1, dilation 1 and no padding, so one kernel serves all ranks. The whole batch is
+one launch. Padding modes are folded into the index math: no padded copy of the input is made.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from convzoo import _shapes, autotune
+from convzoo.autotune import Config, KernelSpec
+
+__all__ = ["fold", "unfold"]
+
+
+# ----------------------------------------------------------------------------------------------
+# index helpers shared by both kernels
+@triton.jit
+def _source_index(p, n, MODE: tl.constexpr):
+    """Input index read by padded position ``p`` (in input coordinates) along a dim of size ``n``,
+    and whether it reads anything (only ``'zeros'`` padding reads nothing)."""
+    if MODE == 0:  # zeros
+        i = p
+        ok = (p >= 0) & (p < n)
+    elif MODE == 1:  # circular; % truncates toward zero, so shift into range first
+        i = ((p % n) + n) % n
+        ok = p == p
+    elif MODE == 2:  # reflect (padding < n, so one reflection suffices)
+        i = tl.abs(p)
+        i = tl.where(i > n - 1, 2 * (n - 1) - i, i)
+        ok = p == p
+    else:  # replicate
+        i = tl.minimum(tl.maximum(p, 0), n - 1)
+        ok = p == p
+    return i, ok
+
+
+@triton.jit
+def _padded_candidate(i, j, n, lo, hi, MODE: tl.constexpr):
+    """The ``j``-th padded position (input coordinates, in ``[-lo, n + hi)``) that reads input index
+    ``i``, and whether it exists. The inverse of ``_source_index``: fold gathers from all of them.
+
+    zeros: only ``i``. circular: ``i``, ``i - n``, ``i + n``. reflect: ``i``, ``-i``,
+    ``2(n-1) - i``. replicate: ``i``, then ``-1..-lo`` (for ``i = 0``), then ``n..n-1+hi``
+    (for ``i = n-1``).
+    """
+    if MODE == 0:
+        p = i
+        ok = i == i
+    elif MODE == 1:
+        p = tl.where(j == 0, i, tl.where(j == 1, i - n, i + n))
+        ok = i == i
+    elif MODE == 2:
+        p = tl.where(j == 0, i, tl.where(j == 1, -i, 2 * (n - 1) - i))
+        ok = (j == 0) | ((j == 1) & (i > 0)) | ((j == 2) & (i < n - 1))
+    else:
+        p = tl.where(j == 0, i, tl.where(j <= lo, -j, n - 1 + j - lo))
+        ok = (j == 0) | ((j <= lo) & (i == 0)) | ((j > lo) & (i == n - 1))
+    ok = ok & (p >= -lo) & (p < n + hi)
+    return p, ok
+
+
+@triton.jit
+def _block_index(p, lo, k, O, S: tl.constexpr, D: tl.constexpr):
+    """The block (output position) whose tap ``k`` reads padded position ``p``, and whether it exists."""
+    q = p + lo - k * D
+    l = q // S
+    ok = (q >= 0) & (q % S == 0) & (l < O)
+    return l, ok
+
+
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def unfold_kernel(
+    # output: [N, C*KD*KH*KW, L], contiguous
+    out_ptr,
+    # input: [N, C, ID, IH, IW], any strides
+    x_ptr,
+    # runtime sizes: R = N*C*KD*KH*KW rows, L = OD*OH*OW blocks
+    R, C, ID, IH, IW, OD, OH, OW, L,
+    stride_xn, stride_xc, stride_xd, stride_xh, stride_xw,
+    # geometry
+    KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+    SD: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
+    PD: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
+    DD: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
+    MODE: tl.constexpr,
+    # tiles
+    BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr,
+):
+    """im2col gather: ``out[n, (c, kd, kh, kw), (od, oh, ow)] = x[n, c, od*SD - PD + kd*DD, ...]``.
+
+    Roofline: pure data movement. Bytes = R·L·e written + at most the input read (neighbouring
+    taps re-read the same lines, which L2 serves), e = element size; 0 FLOPs. Memory bound: the
+    bench reports GB/s = (R·L + N·C·ID·IH·IW)·e / t against the measured copy bandwidth.
+    Each program writes a BLOCK_R × BLOCK_L tile, contiguous along L (coalesced stores); for a
+    row, consecutive L read consecutive input columns when SW == 1 (coalesced loads).
+    """
+    # program id -> tile
+    pid = tl.program_id(0).to(tl.int64)
+    num_l = tl.cdiv(L, BLOCK_L)
+    pid_r = pid // num_l
+    pid_l = pid % num_l
+
+    # offsets and masks
+    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)  # int64: row = (n*C + c)*K + k
+    blocks = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
+    row_ok = rows < R
+    blk_ok = blocks < L
+    k = rows % (KD * KH * KW)
+    nc = rows // (KD * KH * KW)
+    c = nc % C
+    n = nc // C
+    kw = k % KW
+    kh = (k // KW) % KH
+    kd = k // (KW * KH)
+    ow = blocks % OW
+    oh = (blocks // OW) % OH
+    od = blocks // (OW * OH)
+
+    i_d, ok_d = _source_index(od[None, :] * SD - PD + kd[:, None] * DD, ID, MODE)
+    i_h, ok_h = _source_index(oh[None, :] * SH - PH + kh[:, None] * DH, IH, MODE)
+    i_w, ok_w = _source_index(ow[None, :] * SW - PW + kw[:, None] * DW, IW, MODE)
+    tile_ok = row_ok[:, None] & blk_ok[None, :]
+
+    src = (x_ptr + (n * stride_xn + c * stride_xc)[:, None]
+           + i_d * stride_xd + i_h * stride_xh + i_w * stride_xw)
+    vals = tl.load(src, mask=tile_ok & ok_d & ok_h & ok_w, other=0)
+    tl.store(out_ptr + rows[:, None] * L + blocks[None, :], vals, mask=tile_ok)
+
+
+@triton.jit
+def fold_kernel(
+    # output: [N, C, ID, IH, IW], contiguous
+    out_ptr,
+    # input (the columns): [N, C*KD*KH*KW, L], any strides
+    cols_ptr,
+    # runtime sizes: R = N*C rows, P = ID*IH*IW pixels
+    R, C, ID, IH, IW, OD, OH, OW, P,
+    stride_cn, stride_ck, stride_cl,
+    # geometry; PD/PH/PW are the low paddings, QD/QH/QW the high ones
+    KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+    SD: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
+    PD: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
+    QD: tl.constexpr, QH: tl.constexpr, QW: tl.constexpr,
+    DD: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
+    MODE: tl.constexpr,
+    # padded positions that can read one input index, per dim (1 for 'zeros')
+    NCD: tl.constexpr, NCH: tl.constexpr, NCW: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    # tiles
+    BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    """col2im as a gather: each output pixel sums, in a fixed order, every column entry that
+    unfold would have copied from it. Deterministic: no atomics.
+
+    Roofline: reads R·K·L column entries (each once) and writes R·P pixels; R·K·L adds.
+    Memory bound (≤ 1 add per element read): GB/s = (R·K·L + R·P)·e / t vs the copy bandwidth.
+    Tiles are BLOCK_R (n, c) rows × BLOCK_P pixels, contiguous along the pixels (coalesced stores).
+    """
+    # program id -> tile
+    pid = tl.program_id(0).to(tl.int64)
+    num_p = tl.cdiv(P, BLOCK_P)
+    pid_r = pid // num_p
+    pid_p = pid % num_p
+
+    # offsets and masks
+    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)  # int64: row = n*C + c
+    pix = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    row_ok = rows < R
+    pix_ok = pix < P
+    n = rows // C
+    c = rows % C
+    row_base = n * stride_cn + c * (KD * KH * KW) * stride_ck
+    iw = pix % IW
+    ih = (pix // IW) % IH
+    i_d = pix // (IW * IH)
+
+    # loop over every (padded position, tap) pair that can read this pixel, fp32 (fp64) accumulation
+    acc = tl.zeros([BLOCK_R, BLOCK_P], dtype=ACC_DTYPE)
+    for jd in range(NCD):
+        pd, cand_d = _padded_candidate(i_d, jd, ID, PD, QD, MODE)
+        for jh in range(NCH):
+            ph, cand_h = _padded_candidate(ih, jh, IH, PH, QH, MODE)
+            for jw in range(NCW):
+                pw, cand_w = _padded_candidate(iw, jw, IW, PW, QW, MODE)
+                for kd in range(KD):
+                    ld, ok_d = _block_index(pd, PD, kd, OD, SD, DD)
+                    for kh in range(KH):
+                        lh, ok_h = _block_index(ph, PH, kh, OH, SH, DH)
+                        for kw in range(KW):
+                            lw, ok_w = _block_index(pw, PW, kw, OW, SW, DW)
+                            ok = cand_d & cand_h & cand_w & ok_d & ok_h & ok_w & pix_ok
+                            blk = (ld * OH + lh) * OW + lw
+                            tap = (kd * KH + kh) * KW + kw
+                            src = (cols_ptr + (row_base + tap * stride_ck)[:, None]
+                                   + blk.to(tl.int64)[None, :] * stride_cl)
+                            vals = tl.load(src, mask=row_ok[:, None] & ok[None, :], other=0)
+                            acc += vals.to(ACC_DTYPE)
+
+    out = out_ptr + rows[:, None] * P + pix[None, :]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & pix_ok[None, :])
+
+
+# ----------------------------------------------------------------------------------------------
+# configs
+def _np2(n: int) -> int:
+    return autotune.bucket(n)
+
+
+def _tile_default(rows: int, inner: int, interpret: bool, inner_cap: int, tile: int) -> tuple[int, int]:
+    """(BLOCK_rows, BLOCK_inner): the inner (contiguous) dim first, then rows up to ``tile`` elements.
+    The interpreter pays per program, not per element, so it gets the largest tiles."""
+    if interpret:
+        inner_cap, tile = 1024, 16384
+    b_inner = max(16, min(inner_cap, _np2(inner)))
+    b_rows = max(1, min(_np2(rows), tile // b_inner))
+    return b_rows, b_inner
+
+
+def _unfold_default(dims, dtype, interpret: bool) -> Config:
+    # 4 KiB-ish tiles: 128 contiguous outputs × 16 rows keeps 4 warps busy with 16 elements each
+    br, bl = _tile_default(dims["R"], dims["L"], interpret, inner_cap=128, tile=2048)
+    return Config({"BLOCK_R": br, "BLOCK_L": bl}, num_warps=4, num_stages=1)
+
+
+def _fold_default(dims, dtype, interpret: bool) -> Config:
+    # the tap loop keeps an fp32 accumulator tile live: 1024 elements = 8 registers/thread at 4 warps
+    br, bp = _tile_default(dims["R"], dims["P"], interpret, inner_cap=128, tile=1024)
+    return Config({"BLOCK_R": br, "BLOCK_P": bp}, num_warps=4, num_stages=1)
+
+
+def _candidates(row_name: str, inner_name: str):
+    def gen(dims, dtype):
+        for inner in (32, 64, 128, 256, 512):
+            for rows in (1, 2, 4, 8, 16, 32, 64):
+                for warps in (1, 2, 4, 8):
+                    cfg = Config({row_name: rows, inner_name: inner}, num_warps=warps, num_stages=1)
+                    if _keep(cfg, row_name, inner_name):
+                        yield cfg
+    return gen
+
+
+def _keep(cfg: Config, row_name: str, inner_name: str) -> bool:
+    """Validity: power-of-2 tiles of 256..8192 elements, at least one element per thread."""
+    r, i = cfg.meta[row_name], cfg.meta[inner_name]
+    pow2 = r & (r - 1) == 0 and i & (i - 1) == 0
+    return pow2 and 256 <= r * i <= 8192 and r * i >= 32 * cfg.num_warps
+
+
+UNFOLD_SPEC = autotune.register(KernelSpec(
+    "unfold", unfold_kernel, ("R", "L"), _unfold_default, _candidates("BLOCK_R", "BLOCK_L")))
+FOLD_SPEC = autotune.register(KernelSpec(
+    "fold", fold_kernel, ("R", "P"), _fold_default, _candidates("BLOCK_R", "BLOCK_P")))
+
+
+# ----------------------------------------------------------------------------------------------
+# launchers
+def _as_3d(g: _shapes.Geometry) -> dict:
+    """Geometry padded with leading unit dims to 3 spatial dims, as kernel arguments."""
+    lead = 3 - g.ndim
+
+    def pad3(t, fill):
+        return (fill,) * lead + tuple(t)
+
+    return {
+        "in": pad3(g.in_size, 1), "out": pad3(g.out_size, 1), "k": pad3(g.kernel_size, 1),
+        "s": pad3(g.stride, 1), "lo": pad3(g.pad_lo, 0), "hi": pad3(g.pad_hi, 0),
+        "d": pad3(g.dilation, 1),
+    }
+
+
+def _check_device(t: torch.Tensor) -> None:
+    if not (t.is_cuda or (autotune.interpret_mode() and t.device.type == "cpu")):
+        raise ValueError(
+            f"the Triton kernels need a CUDA tensor (or CPU tensors with TRITON_INTERPRET=1), got {t.device}")
+
+
+def unfold(x: torch.Tensor, kernel_size: list[int], dilation: list[int], padding: list[int],
+           stride: list[int], padding_mode: str = "zeros", config: Config | None = None) -> torch.Tensor:
+    """im2col of ``x`` ``[N, C, *spatial]`` → ``[N, C·∏K, L]`` (contiguous), one launch.
+
+    ``config`` overrides the autotune lookup (tests use it to run every tile shape).
+    """
+    # (1) check
+    g = _shapes.unfold_geometry(x, kernel_size, dilation, padding, stride, padding_mode)
+    _check_device(x)
+    # (2) allocate
+    out = x.new_empty(_shapes.unfold_out_shape(x, g))
+    if out.numel() == 0:
+        return out
+    # (3) look up config and launch
+    a = _as_3d(g)
+    rows, L = out.shape[1] * out.shape[0], out.shape[2]
+    cfg = config or autotune.lookup("unfold", x.device, x.dtype, R=rows, L=L)
+    xs = x
+    for _ in range(3 - g.ndim):  # a view with leading unit spatial dims
+        xs = xs.unsqueeze(2)
+    grid = (triton.cdiv(rows, cfg.meta["BLOCK_R"]) * triton.cdiv(L, cfg.meta["BLOCK_L"]),)
+    unfold_kernel[grid](
+        out, xs,
+        rows, x.shape[1], *a["in"], *a["out"], L,
+        *xs.stride(),
+        *a["k"], *a["s"], *a["lo"], *a["d"],
+        _shapes.PADDING_MODE_CODES[g.padding_mode],
+        **cfg.launch_kwargs(),
+    )
+    return out
+
+
+def _num_candidates(g: _shapes.Geometry, lead: int) -> tuple[int, int, int]:
+    """How many padded positions can read one input index, per dim (see ``_padded_candidate``)."""
+    if g.padding_mode == "zeros":
+        per = [1] * g.ndim
+    elif g.padding_mode in ("circular", "reflect"):
+        per = [3 if lo + hi > 0 else 1 for lo, hi in zip(g.pad_lo, g.pad_hi)]
+    else:
+        per = [1 + lo + hi for lo, hi in zip(g.pad_lo, g.pad_hi)]
+    return (1,) * lead + tuple(per)
+
+
+def fold(cols: torch.Tensor, output_size: list[int], kernel_size: list[int], dilation: list[int],
+         padding: list[int], stride: list[int], padding_mode: str = "zeros",
+         config: Config | None = None) -> torch.Tensor:
+    """col2im of ``cols`` ``[N, C·∏K, L]`` → ``[N, C, *output_size]`` (contiguous), one launch, no atomics."""
+    # (1) check
+    g = _shapes.fold_geometry(cols, output_size, kernel_size, dilation, padding, stride, padding_mode)
+    _check_device(cols)
+    # (2) allocate
+    out = cols.new_empty(_shapes.fold_out_shape(cols, g))
+    if out.numel() == 0:
+        return out
+    # (3) look up config and launch
+    a = _as_3d(g)
+    rows, P = out.shape[0] * out.shape[1], math.prod(g.in_size)
+    cfg = config or autotune.lookup("fold", cols.device, cols.dtype, R=rows, P=P)
+    acc = tl.float64 if cols.dtype == torch.float64 else tl.float32
+    grid = (triton.cdiv(rows, cfg.meta["BLOCK_R"]) * triton.cdiv(P, cfg.meta["BLOCK_P"]),)
+    fold_kernel[grid](
+        out, cols,
+        rows, out.shape[1], *a["in"], *a["out"], P,
+        *cols.stride(),
+        *a["k"], *a["s"], *a["lo"], *a["hi"], *a["d"],
+        _shapes.PADDING_MODE_CODES[g.padding_mode],
+        *_num_candidates(g, 3 - g.ndim),
+        acc,
+        **cfg.launch_kwargs(),
+    )
+    return out

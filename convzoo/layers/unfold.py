@@ -1,0 +1,50 @@
+"""``Unfold`` and ``Fold`` modules, like :class:`torch.nn.Unfold` / :class:`torch.nn.Fold`, for 1-3-d."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from convzoo import functional as F
+
+
+class Unfold(nn.Module):
+    """im2col as a module: ``[N, C, *spatial]`` → ``[N, C·∏kernel_size, L]``. See :func:`convzoo.functional.unfold`."""
+
+    def __init__(self, kernel_size, dilation=1, padding=0, stride=1, padding_mode: str = "zeros"):
+        super().__init__()
+        self.kernel_size = kernel_size
+        self.dilation = dilation
+        self.padding = padding
+        self.stride = stride
+        self.padding_mode = padding_mode
+
+    def forward(self, input: Tensor) -> Tensor:
+        return F.unfold(input, self.kernel_size, self.dilation, self.padding, self.stride,
+                        padding_mode=self.padding_mode)
+
+    def extra_repr(self) -> str:
+        s = (f"kernel_size={self.kernel_size}, dilation={self.dilation}, padding={self.padding!r}, "
+             f"stride={self.stride}")
+        return s if self.padding_mode == "zeros" else s + f", padding_mode={self.padding_mode!r}"
+
+
+class Fold(nn.Module):
+    """col2im as a module: ``[N, C·∏kernel_size, L]`` → ``[N, C, *output_size]``. See :func:`convzoo.functional.fold`."""
+
+    def __init__(self, output_size, kernel_size, dilation=1, padding=0, stride=1, padding_mode: str = "zeros"):
+        super().__init__()
+        self.output_size = output_size
+        self.kernel_size = kernel_size
+        self.dilation = dilation
+        self.padding = padding
+        self.stride = stride
+        self.padding_mode = padding_mode
+
+    def forward(self, input: Tensor) -> Tensor:
+        return F.fold(input, self.output_size, self.kernel_size, self.dilation, self.padding, self.stride,
+                      padding_mode=self.padding_mode)
+
+    def extra_repr(self) -> str:
+        s = (f"output_size={self.output_size}, kernel_size={self.kernel_size}, dilation={self.dilation}, "
+             f"padding={self.padding!r}, stride={self.stride}")
+        return s if self.padding_mode == "zeros" else s + f", padding_mode={self.padding_mode!r}"

@@ -1,0 +1,5 @@
+"""torch.library custom ops ``convzoo::*``: schema, fake, autograd, and the dispatch between the
+Triton launchers (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``) and the plain-torch
+reference (every other case)."""
+
+from convzoo.ops import unfold as _unfold  # noqa: F401  (registers convzoo::unfold, convzoo::fold)

@@ -1,0 +1,95 @@
+"""Plain-torch implementations of every convzoo op: the CPU path and the test oracle.
+
+They take the same resolved arguments as the custom ops (padding as the flat
+``[lo_0, hi_0, ...]`` list, see :mod:`convzoo._shapes`) and run on any device and any floating
+dtype, float64 included.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+import torch.nn.functional as F
+
+from convzoo import _shapes
+
+__all__ = ["fold", "source_index", "unfold"]
+
+
+def source_index(n: int, lo: int, hi: int, padding_mode: str, device=None) -> torch.Tensor:
+    """For each of the ``lo + n + hi`` padded positions, the input index it reads.
+
+    Defined for the non-zero padding modes (``'zeros'`` has no source for its pad entries).
+    """
+    p = torch.arange(-lo, n + hi, device=device)
+    if padding_mode == "circular":
+        return torch.remainder(p, n)
+    if padding_mode == "reflect":
+        p = p.abs()
+        return torch.where(p > n - 1, 2 * (n - 1) - p, p)
+    if padding_mode == "replicate":
+        return p.clamp(0, n - 1)
+    raise ValueError(f"no source index for padding_mode={padding_mode!r}")
+
+
+def _pad(x: torch.Tensor, g: _shapes.Geometry) -> torch.Tensor:
+    if g.padding_mode == "zeros":
+        # F.pad wants the last dim first
+        flat = [v for i in reversed(range(g.ndim)) for v in (g.pad_lo[i], g.pad_hi[i])]
+        return F.pad(x, flat)
+    for i in range(g.ndim):
+        idx = source_index(g.in_size[i], g.pad_lo[i], g.pad_hi[i], g.padding_mode, x.device)
+        x = x.index_select(2 + i, idx)
+    return x
+
+
+def _unpad_adjoint(buf: torch.Tensor, g: _shapes.Geometry) -> torch.Tensor:
+    """The adjoint of :func:`_pad`: fold the padded border back onto the input it was read from."""
+    if g.padding_mode == "zeros":
+        for i in range(g.ndim):
+            buf = buf.narrow(2 + i, g.pad_lo[i], g.in_size[i])
+        return buf
+    for i in range(g.ndim):
+        idx = source_index(g.in_size[i], g.pad_lo[i], g.pad_hi[i], g.padding_mode, buf.device)
+        shape = list(buf.shape)
+        shape[2 + i] = g.in_size[i]
+        buf = buf.new_zeros(shape).index_add_(2 + i, idx, buf)
+    return buf
+
+
+def unfold(x: torch.Tensor, kernel_size: list[int], dilation: list[int], padding: list[int],
+           stride: list[int], padding_mode: str = "zeros") -> torch.Tensor:
+    """im2col: ``[N, C, *spatial]`` → ``[N, C·∏K, L]`` in ``torch.nn.functional.unfold`` order."""
+    g = _shapes.unfold_geometry(x, kernel_size, dilation, padding, stride, padding_mode)
+    xp = _pad(x, g)
+    for i in range(g.ndim):
+        span = g.dilation[i] * (g.kernel_size[i] - 1) + 1
+        xp = xp.unfold(2 + i, span, g.stride[i]).narrow(2 + i, 0, g.out_size[i])
+    # [N, C, *out, *span] -> keep every dilation-th tap of each window
+    taps = (slice(None, None, d) for d in g.dilation)
+    xp = xp[(..., *taps)]
+    nd = g.ndim
+    perm = [0, 1, *range(2 + nd, 2 + 2 * nd), *range(2, 2 + nd)]
+    return xp.permute(perm).reshape(_shapes.unfold_out_shape(x, g))
+
+
+def fold(cols: torch.Tensor, output_size: list[int], kernel_size: list[int], dilation: list[int],
+         padding: list[int], stride: list[int], padding_mode: str = "zeros") -> torch.Tensor:
+    """col2im, the adjoint of :func:`unfold`: overlapping entries are summed.
+
+    fp16/bf16 are summed in fp32 and rounded once, like the kernel.
+    """
+    g = _shapes.fold_geometry(cols, output_size, kernel_size, dilation, padding, stride, padding_mode)
+    n, c = cols.shape[0], cols.shape[1] // g.kernel_numel
+    acc_dtype = torch.float64 if cols.dtype == torch.float64 else torch.float32
+    blocks = cols.reshape(n, c, *g.kernel_size, *g.out_size).to(acc_dtype)
+    padded = [s + lo + hi for s, lo, hi in zip(g.in_size, g.pad_lo, g.pad_hi)]
+    buf = cols.new_zeros((n, c, *padded), dtype=acc_dtype)
+    for k in itertools.product(*(range(k) for k in g.kernel_size)):
+        window = tuple(
+            slice(ki * d, ki * d + s * (o - 1) + 1, s)
+            for ki, d, s, o in zip(k, g.dilation, g.stride, g.out_size)
+        )
+        buf[(slice(None), slice(None), *window)] += blocks[(slice(None), slice(None), *k)]
+    return _unpad_adjoint(buf, g).to(cols.dtype).contiguous()
