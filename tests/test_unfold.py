@@ -98,7 +98,9 @@ def test_reference_matches_oracle(dtype):
 
 
 @pytest.mark.parametrize("config", [
-    Config({"BLOCK_R": 1, "BLOCK_L": 16}), Config({"BLOCK_R": 4, "BLOCK_L": 32}), Config({"BLOCK_R": 32, "BLOCK_L": 16}),
+    Config({"BLOCK_R": 1, "BLOCK_L": 16}),
+    Config({"BLOCK_R": 4, "BLOCK_L": 32}),
+    Config({"BLOCK_R": 32, "BLOCK_L": 16}),
 ], ids=lambda c: "R{BLOCK_R}_L{BLOCK_L}".format(**c.meta))
 def test_unfold_small_tiles_cover_every_element(config, kernel_device):
     """Tiles much smaller than the problem: many programs, partial tiles on both axes."""

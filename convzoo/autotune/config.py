@@ -51,7 +51,10 @@ class KernelSpec:
 
     @property
     def source_hash(self) -> str:
-        src = getattr(self.kernel, "src", None) or inspect.getsource(self.kernel)
+        fn = self.kernel
+        while hasattr(fn, "fn"):  # JITFunction / InterpretedFunction wrap the Python function
+            fn = fn.fn
+        src = inspect.getsource(fn)
         return hashlib.sha256(src.encode()).hexdigest()[:16]
 
 

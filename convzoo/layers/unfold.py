@@ -29,7 +29,9 @@ class Unfold(nn.Module):
 
 
 class Fold(nn.Module):
-    """col2im as a module: ``[N, C·∏kernel_size, L]`` → ``[N, C, *output_size]``. See :func:`convzoo.functional.fold`."""
+    """col2im as a module: ``[N, C·∏kernel_size, L]`` → ``[N, C, *output_size]``.
+
+    See :func:`convzoo.functional.fold`."""
 
     def __init__(self, output_size, kernel_size, dilation=1, padding=0, stride=1, padding_mode: str = "zeros"):
         super().__init__()
