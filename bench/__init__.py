@@ -1,0 +1,1 @@
+"""convzoo benchmarks against the peers. Run ``python -m bench --quick``."""
