@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
 from collections.abc import Callable, Iterable, Mapping
@@ -49,7 +50,7 @@ class KernelSpec:
     default_config: Callable[[Mapping[str, int], torch.dtype, bool], Config]
     candidates: Callable[[Mapping[str, int], torch.dtype], Iterable[Config]]
 
-    @property
+    @functools.cached_property  # hashing the source once, not at every table load
     def source_hash(self) -> str:
         fn = self.kernel
         while hasattr(fn, "fn"):  # JITFunction / InterpretedFunction wrap the Python function

@@ -11,6 +11,7 @@ read, is ignored with one warning (per file), never an error.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -54,6 +55,12 @@ def triton_version() -> str:
 def device_slug(name: str) -> str:
     """``'NVIDIA H100 80GB HBM3'`` → ``'nvidia-h100-80gb-hbm3'``: the folder name of a GPU's tables."""
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+@functools.cache
+def _gpu_slug(index: int) -> str:
+    """The table folder of CUDA device ``index``; asked of the driver once, not at every launch."""
+    return device_slug(torch.cuda.get_device_name(index))
 
 
 def user_cache_dir() -> Path:
@@ -129,7 +136,8 @@ def lookup(kernel_name: str, device: torch.device, dtype: torch.dtype, **dims: i
     device = torch.device(device)
     if interpret_mode() or device.type != "cuda":
         return spec.default_config(dims, dtype, interpret_mode())
-    return resolve(kernel_name, device_slug(torch.cuda.get_device_name(device)), dtype, dims)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return resolve(kernel_name, _gpu_slug(index), dtype, dims)
 
 
 def write_table(path: Path, spec: KernelSpec, configs: Mapping[str, Config], device_name: str = "") -> None:

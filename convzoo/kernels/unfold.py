@@ -210,17 +210,13 @@ def fold_kernel(
 
 # ----------------------------------------------------------------------------------------------
 # configs
-def _np2(n: int) -> int:
-    return autotune.bucket(n)
-
-
 def _tile_default(rows: int, inner: int, interpret: bool, inner_cap: int, tile: int) -> tuple[int, int]:
     """(BLOCK_rows, BLOCK_inner): the inner (contiguous) dim first, then rows up to ``tile`` elements.
     The interpreter pays per program, not per element, so it gets the largest tiles."""
     if interpret:
         inner_cap, tile = 1024, 16384
-    b_inner = max(16, min(inner_cap, _np2(inner)))
-    b_rows = max(1, min(_np2(rows), tile // b_inner))
+    b_inner = max(16, min(inner_cap, autotune.bucket(inner)))
+    b_rows = max(1, min(autotune.bucket(rows), tile // b_inner))
     return b_rows, b_inner
 
 
