@@ -202,3 +202,84 @@ def fold_geometry(cols: torch.Tensor, output_size, kernel_size, dilation, paddin
 
 def fold_out_shape(cols: torch.Tensor, g: Geometry) -> tuple:
     return (cols.shape[0], cols.shape[1] // g.kernel_numel, *g.in_size)
+
+
+# ----------------------------------------------------------------------------------------------
+# locally connected convolution
+def local_conv_geometry(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, kernel_size, dilation,
+                        padding, stride, padding_mode) -> Geometry:
+    """Checks for ``local_conv(x, weight, bias, ...)``.
+
+    ``x`` is ``[N, C_in, *spatial]``; ``weight`` is ``[C_out, C_in·∏K, L]`` (any strides) with
+    L the number of output positions; ``bias`` is ``[C_out, L]`` (per pixel), ``[C_out]`` (per
+    channel) or None.
+
+    Raises:
+        TypeError: a non-tensor or non-floating argument, or dtypes that differ from the input's.
+        ValueError: a shape that does not match the input, the kernel or the output grid.
+    """
+    g = unfold_geometry(x, kernel_size, dilation, padding, stride, padding_mode)
+    check_float_tensor(weight, "weight")
+    check(weight.dtype == x.dtype, f"weight has dtype {weight.dtype} but input has {x.dtype}", TypeError)
+    check(weight.device == x.device, f"weight is on {weight.device} but input is on {x.device}")
+    check(weight.dim() == 3, f"weight must be [C_out, C_in*prod(kernel_size), L], got shape {tuple(weight.shape)}")
+    r = x.shape[1] * g.kernel_numel
+    check(weight.shape[1] == r, f"weight.shape[1]={weight.shape[1]} must be in_channels*prod(kernel_size) = "
+                                f"{x.shape[1]}*{g.kernel_numel} = {r}")
+    check(weight.shape[2] == g.num_blocks,
+          f"weight.shape[2]={weight.shape[2]} must be the number of output positions L={g.num_blocks} "
+          f"(an output grid of {list(g.out_size)} for input size {list(g.in_size)})")
+    if bias is not None:
+        check_float_tensor(bias, "bias")
+        check(bias.dtype == x.dtype, f"bias has dtype {bias.dtype} but input has {x.dtype}", TypeError)
+        check(bias.device == x.device, f"bias is on {bias.device} but input is on {x.device}")
+        check(bias.dim() in (1, 2), f"bias must be [C_out, L] or [C_out], got shape {tuple(bias.shape)}")
+        check(bias.shape[0] == weight.shape[0],
+              f"bias.shape[0]={bias.shape[0]} must be out_channels = weight.shape[0] = {weight.shape[0]}")
+        if bias.dim() == 2:
+            check(bias.shape[1] == g.num_blocks,
+                  f"bias.shape[1]={bias.shape[1]} must be the number of output positions L={g.num_blocks}")
+    return g
+
+
+def local_conv_out_shape(x: torch.Tensor, weight: torch.Tensor, g: Geometry) -> tuple:
+    return (x.shape[0], weight.shape[0], *g.out_size)
+
+
+def local_conv_grad_input_geometry(grad: torch.Tensor, weight: torch.Tensor, input_size, kernel_size, dilation,
+                                   padding, stride, padding_mode) -> Geometry:
+    """Checks for ``local_conv_grad_input(grad, weight, input_size, ...)``: ``grad`` is ``[N, C_out, *out]``."""
+    check_float_tensor(grad, "grad")
+    check_float_tensor(weight, "weight")
+    g = geometry(tuple(input_size), kernel_size, dilation, padding, stride, padding_mode)
+    check(weight.dim() == 3 and grad.dim() == 2 + g.ndim,
+          f"grad must be [N, C_out, *out] and weight [C_out, C_in*prod(kernel_size), L], "
+          f"got {tuple(grad.shape)} and {tuple(weight.shape)}")
+    check(weight.shape[1] % g.kernel_numel == 0,
+          f"weight.shape[1]={weight.shape[1]} is not divisible by prod(kernel_size)={g.kernel_numel}")
+    check(weight.shape[2] == g.num_blocks, f"weight.shape[2]={weight.shape[2]} must be L={g.num_blocks}")
+    check(grad.shape[1] == weight.shape[0], f"grad.shape[1]={grad.shape[1]} must be C_out={weight.shape[0]}")
+    for i in range(g.ndim):
+        check(grad.shape[2 + i] == g.out_size[i],
+              f"grad spatial size {list(grad.shape[2:])} must be {list(g.out_size)}")
+    return g
+
+
+def local_conv_grad_weight_geometry(grad: torch.Tensor, x: torch.Tensor, kernel_size, dilation, padding, stride,
+                                    padding_mode) -> Geometry:
+    """Checks for ``local_conv_grad_weight(grad, x, ...)``: ``grad`` is ``[N, C_out, *out]``."""
+    check_float_tensor(grad, "grad")
+    g = unfold_geometry(x, kernel_size, dilation, padding, stride, padding_mode)
+    check(grad.dim() == x.dim(), f"grad must be [N, C_out, *out], got shape {tuple(grad.shape)}")
+    check(grad.shape[0] == x.shape[0], f"grad.shape[0]={grad.shape[0]} must be the batch size {x.shape[0]}")
+    for i in range(g.ndim):
+        check(grad.shape[2 + i] == g.out_size[i],
+              f"grad spatial size {list(grad.shape[2:])} must be {list(g.out_size)}")
+    return g
+
+
+def local_conv_grad_weight_shapes(grad: torch.Tensor, x: torch.Tensor, g: Geometry) -> tuple[tuple, tuple]:
+    """Physical shapes of (grad_weight, grad_bias): ``[L, C_out, C_in·∏K]`` (returned as its
+    ``permute(1, 2, 0)`` view, the logical ``[C_out, C_in·∏K, L]``) and ``[C_out, L]``."""
+    o, r, l = grad.shape[1], x.shape[1] * g.kernel_numel, g.num_blocks
+    return (l, o, r), (o, l)

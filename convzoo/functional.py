@@ -7,7 +7,7 @@ import torch
 from convzoo import _shapes
 from convzoo import ops as _ops  # noqa: F401  (registers the custom ops)
 
-__all__ = ["fold", "unfold"]
+__all__ = ["fold", "local_conv", "unfold"]
 
 
 def _geometry_args(ndim, kernel_size, dilation, padding, stride, in_size, padding_mode):
@@ -82,3 +82,45 @@ def fold(input: torch.Tensor, output_size, kernel_size, dilation=1, padding=0, s
         raise ValueError(f"output_size must be positive, got {out}")
     args = _geometry_args(ndim, kernel_size, dilation, padding, stride, out, padding_mode)
     return torch.ops.convzoo.fold(input, list(out), *args)
+
+
+def local_conv(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, kernel_size,
+               stride=1, padding=0, dilation=1, padding_mode: str = "zeros") -> torch.Tensor:
+    """Locally connected convolution: a convolution without weight sharing.
+
+    Output position ``l`` of channel ``o`` is the Frobenius inner product of the input patch at
+    ``l`` with that position's own filter ``weight[o, :, l]``, plus a bias:
+    ``y[n, o, l] = Σ_r unfold(input)[n, r, l] · weight[o, r, l] + bias[o, l]``, i.e. hypnettorch's
+    ``einsum('nkl,okl->nol', unfold(x), W) + bias``, for 1, 2 or 3 spatial dims. The patches are
+    gathered inside the kernels and never written to memory (on the CPU path: one unfold and a
+    matmul per position, never the ``[N, C_out, C_in·∏K, L]`` broadcast).
+
+    Args:
+        input: ``[N, C_in, *spatial]``, floating dtype, any strides.
+        weight: ``[C_out, C_in·∏kernel_size, L]`` with rows in :func:`unfold` order ``(c, k_0, ...)``
+            and L the output positions in row-major order; any strides. Fastest on the GPU when
+            physically ``[L, C_out, C_in·∏K]`` (pass its ``permute(1, 2, 0)``), the layout
+            :class:`convzoo.LocalConv2d` keeps.
+        bias: ``[C_out, L]`` (per pixel), ``[C_out]`` (per channel) or None.
+        kernel_size, stride, dilation: int or one int per spatial dim; positive.
+        padding: int, per-dim ints, per-dim ``(lo, hi)`` pairs, ``'valid'`` or ``'same'``.
+        padding_mode: ``'zeros'``, ``'circular'``, ``'reflect'`` or ``'replicate'``.
+
+    Returns:
+        ``[N, C_out, *out_spatial]``, contiguous.
+
+    Raises:
+        TypeError: a non-floating tensor, or ``weight``/``bias`` dtypes differing from the input's.
+        ValueError: ``weight``/``bias`` shapes that do not match the input channels, the kernel or
+            the number of output positions, or an invalid geometry (see :func:`unfold`).
+    """
+    _shapes.check_float_tensor(input, "input")
+    _shapes.check_float_tensor(weight, "weight")
+    if bias is not None:
+        _shapes.check_float_tensor(bias, "bias")
+    if not 3 <= input.dim() <= 5:
+        raise ValueError(f"input must be [N, C, *spatial] with 1-3 spatial dims, got shape {tuple(input.shape)}")
+    ndim = input.dim() - 2
+    ks, dil, pad, st, mode = _geometry_args(ndim, kernel_size, dilation, padding, stride, input.shape[2:],
+                                            padding_mode)
+    return torch.ops.convzoo.local_conv(input, weight, bias, ks, dil, pad, st, mode)

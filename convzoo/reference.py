@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from convzoo import _shapes
 
-__all__ = ["fold", "source_index", "unfold"]
+__all__ = ["fold", "local_conv", "local_conv_grad_input", "local_conv_grad_weight", "source_index", "unfold"]
 
 
 def source_index(n: int, lo: int, hi: int, padding_mode: str, device=None) -> torch.Tensor:
@@ -93,3 +93,45 @@ def fold(cols: torch.Tensor, output_size: list[int], kernel_size: list[int], dil
         )
         buf[(slice(None), slice(None), *window)] += blocks[(slice(None), slice(None), *k)]
     return _unpad_adjoint(buf, g).to(cols.dtype).contiguous()
+
+
+# ----------------------------------------------------------------------------------------------
+# locally connected convolution: unfold, then one small matmul per output position (batched over
+# positions with bmm). O(W + x + y + unfold) memory; never the [N, C_out, C_in·∏K, L] broadcast.
+def local_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, kernel_size: list[int],
+               dilation: list[int], padding: list[int], stride: list[int],
+               padding_mode: str = "zeros") -> torch.Tensor:
+    """``y[n, o, l] = Σ_r unfold(x)[n, r, l] · weight[o, r, l] + bias[o, l]`` as ``[N, C_out, *out]``."""
+    g = _shapes.local_conv_geometry(x, weight, bias, kernel_size, dilation, padding, stride, padding_mode)
+    cols = unfold(x, kernel_size, dilation, padding, stride, padding_mode)  # [N, R, L]
+    y = torch.bmm(cols.permute(2, 0, 1), weight.permute(2, 1, 0))  # [L, N, O]
+    y = y.permute(1, 2, 0).contiguous()
+    if bias is not None:
+        y += bias if bias.dim() == 2 else bias[:, None]
+    return y.view(_shapes.local_conv_out_shape(x, weight, g))
+
+
+def local_conv_grad_input(grad: torch.Tensor, weight: torch.Tensor, input_size: list[int], kernel_size: list[int],
+                          dilation: list[int], padding: list[int], stride: list[int],
+                          padding_mode: str = "zeros") -> torch.Tensor:
+    """``∂y/∂x`` applied to ``grad`` ``[N, C_out, *out]``: per position ``grad_l · W_l``, then folded."""
+    g = _shapes.local_conv_grad_input_geometry(grad, weight, input_size, kernel_size, dilation, padding, stride,
+                                               padding_mode)
+    n, o = grad.shape[:2]
+    dcols = torch.bmm(grad.reshape(n, o, g.num_blocks).permute(2, 0, 1), weight.permute(2, 0, 1))  # [L, N, R]
+    return fold(dcols.permute(1, 2, 0), input_size, kernel_size, dilation, padding, stride, padding_mode)
+
+
+def local_conv_grad_weight(grad: torch.Tensor, x: torch.Tensor, kernel_size: list[int], dilation: list[int],
+                           padding: list[int], stride: list[int],
+                           padding_mode: str = "zeros") -> tuple[torch.Tensor, torch.Tensor]:
+    """``(∂y/∂weight, ∂y/∂bias)`` applied to ``grad``: per position ``grad_lᵀ · patches_l`` summed over
+    the batch, and ``Σ_n grad``. The weight gradient is the ``permute(1, 2, 0)`` view of a
+    contiguous ``[L, C_out, C_in·∏K]`` tensor; the bias gradient is ``[C_out, L]``, per pixel."""
+    g = _shapes.local_conv_grad_weight_geometry(grad, x, kernel_size, dilation, padding, stride, padding_mode)
+    n, o = grad.shape[:2]
+    grad = grad.reshape(n, o, g.num_blocks)
+    cols = unfold(x, kernel_size, dilation, padding, stride, padding_mode)  # [N, R, L]
+    dw = torch.bmm(grad.permute(2, 1, 0), cols.permute(2, 0, 1))  # [L, O, R]
+    acc = torch.float64 if grad.dtype == torch.float64 else torch.float32
+    return dw.permute(1, 2, 0), grad.sum(0, dtype=acc).to(grad.dtype)

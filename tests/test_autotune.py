@@ -8,7 +8,8 @@ import torch
 
 from convzoo import autotune
 from convzoo.autotune import Config
-from convzoo.kernels import unfold as kernels  # noqa: F401  (registers the kernels)
+from convzoo.kernels import local_conv as _local_conv_kernels  # noqa: F401  (registers the kernels)
+from convzoo.kernels import unfold as kernels  # noqa: F401
 
 DIMS = {"R": 1000, "L": 300}
 
@@ -94,17 +95,23 @@ def test_device_slug():
     assert autotune.device_slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
 
 
-@pytest.mark.parametrize("name", ["unfold", "fold"])
-def test_configs_are_valid_powers_of_two(name):
-    """The interpreter accepts any tile; NVIDIA needs power-of-2 tl.arange sizes. Check them statically."""
+DOT_KERNELS = {"local_conv_fwd", "local_conv_grad_weight", "local_conv_grad_input"}
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("name", ["unfold", "fold", *sorted(DOT_KERNELS)])
+def test_configs_are_valid_powers_of_two(name, dtype):
+    """The interpreter accepts any tile; NVIDIA needs power-of-2 tl.arange sizes and tl.dot tiles ≥ 16
+    (fp64 runs as a broadcast-sum, not tl.dot). Check every candidate and default statically."""
     spec = autotune.get_spec(name)
-    cands = list(spec.candidates({d: 4096 for d in spec.dims}, torch.float16))
+    cands = list(spec.candidates({d: 4096 for d in spec.dims}, dtype))
     assert cands
-    defaults = [spec.default_config({d: v for d in spec.dims}, torch.float16, interp)
+    defaults = [spec.default_config({d: v for d in spec.dims}, dtype, interp)
                 for v in (1, 7, 100, 10**6) for interp in (False, True)]
     for cfg in cands + defaults:
         for v in cfg.meta.values():
             assert v >= 1 and v & (v - 1) == 0, cfg
+            assert v >= 16 or name not in DOT_KERNELS or dtype == torch.float64, cfg
         assert cfg.num_warps in (1, 2, 4, 8)
 
 

@@ -2,4 +2,5 @@
 Triton launchers (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``) and the plain-torch
 reference (every other case)."""
 
+from convzoo.ops import local_conv as _local_conv  # noqa: F401  (registers convzoo::local_conv*)
 from convzoo.ops import unfold as _unfold  # noqa: F401  (registers convzoo::unfold, convzoo::fold)

@@ -1,0 +1,497 @@
+"""Locally connected convolution: forward, grad-input and grad-weight Triton kernels and launchers.
+
+Output position ``l`` has its own filter ``W_l = weight[:, :, l]`` (``[C_out, R]``, ``R = C_in·∏K``),
+so each kernel is one small GEMM per position, with the patch matrix ``P_l`` (``[N, R]``) gathered
+from ``x`` inside the kernel and never written to memory:
+
+- forward:      ``Y_l  = P_l · W_lᵀ``        (``[N, C_out]``, + bias)
+- grad-weight:  ``dW_l = dY_lᵀ · P_l``       (``[C_out, R]``, the batch reduced in-kernel; + bias grad)
+- grad-input:   ``dX[:, :, i] = Σ_{(l, k) reading i} dY_l · W_l[:, (·, k)]`` — a gather over the
+  (position, tap) pairs that read input pixel ``i``, as fold does: deterministic, no atomics.
+
+All use ``tl.dot`` on tiles ≥ 16 with fp32 accumulation (fp64 for fp64, as a broadcast-sum).
+Every rank is treated as 3-d with leading unit dims (see :mod:`convzoo.kernels.unfold`), and the
+padding modes are index math, as in unfold. Offsets are int64.
+
+The weight may have any strides. The fastest layout is the one :class:`convzoo.LocalConv2d` keeps:
+physically ``[L, C_out, R]`` (``R`` contiguous), so each program streams one contiguous slab of W.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from convzoo import _shapes, autotune
+from convzoo.autotune import Config, KernelSpec
+from convzoo.kernels.unfold import (
+    _as_3d,
+    _block_index,
+    _check_device,
+    _num_candidates,
+    _padded_candidate,
+    _source_index,
+)
+
+__all__ = ["local_conv", "local_conv_grad_input", "local_conv_grad_weight"]
+
+
+@triton.jit
+def _mma(a, b, acc, FP64: tl.constexpr, PRECISION: tl.constexpr):
+    """``acc + a @ b``. fp64 is a broadcast-sum: ``tl.dot`` does not take fp64 on every target."""
+    if FP64:
+        acc += tl.sum(a[:, :, None] * b[None, :, :], axis=1)
+    else:
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
+def _patch_columns(r, l, ID, IH, IW, OH, OW, stride_xc, stride_xd, stride_xh, stride_xw,
+                   KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+                   SD: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
+                   PD: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
+                   DD: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr, MODE: tl.constexpr):
+    """For patch rows ``r = (c, kd, kh, kw)`` of position ``l``: the offset into ``x[n]`` each reads,
+    and whether it reads anything (``'zeros'`` padding reads nothing)."""
+    k = r % (KD * KH * KW)
+    c = r // (KD * KH * KW)
+    kw = k % KW
+    kh = (k // KW) % KH
+    kd = k // (KW * KH)
+    ow = l % OW
+    oh = (l // OW) % OH
+    od = l // (OW * OH)
+    i_d, ok_d = _source_index(od * SD - PD + kd * DD, ID, MODE)
+    i_h, ok_h = _source_index(oh * SH - PH + kh * DH, IH, MODE)
+    i_w, ok_w = _source_index(ow * SW - PW + kw * DW, IW, MODE)
+    off = c * stride_xc + i_d * stride_xd + i_h * stride_xh + i_w * stride_xw
+    return off, ok_d & ok_h & ok_w
+
+
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def local_conv_fwd_kernel(
+    # output: [N, O, L], contiguous
+    y_ptr,
+    # inputs: x [N, C, ID, IH, IW], weight [O, R, L], bias [O, L] (per-channel bias: stride_bl = 0)
+    x_ptr, w_ptr, b_ptr,
+    # runtime sizes
+    N, C, O, R, ID, IH, IW, OH, OW, L,
+    stride_xn, stride_xc, stride_xd, stride_xh, stride_xw,
+    stride_wo, stride_wr, stride_wl,
+    stride_bo, stride_bl,
+    # geometry
+    KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+    SD: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
+    PD: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
+    DD: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
+    MODE: tl.constexpr,
+    HAS_BIAS: tl.constexpr, FP64: tl.constexpr, PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    # tiles
+    BLOCK_N: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """``y[n, o, l] = Σ_r P_l[n, r] · W[o, r, l] + b[o, l]``: one (position, C_out tile, batch tile)
+    per program, looping over R with ``tl.dot``.
+
+    Roofline: FLOPs = 2·N·O·R·L; bytes ≥ (O·R·L [weight] + N·C·∏in [x, re-reads served by L2]
+    + N·O·L [y])·e. Arithmetic intensity ≈ 2N/e FLOP per weight byte, so the op is bound by
+    weight bandwidth below N ≈ (matmul peak / copy bandwidth)·e/2 — about 300 in bf16 on an H100 —
+    and by tensor-core throughput above. Programs of one position are consecutive with the batch
+    tile innermost, so a weight tile is fetched from DRAM once and re-read from L2.
+    """
+    # program id -> (position, C_out tile, batch tile), batch tile fastest
+    pid = tl.program_id(0).to(tl.int64)
+    num_n = tl.cdiv(N, BLOCK_N)
+    num_o = tl.cdiv(O, BLOCK_O)
+    l = pid // (num_n * num_o)
+    pid_o = (pid // num_n) % num_o
+    pid_n = pid % num_n
+
+    # offsets and masks
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    o = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
+    n_ok = n < N
+    o_ok = o < O
+    x_rows = x_ptr + n * stride_xn
+    w_cols = w_ptr + l * stride_wl + o * stride_wo
+
+    # loop over the patch rows, fp32 (fp64) accumulation
+    acc = tl.zeros([BLOCK_N, BLOCK_O], dtype=ACC_DTYPE)
+    for r0 in range(0, R, BLOCK_R):
+        r = r0 + tl.arange(0, BLOCK_R).to(tl.int64)
+        r_ok = r < R
+        off, ok = _patch_columns(r, l, ID, IH, IW, OH, OW, stride_xc, stride_xd, stride_xh, stride_xw,
+                                 KD, KH, KW, SD, SH, SW, PD, PH, PW, DD, DH, DW, MODE)
+        p = tl.load(x_rows[:, None] + off[None, :], mask=n_ok[:, None] & (r_ok & ok)[None, :], other=0)
+        w = tl.load(w_cols[None, :] + r[:, None] * stride_wr, mask=r_ok[:, None] & o_ok[None, :], other=0)
+        acc = _mma(p, w, acc, FP64, PRECISION)
+    if HAS_BIAS:
+        b = tl.load(b_ptr + o * stride_bo + l * stride_bl, mask=o_ok, other=0)
+        acc += b.to(ACC_DTYPE)[None, :]
+
+    # masked store; y is [N, O, L] so a tile is strided by L — partial sectors merge in L2
+    y = y_ptr + n[:, None] * O * L + o[None, :] * L + l
+    tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=n_ok[:, None] & o_ok[None, :])
+
+
+@triton.jit
+def local_conv_grad_weight_kernel(
+    # outputs: grad weight [O, R, L] (any strides; the launcher allocates [L, O, R]), grad bias [O, L]
+    dw_ptr, db_ptr,
+    # inputs: grad [N, O, L], x [N, C, ID, IH, IW], any strides
+    g_ptr, x_ptr,
+    # runtime sizes
+    N, C, O, R, ID, IH, IW, OH, OW, L,
+    stride_gn, stride_go, stride_gl,
+    stride_xn, stride_xc, stride_xd, stride_xh, stride_xw,
+    stride_dwo, stride_dwr, stride_dwl,
+    # geometry
+    KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+    SD: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
+    PD: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
+    DD: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
+    MODE: tl.constexpr,
+    FP64: tl.constexpr, PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    # tiles
+    BLOCK_O: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """``dW[o, r, l] = Σ_n dY[n, o, l] · P_l[n, r]`` and ``db[o, l] = Σ_n dY[n, o, l]``: one
+    (position, C_out tile, R tile) per program, the batch reduced in the loop.
+
+    Roofline: FLOPs = 2·N·O·R·L; bytes ≥ (O·R·L [dW written] + N·O·L [dY] + N·C·∏in [x])·e —
+    the same weight-bandwidth bound as the forward. Stores are contiguous along R in the
+    ``[L, O, R]`` layout the launcher allocates.
+    """
+    # program id -> (position, C_out tile, R tile), R tile fastest (they share the dY tile)
+    pid = tl.program_id(0).to(tl.int64)
+    num_o = tl.cdiv(O, BLOCK_O)
+    num_r = tl.cdiv(R, BLOCK_R)
+    l = pid // (num_o * num_r)
+    pid_o = (pid // num_r) % num_o
+    pid_r = pid % num_r
+
+    # offsets and masks; the patch columns of this R tile are the same for every batch tile
+    o = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
+    r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    o_ok = o < O
+    r_ok = r < R
+    off, ok = _patch_columns(r, l, ID, IH, IW, OH, OW, stride_xc, stride_xd, stride_xh, stride_xw,
+                             KD, KH, KW, SD, SH, SW, PD, PH, PW, DD, DH, DW, MODE)
+    col_ok = r_ok & ok
+    g_rows = g_ptr + l * stride_gl + o * stride_go
+
+    # loop over the batch, fp32 (fp64) accumulation
+    acc = tl.zeros([BLOCK_O, BLOCK_R], dtype=ACC_DTYPE)
+    acc_b = tl.zeros([BLOCK_O], dtype=ACC_DTYPE)
+    for n0 in range(0, N, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
+        n_ok = n < N
+        gt = tl.load(g_rows[:, None] + n[None, :] * stride_gn, mask=o_ok[:, None] & n_ok[None, :], other=0)
+        p = tl.load(x_ptr + n[:, None] * stride_xn + off[None, :], mask=n_ok[:, None] & col_ok[None, :], other=0)
+        acc = _mma(gt, p, acc, FP64, PRECISION)
+        acc_b += tl.sum(gt.to(ACC_DTYPE), axis=1)
+
+    # masked stores; the bias gradient once per (position, C_out tile)
+    dw = dw_ptr + l * stride_dwl + o[:, None] * stride_dwo + r[None, :] * stride_dwr
+    tl.store(dw, acc.to(dw_ptr.dtype.element_ty), mask=o_ok[:, None] & r_ok[None, :])
+    tl.store(db_ptr + o * L + l, acc_b.to(db_ptr.dtype.element_ty), mask=o_ok & (pid_r == 0))
+
+
+@triton.jit
+def _tap_position(i, j, k, n, O, lo, hi, S: tl.constexpr, D: tl.constexpr, MODE: tl.constexpr):
+    """Along one dim: the output position whose tap ``k`` reads input index ``i`` through its
+    ``j``-th padded candidate (see ``_padded_candidate``), and whether that pair exists."""
+    p, cand = _padded_candidate(i, j, n, lo, hi, MODE)
+    l, ok = _block_index(p, lo, k, O, S, D)
+    return l, cand & ok
+
+
+@triton.jit
+def local_conv_grad_input_kernel(
+    # output: grad input [N, C, ID, IH, IW], contiguous
+    dx_ptr,
+    # inputs: grad [N, O, L], weight [O, C*KD*KH*KW, L], any strides
+    g_ptr, w_ptr,
+    # runtime sizes: P = ID*IH*IW input pixels
+    N, C, O, ID, IH, IW, OD, OH, OW, P,
+    stride_gn, stride_go, stride_gl,
+    stride_wo, stride_wr, stride_wl,
+    # geometry; PD/PH/PW are the low paddings, QD/QH/QW the high ones
+    KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+    SD: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
+    PD: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
+    QD: tl.constexpr, QH: tl.constexpr, QW: tl.constexpr,
+    DD: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
+    MODE: tl.constexpr,
+    # padded positions that can read one input index, per dim (1 for 'zeros')
+    NCD: tl.constexpr, NCH: tl.constexpr, NCW: tl.constexpr,
+    FP64: tl.constexpr, PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    # tiles
+    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_O: tl.constexpr,
+):
+    """``dx[n, c, i] = Σ_{(l, k): tap k of position l reads i} Σ_o dY[n, o, l] · W[o, (c, k), l]``:
+    one (input pixel, C_in tile, batch tile) per program. A gather, like fold: each output element
+    is written once, deterministically.
+
+    Roofline: FLOPs = 2·N·O·C·K·L (K = ∏kernel_size), as the forward; bytes ≥ (O·R·L [weight]
+    + N·O·L [dY] + N·C·∏in [dx])·e. A position's weight slab is read by the ≤ K pixels its taps
+    cover, which run close together, so L2 serves the re-reads.
+    """
+    # program id -> (input pixel, C_in tile, batch tile), batch tile fastest
+    pid = tl.program_id(0).to(tl.int64)
+    num_n = tl.cdiv(N, BLOCK_N)
+    num_c = tl.cdiv(C, BLOCK_C)
+    pix = pid // (num_n * num_c)
+    pid_c = (pid // num_n) % num_c
+    pid_n = pid % num_n
+
+    # offsets and masks
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    n_ok = n < N
+    c_ok = c < C
+    iw = pix % IW
+    ih = (pix // IW) % IH
+    i_d = pix // (IW * IH)
+
+    # loop over every (padded position, tap) pair that reads this pixel, then over C_out
+    acc = tl.zeros([BLOCK_N, BLOCK_C], dtype=ACC_DTYPE)
+    # (candidate, tap) pairs are checked one dim at a time, so only the pairs that exist go deeper
+    for jd in range(NCD):
+        for kd in range(KD):
+            ld, ok_d = _tap_position(i_d, jd, kd, ID, OD, PD, QD, SD, DD, MODE)
+            if ok_d:
+                for jh in range(NCH):
+                    for kh in range(KH):
+                        lh, ok_h = _tap_position(ih, jh, kh, IH, OH, PH, QH, SH, DH, MODE)
+                        if ok_h:
+                            for jw in range(NCW):
+                                for kw in range(KW):
+                                    lw, ok_w = _tap_position(iw, jw, kw, IW, OW, PW, QW, SW, DW, MODE)
+                                    if ok_w:
+                                        l = (ld * OH + lh) * OW + lw
+                                        tap = (kd * KH + kh) * KW + kw
+                                        g_rows = g_ptr + n * stride_gn + l * stride_gl
+                                        w_cols = w_ptr + l * stride_wl + (c * (KD * KH * KW) + tap) * stride_wr
+                                        for o0 in range(0, O, BLOCK_O):
+                                            o = o0 + tl.arange(0, BLOCK_O).to(tl.int64)
+                                            o_ok = o < O
+                                            gt = tl.load(g_rows[:, None] + o[None, :] * stride_go,
+                                                         mask=n_ok[:, None] & o_ok[None, :], other=0)
+                                            w = tl.load(w_cols[None, :] + o[:, None] * stride_wo,
+                                                        mask=o_ok[:, None] & c_ok[None, :], other=0)
+                                            acc = _mma(gt, w, acc, FP64, PRECISION)
+
+    # masked store
+    dx = dx_ptr + n[:, None] * C * P + c[None, :] * P + pix
+    tl.store(dx, acc.to(dx_ptr.dtype.element_ty), mask=n_ok[:, None] & c_ok[None, :])
+
+
+# ----------------------------------------------------------------------------------------------
+# configs
+def _fit(v: int, lo: int, hi: int) -> int:
+    """``v`` rounded up to a power of two, clamped to ``[lo, hi]`` (``tl.dot`` needs tiles ≥ 16)."""
+    return max(lo, min(hi, autotune.bucket(v)))
+
+
+def _gemm_default(m: int, n: int, k: int, dtype, interpret: bool, m_cap: int) -> tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for a per-position GEMM ``[m, k] · [k, n]``.
+
+    The interpreter pays per program and per loop step, not per element: the largest tiles.
+    fp64 runs as a broadcast-sum (an M·N·K tile in registers): the smallest.
+    """
+    if interpret:
+        return _fit(m, 16, 64), _fit(n, 16, 64), _fit(k, 16, 128), 4, 1
+    if dtype == torch.float64:
+        return 16, 16, 16, 4, 1
+    bm, bn = _fit(m, 16, m_cap), _fit(n, 16, 64)
+    bk = 64 if dtype in (torch.float16, torch.bfloat16) else 32
+    return bm, bn, bk, (8 if bm * bn >= 8192 else 4), 3
+
+
+def _fwd_default(dims, dtype, interpret: bool) -> Config:
+    # weight-bandwidth bound: one program covers a batch of up to 128 for a C_out tile of W_l, so
+    # each weight element is fetched from DRAM once (larger batches re-read it from L2)
+    bn, bo, br, warps, stages = _gemm_default(dims["N"], dims["O"], dims["R"], dtype, interpret, m_cap=128)
+    return Config({"BLOCK_N": bn, "BLOCK_O": bo, "BLOCK_R": br}, num_warps=warps, num_stages=stages)
+
+
+def _grad_weight_default(dims, dtype, interpret: bool) -> Config:
+    # the output dW is the big tensor: wide R tiles make its stores long contiguous runs
+    bo, br, bn, warps, stages = _gemm_default(dims["O"], dims["R"], dims["N"], dtype, interpret, m_cap=64)
+    if not interpret and dtype != torch.float64:
+        br = _fit(dims["R"], 16, 128)
+        warps = 8 if bo * br >= 8192 else 4
+    return Config({"BLOCK_O": bo, "BLOCK_R": br, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
+
+
+def _grad_input_default(dims, dtype, interpret: bool) -> Config:
+    bn, bc, bo, warps, stages = _gemm_default(dims["N"], dims["C"], dims["O"], dtype, interpret, m_cap=128)
+    return Config({"BLOCK_N": bn, "BLOCK_C": bc, "BLOCK_O": bo}, num_warps=warps, num_stages=stages)
+
+
+def _gemm_candidates(m_name: str, n_name: str, k_name: str):
+    def gen(dims, dtype):
+        sizes = (16, 32, 64, 128)
+        for m in sizes:
+            for n in sizes:
+                for k in sizes:
+                    for warps in (2, 4, 8):
+                        for stages in (1, 2, 3, 4):
+                            cfg = Config({m_name: m, n_name: n, k_name: k}, num_warps=warps, num_stages=stages)
+                            if _keep(cfg, m_name, n_name, k_name, dtype):
+                                yield cfg
+    return gen
+
+
+def _keep(cfg: Config, m_name: str, n_name: str, k_name: str, dtype) -> bool:
+    """Validity: tiles ≥ 16 for ``tl.dot``; the accumulator and the two operand tiles fit in registers
+    (≤ 64 fp32 values per thread each); fp64 (broadcast-sum) keeps the M·N·K product small."""
+    m, n, k = cfg.meta[m_name], cfg.meta[n_name], cfg.meta[k_name]
+    threads = 32 * cfg.num_warps
+    if dtype == torch.float64:
+        return m * n * k <= 8192 and cfg.num_stages == 1
+    return min(m, n, k) >= 16 and m * n <= 64 * threads and (m + n) * k <= 64 * threads
+
+
+FWD_SPEC = autotune.register(KernelSpec(
+    "local_conv_fwd", local_conv_fwd_kernel, ("N", "O", "R"), _fwd_default,
+    _gemm_candidates("BLOCK_N", "BLOCK_O", "BLOCK_R")))
+GRAD_WEIGHT_SPEC = autotune.register(KernelSpec(
+    "local_conv_grad_weight", local_conv_grad_weight_kernel, ("O", "R", "N"), _grad_weight_default,
+    _gemm_candidates("BLOCK_O", "BLOCK_R", "BLOCK_N")))
+GRAD_INPUT_SPEC = autotune.register(KernelSpec(
+    "local_conv_grad_input", local_conv_grad_input_kernel, ("N", "C", "O"), _grad_input_default,
+    _gemm_candidates("BLOCK_N", "BLOCK_C", "BLOCK_O")))
+
+
+# ----------------------------------------------------------------------------------------------
+# launchers
+def _math_args(dtype: torch.dtype) -> dict:
+    """Accumulator and ``tl.dot`` precision: fp32 inputs use TF32 only where torch's own matmuls
+    would (``torch.set_float32_matmul_precision``)."""
+    fp64 = dtype == torch.float64
+    tf32 = dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest"
+    return {"FP64": fp64, "PRECISION": "tf32" if tf32 else "ieee", "ACC_DTYPE": tl.float64 if fp64 else tl.float32}
+
+
+def _as_5d(x: torch.Tensor, ndim: int) -> torch.Tensor:
+    for _ in range(3 - ndim):  # a view with leading unit spatial dims
+        x = x.unsqueeze(2)
+    return x
+
+
+def local_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, kernel_size: list[int],
+               dilation: list[int], padding: list[int], stride: list[int], padding_mode: str = "zeros",
+               config: Config | None = None) -> torch.Tensor:
+    """Locally connected conv of ``x`` ``[N, C_in, *spatial]`` with ``weight`` ``[C_out, C_in·∏K, L]``
+    and ``bias`` ``[C_out, L]`` / ``[C_out]`` / None → ``[N, C_out, *out]`` (contiguous), one launch.
+
+    ``config`` overrides the autotune lookup (tests use it to run partial tiles).
+    """
+    # (1) check
+    g = _shapes.local_conv_geometry(x, weight, bias, kernel_size, dilation, padding, stride, padding_mode)
+    _check_device(x)
+    # (2) allocate
+    y = x.new_empty(_shapes.local_conv_out_shape(x, weight, g))
+    if y.numel() == 0:
+        return y
+    # (3) look up config and launch
+    a = _as_3d(g)
+    n, c = x.shape[:2]
+    o, r, l = weight.shape
+    cfg = config or autotune.lookup("local_conv_fwd", x.device, x.dtype, N=n, O=o, R=r)
+    xs = _as_5d(x, g.ndim)
+    if bias is None:
+        b, b_strides = weight, (0, 0)  # never read
+    else:
+        b = bias if bias.dim() == 2 else bias[:, None].expand(o, l)
+        b_strides = b.stride()
+    m = cfg.meta
+    grid = (l * triton.cdiv(n, m["BLOCK_N"]) * triton.cdiv(o, m["BLOCK_O"]),)
+    local_conv_fwd_kernel[grid](
+        y, xs, weight, b,
+        n, c, o, r, *a["in"], a["out"][1], a["out"][2], l,
+        *xs.stride(), *weight.stride(), *b_strides,
+        *a["k"], *a["s"], *a["lo"], *a["d"],
+        _shapes.PADDING_MODE_CODES[g.padding_mode],
+        bias is not None, **_math_args(x.dtype),
+        **cfg.launch_kwargs(),
+    )
+    return y
+
+
+def local_conv_grad_weight(grad: torch.Tensor, x: torch.Tensor, kernel_size: list[int], dilation: list[int],
+                           padding: list[int], stride: list[int], padding_mode: str = "zeros",
+                           config: Config | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weight and per-pixel bias gradients of :func:`local_conv` for ``grad`` ``[N, C_out, *out]``.
+
+    Returns ``(dW, db)``: ``dW`` ``[C_out, C_in·∏K, L]`` as the ``permute(1, 2, 0)`` view of a
+    contiguous ``[L, C_out, C_in·∏K]`` tensor (the fast layout), ``db`` ``[C_out, L]``.
+    """
+    # (1) check
+    g = _shapes.local_conv_grad_weight_geometry(grad, x, kernel_size, dilation, padding, stride, padding_mode)
+    _check_device(x)
+    # (2) allocate
+    w_shape, b_shape = _shapes.local_conv_grad_weight_shapes(grad, x, g)
+    dw = x.new_empty(w_shape).permute(1, 2, 0)
+    db = x.new_empty(b_shape)
+    if dw.numel() == 0 and db.numel() == 0:
+        return dw, db
+    # (3) look up config and launch
+    a = _as_3d(g)
+    n, c = x.shape[:2]
+    o, r, l = dw.shape
+    cfg = config or autotune.lookup("local_conv_grad_weight", x.device, x.dtype, O=o, R=r, N=n)
+    xs = _as_5d(x, g.ndim)
+    g3 = grad.reshape(n, o, l)
+    m = cfg.meta
+    grid = (l * triton.cdiv(o, m["BLOCK_O"]) * triton.cdiv(max(r, 1), m["BLOCK_R"]),)
+    local_conv_grad_weight_kernel[grid](
+        dw, db, g3, xs,
+        n, c, o, r, *a["in"], a["out"][1], a["out"][2], l,
+        *g3.stride(), *xs.stride(), *dw.stride(),
+        *a["k"], *a["s"], *a["lo"], *a["d"],
+        _shapes.PADDING_MODE_CODES[g.padding_mode],
+        **_math_args(x.dtype),
+        **cfg.launch_kwargs(),
+    )
+    return dw, db
+
+
+def local_conv_grad_input(grad: torch.Tensor, weight: torch.Tensor, input_size: list[int], kernel_size: list[int],
+                          dilation: list[int], padding: list[int], stride: list[int], padding_mode: str = "zeros",
+                          config: Config | None = None) -> torch.Tensor:
+    """Input gradient of :func:`local_conv` for ``grad`` ``[N, C_out, *out]`` → ``[N, C_in, *input_size]``
+    (contiguous), one launch, no atomics."""
+    # (1) check
+    g = _shapes.local_conv_grad_input_geometry(grad, weight, input_size, kernel_size, dilation, padding, stride,
+                                               padding_mode)
+    _check_device(grad)
+    # (2) allocate
+    n, o, c = grad.shape[0], weight.shape[0], weight.shape[1] // g.kernel_numel
+    dx = grad.new_empty((n, c, *input_size))
+    if dx.numel() == 0:
+        return dx
+    # (3) look up config and launch
+    a = _as_3d(g)
+    cfg = config or autotune.lookup("local_conv_grad_input", grad.device, grad.dtype, N=n, C=c, O=o)
+    g3 = grad.reshape(n, o, g.num_blocks)
+    m = cfg.meta
+    P = math.prod(g.in_size)
+    grid = (P * triton.cdiv(n, m["BLOCK_N"]) * triton.cdiv(c, m["BLOCK_C"]),)
+    local_conv_grad_input_kernel[grid](
+        dx, g3, weight,
+        n, c, o, *a["in"], *a["out"], P,
+        *g3.stride(), *weight.stride(),
+        *a["k"], *a["s"], *a["lo"], *a["hi"], *a["d"],
+        _shapes.PADDING_MODE_CODES[g.padding_mode],
+        *_num_candidates(g, 3 - g.ndim),
+        **_math_args(grad.dtype),
+        **cfg.launch_kwargs(),
+    )
+    return dx

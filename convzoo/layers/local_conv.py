@@ -1,0 +1,148 @@
+"""``LocalConv1d/2d/3d``: locally connected layers (a convolution without weight sharing)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from convzoo import _shapes
+from convzoo import functional as F
+
+
+def _positive_int(v, name: str) -> int:
+    if not isinstance(v, int) or isinstance(v, bool):
+        raise TypeError(f"{name} must be an int, got {type(v).__name__}")
+    if v <= 0:
+        raise ValueError(f"{name} must be positive, got {v}")
+    return v
+
+
+class _LocalConvNd(nn.Module):
+    _ndim: int
+
+    def __init__(self, in_channels: int, out_channels: int, in_size, kernel_size, stride=1, padding=0, dilation=1,
+                 bias: bool = True, padding_mode: str = "zeros", no_weights: bool = False, device=None, dtype=None):
+        super().__init__()
+        nd = self._ndim
+        self.in_channels = _positive_int(in_channels, "in_channels")
+        self.out_channels = _positive_int(out_channels, "out_channels")
+        self.in_size = _shapes.as_tuple(in_size, nd, "in_size")
+        if any(s <= 0 for s in self.in_size):
+            raise ValueError(f"in_size must be positive, got {self.in_size}")
+        self.kernel_size = _shapes.as_tuple(kernel_size, nd, "kernel_size")
+        self.stride = _shapes.as_tuple(stride, nd, "stride")
+        self.dilation = _shapes.as_tuple(dilation, nd, "dilation")
+        self.padding = padding
+        self.padding_mode = padding_mode
+        ks, dil, pad, st, mode = F._geometry_args(nd, self.kernel_size, self.dilation, padding, self.stride,
+                                                  self.in_size, padding_mode)
+        g = _shapes.geometry(self.in_size, ks, dil, pad, st, mode)
+        self.out_size = g.out_size
+        self.num_positions = g.num_blocks
+        self.has_bias = bool(bias)
+        self.no_weights = bool(no_weights)
+        fan_in = in_channels * g.kernel_numel
+        #: shapes of the weight and bias a hypernetwork must produce (as hypnettorch's ``param_shapes``)
+        self.param_shapes = [[out_channels, fan_in, g.num_blocks]] + ([[out_channels, g.num_blocks]] if bias else [])
+        if no_weights:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+            return
+        kw = {"device": device, "dtype": dtype}
+        # logical [C_out, C_in·∏K, L], physically [L, C_out, C_in·∏K]: each position's filter bank is
+        # one contiguous slab, the layout the kernels stream fastest
+        self.weight = nn.Parameter(torch.empty(g.num_blocks, out_channels, fan_in, **kw).permute(1, 2, 0))
+        if bias:
+            self.bias = nn.Parameter(torch.empty(g.num_blocks, out_channels, **kw).t())
+        else:
+            self.register_parameter("bias", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """``nn.Conv2d``'s initialisation with the same fan-in: ``U(-1/√fan_in, 1/√fan_in)`` for both."""
+        if self.weight is None:
+            return
+        bound = 1 / math.sqrt(self.param_shapes[0][1])
+        nn.init.uniform_(self.weight, -bound, bound)
+        if self.bias is not None:
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, input: Tensor, weight: Tensor | None = None, bias: Tensor | None = None) -> Tensor:
+        """``[N, C_in, *in_size]`` → ``[N, C_out, *out_size]``.
+
+        ``weight`` (``[C_out, C_in·∏K, L]``, any strides) and ``bias`` (``[C_out, L]`` or ``[C_out]``)
+        replace the layer's own parameters, e.g. when a hypernetwork generates them; a layer built
+        with ``no_weights=True`` needs them.
+
+        Raises:
+            ValueError: the input does not match ``in_channels``/``in_size``, a weight is missing, or a
+                bias is missing (``bias=True``) or unexpected (``bias=False``).
+        """
+        nd = self._ndim
+        if not isinstance(input, Tensor) or input.dim() != nd + 2:
+            raise ValueError(f"input must be [N, C, *in_size] with {nd} spatial dims, got "
+                             f"{tuple(input.shape) if isinstance(input, Tensor) else type(input).__name__}")
+        if input.shape[1] != self.in_channels:
+            raise ValueError(f"input has {input.shape[1]} channels, but the layer has in_channels={self.in_channels}")
+        if tuple(input.shape[2:]) != self.in_size:
+            raise ValueError(f"input has spatial size {tuple(input.shape[2:])}, but the layer was built for "
+                             f"in_size={self.in_size} (a locally connected layer has one filter per position)")
+        if weight is None:
+            if self.weight is None:
+                raise ValueError("this layer was built with no_weights=True: pass weight= (and bias=) to forward")
+            weight = self.weight
+        if bias is None:
+            bias = self.bias
+        if self.has_bias and bias is None:
+            raise ValueError("this layer was built with bias=True but no bias was given: pass bias= to forward")
+        if not self.has_bias and bias is not None:
+            raise ValueError("this layer was built with bias=False but got a bias")
+        return F.local_conv(input, weight, bias, kernel_size=self.kernel_size, stride=self.stride,
+                            padding=self.padding, dilation=self.dilation, padding_mode=self.padding_mode)
+
+    def extra_repr(self) -> str:
+        s = (f"{self.in_channels}, {self.out_channels}, in_size={self.in_size}, kernel_size={self.kernel_size}, "
+             f"stride={self.stride}, padding={self.padding!r}, dilation={self.dilation}, out_size={self.out_size}")
+        if not self.has_bias:
+            s += ", bias=False"
+        if self.padding_mode != "zeros":
+            s += f", padding_mode={self.padding_mode!r}"
+        if self.no_weights:
+            s += ", no_weights=True"
+        return s
+
+
+class LocalConv1d(_LocalConvNd):
+    """Locally connected 1-d layer: ``[N, C_in, W]`` → ``[N, C_out, W_out]``, one filter per output
+    position. See :func:`convzoo.functional.local_conv` and :class:`LocalConv2d`."""
+
+    _ndim = 1
+
+
+class LocalConv2d(_LocalConvNd):
+    """Locally connected 2-d layer (a convolution without weight sharing), like hypnettorch's
+    ``LocalConv2dLayer`` without its ``[N, C_out, C_in·K², L]`` temporary.
+
+    Args:
+        in_channels, out_channels: channel counts.
+        in_size: the input's spatial size (int or pair): it fixes the number of positions L.
+        kernel_size, stride, padding, dilation, padding_mode: as in :class:`torch.nn.Conv2d`; padding
+            also takes per-dim ``(lo, hi)`` pairs, ``'same'`` (strided too) and ``'valid'``.
+        bias: a learnable bias per output pixel (``[C_out, L]``).
+        no_weights: hold no parameters; ``forward`` then takes ``weight=`` and ``bias=`` (hypernetworks).
+
+    Attributes:
+        weight: ``[C_out, C_in·∏K, L]``, stored physically as ``[L, C_out, C_in·∏K]``.
+        bias: ``[C_out, L]``, stored physically as ``[L, C_out]``.
+        out_size, num_positions, param_shapes: the output grid, L, and the shapes of weight and bias.
+    """
+
+    _ndim = 2
+
+
+class LocalConv3d(_LocalConvNd):
+    """Locally connected 3-d layer: ``[N, C_in, D, H, W]`` → ``[N, C_out, *out]``. See :class:`LocalConv2d`."""
+
+    _ndim = 3
