@@ -1,102 +1,81 @@
-"""Unfold / fold: convzoo vs the peers on the best available device, printed as a table.
+"""convzoo vs its peers on the best available device: a table, CSV rows, a markdown table and plots.
 
-GPU: ``triton.testing.do_bench`` medians. CPU: wall-clock medians of the CPU paths (labelled CPU).
-GB/s counts the bytes the op must move: the columns written (read, for fold) plus the input read
-(written, for fold). The autotune CLI and the full bench harness (plots, CSV rows, % of measured
-peak) are separate work; this is the README's quick main job.
+GPU: ``triton.testing.do_bench`` quantiles. CPU: wall-clock quantiles of the CPU paths (labelled
+CPU). Every row carries GB/s, TFLOP/s, % of this device's measured copy-bandwidth / matmul
+roofline, and peak memory. Rows are appended to ``<out>/<device>.csv``; ``<out>/<device>.md`` and
+``<out>/<device>/<op>.png`` show the latest run.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
+from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-import convzoo.functional as cf
+from bench import harness, ops
 
-try:
-    import unfoldNd
-except ImportError:  # a bench-only dependency
-    unfoldNd = None
-
-QUICK = [  # (name, N, C, spatial, kernel, stride, padding)
-    ("2d_resnet", 8, 64, (32, 32), 3, 1, 1),
-    ("2d_strided", 8, 32, (56, 56), 3, 2, 1),
-    ("1d", 16, 64, (1024,), 5, 1, 2),
-    ("3d", 2, 16, (16, 16, 16), 3, 1, 1),
-]
-TINY = [("2d_tiny", 2, 3, (8, 8), 3, 1, 1), ("3d_tiny", 1, 2, (4, 4, 4), 2, 1, 0)]
+DEFAULT_OUT = Path(__file__).parent / "results"
 
 
-def _time(fn, device, reps):
-    if device.type == "cuda":
-        import triton.testing
-
-        return triton.testing.do_bench(fn, quantiles=[0.5])
-    fn()
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1e3
-
-
-def providers(ndim, op):
-    p = {}
-    if op == "unfold":
-        p["convzoo"] = lambda x, a: cf.unfold(x, **a)
-        if ndim == 2:
-            p["F.unfold"] = lambda x, a: F.unfold(x, **a)
-        if unfoldNd is not None:
-            p["unfoldNd"] = lambda x, a: unfoldNd.unfoldNd(x, **a)
-    else:
-        p["convzoo"] = lambda c, a: cf.fold(c, **a)
-        if ndim == 2:
-            p["F.fold"] = lambda c, a: F.fold(c, **a)
-        if unfoldNd is not None:
-            p["unfoldNd"] = lambda c, a: unfoldNd.foldNd(c, **a)
-    return p
-
-
-def run(shapes, device, dtype, reps=5):
-    rows = []
-    for name, n, c, size, k, s, p in shapes:
-        x = torch.randn(n, c, *size, device=device, dtype=dtype)
-        args = dict(kernel_size=k, stride=s, padding=p)
-        cols = cf.unfold(x, **args)
-        moved = (cols.numel() + x.numel()) * x.element_size()
-        for op, inp, a in (("unfold", x, args), ("fold", cols, dict(args, output_size=tuple(size)))):
-            for prov, fn in providers(len(size), op).items():
-                ms = _time(lambda fn=fn, inp=inp, a=a: fn(inp, a), device, reps)
-                rows.append((op, name, prov, ms, moved / ms / 1e6))
-    return rows
-
-
-def main(argv=None):
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
-    mode = ap.add_mutually_exclusive_group()
-    mode.add_argument("--quick", action="store_true", help="a few layer shapes, about a minute on a laptop CPU")
-    mode.add_argument("--tiny", action="store_true", help="tiny shapes, seconds (smoke test)")
+    size = ap.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_const", dest="size", const="quick",
+                      help="a few layer shapes, fwd and fwd+bwd: about a minute on a laptop CPU (the default)")
+    size.add_argument("--full", action="store_const", dest="size", const="full",
+                      help="real layer shapes, every mode, torch.compile peers too: minutes on a GPU")
+    size.add_argument("--tiny", action="store_const", dest="size", const="tiny", help="tiny shapes (smoke test)")
+    ap.set_defaults(size="quick")
+    ap.add_argument("--ops", default=",".join(ops.OPS), help=f"comma-separated subset of {','.join(ops.OPS)}")
+    ap.add_argument("--modes", default=None, help="comma-separated subset of fwd,bwd,fwd+bwd "
+                                                  "(default: fwd,fwd+bwd; --full: all three)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    ap.add_argument("--reps", type=int, default=7, help="CPU timing samples per row")
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results folder (default: bench/results)")
+    ap.add_argument("--no-save", action="store_true", help="print only: no CSV, markdown or plots")
+    ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
     args = ap.parse_args(argv)
+    args.ops = [o for o in args.ops.split(",") if o]
+    for o in args.ops:
+        if o not in ops.OPS:
+            ap.error(f"--ops: unknown op {o!r}; choose from {','.join(ops.OPS)}")
+    modes = args.modes or ("fwd,bwd,fwd+bwd" if args.size == "full" else "fwd,fwd+bwd")
+    args.modes = [m for m in modes.split(",") if m]
+    for m in args.modes:
+        if m not in harness.MODES:
+            ap.error(f"--modes: unknown mode {m!r}; choose from {','.join(harness.MODES)}")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("TRITON_INTERPRET is set: timings would measure the interpreter; unset it.", file=sys.stderr)
         return 2
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    label = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (plain-torch paths)"
-    print(f"# {label}, {dtype}, torch {torch.__version__}")
-    rows = run(TINY if args.tiny else QUICK, device, dtype)
-    print(f"{'op':<7} {'shape':<11} {'provider':<9} {'median ms':>10} {'GB/s':>8} {'vs convzoo':>10}")
-    base = {(op, name): ms for op, name, prov, ms, _ in rows if prov == "convzoo"}
-    for op, name, prov, ms, gbs in rows:
-        print(f"{op:<7} {name:<11} {prov:<9} {ms:>10.3f} {gbs:>8.2f} {ms / base[op, name]:>9.2f}x")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("--device cuda: no CUDA device here", file=sys.stderr)
+        return 2
+    env = harness.environment(device)
+    print(f"# {env['device']}, {args.dtype}, torch {env['torch']}, triton {env['triton'] or '-'}, "
+          f"{args.size} run")
+    limits = harness.measure_limits(device, dtype)
+    print(f"# measured: copy {limits.copy_bytes_per_s / 1e9:.1f} GB/s, matmul "
+          f"{limits.matmul_flops_per_s / 1e12:.2f} TFLOP/s ({limits.dtype})")
+    rows = harness.run(ops.problems(args.size, args.ops), ops.providers(), args.modes, device, dtype, limits,
+                       full=args.size == "full", reps=args.reps, memory=not args.no_memory, log=None)
+    print(harness.format_table(rows))
+    if not args.no_save and rows:
+        slug = harness.device_slug(env["device"])
+        csv_path = args.out / f"{slug}.csv"
+        harness.append_csv(csv_path, rows)
+        harness.write_markdown(args.out / f"{slug}.md", rows, limits, args.size)
+        plots = harness.write_plots(args.out / slug, rows)
+        print(f"# wrote {csv_path}, {args.out / f'{slug}.md'}" + (f" and {len(plots)} plots" if plots else ""))
     return 0
 
 

@@ -1,0 +1,153 @@
+"""The benched ops: their shapes (tiny / quick / full), rooflines and providers (convzoo and peers)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+import convzoo.functional as cf
+from bench.harness import Problem, Provider
+
+try:
+    import unfoldNd
+except ImportError:  # a bench-only dependency
+    unfoldNd = None
+
+
+def _out(size, k, s, p):
+    return tuple((n + 2 * p - k) // s + 1 for n in size)
+
+
+# ---------------------------------------------------------------------------------------------- unfold / fold
+def _unfold_problem(op, name, n, c, size, k, s, p) -> Problem:
+    L = math.prod(_out(size, k, s, p))
+    cols, x = n * c * k ** len(size) * L, n * c * math.prod(size)
+    geom = dict(kernel_size=k, stride=s, padding=p)
+
+    def make(device, dtype, requires_grad):
+        x = torch.randn(n, c, *size, device=device, dtype=dtype)
+        if op == "unfold":
+            return (x.requires_grad_(requires_grad), geom)
+        return (cf.unfold(x, **geom).requires_grad_(requires_grad), dict(geom, output_size=tuple(size)))
+
+    # data movement: the columns written (read, for fold) plus the input read (written); bwd is the adjoint
+    return Problem(op, name, len(size), make, lambda mode, e: (cols + x) * e * (2 if mode == "fwd+bwd" else 1))
+
+
+def _unfold_providers(op: str) -> list[Provider]:
+    if op == "unfold":
+        compiled = torch.compile(F.unfold, dynamic=False)
+        provs = [Provider("convzoo", lambda x, a: cf.unfold(x, **a)),
+                 Provider("F.unfold", lambda x, a: F.unfold(x, **a), ndims=(2,)),
+                 Provider("compile(F.unfold)", lambda x, a: compiled(x, **a), ndims=(2,), full_only=True)]
+        if unfoldNd is not None:
+            provs.append(Provider("unfoldNd", lambda x, a: unfoldNd.unfoldNd(x, **a)))
+        return provs
+    compiled = torch.compile(F.fold, dynamic=False)
+    provs = [Provider("convzoo", lambda c, a: cf.fold(c, **a)),
+             Provider("F.fold", lambda c, a: F.fold(c, **a), ndims=(2,)),
+             Provider("compile(F.fold)", lambda c, a: compiled(c, **a), ndims=(2,), full_only=True)]
+    if unfoldNd is not None:
+        provs.append(Provider("unfoldNd", lambda c, a: unfoldNd.foldNd(c, **a)))
+    return provs
+
+
+# ---------------------------------------------------------------------------------------------- local conv
+def _local_conv_problem(name, n, c, o, size, k, s, p) -> Problem:
+    """Inputs: x, the weight in the layout :class:`convzoo.LocalConv2d` keeps, a per-pixel bias, geometry."""
+    out = _out(size, k, s, p)
+    L, R = math.prod(out), c * k ** len(size)
+    W, X, Y = o * R * L, n * c * math.prod(size), n * o * L
+    geom = dict(kernel_size=k, stride=s, padding=p, out=out)
+
+    def make(device, dtype, requires_grad):
+        x = torch.randn(n, c, *size, device=device, dtype=dtype)
+        w = (torch.randn(L, o, R, device=device, dtype=dtype) / math.sqrt(R)).permute(1, 2, 0)
+        b = torch.randn(o, L, device=device, dtype=dtype)
+        return (*(t.requires_grad_(requires_grad) for t in (x, w, b)), geom)
+
+    def nbytes(mode, e):  # fwd: read W, x, write y; bwd: read W, dy (twice), x, write dx, dW
+        return e * {"fwd": W + X + Y, "bwd": 2 * (W + X + Y), "fwd+bwd": 3 * (W + X + Y)}[mode]
+
+    def flops(mode):
+        return 2 * n * o * R * L * {"fwd": 1, "bwd": 2, "fwd+bwd": 3}[mode]
+
+    return Problem("local_conv", name, len(size), make, nbytes, flops)
+
+
+def _patches(x, a):
+    """The peers' im2col: F.unfold for 2-d, unfoldNd otherwise."""
+    kw = dict(kernel_size=a["kernel_size"], stride=a["stride"], padding=a["padding"])
+    if x.dim() == 4:
+        return F.unfold(x, **kw)
+    return unfoldNd.unfoldNd(x, **kw)
+
+
+def _hypnettorch(x, w, b, a):
+    """hypnettorch LocalConv2dLayer.forward: unfold, broadcast multiply to [N, C_out, R, L], sum."""
+    cols = _patches(x, a)
+    n, r, L = cols.shape
+    y = (cols.view(n, 1, r, L) * w).sum(dim=2) + b
+    return y.view(n, w.shape[0], *a["out"])
+
+
+def _unfold_bmm(x, w, b, a):
+    cols = _patches(x, a)
+    y = torch.bmm(cols.permute(2, 0, 1), w.permute(2, 1, 0)).permute(1, 2, 0) + b
+    return y.reshape(x.shape[0], w.shape[0], *a["out"])
+
+
+def _unfold_einsum(x, w, b, a):
+    y = torch.einsum("nkl,okl->nol", _patches(x, a), w) + b
+    return y.reshape(x.shape[0], w.shape[0], *a["out"])
+
+
+def _local_conv_providers() -> list[Provider]:
+    nd = (1, 2, 3) if unfoldNd is not None else (2,)
+    return [
+        Provider("convzoo", lambda x, w, b, a: cf.local_conv(x, w, b, kernel_size=a["kernel_size"],
+                                                             stride=a["stride"], padding=a["padding"])),
+        Provider("hypnettorch", _hypnettorch, ndims=nd),
+        Provider("unfold+bmm", _unfold_bmm, ndims=nd),
+        Provider("unfold+einsum", _unfold_einsum, ndims=nd),
+    ]
+
+
+# ---------------------------------------------------------------------------------------------- sets
+# (name, N, C, spatial, kernel, stride, padding) for unfold/fold; local conv adds C_out after C
+_UNFOLD = {
+    "tiny": [("2d_tiny", 2, 3, (8, 8), 3, 1, 1), ("3d_tiny", 1, 2, (4, 4, 4), 2, 1, 0)],
+    "quick": [("2d_resnet", 8, 64, (32, 32), 3, 1, 1), ("2d_strided", 8, 32, (56, 56), 3, 2, 1),
+              ("1d", 16, 64, (1024,), 5, 1, 2), ("3d", 2, 16, (16, 16, 16), 3, 1, 1)],
+    "full": [("2d_resnet_56", 32, 64, (56, 56), 3, 1, 1), ("2d_resnet_28", 32, 128, (28, 28), 3, 1, 1),
+             ("2d_resnet_14", 32, 256, (14, 14), 3, 1, 1), ("2d_stem_7x7", 32, 3, (224, 224), 7, 2, 3),
+             ("2d_strided", 32, 128, (56, 56), 3, 2, 1), ("1d_audio", 16, 64, (16384,), 9, 1, 4),
+             ("3d_video", 4, 32, (16, 32, 32), 3, 1, 1)],
+}
+_LOCAL = {
+    "tiny": [("2d_tiny", 2, 3, 4, (6, 6), 3, 1, 1)],
+    "quick": [("2d", 16, 16, 16, (16, 16), 3, 1, 1), ("1d", 16, 16, 16, (128,), 5, 1, 2)],
+    "full": [("2d_hypnet", 32, 64, 64, (32, 32), 3, 1, 1), ("2d_batch256", 256, 32, 32, (16, 16), 3, 1, 1),
+             ("2d_strided", 32, 32, 64, (32, 32), 3, 2, 1), ("1d", 32, 64, 64, (256,), 5, 1, 2),
+             ("3d", 8, 16, 16, (8, 16, 16), 3, 1, 1)],
+}
+OPS = ("unfold", "fold", "local_conv")
+
+
+def problems(size: str, ops=OPS) -> list[Problem]:
+    out = []
+    for op in ops:
+        if op in ("unfold", "fold"):
+            out += [_unfold_problem(op, *shape) for shape in _UNFOLD[size]]
+        elif op == "local_conv":
+            out += [_local_conv_problem(*shape) for shape in _LOCAL[size]]
+        else:
+            raise ValueError(f"unknown op {op!r}; choose from {OPS}")
+    return out
+
+
+def providers() -> dict[str, list[Provider]]:
+    return {"unfold": _unfold_providers("unfold"), "fold": _unfold_providers("fold"),
+            "local_conv": _local_conv_providers()}
