@@ -4,7 +4,16 @@ Configs never come from ``@triton.autotune`` (it benchmarks at run time, and can
 interpreter). Each kernel module registers a :class:`KernelSpec`; launchers call :func:`lookup`.
 """
 
-from convzoo.autotune.config import Config, KernelSpec, bucket, bucket_key, get_spec, register, registered
+from convzoo.autotune.config import (
+    Config,
+    KernelSpec,
+    TuneProblem,
+    bucket,
+    bucket_key,
+    get_spec,
+    register,
+    registered,
+)
 from convzoo.autotune.lookup import (
     clear_cache,
     device_slug,
@@ -19,6 +28,7 @@ from convzoo.autotune.lookup import (
 __all__ = [
     "Config",
     "KernelSpec",
+    "TuneProblem",
     "bucket",
     "bucket_key",
     "clear_cache",

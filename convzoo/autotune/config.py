@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["Config", "KernelSpec", "bucket", "bucket_key", "get_spec", "register", "registered"]
+__all__ = ["Config", "KernelSpec", "TuneProblem", "bucket", "bucket_key", "get_spec", "register", "registered"]
 
 
 @dataclass(frozen=True)
@@ -20,6 +20,9 @@ class Config:
     meta: Mapping[str, int] = field(default_factory=dict)
     num_warps: int = 4
     num_stages: int = 2
+
+    def __hash__(self) -> int:  # meta is a dict: hash its items (configs key the tuner's dicts)
+        return hash((tuple(sorted(self.meta.items())), self.num_warps, self.num_stages))
 
     def to_json(self) -> dict:
         return {"meta": dict(self.meta), "num_warps": self.num_warps, "num_stages": self.num_stages}
@@ -41,7 +44,8 @@ class KernelSpec:
 
     ``default_config(dims, dtype, interpret)`` is the readable heuristic; ``candidates(dims, dtype)``
     yields the configs the tuner may try (already filtered by the kernel's validity check);
-    ``dims`` names the size arguments that ``lookup`` is called with (bucketed into table keys).
+    ``dims`` names the size arguments that ``lookup`` is called with (bucketed into table keys);
+    ``problem(layer, dtype, device)`` builds the tuner's :class:`TuneProblem` for one grid layer.
     """
 
     name: str
@@ -49,6 +53,7 @@ class KernelSpec:
     dims: tuple[str, ...]
     default_config: Callable[[Mapping[str, int], torch.dtype, bool], Config]
     candidates: Callable[[Mapping[str, int], torch.dtype], Iterable[Config]]
+    problem: Callable[..., TuneProblem] | None = None
 
     @functools.cached_property  # hashing the source once, not at every table load
     def source_hash(self) -> str:
@@ -57,6 +62,21 @@ class KernelSpec:
             fn = fn.fn
         src = inspect.getsource(fn)
         return hashlib.sha256(src.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class TuneProblem:
+    """One kernel at one shape, for the tuner.
+
+    ``dims`` are the lookup dims (no tensors are allocated to know them, so ``--dry-run`` is free);
+    ``setup()`` allocates the inputs and returns ``(run, reference)``: ``run(config)`` launches the
+    kernel with ``config`` and returns its output(s), ``reference()`` the plain-torch result.
+    ``exact`` asks for bit-equality (data movement) instead of the dtype's tolerance.
+    """
+
+    dims: Mapping[str, int]
+    setup: Callable[[], tuple[Callable[[Config], object], Callable[[], object]]]
+    exact: bool = False
 
 
 _REGISTRY: dict[str, KernelSpec] = {}

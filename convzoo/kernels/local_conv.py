@@ -25,8 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
-from convzoo import _shapes, autotune
-from convzoo.autotune import Config, KernelSpec
+from convzoo import _shapes, autotune, reference
+from convzoo.autotune import Config, KernelSpec, TuneProblem
 from convzoo.kernels.unfold import (
     _as_3d,
     _block_index,
@@ -339,9 +339,9 @@ def _gemm_candidates(m_name: str, n_name: str, k_name: str):
         sizes = (16, 32, 64, 128)
         for m in sizes:
             for n in sizes:
-                for k in sizes:
-                    for warps in (2, 4, 8):
-                        for stages in (1, 2, 3, 4):
+                for k in (16, 32, 64):
+                    for warps in (4, 8):
+                        for stages in (1, 3):
                             cfg = Config({m_name: m, n_name: n, k_name: k}, num_warps=warps, num_stages=stages)
                             if _keep(cfg, m_name, n_name, k_name, dtype):
                                 yield cfg
@@ -358,15 +358,61 @@ def _keep(cfg: Config, m_name: str, n_name: str, k_name: str, dtype) -> bool:
     return min(m, n, k) >= 16 and m * n <= 64 * threads and (m + n) * k <= 64 * threads
 
 
+def _tensors(layer, dtype, device):
+    """x, the weight in the module's layout, a per-pixel bias and dY for one grid layer."""
+    g, o = layer.resolved(), layer.out_channels
+    r, l = layer.c * g.kernel_numel, g.num_blocks
+    x = torch.randn(layer.n, layer.c, *layer.size, device=device, dtype=dtype)
+    w = (torch.randn(l, o, r, device=device, dtype=dtype) / math.sqrt(r)).permute(1, 2, 0)
+    b = torch.randn(o, l, device=device, dtype=dtype)
+    gy = torch.randn(layer.n, o, *g.out_size, device=device, dtype=dtype)
+    return x, w, b, gy
+
+
+def _fwd_problem(layer, dtype, device) -> TuneProblem:
+    geom = layer.geometry()
+
+    def setup():
+        x, w, b, _ = _tensors(layer, dtype, device)
+        return (lambda cfg: local_conv(x, w, b, *geom, config=cfg)), (lambda: reference.local_conv(x, w, b, *geom))
+
+    dims = {"N": layer.n, "O": layer.out_channels, "R": layer.c * layer.kernel_numel}
+    return TuneProblem(dims, setup)
+
+
+def _grad_weight_problem(layer, dtype, device) -> TuneProblem:
+    geom = layer.geometry()
+
+    def setup():
+        x, _, _, gy = _tensors(layer, dtype, device)
+        return (lambda cfg: local_conv_grad_weight(gy, x, *geom, config=cfg),
+                lambda: reference.local_conv_grad_weight(gy, x, *geom))
+
+    dims = {"O": layer.out_channels, "R": layer.c * layer.kernel_numel, "N": layer.n}
+    return TuneProblem(dims, setup)
+
+
+def _grad_input_problem(layer, dtype, device) -> TuneProblem:
+    geom = layer.geometry()
+
+    def setup():
+        _, w, _, gy = _tensors(layer, dtype, device)
+        size = list(layer.size)
+        return (lambda cfg: local_conv_grad_input(gy, w, size, *geom, config=cfg),
+                lambda: reference.local_conv_grad_input(gy, w, size, *geom))
+
+    return TuneProblem({"N": layer.n, "C": layer.c, "O": layer.out_channels}, setup)
+
+
 FWD_SPEC = autotune.register(KernelSpec(
     "local_conv_fwd", local_conv_fwd_kernel, ("N", "O", "R"), _fwd_default,
-    _gemm_candidates("BLOCK_N", "BLOCK_O", "BLOCK_R")))
+    _gemm_candidates("BLOCK_N", "BLOCK_O", "BLOCK_R"), _fwd_problem))
 GRAD_WEIGHT_SPEC = autotune.register(KernelSpec(
     "local_conv_grad_weight", local_conv_grad_weight_kernel, ("O", "R", "N"), _grad_weight_default,
-    _gemm_candidates("BLOCK_O", "BLOCK_R", "BLOCK_N")))
+    _gemm_candidates("BLOCK_O", "BLOCK_R", "BLOCK_N"), _grad_weight_problem))
 GRAD_INPUT_SPEC = autotune.register(KernelSpec(
     "local_conv_grad_input", local_conv_grad_input_kernel, ("N", "C", "O"), _grad_input_default,
-    _gemm_candidates("BLOCK_N", "BLOCK_C", "BLOCK_O")))
+    _gemm_candidates("BLOCK_N", "BLOCK_C", "BLOCK_O"), _grad_input_problem))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -13,8 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-from convzoo import _shapes, autotune
-from convzoo.autotune import Config, KernelSpec
+from convzoo import _shapes, autotune, reference
+from convzoo.autotune import Config, KernelSpec, TuneProblem
 
 __all__ = ["fold", "unfold"]
 
@@ -250,10 +250,31 @@ def _keep(cfg: Config, row_name: str, inner_name: str) -> bool:
     return pow2 and 256 <= r * i <= 8192 and r * i >= 32 * cfg.num_warps
 
 
+def _unfold_problem(layer, dtype, device) -> TuneProblem:
+    g, geom = layer.resolved(), layer.geometry()
+
+    def setup():
+        x = torch.randn(layer.n, layer.c, *layer.size, device=device, dtype=dtype)
+        return (lambda cfg: unfold(x, *geom, config=cfg)), (lambda: reference.unfold(x, *geom))
+
+    return TuneProblem({"R": layer.n * layer.c * g.kernel_numel, "L": g.num_blocks}, setup, exact=True)
+
+
+def _fold_problem(layer, dtype, device) -> TuneProblem:
+    g, geom = layer.resolved(), layer.geometry()
+
+    def setup():
+        cols = torch.randn(layer.n, layer.c * g.kernel_numel, g.num_blocks, device=device, dtype=dtype)
+        return (lambda cfg: fold(cols, list(layer.size), *geom, config=cfg),
+                lambda: reference.fold(cols, list(layer.size), *geom))
+
+    return TuneProblem({"R": layer.n * layer.c, "P": math.prod(layer.size)}, setup)
+
+
 UNFOLD_SPEC = autotune.register(KernelSpec(
-    "unfold", unfold_kernel, ("R", "L"), _unfold_default, _candidates("BLOCK_R", "BLOCK_L")))
+    "unfold", unfold_kernel, ("R", "L"), _unfold_default, _candidates("BLOCK_R", "BLOCK_L"), _unfold_problem))
 FOLD_SPEC = autotune.register(KernelSpec(
-    "fold", fold_kernel, ("R", "P"), _fold_default, _candidates("BLOCK_R", "BLOCK_P")))
+    "fold", fold_kernel, ("R", "P"), _fold_default, _candidates("BLOCK_R", "BLOCK_P"), _fold_problem))
 
 
 # ----------------------------------------------------------------------------------------------

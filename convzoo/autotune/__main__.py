@@ -1,0 +1,94 @@
+"""``python -m convzoo.autotune`` (console script ``convzoo-autotune``): tune every registered kernel
+on named shape grids and write the winners as tables that :func:`convzoo.autotune.lookup` reads.
+
+Tables go to the user cache (``$CONVZOO_CACHE_DIR`` or ``~/.cache/convzoo``)``/autotune/<gpu>/``
+and, with ``--out DIR``, also to ``DIR/<gpu>/`` (to ship: copy into ``convzoo/autotune/tables/``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from convzoo.autotune import interpret_mode, registered, user_cache_dir
+from convzoo.autotune.grids import GRIDS
+from convzoo.autotune.lookup import device_slug
+from convzoo.autotune.tune import candidates, do_bench_timer, plan, read_entries, summary, tune
+
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def _import_kernels() -> None:
+    from convzoo.kernels import local_conv, unfold  # noqa: F401  (register their specs)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    _import_kernels()
+    names = sorted(registered())
+    ap = argparse.ArgumentParser(prog="python -m convzoo.autotune", description=__doc__.splitlines()[0])
+    ap.add_argument("--kernels", default=",".join(names), help=f"comma-separated subset of {','.join(names)}")
+    ap.add_argument("--grid", default="all", choices=sorted(GRIDS), help="named shape grid (default: all)")
+    ap.add_argument("--dtype", default="float16,bfloat16,float32",
+                    help="comma-separated dtypes to tune (default: float16,bfloat16,float32)")
+    ap.add_argument("--out", type=Path, default=None, help="also write the tables to OUT/<gpu>/ (to ship them)")
+    ap.add_argument("--force", action="store_true", help="re-tune keys the user cache already has")
+    ap.add_argument("--max-minutes", type=float, default=None, help="start no new job after this many minutes")
+    ap.add_argument("--dry-run", action="store_true", help="list what would be tuned; no GPU needed")
+    ap.add_argument("--device", default="cuda", help="the CUDA device to tune on (default: cuda)")
+    ap.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = ap.parse_args(argv)
+    args.kernels = [k for k in args.kernels.split(",") if k]
+    for k in args.kernels:
+        if k not in names:
+            ap.error(f"--kernels: unknown kernel {k!r}; registered: {','.join(names)}")
+    try:
+        args.dtypes = [DTYPES[d] for d in args.dtype.split(",") if d]
+    except KeyError as e:
+        ap.error(f"--dtype: unknown dtype {e.args[0]!r}; choose from {','.join(DTYPES)}")
+    if args.max_minutes is not None and args.max_minutes <= 0:
+        ap.error("--max-minutes must be positive")
+    return args
+
+
+def main(argv=None, timer=None) -> int:
+    """``timer`` replaces ``triton.testing.do_bench`` (tests: a fake timer under the interpreter)."""
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and torch.cuda.is_available():
+        device_name = torch.cuda.get_device_name(device)
+        slug = device_slug(device_name)
+    elif interpret_mode() and timer is not None:  # the tests' control-flow run
+        device, device_name, slug = torch.device("cpu"), "Triton interpreter", "triton-interpreter"
+    elif args.dry_run:
+        device_name, slug = "(no GPU)", "<gpu>"
+    else:
+        print("convzoo-autotune: no CUDA GPU here, and tuning times kernels on one. Run it on the GPU whose "
+              "tables you want, or pass --dry-run to list what would be tuned.", file=sys.stderr)
+        return 1
+    specs = [registered()[k] for k in args.kernels]
+    jobs = plan(specs, GRIDS[args.grid], args.dtypes, device)
+    tables = [user_cache_dir() / slug] + ([args.out / slug] if args.out else [])
+    if args.dry_run:
+        print(f"# would tune {len(jobs)} (kernel, dtype, shape bucket) jobs on {device_name}, tables in "
+              + ", ".join(map(str, tables)))
+        for job in jobs:
+            have = job.key in read_entries(tables[0] / f"{job.spec.name}.json", job.spec)
+            state = "tuned already (--force re-tunes)" if have and not args.force else f"{len(candidates(job))} configs"
+            print(f"{job.spec.name:<24} {job.layer.name:<14} {job.key:<40} {state}")
+        return 0
+    print(f"# tuning {len(jobs)} jobs on {device_name}; tables: " + ", ".join(map(str, tables)))
+    results = tune(jobs, device, tables, device_name, timer=timer or do_bench_timer, force=args.force,
+                   max_minutes=args.max_minutes, progress=not args.quiet)
+    print(summary(results) if results else "# nothing to tune (every key is in the table; --force re-tunes)")
+    bad = [r for r in results if not r.checked]
+    if bad:
+        print(f"# {len(bad)} entries failed the correctness check even with the default config", file=sys.stderr)
+        return 3
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,197 @@
+"""The tuning command under the interpreter with a fake timer: control flow, tables, early abort,
+correctness check, --force / --max-minutes / --dry-run, and two concurrent tuners on one table."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import convzoo.kernels.local_conv  # noqa: F401  (registers every kernel while TRITON_INTERPRET is set)
+from convzoo import autotune
+from convzoo.autotune import Config, KernelSpec, TuneProblem
+from convzoo.autotune import __main__ as cli
+from convzoo.autotune import tune as tuner
+from convzoo.autotune.grids import GRIDS, Layer
+from convzoo.autotune.lookup import triton_version
+
+SLUG = "triton-interpreter"
+
+
+def fake_timer(fn, cfg, stage):
+    """Deterministic 'timings': smaller tiles and fewer warps are 'faster'; nothing is launched."""
+    return 1.0 + sum(cfg.meta.values()) / 1000 + cfg.num_warps / 100
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("CONVZOO_CACHE_DIR", str(tmp_path / "cache"))
+    autotune.clear_cache()
+    yield tmp_path / "cache" / "autotune"
+    autotune.clear_cache()
+
+
+def _table(root, kernel):
+    return json.loads((root / SLUG / f"{kernel}.json").read_text())
+
+
+def test_tunes_writes_both_tables_and_lookup_reads_them(cache, tmp_path, capsys):
+    out = tmp_path / "ship"
+    argv = ["--kernels", "unfold,local_conv_fwd", "--grid", "small", "--dtype", "float32", "--out", str(out),
+            "--quiet"]
+    assert cli.main(argv, timer=fake_timer) == 0
+    text = capsys.readouterr().out
+    assert "best config" in text and "speedup" in text and "local_conv_fwd" in text
+    for kernel in ("unfold", "local_conv_fwd"):
+        shipped, user = _table(out, kernel), _table(cache, kernel)
+        assert shipped["configs"] == user["configs"] and len(user["configs"]) == 3  # one per small layer
+        spec = autotune.get_spec(kernel)
+        assert user["source_hash"] == spec.source_hash and user["triton_version"] == triton_version()
+        for layer in GRIDS["small"]:
+            problem = spec.problem(layer, torch.float32, torch.device("cpu"))
+            job = tuner.Job(spec, layer, torch.float32, dict(problem.dims), "")
+            expected = min(tuner.candidates(job), key=lambda c: fake_timer(None, c, "final"))
+            # the runtime reader resolves the tuned entry from the table root
+            got = autotune.resolve(kernel, SLUG, torch.float32, problem.dims, roots=(out,))
+            assert got == expected
+    names = sorted(p.name for p in (out / SLUG).iterdir() if not p.name.endswith(".lock"))
+    assert names == ["local_conv_fwd.json", "unfold.json"]  # no temp file left
+
+
+def test_skips_tuned_keys_unless_forced_and_dry_run_says_so(cache, capsys):
+    argv = ["--kernels", "unfold", "--grid", "small", "--dtype", "float16", "--quiet"]
+    assert cli.main(argv, timer=fake_timer) == 0
+    capsys.readouterr()
+    calls = []
+
+    def counting(fn, cfg, stage):
+        calls.append(cfg)
+        return fake_timer(fn, cfg, stage)
+
+    assert cli.main(argv, timer=counting) == 0
+    assert calls == [] and "nothing to tune" in capsys.readouterr().out
+    assert cli.main([*argv, "--dry-run"], timer=fake_timer) == 0
+    assert capsys.readouterr().out.count("tuned already") == 3
+    assert cli.main([*argv, "--force"], timer=counting) == 0
+    assert len(calls) > 3
+
+
+def test_max_minutes_stops_starting_jobs(cache, capsys):
+    argv = ["--kernels", "unfold,fold", "--grid", "small", "--dtype", "float32", "--max-minutes", "1e-9",
+            "--quiet"]
+    assert cli.main(argv, timer=fake_timer) == 0
+    out = capsys.readouterr().out
+    assert "--max-minutes reached" in out
+    assert not (cache / SLUG / "fold.json").exists()
+
+
+def test_no_gpu_exits_nonzero_unless_dry_run(cache, capsys):
+    assert cli.main(["--grid", "small"]) == 1
+    assert "no CUDA GPU" in capsys.readouterr().err
+    assert cli.main(["--grid", "small", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    n_jobs = 3 * len(GRIDS["small"]) * len(autotune.registered())
+    assert f"would tune {n_jobs}" in out and "configs" in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--kernels", "conv9d"], "--kernels: unknown kernel"),
+    (["--dtype", "float8"], "--dtype: unknown dtype"),
+    (["--grid", "huge"], "invalid choice"),
+    (["--max-minutes", "0"], "--max-minutes must be positive"),
+])
+def test_bad_arguments(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.parse_args(argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------- one job
+def _fake_spec(wrong: set, fail: set):
+    """A registered spec whose 'kernel' returns ``x * BLOCK`` — right only for BLOCK = 1 — except
+    configs in ``wrong`` (wrong results) or ``fail`` (raise at launch)."""
+
+    def kernel(x):  # hashed for the table, never launched
+        return x
+
+    def problem(layer, dtype, device):
+        x = torch.ones(4, dtype=dtype)
+
+        def run(cfg):
+            if cfg.meta["BLOCK"] in fail:
+                raise RuntimeError("out of resources")
+            return x * (2 if cfg.meta["BLOCK"] in wrong else 1)
+
+        return TuneProblem({"n": 4}, lambda: (run, lambda: x))
+
+    return KernelSpec("fake", kernel, ("n",), lambda d, t, i: Config({"BLOCK": 64}, 4, 1),
+                      lambda d, t: (Config({"BLOCK": b}, 4, 1) for b in (1, 2, 4, 8, 16, 32)), problem)
+
+
+def test_early_abort_failures_and_correctness_check():
+    spec = _fake_spec(wrong={1}, fail={2})
+    times = {1: 1.0, 2: 1.0, 4: 1.5, 8: 9.0, 16: 1.2, 32: 50.0, 64: 3.0}
+    job = tuner.Job(spec, GRIDS["small"][0], torch.float32, {"n": 4}, "k")
+    timed = []
+
+    def timer(fn, cfg, stage):
+        timed.append((cfg.meta["BLOCK"], stage))
+        fn()
+        return times[cfg.meta["BLOCK"]]
+
+    result = tuner.tune_job(job, torch.device("cpu"), timer, abort_ratio=2.0, finalists=3)
+    # 64 (default, 3.0) first; 1 (1.0) sets the best; 8 and 32 are > 2x best: dropped; 2 fails
+    assert result.failed == 1 and result.dropped == 2 and result.tried == 7
+    assert {b for b, s in timed if s == "final"} == {1, 16, 4, 64}  # finalists, and the default
+    # 1 is fastest but wrong: the next finalist that matches the reference wins
+    assert result.best == Config({"BLOCK": 16}, 4, 1) and result.checked
+    assert any("wrong results" in n for n in result.notes)
+    assert result.default_ms == 3.0 and result.speedup == pytest.approx(2.5)
+
+
+def test_all_wrong_keeps_the_default():
+    spec = _fake_spec(wrong={1, 2, 4, 8, 16, 32, 64}, fail=set())
+    job = tuner.Job(spec, GRIDS["small"][0], torch.float32, {"n": 4}, "k")
+    result = tuner.tune_job(job, torch.device("cpu"), lambda fn, cfg, stage: 1.0)
+    assert result.best == Config({"BLOCK": 64}, 4, 1) and not result.checked and "kept the default" in result.notes
+
+
+# ---------------------------------------------------------------------------------------------- concurrency
+WORKER = textwrap.dedent("""
+    import os, sys, time
+    os.environ["TRITON_INTERPRET"] = "1"
+    from convzoo.autotune.__main__ import main
+
+    def timer(fn, cfg, stage):
+        time.sleep(0.0005)  # interleave the two processes
+        return 1.0 + sum(cfg.meta.values()) / 1000 + cfg.num_warps / 100
+
+    sys.exit(main(sys.argv[1:], timer=timer))
+""")
+
+
+def test_two_concurrent_tuners_do_not_corrupt_or_drop_entries(tmp_path):
+    env = {**os.environ, "CONVZOO_CACHE_DIR": str(tmp_path / "cache"), "TRITON_INTERPRET": "1"}
+    procs = [subprocess.Popen([sys.executable, "-c", WORKER, "--kernels", "unfold,fold", "--grid", "small",
+                               "--dtype", dtype, "--quiet", "--out", str(tmp_path / "ship")],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for dtype in ("float16", "float32")]
+    for p in procs:
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err
+    for root in (tmp_path / "cache" / "autotune", tmp_path / "ship"):
+        for kernel in ("unfold", "fold"):
+            keys = _table(root, kernel)["configs"]  # valid JSON, and
+            assert {k.split("|")[0] for k in keys} == {"float16", "float32"}  # both tuners' entries
+            assert len(keys) == 6
+
+
+def test_layer_geometry():
+    layer = Layer("x", 2, 3, (7, 9), 3, 2, "same", 5)
+    ks, dil, pad, st, mode = layer.geometry()
+    assert ks == [3, 3] and dil == [1, 1] and pad == [1, 1, 1, 1] and st == [2, 2] and mode == "zeros"
+    assert layer.resolved().out_size == (4, 5)
+    assert layer.out_channels == 5 and Layer("y", 1, 4, (8,)).out_channels == 4
