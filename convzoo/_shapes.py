@@ -26,12 +26,16 @@ PADDING_MODE_CODES = {mode: i for i, mode in enumerate(PADDING_MODES)}
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def check(cond, message: str, exc: type[Exception] = ValueError) -> None:
-    """Raise ``exc(message)`` unless ``cond``; a symbolic condition becomes a ``torch._check``."""
+def check(cond, message, exc: type[Exception] = ValueError) -> None:
+    """Raise ``exc(message)`` unless ``cond``; a symbolic condition becomes a ``torch._check``.
+
+    ``message`` is a string or a zero-argument callable returning one: call sites on the hot path
+    pass ``lambda: f"..."`` so that the message is only formatted when the check fails.
+    """
     if isinstance(cond, torch.SymBool):
-        torch._check(cond, lambda: message)
+        torch._check(cond, message if callable(message) else lambda: message)
     elif not cond:
-        raise exc(message)
+        raise exc(message() if callable(message) else message)
 
 
 def _is_int(v) -> bool:
@@ -94,7 +98,7 @@ def resolve_padding(padding, in_size: Sequence, kernel_size: Sequence, dilation:
     else:
         flat = [v for p in as_tuple(padding, ndim, "padding") for v in (p, p)]
     for v in flat:
-        check(v >= 0, f"padding must be non-negative, got {padding!r}")
+        check(v >= 0, lambda: f"padding must be non-negative, got {padding!r}")
     return flat
 
 
@@ -142,27 +146,27 @@ def geometry(in_size: Sequence, kernel_size: Sequence, dilation: Sequence, paddi
             larger than the padded input.
     """
     ndim = len(in_size)
-    check(1 <= ndim <= 3, f"expected 1, 2 or 3 spatial dims, got {ndim}")
+    check(1 <= ndim <= 3, lambda: f"expected 1, 2 or 3 spatial dims, got {ndim}")
     for name, v in (("kernel_size", kernel_size), ("dilation", dilation), ("stride", stride)):
-        check(len(v) == ndim, f"{name} must have {ndim} entries, got {list(v)}")
+        check(len(v) == ndim, lambda name=name, v=v: f"{name} must have {ndim} entries, got {list(v)}")
         for e in v:
-            check(e > 0, f"{name} must be positive, got {list(v)}")
-    check(len(padding) == 2 * ndim, f"padding must have {2 * ndim} (lo, hi) entries, got {list(padding)}")
+            check(e > 0, lambda name=name, v=v: f"{name} must be positive, got {list(v)}")
+    check(len(padding) == 2 * ndim, lambda: f"padding must have {2 * ndim} (lo, hi) entries, got {list(padding)}")
     for e in padding:
-        check(e >= 0, f"padding must be non-negative, got {list(padding)}")
-    check(padding_mode in PADDING_MODES, f"padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
+        check(e >= 0, lambda: f"padding must be non-negative, got {list(padding)}")
+    check(padding_mode in PADDING_MODES, lambda: f"padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
     out = []
     for i, (n, k, d, s) in enumerate(zip(in_size, kernel_size, dilation, stride)):
         lo, hi = padding[2 * i], padding[2 * i + 1]
         if padding_mode == "reflect":
-            check(lo < n and hi < n, f"padding ({lo}, {hi}) must be smaller than the input size {n} "
-                                     f"in dim {i} for padding_mode='reflect'")
+            check(lo < n and hi < n, lambda lo=lo, hi=hi, n=n, i=i: f"padding ({lo}, {hi}) must be smaller "
+                  f"than the input size {n} in dim {i} for padding_mode='reflect'")
         elif padding_mode == "circular":
-            check(lo <= n and hi <= n, f"padding ({lo}, {hi}) must be at most the input size {n} "
-                                       f"in dim {i} for padding_mode='circular'")
+            check(lo <= n and hi <= n, lambda lo=lo, hi=hi, n=n, i=i: f"padding ({lo}, {hi}) must be at most "
+                  f"the input size {n} in dim {i} for padding_mode='circular'")
         span = d * (k - 1) + 1
-        check(n + lo + hi >= span, f"kernel_size {list(kernel_size)} with dilation {list(dilation)} "
-                                   f"spans {span} in dim {i}, larger than the padded input {n + lo + hi}")
+        check(n + lo + hi >= span, lambda span=span, i=i, padded=n + lo + hi: f"kernel_size {list(kernel_size)} "
+              f"with dilation {list(dilation)} spans {span} in dim {i}, larger than the padded input {padded}")
         out.append((n + lo + hi - span) // s + 1)
     return Geometry(tuple(in_size), tuple(kernel_size), tuple(dilation), tuple(padding), tuple(stride),
                     padding_mode, tuple(out))
@@ -171,13 +175,15 @@ def geometry(in_size: Sequence, kernel_size: Sequence, dilation: Sequence, paddi
 def check_float_tensor(t: torch.Tensor, name: str) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    check(t.dtype in FLOAT_DTYPES, f"{name} must have a floating dtype {FLOAT_DTYPES}, got {t.dtype}", TypeError)
+    check(t.dtype in FLOAT_DTYPES, lambda: f"{name} must have a floating dtype {FLOAT_DTYPES}, got {t.dtype}",
+          TypeError)
 
 
 def unfold_geometry(x: torch.Tensor, kernel_size, dilation, padding, stride, padding_mode) -> Geometry:
     """Checks for ``unfold(x, ...)``; ``x`` is ``[N, C, *spatial]``."""
     check_float_tensor(x, "input")
-    check(3 <= x.dim() <= 5, f"input must be [N, C, *spatial] with 1-3 spatial dims, got shape {tuple(x.shape)}")
+    check(3 <= x.dim() <= 5,
+          lambda: f"input must be [N, C, *spatial] with 1-3 spatial dims, got shape {tuple(x.shape)}")
     return geometry(tuple(x.shape[2:]), kernel_size, dilation, padding, stride, padding_mode)
 
 
@@ -190,12 +196,12 @@ def fold_geometry(cols: torch.Tensor, output_size, kernel_size, dilation, paddin
                   padding_mode) -> Geometry:
     """Checks for ``fold(cols, output_size, ...)``; ``cols`` is ``[N, C·∏K, L]``."""
     check_float_tensor(cols, "input")
-    check(cols.dim() == 3, f"input must be [N, C*prod(kernel_size), L], got shape {tuple(cols.shape)}")
+    check(cols.dim() == 3, lambda: f"input must be [N, C*prod(kernel_size), L], got shape {tuple(cols.shape)}")
     g = geometry(tuple(output_size), kernel_size, dilation, padding, stride, padding_mode)
     check(cols.shape[1] % g.kernel_numel == 0,
-          f"input.shape[1]={cols.shape[1]} is not divisible by prod(kernel_size)={g.kernel_numel}")
+          lambda: f"input.shape[1]={cols.shape[1]} is not divisible by prod(kernel_size)={g.kernel_numel}")
     check(cols.shape[2] == g.num_blocks,
-          f"output_size {list(output_size)} with this kernel_size/dilation/padding/stride gives "
+          lambda: f"output_size {list(output_size)} with this kernel_size/dilation/padding/stride gives "
           f"{list(g.out_size)} = {g.num_blocks} blocks, but input.shape[2]={cols.shape[2]}")
     return g
 
@@ -220,25 +226,26 @@ def local_conv_geometry(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     """
     g = unfold_geometry(x, kernel_size, dilation, padding, stride, padding_mode)
     check_float_tensor(weight, "weight")
-    check(weight.dtype == x.dtype, f"weight has dtype {weight.dtype} but input has {x.dtype}", TypeError)
-    check(weight.device == x.device, f"weight is on {weight.device} but input is on {x.device}")
-    check(weight.dim() == 3, f"weight must be [C_out, C_in*prod(kernel_size), L], got shape {tuple(weight.shape)}")
+    check(weight.dtype == x.dtype, lambda: f"weight has dtype {weight.dtype} but input has {x.dtype}", TypeError)
+    check(weight.device == x.device, lambda: f"weight is on {weight.device} but input is on {x.device}")
+    check(weight.dim() == 3,
+          lambda: f"weight must be [C_out, C_in*prod(kernel_size), L], got shape {tuple(weight.shape)}")
     r = x.shape[1] * g.kernel_numel
-    check(weight.shape[1] == r, f"weight.shape[1]={weight.shape[1]} must be in_channels*prod(kernel_size) = "
+    check(weight.shape[1] == r, lambda: f"weight.shape[1]={weight.shape[1]} must be in_channels*prod(kernel_size) = "
                                 f"{x.shape[1]}*{g.kernel_numel} = {r}")
     check(weight.shape[2] == g.num_blocks,
-          f"weight.shape[2]={weight.shape[2]} must be the number of output positions L={g.num_blocks} "
+          lambda: f"weight.shape[2]={weight.shape[2]} must be the number of output positions L={g.num_blocks} "
           f"(an output grid of {list(g.out_size)} for input size {list(g.in_size)})")
     if bias is not None:
         check_float_tensor(bias, "bias")
-        check(bias.dtype == x.dtype, f"bias has dtype {bias.dtype} but input has {x.dtype}", TypeError)
-        check(bias.device == x.device, f"bias is on {bias.device} but input is on {x.device}")
-        check(bias.dim() in (1, 2), f"bias must be [C_out, L] or [C_out], got shape {tuple(bias.shape)}")
+        check(bias.dtype == x.dtype, lambda: f"bias has dtype {bias.dtype} but input has {x.dtype}", TypeError)
+        check(bias.device == x.device, lambda: f"bias is on {bias.device} but input is on {x.device}")
+        check(bias.dim() in (1, 2), lambda: f"bias must be [C_out, L] or [C_out], got shape {tuple(bias.shape)}")
         check(bias.shape[0] == weight.shape[0],
-              f"bias.shape[0]={bias.shape[0]} must be out_channels = weight.shape[0] = {weight.shape[0]}")
+              lambda: f"bias.shape[0]={bias.shape[0]} must be out_channels = weight.shape[0] = {weight.shape[0]}")
         if bias.dim() == 2:
             check(bias.shape[1] == g.num_blocks,
-                  f"bias.shape[1]={bias.shape[1]} must be the number of output positions L={g.num_blocks}")
+                  lambda: f"bias.shape[1]={bias.shape[1]} must be the number of output positions L={g.num_blocks}")
     return g
 
 
@@ -253,15 +260,15 @@ def local_conv_grad_input_geometry(grad: torch.Tensor, weight: torch.Tensor, inp
     check_float_tensor(weight, "weight")
     g = geometry(tuple(input_size), kernel_size, dilation, padding, stride, padding_mode)
     check(weight.dim() == 3 and grad.dim() == 2 + g.ndim,
-          f"grad must be [N, C_out, *out] and weight [C_out, C_in*prod(kernel_size), L], "
+          lambda: f"grad must be [N, C_out, *out] and weight [C_out, C_in*prod(kernel_size), L], "
           f"got {tuple(grad.shape)} and {tuple(weight.shape)}")
     check(weight.shape[1] % g.kernel_numel == 0,
-          f"weight.shape[1]={weight.shape[1]} is not divisible by prod(kernel_size)={g.kernel_numel}")
-    check(weight.shape[2] == g.num_blocks, f"weight.shape[2]={weight.shape[2]} must be L={g.num_blocks}")
-    check(grad.shape[1] == weight.shape[0], f"grad.shape[1]={grad.shape[1]} must be C_out={weight.shape[0]}")
+          lambda: f"weight.shape[1]={weight.shape[1]} is not divisible by prod(kernel_size)={g.kernel_numel}")
+    check(weight.shape[2] == g.num_blocks, lambda: f"weight.shape[2]={weight.shape[2]} must be L={g.num_blocks}")
+    check(grad.shape[1] == weight.shape[0], lambda: f"grad.shape[1]={grad.shape[1]} must be C_out={weight.shape[0]}")
     for i in range(g.ndim):
         check(grad.shape[2 + i] == g.out_size[i],
-              f"grad spatial size {list(grad.shape[2:])} must be {list(g.out_size)}")
+              lambda: f"grad spatial size {list(grad.shape[2:])} must be {list(g.out_size)}")
     return g
 
 
@@ -270,11 +277,11 @@ def local_conv_grad_weight_geometry(grad: torch.Tensor, x: torch.Tensor, kernel_
     """Checks for ``local_conv_grad_weight(grad, x, ...)``: ``grad`` is ``[N, C_out, *out]``."""
     check_float_tensor(grad, "grad")
     g = unfold_geometry(x, kernel_size, dilation, padding, stride, padding_mode)
-    check(grad.dim() == x.dim(), f"grad must be [N, C_out, *out], got shape {tuple(grad.shape)}")
-    check(grad.shape[0] == x.shape[0], f"grad.shape[0]={grad.shape[0]} must be the batch size {x.shape[0]}")
+    check(grad.dim() == x.dim(), lambda: f"grad must be [N, C_out, *out], got shape {tuple(grad.shape)}")
+    check(grad.shape[0] == x.shape[0], lambda: f"grad.shape[0]={grad.shape[0]} must be the batch size {x.shape[0]}")
     for i in range(g.ndim):
         check(grad.shape[2 + i] == g.out_size[i],
-              f"grad spatial size {list(grad.shape[2:])} must be {list(g.out_size)}")
+              lambda: f"grad spatial size {list(grad.shape[2:])} must be {list(g.out_size)}")
     return g
 
 
