@@ -18,7 +18,8 @@ from convzoo.autotune import tune as tuner
 from convzoo.autotune.grids import GRIDS, Layer
 from convzoo.autotune.lookup import triton_version
 
-SLUG = "triton-interpreter"
+# where the tables of this run go: the GPU's folder on a GPU, else the interpreter's
+SLUG = autotune.device_slug(torch.cuda.get_device_name()) if torch.cuda.is_available() else "triton-interpreter"
 
 
 def fake_timer(fn, cfg, stage):
@@ -88,6 +89,7 @@ def test_max_minutes_stops_starting_jobs(cache, capsys):
     assert not (cache / SLUG / "fold.json").exists()
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
 def test_no_gpu_exits_nonzero_unless_dry_run(cache, capsys):
     assert cli.main(["--grid", "small"]) == 1
     assert "no CUDA GPU" in capsys.readouterr().err
@@ -187,6 +189,20 @@ def test_two_concurrent_tuners_do_not_corrupt_or_drop_entries(tmp_path):
             keys = _table(root, kernel)["configs"]  # valid JSON, and
             assert {k.split("|")[0] for k in keys} == {"float16", "float32"}  # both tuners' entries
             assert len(keys) == 6
+
+
+@pytest.mark.gpu
+def test_real_tuning_on_the_gpu(cache):
+    """On a GPU: do_bench timings, a checked winner per key, a table lookup() then uses."""
+    argv = ["--kernels", "unfold,local_conv_fwd", "--grid", "small", "--dtype", "float16", "--quiet"]
+    assert cli.main(argv) == 0
+    for kernel in ("unfold", "local_conv_fwd"):
+        assert len(_table(cache, kernel)["configs"]) == 3
+    spec = autotune.get_spec("local_conv_fwd")
+    dims = dict(spec.problem(GRIDS["small"][0], torch.float16, torch.device("cuda")).dims)
+    key = autotune.bucket_key(torch.float16, dims)
+    tuned = Config.from_json(_table(cache, "local_conv_fwd")["configs"][key])
+    assert autotune.lookup("local_conv_fwd", torch.device("cuda"), torch.float16, **dims) == tuned
 
 
 def test_layer_geometry():

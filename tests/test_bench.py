@@ -38,7 +38,8 @@ def test_tiny_run_prints_every_provider_and_writes_results(capsys, no_interprete
     md = csv_path.with_suffix(".md").read_text()
     assert md.count("| local_conv |") == 8 and "Measured limits" in md
     # a second run appends rows under the same header
-    assert bench.main(["--tiny", "--ops", "local_conv", "--modes", "bwd", "--reps", "2", "--no-memory",
+    assert bench.main(["--tiny", "--device", "cpu", "--ops", "local_conv", "--modes", "bwd", "--reps", "2",
+                       "--no-memory",
                        "--out", str(tmp_path)]) == 0
     rows2 = harness.read_csv(csv_path)
     assert len(rows2) == len(rows) + 4 and {r["mode"] for r in rows2[len(rows):]} == {"bwd"}
@@ -47,7 +48,8 @@ def test_tiny_run_prints_every_provider_and_writes_results(capsys, no_interprete
 
 def test_plots_written_when_matplotlib_is_installed(no_interpreter, tmp_path):
     pytest.importorskip("matplotlib")
-    assert bench.main(["--tiny", "--ops", "fold", "--reps", "2", "--no-memory", "--out", str(tmp_path)]) == 0
+    assert bench.main(["--tiny", "--device", "cpu", "--ops", "fold", "--reps", "2", "--no-memory",
+                       "--out", str(tmp_path)]) == 0
     (png,) = tmp_path.glob("*/fold.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -85,3 +87,15 @@ def test_defaults_per_size():
 def test_refuses_the_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert bench.main(["--tiny", "--device", "cpu", "--no-save"]) == 2
+
+
+@pytest.mark.gpu
+def test_tiny_run_on_cuda(tmp_path):
+    """On a GPU: do_bench quantiles, CUDA peak memory, and the GPU's name in every row."""
+    import torch
+
+    assert bench.main(["--tiny", "--device", "cuda", "--dtype", "float16", "--reps", "2", "--out", str(tmp_path)]) == 0
+    (csv_path,) = tmp_path.glob("*.csv")
+    rows = harness.read_csv(csv_path)
+    assert rows and all(r["device"] == torch.cuda.get_device_name() for r in rows)
+    assert all(0 < float(r["ms_p20"]) <= float(r["ms_p50"]) <= float(r["ms_p80"]) for r in rows)
