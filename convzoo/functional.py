@@ -107,7 +107,8 @@ def local_conv(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
         padding_mode: ``'zeros'``, ``'circular'``, ``'reflect'`` or ``'replicate'``.
 
     Returns:
-        ``[N, C_out, *out_spatial]``, contiguous.
+        ``[N, C_out, *out_spatial]``, contiguous. Under ``torch.autocast`` the op computes in the
+        autocast dtype (inputs cast as ``F.conv2d``'s are); otherwise all dtypes must match.
 
     Raises:
         TypeError: a non-floating tensor, or ``weight``/``bias`` dtypes differing from the input's.
@@ -123,4 +124,8 @@ def local_conv(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     ndim = input.dim() - 2
     ks, dil, pad, st, mode = _geometry_args(ndim, kernel_size, dilation, padding, stride, input.shape[2:],
                                             padding_mode)
+    if torch.is_autocast_enabled(input.device.type):  # like F.conv2d: compute in the autocast dtype
+        dtype = torch.get_autocast_dtype(input.device.type)
+        input, weight = input.to(dtype), weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
     return torch.ops.convzoo.local_conv(input, weight, bias, ks, dil, pad, st, mode)

@@ -199,6 +199,29 @@ def test_external_weights_and_no_weights_layer(path):
         m2(x, w, b)
 
 
+def test_autocast_computes_in_the_autocast_dtype():
+    """CPU autocast (bf16): parameters and input are cast as for nn.Conv2d; gradients reach fp32 params."""
+    m = convzoo.LocalConv2d(3, 4, (6, 5), 3, padding=1)
+    x = torch.randn(2, 3, 6, 5)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TRITON_INTERPRET", "0")
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = m(x)
+        y.float().sum().backward()
+    assert y.dtype == torch.bfloat16 and m.weight.grad.dtype == torch.float32
+    torch.testing.assert_close(y.float(), m(x).detach(), atol=5e-2, rtol=2e-2)  # bf16 rounding of the inputs
+
+
+@pytest.mark.gpu
+def test_autocast_cuda_float16():
+    m = convzoo.LocalConv2d(3, 4, (6, 5), 3, padding=1).cuda()
+    x = torch.randn(2, 3, 6, 5, device="cuda")
+    with torch.autocast("cuda", dtype=torch.float16):
+        y = m(x)
+    assert y.dtype == torch.float16
+    torch.testing.assert_close(y.float(), m(x).detach(), atol=1e-2, rtol=1e-2)
+
+
 def test_state_dict_round_trip_keeps_values_and_layout():
     m = convzoo.LocalConv2d(2, 3, (5, 6), 3, padding=1)
     m2 = convzoo.LocalConv2d(2, 3, (5, 6), 3, padding=1)
