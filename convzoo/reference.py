@@ -96,6 +96,17 @@ def fold(cols: torch.Tensor, output_size: list[int], kernel_size: list[int], dil
     n, c = cols.shape[0], cols.shape[1] // g.kernel_numel
     acc_dtype = torch.float64 if cols.dtype == torch.float64 else torch.float32
     blocks = cols.reshape(n, c, *g.kernel_size, *g.out_size).to(acc_dtype)
+    if g.padding_mode == "zeros":  # accumulate straight into the output, each tap clipped to the input
+        out = cols.new_zeros((n, c, *g.in_size), dtype=acc_dtype)
+        for k in itertools.product(*(range(k) for k in g.kernel_size)):
+            clipped = [_clip_tap(ki, *dims) for ki, *dims in
+                       zip(k, g.in_size, g.pad_lo, g.dilation, g.stride, g.out_size)]
+            if all(cl is not None for cl in clipped):
+                dst = tuple(slice(first, first + s * (count - 1) + 1, s)
+                            for (first, _, count), s in zip(clipped, g.stride))
+                src = tuple(slice(o0, o0 + count) for _, o0, count in clipped)
+                out[(slice(None), slice(None), *dst)] += blocks[(slice(None), slice(None), *k, *src)]
+        return out.to(cols.dtype)
     padded = [s + lo + hi for s, lo, hi in zip(g.in_size, g.pad_lo, g.pad_hi)]
     buf = cols.new_zeros((n, c, *padded), dtype=acc_dtype)
     for k in itertools.product(*(range(k) for k in g.kernel_size)):
@@ -105,6 +116,17 @@ def fold(cols: torch.Tensor, output_size: list[int], kernel_size: list[int], dil
         )
         buf[(slice(None), slice(None), *window)] += blocks[(slice(None), slice(None), *k)]
     return _unpad_adjoint(buf, g).to(cols.dtype).contiguous()
+
+
+def _clip_tap(k: int, size: int, lo: int, d: int, s: int, out: int) -> tuple[int, int, int] | None:
+    """Along one dim, the blocks whose tap ``k`` reads inside the input (not the zero padding):
+    ``(first input index, first block, count)``, or None when there are none."""
+    offset = k * d - lo  # block o's tap k reads input index o * s + offset
+    o_first = max(0, -(offset // s))  # ceil(-offset / s)
+    o_last = min(out - 1, (size - 1 - offset) // s)
+    if o_last < o_first:
+        return None
+    return o_first * s + offset, o_first, o_last - o_first + 1
 
 
 # ----------------------------------------------------------------------------------------------
