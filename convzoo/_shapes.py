@@ -258,6 +258,7 @@ def local_conv_grad_input_geometry(grad: torch.Tensor, weight: torch.Tensor, inp
     """Checks for ``local_conv_grad_input(grad, weight, input_size, ...)``: ``grad`` is ``[N, C_out, *out]``."""
     check_float_tensor(grad, "grad")
     check_float_tensor(weight, "weight")
+    check(grad.dtype == weight.dtype, lambda: f"grad has dtype {grad.dtype} but weight has {weight.dtype}", TypeError)
     g = geometry(tuple(input_size), kernel_size, dilation, padding, stride, padding_mode)
     check(weight.dim() == 3 and grad.dim() == 2 + g.ndim,
           lambda: f"grad must be [N, C_out, *out] and weight [C_out, C_in*prod(kernel_size), L], "
@@ -277,6 +278,7 @@ def local_conv_grad_weight_geometry(grad: torch.Tensor, x: torch.Tensor, kernel_
     """Checks for ``local_conv_grad_weight(grad, x, ...)``: ``grad`` is ``[N, C_out, *out]``."""
     check_float_tensor(grad, "grad")
     g = unfold_geometry(x, kernel_size, dilation, padding, stride, padding_mode)
+    check(grad.dtype == x.dtype, lambda: f"grad has dtype {grad.dtype} but input has {x.dtype}", TypeError)
     check(grad.dim() == x.dim(), lambda: f"grad must be [N, C_out, *out], got shape {tuple(grad.shape)}")
     check(grad.shape[0] == x.shape[0], lambda: f"grad.shape[0]={grad.shape[0]} must be the batch size {x.shape[0]}")
     for i in range(g.ndim):

@@ -154,6 +154,10 @@ def lc(x=X, w=W, b=None, **kw):
                                                      [1, 1, 1, 1], [1, 1], "zeros"), ValueError, "C_out"),
     (lambda: torch.ops.convzoo.local_conv_grad_weight(torch.randn(3, 4, 6, 6), X, [3, 3], [1, 1],
                                                       [1, 1, 1, 1], [1, 1], "zeros"), ValueError, "batch size"),
+    (lambda: torch.ops.convzoo.local_conv_grad_input(torch.randn(2, 4, 6, 6).half(), W, [6, 6], [3, 3], [1, 1],
+                                                     [1, 1, 1, 1], [1, 1], "zeros"), TypeError, "grad has dtype"),
+    (lambda: torch.ops.convzoo.local_conv_grad_weight(torch.randn(2, 4, 6, 6).double(), X, [3, 3], [1, 1],
+                                                      [1, 1, 1, 1], [1, 1], "zeros"), TypeError, "grad has dtype"),
 ], ids=lambda v: None)
 def test_bad_input_raises_naming_the_argument(call, exc, match, path):
     with pytest.raises(exc, match=match):
