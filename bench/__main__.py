@@ -39,6 +39,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--no-save", action="store_true", help="print only: no CSV, markdown or plots")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
     args = ap.parse_args(argv)
+    if args.reps < 2:
+        ap.error("--reps must be at least 2 (quantiles need two samples)")
     args.ops = [o for o in args.ops.split(",") if o]
     for o in args.ops:
         if o not in ops.OPS:

@@ -70,6 +70,7 @@ def test_format_table_and_csv_round_trip(tmp_path):
     (["--modes", "fwd,sideways"], "--modes: unknown mode"),
     (["--dtype", "int8"], "invalid choice"),
     (["--quick", "--full"], "not allowed with"),
+    (["--reps", "1"], "--reps must be at least 2"),
 ])
 def test_bad_arguments_exit_with_usage(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
