@@ -72,8 +72,10 @@ def test_skips_tuned_keys_unless_forced_and_dry_run_says_so(cache, capsys):
         calls.append(cfg)
         return fake_timer(fn, cfg, stage)
 
-    assert cli.main(argv, timer=counting) == 0
+    assert cli.main([*argv, "--out", str(cache.parent / "ship")], timer=counting) == 0
     assert calls == [] and "nothing to tune" in capsys.readouterr().out
+    # the cached entries were copied, untimed, to the folder to ship
+    assert _table(cache.parent / "ship", "unfold")["configs"] == _table(cache, "unfold")["configs"]
     assert cli.main([*argv, "--dry-run"], timer=fake_timer) == 0
     assert capsys.readouterr().out.count("tuned already") == 3
     assert cli.main([*argv, "--force"], timer=counting) == 0

@@ -219,7 +219,8 @@ def tune(jobs: Sequence[Job], device: torch.device, tables: Sequence[Path], devi
          progress: bool = True, log=print) -> list[Result]:
     """Tune ``jobs`` and merge each winner into every table folder of ``tables`` (``<root>/<kernel>.json``).
 
-    Keys already in the first table are skipped unless ``force``. Stops starting new jobs after
+    Keys already in the first table (the user cache) are not re-timed unless ``force``: their entry is
+    copied to the other tables, so ``--out`` after an earlier run still ships everything. Stops starting new jobs after
     ``max_minutes``; what finished is written.
     """
     results = []
@@ -231,7 +232,10 @@ def tune(jobs: Sequence[Job], device: torch.device, tables: Sequence[Path], devi
             if deadline is not None and time.monotonic() > deadline:
                 log(f"--max-minutes reached: stopping before {label}")
                 break
-            if not force and job.key in read_entries(tables[0] / f"{job.spec.name}.json", job.spec):
+            cached = read_entries(tables[0] / f"{job.spec.name}.json", job.spec).get(job.key)
+            if cached is not None and not force:  # tuned already: copy it to the other tables, untimed
+                for root in tables[1:]:
+                    merge_entry(root / f"{job.spec.name}.json", job.spec, job.key, cached, device_name)
                 bar.step(label + " (tuned already)")
                 continue
             result = tune_job(job, device, timer)
