@@ -219,9 +219,9 @@ def tune(jobs: Sequence[Job], device: torch.device, tables: Sequence[Path], devi
          progress: bool = True, log=print) -> list[Result]:
     """Tune ``jobs`` and merge each winner into every table folder of ``tables`` (``<root>/<kernel>.json``).
 
-    Keys already in the first table (the user cache) are not re-timed unless ``force``: their entry is
-    copied to the other tables, so ``--out`` after an earlier run still ships everything. Stops starting new jobs after
-    ``max_minutes``; what finished is written.
+    Keys already in the first table (the user cache) are not re-timed unless ``force``: their entry
+    is copied to the other tables, so ``--out`` after an earlier run still ships everything. Stops
+    starting new jobs after ``max_minutes``; what finished is written.
     """
     results = []
     deadline = None if max_minutes is None else time.monotonic() + 60 * max_minutes
