@@ -80,7 +80,7 @@ def local_conv_fwd_kernel(
     # inputs: x [N, C, ID, IH, IW], weight [O, R, L], bias [O, L] (per-channel bias: stride_bl = 0)
     x_ptr, w_ptr, b_ptr,
     # runtime sizes
-    N, C, O, R, ID, IH, IW, OH, OW, L,
+    N, O, R, ID, IH, IW, OH, OW, L,
     stride_xn, stride_xc, stride_xd, stride_xh, stride_xw,
     stride_wo, stride_wr, stride_wl,
     stride_bo, stride_bl,
@@ -145,7 +145,7 @@ def local_conv_grad_weight_kernel(
     # inputs: grad [N, O, L], x [N, C, ID, IH, IW], any strides
     g_ptr, x_ptr,
     # runtime sizes
-    N, C, O, R, ID, IH, IW, OH, OW, L,
+    N, O, R, ID, IH, IW, OH, OW, L,
     stride_gn, stride_go, stride_gl,
     stride_xn, stride_xc, stride_xd, stride_xh, stride_xw,
     stride_dwo, stride_dwr, stride_dwl,
@@ -448,7 +448,7 @@ def local_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
         return y
     # (3) look up config and launch
     a = _as_3d(g)
-    n, c = x.shape[:2]
+    n = x.shape[0]
     o, r, l = weight.shape
     cfg = config or autotune.lookup("local_conv_fwd", x.device, x.dtype, N=n, O=o, R=r)
     xs = _as_5d(x, g.ndim)
@@ -461,7 +461,7 @@ def local_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     grid = (l * triton.cdiv(n, m["BLOCK_N"]) * triton.cdiv(o, m["BLOCK_O"]),)
     local_conv_fwd_kernel[grid](
         y, xs, weight, b,
-        n, c, o, r, *a["in"], a["out"][1], a["out"][2], l,
+        n, o, r, *a["in"], a["out"][1], a["out"][2], l,
         *xs.stride(), *weight.stride(), *b_strides,
         *a["k"], *a["s"], *a["lo"], *a["d"],
         _shapes.PADDING_MODE_CODES[g.padding_mode],
@@ -490,7 +490,7 @@ def local_conv_grad_weight(grad: torch.Tensor, x: torch.Tensor, kernel_size: lis
         return dw, db
     # (3) look up config and launch
     a = _as_3d(g)
-    n, c = x.shape[:2]
+    n = x.shape[0]
     o, r, l = dw.shape
     cfg = config or autotune.lookup("local_conv_grad_weight", x.device, x.dtype, O=o, R=r, N=n)
     xs = _as_5d(x, g.ndim)
@@ -499,7 +499,7 @@ def local_conv_grad_weight(grad: torch.Tensor, x: torch.Tensor, kernel_size: lis
     grid = (l * triton.cdiv(o, m["BLOCK_O"]) * triton.cdiv(max(r, 1), m["BLOCK_R"]),)
     local_conv_grad_weight_kernel[grid](
         dw, db, g3, xs,
-        n, c, o, r, *a["in"], a["out"][1], a["out"][2], l,
+        n, o, r, *a["in"], a["out"][1], a["out"][2], l,
         *g3.stride(), *xs.stride(), *dw.stride(),
         *a["k"], *a["s"], *a["lo"], *a["d"],
         _shapes.PADDING_MODE_CODES[g.padding_mode],
