@@ -87,6 +87,27 @@ def _warn_once(path: Path, why: str) -> None:
         warnings.warn(f"convzoo: ignoring autotune table {path}: {why}", RuntimeWarning, stacklevel=4)
 
 
+class StaleTable(ValueError):
+    """A readable table that does not belong to the running kernel source or Triton."""
+
+
+def read_table(path: Path, spec: KernelSpec) -> dict[str, Config]:
+    """The entries of the table at ``path``, read fresh (no cache, no warning).
+
+    Raises:
+        StaleTable: it is for another kernel, another kernel source or another Triton version.
+        OSError, ValueError, KeyError, TypeError, AttributeError: missing or corrupt.
+    """
+    data = json.loads(path.read_text())
+    if data.get("kernel") != spec.name:
+        raise StaleTable(f"it is for kernel {data.get('kernel')!r}, not {spec.name!r}")
+    if data.get("source_hash") != spec.source_hash:
+        raise StaleTable("stale: the kernel source changed since it was tuned")
+    if data.get("triton_version") != triton_version():
+        raise StaleTable(f"tuned with Triton {data.get('triton_version')}, running {triton_version()}")
+    return {k: Config.from_json(v) for k, v in data["configs"].items()}
+
+
 def _load(path: Path, spec: KernelSpec) -> dict | None:
     """The ``configs`` of a valid table at ``path``, else None (missing, stale or corrupt)."""
     try:
@@ -96,17 +117,11 @@ def _load(path: Path, spec: KernelSpec) -> dict | None:
     cached = _TABLES.get(path)
     if cached is not None and cached[0] == mtime:
         return cached[1]
-    configs = None
     try:
-        data = json.loads(path.read_text())
-        if data.get("kernel") != spec.name:
-            _warn_once(path, f"it is for kernel {data.get('kernel')!r}, not {spec.name!r}")
-        elif data.get("source_hash") != spec.source_hash:
-            _warn_once(path, "stale: the kernel source changed since it was tuned")
-        elif data.get("triton_version") != triton_version():
-            _warn_once(path, f"tuned with Triton {data.get('triton_version')}, running {triton_version()}")
-        else:
-            configs = {k: Config.from_json(v) for k, v in data["configs"].items()}
+        configs = read_table(path, spec)
+    except StaleTable as e:
+        _warn_once(path, str(e))
+        configs = None
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         _warn_once(path, f"unreadable ({type(e).__name__}: {e})")
         configs = None

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -28,7 +27,7 @@ import torch
 
 from convzoo.autotune.config import Config, KernelSpec, bucket_key
 from convzoo.autotune.grids import Layer
-from convzoo.autotune.lookup import triton_version, write_table
+from convzoo.autotune.lookup import read_table, write_table
 
 Timer = Callable[[Callable[[], object], Config, str], float]
 
@@ -98,13 +97,11 @@ def candidates(job: Job) -> list[Config]:
 
 # ---------------------------------------------------------------------------------------------- tables
 def read_entries(path: Path, spec: KernelSpec) -> dict[str, Config]:
-    """The entries of a table that is valid for the running kernel source and Triton, else none."""
+    """The entries of a table that is valid for the running kernel source and Triton, else none
+    (read fresh, with the runtime's own validation: :func:`convzoo.autotune.lookup.read_table`)."""
     try:
-        data = json.loads(path.read_text())
-        if data.get("source_hash") != spec.source_hash or data.get("triton_version") != triton_version():
-            return {}
-        return {k: Config.from_json(v) for k, v in data["configs"].items()}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return read_table(path, spec)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # StaleTable is a ValueError
         return {}
 
 
