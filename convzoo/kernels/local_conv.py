@@ -28,7 +28,9 @@ import triton.language as tl
 from convzoo import _shapes, autotune, reference
 from convzoo.autotune import Config, KernelSpec, TuneProblem
 from convzoo.kernels.unfold import (
+    _acc_dtype,
     _as_3d,
+    _as_5d,
     _block_index,
     _check_device,
     _num_candidates,
@@ -422,13 +424,7 @@ def _math_args(dtype: torch.dtype) -> dict:
     would (``torch.set_float32_matmul_precision``)."""
     fp64 = dtype == torch.float64
     tf32 = dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest"
-    return {"FP64": fp64, "PRECISION": "tf32" if tf32 else "ieee", "ACC_DTYPE": tl.float64 if fp64 else tl.float32}
-
-
-def _as_5d(x: torch.Tensor, ndim: int) -> torch.Tensor:
-    for _ in range(3 - ndim):  # a view with leading unit spatial dims
-        x = x.unsqueeze(2)
-    return x
+    return {"FP64": fp64, "PRECISION": "tf32" if tf32 else "ieee", "ACC_DTYPE": _acc_dtype(dtype)}
 
 
 def local_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, kernel_size: list[int],

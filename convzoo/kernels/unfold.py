@@ -293,6 +293,18 @@ def _as_3d(g: _shapes.Geometry) -> dict:
     }
 
 
+def _as_5d(x: torch.Tensor, ndim: int) -> torch.Tensor:
+    """``[N, C, *spatial]`` as a view with leading unit spatial dims, to 3 spatial dims."""
+    for _ in range(3 - ndim):
+        x = x.unsqueeze(2)
+    return x
+
+
+def _acc_dtype(dtype: torch.dtype):
+    """The kernels' accumulator: fp64 for fp64 inputs, else fp32."""
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
 def _check_device(t: torch.Tensor) -> None:
     if not (t.is_cuda or (autotune.interpret_mode() and t.device.type == "cpu")):
         raise ValueError(
@@ -316,9 +328,7 @@ def unfold(x: torch.Tensor, kernel_size: list[int], dilation: list[int], padding
     a = _as_3d(g)
     rows, L = out.shape[1] * out.shape[0], out.shape[2]
     cfg = config or autotune.lookup("unfold", x.device, x.dtype, R=rows, L=L)
-    xs = x
-    for _ in range(3 - g.ndim):  # a view with leading unit spatial dims
-        xs = xs.unsqueeze(2)
+    xs = _as_5d(x, g.ndim)
     grid = (triton.cdiv(rows, cfg.meta["BLOCK_R"]) * triton.cdiv(L, cfg.meta["BLOCK_L"]),)
     unfold_kernel[grid](
         out, xs,
@@ -357,7 +367,6 @@ def fold(cols: torch.Tensor, output_size: list[int], kernel_size: list[int], dil
     a = _as_3d(g)
     rows, P = out.shape[0] * out.shape[1], math.prod(g.in_size)
     cfg = config or autotune.lookup("fold", cols.device, cols.dtype, R=rows, P=P)
-    acc = tl.float64 if cols.dtype == torch.float64 else tl.float32
     grid = (triton.cdiv(rows, cfg.meta["BLOCK_R"]) * triton.cdiv(P, cfg.meta["BLOCK_P"]),)
     fold_kernel[grid](
         out, cols,
@@ -366,7 +375,7 @@ def fold(cols: torch.Tensor, output_size: list[int], kernel_size: list[int], dil
         *a["k"], *a["s"], *a["lo"], *a["hi"], *a["d"],
         _shapes.PADDING_MODE_CODES[g.padding_mode],
         *_num_candidates(g, 3 - g.ndim),
-        acc,
+        _acc_dtype(cols.dtype),
         **cfg.launch_kwargs(),
     )
     return out
