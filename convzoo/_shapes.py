@@ -253,6 +253,13 @@ def local_conv_out_shape(x: torch.Tensor, weight: torch.Tensor, g: Geometry) -> 
     return (x.shape[0], weight.shape[0], *g.out_size)
 
 
+def _check_grad_grid(grad: torch.Tensor, g: Geometry) -> None:
+    """The output gradient's spatial size must be the output grid."""
+    for i in range(g.ndim):
+        check(grad.shape[2 + i] == g.out_size[i],
+              lambda: f"grad spatial size {list(grad.shape[2:])} must be {list(g.out_size)}")
+
+
 def local_conv_grad_input_geometry(grad: torch.Tensor, weight: torch.Tensor, input_size, kernel_size, dilation,
                                    padding, stride, padding_mode) -> Geometry:
     """Checks for ``local_conv_grad_input(grad, weight, input_size, ...)``: ``grad`` is ``[N, C_out, *out]``."""
@@ -267,9 +274,7 @@ def local_conv_grad_input_geometry(grad: torch.Tensor, weight: torch.Tensor, inp
           lambda: f"weight.shape[1]={weight.shape[1]} is not divisible by prod(kernel_size)={g.kernel_numel}")
     check(weight.shape[2] == g.num_blocks, lambda: f"weight.shape[2]={weight.shape[2]} must be L={g.num_blocks}")
     check(grad.shape[1] == weight.shape[0], lambda: f"grad.shape[1]={grad.shape[1]} must be C_out={weight.shape[0]}")
-    for i in range(g.ndim):
-        check(grad.shape[2 + i] == g.out_size[i],
-              lambda: f"grad spatial size {list(grad.shape[2:])} must be {list(g.out_size)}")
+    _check_grad_grid(grad, g)
     return g
 
 
@@ -281,9 +286,7 @@ def local_conv_grad_weight_geometry(grad: torch.Tensor, x: torch.Tensor, kernel_
     check(grad.dtype == x.dtype, lambda: f"grad has dtype {grad.dtype} but input has {x.dtype}", TypeError)
     check(grad.dim() == x.dim(), lambda: f"grad must be [N, C_out, *out], got shape {tuple(grad.shape)}")
     check(grad.shape[0] == x.shape[0], lambda: f"grad.shape[0]={grad.shape[0]} must be the batch size {x.shape[0]}")
-    for i in range(g.ndim):
-        check(grad.shape[2 + i] == g.out_size[i],
-              lambda: f"grad spatial size {list(grad.shape[2:])} must be {list(g.out_size)}")
+    _check_grad_grid(grad, g)
     return g
 
 

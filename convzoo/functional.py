@@ -10,6 +10,14 @@ from convzoo import ops as _ops  # noqa: F401  (registers the custom ops)
 __all__ = ["fold", "local_conv", "unfold"]
 
 
+def _spatial_ndim(input: torch.Tensor) -> int:
+    """The number of spatial dims of a batched ``[N, C, *spatial]`` floating input (1-3)."""
+    _shapes.check_float_tensor(input, "input")
+    if not 3 <= input.dim() <= 5:
+        raise ValueError(f"input must be [N, C, *spatial] with 1-3 spatial dims, got shape {tuple(input.shape)}")
+    return input.dim() - 2
+
+
 def _geometry_args(ndim, kernel_size, dilation, padding, stride, in_size, padding_mode):
     ks = _shapes.as_tuple(kernel_size, ndim, "kernel_size")
     dil = _shapes.as_tuple(dilation, ndim, "dilation")
@@ -44,10 +52,7 @@ def unfold(input: torch.Tensor, kernel_size, dilation=1, padding=0, stride=1, *,
         ValueError: wrong number of dims, non-positive kernel_size/stride/dilation, negative
             padding, an unknown padding or padding_mode, a kernel larger than the padded input.
     """
-    _shapes.check_float_tensor(input, "input")
-    if not 3 <= input.dim() <= 5:
-        raise ValueError(f"input must be [N, C, *spatial] with 1-3 spatial dims, got shape {tuple(input.shape)}")
-    ndim = input.dim() - 2
+    ndim = _spatial_ndim(input)
     args = _geometry_args(ndim, kernel_size, dilation, padding, stride, input.shape[2:], padding_mode)
     return torch.ops.convzoo.unfold(input, *args)
 
@@ -115,13 +120,10 @@ def local_conv(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
         ValueError: ``weight``/``bias`` shapes that do not match the input channels, the kernel or
             the number of output positions, or an invalid geometry (see :func:`unfold`).
     """
-    _shapes.check_float_tensor(input, "input")
+    ndim = _spatial_ndim(input)
     _shapes.check_float_tensor(weight, "weight")
     if bias is not None:
         _shapes.check_float_tensor(bias, "bias")
-    if not 3 <= input.dim() <= 5:
-        raise ValueError(f"input must be [N, C, *spatial] with 1-3 spatial dims, got shape {tuple(input.shape)}")
-    ndim = input.dim() - 2
     ks, dil, pad, st, mode = _geometry_args(ndim, kernel_size, dilation, padding, stride, input.shape[2:],
                                             padding_mode)
     if torch.is_autocast_enabled(input.device.type):  # like F.conv2d: compute in the autocast dtype
