@@ -37,20 +37,15 @@ def _unfold_problem(op, name, n, c, size, k, s, p) -> Problem:
 
 
 def _unfold_providers(op: str) -> list[Provider]:
-    if op == "unfold":
-        compiled = torch.compile(F.unfold, dynamic=False)
-        provs = [Provider("convzoo", lambda x, a: cf.unfold(x, **a)),
-                 Provider("F.unfold", lambda x, a: F.unfold(x, **a), ndims=(2,)),
-                 Provider("compile(F.unfold)", lambda x, a: compiled(x, **a), ndims=(2,), full_only=True)]
-        if unfoldNd is not None:
-            provs.append(Provider("unfoldNd", lambda x, a: unfoldNd.unfoldNd(x, **a)))
-        return provs
-    compiled = torch.compile(F.fold, dynamic=False)
-    provs = [Provider("convzoo", lambda c, a: cf.fold(c, **a)),
-             Provider("F.fold", lambda c, a: F.fold(c, **a), ndims=(2,)),
-             Provider("compile(F.fold)", lambda c, a: compiled(c, **a), ndims=(2,), full_only=True)]
+    """convzoo, torch's ``F.<op>`` (2-d; compiled too under ``--full``) and unfoldNd's ``<op>Nd``."""
+    ours, torch_fn = getattr(cf, op), getattr(F, op)
+    compiled = torch.compile(torch_fn, dynamic=False)
+    provs = [Provider("convzoo", lambda t, a: ours(t, **a)),
+             Provider(f"F.{op}", lambda t, a: torch_fn(t, **a), ndims=(2,)),
+             Provider(f"compile(F.{op})", lambda t, a: compiled(t, **a), ndims=(2,), full_only=True)]
     if unfoldNd is not None:
-        provs.append(Provider("unfoldNd", lambda c, a: unfoldNd.foldNd(c, **a)))
+        peer = getattr(unfoldNd, f"{op}Nd")
+        provs.append(Provider("unfoldNd", lambda t, a: peer(t, **a)))
     return provs
 
 
