@@ -116,6 +116,20 @@ def test_bias_kinds_and_weight_layouts(bias, layout, path):
     check_against_oracle(case, x, w, b, torch.float32)
 
 
+@pytest.mark.parametrize("bias", ["pixel", "channel"], ids=["bias_pixel", "bias_channel"])
+def test_frozen_weight_bias_gradient(bias, path):
+    """Only the bias trains: its gradient is the batch (and, per channel, position) sum of dY."""
+    case = CASES[1]
+    x = torch.randn(case.n, case.c, *case.size, device=path)
+    w, b = make_params(case, torch.float32, path, bias=bias)
+    b.requires_grad_()
+    y = cf.local_conv(x, w, b, **case.kwargs())
+    gy = torch.randn_like(y)
+    (db,) = torch.autograd.grad(y, b, gy)
+    ref = gy.double().flatten(2).sum(0)
+    torch.testing.assert_close(db.double(), ref if b.dim() == 2 else ref.sum(1), atol=1e-5, rtol=1e-6)
+
+
 def test_channels_last_input(path):
     case = CASES[0]
     x = torch.randn(case.n, case.c, *case.size, device=path).to(memory_format=torch.channels_last)

@@ -52,12 +52,14 @@ def _local_conv_backward(ctx, grad):
     dx = dw = db = None
     if ctx.needs_input_grad[0]:
         dx = torch.ops.convzoo.local_conv_grad_input(grad, weight, list(x.shape[2:]), *ctx.geom)
-    if ctx.needs_input_grad[1] or (ctx.bias_dim is not None and ctx.needs_input_grad[2]):
+    if ctx.needs_input_grad[1]:  # the weight-gradient kernel yields the per-pixel bias gradient too
         dw, db = torch.ops.convzoo.local_conv_grad_weight(grad, x, *ctx.geom)
-        if ctx.bias_dim == 1:
-            db = db.sum(1)
-        elif ctx.bias_dim is None:
-            db = None
+    elif ctx.bias_dim is not None and ctx.needs_input_grad[2]:  # frozen weight: no W-sized kernel for Σ_n grad
+        db = grad.flatten(2).sum(0)
+    if ctx.bias_dim is None:
+        db = None
+    elif ctx.bias_dim == 1 and db is not None:
+        db = db.sum(1)
     return dx, dw, db, None, None, None, None, None
 
 
