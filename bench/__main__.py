@@ -69,7 +69,8 @@ def main(argv=None) -> int:
     print(f"# measured: copy {limits.copy_bytes_per_s / 1e9:.1f} GB/s, matmul "
           f"{limits.matmul_flops_per_s / 1e12:.2f} TFLOP/s ({limits.dtype})")
     rows = harness.run(ops.problems(args.size, args.ops), ops.providers(), args.modes, device, dtype, limits,
-                       full=args.size == "full", reps=args.reps, memory=not args.no_memory, log=None)
+                       full=args.size == "full", reps=args.reps, memory=not args.no_memory, log=None,
+                       env=env)
     print(harness.format_table(rows))
     if not args.no_save and rows:
         slug = harness.device_slug(env["device"])

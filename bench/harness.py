@@ -165,9 +165,10 @@ def environment(device: torch.device) -> dict:
 
 def run(problems: Sequence[Problem], providers: dict[str, Sequence[Provider]], modes: Sequence[str],
         device: torch.device, dtype: torch.dtype, limits: Limits, full: bool = False, reps: int = 7,
-        memory: bool = True, log=print) -> list[Row]:
-    """Time every (problem, provider, mode); fill in the derived metrics."""
-    env = environment(device)
+        memory: bool = True, log=print, env: dict | None = None) -> list[Row]:
+    """Time every (problem, provider, mode); fill in the derived metrics. ``env`` is
+    :func:`environment`'s record for ``device`` when the caller has it already."""
+    env = env or environment(device)
     rows = []
     for problem in problems:
         for mode in modes:
