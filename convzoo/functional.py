@@ -1,11 +1,12 @@
-"""``torch.nn.functional``-style entry points: normalise arguments, call ``torch.ops.convzoo.*``."""
+"""``torch.nn.functional``-style entry points: normalise arguments, call the ops in :mod:`convzoo.ops`."""
 
 from __future__ import annotations
 
 import torch
 
 from convzoo import _shapes
-from convzoo import ops as _ops  # noqa: F401  (registers the custom ops)
+from convzoo.ops import local_conv as _local_conv_ops
+from convzoo.ops import unfold as _unfold_ops
 
 __all__ = ["fold", "local_conv", "unfold"]
 
@@ -54,7 +55,7 @@ def unfold(input: torch.Tensor, kernel_size, dilation=1, padding=0, stride=1, *,
     """
     ndim = _spatial_ndim(input)
     args = _geometry_args(ndim, kernel_size, dilation, padding, stride, input.shape[2:], padding_mode)
-    return torch.ops.convzoo.unfold(input, *args)
+    return _unfold_ops.unfold(input, *args)
 
 
 def fold(input: torch.Tensor, output_size, kernel_size, dilation=1, padding=0, stride=1, *,
@@ -86,7 +87,7 @@ def fold(input: torch.Tensor, output_size, kernel_size, dilation=1, padding=0, s
     if any(e <= 0 for e in out):
         raise ValueError(f"output_size must be positive, got {out}")
     args = _geometry_args(ndim, kernel_size, dilation, padding, stride, out, padding_mode)
-    return torch.ops.convzoo.fold(input, list(out), *args)
+    return _unfold_ops.fold(input, list(out), *args)
 
 
 def local_conv(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, kernel_size,
@@ -130,4 +131,4 @@ def local_conv(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
         dtype = torch.get_autocast_dtype(input.device.type)
         input, weight = input.to(dtype), weight.to(dtype)
         bias = None if bias is None else bias.to(dtype)
-    return torch.ops.convzoo.local_conv(input, weight, bias, ks, dil, pad, st, mode)
+    return _local_conv_ops.local_conv(input, weight, bias, ks, dil, pad, st, mode)

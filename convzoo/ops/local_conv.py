@@ -1,4 +1,4 @@
-"""``convzoo::local_conv`` and its two backward ops, each differentiable in turn.
+"""``convzoo::local_conv`` and its two backward ops, each differentiable in turn, in both modes.
 
 ``y = local_conv(x, W, b)`` is linear in ``x`` and in ``(W, b)``. Its backward is two ops:
 ``local_conv_grad_input(grad, W)`` (linear in both) and ``local_conv_grad_weight(grad, x)``
@@ -7,17 +7,25 @@
 - ``grad_input``: d/d(grad) is ``local_conv(·, W)``, d/dW is ``grad_weight(grad, ·)``;
 - ``grad_weight``: d/d(grad) is ``local_conv(x, ·, ·)``, d/dx is ``grad_input(grad, ·)``;
 
-so gradients of any order stay on the Triton kernels. Arguments are resolved by
-:mod:`convzoo.functional` (per-dim lists, flat ``[lo_0, hi_0, ...]`` padding).
+so gradients of any order stay on the Triton kernels, and so do forward-mode tangents: each op
+being bilinear, its tangent is the sum of the op applied with one argument replaced by its tangent.
+Arguments are resolved by :mod:`convzoo.functional` (per-dim lists, flat ``[lo_0, hi_0, ...]``
+padding). :func:`local_conv`, :func:`local_conv_grad_input` and :func:`local_conv_grad_weight` are
+the entry points; how they differentiate is in :mod:`convzoo.ops._autograd`.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor
 
 from convzoo import _shapes, reference
+from convzoo.ops import _autograd
 from convzoo.ops._dispatch import use_triton
+
+__all__ = ["local_conv", "local_conv_grad_input", "local_conv_grad_weight"]
 
 
 def _kernels():
@@ -28,22 +36,59 @@ def _kernels():
 
 # ----------------------------------------------------------------------------------------------
 @torch.library.custom_op("convzoo::local_conv", mutates_args=())
-def local_conv(x: Tensor, weight: Tensor, bias: Tensor | None, kernel_size: list[int], dilation: list[int],
-               padding: list[int], stride: list[int], padding_mode: str) -> Tensor:
+def _local_conv(x: Tensor, weight: Tensor, bias: Tensor | None, kernel_size: list[int], dilation: list[int],
+                padding: list[int], stride: list[int], padding_mode: str) -> Tensor:
     impl = _kernels() if use_triton(x) else reference
     return impl.local_conv(x, weight, bias, kernel_size, dilation, padding, stride, padding_mode)
 
 
-@local_conv.register_fake
+@_local_conv.register_fake
 def _(x, weight, bias, kernel_size, dilation, padding, stride, padding_mode):
     g = _shapes.local_conv_geometry(x, weight, bias, kernel_size, dilation, padding, stride, padding_mode)
     return x.new_empty(_shapes.local_conv_out_shape(x, weight, g))
 
 
+@torch.library.custom_op("convzoo::local_conv_grad_input", mutates_args=())
+def _local_conv_grad_input(grad: Tensor, weight: Tensor, input_size: list[int], kernel_size: list[int],
+                           dilation: list[int], padding: list[int], stride: list[int], padding_mode: str) -> Tensor:
+    impl = _kernels() if use_triton(grad) else reference
+    return impl.local_conv_grad_input(grad, weight, input_size, kernel_size, dilation, padding, stride, padding_mode)
+
+
+@_local_conv_grad_input.register_fake
+def _(grad, weight, input_size, kernel_size, dilation, padding, stride, padding_mode):
+    g = _shapes.local_conv_grad_input_geometry(grad, weight, input_size, kernel_size, dilation, padding, stride,
+                                               padding_mode)
+    return grad.new_empty((grad.shape[0], weight.shape[1] // g.kernel_numel, *input_size))
+
+
+@torch.library.custom_op("convzoo::local_conv_grad_weight", mutates_args=())
+def _local_conv_grad_weight(grad: Tensor, x: Tensor, kernel_size: list[int], dilation: list[int],
+                            padding: list[int], stride: list[int], padding_mode: str) -> tuple[Tensor, Tensor]:
+    impl = _kernels() if use_triton(x) else reference
+    return impl.local_conv_grad_weight(grad, x, kernel_size, dilation, padding, stride, padding_mode)
+
+
+@_local_conv_grad_weight.register_fake
+def _(grad, x, kernel_size, dilation, padding, stride, padding_mode):
+    g = _shapes.local_conv_grad_weight_geometry(grad, x, kernel_size, dilation, padding, stride, padding_mode)
+    w_shape, b_shape = _shapes.local_conv_grad_weight_shapes(grad, x, g)
+    return x.new_empty(w_shape).permute(1, 2, 0), x.new_empty(b_shape)
+
+
+def _bias_as_output(bias: Tensor, shape) -> Tensor:
+    """A ``[C_out, L]`` or ``[C_out]`` bias broadcast to the output shape ``[N, C_out, *out]``."""
+    view = bias.reshape(shape[1:]) if bias.dim() == 2 else bias.reshape(-1, *([1] * (len(shape) - 2)))
+    return view.expand(shape)
+
+
+# ---------------------------------------------------------------------------------------------- local_conv
 def _local_conv_setup(ctx, inputs, output):
     x, weight, bias, *geom = inputs
     ctx.save_for_backward(x, weight)
+    ctx.save_for_forward(x, weight)
     ctx.bias_dim = None if bias is None else bias.dim()
+    ctx.out_shape = output.shape
     ctx.geom = geom
 
 
@@ -51,9 +96,9 @@ def _local_conv_backward(ctx, grad):
     x, weight = ctx.saved_tensors
     dx = dw = db = None
     if ctx.needs_input_grad[0]:
-        dx = torch.ops.convzoo.local_conv_grad_input(grad, weight, list(x.shape[2:]), *ctx.geom)
+        dx = local_conv_grad_input(grad, weight, list(x.shape[2:]), *ctx.geom)
     if ctx.needs_input_grad[1]:  # the weight-gradient kernel yields the per-pixel bias gradient too
-        dw, db = torch.ops.convzoo.local_conv_grad_weight(grad, x, *ctx.geom)
+        dw, db = local_conv_grad_weight(grad, x, *ctx.geom)
     elif ctx.bias_dim is not None and ctx.needs_input_grad[2]:  # frozen weight: no W-sized kernel for Σ_n grad
         db = grad.flatten(2).sum(0)
     if ctx.bias_dim is None:
@@ -63,27 +108,26 @@ def _local_conv_backward(ctx, grad):
     return dx, dw, db, None, None, None, None, None
 
 
-local_conv.register_autograd(_local_conv_backward, setup_context=_local_conv_setup)
+def _local_conv_jvp(ctx, x_t, w_t, b_t):
+    x, weight = ctx.saved_tensors
+    y_t = None if x_t is None else local_conv(x_t, weight, None, *ctx.geom)
+    if w_t is not None:
+        part = local_conv(x, w_t, b_t, *ctx.geom)
+    elif b_t is not None:
+        part = _bias_as_output(b_t, ctx.out_shape)
+    else:
+        return y_t
+    return part if y_t is None else y_t + part
 
 
-# ----------------------------------------------------------------------------------------------
-@torch.library.custom_op("convzoo::local_conv_grad_input", mutates_args=())
-def local_conv_grad_input(grad: Tensor, weight: Tensor, input_size: list[int], kernel_size: list[int],
-                          dilation: list[int], padding: list[int], stride: list[int], padding_mode: str) -> Tensor:
-    impl = _kernels() if use_triton(grad) else reference
-    return impl.local_conv_grad_input(grad, weight, input_size, kernel_size, dilation, padding, stride, padding_mode)
 
 
-@local_conv_grad_input.register_fake
-def _(grad, weight, input_size, kernel_size, dilation, padding, stride, padding_mode):
-    g = _shapes.local_conv_grad_input_geometry(grad, weight, input_size, kernel_size, dilation, padding, stride,
-                                               padding_mode)
-    return grad.new_empty((grad.shape[0], weight.shape[1] // g.kernel_numel, *input_size))
-
-
+# ---------------------------------------------------------------------------------------------- grad_input
 def _grad_input_setup(ctx, inputs, output):
-    grad, weight, _input_size, *geom = inputs
+    grad, weight, input_size, *geom = inputs
     ctx.save_for_backward(grad, weight)
+    ctx.save_for_forward(grad, weight)
+    ctx.input_size = input_size
     ctx.geom = geom
 
 
@@ -91,33 +135,28 @@ def _grad_input_backward(ctx, u):
     grad, weight = ctx.saved_tensors
     d_grad = d_weight = None
     if ctx.needs_input_grad[0]:
-        d_grad = torch.ops.convzoo.local_conv(u, weight, None, *ctx.geom)
+        d_grad = local_conv(u, weight, None, *ctx.geom)
     if ctx.needs_input_grad[1]:
-        d_weight, _ = torch.ops.convzoo.local_conv_grad_weight(grad, u, *ctx.geom)
+        d_weight, _ = local_conv_grad_weight(grad, u, *ctx.geom)
     return d_grad, d_weight, None, None, None, None, None, None
 
 
-local_conv_grad_input.register_autograd(_grad_input_backward, setup_context=_grad_input_setup)
+def _grad_input_jvp(ctx, grad_t, w_t):
+    grad, weight = ctx.saved_tensors
+    out = None if grad_t is None else local_conv_grad_input(grad_t, weight, ctx.input_size, *ctx.geom)
+    if w_t is not None:
+        part = local_conv_grad_input(grad, w_t, ctx.input_size, *ctx.geom)
+        out = part if out is None else out + part
+    return out
 
 
-# ----------------------------------------------------------------------------------------------
-@torch.library.custom_op("convzoo::local_conv_grad_weight", mutates_args=())
-def local_conv_grad_weight(grad: Tensor, x: Tensor, kernel_size: list[int], dilation: list[int],
-                           padding: list[int], stride: list[int], padding_mode: str) -> tuple[Tensor, Tensor]:
-    impl = _kernels() if use_triton(x) else reference
-    return impl.local_conv_grad_weight(grad, x, kernel_size, dilation, padding, stride, padding_mode)
 
 
-@local_conv_grad_weight.register_fake
-def _(grad, x, kernel_size, dilation, padding, stride, padding_mode):
-    g = _shapes.local_conv_grad_weight_geometry(grad, x, kernel_size, dilation, padding, stride, padding_mode)
-    w_shape, b_shape = _shapes.local_conv_grad_weight_shapes(grad, x, g)
-    return x.new_empty(w_shape).permute(1, 2, 0), x.new_empty(b_shape)
-
-
+# ---------------------------------------------------------------------------------------------- grad_weight
 def _grad_weight_setup(ctx, inputs, output):
     grad, x, *geom = inputs
     ctx.save_for_backward(grad, x)
+    ctx.save_for_forward(grad, x)
     ctx.geom = geom
 
 
@@ -126,12 +165,95 @@ def _grad_weight_backward(ctx, u_weight, u_bias):
     d_grad = d_x = None
     if ctx.needs_input_grad[0]:
         if u_weight is not None:
-            d_grad = torch.ops.convzoo.local_conv(x, u_weight, u_bias, *ctx.geom)
+            d_grad = local_conv(x, u_weight, u_bias, *ctx.geom)
         elif u_bias is not None:
-            d_grad = u_bias.view(1, *grad.shape[1:]).expand_as(grad).contiguous()
+            d_grad = _bias_as_output(u_bias, grad.shape).contiguous()
     if ctx.needs_input_grad[1] and u_weight is not None:
-        d_x = torch.ops.convzoo.local_conv_grad_input(grad, u_weight, list(x.shape[2:]), *ctx.geom)
+        d_x = local_conv_grad_input(grad, u_weight, list(x.shape[2:]), *ctx.geom)
     return d_grad, d_x, None, None, None, None, None
 
 
-local_conv_grad_weight.register_autograd(_grad_weight_backward, setup_context=_grad_weight_setup)
+def _grad_weight_jvp(ctx, grad_t, x_t):
+    grad, x = ctx.saved_tensors
+    if grad_t is not None:
+        dw_t, db_t = local_conv_grad_weight(grad_t, x, *ctx.geom)
+    else:
+        dw_t, db_t = None, grad.new_zeros(grad.shape[1], math.prod(grad.shape[2:]))
+    if x_t is not None:
+        part, _ = local_conv_grad_weight(grad, x_t, *ctx.geom)
+        dw_t = part if dw_t is None else dw_t + part
+    return dw_t, db_t
+
+
+
+
+local_conv = _autograd.differentiable(_local_conv, 3, _local_conv_setup, _local_conv_backward, _local_conv_jvp)
+local_conv.__doc__ = """``convzoo::local_conv(x, weight, bias, kernel_size, dilation, padding, stride, padding_mode)``,
+differentiable under every transform (resolved arguments)."""
+local_conv_grad_input = _autograd.differentiable(_local_conv_grad_input, 2, _grad_input_setup, _grad_input_backward,
+                                                 _grad_input_jvp)
+local_conv_grad_input.__doc__ = """``convzoo::local_conv_grad_input(grad, weight, input_size, kernel_size, ...)``,
+differentiable under every transform."""
+local_conv_grad_weight = _autograd.differentiable(_local_conv_grad_weight, 2, _grad_weight_setup,
+                                                  _grad_weight_backward, _grad_weight_jvp)
+local_conv_grad_weight.__doc__ = """``convzoo::local_conv_grad_weight(grad, x, kernel_size, ...)`` → ``(dW, db)``,
+differentiable under every transform."""
+
+
+# ---------------------------------------------------------------------------------------------- vmap
+# A vmapped dim joins a dim the op already batches over, so one launch serves the whole vmap:
+# the batch dim N for x / grad, C_out for a batched weight (or output gradient in grad_weight),
+# C_in for a batched weight in grad_input or input in grad_weight. When both operands of a
+# contraction over N are batched (per-sample weight gradients) no such dim exists: one call per entry.
+def _batched(in_dims, count: int) -> tuple[bool, ...]:
+    """Which of the first ``count`` arguments are batched."""
+    return tuple(d is not None for d in in_dims[:count])
+
+
+@_local_conv.register_vmap
+def _(info, in_dims, x, weight, bias, *geom):
+    b = info.batch_size
+    x_b, w_b, bias_b = _batched(in_dims, 3)
+    if x_b and not (w_b or bias_b):  # the vmapped dim joins N
+        x = x.movedim(in_dims[0], 0)
+        return _local_conv(x.flatten(0, 1), weight, bias, *geom).unflatten(0, x.shape[:2]), 0
+    if not x_b and w_b:  # ... joins C_out: weight [B*O, R, L], bias [B*O(, L)]
+        w = _autograd.move_bdim(weight, in_dims[1], b)
+        bias = None if bias is None else _autograd.move_bdim(bias, in_dims[2], b).flatten(0, 1)
+        y = _local_conv(x, w.flatten(0, 1), bias, *geom)
+        return y.unflatten(1, w.shape[:2]), 1
+    if not (x_b or w_b):  # only the bias is batched: one call, the bias added per entry
+        y = _local_conv(x, weight, None, *geom)
+        bias = _autograd.move_bdim(bias, in_dims[2], b)
+        return y + torch.stack([_bias_as_output(e, y.shape) for e in bias]), 0
+    return _autograd.loop_vmap(_local_conv, b, in_dims, (x, weight, bias, *geom))
+
+
+@_local_conv_grad_input.register_vmap
+def _(info, in_dims, grad, weight, *args):
+    b = info.batch_size
+    g_b, w_b = _batched(in_dims, 2)
+    if g_b and not w_b:  # joins N
+        grad = grad.movedim(in_dims[0], 0)
+        return _local_conv_grad_input(grad.flatten(0, 1), weight, *args).unflatten(0, grad.shape[:2]), 0
+    if w_b and not g_b:  # joins C_in: the rows (b, c, k) of a [O, B*C*K, L] weight
+        w = weight.movedim(in_dims[1], 1)
+        dx = _local_conv_grad_input(grad, w.flatten(1, 2), *args)
+        return dx.unflatten(1, (b, -1)), 1
+    return _autograd.loop_vmap(_local_conv_grad_input, b, in_dims, (grad, weight, *args))
+
+
+@_local_conv_grad_weight.register_vmap
+def _(info, in_dims, grad, x, *geom):
+    b = info.batch_size
+    g_b, x_b = _batched(in_dims, 2)
+    if g_b and not x_b:  # joins C_out
+        grad = grad.movedim(in_dims[0], 1)
+        dw, db = _local_conv_grad_weight(grad.flatten(1, 2), x, *geom)
+        return (dw.unflatten(0, (b, -1)), db.unflatten(0, (b, -1))), (0, 0)
+    if x_b and not g_b:  # joins C_in; the bias gradient does not depend on x
+        x = x.movedim(in_dims[1], 1)
+        dw, db = _local_conv_grad_weight(grad, x.flatten(1, 2), *geom)
+        return (dw.unflatten(1, (b, -1)), db), (1, None)
+    return _autograd.loop_vmap(_local_conv_grad_weight, b, in_dims, (grad, x, *geom))
+

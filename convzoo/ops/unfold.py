@@ -1,7 +1,9 @@
-"""``convzoo::unfold`` and ``convzoo::fold``: each is the other's backward.
+"""``convzoo::unfold`` and ``convzoo::fold``: each is the other's backward and, both being linear,
+its own forward-mode derivative.
 
 Arguments are already resolved by :mod:`convzoo.functional`: per-dim lists, padding as the flat
-``[lo_0, hi_0, ...]`` list, and a padding mode string.
+``[lo_0, hi_0, ...]`` list, and a padding mode string. :func:`unfold` and :func:`fold` are the entry
+points; how they differentiate is in :mod:`convzoo.ops._autograd`.
 """
 
 from __future__ import annotations
@@ -10,12 +12,15 @@ import torch
 from torch import Tensor
 
 from convzoo import _shapes, reference
+from convzoo.ops import _autograd
 from convzoo.ops._dispatch import use_triton
+
+__all__ = ["fold", "unfold"]
 
 
 @torch.library.custom_op("convzoo::unfold", mutates_args=())
-def unfold(x: Tensor, kernel_size: list[int], dilation: list[int], padding: list[int], stride: list[int],
-           padding_mode: str) -> Tensor:
+def _unfold(x: Tensor, kernel_size: list[int], dilation: list[int], padding: list[int], stride: list[int],
+            padding_mode: str) -> Tensor:
     if use_triton(x):
         from convzoo.kernels import unfold as kernels
 
@@ -23,28 +28,15 @@ def unfold(x: Tensor, kernel_size: list[int], dilation: list[int], padding: list
     return reference.unfold(x, kernel_size, dilation, padding, stride, padding_mode)
 
 
-@unfold.register_fake
+@_unfold.register_fake
 def _(x, kernel_size, dilation, padding, stride, padding_mode):
     g = _shapes.unfold_geometry(x, kernel_size, dilation, padding, stride, padding_mode)
     return x.new_empty(_shapes.unfold_out_shape(x, g))
 
 
-def _unfold_setup(ctx, inputs, output):
-    x, *geom = inputs
-    ctx.in_size = list(x.shape[2:])
-    ctx.geom = geom
-
-
-def _unfold_backward(ctx, grad):
-    return torch.ops.convzoo.fold(grad, ctx.in_size, *ctx.geom), None, None, None, None, None
-
-
-unfold.register_autograd(_unfold_backward, setup_context=_unfold_setup)
-
-
 @torch.library.custom_op("convzoo::fold", mutates_args=())
-def fold(cols: Tensor, output_size: list[int], kernel_size: list[int], dilation: list[int], padding: list[int],
-         stride: list[int], padding_mode: str) -> Tensor:
+def _fold(cols: Tensor, output_size: list[int], kernel_size: list[int], dilation: list[int], padding: list[int],
+          stride: list[int], padding_mode: str) -> Tensor:
     if use_triton(cols):
         from convzoo.kernels import unfold as kernels
 
@@ -52,18 +44,59 @@ def fold(cols: Tensor, output_size: list[int], kernel_size: list[int], dilation:
     return reference.fold(cols, output_size, kernel_size, dilation, padding, stride, padding_mode)
 
 
-@fold.register_fake
+@_fold.register_fake
 def _(cols, output_size, kernel_size, dilation, padding, stride, padding_mode):
     g = _shapes.fold_geometry(cols, output_size, kernel_size, dilation, padding, stride, padding_mode)
     return cols.new_empty(_shapes.fold_out_shape(cols, g))
 
 
+# ---------------------------------------------------------------------------------------------- derivatives
+def _unfold_setup(ctx, inputs, output):
+    x, *geom = inputs
+    ctx.in_size = list(x.shape[2:])
+    ctx.geom = geom
+
+
+def _unfold_backward(ctx, grad):
+    return fold(grad, ctx.in_size, *ctx.geom), None, None, None, None, None
+
+
 def _fold_setup(ctx, inputs, output):
     ctx.geom = inputs[2:]
+    ctx.out_size = inputs[1]
 
 
 def _fold_backward(ctx, grad):
-    return torch.ops.convzoo.unfold(grad, *ctx.geom), None, None, None, None, None, None
+    return unfold(grad, *ctx.geom), None, None, None, None, None, None
 
 
-fold.register_autograd(_fold_backward, setup_context=_fold_setup)
+def _unfold_jvp(ctx, x_t):
+    return unfold(x_t, *ctx.geom)
+
+
+def _fold_jvp(ctx, cols_t):
+    return fold(cols_t, ctx.out_size, *ctx.geom)
+
+
+unfold = _autograd.differentiable(_unfold, 1, _unfold_setup, _unfold_backward, _unfold_jvp)
+unfold.__doc__ = """``convzoo::unfold(x, kernel_size, dilation, padding, stride, padding_mode)``, differentiable
+under every transform (resolved arguments)."""
+fold = _autograd.differentiable(_fold, 1, _fold_setup, _fold_backward, _fold_jvp)
+fold.__doc__ = """``convzoo::fold(cols, output_size, kernel_size, dilation, padding, stride, padding_mode)``,
+differentiable under every transform (resolved arguments)."""
+
+
+# ---------------------------------------------------------------------------------------------- vmap
+# The vmapped dim joins the batch dim N: one launch for the whole vmapped batch. Rules call the custom
+# ops themselves: functorch runs them below the vmap level, where no autograd.Function may be applied.
+@_unfold.register_vmap
+def _(info, in_dims, x, *geom):
+    x = x.movedim(in_dims[0], 0)
+    return _unfold(x.flatten(0, 1), *geom).unflatten(0, x.shape[:2]), 0
+
+
+@_fold.register_vmap
+def _(info, in_dims, cols, *geom):
+    cols = cols.movedim(in_dims[0], 0)
+    return _fold(cols.flatten(0, 1), *geom).unflatten(0, cols.shape[:2]), 0
+

@@ -1,0 +1,128 @@
+"""How a convzoo op call is differentiated, under every transform.
+
+Each op is a ``torch.library.custom_op`` with ``register_autograd`` (reverse mode) and
+``register_vmap``: that is what ``torch.compile`` sees, one opaque node whose backward is other
+convzoo ops. ``register_autograd`` covers reverse mode only, and its generated ``autograd.Function``
+has no ``setup_context``, so ``torch.func.grad``/``vjp``/``jacrev`` refuse it and forward-mode AD
+would silently drop the tangent. So in eager mode a call that needs differentiating goes through a
+second, complete ``autograd.Function`` over the same custom ops (``setup_context``, ``backward``,
+``jvp``, and a vmap rule generated from the ops' own ``register_vmap``); Dynamo refuses an
+``autograd.Function`` with a ``jvp``, so under ``torch.compile`` the call is the custom op itself.
+
+A direct ``torch.ops.convzoo.*`` call carrying a forward-mode tangent raises: the tangent would
+otherwise be dropped without a word.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.autograd.forward_ad as fwAD
+from torch import Tensor
+from torch._library.autograd import make_autograd_impl
+
+_LIB = torch.library.Library("convzoo", "FRAGMENT")
+
+
+def _needs_function(tensors) -> bool:
+    """Whether an eager call must go through the full ``autograd.Function``: a ``torch.func``
+    transform is active, a forward-AD level is open, or an input requires grad."""
+    if torch._C._are_functorch_transforms_active() or fwAD._current_level >= 0:
+        return True
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+class _Static:
+    """The non-tensor arguments of one call as one opaque object, not a pytree: the vmap rules
+    ``torch.func`` generates for an ``autograd.Function`` then see only its tensors."""
+
+    __slots__ = ("values",)
+
+    def __init__(self, values: tuple):
+        self.values = values
+
+
+def differentiable(op, num_tensors: int, setup_context, backward, jvp):
+    """Register ``backward``/``setup_context`` as ``op``'s reverse-mode rule and return its entry point.
+
+    ``op`` is a custom op whose first ``num_tensors`` arguments are tensors (or None), the rest
+    static. ``setup_context(ctx, inputs, output)`` and ``backward(ctx, *grads)`` (one gradient per
+    argument) serve both the custom op and the eager ``autograd.Function``; ``jvp(ctx, *tangents)``
+    gets one tangent (or None) per tensor argument. They call the entry points of other ops, never
+    the custom ops, so every derivative is differentiable again.
+
+    The entry point runs ``op`` itself under ``torch.compile`` and when nothing differentiates the
+    call (no Python-level autograd cost), else the ``autograd.Function``.
+    """
+    op.register_autograd(backward, setup_context=setup_context)
+    static_grads = (None,)
+
+    def forward(*args):
+        return op(*args[:-1], *args[-1].values)
+
+    def fn_setup_context(ctx, inputs, output):
+        setup_context(ctx, (*inputs[:-1], *inputs[-1].values), output)
+
+    def fn_backward(ctx, *grads):
+        return (*backward(ctx, *grads)[:num_tensors], *static_grads)
+
+    def fn_jvp(ctx, *tangents):
+        return jvp(ctx, *tangents[:num_tensors])
+
+    name = op._opoverload._opname
+    function = type(f"_{name}_function", (torch.autograd.Function,), {
+        "generate_vmap_rule": True, "forward": staticmethod(forward),
+        "setup_context": staticmethod(fn_setup_context), "backward": staticmethod(fn_backward),
+        "jvp": staticmethod(fn_jvp)})
+    _forbid_forward_ad(op, name)
+
+    def entry(*args):
+        tensors = args[:num_tensors]
+        if torch.compiler.is_compiling() or not _needs_function(tensors):
+            return op(*args)
+        return function.apply(*tensors, _Static(args[num_tensors:]))
+
+    return entry
+
+
+def _forbid_forward_ad(op, name: str) -> None:
+    """Make a direct ``torch.ops.convzoo.<name>`` call raise when an input carries a forward-mode
+    tangent (the custom op's autograd kernel would drop it without a word): the custom op's own
+    autograd kernel, behind a check."""
+    autograd_impl = make_autograd_impl(op._opoverload, op)
+
+    def guarded(keyset, *args):
+        if fwAD._current_level >= 0 or torch._C._are_functorch_transforms_active():
+            for a in args:
+                if isinstance(a, Tensor) and fwAD.unpack_dual(a).tangent is not None:
+                    raise RuntimeError(
+                        f"torch.ops.convzoo.{name} was called with a forward-mode AD tangent, which the raw op "
+                        f"cannot carry; call it through convzoo.functional (or a convzoo layer), whose entry "
+                        f"points support forward-mode AD and every torch.func transform")
+        return autograd_impl(keyset, *args)
+
+    with warnings.catch_warnings():  # "overriding a previously registered kernel": that is the point
+        warnings.simplefilter("ignore")
+        _LIB.impl(name, guarded, "Autograd", with_keyset=True)
+
+
+def move_bdim(t: Tensor | None, bdim: int | None, batch_size: int) -> Tensor | None:
+    """A vmapped argument with its batch dim first (expanded where it was not batched)."""
+    if t is None:
+        return None
+    if bdim is None:
+        return t.expand(batch_size, *t.shape)
+    return t.movedim(bdim, 0)
+
+
+def loop_vmap(op, batch_size: int, in_dims, args):
+    """The vmap rule of last resort: ``op`` once per batch entry, results stacked on dim 0. For the
+    cases no single call can batch (e.g. a per-sample weight gradient: both operands batched)."""
+    moved = [move_bdim(a, d, batch_size) if isinstance(a, Tensor) and d is not None else a
+             for a, d in zip(args, in_dims)]
+    outs = [op(*(m[i] if isinstance(m, Tensor) and d is not None else m for m, d in zip(moved, in_dims)))
+            for i in range(batch_size)]
+    if isinstance(outs[0], tuple):
+        return tuple(torch.stack(o) for o in zip(*outs)), (0,) * len(outs[0])
+    return torch.stack(outs), 0
