@@ -22,7 +22,7 @@ D = torch.float64
 CASES = [
     Case(2, 2, (5, 6), (3, 2), (2, 1), 1, (1, 2)),  # 2-d, stride, dilation, padding
     Case(2, 2, (7,), (3,), (2,), 2, None, "reflect"),  # 1-d, reflect
-    Case(1, 2, (3, 3, 4), (2, 2, 2), None, ((1, 0), (0, 1), (1, 1)), None, "circular"),  # 3-d
+    Case(1, 1, (2, 3, 3), (2, 2, 2), None, ((1, 0), (0, 1), (1, 1)), None, "circular"),  # 3-d
 ]
 IDS = [c.id for c in CASES]
 C_OUT = 3
