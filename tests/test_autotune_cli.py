@@ -82,6 +82,22 @@ def test_skips_tuned_keys_unless_forced_and_dry_run_says_so(cache, capsys):
     assert len(calls) > 3
 
 
+def test_an_invalid_entry_is_retuned_and_dropped_from_the_table(cache, capsys):
+    argv = ["--kernels", "unfold", "--grid", "small", "--dtype", "float32", "--quiet"]
+    assert cli.main(argv, timer=fake_timer) == 0
+    tuned = _table(cache, "unfold")["configs"]
+    key = sorted(tuned)[0]
+    data = _table(cache, "unfold")
+    data["configs"][key]["meta"]["BLOCK_R"] = 0  # a launch would divide by it
+    (cache / SLUG / "unfold.json").write_text(json.dumps(data))
+    autotune.clear_cache()
+    capsys.readouterr()
+    with pytest.warns(RuntimeWarning, match="ignoring 1 invalid entry"):
+        assert cli.main(argv, timer=fake_timer) == 0
+    assert key in capsys.readouterr().out  # timed again, not "tuned already"
+    assert _table(cache, "unfold")["configs"] == tuned  # the fake timer picks the same winner
+
+
 def test_max_minutes_stops_starting_jobs(cache, capsys):
     argv = ["--kernels", "unfold,fold", "--grid", "small", "--dtype", "float32", "--max-minutes", "1e-9",
             "--quiet"]
