@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -20,7 +21,34 @@ from bench import harness, ops
 DEFAULT_OUT = Path(__file__).parent / "results"
 
 
+def _check_writable(folder: Path) -> None:
+    """Create ``folder`` if needed and a file in it, so a run cannot fail at its first write, after minutes.
+
+    Raises:
+        OSError, ValueError: it cannot be created or written (a file on the way, no permission, a NUL).
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=folder, prefix=".bench-write-probe-"):
+        pass
+
+
+def _check_device(ap: argparse.ArgumentParser, text: str) -> None:
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        ap.error(f"--device: {text!r} is not a device (try cpu, cuda or cuda:N)")
+    if device.type not in ("cpu", "cuda"):
+        ap.error(f"--device: bench runs on cpu or cuda, not on {text!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        ap.error(f"--device: {text!r}, but there is no CUDA device here")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        ap.error(f"--device: no CUDA device {device.index}; this machine has {torch.cuda.device_count()}")
+
+
 def parse_args(argv=None) -> argparse.Namespace:
+    """The command line, validated before any timing: unknown or empty lists, a device that is not
+    cpu or a CUDA GPU here, or an ``--out`` that cannot be written (unless ``--no-save``) exit 2 with a
+    one-line message naming the argument."""
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     size = ap.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_const", dest="size", const="quick",
@@ -41,15 +69,25 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = ap.parse_args(argv)
     if args.reps < 2:
         ap.error("--reps must be at least 2 (quantiles need two samples)")
-    args.ops = [o for o in args.ops.split(",") if o]
+    raw, args.ops = args.ops, [o for o in args.ops.split(",") if o]
+    if not args.ops:
+        ap.error(f"--ops: no op named in {raw!r}; choose from {','.join(ops.OPS)}")
     for o in args.ops:
         if o not in ops.OPS:
             ap.error(f"--ops: unknown op {o!r}; choose from {','.join(ops.OPS)}")
     modes = args.modes or ("fwd,bwd,fwd+bwd" if args.size == "full" else "fwd,fwd+bwd")
     args.modes = [m for m in modes.split(",") if m]
+    if not args.modes:
+        ap.error(f"--modes: no mode named in {modes!r}; choose from {','.join(harness.MODES)}")
     for m in args.modes:
         if m not in harness.MODES:
             ap.error(f"--modes: unknown mode {m!r}; choose from {','.join(harness.MODES)}")
+    _check_device(ap, args.device)
+    if not args.no_save:
+        try:
+            _check_writable(args.out)
+        except (OSError, ValueError) as e:
+            ap.error(f"--out: cannot write results to {args.out} ({type(e).__name__}: {e})")
     return args
 
 
@@ -59,9 +97,6 @@ def main(argv=None) -> int:
         print("TRITON_INTERPRET is set: timings would measure the interpreter; unset it.", file=sys.stderr)
         return 2
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("--device cuda: no CUDA device here", file=sys.stderr)
-        return 2
     env = harness.environment(device)
     print(f"# {env['device']}, {args.dtype}, torch {env['torch']}, triton {env['triton'] or '-'}, "
           f"{args.size} run")

@@ -1,6 +1,8 @@
 """The config lookup: user cache → shipped table → heuristic; stale/corrupt tables warn once."""
 
 import json
+import os
+import pathlib
 import warnings
 
 import pytest
@@ -8,6 +10,9 @@ import torch
 
 from convzoo import autotune
 from convzoo.autotune import Config
+from convzoo.autotune import __main__ as cli
+from convzoo.autotune.grids import GRIDS
+from convzoo.autotune.lookup import triton_version
 from convzoo.kernels import local_conv as _local_conv_kernels  # noqa: F401  (registers the kernels)
 from convzoo.kernels import unfold as kernels  # noqa: F401
 
@@ -40,7 +45,7 @@ def test_bucket_key():
 def test_order_user_then_shipped_then_heuristic(roots):
     user, shipped = roots
     key = autotune.bucket_key(torch.float32, DIMS)
-    a, b = Config({"BLOCK_R": 2, "BLOCK_L": 128}, 2, 1), Config({"BLOCK_R": 4, "BLOCK_L": 64}, 8, 3)
+    a, b = Config({"BLOCK_R": 2, "BLOCK_L": 128}, 2, 1), Config({"BLOCK_R": 4, "BLOCK_L": 64}, 8, 1)
     heuristic = autotune.get_spec("unfold").default_config(DIMS, torch.float32, False)
     assert autotune.resolve("unfold", "gpu-x", torch.float32, DIMS, (user, shipped)) == heuristic
     _write(shipped, {key: b})
@@ -56,7 +61,7 @@ def test_order_user_then_shipped_then_heuristic(roots):
     ({"source_hash": "0" * 16}, "stale"),
     ({"triton_version": "0.0.1"}, "Triton"),
     ({"kernel": "fold"}, "kernel"),
-    ({"configs": {"float32|L=512|R=1024": {"meta": "x"}}}, "unreadable"),
+    ({"configs": []}, "unreadable"),
 ])
 def test_bad_tables_ignored_with_one_warning(roots, override, why):
     user, shipped = roots
@@ -118,7 +123,218 @@ def test_configs_are_valid_powers_of_two(name, dtype):
 def test_write_table_is_atomic_and_round_trips(roots):
     user, _ = roots
     key = autotune.bucket_key(torch.float32, DIMS)
-    cfg = Config({"BLOCK_R": 8, "BLOCK_L": 32}, 4, 2)
+    cfg = Config({"BLOCK_R": 8, "BLOCK_L": 32}, 4, 1)
     path = _write(user, {key: cfg})
     assert [p.name for p in path.parent.iterdir()] == ["unfold.json"]  # no temp file left
     assert Config.from_json(json.loads(path.read_text())["configs"][key]) == cfg
+
+
+# ---------------------------------------------------------------------------------------------- invalid tables
+def test_every_config_the_tuner_may_write_is_one_the_reader_accepts():
+    """Each kernel's declared space holds its candidates and its heuristic defaults (for any dims, as the
+    table key buckets them), so the validation never drops an entry the tuner wrote."""
+    sizes = (1, 3, 16, 100, 128, 1000, 4096, 10**5, 10**6)
+    for name in ("unfold", "fold", *sorted(DOT_KERNELS)):
+        spec = autotune.get_spec(name)
+        for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+            bucketed = {d: 4096 for d in spec.dims}
+            for cfg in spec.candidates(bucketed, dtype):
+                spec.check(cfg, dtype, bucketed)
+            for i, v in enumerate(sizes):  # every dim at every size, the others at a rolling size
+                dims = {d: sizes[(i + 3 * j) % len(sizes)] if j else v for j, d in enumerate(spec.dims)}
+                bucketed = {d: autotune.bucket(x) for d, x in dims.items()}
+                default = spec.default_config(dims, dtype, False)
+                assert default == spec.default_config(bucketed, dtype, False), (name, dims)  # keyed by bucket
+                spec.check(default, dtype, bucketed)
+
+
+GOOD = {"unfold": Config({"BLOCK_R": 8, "BLOCK_L": 64}, 4, 1),
+        "local_conv_fwd": Config({"BLOCK_N": 16, "BLOCK_O": 32, "BLOCK_R": 32}, 4, 3)}
+
+
+def _entry(kernel, tiles=None, **top):
+    """GOOD[kernel]'s JSON entry with ``tiles`` replaced in its meta and ``top`` at its top level (None: deleted)."""
+    e = GOOD[kernel].to_json()
+    for k, v in (tiles or {}).items():
+        if v is None:
+            e["meta"].pop(k)
+        else:
+            e["meta"][k] = v
+    for k, v in top.items():
+        if v is None:
+            e.pop(k)
+        else:
+            e[k] = v
+    return e
+
+
+# entries of a well-formed table that no launcher may get: each is dropped, the table's other entry used
+BAD_ENTRIES = {
+    "block_0": ("unfold", _entry("unfold", {"BLOCK_R": 0})),
+    "block_3": ("unfold", _entry("unfold", {"BLOCK_R": 3})),
+    "block_minus16": ("unfold", _entry("unfold", {"BLOCK_R": -16})),
+    "block_2pow20": ("unfold", _entry("unfold", {"BLOCK_R": 2**20})),
+    "block_above_space": ("unfold", _entry("unfold", {"BLOCK_L": 1024})),
+    "block_true": ("unfold", _entry("unfold", {"BLOCK_R": True})),
+    "block_float": ("unfold", _entry("unfold", {"BLOCK_R": 16.0})),
+    "block_string": ("unfold", _entry("unfold", {"BLOCK_R": "16"})),
+    "block_1e999": ("unfold", _entry("unfold", {"BLOCK_R": "1e999"})),  # written raw below: JSON overflow → inf
+    "meta_key_missing": ("unfold", _entry("unfold", {"BLOCK_L": None})),
+    "meta_key_extra": ("unfold", _entry("unfold", {"BLOCK_X": 16})),
+    "meta_list": ("unfold", _entry("unfold", meta=[8, 64])),
+    "warps_0": ("unfold", _entry("unfold", num_warps=0)),
+    "warps_3": ("unfold", _entry("unfold", num_warps=3)),
+    "warps_64": ("unfold", _entry("unfold", num_warps=64)),
+    "warps_1e999": ("unfold", _entry("unfold", num_warps="1e999")),
+    "warps_nan": ("unfold", _entry("unfold", num_warps="NaN")),
+    "warps_true": ("unfold", _entry("unfold", num_warps=True)),
+    "warps_missing": ("unfold", _entry("unfold", num_warps=None)),
+    "stages_0": ("unfold", _entry("unfold", num_stages=0)),
+    "stages_minus1": ("unfold", _entry("unfold", num_stages=-1)),
+    "stages_100": ("unfold", _entry("unfold", num_stages=100)),
+    "stages_false": ("unfold", _entry("unfold", num_stages=False)),
+    "extra_field": ("unfold", _entry("unfold", maxnreg=128)),
+    "entry_list": ("unfold", [8, 64, 4, 1]),
+    "entry_null": ("unfold", None),
+    "keep_too_many_elements": ("unfold", _entry("unfold", {"BLOCK_R": 128, "BLOCK_L": 512})),
+    "dot_tile_8": ("local_conv_fwd", _entry("local_conv_fwd", {"BLOCK_N": 8})),
+    "dot_warps_2": ("local_conv_fwd", _entry("local_conv_fwd", num_warps=2)),
+    "dot_registers": ("local_conv_fwd", _entry("local_conv_fwd", {"BLOCK_N": 128, "BLOCK_O": 128, "BLOCK_R": 128})),
+}
+# whole tables that are not tables: ignored, both entries
+BAD_TABLES = {
+    "nested_json": lambda head: head + '"configs": ' + "[" * 100_000 + "]" * 100_000 + "}",
+    "configs_list": lambda head: head + '"configs": [1, 2]}',
+    "configs_missing": lambda head: head.rstrip(", ") + "}",
+    "table_is_a_list": lambda head: "[" + head.rstrip(", ") + "}]",
+    "not_utf8": lambda head: "\udcff",
+}
+
+
+def _jobs(kernel):
+    """Two small-grid jobs of ``kernel`` in float32 with different table keys: (dims, key) each."""
+    spec, out = autotune.get_spec(kernel), {}
+    for layer in GRIDS["small"]:
+        dims = dict(spec.problem(layer, torch.float32, torch.device("cpu")).dims)
+        out.setdefault(autotune.bucket_key(torch.float32, dims), dims)
+    (k1, d1), (k2, d2) = list(out.items())[:2]
+    return (d1, k1), (d2, k2)
+
+
+def _check_resolve_and_dry_run(root, kernel, ok_key_used, why, monkeypatch, capsys):
+    """resolve() warns once and falls back to the heuristic for the bad key (and for the good key unless
+    ``ok_key_used``); the tuner's --dry-run reads the same table without crashing, says it once, and
+    re-tunes what is invalid."""
+    spec = autotune.get_spec(kernel)
+    (ok_dims, ok_key), (bad_dims, _) = _jobs(kernel)
+    heuristic = spec.default_config(bad_dims, torch.float32, False)
+    autotune.clear_cache()
+    with pytest.warns(RuntimeWarning, match=why) as record:
+        assert autotune.resolve(kernel, "triton-interpreter", torch.float32, bad_dims, (root,)) == heuristic
+        got = autotune.resolve(kernel, "triton-interpreter", torch.float32, ok_dims, (root,))
+    assert len([w for w in record if "convzoo" in str(w.message)]) == 1
+    assert got == (GOOD[kernel] if ok_key_used else spec.default_config(ok_dims, torch.float32, False))
+    with warnings.catch_warnings():  # once per table, not at every launch
+        warnings.simplefilter("error")
+        assert autotune.resolve(kernel, "triton-interpreter", torch.float32, bad_dims, (root,)) == heuristic
+
+    autotune.clear_cache()
+    monkeypatch.setenv("CONVZOO_CACHE_DIR", str(root.parent))
+    capsys.readouterr()
+    with pytest.warns(RuntimeWarning, match=why):
+        assert cli.main(["--kernels", kernel, "--grid", "small", "--dtype", "float32", "--dry-run"],
+                        timer=lambda fn, cfg, stage: 1.0) == 0
+    out = capsys.readouterr().out
+    assert out.count("tuned already") == (1 if ok_key_used else 0), out
+    assert ok_key in out
+
+
+def _table_head(kernel):
+    spec = autotune.get_spec(kernel)
+    head = {"kernel": kernel, "source_hash": spec.source_hash, "triton_version": triton_version(),
+            "device": "test"}
+    return json.dumps(head)[:-1] + ", "
+
+
+@pytest.mark.parametrize("case", sorted(BAD_ENTRIES))
+def test_invalid_entry_is_dropped_with_one_warning_and_the_rest_used(case, tmp_path, monkeypatch, capsys):
+    kernel, entry = BAD_ENTRIES[case]
+    (_, ok_key), (_, bad_key) = _jobs(kernel)
+    root = tmp_path / "autotune"
+    path = root / "triton-interpreter" / f"{kernel}.json"
+    autotune.write_table(path, autotune.get_spec(kernel), {ok_key: GOOD[kernel]})
+    data = json.loads(path.read_text())
+    data["configs"][bad_key] = entry
+    text = json.dumps(data)
+    for raw in ("1e999", "NaN"):  # numbers json.dumps cannot write as such: an overflowing float, a NaN
+        text = text.replace(f'"{raw}"', raw)
+    path.write_text(text)
+    _check_resolve_and_dry_run(root, kernel, True, "invalid entr", monkeypatch, capsys)
+
+
+@pytest.mark.parametrize("case", sorted(BAD_TABLES))
+def test_corrupt_table_is_ignored_with_one_warning(case, tmp_path, monkeypatch, capsys):
+    root = tmp_path / "autotune"
+    path = root / "triton-interpreter" / "unfold.json"
+    path.parent.mkdir(parents=True)
+    text = BAD_TABLES[case](_table_head("unfold"))
+    path.write_bytes(text.encode("utf-8", "surrogateescape"))
+    _check_resolve_and_dry_run(root, "unfold", False, "unreadable", monkeypatch, capsys)
+
+
+def test_a_key_that_no_lookup_can_match_is_dropped_with_the_warning(roots):
+    user, _ = roots
+    key = autotune.bucket_key(torch.float32, DIMS)
+    cfg = Config({"BLOCK_R": 2, "BLOCK_L": 128}, 2, 1)
+    _write(user, {key: cfg, "float99|L=512|R=1024": cfg, "float32|L=500|R=1024": cfg, "float32|R=1024": cfg})
+    with pytest.warns(RuntimeWarning, match="3 invalid entries.*float99"):
+        assert autotune.resolve("unfold", "gpu-x", torch.float32, DIMS, (user,)) == cfg
+
+
+def _deny_stat(monkeypatch, folder):
+    real = pathlib.Path.stat
+
+    def stat(self, *args, **kwargs):
+        if str(self).startswith(str(folder) + os.sep):
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(pathlib.Path, "stat", stat)
+    real_read = pathlib.Path.read_text
+
+    def read_text(self, *args, **kwargs):
+        if str(self).startswith(str(folder) + os.sep):
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_read(self, *args, **kwargs)
+
+    monkeypatch.setattr(pathlib.Path, "read_text", read_text)
+
+
+@pytest.mark.parametrize("case", ["cache_is_a_file", "gpu_folder_is_a_file", "no_permission",
+                                  "no_permission_chmod"])
+def test_unreadable_table_folder_warns(case, tmp_path, monkeypatch, capsys):
+    root = tmp_path / "autotune"
+    gpu = root / "triton-interpreter"
+    if case == "cache_is_a_file":
+        root.write_text("not a folder")
+        why = "not a folder"
+    elif case == "gpu_folder_is_a_file":
+        root.mkdir()
+        gpu.write_text("not a folder")
+        why = "not a folder"
+    else:
+        (_, ok_key), _ = _jobs("unfold")
+        autotune.write_table(gpu / "unfold.json", autotune.get_spec("unfold"), {ok_key: GOOD["unfold"]})
+        why = "no permission"
+        if case == "no_permission":  # what a non-root user sees in a folder without permissions
+            _deny_stat(monkeypatch, gpu)
+        else:
+            gpu.chmod(0)
+            if os.access(gpu / "unfold.json", os.R_OK):
+                gpu.chmod(0o755)
+                pytest.skip("permissions are not enforced for this user (root)")
+    try:
+        _check_resolve_and_dry_run(root, "unfold", False, why, monkeypatch, capsys)
+    finally:
+        if case == "no_permission_chmod":
+            gpu.chmod(0o755)

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import pytest
 import torch
@@ -82,6 +83,22 @@ def test_skips_tuned_keys_unless_forced_and_dry_run_says_so(cache, capsys):
     assert len(calls) > 3
 
 
+def test_an_invalid_entry_is_retuned_and_dropped_from_the_table(cache, capsys):
+    argv = ["--kernels", "unfold", "--grid", "small", "--dtype", "float32", "--quiet"]
+    assert cli.main(argv, timer=fake_timer) == 0
+    tuned = _table(cache, "unfold")["configs"]
+    key = sorted(tuned)[0]
+    data = _table(cache, "unfold")
+    data["configs"][key]["meta"]["BLOCK_R"] = 0  # a launch would divide by it
+    (cache / SLUG / "unfold.json").write_text(json.dumps(data))
+    autotune.clear_cache()
+    capsys.readouterr()
+    with pytest.warns(RuntimeWarning, match="ignoring 1 invalid entry"):
+        assert cli.main(argv, timer=fake_timer) == 0
+    assert key in capsys.readouterr().out  # timed again, not "tuned already"
+    assert _table(cache, "unfold")["configs"] == tuned  # the fake timer picks the same winner
+
+
 def test_max_minutes_stops_starting_jobs(cache, capsys):
     argv = ["--kernels", "unfold,fold", "--grid", "small", "--dtype", "float32", "--max-minutes", "1e-9",
             "--quiet"]
@@ -103,14 +120,68 @@ def test_no_gpu_exits_nonzero_unless_dry_run(cache, capsys):
 
 @pytest.mark.parametrize("argv, message", [
     (["--kernels", "conv9d"], "--kernels: unknown kernel"),
+    (["--kernels", ","], "--kernels: no kernel named"),
     (["--dtype", "float8"], "--dtype: unknown dtype"),
+    (["--dtype", ","], "--dtype: no dtype named"),
     (["--grid", "huge"], "invalid choice"),
     (["--max-minutes", "0"], "--max-minutes must be positive"),
+    (["--max-minutes", "-1"], "--max-minutes must be positive"),
+    (["--max-minutes", "nan"], "--max-minutes must be positive and finite"),
+    (["--max-minutes", "inf"], "--max-minutes must be positive and finite"),
+    (["--max-minutes", "1e999"], "--max-minutes must be positive and finite"),
+    (["--device", "bogus"], "--device: 'bogus' is not a device"),
+    (["--device", "meta"], "--device: tuning times the kernels on a CUDA GPU"),
+    (["--device", "cpu", "--dry-run"], "--device: tuning times the kernels on a CUDA GPU"),
 ])
-def test_bad_arguments(argv, message, capsys):
+def test_bad_arguments(argv, message, capsys, cache):
     with pytest.raises(SystemExit) as e:
         cli.parse_args(argv)
-    assert e.value.code == 2 and message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and message in err.splitlines()[-1]  # after the usage, one line naming it
+    assert err.splitlines()[-1].startswith("python -m convzoo.autotune: error: ")
+
+
+def test_a_cuda_device_that_is_not_here_is_refused(monkeypatch, capsys, cache):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(SystemExit) as e:
+        cli.parse_args(["--device", "cuda:2", "--dry-run"])
+    assert e.value.code == 2 and "--device: no CUDA device 2; this machine has 2" in capsys.readouterr().err
+    assert cli.parse_args(["--device", "cuda:1", "--dry-run"]).device == "cuda:1"
+
+
+@pytest.mark.parametrize("where", ["out_is_a_file", "out_under_a_file", "out_read_only", "cache_is_a_file"])
+def test_unwritable_table_folder_is_refused_before_any_work(where, tmp_path, monkeypatch, capsys):
+    """Checked up front: the tuner would otherwise fail at its first write, after timing a job."""
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setenv("CONVZOO_CACHE_DIR", str(tmp_path / "cache"))
+    out, name = tmp_path / "ship", "--out"
+    if where == "out_is_a_file":
+        out = blocker
+    elif where == "out_under_a_file":
+        out = blocker / "ship"
+    elif where == "out_read_only":
+        out.mkdir()
+        out.chmod(0o555)
+        if os.access(out, os.W_OK):
+            pytest.skip("permissions are not enforced for this user (root)")
+    else:
+        monkeypatch.setenv("CONVZOO_CACHE_DIR", str(blocker))
+        name = "the user cache (set CONVZOO_CACHE_DIR)"
+    argv = ["--kernels", "unfold", "--grid", "small", "--dtype", "float32", "--out", str(out), "--quiet"]
+    timed = []
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv, timer=lambda fn, cfg, stage: timed.append(cfg) or 1.0)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"{name}: cannot write tables to" in err and not timed
+    if where != "cache_is_a_file":
+        assert not (tmp_path / "cache" / "autotune" / SLUG / "unfold.json").exists()
+    assert list(tmp_path.glob("**/.convzoo-write-probe-*")) == []
+    autotune.clear_cache()
+    with warnings.catch_warnings():  # a dry run writes nothing: it does not ask (the cache case warns)
+        warnings.simplefilter("ignore")
+        assert cli.main([*argv, "--dry-run"], timer=lambda fn, cfg, stage: 1.0) == 0
 
 
 # ---------------------------------------------------------------------------------------------- one job

@@ -2,8 +2,10 @@
 a markdown table and plots. No timing assertions."""
 
 import math
+import os
 
 import pytest
+import torch
 
 import bench.__main__ as bench
 from bench import harness, ops
@@ -67,15 +69,54 @@ def test_format_table_and_csv_round_trip(tmp_path):
 
 @pytest.mark.parametrize("argv, message", [
     (["--ops", "conv"], "--ops: unknown op"),
+    (["--ops", ","], "--ops: no op named"),
     (["--modes", "fwd,sideways"], "--modes: unknown mode"),
-    (["--dtype", "int8"], "invalid choice"),
+    (["--modes", ","], "--modes: no mode named"),
+    (["--dtype", "int8"], "argument --dtype: invalid choice"),
+    (["--dtype", ","], "argument --dtype: invalid choice"),
     (["--quick", "--full"], "not allowed with"),
     (["--reps", "1"], "--reps must be at least 2"),
+    (["--device", "bogus"], "--device: 'bogus' is not a device"),
+    (["--device", "meta"], "--device: bench runs on cpu or cuda, not on 'meta'"),
+    pytest.param(["--device", "cuda"], "--device: 'cuda', but there is no CUDA device here",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")),
 ])
 def test_bad_arguments_exit_with_usage(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
-        bench.parse_args(argv)
-    assert e.value.code == 2 and message in capsys.readouterr().err
+        bench.parse_args([*argv, "--no-save"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and message in err.splitlines()[-1]  # after the usage, one line naming it
+    assert err.splitlines()[-1].startswith("python -m bench: error: ")
+
+
+def test_a_cuda_device_that_is_not_here_is_refused(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(SystemExit) as e:
+        bench.parse_args(["--device", "cuda:1", "--no-save"])
+    assert e.value.code == 2 and "--device: no CUDA device 1; this machine has 1" in capsys.readouterr().err
+    assert bench.parse_args(["--device", "cuda:0", "--no-save"]).device == "cuda:0"
+
+
+@pytest.mark.parametrize("where", ["a_file", "under_a_file", "read_only"])
+def test_unwritable_out_is_refused_before_any_timing(where, tmp_path, monkeypatch, capsys, no_interpreter):
+    """Checked up front: the run would otherwise fail at its first write, after all the timing."""
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    out = {"a_file": blocker, "under_a_file": blocker / "results", "read_only": tmp_path / "ro"}[where]
+    if where == "read_only":
+        out.mkdir()
+        out.chmod(0o555)
+        if os.access(out, os.W_OK):
+            pytest.skip("permissions are not enforced for this user (root)")
+    timed = []
+    monkeypatch.setattr(harness, "measure_limits", lambda *a: timed.append(a))
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--tiny", "--device", "cpu", "--out", str(out)])
+    assert e.value.code == 2 and "--out: cannot write results to" in capsys.readouterr().err and not timed
+    assert bench.parse_args(["--out", str(out), "--no-save"]).no_save  # nothing to write: not asked
+    writable = tmp_path / "new" / "results"
+    assert bench.parse_args(["--out", str(writable)]).out == writable and list(writable.iterdir()) == []
 
 
 def test_defaults_per_size():

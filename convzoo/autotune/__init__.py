@@ -6,6 +6,7 @@ interpreter). Each kernel module registers a :class:`KernelSpec`; launchers call
 
 from convzoo.autotune.config import (
     Config,
+    ConfigSpace,
     KernelSpec,
     TuneProblem,
     bucket,
@@ -27,6 +28,7 @@ from convzoo.autotune.lookup import (
 
 __all__ = [
     "Config",
+    "ConfigSpace",
     "KernelSpec",
     "TuneProblem",
     "bucket",

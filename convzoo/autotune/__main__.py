@@ -8,7 +8,9 @@ and, with ``--out DIR``, also to ``DIR/<gpu>/`` (to ship: copy into ``convzoo/au
 from __future__ import annotations
 
 import argparse
+import math
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -25,7 +27,32 @@ def _import_kernels() -> None:
     from convzoo.kernels import local_conv, unfold  # noqa: F401  (register their specs)
 
 
+def _check_writable(folder: Path) -> None:
+    """Create ``folder`` if needed and a file in it, so a run cannot fail at its first write, after minutes.
+
+    Raises:
+        OSError, ValueError: it cannot be created or written (a file on the way, no permission, a NUL).
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=folder, prefix=".convzoo-write-probe-"):
+        pass
+
+
+def _check_device(ap: argparse.ArgumentParser, text: str) -> None:
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        ap.error(f"--device: {text!r} is not a device (try cuda or cuda:N)")
+    if device.type != "cuda":
+        ap.error(f"--device: tuning times the kernels on a CUDA GPU, not on {text!r} (try cuda or cuda:N)")
+    if device.index is not None and torch.cuda.is_available() and device.index >= torch.cuda.device_count():
+        ap.error(f"--device: no CUDA device {device.index}; this machine has {torch.cuda.device_count()}")
+
+
 def parse_args(argv=None) -> argparse.Namespace:
+    """The command line, validated before any work: unknown or empty lists, a bad ``--max-minutes``, a
+    device that is not a CUDA GPU here, or a table folder that cannot be written (unless ``--dry-run``)
+    exit 2 with a one-line message naming the argument."""
     _import_kernels()
     names = sorted(registered())
     ap = argparse.ArgumentParser(prog="python -m convzoo.autotune", description=__doc__.splitlines()[0])
@@ -40,7 +67,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--device", default="cuda", help="the CUDA device to tune on (default: cuda)")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     args = ap.parse_args(argv)
-    args.kernels = [k for k in args.kernels.split(",") if k]
+    raw, args.kernels = args.kernels, [k for k in args.kernels.split(",") if k]
+    if not args.kernels:
+        ap.error(f"--kernels: no kernel named in {raw!r}; registered: {','.join(names)}")
     for k in args.kernels:
         if k not in names:
             ap.error(f"--kernels: unknown kernel {k!r}; registered: {','.join(names)}")
@@ -48,8 +77,19 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.dtypes = [DTYPES[d] for d in args.dtype.split(",") if d]
     except KeyError as e:
         ap.error(f"--dtype: unknown dtype {e.args[0]!r}; choose from {','.join(DTYPES)}")
-    if args.max_minutes is not None and args.max_minutes <= 0:
-        ap.error("--max-minutes must be positive")
+    if not args.dtypes:
+        ap.error(f"--dtype: no dtype named in {args.dtype!r}; choose from {','.join(DTYPES)}")
+    if args.max_minutes is not None and not (math.isfinite(args.max_minutes) and args.max_minutes > 0):
+        ap.error(f"--max-minutes must be positive and finite, got {args.max_minutes}")
+    _check_device(ap, args.device)
+    if not args.dry_run:  # a dry run writes nothing
+        for folder, what in [(args.out, "--out"), (user_cache_dir(), "the user cache (set CONVZOO_CACHE_DIR)")]:
+            if folder is None:
+                continue
+            try:
+                _check_writable(folder)
+            except (OSError, ValueError) as e:
+                ap.error(f"{what}: cannot write tables to {folder} ({type(e).__name__}: {e})")
     return args
 
 

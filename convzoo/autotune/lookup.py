@@ -6,7 +6,10 @@ No benchmarking happens here. Tables are JSON files ``<root>/<gpu>/<kernel>.json
      "configs": {"float16|L=1024|R=4096": {"meta": {"BLOCK_R": 8, …}, "num_warps": 4, "num_stages": 2}}}
 
 A table whose kernel source hash or Triton version differs from the running ones, or that cannot be
-read, is ignored with one warning (per file), never an error.
+read, is ignored with one warning (per file), never an error; so is a table folder that cannot be
+searched (a file, no permission). An entry whose key is not one of the kernel's table keys, or whose
+config is not in the kernel's declared space (:meth:`KernelSpec.check`), is dropped with one warning
+per table, and the table's other entries are used.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import functools
 import json
 import os
 import re
+import reprlib
 import tempfile
 import warnings
 from collections.abc import Mapping
@@ -22,20 +26,22 @@ from pathlib import Path
 
 import torch
 
-from convzoo.autotune.config import Config, KernelSpec, bucket_key, get_spec
+from convzoo.autotune.config import Config, KernelSpec, bucket_key, get_spec, parse_key
 
 __all__ = [
     "clear_cache",
     "device_slug",
     "interpret_mode",
+    "load_entries",
     "lookup",
+    "read_table",
     "resolve",
     "shipped_dir",
     "user_cache_dir",
     "write_table",
 ]
 
-_TABLES: dict[Path, tuple[float, dict | None]] = {}
+_TABLES: dict[Path, tuple[float, dict[str, Config]]] = {}
 _WARNED: set[Path] = set()
 
 
@@ -81,50 +87,93 @@ def clear_cache() -> None:
     _WARNED.clear()
 
 
-def _warn_once(path: Path, why: str) -> None:
+def _warn_once(path: Path, message: str) -> None:
     if path not in _WARNED:
         _WARNED.add(path)
-        warnings.warn(f"convzoo: ignoring autotune table {path}: {why}", RuntimeWarning, stacklevel=4)
+        warnings.warn(f"convzoo: {message}", RuntimeWarning, stacklevel=5)
 
 
 class StaleTable(ValueError):
     """A readable table that does not belong to the running kernel source or Triton."""
 
 
-def read_table(path: Path, spec: KernelSpec) -> dict[str, Config]:
-    """The entries of the table at ``path``, read fresh (no cache, no warning).
+def read_table(path: Path, spec: KernelSpec) -> tuple[dict[str, Config], dict[str, str]]:
+    """The valid entries of the table at ``path``, and why each other entry is invalid; read fresh
+    (no cache, no warning). An entry is valid when its key is a table key of ``spec``'s dims and its
+    config lies in ``spec``'s declared space for that dtype and dims bucket (:meth:`KernelSpec.check`).
 
     Raises:
         StaleTable: it is for another kernel, another kernel source or another Triton version.
-        OSError, ValueError, KeyError, TypeError, AttributeError: missing or corrupt.
+        OSError: it cannot be read (missing, a folder, no permission, a path component is a file).
+        ValueError: it is not a table (not UTF-8 JSON, nested too deeply, no ``configs`` object).
     """
-    data = json.loads(path.read_text())
+    try:
+        data = json.loads(path.read_text())
+    except RecursionError:  # json's parser recurses per nesting level
+        raise ValueError("its JSON is nested too deeply") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"it is a JSON {type(data).__name__}, not an object")
     if data.get("kernel") != spec.name:
-        raise StaleTable(f"it is for kernel {data.get('kernel')!r}, not {spec.name!r}")
+        raise StaleTable(f"it is for kernel {reprlib.repr(data.get('kernel'))}, not {spec.name!r}")
     if data.get("source_hash") != spec.source_hash:
         raise StaleTable("stale: the kernel source changed since it was tuned")
     if data.get("triton_version") != triton_version():
-        raise StaleTable(f"tuned with Triton {data.get('triton_version')}, running {triton_version()}")
-    return {k: Config.from_json(v) for k, v in data["configs"].items()}
+        raise StaleTable(f"tuned with Triton {reprlib.repr(data.get('triton_version'))}, running {triton_version()}")
+    configs = data.get("configs")
+    if not isinstance(configs, dict):
+        raise ValueError(f"its 'configs' is a {type(configs).__name__}, not an object")
+    good, bad = {}, {}
+    for key, entry in configs.items():
+        try:
+            dtype, dims = parse_key(key, spec.dims)
+            config = Config.from_json(entry)
+            spec.check(config, dtype, dims)
+        except ValueError as e:
+            bad[key] = str(e)
+        else:
+            good[key] = config
+    return good, bad
 
 
-def _load(path: Path, spec: KernelSpec) -> dict | None:
-    """The ``configs`` of a valid table at ``path``, else None (missing, stale or corrupt)."""
+def load_entries(path: Path, spec: KernelSpec) -> dict[str, Config]:
+    """The valid entries of the table at ``path`` (read fresh), none if it is missing; whatever is
+    ignored (the table, its folder, invalid entries) is said in one warning per table or folder."""
+    try:
+        configs, bad = read_table(path, spec)
+    except FileNotFoundError:  # no table here: the usual case, and no folder is the same
+        return {}
+    except StaleTable as e:
+        _warn_once(path, f"ignoring autotune table {path}: {e}")
+        return {}
+    except NotADirectoryError as e:  # a path component, e.g. the cache folder, is a file
+        _warn_once(path.parent, f"ignoring autotune tables in {path.parent}: a part of it is not a folder ({e})")
+        return {}
+    except PermissionError as e:  # the file, or its folder (cannot be searched)
+        _warn_once(path, f"ignoring autotune table {path}: no permission to read it ({e})")
+        return {}
+    except (OSError, ValueError) as e:
+        _warn_once(path, f"ignoring autotune table {path}: unreadable ({type(e).__name__}: {e})")
+        return {}
+    if bad:
+        shown = "; ".join(f"{reprlib.repr(k)}: {why}" for k, why in list(bad.items())[:3])
+        more = f"; and {len(bad) - 3} more" if len(bad) > 3 else ""
+        _warn_once(path, f"autotune table {path}: ignoring {len(bad)} invalid "
+                         f"entr{'y' if len(bad) == 1 else 'ies'} ({shown}{more}); its other entries are used")
+    return configs
+
+
+def _load(path: Path, spec: KernelSpec) -> dict[str, Config]:
+    """:func:`load_entries`, kept until the file changes (its mtime): launches do not re-read tables."""
     try:
         mtime = path.stat().st_mtime
-    except OSError:
-        return None
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError):  # its folder is a file or cannot be searched: say so, once
+        return load_entries(path, spec)
     cached = _TABLES.get(path)
     if cached is not None and cached[0] == mtime:
         return cached[1]
-    try:
-        configs = read_table(path, spec)
-    except StaleTable as e:
-        _warn_once(path, str(e))
-        configs = None
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-        _warn_once(path, f"unreadable ({type(e).__name__}: {e})")
-        configs = None
+    configs = load_entries(path, spec)
     _TABLES[path] = (mtime, configs)
     return configs
 

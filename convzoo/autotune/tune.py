@@ -27,7 +27,7 @@ import torch
 
 from convzoo.autotune.config import Config, KernelSpec, bucket_key
 from convzoo.autotune.grids import Layer
-from convzoo.autotune.lookup import read_table, write_table
+from convzoo.autotune.lookup import load_entries, write_table
 
 Timer = Callable[[Callable[[], object], Config, str], float]
 
@@ -97,12 +97,10 @@ def candidates(job: Job) -> list[Config]:
 
 # ---------------------------------------------------------------------------------------------- tables
 def read_entries(path: Path, spec: KernelSpec) -> dict[str, Config]:
-    """The entries of a table that is valid for the running kernel source and Triton, else none
-    (read fresh, with the runtime's own validation: :func:`convzoo.autotune.lookup.read_table`)."""
-    try:
-        return read_table(path, spec)
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # StaleTable is a ValueError
-        return {}
+    """The valid entries of a table for the running kernel source and Triton, else none; read fresh,
+    validated and warned about as the runtime does (:func:`convzoo.autotune.lookup.load_entries`), so
+    an invalid entry is re-tuned, and dropped when the table is rewritten."""
+    return load_entries(path, spec)
 
 
 @contextlib.contextmanager

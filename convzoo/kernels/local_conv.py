@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from convzoo import _shapes, autotune, reference
-from convzoo.autotune import Config, KernelSpec, TuneProblem
+from convzoo.autotune import Config, ConfigSpace, KernelSpec, TuneProblem
 from convzoo.kernels.unfold import (
     _acc_dtype,
     _as_3d,
@@ -360,6 +360,13 @@ def _keep(cfg: Config, m_name: str, n_name: str, k_name: str, dtype) -> bool:
     return min(m, n, k) >= 16 and m * n <= 64 * threads and (m + n) * k <= 64 * threads
 
 
+def _gemm_space(m_name: str, n_name: str, k_name: str) -> ConfigSpace:
+    """What a tuned table entry may hold: tiles 16..128 (tl.dot needs ≥ 16; the candidates' and the
+    heuristic's largest is 128), 4 or 8 warps, 1..3 stages, under ``_keep``."""
+    return ConfigSpace(dict.fromkeys((m_name, n_name, k_name), (16, 128)), num_warps=(4, 8), num_stages=(1, 3),
+                       keep=lambda cfg, dtype: _keep(cfg, m_name, n_name, k_name, dtype))
+
+
 def _tensors(layer, dtype, device):
     """x, the weight in the module's layout, a per-pixel bias and dY for one grid layer."""
     g, o = layer.resolved(), layer.out_channels
@@ -408,13 +415,16 @@ def _grad_input_problem(layer, dtype, device) -> TuneProblem:
 
 FWD_SPEC = autotune.register(KernelSpec(
     "local_conv_fwd", local_conv_fwd_kernel, ("N", "O", "R"), _fwd_default,
-    _gemm_candidates("BLOCK_N", "BLOCK_O", "BLOCK_R"), _fwd_problem))
+    _gemm_candidates("BLOCK_N", "BLOCK_O", "BLOCK_R"), _fwd_problem,
+    _gemm_space("BLOCK_N", "BLOCK_O", "BLOCK_R")))
 GRAD_WEIGHT_SPEC = autotune.register(KernelSpec(
     "local_conv_grad_weight", local_conv_grad_weight_kernel, ("O", "R", "N"), _grad_weight_default,
-    _gemm_candidates("BLOCK_O", "BLOCK_R", "BLOCK_N"), _grad_weight_problem))
+    _gemm_candidates("BLOCK_O", "BLOCK_R", "BLOCK_N"), _grad_weight_problem,
+    _gemm_space("BLOCK_O", "BLOCK_R", "BLOCK_N")))
 GRAD_INPUT_SPEC = autotune.register(KernelSpec(
     "local_conv_grad_input", local_conv_grad_input_kernel, ("N", "C", "O"), _grad_input_default,
-    _gemm_candidates("BLOCK_N", "BLOCK_C", "BLOCK_O"), _grad_input_problem))
+    _gemm_candidates("BLOCK_N", "BLOCK_C", "BLOCK_O"), _grad_input_problem,
+    _gemm_space("BLOCK_N", "BLOCK_C", "BLOCK_O")))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from convzoo import _shapes, autotune, reference
-from convzoo.autotune import Config, KernelSpec, TuneProblem
+from convzoo.autotune import Config, ConfigSpace, KernelSpec, TuneProblem
 
 __all__ = ["fold", "unfold"]
 
@@ -250,6 +250,13 @@ def _keep(cfg: Config, row_name: str, inner_name: str) -> bool:
     return pow2 and 256 <= r * i <= 8192 and r * i >= 32 * cfg.num_warps
 
 
+def _space(row_name: str, inner_name: str) -> ConfigSpace:
+    """What a tuned table entry may hold: the candidates' grid (rows 1..64, inner 32..512, 1..8 warps,
+    one stage) widened to the heuristic's tiles (rows up to 128, inner from 16), under ``_keep``."""
+    return ConfigSpace({row_name: (1, 128), inner_name: (16, 512)}, num_warps=(1, 8), num_stages=(1, 1),
+                       keep=lambda cfg, dtype: _keep(cfg, row_name, inner_name))
+
+
 def _unfold_problem(layer, dtype, device) -> TuneProblem:
     g, geom = layer.resolved(), layer.geometry()
 
@@ -272,9 +279,11 @@ def _fold_problem(layer, dtype, device) -> TuneProblem:
 
 
 UNFOLD_SPEC = autotune.register(KernelSpec(
-    "unfold", unfold_kernel, ("R", "L"), _unfold_default, _candidates("BLOCK_R", "BLOCK_L"), _unfold_problem))
+    "unfold", unfold_kernel, ("R", "L"), _unfold_default, _candidates("BLOCK_R", "BLOCK_L"), _unfold_problem,
+    _space("BLOCK_R", "BLOCK_L")))
 FOLD_SPEC = autotune.register(KernelSpec(
-    "fold", fold_kernel, ("R", "P"), _fold_default, _candidates("BLOCK_R", "BLOCK_P"), _fold_problem))
+    "fold", fold_kernel, ("R", "P"), _fold_default, _candidates("BLOCK_R", "BLOCK_P"), _fold_problem,
+    _space("BLOCK_R", "BLOCK_P")))
 
 
 # ----------------------------------------------------------------------------------------------
