@@ -15,9 +15,11 @@ tracing with dynamic shapes.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 PADDING_MODES = ("zeros", "circular", "reflect", "replicate")
@@ -39,7 +41,13 @@ def check(cond, message, exc: type[Exception] = ValueError) -> None:
 
 
 def _is_int(v) -> bool:
-    return isinstance(v, (int, torch.SymInt)) and not isinstance(v, bool)
+    """A Python int, a ``SymInt``, or any other integer type (``np.int64``, as ``F.unfold`` takes); not a bool."""
+    return isinstance(v, (numbers.Integral, torch.SymInt)) and not isinstance(v, (bool, np.bool_))
+
+
+def _as_int(v):
+    """``v`` as what the ops' ``SymInt[]`` arguments take: Python ints stay, ``SymInt`` stays, numpy ints convert."""
+    return v if isinstance(v, (int, torch.SymInt)) else int(v)
 
 
 def as_tuple(value, ndim: int, name: str) -> tuple:
@@ -50,13 +58,13 @@ def as_tuple(value, ndim: int, name: str) -> tuple:
         ValueError: a sequence of the wrong length.
     """
     if _is_int(value):
-        return (value,) * ndim
+        return (_as_int(value),) * ndim
     if isinstance(value, Sequence) and not isinstance(value, str):
         if not all(_is_int(v) for v in value):
             raise TypeError(f"{name} must be an int or a sequence of ints, got {value!r}")
         if len(value) != ndim:
             raise ValueError(f"{name} must have {ndim} entries for {ndim}-d input, got {tuple(value)}")
-        return tuple(value)
+        return tuple(_as_int(v) for v in value)
     raise TypeError(f"{name} must be an int or a sequence of ints, got {type(value).__name__}")
 
 
@@ -94,7 +102,7 @@ def resolve_padding(padding, in_size: Sequence, kernel_size: Sequence, dilation:
             isinstance(p, Sequence) and len(p) == 2 and all(_is_int(v) for v in p) for p in padding
         ):
             raise ValueError(f"padding as pairs must be {ndim} (lo, hi) pairs of ints, got {padding!r}")
-        flat = [v for p in padding for v in p]
+        flat = [_as_int(v) for p in padding for v in p]
     else:
         flat = [v for p in as_tuple(padding, ndim, "padding") for v in (p, p)]
     for v in flat:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from convzoo import _shapes
@@ -10,13 +12,26 @@ from convzoo.ops import unfold as _unfold_ops
 
 __all__ = ["fold", "local_conv", "unfold"]
 
+# device types torch.autocast knows (torch.is_autocast_enabled raises for others, e.g. 'meta')
+_AUTOCAST_DEVICE_TYPES = frozenset(d for d in ("cpu", "cuda", "xpu", "mps", "hpu", "xla", "ipu", "mtia", "maia")
+                                   if torch.amp.is_autocast_available(d))
 
-def _spatial_ndim(input: torch.Tensor) -> int:
-    """The number of spatial dims of a batched ``[N, C, *spatial]`` floating input (1-3)."""
+
+def _spatial_ndim(input: torch.Tensor, *geometry) -> tuple[int, bool]:
+    """``(spatial dims, batched)`` of a floating input ``[N, C, *spatial]`` or ``[C, *spatial]``.
+
+    The geometry arguments tell the rank when one of them is a sequence (as ``nn.Unfold((3, 3))``
+    does): an input with one dim fewer than ``[N, C, *spatial]`` is then unbatched, as torch reads it.
+    With ints only the input tells: ``[N, C, *spatial]``, so a 3-d input is a batch of 1-d signals.
+    """
     _shapes.check_float_tensor(input, "input")
+    told = _shapes.spatial_ndim_of(*geometry)
+    if told is not None and 1 <= told <= 3 and input.dim() == told + 1:
+        return told, False
     if not 3 <= input.dim() <= 5:
-        raise ValueError(f"input must be [N, C, *spatial] with 1-3 spatial dims, got shape {tuple(input.shape)}")
-    return input.dim() - 2
+        raise ValueError(f"input must be [N, C, *spatial] with 1-3 spatial dims (or [C, *spatial] when a tuple "
+                         f"argument tells the rank), got shape {tuple(input.shape)}")
+    return input.dim() - 2, True
 
 
 def _geometry_args(ndim, kernel_size, dilation, padding, stride, in_size, padding_mode):
@@ -41,8 +56,11 @@ def unfold(input: torch.Tensor, kernel_size, dilation=1, padding=0, stride=1, *,
     row-major order of the output grid. One kernel launch for the whole batch on CUDA.
 
     Args:
-        input: ``[N, C, *spatial]``, floating dtype, any strides (channels-last included).
-        kernel_size, dilation, stride: int or one int per spatial dim; positive.
+        input: ``[N, C, *spatial]``, floating dtype, any strides (channels-last included). An input
+            with one dim fewer is unbatched, ``[C, *spatial]`` → ``[C·∏kernel_size, L]``, when a tuple
+            argument tells the rank (``kernel_size=(3, 3)`` on a 3-d input, as ``nn.Unfold`` reads it);
+            with int arguments only, a 3-d input is a batch of 1-d signals (as unfoldNd reads it).
+        kernel_size, dilation, stride: int or one int per spatial dim (Python or numpy ints); positive.
         padding: int, per-dim ints, per-dim ``(lo, hi)`` pairs, ``'valid'`` or ``'same'``
             (``ceil(size / stride)`` blocks per dim, strided too).
         padding_mode: ``'zeros'``, ``'circular'``, ``'reflect'`` or ``'replicate'``, read in place
@@ -53,7 +71,9 @@ def unfold(input: torch.Tensor, kernel_size, dilation=1, padding=0, stride=1, *,
         ValueError: wrong number of dims, non-positive kernel_size/stride/dilation, negative
             padding, an unknown padding or padding_mode, a kernel larger than the padded input.
     """
-    ndim = _spatial_ndim(input)
+    ndim, batched = _spatial_ndim(input, kernel_size, dilation, padding, stride)
+    if not batched:
+        return unfold(input[None], kernel_size, dilation, padding, stride, padding_mode=padding_mode)[0]
     args = _geometry_args(ndim, kernel_size, dilation, padding, stride, input.shape[2:], padding_mode)
     return _unfold_ops.unfold(input, *args)
 
@@ -68,7 +88,8 @@ def fold(input: torch.Tensor, output_size, kernel_size, dilation=1, padding=0, s
     gather, no atomics, and no size limit short of memory.
 
     Args:
-        input: ``[N, C·∏kernel_size, L]``, floating dtype, any strides.
+        input: ``[N, C·∏kernel_size, L]``, or unbatched ``[C·∏kernel_size, L]`` (→ ``[C, *output_size]``),
+            floating dtype, any strides.
         output_size: the spatial size of the result.
         kernel_size, dilation, padding, stride, padding_mode: as in :func:`unfold`.
 
@@ -78,8 +99,11 @@ def fold(input: torch.Tensor, output_size, kernel_size, dilation=1, padding=0, s
             or a geometry argument is invalid (see :func:`unfold`).
     """
     _shapes.check_float_tensor(input, "input")
+    if input.dim() == 2:  # unbatched, as F.fold reads it
+        return fold(input[None], output_size, kernel_size, dilation, padding, stride, padding_mode=padding_mode)[0]
     if input.dim() != 3:
-        raise ValueError(f"input must be [N, C*prod(kernel_size), L], got shape {tuple(input.shape)}")
+        raise ValueError(f"input must be [N, C*prod(kernel_size), L] or unbatched [C*prod(kernel_size), L], "
+                         f"got shape {tuple(input.shape)}")
     ndim = _shapes.spatial_ndim_of(output_size, kernel_size, dilation, padding, stride, default=2)
     if not 1 <= ndim <= 3:
         raise ValueError(f"expected 1, 2 or 3 spatial dims, got output_size={output_size!r}")
@@ -102,33 +126,68 @@ def local_conv(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     matmul per position, never the ``[N, C_out, C_in·∏K, L]`` broadcast).
 
     Args:
-        input: ``[N, C_in, *spatial]``, floating dtype, any strides.
+        input: ``[N, C_in, *spatial]``, floating dtype, any strides; or unbatched ``[C_in, *spatial]``
+            when a tuple argument tells the rank (as for :func:`unfold`).
         weight: ``[C_out, C_in·∏kernel_size, L]`` with rows in :func:`unfold` order ``(c, k_0, ...)``
-            and L the output positions in row-major order; any strides. Fastest on the GPU when
-            physically ``[L, C_out, C_in·∏K]`` (pass its ``permute(1, 2, 0)``), the layout
-            :class:`convzoo.LocalConv2d` keeps.
+            and L the output positions in row-major order; any strides. Physically ``[L, C_out, C_in·∏K]``
+            (a ``permute(1, 2, 0)`` of a contiguous tensor; :class:`convzoo.LocalConv2d` keeps this layout)
+            is read in place; any other layout, hypnettorch's contiguous one included, costs one
+            transposing copy of W per call (and one of its gradient).
         bias: ``[C_out, L]`` (per pixel), ``[C_out]`` (per channel) or None.
         kernel_size, stride, dilation: int or one int per spatial dim; positive.
         padding: int, per-dim ints, per-dim ``(lo, hi)`` pairs, ``'valid'`` or ``'same'``.
         padding_mode: ``'zeros'``, ``'circular'``, ``'reflect'`` or ``'replicate'``.
 
     Returns:
-        ``[N, C_out, *out_spatial]``, contiguous. Under ``torch.autocast`` the op computes in the
-        autocast dtype (inputs cast as ``F.conv2d``'s are); otherwise all dtypes must match.
+        ``[N, C_out, *out_spatial]`` (``[C_out, *out_spatial]`` for an unbatched input), contiguous.
+        Under ``torch.autocast`` the op computes in the autocast dtype, tensors cast as ``F.conv2d``'s
+        are (float64 ones stay float64); otherwise all dtypes must match.
 
     Raises:
         TypeError: a non-floating tensor, or ``weight``/``bias`` dtypes differing from the input's.
         ValueError: ``weight``/``bias`` shapes that do not match the input channels, the kernel or
             the number of output positions, or an invalid geometry (see :func:`unfold`).
     """
-    ndim = _spatial_ndim(input)
+    ndim, batched = _spatial_ndim(input, kernel_size, dilation, padding, stride)
+    if not batched:
+        return local_conv(input[None], weight, bias, kernel_size=kernel_size, stride=stride, padding=padding,
+                          dilation=dilation, padding_mode=padding_mode)[0]
     _shapes.check_float_tensor(weight, "weight")
     if bias is not None:
         _shapes.check_float_tensor(bias, "bias")
     ks, dil, pad, st, mode = _geometry_args(ndim, kernel_size, dilation, padding, stride, input.shape[2:],
                                             padding_mode)
-    if torch.is_autocast_enabled(input.device.type):  # like F.conv2d: compute in the autocast dtype
-        dtype = torch.get_autocast_dtype(input.device.type)
-        input, weight = input.to(dtype), weight.to(dtype)
-        bias = None if bias is None else bias.to(dtype)
+    _check_not_unbatched(input, weight, ks)
+    input, weight, bias = _autocast(input, weight, bias)
+    if weight.dim() == 3 and not weight.permute(2, 0, 1).is_contiguous():
+        # one transposing copy (and one of dW in the backward) into the layout every path streams fastest,
+        # physically [L, C_out, C_in·∏K]: far cheaper than reading W strided by L in every matmul
+        weight = weight.permute(2, 0, 1).contiguous().permute(1, 2, 0)
     return _local_conv_ops.local_conv(input, weight, bias, ks, dil, pad, st, mode)
+
+
+def _check_not_unbatched(input: torch.Tensor, weight: torch.Tensor, kernel_size) -> None:
+    """An int-only geometry reads a 3-d (4-d) input as a batch of 1-d (2-d) signals; when the weight says it
+    is an unbatched 2-d (3-d) input instead, say so, naming the input, before the weight check does."""
+    if weight.dim() != 3 or input.dim() > 4 or weight.shape[1] == input.shape[1] * math.prod(kernel_size):
+        return
+    k, nd = kernel_size[0], input.dim() - 1
+    if all(e == k for e in kernel_size) and weight.shape[1] == input.shape[0] * k**nd:
+        raise ValueError(
+            f"input of shape {tuple(input.shape)} is read as a batched {nd - 1}-d input [N, C, *spatial] because "
+            f"every geometry argument is an int, but the weight fits an unbatched {nd}-d input [C, *spatial]: "
+            f"pass kernel_size as a {nd}-tuple, or add the batch dim (input.unsqueeze(0))")
+
+
+def _autocast(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+    """torch's autocast rule for convolutions: under ``torch.autocast`` on the input's device type, every
+    floating argument except float64 computes in the autocast dtype (custom ops are not autocast-aware)."""
+    device_type = input.device.type
+    if device_type not in _AUTOCAST_DEVICE_TYPES or not torch.is_autocast_enabled(device_type):
+        return input, weight, bias
+    dtype = torch.get_autocast_dtype(device_type)
+
+    def cast(t):
+        return t if t is None or t.dtype == torch.float64 else t.to(dtype)
+
+    return cast(input), cast(weight), cast(bias)
