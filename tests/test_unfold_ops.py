@@ -127,7 +127,8 @@ X = torch.randn(2, 3, 6, 6)
     (lambda: cf.unfold(X, 0), ValueError, "kernel_size"),
     (lambda: cf.unfold(X, 3, padding=-1), ValueError, "padding"),
     (lambda: cf.unfold(X, 3, padding="full"), ValueError, "padding"),
-    (lambda: cf.unfold(X, (3, 3, 3)), ValueError, "kernel_size"),
+    (lambda: cf.unfold(X, (3, 3, 3, 3)), ValueError, "kernel_size"),  # (3, 3, 3) would be an unbatched 3-d call
+    (lambda: cf.unfold(X[0, 0], (3, 3, 3)), ValueError, "input"),
     (lambda: cf.unfold(X, 3.0), TypeError, "kernel_size"),
     (lambda: cf.unfold(X, 3, padding_mode="wrap"), ValueError, "padding_mode"),
     (lambda: cf.unfold(X, 3, padding=6, padding_mode="reflect"), ValueError, "reflect"),
@@ -136,7 +137,7 @@ X = torch.randn(2, 3, 6, 6)
     (lambda: cf.unfold(X.numpy(), 3), TypeError, "Tensor"),
     (lambda: cf.fold(torch.randn(2, 27, 15), (6, 6), 3), ValueError, "output_size"),
     (lambda: cf.fold(torch.randn(2, 26, 16), (6, 6), 3), ValueError, "divisible"),
-    (lambda: cf.fold(torch.randn(27, 16), (6, 6), 3), ValueError, "input"),
+    (lambda: cf.fold(torch.randn(27 * 16), (6, 6), 3), ValueError, "input"),  # [27, 16] is an unbatched fold
     (lambda: cf.fold(torch.randn(2, 27, 16), (0, 6), 3), ValueError, "output_size"),
     (lambda: cf.fold(torch.randn(2, 27, 16), (6, 6), 3, stride=(1, 0)), ValueError, "stride"),
     (lambda: cf.fold(torch.randn(2, 27, 16).int(), (6, 6), 3), TypeError, "dtype"),
