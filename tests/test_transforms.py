@@ -295,9 +295,9 @@ def test_raw_op_with_tangent_raises_instead_of_dropping_it(path):
         "local_conv_grad_weight": (lambda g: torch.ops.convzoo.local_conv_grad_weight(g, x, *geom)[0], y),
     }
     for name, (f, primal) in calls.items():
-        with pytest.raises(RuntimeError, match=f"torch.ops.convzoo.{name} was called with a forward-mode AD"):
+        with pytest.raises(RuntimeError, match=rf"torch\.ops\.convzoo\.{name} got a forward-mode AD tangent"):
             jvp(f, (primal,), (torch.ones_like(primal),))
-        with pytest.raises(RuntimeError, match="forward-mode AD tangent"):
+        with pytest.raises(RuntimeError, match=r"forward-mode AD tangent, which the custom op cannot carry"):
             _forward_ad(f, (primal,), (torch.ones_like(primal),))
         f(primal)  # without a tangent the raw op works
 
@@ -319,3 +319,48 @@ def test_eager_call_without_autograd_skips_the_function(path, monkeypatch):
     y2 = cf.unfold(x.requires_grad_(), **case.kwargs())
     assert applied == ["_unfold_function"]
     torch.testing.assert_close(y, y2.detach(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("case", CASES[:2], ids=IDS[:2])
+def test_forward_over_forward(case, path):
+    """jvp of jvp and jacfwd of jacfwd: the jvp rules are made of differentiable calls only, so an outer
+    forward level sees the inner tangent's own tangent (plain ops in a jvp rule would drop it: zeros)."""
+    x = _x(case, path)[:1]
+    w, b = _params(case, path)
+    ours, ref = _local(case), _oracle_local(case, _out_size(case, x))
+    t, wt, bt = torch.randn_like(x), torch.randn_like(w), torch.randn_like(b)
+    got = jvp(lambda w, b: jvp(lambda x: ours(x, w, b), (x,), (t,))[1], (w, b), (wt, bt))[1]
+    _close(got, ref(t, wt, torch.zeros_like(b)))  # bilinear: the mixed second derivative is f(t, t_w)
+    assert got.abs().sum() > 0
+    got = jvp(lambda b: jvp(lambda w: ours(x, w, b), (w,), (wt,))[1], (b,), (bt,))[1]
+    _close(got, torch.zeros_like(got))
+
+    def loss(f):
+        return lambda x, w: f(x, w, b).pow(3).sum()
+
+    _close(jacfwd(jacfwd(loss(ours), argnums=(0, 1)), argnums=(0, 1))(x, w[:, :, :]),
+           jacfwd(jacfwd(loss(ref), argnums=(0, 1)), argnums=(0, 1))(x, w))
+    geom = _resolved(case)
+    gy = torch.randn_like(ref(x, w, b))
+    gyt = torch.randn_like(gy)
+
+    def gw(g, x):
+        return lc_ops.local_conv_grad_weight(g, x, *geom)[0]
+
+    got = jvp(lambda x: jvp(lambda g: gw(g, x), (gy,), (gyt,))[1], (x,), (t,))[1]
+    _close(got, gw(gyt, t))
+
+
+def test_compile_around_a_differentiating_transform_is_a_clear_error(kernel_device):
+    """Inside torch.compile only reverse mode and vmap of our ops trace: grad/jvp around them inside the
+    compiled function raise our explanation, never a wrong number; vmap inside compile works."""
+    torch._dynamo.reset()
+    x = torch.randn(2, 1, 4, 4, dtype=D, device=kernel_device)
+    with pytest.raises(Exception, match=r"cannot run under a torch\.func transform by itself"):
+        torch.compile(grad(lambda x: cf.unfold(x, (2, 2)).pow(2).sum()), backend="aot_eager", fullgraph=True)(x)
+    with pytest.raises(Exception, match="got a forward-mode AD tangent"):
+        torch.compile(lambda x, t: jvp(lambda x: cf.unfold(x, (2, 2)), (x,), (t,))[1], backend="aot_eager",
+                      fullgraph=True)(x, x)
+    got = torch.compile(vmap(lambda x: cf.unfold(x, (2, 2))), backend="aot_eager", fullgraph=True)(x[:, None])
+    _close(got, vmap(lambda x: oracle_unfold(x, Case(1, 1, (4, 4), (2, 2))))(x[:, None]))
+    torch._dynamo.reset()

@@ -86,6 +86,12 @@ def differentiable(op, num_tensors: int, setup_context, backward, jvp):
     return entry
 
 
+_TRANSFORMS_HINT = (
+    "Forward-mode AD and the torch.func transforms (grad, vjp, jvp, jacrev, jacfwd, hessian, vmap) work on "
+    "convzoo's entry points, convzoo.functional and the layers, in eager mode; inside torch.compile, reverse "
+    "mode and vmap do: apply the other transforms outside the compiled function.")
+
+
 def _forbid_forward_ad(op, name: str) -> None:
     """Make a direct ``torch.ops.convzoo.<name>`` call raise when an input carries a forward-mode
     tangent (the custom op's autograd kernel would drop it without a word): the custom op's own
@@ -96,15 +102,81 @@ def _forbid_forward_ad(op, name: str) -> None:
         if fwAD._current_level >= 0 or torch._C._are_functorch_transforms_active():
             for a in args:
                 if isinstance(a, Tensor) and fwAD.unpack_dual(a).tangent is not None:
-                    raise RuntimeError(
-                        f"torch.ops.convzoo.{name} was called with a forward-mode AD tangent, which the raw op "
-                        f"cannot carry; call it through convzoo.functional (or a convzoo layer), whose entry "
-                        f"points support forward-mode AD and every torch.func transform")
-        return autograd_impl(keyset, *args)
+                    raise RuntimeError(f"torch.ops.convzoo.{name} got a forward-mode AD tangent, which the custom op "
+                                       f"cannot carry. {_TRANSFORMS_HINT}")
+        try:
+            return autograd_impl(keyset, *args)
+        except RuntimeError as e:  # torch.func.grad & co. refuse the custom op's own autograd.Function
+            if "setup_context" not in str(e):
+                raise
+            raise RuntimeError(f"torch.ops.convzoo.{name} cannot run under a torch.func transform by itself. "
+                               f"{_TRANSFORMS_HINT}") from e
 
     with warnings.catch_warnings():  # "overriding a previously registered kernel": that is the point
         warnings.simplefilter("ignore")
         _LIB.impl(name, guarded, "Autograd", with_keyset=True)
+
+
+# ---------------------------------------------------------------------------------------------- jvp glue
+# Inside an autograd.Function's jvp, plain torch ops on the tangents do not carry an outer forward-mode
+# level's tangent (jvp of jvp, jacfwd of jacfwd would silently get zeros); Function.apply calls do. So a
+# jvp rule is made only of entry points and of these two linear Functions, each its own tangent.
+class _Add(torch.autograd.Function):
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(a, b):
+        return a + b
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, grad
+
+    @staticmethod
+    def jvp(ctx, a_t, b_t):
+        return add(a_t, b_t)
+
+
+def add(a: Tensor | None, b: Tensor | None) -> Tensor | None:
+    """``a + b`` for tangents (None is zero), differentiable in forward mode at every level."""
+    if a is None or b is None:
+        return b if a is None else a
+    return _Add.apply(a, b)
+
+
+class _Broadcast(torch.autograd.Function):
+    """``t.reshape(view).expand(shape)`` (materialised), its adjoint the sum back to ``t``'s shape."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(t, shapes):
+        view, shape = shapes.values
+        return t.reshape(view).expand(shape).contiguous()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        t, shapes = inputs
+        ctx.t_shape, ctx.shapes = t.shape, shapes
+        ctx.sum_dims = tuple(i for i, (v, s) in enumerate(zip(*shapes.values)) if v == 1 and s != 1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.sum(ctx.sum_dims, keepdim=True).reshape(ctx.t_shape), None
+
+    @staticmethod
+    def jvp(ctx, t_t, _):
+        return broadcast(t_t, *ctx.shapes.values)
+
+
+def broadcast(t: Tensor, view, shape) -> Tensor:
+    """``t`` reshaped to ``view`` and expanded to ``shape`` (``view`` has ``shape``'s rank), differentiable in
+    forward mode at every level."""
+    return _Broadcast.apply(t, _Static((tuple(view), tuple(shape))))
 
 
 def move_bdim(t: Tensor | None, bdim: int | None, batch_size: int) -> Tensor | None:

@@ -78,8 +78,8 @@ def _(grad, x, kernel_size, dilation, padding, stride, padding_mode):
 
 def _bias_as_output(bias: Tensor, shape) -> Tensor:
     """A ``[C_out, L]`` or ``[C_out]`` bias broadcast to the output shape ``[N, C_out, *out]``."""
-    view = bias.reshape(shape[1:]) if bias.dim() == 2 else bias.reshape(-1, *([1] * (len(shape) - 2)))
-    return view.expand(shape)
+    view = (1, *shape[1:]) if bias.dim() == 2 else (1, shape[1], *([1] * (len(shape) - 2)))
+    return _autograd.broadcast(bias, view, shape)
 
 
 # ---------------------------------------------------------------------------------------------- local_conv
@@ -112,12 +112,8 @@ def _local_conv_jvp(ctx, x_t, w_t, b_t):
     x, weight = ctx.saved_tensors
     y_t = None if x_t is None else local_conv(x_t, weight, None, *ctx.geom)
     if w_t is not None:
-        part = local_conv(x, w_t, b_t, *ctx.geom)
-    elif b_t is not None:
-        part = _bias_as_output(b_t, ctx.out_shape)
-    else:
-        return y_t
-    return part if y_t is None else y_t + part
+        return _autograd.add(y_t, local_conv(x, w_t, b_t, *ctx.geom))
+    return _autograd.add(y_t, None if b_t is None else _bias_as_output(b_t, ctx.out_shape))
 
 
 
@@ -144,10 +140,7 @@ def _grad_input_backward(ctx, u):
 def _grad_input_jvp(ctx, grad_t, w_t):
     grad, weight = ctx.saved_tensors
     out = None if grad_t is None else local_conv_grad_input(grad_t, weight, ctx.input_size, *ctx.geom)
-    if w_t is not None:
-        part = local_conv_grad_input(grad, w_t, ctx.input_size, *ctx.geom)
-        out = part if out is None else out + part
-    return out
+    return _autograd.add(out, None if w_t is None else local_conv_grad_input(grad, w_t, ctx.input_size, *ctx.geom))
 
 
 
@@ -167,7 +160,7 @@ def _grad_weight_backward(ctx, u_weight, u_bias):
         if u_weight is not None:
             d_grad = local_conv(x, u_weight, u_bias, *ctx.geom)
         elif u_bias is not None:
-            d_grad = _bias_as_output(u_bias, grad.shape).contiguous()
+            d_grad = _bias_as_output(u_bias, grad.shape)
     if ctx.needs_input_grad[1] and u_weight is not None:
         d_x = local_conv_grad_input(grad, u_weight, list(x.shape[2:]), *ctx.geom)
     return d_grad, d_x, None, None, None, None, None
@@ -179,10 +172,7 @@ def _grad_weight_jvp(ctx, grad_t, x_t):
         dw_t, db_t = local_conv_grad_weight(grad_t, x, *ctx.geom)
     else:
         dw_t, db_t = None, grad.new_zeros(grad.shape[1], math.prod(grad.shape[2:]))
-    if x_t is not None:
-        part, _ = local_conv_grad_weight(grad, x_t, *ctx.geom)
-        dw_t = part if dw_t is None else dw_t + part
-    return dw_t, db_t
+    return _autograd.add(dw_t, None if x_t is None else local_conv_grad_weight(grad, x_t, *ctx.geom)[0]), db_t
 
 
 
@@ -225,7 +215,8 @@ def _(info, in_dims, x, weight, bias, *geom):
     if not (x_b or w_b):  # only the bias is batched: one call, the bias added per entry
         y = _local_conv(x, weight, None, *geom)
         bias = _autograd.move_bdim(bias, in_dims[2], b)
-        return y + torch.stack([_bias_as_output(e, y.shape) for e in bias]), 0
+        view = (b, 1, *y.shape[1:]) if bias.dim() == 3 else (b, 1, y.shape[1], *([1] * (y.dim() - 2)))
+        return y + bias.reshape(view), 0
     return _autograd.loop_vmap(_local_conv, b, in_dims, (x, weight, bias, *geom))
 
 
