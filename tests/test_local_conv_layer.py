@@ -1,8 +1,12 @@
-"""``LocalConv1d/2d/3d`` weight storage.
+"""``LocalConv1d/2d/3d`` weight storage and hypnettorch interop.
 
 Storage: every parameter is contiguous (flat-parameter tools: ``parameters_to_vector``, ``p.view(-1)``,
 safetensors, FSDP), ``weight`` is the logical ``[C_out, C_in·∏K, L]`` view of the position-major
 parameter ``weight_by_position`` ``[L, C_out, C_in·∏K]``, and ``load_state_dict`` takes either layout.
+
+hypnettorch: ``LocalConv2d.from_hypnettorch`` against a stand-in for hypnettorch's ``LocalConv2dLayer``
+(its constructor, parameter names, init and forward restated from hypnettorch 0.0.x's
+``utils/local_conv2d_layer.py``; hypnettorch itself is not a dependency).
 """
 
 import io
@@ -213,3 +217,120 @@ def test_no_weights_holds_nothing():
     assert list(m.parameters()) == [] and m.state_dict() == {} and m.weight is None and m.bias is None
     assert m.param_shapes == [[3, 18, 30], [3, 30]]
     m.load_state_dict({})  # nothing to load, nothing expected
+
+
+# ---------------------------------------------------------------------------------------------- hypnettorch
+class FakeHypnettorchLocalConv2dLayer(nn.Module):
+    """hypnettorch's ``LocalConv2dLayer`` restated: constructor order, private attributes, the
+    ``filters``/``bias`` parameters (also listed in ``_weights``), ``init_params`` and ``forward``."""
+
+    def __init__(self, in_channels, out_channels, in_height, in_width, kernel_size, stride=1, padding=0, bias=True,
+                 no_weights=False):
+        super().__init__()
+        pair = lambda v: (v, v) if isinstance(v, int) else v  # noqa: E731
+        kernel_size, stride, padding = pair(kernel_size), pair(stride), pair(padding)
+        self._in_channels, self._out_channels = in_channels, out_channels
+        self._in_height, self._in_width = in_height, in_width
+        self._kernel_size, self._stride, self._padding = kernel_size, stride, padding
+        self._has_bias, self._no_weights = bias, no_weights
+        self._out_height = (in_height - kernel_size[0] + 2 * padding[0]) // stride[0] + 1
+        self._out_width = (in_width - kernel_size[1] + 2 * padding[1]) // stride[1] + 1
+        self._rf_size = in_channels * kernel_size[0] * kernel_size[1]
+        self._num_pix = self._out_height * self._out_width
+        self._weights = None
+        self._param_shapes = [[out_channels, self._rf_size, self._num_pix]]
+        if bias:
+            self._param_shapes.append([out_channels, self._num_pix])
+        if not no_weights:
+            self._weights = nn.ParameterList()
+            self.register_parameter("filters", nn.Parameter(torch.empty(*self._param_shapes[0])))
+            self._weights.append(self.filters)
+            if bias:
+                self.register_parameter("bias", nn.Parameter(torch.empty(*self._param_shapes[1])))
+                self._weights.append(self.bias)
+            else:
+                self.register_parameter("bias", None)
+            # hypnettorch.utils.torch_utils.init_params
+            nn.init.kaiming_uniform_(self.filters, a=math.sqrt(5))
+            if bias:
+                fan_in, _ = nn.init._calculate_fan_in_and_fan_out(self.filters)
+                nn.init.uniform_(self.bias, -1 / math.sqrt(fan_in), 1 / math.sqrt(fan_in))
+
+    @property
+    def param_shapes(self):
+        return self._param_shapes
+
+    def forward(self, x, weights=None):
+        if weights is None:
+            filters, bias = self.filters, self.bias
+        else:
+            filters, bias = weights[0], (weights[1] if self._has_bias else None)
+        f_hat = F.unfold(x, self._kernel_size, padding=self._padding, stride=self._stride)
+        f_hat = f_hat.view(-1, 1, self._rf_size, self._num_pix)
+        g = (f_hat * filters).sum(dim=2)
+        if bias is not None:
+            g = g + bias
+        return g.view(-1, self._out_channels, self._out_height, self._out_width)
+
+
+@pytest.mark.parametrize("args, kwargs", [
+    ((3, 4, 7, 6, 3), dict(stride=2, padding=1)),
+    ((2, 5, 6, 6, (3, 2)), dict(stride=(1, 2), padding=(1, 0), bias=False)),
+], ids=["square_bias", "rect_no_bias"])
+def test_from_hypnettorch_matches_its_forward_and_gradients(args, kwargs):
+    peer = FakeHypnettorchLocalConv2dLayer(*args, **kwargs)
+    m = convzoo.LocalConv2d.from_hypnettorch(peer)
+    assert m.param_shapes == peer.param_shapes
+    assert (m.in_channels, m.out_channels, *m.in_size) == args[:4]
+    assert torch.equal(m.weight, peer.filters) and m.weight_by_position.is_contiguous()
+    assert (m.bias is None) == (peer.bias is None) and (m.bias is None or torch.equal(m.bias, peer.bias))
+    x = torch.randn(3, args[0], args[2], args[3])
+    y, y_ref = m(x), peer(x)
+    torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
+    gy = torch.randn_like(y)
+    y.backward(gy)
+    y_ref.backward(gy)
+    torch.testing.assert_close(m.weight_by_position.grad.permute(1, 2, 0), peer.filters.grad, atol=1e-5, rtol=1e-5)
+    if peer.bias is not None:
+        torch.testing.assert_close(m.bias.grad, peer.bias.grad, atol=1e-5, rtol=1e-5)
+    # the copy is independent of the peer
+    with torch.no_grad():
+        peer.filters.zero_()
+    assert m.weight.abs().sum() > 0
+
+
+def test_from_hypnettorch_no_weights_and_the_forward_mapping():
+    """``peer(x, weights=[W, b])`` is ``m(x, weight=W, bias=b)``; a list is refused with that hint."""
+    peer = FakeHypnettorchLocalConv2dLayer(2, 3, 5, 5, 3, padding=1, no_weights=True)
+    m = convzoo.LocalConv2d.from_hypnettorch(peer)
+    assert m.no_weights and list(m.parameters()) == []
+    w, b = torch.randn(*peer.param_shapes[0]), torch.randn(*peer.param_shapes[1])  # a hypernetwork's output
+    x = torch.randn(2, 2, 5, 5)
+    torch.testing.assert_close(m(x, weight=w, bias=b), peer(x, weights=[w, b]), atol=1e-5, rtol=1e-5)
+    with pytest.raises(TypeError, match=r"weights=\[W, b\]"):
+        m(x, [w, b])
+
+
+def test_hypnettorch_state_dict_mapping_and_init_scale():
+    """Its ``filters`` and ``bias`` keys load as ``weight`` and ``bias``; its init bound is
+    ``1/√(R·L)`` (torch's fan-in of a ``[C_out, R, L]`` tensor counts L), ours ``1/√R``, like ``nn.Conv2d``."""
+    peer = FakeHypnettorchLocalConv2dLayer(2, 3, 6, 6, 3, padding=1)
+    sd = peer.state_dict()
+    m = convzoo.LocalConv2d(2, 3, (6, 6), 3, padding=1)
+    m.load_state_dict({"weight": sd["filters"], "bias": sd["bias"]})
+    x = torch.randn(2, 2, 6, 6)
+    torch.testing.assert_close(m(x), peer(x), atol=1e-5, rtol=1e-5)
+    r, L = 18, 36
+    assert peer.filters.abs().max() <= 1 / math.sqrt(r * L) < convzoo.LocalConv2d(2, 3, (6, 6), 3).weight.abs().max()
+
+
+@pytest.mark.parametrize("bad, exc, match", [
+    (object(), TypeError, "hypnettorch"),
+    (FakeHypnettorchLocalConv2dLayer(2, 3, 5, 5, 3), None, None),
+], ids=["not_a_layer", "mismatched_filters"])
+def test_from_hypnettorch_bad_input(bad, exc, match):
+    if exc is None:  # filters of the wrong shape (e.g. a layer edited by hand)
+        bad.filters = nn.Parameter(torch.zeros(3, 18, 10))
+        exc, match = ValueError, "filters"
+    with pytest.raises(exc, match=match):
+        convzoo.LocalConv2d.from_hypnettorch(bad)

@@ -115,10 +115,14 @@ class _LocalConvNd(nn.Module):
         fastest layout.
 
         Raises:
+            TypeError: ``weight`` is a list (hypnettorch's ``weights=[W, b]`` is ``weight=W, bias=b`` here).
             ValueError: the input does not match ``in_channels``/``in_size``, a weight is missing, or a
                 bias is missing (``bias=True``) or unexpected (``bias=False``).
         """
         nd = self._ndim
+        if isinstance(weight, (list, tuple)):
+            raise TypeError("weight must be a tensor, got a list: hypnettorch's forward(x, weights=[W, b]) is "
+                            "forward(x, weight=W, bias=b) here")
         if not isinstance(input, Tensor) or input.dim() != nd + 2:
             raise ValueError(f"input must be [N, C, *in_size] with {nd} spatial dims, got "
                              f"{tuple(input.shape) if isinstance(input, Tensor) else type(input).__name__}")
@@ -161,7 +165,8 @@ class LocalConv1d(_LocalConvNd):
 
 class LocalConv2d(_LocalConvNd):
     """Locally connected 2-d layer (a convolution without weight sharing), like hypnettorch's
-    ``LocalConv2dLayer`` without its ``[N, C_out, C_in·K², L]`` temporary.
+    ``LocalConv2dLayer`` without its ``[N, C_out, C_in·K², L]`` temporary (:meth:`from_hypnettorch`
+    converts one, and documents the mapping).
 
     Args:
         in_channels, out_channels: channel counts.
@@ -184,6 +189,65 @@ class LocalConv2d(_LocalConvNd):
     """
 
     _ndim = 2
+
+    @classmethod
+    def from_hypnettorch(cls, layer) -> LocalConv2d:
+        """A :class:`LocalConv2d` that computes what hypnettorch's ``LocalConv2dLayer`` ``layer`` computes,
+        holding a copy of its parameters. hypnettorch is not imported: ``layer`` is read through the
+        attributes its constructor sets (``_in_channels``, ``_in_height``, ``_kernel_size``, ...,
+        ``filters``, ``bias``, ``param_shapes``).
+
+        The mapping, for code moving from hypnettorch:
+
+        - constructor: ``LocalConv2dLayer(C_in, C_out, H, W, k, stride, padding, bias, no_weights)`` is
+          ``LocalConv2d(C_in, C_out, (H, W), k, stride, padding, bias=bias, no_weights=no_weights)``.
+          The input size is ONE argument here and ``dilation`` precedes ``bias``: a positional
+          ``LocalConv2d(3, 8, 32, 32, 3)`` would read 32 as the kernel size and 3 as the stride.
+        - parameters: ``filters`` ``[C_out, C_in·K², L]`` is ``weight`` (the view of the parameter
+          ``weight_by_position`` ``[L, C_out, C_in·K²]``); ``bias`` ``[C_out, L]`` is ``bias``. A
+          hypnettorch state_dict loads with ``m.load_state_dict({"weight": sd["filters"], "bias": sd["bias"]})``
+          (its ``_weights.0``/``_weights.1`` keys repeat the same two tensors).
+        - forward: ``layer(x, weights=[W, b])`` is ``m(x, weight=W, bias=b)``, with the same ``W``
+          (any strides) and ``param_shapes``; ``out_height, out_width`` is ``out_size``.
+        - init: hypnettorch draws both parameters from ``U(±1/√(C_in·K²·L))`` (``kaiming_uniform_`` counts
+          the L positions of a ``[C_out, C_in·K², L]`` tensor in its fan-in); convzoo from
+          ``U(±1/√(C_in·K²))``, ``nn.Conv2d``'s bound for the per-position fan-in, √L times wider. For
+          hypnettorch's scale: ``nn.init.uniform_(p, -s, s)`` for each ``p`` in ``m.parameters()``,
+          ``s = 1/√(C_in·K²·L)``.
+
+        Raises:
+            TypeError: ``layer`` lacks an attribute of hypnettorch's ``LocalConv2dLayer``.
+            ValueError: its ``filters`` or ``bias`` do not have the shapes its geometry implies.
+        """
+        names = ("_in_channels", "_out_channels", "_in_height", "_in_width", "_kernel_size", "_stride", "_padding",
+                 "_has_bias", "_no_weights", "param_shapes")
+        missing = [n for n in names if not hasattr(layer, n)]
+        if missing:
+            raise TypeError(f"from_hypnettorch needs a hypnettorch LocalConv2dLayer; {type(layer).__name__} has "
+                            f"no {', '.join(missing)}")
+        no_weights, has_bias = bool(layer._no_weights), bool(layer._has_bias)
+        params = {} if no_weights else {"filters": getattr(layer, "filters", None)}
+        if has_bias and not no_weights:
+            params["bias"] = getattr(layer, "bias", None)
+        for name, t in params.items():
+            if not isinstance(t, Tensor):
+                raise TypeError(f"from_hypnettorch: the layer's {name} must be a tensor, got {type(t).__name__}")
+        filters = params.get("filters")
+        kw = {} if filters is None else {"device": filters.device, "dtype": filters.dtype}
+        m = cls(layer._in_channels, layer._out_channels, (layer._in_height, layer._in_width), layer._kernel_size,
+                stride=layer._stride, padding=layer._padding, bias=has_bias, no_weights=no_weights, **kw)
+        for (name, t), shape in zip(params.items(), m.param_shapes):
+            if list(t.shape) != shape:
+                raise ValueError(f"from_hypnettorch: the layer's {name} is {list(t.shape)}, its geometry needs "
+                                 f"{shape}")
+        if filters is not None:
+            with torch.no_grad():
+                m.weight_by_position.copy_(filters.permute(2, 0, 1))
+                if has_bias:
+                    m.bias.copy_(params["bias"])
+            for p, t in zip(m.parameters(), params.values()):
+                p.requires_grad_(t.requires_grad)
+        return m.train(getattr(layer, "training", True))
 
 
 class LocalConv3d(_LocalConvNd):
