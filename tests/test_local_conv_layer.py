@@ -6,7 +6,8 @@ parameter ``weight_by_position`` ``[L, C_out, C_in·∏K]``, and ``load_state_di
 
 hypnettorch: ``LocalConv2d.from_hypnettorch`` against a stand-in for hypnettorch's ``LocalConv2dLayer``
 (its constructor, parameter names, init and forward restated from hypnettorch 0.0.x's
-``utils/local_conv2d_layer.py``; hypnettorch itself is not a dependency).
+``utils/local_conv2d_layer.py``; hypnettorch itself is not a dependency), and the bench's two weight
+layouts.
 """
 
 import io
@@ -20,6 +21,7 @@ from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 import convzoo
 import convzoo.functional as cf
+from bench import ops as bench_ops
 
 
 def _unfold_oracle(x, w, b, kernel_size, stride=1, padding=0):
@@ -334,3 +336,32 @@ def test_from_hypnettorch_bad_input(bad, exc, match):
         exc, match = ValueError, "filters"
     with pytest.raises(exc, match=match):
         convzoo.LocalConv2d.from_hypnettorch(bad)
+
+
+# ---------------------------------------------------------------------------------------------- bench layouts
+def test_bench_local_conv_problems_use_the_labelled_weight_layout():
+    """The quick set benches one shape with both weight layouts; convzoo and the functional peers get
+    the weight as labelled, hypnettorch always its own contiguous ``[C_out, R, L]`` copy."""
+    by_name = {p.name: p for p in bench_ops.problems("quick", ["local_conv"])}
+    mod, hyp = by_name["2d_c32_wmodule"], by_name["2d_c32_whypnet"]
+    for problem, physical in ((mod, (2, 0, 1)), (hyp, (0, 1, 2))):
+        x, w, _, a = problem.make("cpu", torch.float32, False)
+        assert x.shape == (16, 32, 32, 32) and w.shape == (32, 288, 1024) and w.permute(*physical).is_contiguous()
+        assert a["hypnettorch_weight"].is_contiguous() and torch.equal(a["hypnettorch_weight"], w)
+    assert mod.flops("fwd") == hyp.flops("fwd") and mod.bytes("fwd", 4) == hyp.bytes("fwd", 4)
+
+
+@pytest.mark.parametrize("layout", ["module", "hypnettorch"])
+def test_bench_local_conv_providers_agree_on_both_layouts(layout):
+    """Every provider computes hypnettorch's formula, and its weight gradient reaches the problem's
+    weight (the hypnettorch provider reads its copy)."""
+    small = bench_ops._local_conv_problem("t", 2, 3, 4, (6, 6), 3, 1, 1, layout=layout)
+    x, w, b, a = small.make("cpu", torch.float64, True)
+    y_ref = _unfold_oracle(x, w, b, 3, padding=1).view(2, 4, 6, 6)
+    gy = torch.randn_like(y_ref)
+    refs = torch.autograd.grad(y_ref, (x, w, b), gy)
+    for prov in bench_ops.providers()["local_conv"]:
+        y = prov.fn(x, w, b, a)
+        torch.testing.assert_close(y, y_ref, atol=1e-12, rtol=1e-12, msg=prov.name)
+        for g, g_ref in zip(torch.autograd.grad(y, (x, w, b), gy), refs):
+            torch.testing.assert_close(g, g_ref, atol=1e-12, rtol=1e-12, msg=prov.name)
