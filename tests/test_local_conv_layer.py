@@ -326,16 +326,23 @@ def test_hypnettorch_state_dict_mapping_and_init_scale():
     assert peer.filters.abs().max() <= 1 / math.sqrt(r * L) < convzoo.LocalConv2d(2, 3, (6, 6), 3).weight.abs().max()
 
 
-@pytest.mark.parametrize("bad, exc, match", [
-    (object(), TypeError, "hypnettorch"),
-    (FakeHypnettorchLocalConv2dLayer(2, 3, 5, 5, 3), None, None),
-], ids=["not_a_layer", "mismatched_filters"])
-def test_from_hypnettorch_bad_input(bad, exc, match):
-    if exc is None:  # filters of the wrong shape (e.g. a layer edited by hand)
-        bad.filters = nn.Parameter(torch.zeros(3, 18, 10))
-        exc, match = ValueError, "filters"
+def _edited(**attrs):
+    """A stand-in layer edited by hand after construction."""
+    layer = FakeHypnettorchLocalConv2dLayer(2, 3, 5, 5, 3)
+    for name, value in attrs.items():
+        setattr(layer, name, value)
+    return layer
+
+
+@pytest.mark.parametrize("make, exc, match", [
+    (lambda: object(), TypeError, "hypnettorch LocalConv2dLayer; object has no _in_channels"),
+    (lambda: _edited(filters=nn.Parameter(torch.zeros(3, 18, 10))), ValueError, "filters is"),
+    (lambda: _edited(_param_shapes=[[3, 18, 10], [3, 10]]), ValueError, "param_shapes"),
+    (lambda: _edited(filters=None), TypeError, "filters must be a tensor"),
+], ids=["not_a_layer", "filters_shape", "param_shapes", "filters_none"])
+def test_from_hypnettorch_bad_input(make, exc, match):
     with pytest.raises(exc, match=match):
-        convzoo.LocalConv2d.from_hypnettorch(bad)
+        convzoo.LocalConv2d.from_hypnettorch(make())
 
 
 # ---------------------------------------------------------------------------------------------- bench layouts

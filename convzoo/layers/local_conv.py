@@ -217,7 +217,8 @@ class LocalConv2d(_LocalConvNd):
 
         Raises:
             TypeError: ``layer`` lacks an attribute of hypnettorch's ``LocalConv2dLayer``.
-            ValueError: its ``filters`` or ``bias`` do not have the shapes its geometry implies.
+            ValueError: its ``param_shapes``, ``filters`` or ``bias`` do not have the shapes its geometry
+                implies.
         """
         names = ("_in_channels", "_out_channels", "_in_height", "_in_width", "_kernel_size", "_stride", "_padding",
                  "_has_bias", "_no_weights", "param_shapes")
@@ -236,6 +237,9 @@ class LocalConv2d(_LocalConvNd):
         kw = {} if filters is None else {"device": filters.device, "dtype": filters.dtype}
         m = cls(layer._in_channels, layer._out_channels, (layer._in_height, layer._in_width), layer._kernel_size,
                 stride=layer._stride, padding=layer._padding, bias=has_bias, no_weights=no_weights, **kw)
+        if [list(s) for s in layer.param_shapes] != m.param_shapes:  # e.g. a hand-edited layer
+            raise ValueError(f"from_hypnettorch: the layer's param_shapes {layer.param_shapes} differ from those "
+                             f"its geometry implies, {m.param_shapes}")
         for (name, t), shape in zip(params.items(), m.param_shapes):
             if list(t.shape) != shape:
                 raise ValueError(f"from_hypnettorch: the layer's {name} is {list(t.shape)}, its geometry needs "
