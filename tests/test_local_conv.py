@@ -157,12 +157,18 @@ def test_many_partial_tiles(kernel_device):
 
 
 def test_grad_weight_layout_is_position_major(path):
-    """dW comes back as the [C_out, R, L] view of a contiguous [L, C_out, R] tensor, the module's layout."""
+    """dW comes back as the [C_out, R, L] view of a contiguous [L, C_out, R] tensor, the layout of the
+    module's parameter ``weight_by_position``, which receives it contiguous."""
     case = CASES[0]
+    x = torch.randn(case.n, case.c, *case.size, device=path)
+    w, b = make_params(case, torch.float32, path)
+    w.requires_grad_()
+    (dw,) = torch.autograd.grad(cf.local_conv(x, w, b, **case.kwargs()).sum(), w)
+    assert dw.shape == w.shape and dw.permute(2, 0, 1).is_contiguous()
     m = convzoo.LocalConv2d(case.c, C_OUT, case.size, case.kernel, padding=1).to(path)
-    m(torch.randn(case.n, case.c, *case.size, device=path)).sum().backward()
-    assert m.weight.grad.stride() == m.weight.stride()
-    assert m.weight.grad.permute(2, 0, 1).is_contiguous()
+    m(x).sum().backward()
+    assert m.weight_by_position.grad.shape == m.weight_by_position.shape
+    assert m.weight_by_position.grad.is_contiguous()
 
 
 # ---------------------------------------------------------------------------------------------- modules
@@ -222,7 +228,7 @@ def test_autocast_computes_in_the_autocast_dtype():
         with torch.autocast("cpu", dtype=torch.bfloat16):
             y = m(x)
         y.float().sum().backward()
-    assert y.dtype == torch.bfloat16 and m.weight.grad.dtype == torch.float32
+    assert y.dtype == torch.bfloat16 and m.weight_by_position.grad.dtype == torch.float32
     torch.testing.assert_close(y.float(), m(x).detach(), atol=5e-2, rtol=2e-2)  # bf16 rounding of the inputs
 
 

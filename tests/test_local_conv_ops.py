@@ -87,7 +87,7 @@ def _fwd_bwd(model, x):
     x = x.clone().requires_grad_()
     y = model(x)
     y.square().sum().backward()
-    return y.detach(), x.grad, model.local.weight.grad, model.local.bias.grad, model.head.weight.grad
+    return y.detach(), x.grad, model.local.weight_by_position.grad, model.local.bias.grad, model.head.weight.grad
 
 
 @torch.fx.experimental._config.patch(use_duck_shape=False)  # N == C_in must not specialise N
