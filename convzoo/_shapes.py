@@ -50,6 +50,16 @@ def _as_int(v):
     return v if isinstance(v, (int, torch.SymInt)) else int(v)
 
 
+def plain_ints(value):
+    """``value`` with every integer in it (nested in tuples/lists too) a Python int: what a module keeps,
+    so that ``torch.compile`` never traces a numpy integer (Dynamo reads those as tensors)."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, (bool, int)):
+        return int(value)
+    if isinstance(value, (tuple, list)):
+        return type(value)(plain_ints(v) for v in value)
+    return value
+
+
 def as_tuple(value, ndim: int, name: str) -> tuple:
     """``value`` as a tuple of ``ndim`` ints (an int is repeated).
 

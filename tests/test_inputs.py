@@ -53,6 +53,15 @@ def test_unbatched_local_conv(path):
         cf.local_conv(x, w, b, kernel_size=3, padding=1)
 
 
+def test_unbatched_local_conv_module(path):
+    layer = convzoo.LocalConv2d(2, 3, (5, 6), 3, stride=(1, 2), padding=1, dtype=torch.float64).to(path)
+    x = torch.randn(2, 5, 6, dtype=torch.float64, device=path)
+    y = layer(x)
+    assert y.shape == (3, 5, 3)
+    torch.testing.assert_close(y, layer(x[None])[0], rtol=0, atol=0)
+    assert convzoo.LocalConv1d(2, 3, 7, 3)(torch.randn(2, 7)).shape == (3, 5)
+
+
 # ---------------------------------------------------------------------------------------------- numpy ints
 def test_numpy_integers_as_sizes(path):
     x = torch.randn(2, 3, 7, 8, device=path)
@@ -66,6 +75,22 @@ def test_numpy_integers_as_sizes(path):
     for bad in (True, np.bool_(True), 2.0, np.float64(2)):
         with pytest.raises(TypeError, match="kernel_size must be an int"):
             cf.unfold(x, bad)
+
+
+def test_numpy_integers_in_modules_are_kept_as_python_ints():
+    """Modules keep plain ints, so torch.compile(fullgraph=True) never traces a numpy integer (Dynamo
+    reads those as tensors and fails)."""
+    u = convzoo.Unfold((np.int64(2), np.int64(2)), padding=np.int64(1), stride=[np.int32(1), 1])
+    assert all(type(v) is int for v in (*u.kernel_size, u.padding, *u.stride))
+    x = torch.randn(2, 3, 5, 5)
+    torch.testing.assert_close(torch.compile(u, fullgraph=True, backend="aot_eager")(x), F.unfold(x, 2, padding=1),
+                               rtol=0, atol=0)
+    layer = convzoo.LocalConv2d(np.int64(3), np.int32(4), (np.int64(5), 5), np.int64(3), padding=np.int64(1))
+    assert (layer.in_channels, layer.out_channels, layer.in_size, layer.padding) == (3, 4, (5, 5), 1)
+    assert all(type(v) is int for v in (layer.in_channels, layer.out_channels, *layer.in_size, layer.padding))
+    assert layer(x).shape == (2, 4, 5, 5)
+    with pytest.raises(TypeError, match="in_channels must be an int"):
+        convzoo.LocalConv2d(np.bool_(True), 4, 5, 3)
 
 
 # ---------------------------------------------------------------------------------------------- weight layouts

@@ -255,7 +255,8 @@ def test_state_dict_round_trip_keeps_values_and_layout():
 @pytest.mark.parametrize("call, exc, match", [
     (lambda m: m(torch.randn(2, 4, 5, 6)), ValueError, "in_channels"),
     (lambda m: m(torch.randn(2, 2, 5, 7)), ValueError, "in_size"),
-    (lambda m: m(torch.randn(2, 2, 30)), ValueError, "spatial dims"),
+    (lambda m: m(torch.randn(2, 30)), ValueError, "spatial dims"),  # [C, H, W] would be an unbatched call
+    (lambda m: m(torch.randn(4, 5, 6)), ValueError, "in_channels"),  # unbatched, wrong channels
     (lambda m: convzoo.LocalConv2d(2, 3, (5, 6), 7), ValueError, "kernel_size"),
     (lambda m: convzoo.LocalConv2d(0, 3, (5, 6), 3), ValueError, "in_channels"),
     (lambda m: convzoo.LocalConv2d(2, 3.0, (5, 6), 3), TypeError, "out_channels"),

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+import numbers
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -12,8 +14,9 @@ from convzoo import functional as F
 
 
 def _positive_int(v, name: str) -> int:
-    if not isinstance(v, int) or isinstance(v, bool):
+    if not isinstance(v, numbers.Integral) or isinstance(v, (bool, np.bool_)):
         raise TypeError(f"{name} must be an int, got {type(v).__name__}")
+    v = int(v)
     if v <= 0:
         raise ValueError(f"{name} must be positive, got {v}")
     return v
@@ -34,7 +37,7 @@ class _LocalConvNd(nn.Module):
         self.kernel_size = _shapes.as_tuple(kernel_size, nd, "kernel_size")
         self.stride = _shapes.as_tuple(stride, nd, "stride")
         self.dilation = _shapes.as_tuple(dilation, nd, "dilation")
-        self.padding = padding
+        self.padding = _shapes.plain_ints(padding)
         self.padding_mode = padding_mode
         ks, dil, pad, st, mode = F._geometry_args(nd, self.kernel_size, self.dilation, padding, self.stride,
                                                   self.in_size, padding_mode)
@@ -106,7 +109,7 @@ class _LocalConvNd(nn.Module):
                                       error_msgs)
 
     def forward(self, input: Tensor, weight: Tensor | None = None, bias: Tensor | None = None) -> Tensor:
-        """``[N, C_in, *in_size]`` → ``[N, C_out, *out_size]``.
+        """``[N, C_in, *in_size]`` → ``[N, C_out, *out_size]``; unbatched ``[C_in, *in_size]`` → ``[C_out, *out_size]``.
 
         ``weight`` (``[C_out, C_in·∏K, L]``, any strides) and ``bias`` (``[C_out, L]`` or ``[C_out]``)
         replace the layer's own parameters, e.g. when a hypernetwork generates them; a layer built
@@ -123,8 +126,10 @@ class _LocalConvNd(nn.Module):
         if isinstance(weight, (list, tuple)):
             raise TypeError("weight must be a tensor, got a list: hypnettorch's forward(x, weights=[W, b]) is "
                             "forward(x, weight=W, bias=b) here")
+        if isinstance(input, Tensor) and input.dim() == nd + 1:  # unbatched [C, *in_size], as nn.Conv2d reads it
+            return self.forward(input[None], weight, bias)[0]
         if not isinstance(input, Tensor) or input.dim() != nd + 2:
-            raise ValueError(f"input must be [N, C, *in_size] with {nd} spatial dims, got "
+            raise ValueError(f"input must be [N, C, *in_size] or [C, *in_size] with {nd} spatial dims, got "
                              f"{tuple(input.shape) if isinstance(input, Tensor) else type(input).__name__}")
         if input.shape[1] != self.in_channels:
             raise ValueError(f"input has {input.shape[1]} channels, but the layer has in_channels={self.in_channels}")

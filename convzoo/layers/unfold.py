@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from convzoo import _shapes
 from convzoo import functional as F
 
 
@@ -12,10 +13,10 @@ class Unfold(nn.Module):
 
     def __init__(self, kernel_size, dilation=1, padding=0, stride=1, padding_mode: str = "zeros"):
         super().__init__()
-        self.kernel_size = kernel_size
-        self.dilation = dilation
-        self.padding = padding
-        self.stride = stride
+        self.kernel_size = _shapes.plain_ints(kernel_size)
+        self.dilation = _shapes.plain_ints(dilation)
+        self.padding = _shapes.plain_ints(padding)
+        self.stride = _shapes.plain_ints(stride)
         self.padding_mode = padding_mode
 
     def forward(self, input: Tensor) -> Tensor:
@@ -35,11 +36,11 @@ class Fold(nn.Module):
 
     def __init__(self, output_size, kernel_size, dilation=1, padding=0, stride=1, padding_mode: str = "zeros"):
         super().__init__()
-        self.output_size = output_size
-        self.kernel_size = kernel_size
-        self.dilation = dilation
-        self.padding = padding
-        self.stride = stride
+        self.output_size = _shapes.plain_ints(output_size)
+        self.kernel_size = _shapes.plain_ints(kernel_size)
+        self.dilation = _shapes.plain_ints(dilation)
+        self.padding = _shapes.plain_ints(padding)
+        self.stride = _shapes.plain_ints(stride)
         self.padding_mode = padding_mode
 
     def forward(self, input: Tensor) -> Tensor:
