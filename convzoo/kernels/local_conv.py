@@ -66,7 +66,7 @@ def _patch_columns(r, l, ID, IH, IW, OH, OW, stride_xc, stride_xd, stride_xh, st
     kd = k // (KW * KH)
     ow = l % OW
     oh = (l // OW) % OH
-    od = l // (OW * OH)
+    od = l // OW // OH  # not l // (OW * OH): an int32 product of two sizes
     i_d, ok_d = _source_index(od * SD - PD + kd * DD, ID, MODE)
     i_h, ok_h = _source_index(oh * SH - PH + kh * DH, IH, MODE)
     i_w, ok_w = _source_index(ow * SW - PW + kw * DW, IW, MODE)
@@ -258,7 +258,7 @@ def local_conv_grad_input_kernel(
     c_ok = c < C
     iw = pix % IW
     ih = (pix // IW) % IH
-    i_d = pix // (IW * IH)
+    i_d = pix // IW // IH  # not pix // (IW * IH): an int32 product of two sizes
 
     # loop over every (padded position, tap) pair that reads this pixel, then over C_out
     acc = tl.zeros([BLOCK_N, BLOCK_C], dtype=ACC_DTYPE)
@@ -276,7 +276,8 @@ def local_conv_grad_input_kernel(
                                     lw, ok_w = _tap_position(iw, jw, kw, IW, OW, PW, QW, SW, DW, MODE)
                                     if ok_w:
                                         l = (ld * OH + lh) * OW + lw
-                                        tap = (kd * KH + kh) * KW + kw
+                                        # loop indices are int32: int64 before any stride multiply
+                                        tap = tl.cast((kd * KH + kh) * KW + kw, tl.int64)
                                         g_rows = g_ptr + n * stride_gn + l * stride_gl
                                         w_cols = w_ptr + l * stride_wl + (c * (KD * KH * KW) + tap) * stride_wr
                                         for o0 in range(0, O, BLOCK_O):

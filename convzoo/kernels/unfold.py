@@ -122,7 +122,7 @@ def unfold_kernel(
     kd = k // (KW * KH)
     ow = blocks % OW
     oh = (blocks // OW) % OH
-    od = blocks // (OW * OH)
+    od = blocks // OW // OH  # not blocks // (OW * OH): an int32 product of two sizes
 
     i_d, ok_d = _source_index(od[None, :] * SD - PD + kd[:, None] * DD, ID, MODE)
     i_h, ok_h = _source_index(oh[None, :] * SH - PH + kh[:, None] * DH, IH, MODE)
@@ -180,7 +180,7 @@ def fold_kernel(
     row_base = n * stride_cn + c * (KD * KH * KW) * stride_ck
     iw = pix % IW
     ih = (pix // IW) % IH
-    i_d = pix // (IW * IH)
+    i_d = pix // IW // IH  # not pix // (IW * IH): an int32 product of two sizes
 
     # loop over every (padded position, tap) pair that can read this pixel, fp32 (fp64) accumulation
     acc = tl.zeros([BLOCK_R, BLOCK_P], dtype=ACC_DTYPE)
@@ -198,7 +198,8 @@ def fold_kernel(
                             lw, ok_w = _block_index(pw, PW, kw, OW, SW, DW)
                             ok = cand_d & cand_h & cand_w & ok_d & ok_h & ok_w & pix_ok
                             blk = (ld * OH + lh) * OW + lw
-                            tap = (kd * KH + kh) * KW + kw
+                            # loop indices are int32: tap · stride_ck passes 2^31 once (K-1)·L does
+                            tap = tl.cast((kd * KH + kh) * KW + kw, tl.int64)
                             src = (cols_ptr + (row_base + tap * stride_ck)[:, None]
                                    + blk.to(tl.int64)[None, :] * stride_cl)
                             vals = tl.load(src, mask=row_ok[:, None] & ok[None, :], other=0)

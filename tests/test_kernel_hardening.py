@@ -1,0 +1,114 @@
+"""Attack tests on the kernel launchers: element offsets past 2^31. Each compares against an
+independent computation on the few elements involved.
+
+Offsets past 2^31 come from views with huge strides whose storage is a sparse file (CPU): the OS maps
+it lazily, so gigabytes of address space cost the few pages written. The views sit 2^32 elements
+into their storage, so an offset that wrapped around int32 (by at most 2^32) would still read inside
+it: a regression shows as a wrong value, not as a crash.
+"""
+
+import pytest
+import torch
+
+import convzoo.functional as cf
+from convzoo import reference
+from convzoo.kernels import local_conv as lc_kernels  # decorate the kernels while TRITON_INTERPRET is set
+from convzoo.kernels import unfold as unfold_kernels
+
+WRAP = 2**32  # storage offset of every huge view: an int32-wrapped offset lands inside the storage
+HUGE = 2**30 + 2**20  # a stride that is int32 itself, but index 2 · HUGE is past 2^31 (and below 2^32)
+
+
+def huge_view(values: torch.Tensor, strides: tuple, tmp_path, name: str) -> torch.Tensor:
+    """``values`` copied into a view with the given element strides, ``WRAP`` elements into its storage.
+
+    CPU: the storage maps a sparse file. CUDA: a real allocation, skipped when it does not fit.
+    """
+    numel = WRAP + sum((s - 1) * st for s, st in zip(values.shape, strides)) + 1
+    if values.device.type == "cpu":
+        path = tmp_path / f"{name}.bin"
+        with open(path, "wb") as f:
+            f.truncate(numel * values.element_size())
+        storage = torch.from_file(str(path), shared=True, size=numel, dtype=values.dtype)
+        path.unlink()  # the mapping keeps the pages; no file of 10+ GB apparent size stays behind
+    else:
+        try:
+            storage = torch.empty(numel, dtype=values.dtype, device=values.device)
+        except torch.OutOfMemoryError:
+            pytest.skip(f"{numel * values.element_size() / 2**30:.0f} GiB do not fit on this GPU")
+    view = storage.as_strided(values.shape, strides, WRAP)
+    view.copy_(values)
+    return view
+
+
+def _geom(k, pad=0, mode="zeros"):
+    """1-d kernel arguments as the launchers take them: kernel, dilation, flat padding, stride, mode."""
+    return [k], [1], [pad, pad], [1], mode
+
+
+# ---------------------------------------------------------------------------------------------- 2^31
+def test_fold_tap_offset_past_int32(tmp_path, kernel_device):
+    """fold reads tap k of a column at k · stride_ck: with the stride int32 and k ≥ 2, past 2^31
+    (what any contiguous cols with (K-1)·L ≥ 2^31 does on a GPU)."""
+    k, size = 3, 6
+    dense = torch.randint(-8, 9, (2, k, size - k + 1)).float().to(kernel_device)  # N = 2, C = 1, L = 4
+    cols = huge_view(dense, (4, HUGE, 1), tmp_path, "cols")
+    out = unfold_kernels.fold(cols, [size], *_geom(k))
+    torch.testing.assert_close(out, reference.fold(dense, [size], *_geom(k)), atol=0, rtol=0)
+
+
+def test_unfold_backward_offset_past_int32(tmp_path, kernel_device):
+    """unfold's backward is fold of the incoming gradient, with whatever strides it has."""
+    x = torch.randn(1, 1, 6, device=kernel_device, requires_grad=True)
+    y = cf.unfold(x, 3)
+    dense = torch.randint(-8, 9, y.shape).float().to(kernel_device)
+    (gx,) = torch.autograd.grad(y, x, huge_view(dense, (0, HUGE, 1), tmp_path, "grad"))
+    torch.testing.assert_close(gx, reference.fold(dense, [6], *_geom(3)), atol=0, rtol=0)
+
+
+def test_unfold_channel_offset_past_int32(tmp_path, kernel_device):
+    dense = torch.randn(2, 3, 5, device=kernel_device)
+    x = huge_view(dense, (1, HUGE, 3), tmp_path, "x")  # channel c at c · HUGE
+    out = unfold_kernels.unfold(x, *_geom(3, 1, "reflect"))
+    torch.testing.assert_close(out, reference.unfold(dense, *_geom(3, 1, "reflect")), atol=0, rtol=0)
+
+
+def _local_conv_dense(device):
+    """x [2, 3, 5], weight [3, 9, 3] (k = 3, L = 3), grad [2, 3, 3]: fp32. Three of C_in, C_out and L,
+    so that index 2 of each meets a huge stride."""
+    x = torch.randn(2, 3, 5, device=device)
+    w = torch.randn(3, 9, 3, device=device)
+    gy = torch.randn(2, 3, 3, device=device)
+    return x, w, gy
+
+
+def test_local_conv_forward_offsets_past_int32(tmp_path, kernel_device):
+    """x's channel c at c · HUGE, and position l's filter at l · HUGE."""
+    x, w, _ = _local_conv_dense(kernel_device)
+    b = torch.randn(3, 3, device=kernel_device)
+    xh = huge_view(x, (1, HUGE, 3), tmp_path, "x")
+    wh = huge_view(w, (9, 1, HUGE), tmp_path, "w")
+    y = lc_kernels.local_conv(xh, wh, b, *_geom(3))
+    ref = reference.local_conv(x.double(), w.double(), b.double(), *_geom(3))
+    torch.testing.assert_close(y.double(), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_local_conv_grad_weight_offsets_past_int32(tmp_path, kernel_device):
+    """x's channel c at c · HUGE, and dY of position l at l · HUGE."""
+    x, _, gy = _local_conv_dense(kernel_device)
+    xh = huge_view(x, (1, HUGE, 3), tmp_path, "x")
+    gh = huge_view(gy, (9, 3, HUGE), tmp_path, "gy")
+    dw, db = lc_kernels.local_conv_grad_weight(gh, xh, *_geom(3))
+    dw_ref, db_ref = reference.local_conv_grad_weight(gy.double(), x.double(), *_geom(3))
+    torch.testing.assert_close(dw.double(), dw_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(db.double(), db_ref, atol=1e-5, rtol=1e-5)
+
+
+def test_local_conv_grad_input_offsets_past_int32(tmp_path, kernel_device):
+    """Patch row r of the weight at r · 2^28+ (row 8 past 2^31), and dY channel o at o · HUGE."""
+    _, w, gy = _local_conv_dense(kernel_device)
+    wh = huge_view(w, (3, 2**28 + 2**20, 1), tmp_path, "w")
+    gh = huge_view(gy, (3, HUGE, 1), tmp_path, "gy")
+    dx = lc_kernels.local_conv_grad_input(gh, wh, [5], *_geom(3))
+    ref = reference.local_conv_grad_input(gy.double(), w.double(), [5], *_geom(3))
+    torch.testing.assert_close(dx.double(), ref, atol=1e-5, rtol=1e-5)
