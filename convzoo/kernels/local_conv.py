@@ -197,10 +197,12 @@ def local_conv_grad_weight_kernel(
         acc = _mma(gt, p, acc, FP64, PRECISION)
         acc_b += tl.sum(gt.to(ACC_DTYPE), axis=1)
 
-    # masked stores; the bias gradient once per (position, C_out tile)
+    # masked stores; the bias gradient once per (position, C_out tile). A branch, not a scalar in the
+    # mask: newer interpreters (triton >= 3.9) reject a mask that broadcasts a scalar bool
     dw = dw_ptr + l * stride_dwl + o[:, None] * stride_dwo + r[None, :] * stride_dwr
     tl.store(dw, acc.to(dw_ptr.dtype.element_ty), mask=o_ok[:, None] & r_ok[None, :])
-    tl.store(db_ptr + o * L + l, acc_b.to(db_ptr.dtype.element_ty), mask=o_ok & (pid_r == 0))
+    if pid_r == 0:
+        tl.store(db_ptr + o * L + l, acc_b.to(db_ptr.dtype.element_ty), mask=o_ok)
 
 
 @triton.jit
