@@ -1,5 +1,5 @@
-"""Attack tests on the kernel launchers: element offsets past 2^31. Each compares against an
-independent computation on the few elements involved.
+"""Attack tests on the kernel launchers: element offsets past 2^31 and bf16 under the interpreter.
+Each compares against an independent computation on the few elements involved.
 
 Offsets past 2^31 come from views with huge strides whose storage is a sparse file (CPU): the OS maps
 it lazily, so gigabytes of address space cost the few pages written. The views sit 2^32 elements
@@ -7,8 +7,11 @@ into their storage, so an offset that wrapped around int32 (by at most 2^32) wou
 it: a regression shows as a wrong value, not as a crash.
 """
 
+import math
+
 import pytest
 import torch
+from problems import TOL, Case, flat_padding, oracle_unfold
 
 import convzoo.functional as cf
 from convzoo import reference
@@ -112,3 +115,90 @@ def test_local_conv_grad_input_offsets_past_int32(tmp_path, kernel_device):
     dx = lc_kernels.local_conv_grad_input(gh, wh, [5], *_geom(3))
     ref = reference.local_conv_grad_input(gy.double(), w.double(), [5], *_geom(3))
     torch.testing.assert_close(dx.double(), ref, atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- bf16
+BF16_CASES = [
+    Case(2, 3, (5, 6), (3, 3), None, 1),
+    Case(2, 2, (7, 6), (3, 2), (2, 2), 1, (2, 1)),
+    Case(2, 3, (11,), (3,), None, 2, None, "reflect"),
+    Case(2, 2, (3, 4, 4), (2, 2, 2), (1, 2, 1), 1),
+]
+BF16_IDS = [c.id for c in BF16_CASES]
+
+
+def _args(case: Case) -> tuple:
+    kw = case.kwargs()
+    return list(case.kernel), list(kw["dilation"]), flat_padding(case), list(kw["stride"]), case.mode
+
+
+def _bf16_problem(case: Case, device, c_out=3):
+    """bf16 x, weight (module layout), per-pixel bias and dY, and the fp64 copies of the same values."""
+    L = oracle_unfold(torch.zeros(1, 1, *case.size), case).shape[-1]
+    R = case.c * math.prod(case.kernel)
+    x = torch.randn(case.n, case.c, *case.size).bfloat16()
+    w = (torch.randn(L, c_out, R) / math.sqrt(R)).bfloat16().permute(1, 2, 0)
+    b = torch.randn(c_out, L).bfloat16()
+    gy = torch.randn(case.n, c_out, L).bfloat16()
+    bf16 = [t.to(device) for t in (x, w, b, gy)]
+    return bf16, [t.double() for t in (x, w, b, gy)]
+
+
+@pytest.mark.parametrize("case", BF16_CASES, ids=BF16_IDS)
+def test_local_conv_bf16_launchers(case, kernel_device):
+    """The three kernels in bf16 against fp64 on the same values. Under the interpreter bf16 must
+    not reach tl.dot (it multiplies bit patterns: errors of ~1e10)."""
+    (x, w, b, gy), (xd, wd, bd, gyd) = _bf16_problem(case, kernel_device)
+    args = _args(case)
+    y_ref = reference.local_conv(xd, wd, bd, *args)
+    gy, gyd = gy.reshape(y_ref.shape), gyd.reshape(y_ref.shape)
+    atol, rtol = TOL[torch.bfloat16]
+
+    y = lc_kernels.local_conv(x, w, b, *args)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.double().cpu(), y_ref, atol=atol, rtol=rtol)
+    dx = lc_kernels.local_conv_grad_input(gy, w, list(case.size), *args)
+    torch.testing.assert_close(dx.double().cpu(), reference.local_conv_grad_input(gyd, wd, list(case.size), *args),
+                               atol=atol, rtol=rtol)
+    dw, db = lc_kernels.local_conv_grad_weight(gy, x, *args)
+    dw_ref, db_ref = reference.local_conv_grad_weight(gyd, xd, *args)
+    torch.testing.assert_close(dw.double().cpu(), dw_ref, atol=atol, rtol=rtol)
+    torch.testing.assert_close(db.double().cpu(), db_ref, atol=atol, rtol=rtol)
+    assert dw.permute(2, 0, 1).is_contiguous()  # the fast layout, also through the interpreter's fp32 buffer
+
+
+def test_local_conv_bf16_op_forward_backward(kernel_device):
+    """Through torch.ops.convzoo.local_conv and autograd (both backward ops), bf16 on the kernel path."""
+    case = BF16_CASES[1]
+    (x, w, b, _), (xd, wd, bd, _) = _bf16_problem(case, kernel_device)
+    kw = case.kwargs()
+    inputs = [t.requires_grad_() for t in (x, w, b)]
+    y = cf.local_conv(*inputs, **kw)
+    gy = torch.randn(y.shape).bfloat16().to(kernel_device)
+    grads = torch.autograd.grad(y, inputs, gy)
+    ref_inputs = [t.requires_grad_() for t in (xd, wd, bd)]
+    y_ref = reference.local_conv(*ref_inputs, *_args(case))
+    grads_ref = torch.autograd.grad(y_ref, ref_inputs, gy.double().cpu())
+    atol, rtol = TOL[torch.bfloat16]
+    torch.testing.assert_close(y.double().cpu(), y_ref.detach(), atol=atol, rtol=rtol)
+    for name, g, g_ref in zip(("input", "weight", "bias"), grads, grads_ref):
+        assert g.dtype == torch.bfloat16, name
+        torch.testing.assert_close(g.double().cpu(), g_ref, atol=atol, rtol=rtol, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("case", BF16_CASES, ids=BF16_IDS)
+def test_unfold_fold_bf16_exact(case, kernel_device):
+    """unfold moves bf16 bits exactly; fold sums in fp32 and rounds once to nearest even. Entries are
+    multiples of 1/64 below 4: sums are exact in fp32 but need more bits than bf16 has, so the result
+    depends on the rounding (the interpreter's own fp32 → bf16 cast truncates)."""
+    x = torch.randn(case.n, case.c, *case.size).bfloat16().to(kernel_device)
+    cols = oracle_unfold(x.cpu(), case)
+    torch.testing.assert_close(unfold_kernels.unfold(x, *_args(case)).cpu(), cols, atol=0, rtol=0)
+    cols = (torch.randint(-255, 256, cols.shape) / 64).bfloat16()
+    exact = reference.fold(cols.double(), list(case.size), *_args(case)).float()  # fp64 sums, exact in fp32
+    expect = exact.bfloat16()  # rounded once, to nearest even
+    truncated = (exact.view(torch.int32) & ~0xFFFF).view(torch.float32).bfloat16()
+    assert not torch.equal(expect, truncated), "no sum needs rounding: the test could not tell"
+    out = unfold_kernels.fold(cols.to(kernel_device), list(case.size), *_args(case))
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.cpu(), expect, atol=0, rtol=0)

@@ -33,6 +33,9 @@ from convzoo.kernels.unfold import (
     _as_5d,
     _block_index,
     _check_device,
+    _finish,
+    _interpreted,
+    _launch_buffer,
     _num_candidates,
     _padded_candidate,
     _source_index,
@@ -42,10 +45,16 @@ __all__ = ["local_conv", "local_conv_grad_input", "local_conv_grad_weight"]
 
 
 @triton.jit
-def _mma(a, b, acc, FP64: tl.constexpr, PRECISION: tl.constexpr):
-    """``acc + a @ b``. fp64 is a broadcast-sum: ``tl.dot`` does not take fp64 on every target."""
+def _mma(a, b, acc, FP64: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """``acc + a @ b``. fp64 is a broadcast-sum: ``tl.dot`` does not take fp64 on every target.
+    ``UPCAST`` (bf16 under the interpreter only) feeds ``tl.dot`` fp32 operands: the interpreter's
+    ``tl.dot`` multiplies bf16 bit patterns as integers. The conversion is exact and bf16 products are
+    exact in fp32, so this is what the tensor cores compute, up to summation order; on a GPU bf16
+    stays on the tensor cores."""
     if FP64:
         acc += tl.sum(a[:, :, None] * b[None, :, :], axis=1)
+    elif UPCAST:
+        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
     else:
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
     return acc
@@ -92,7 +101,8 @@ def local_conv_fwd_kernel(
     PD: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
     DD: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
     MODE: tl.constexpr,
-    HAS_BIAS: tl.constexpr, FP64: tl.constexpr, PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    HAS_BIAS: tl.constexpr, FP64: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
     # tiles
     BLOCK_N: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
@@ -130,7 +140,7 @@ def local_conv_fwd_kernel(
                                  KD, KH, KW, SD, SH, SW, PD, PH, PW, DD, DH, DW, MODE)
         p = tl.load(x_rows[:, None] + off[None, :], mask=n_ok[:, None] & (r_ok & ok)[None, :], other=0)
         w = tl.load(w_cols[None, :] + r[:, None] * stride_wr, mask=r_ok[:, None] & o_ok[None, :], other=0)
-        acc = _mma(p, w, acc, FP64, PRECISION)
+        acc = _mma(p, w, acc, FP64, PRECISION, UPCAST)
     if HAS_BIAS:
         b = tl.load(b_ptr + o * stride_bo + l * stride_bl, mask=o_ok, other=0)
         acc += b.to(ACC_DTYPE)[None, :]
@@ -157,7 +167,7 @@ def local_conv_grad_weight_kernel(
     PD: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
     DD: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
     MODE: tl.constexpr,
-    FP64: tl.constexpr, PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    FP64: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, ACC_DTYPE: tl.constexpr,
     # tiles
     BLOCK_O: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -194,7 +204,7 @@ def local_conv_grad_weight_kernel(
         n_ok = n < N
         gt = tl.load(g_rows[:, None] + n[None, :] * stride_gn, mask=o_ok[:, None] & n_ok[None, :], other=0)
         p = tl.load(x_ptr + n[:, None] * stride_xn + off[None, :], mask=n_ok[:, None] & col_ok[None, :], other=0)
-        acc = _mma(gt, p, acc, FP64, PRECISION)
+        acc = _mma(gt, p, acc, FP64, PRECISION, UPCAST)
         acc_b += tl.sum(gt.to(ACC_DTYPE), axis=1)
 
     # masked stores; the bias gradient once per (position, C_out tile). A branch, not a scalar in the
@@ -233,7 +243,7 @@ def local_conv_grad_input_kernel(
     MODE: tl.constexpr,
     # padded positions that can read one input index, per dim (1 for 'zeros')
     NCD: tl.constexpr, NCH: tl.constexpr, NCW: tl.constexpr,
-    FP64: tl.constexpr, PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    FP64: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, ACC_DTYPE: tl.constexpr,
     # tiles
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_O: tl.constexpr,
 ):
@@ -289,7 +299,7 @@ def local_conv_grad_input_kernel(
                                                          mask=n_ok[:, None] & o_ok[None, :], other=0)
                                             w = tl.load(w_cols[None, :] + o[:, None] * stride_wo,
                                                         mask=o_ok[:, None] & c_ok[None, :], other=0)
-                                            acc = _mma(gt, w, acc, FP64, PRECISION)
+                                            acc = _mma(gt, w, acc, FP64, PRECISION, UPCAST)
 
     # masked store
     dx = dx_ptr + n[:, None] * C * P + c[None, :] * P + pix
@@ -422,12 +432,14 @@ GRAD_INPUT_SPEC = autotune.register(KernelSpec(
 
 # ----------------------------------------------------------------------------------------------
 # launchers
-def _math_args(dtype: torch.dtype) -> dict:
+def _math_args(dtype: torch.dtype, kernel) -> dict:
     """Accumulator and ``tl.dot`` precision: fp32 inputs use TF32 only where torch's own matmuls
-    would (``torch.set_float32_matmul_precision``)."""
+    would (``torch.set_float32_matmul_precision``); bf16 operands are upcast for ``tl.dot`` only
+    when ``kernel`` runs on the interpreter (see ``_mma``)."""
     fp64 = dtype == torch.float64
     tf32 = dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest"
-    return {"FP64": fp64, "PRECISION": "tf32" if tf32 else "ieee", "ACC_DTYPE": _acc_dtype(dtype)}
+    return {"FP64": fp64, "PRECISION": "tf32" if tf32 else "ieee",
+            "UPCAST": dtype == torch.bfloat16 and _interpreted(kernel), "ACC_DTYPE": _acc_dtype(dtype)}
 
 
 def local_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, kernel_size: list[int],
@@ -445,6 +457,7 @@ def local_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     y = x.new_empty(_shapes.local_conv_out_shape(x, weight, g))
     if y.numel() == 0:
         return y
+    buf = _launch_buffer(y, local_conv_fwd_kernel)
     # (3) look up config and launch
     a = _as_3d(g)
     n = x.shape[0]
@@ -459,15 +472,15 @@ def local_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     m = cfg.meta
     grid = (l * triton.cdiv(n, m["BLOCK_N"]) * triton.cdiv(o, m["BLOCK_O"]),)
     local_conv_fwd_kernel[grid](
-        y, xs, weight, b,
+        buf, xs, weight, b,
         n, o, r, *a["in"], a["out"][1], a["out"][2], l,
         *xs.stride(), *weight.stride(), *b_strides,
         *a["k"], *a["s"], *a["lo"], *a["d"],
         _shapes.PADDING_MODE_CODES[g.padding_mode],
-        bias is not None, **_math_args(x.dtype),
+        bias is not None, **_math_args(x.dtype, local_conv_fwd_kernel),
         **cfg.launch_kwargs(),
     )
-    return y
+    return _finish(y, buf)
 
 
 def local_conv_grad_weight(grad: torch.Tensor, x: torch.Tensor, kernel_size: list[int], dilation: list[int],
@@ -487,6 +500,8 @@ def local_conv_grad_weight(grad: torch.Tensor, x: torch.Tensor, kernel_size: lis
     db = x.new_empty(b_shape)
     if dw.numel() == 0 and db.numel() == 0:
         return dw, db
+    dw_buf = _launch_buffer(dw, local_conv_grad_weight_kernel)
+    db_buf = _launch_buffer(db, local_conv_grad_weight_kernel)
     # (3) look up config and launch
     a = _as_3d(g)
     n = x.shape[0]
@@ -497,15 +512,15 @@ def local_conv_grad_weight(grad: torch.Tensor, x: torch.Tensor, kernel_size: lis
     m = cfg.meta
     grid = (l * triton.cdiv(o, m["BLOCK_O"]) * triton.cdiv(max(r, 1), m["BLOCK_R"]),)
     local_conv_grad_weight_kernel[grid](
-        dw, db, g3, xs,
+        dw_buf, db_buf, g3, xs,
         n, o, r, *a["in"], a["out"][1], a["out"][2], l,
-        *g3.stride(), *xs.stride(), *dw.stride(),
+        *g3.stride(), *xs.stride(), *dw_buf.stride(),
         *a["k"], *a["s"], *a["lo"], *a["d"],
         _shapes.PADDING_MODE_CODES[g.padding_mode],
-        **_math_args(x.dtype),
+        **_math_args(x.dtype, local_conv_grad_weight_kernel),
         **cfg.launch_kwargs(),
     )
-    return dw, db
+    return _finish(dw, dw_buf), _finish(db, db_buf)
 
 
 def local_conv_grad_input(grad: torch.Tensor, weight: torch.Tensor, input_size: list[int], kernel_size: list[int],
@@ -522,6 +537,7 @@ def local_conv_grad_input(grad: torch.Tensor, weight: torch.Tensor, input_size: 
     dx = grad.new_empty((n, c, *input_size))
     if dx.numel() == 0:
         return dx
+    buf = _launch_buffer(dx, local_conv_grad_input_kernel)
     # (3) look up config and launch
     a = _as_3d(g)
     cfg = config or autotune.lookup("local_conv_grad_input", grad.device, grad.dtype, N=n, C=c, O=o)
@@ -530,13 +546,13 @@ def local_conv_grad_input(grad: torch.Tensor, weight: torch.Tensor, input_size: 
     P = math.prod(g.in_size)
     grid = (P * triton.cdiv(n, m["BLOCK_N"]) * triton.cdiv(c, m["BLOCK_C"]),)
     local_conv_grad_input_kernel[grid](
-        dx, g3, weight,
+        buf, g3, weight,
         n, c, o, *a["in"], *a["out"], P,
         *g3.stride(), *weight.stride(),
         *a["k"], *a["s"], *a["lo"], *a["hi"], *a["d"],
         _shapes.PADDING_MODE_CODES[g.padding_mode],
         *_num_candidates(g, 3 - g.ndim),
-        **_math_args(grad.dtype),
+        **_math_args(grad.dtype, local_conv_grad_input_kernel),
         **cfg.launch_kwargs(),
     )
-    return dx
+    return _finish(dx, buf)

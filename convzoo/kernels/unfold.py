@@ -12,6 +12,7 @@ import math
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
 
 from convzoo import _shapes, autotune, reference
 from convzoo.autotune import Config, KernelSpec, TuneProblem
@@ -312,6 +313,30 @@ def _check_device(t: torch.Tensor) -> None:
             f"the Triton kernels need a CUDA tensor (or CPU tensors with TRITON_INTERPRET=1), got {t.device}")
 
 
+def _interpreted(kernel) -> bool:
+    """True when ``kernel`` was decorated under ``TRITON_INTERPRET=1`` and so runs on Triton's CPU
+    interpreter: the kernels are fixed as interpreted or compiled at import, not by the variable's
+    value at call time."""
+    return isinstance(kernel, InterpretedFunction)
+
+
+def _launch_buffer(out: torch.Tensor, kernel) -> torch.Tensor:
+    """The tensor ``kernel`` writes the result ``out`` into: ``out`` itself, except bf16 under the
+    interpreter, which gets an fp32 twin (same strides) that :func:`_finish` rounds into ``out``. The
+    interpreter's fp32 → bf16 cast truncates where the GPU's rounds to nearest even, so in-kernel
+    rounding would be 1 ulp off torch's (fold is bit-exact against torch on the GPU)."""
+    if out.dtype == torch.bfloat16 and _interpreted(kernel):
+        return torch.empty_like(out, dtype=torch.float32)
+    return out
+
+
+def _finish(out: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:
+    """``out`` after the kernel wrote ``buf`` (see :func:`_launch_buffer`); ``copy_`` rounds to nearest even."""
+    if buf is not out:
+        out.copy_(buf)
+    return out
+
+
 def unfold(x: torch.Tensor, kernel_size: list[int], dilation: list[int], padding: list[int],
            stride: list[int], padding_mode: str = "zeros", config: Config | None = None) -> torch.Tensor:
     """im2col of ``x`` ``[N, C, *spatial]`` → ``[N, C·∏K, L]`` (contiguous), one launch.
@@ -364,13 +389,14 @@ def fold(cols: torch.Tensor, output_size: list[int], kernel_size: list[int], dil
     out = cols.new_empty(_shapes.fold_out_shape(cols, g))
     if out.numel() == 0:
         return out
+    buf = _launch_buffer(out, fold_kernel)
     # (3) look up config and launch
     a = _as_3d(g)
     rows, P = out.shape[0] * out.shape[1], math.prod(g.in_size)
     cfg = config or autotune.lookup("fold", cols.device, cols.dtype, R=rows, P=P)
     grid = (triton.cdiv(rows, cfg.meta["BLOCK_R"]) * triton.cdiv(P, cfg.meta["BLOCK_P"]),)
     fold_kernel[grid](
-        out, cols,
+        buf, cols,
         rows, out.shape[1], *a["in"], *a["out"], P,
         *cols.stride(),
         *a["k"], *a["s"], *a["lo"], *a["hi"], *a["d"],
@@ -379,4 +405,4 @@ def fold(cols: torch.Tensor, output_size: list[int], kernel_size: list[int], dil
         _acc_dtype(cols.dtype),
         **cfg.launch_kwargs(),
     )
-    return out
+    return _finish(out, buf)
