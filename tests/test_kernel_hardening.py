@@ -1,5 +1,5 @@
-"""Attack tests on the kernel launchers: element offsets past 2^31 and bf16 under the interpreter.
-Each compares against an independent computation on the few elements involved.
+"""Attack tests on the kernel launchers: element offsets past 2^31, bf16 under the interpreter, and
+empty dims. Each compares against an independent computation on the few elements involved.
 
 Offsets past 2^31 come from views with huge strides whose storage is a sparse file (CPU): the OS maps
 it lazily, so gigabytes of address space cost the few pages written. The views sit 2^32 elements
@@ -11,7 +11,7 @@ import math
 
 import pytest
 import torch
-from problems import TOL, Case, flat_padding, oracle_unfold
+from problems import TOL, Case, flat_padding, oracle_fold, oracle_unfold
 
 import convzoo.functional as cf
 from convzoo import reference
@@ -202,3 +202,86 @@ def test_unfold_fold_bf16_exact(case, kernel_device):
     out = unfold_kernels.fold(cols.to(kernel_device), list(case.size), *_args(case))
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.cpu(), expect, atol=0, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------- empty dims
+# (id, N, C_in, C_out, spatial size, kernel, padding): L >= 1 always; an empty input dim needs padding
+EMPTY = [
+    ("N0", 0, 2, 3, (4, 5), (3, 3), 1),
+    ("Cin0", 2, 0, 3, (4, 5), (3, 3), 1),
+    ("Cout0", 2, 2, 0, (4, 5), (3, 3), 1),
+    ("H0_padded", 2, 2, 3, (0, 5), (1, 3), 1),  # every patch entry is zero padding
+]
+
+
+def _empty_problem(spec, device):
+    _, n, c, o, size, k, p = spec
+    args = (list(k), [1, 1], [p] * 4, [1, 1], "zeros")
+    out_size = [s + 2 * p - kk + 1 for s, kk in zip(size, k)]
+    L, R = math.prod(out_size), c * math.prod(k)
+    x = torch.randn(n, c, *size, dtype=torch.float64)
+    w = torch.randn(o, R, L, dtype=torch.float64)
+    b = torch.randn(o, L, dtype=torch.float64)
+    gy = torch.randn(n, o, *out_size, dtype=torch.float64)
+    cols = torch.randn(n, R, L, dtype=torch.float64)
+    return [t.to(device) for t in (x, w, b, gy, cols)], args, out_size
+
+
+def _patches(spec, x, out_size) -> torch.Tensor:
+    """unfold(x) in fp64 from its definition: all zero padding, except for the C_out = 0 case."""
+    _, n, c, _, size, k, _ = spec
+    if spec[0] == "Cout0":  # the only case with entries that are not padding
+        return oracle_unfold(x.cpu(), Case(n, c, size, k, None, 1))
+    return torch.zeros(n, c * math.prod(k), math.prod(out_size), dtype=torch.float64)
+
+
+@pytest.mark.parametrize("impl", ["kernels", "reference"])
+@pytest.mark.parametrize("spec", EMPTY, ids=[e[0] for e in EMPTY])
+def test_empty_dims(spec, impl, kernel_device):
+    """Every launcher (and the plain-torch reference) on an empty dim: the right shape and the values
+    of the definition (fp64 einsum over the patches; a sum over an empty dim is 0) — an empty batch
+    gives dW = db = 0, C_in = 0 gives y = bias and db = Σ_n dY, C_out = 0 gives dx = 0 — never
+    uninitialised memory."""
+    device = kernel_device if impl == "kernels" else "cpu"
+    (x, w, b, gy, cols), args, out_size = _empty_problem(spec, device)
+    mod_unfold = unfold_kernels if impl == "kernels" else reference
+    mod = lc_kernels if impl == "kernels" else reference
+    n, o, size = x.shape[0], w.shape[0], list(x.shape[2:])
+    patches = _patches(spec, x, out_size)
+    gy3 = gy.cpu().reshape(n, o, math.prod(out_size))
+
+    def same(got, want, what):
+        assert tuple(got.shape) == tuple(want.shape), f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}"
+        torch.testing.assert_close(got.cpu(), want, atol=1e-12, rtol=1e-12, msg=lambda m: f"{what}: {m}")
+
+    same(mod_unfold.unfold(x, *args), patches, "unfold")
+    folded = mod_unfold.fold(cols, size, *args)
+    assert tuple(folded.shape) == tuple(x.shape), "fold"
+    if folded.numel():  # only Cout0, where fold is a plain problem
+        same(folded, oracle_fold(cols.cpu(), Case(n, x.shape[1], tuple(size), spec[5], None, 1)), "fold")
+    xw = torch.einsum("nrl,orl->nol", patches, w.cpu())
+    for bias, add in ((b, b.cpu()), (b[:, 0], b.cpu()[:, :1]), (None, 0)):
+        same(mod.local_conv(x, w, bias, *args), (xw + add).reshape(n, o, *out_size),
+             f"local_conv, bias {None if bias is None else tuple(bias.shape)}")
+    dw, db = mod.local_conv_grad_weight(gy, x, *args)
+    same(dw, torch.einsum("nol,nrl->orl", gy3, patches), "grad_weight")
+    same(db, gy3.sum(0), "grad_bias")
+    dx = mod.local_conv_grad_input(gy, w, size, *args)
+    dcols = torch.einsum("nol,orl->nrl", gy3, w.cpu())
+    assert tuple(dx.shape) == tuple(x.shape), "grad_input"
+    if dx.numel():  # Cout0: dcols is all zeros, so is dx
+        assert not dcols.any()
+        same(dx, torch.zeros_like(x.cpu()), "grad_input")
+
+
+@pytest.mark.parametrize("call", ["unfold", "local_conv", "local_conv_grad_weight"])
+def test_replicate_padding_of_an_empty_dim_is_refused(call, kernel_device):
+    """'replicate' of an empty dim has nothing to replicate; the kernels would read index -1."""
+    x = torch.randn(2, 2, 0, device=kernel_device)
+    args = _geom(1, 1, "replicate")  # L = 2 from padding alone
+    fn = {"unfold": lambda: unfold_kernels.unfold(x, *args),
+          "local_conv": lambda: lc_kernels.local_conv(x, torch.randn(3, 2, 2, device=kernel_device), None, *args),
+          "local_conv_grad_weight": lambda: lc_kernels.local_conv_grad_weight(
+              torch.randn(2, 3, 2, device=kernel_device), x, *args)}[call]
+    with pytest.raises(ValueError, match="replicate"):
+        fn()

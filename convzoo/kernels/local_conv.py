@@ -33,6 +33,7 @@ from convzoo.kernels.unfold import (
     _as_5d,
     _block_index,
     _check_device,
+    _check_source,
     _finish,
     _interpreted,
     _launch_buffer,
@@ -178,7 +179,8 @@ def local_conv_grad_weight_kernel(
     the same weight-bandwidth bound as the forward. Stores are contiguous along R in the
     ``[L, O, R]`` layout the launcher allocates.
     """
-    # program id -> (position, C_out tile, R tile), R tile fastest (they share the dY tile)
+    # program id -> (position, C_out tile, R tile), R tile fastest (they share the dY tile); the
+    # launcher never launches R = 0 (num_r would be 0, a division by zero below)
     pid = tl.program_id(0).to(tl.int64)
     num_o = tl.cdiv(O, BLOCK_O)
     num_r = tl.cdiv(R, BLOCK_R)
@@ -449,19 +451,30 @@ def local_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     and ``bias`` ``[C_out, L]`` / ``[C_out]`` / None → ``[N, C_out, *out]`` (contiguous), one launch.
 
     ``config`` overrides the autotune lookup (tests use it to run partial tiles).
+
+    Raises:
+        ValueError / TypeError: bad arguments (see :func:`convzoo._shapes.local_conv_geometry`), a device
+            the kernels cannot run on, or ``'replicate'`` padding of an empty dim.
     """
     # (1) check
     g = _shapes.local_conv_geometry(x, weight, bias, kernel_size, dilation, padding, stride, padding_mode)
     _check_device(x)
-    # (2) allocate
+    _check_source(g)
+    # (2) allocate; empty dims need no launch: an empty result (N, C_out = 0), or C_in = 0, where every
+    # dot product is an empty sum and y is the bias (zeros without one). L >= 1 always.
     y = x.new_empty(_shapes.local_conv_out_shape(x, weight, g))
     if y.numel() == 0:
+        return y
+    n = x.shape[0]
+    o, r, l = weight.shape
+    if r == 0:
+        y.zero_()
+        if bias is not None:
+            y.view(n, o, l).add_(bias if bias.dim() == 2 else bias[:, None])
         return y
     buf = _launch_buffer(y, local_conv_fwd_kernel)
     # (3) look up config and launch
     a = _as_3d(g)
-    n = x.shape[0]
-    o, r, l = weight.shape
     cfg = config or autotune.lookup("local_conv_fwd", x.device, x.dtype, N=n, O=o, R=r)
     xs = _as_5d(x, g.ndim)
     if bias is None:
@@ -490,27 +503,39 @@ def local_conv_grad_weight(grad: torch.Tensor, x: torch.Tensor, kernel_size: lis
 
     Returns ``(dW, db)``: ``dW`` ``[C_out, C_in·∏K, L]`` as the ``permute(1, 2, 0)`` view of a
     contiguous ``[L, C_out, C_in·∏K]`` tensor (the fast layout), ``db`` ``[C_out, L]``.
+
+    Raises:
+        ValueError / TypeError: bad arguments (see :func:`convzoo._shapes.local_conv_grad_weight_geometry`),
+            a device the kernels cannot run on, or ``'replicate'`` padding of an empty dim.
     """
     # (1) check
     g = _shapes.local_conv_grad_weight_geometry(grad, x, kernel_size, dilation, padding, stride, padding_mode)
     _check_device(x)
+    _check_source(g)
     # (2) allocate
     w_shape, b_shape = _shapes.local_conv_grad_weight_shapes(grad, x, g)
     dw = x.new_empty(w_shape).permute(1, 2, 0)
     db = x.new_empty(b_shape)
-    if dw.numel() == 0 and db.numel() == 0:
+    if dw.numel() == 0 and db.numel() == 0:  # C_out = 0
+        return dw, db
+    n = x.shape[0]
+    o, r, l = dw.shape
+    if n == 0 or r == 0:
+        # sums over an empty batch are zero; with C_in = 0, dW is empty and db = Σ_n dY still (the
+        # kernel's grid has no R tile then). Summed in the kernels' accumulator dtype, rounded once.
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        dw.zero_()
+        db.copy_(grad.reshape(n, o, l).sum(0, dtype=acc))
         return dw, db
     dw_buf = _launch_buffer(dw, local_conv_grad_weight_kernel)
     db_buf = _launch_buffer(db, local_conv_grad_weight_kernel)
     # (3) look up config and launch
     a = _as_3d(g)
-    n = x.shape[0]
-    o, r, l = dw.shape
     cfg = config or autotune.lookup("local_conv_grad_weight", x.device, x.dtype, O=o, R=r, N=n)
     xs = _as_5d(x, g.ndim)
     g3 = grad.reshape(n, o, l)
     m = cfg.meta
-    grid = (l * triton.cdiv(o, m["BLOCK_O"]) * triton.cdiv(max(r, 1), m["BLOCK_R"]),)
+    grid = (l * triton.cdiv(o, m["BLOCK_O"]) * triton.cdiv(r, m["BLOCK_R"]),)
     local_conv_grad_weight_kernel[grid](
         dw_buf, db_buf, g3, xs,
         n, o, r, *a["in"], a["out"][1], a["out"][2], l,
@@ -527,16 +552,24 @@ def local_conv_grad_input(grad: torch.Tensor, weight: torch.Tensor, input_size: 
                           dilation: list[int], padding: list[int], stride: list[int], padding_mode: str = "zeros",
                           config: Config | None = None) -> torch.Tensor:
     """Input gradient of :func:`local_conv` for ``grad`` ``[N, C_out, *out]`` → ``[N, C_in, *input_size]``
-    (contiguous), one launch, no atomics."""
+    (contiguous), one launch, no atomics.
+
+    Raises:
+        ValueError / TypeError: bad arguments (see :func:`convzoo._shapes.local_conv_grad_input_geometry`)
+            or a device the kernels cannot run on.
+    """
     # (1) check
     g = _shapes.local_conv_grad_input_geometry(grad, weight, input_size, kernel_size, dilation, padding, stride,
                                                padding_mode)
     _check_device(grad)
-    # (2) allocate
+    # (2) allocate; nothing to launch for an empty result (N, C_in or an input dim = 0), and with
+    # C_out = 0 every input pixel's gradient is an empty sum
     n, o, c = grad.shape[0], weight.shape[0], weight.shape[1] // g.kernel_numel
     dx = grad.new_empty((n, c, *input_size))
     if dx.numel() == 0:
         return dx
+    if o == 0:
+        return dx.zero_()
     buf = _launch_buffer(dx, local_conv_grad_input_kernel)
     # (3) look up config and launch
     a = _as_3d(g)

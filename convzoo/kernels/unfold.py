@@ -308,9 +308,27 @@ def _acc_dtype(dtype: torch.dtype):
 
 
 def _check_device(t: torch.Tensor) -> None:
+    """The kernels run on CUDA tensors, and on CPU tensors under the interpreter.
+
+    Raises:
+        ValueError: ``t`` is neither a CUDA tensor nor a CPU tensor under ``TRITON_INTERPRET=1``.
+    """
     if not (t.is_cuda or (autotune.interpret_mode() and t.device.type == "cpu")):
         raise ValueError(
             f"the Triton kernels need a CUDA tensor (or CPU tensors with TRITON_INTERPRET=1), got {t.device}")
+
+
+def _check_source(g: _shapes.Geometry) -> None:
+    """An input that is read must have something to read along every dim. Only ``'replicate'`` lets
+    an empty dim through the geometry check (its padding is then all of the window), and there the
+    kernels would read index -1: out of bounds, not a value.
+
+    Raises:
+        ValueError: ``padding_mode='replicate'`` with an empty spatial dim.
+    """
+    if g.padding_mode == "replicate" and 0 in g.in_size:
+        raise ValueError(f"padding_mode='replicate' needs a non-empty input along every spatial dim (there is "
+                         f"nothing to replicate), got input size {list(g.in_size)}")
 
 
 def _interpreted(kernel) -> bool:
@@ -342,11 +360,17 @@ def unfold(x: torch.Tensor, kernel_size: list[int], dilation: list[int], padding
     """im2col of ``x`` ``[N, C, *spatial]`` → ``[N, C·∏K, L]`` (contiguous), one launch.
 
     ``config`` overrides the autotune lookup (tests use it to run every tile shape).
+
+    Raises:
+        ValueError / TypeError: bad arguments (see :func:`convzoo._shapes.unfold_geometry`), a device the
+            kernels cannot run on, or ``'replicate'`` padding of an empty dim.
     """
     # (1) check
     g = _shapes.unfold_geometry(x, kernel_size, dilation, padding, stride, padding_mode)
     _check_device(x)
-    # (2) allocate
+    _check_source(g)
+    # (2) allocate; nothing to launch for an empty result (N, C = 0); an empty input dim (zero
+    # padding only, see _check_source) reads nothing, so its columns are zeros, as the kernel writes
     out = x.new_empty(_shapes.unfold_out_shape(x, g))
     if out.numel() == 0:
         return out
@@ -381,11 +405,16 @@ def _num_candidates(g: _shapes.Geometry, lead: int) -> tuple[int, int, int]:
 def fold(cols: torch.Tensor, output_size: list[int], kernel_size: list[int], dilation: list[int],
          padding: list[int], stride: list[int], padding_mode: str = "zeros",
          config: Config | None = None) -> torch.Tensor:
-    """col2im of ``cols`` ``[N, C·∏K, L]`` → ``[N, C, *output_size]`` (contiguous), one launch, no atomics."""
+    """col2im of ``cols`` ``[N, C·∏K, L]`` → ``[N, C, *output_size]`` (contiguous), one launch, no atomics.
+
+    Raises:
+        ValueError / TypeError: bad arguments (see :func:`convzoo._shapes.fold_geometry`) or a device the
+            kernels cannot run on.
+    """
     # (1) check
     g = _shapes.fold_geometry(cols, output_size, kernel_size, dilation, padding, stride, padding_mode)
     _check_device(cols)
-    # (2) allocate
+    # (2) allocate; nothing to launch for an empty result (N, C or an output dim = 0). L >= 1 always.
     out = cols.new_empty(_shapes.fold_out_shape(cols, g))
     if out.numel() == 0:
         return out
