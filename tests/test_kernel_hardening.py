@@ -285,3 +285,19 @@ def test_replicate_padding_of_an_empty_dim_is_refused(call, kernel_device):
               torch.randn(2, 3, 2, device=kernel_device), x, *args)}[call]
     with pytest.raises(ValueError, match="replicate"):
         fn()
+
+
+# ---------------------------------------------------------------------------------------------- device
+@pytest.mark.gpu
+def test_launches_on_the_inputs_device():
+    """Triton launches on the current CUDA device; the launchers make it the input's."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA devices")
+    x = torch.randn(2, 3, 5, 6, device="cuda:1")
+    w = torch.randn(4, 27, 12, device="cuda:1")
+    args = ([3, 3], [1, 1], [0, 0, 0, 0], [1, 1], "zeros")
+    with torch.cuda.device(0):
+        cols = unfold_kernels.unfold(x, *args)
+        y = lc_kernels.local_conv(x, w, None, *args)
+    torch.testing.assert_close(cols.cpu(), reference.unfold(x.cpu(), *args), atol=0, rtol=0)
+    torch.testing.assert_close(y.cpu(), reference.local_conv(x.cpu(), w.cpu(), None, *args), atol=1e-4, rtol=1e-4)

@@ -34,6 +34,7 @@ from convzoo.kernels.unfold import (
     _block_index,
     _check_device,
     _check_source,
+    _device,
     _finish,
     _interpreted,
     _launch_buffer,
@@ -484,15 +485,16 @@ def local_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
         b_strides = b.stride()
     m = cfg.meta
     grid = (l * triton.cdiv(n, m["BLOCK_N"]) * triton.cdiv(o, m["BLOCK_O"]),)
-    local_conv_fwd_kernel[grid](
-        buf, xs, weight, b,
-        n, o, r, *a["in"], a["out"][1], a["out"][2], l,
-        *xs.stride(), *weight.stride(), *b_strides,
-        *a["k"], *a["s"], *a["lo"], *a["d"],
-        _shapes.PADDING_MODE_CODES[g.padding_mode],
-        bias is not None, **_math_args(x.dtype, local_conv_fwd_kernel),
-        **cfg.launch_kwargs(),
-    )
+    with _device(x):
+        local_conv_fwd_kernel[grid](
+            buf, xs, weight, b,
+            n, o, r, *a["in"], a["out"][1], a["out"][2], l,
+            *xs.stride(), *weight.stride(), *b_strides,
+            *a["k"], *a["s"], *a["lo"], *a["d"],
+            _shapes.PADDING_MODE_CODES[g.padding_mode],
+            bias is not None, **_math_args(x.dtype, local_conv_fwd_kernel),
+            **cfg.launch_kwargs(),
+        )
     return _finish(y, buf)
 
 
@@ -536,15 +538,16 @@ def local_conv_grad_weight(grad: torch.Tensor, x: torch.Tensor, kernel_size: lis
     g3 = grad.reshape(n, o, l)
     m = cfg.meta
     grid = (l * triton.cdiv(o, m["BLOCK_O"]) * triton.cdiv(r, m["BLOCK_R"]),)
-    local_conv_grad_weight_kernel[grid](
-        dw_buf, db_buf, g3, xs,
-        n, o, r, *a["in"], a["out"][1], a["out"][2], l,
-        *g3.stride(), *xs.stride(), *dw_buf.stride(),
-        *a["k"], *a["s"], *a["lo"], *a["d"],
-        _shapes.PADDING_MODE_CODES[g.padding_mode],
-        **_math_args(x.dtype, local_conv_grad_weight_kernel),
-        **cfg.launch_kwargs(),
-    )
+    with _device(x):
+        local_conv_grad_weight_kernel[grid](
+            dw_buf, db_buf, g3, xs,
+            n, o, r, *a["in"], a["out"][1], a["out"][2], l,
+            *g3.stride(), *xs.stride(), *dw_buf.stride(),
+            *a["k"], *a["s"], *a["lo"], *a["d"],
+            _shapes.PADDING_MODE_CODES[g.padding_mode],
+            **_math_args(x.dtype, local_conv_grad_weight_kernel),
+            **cfg.launch_kwargs(),
+        )
     return _finish(dw, dw_buf), _finish(db, db_buf)
 
 
@@ -578,14 +581,15 @@ def local_conv_grad_input(grad: torch.Tensor, weight: torch.Tensor, input_size: 
     m = cfg.meta
     P = math.prod(g.in_size)
     grid = (P * triton.cdiv(n, m["BLOCK_N"]) * triton.cdiv(c, m["BLOCK_C"]),)
-    local_conv_grad_input_kernel[grid](
-        buf, g3, weight,
-        n, c, o, *a["in"], *a["out"], P,
-        *g3.stride(), *weight.stride(),
-        *a["k"], *a["s"], *a["lo"], *a["hi"], *a["d"],
-        _shapes.PADDING_MODE_CODES[g.padding_mode],
-        *_num_candidates(g, 3 - g.ndim),
-        **_math_args(grad.dtype, local_conv_grad_input_kernel),
-        **cfg.launch_kwargs(),
-    )
+    with _device(grad):
+        local_conv_grad_input_kernel[grid](
+            buf, g3, weight,
+            n, c, o, *a["in"], *a["out"], P,
+            *g3.stride(), *weight.stride(),
+            *a["k"], *a["s"], *a["lo"], *a["hi"], *a["d"],
+            _shapes.PADDING_MODE_CODES[g.padding_mode],
+            *_num_candidates(g, 3 - g.ndim),
+            **_math_args(grad.dtype, local_conv_grad_input_kernel),
+            **cfg.launch_kwargs(),
+        )
     return _finish(dx, buf)

@@ -7,6 +7,7 @@ one launch. Padding modes are folded into the index math: no padded copy of the 
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -331,6 +332,11 @@ def _check_source(g: _shapes.Geometry) -> None:
                          f"nothing to replicate), got input size {list(g.in_size)}")
 
 
+def _device(t: torch.Tensor):
+    """Triton launches on the current CUDA device: make it ``t``'s for the launch."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
 def _interpreted(kernel) -> bool:
     """True when ``kernel`` was decorated under ``TRITON_INTERPRET=1`` and so runs on Triton's CPU
     interpreter: the kernels are fixed as interpreted or compiled at import, not by the variable's
@@ -380,14 +386,15 @@ def unfold(x: torch.Tensor, kernel_size: list[int], dilation: list[int], padding
     cfg = config or autotune.lookup("unfold", x.device, x.dtype, R=rows, L=L)
     xs = _as_5d(x, g.ndim)
     grid = (triton.cdiv(rows, cfg.meta["BLOCK_R"]) * triton.cdiv(L, cfg.meta["BLOCK_L"]),)
-    unfold_kernel[grid](
-        out, xs,
-        rows, x.shape[1], *a["in"], *a["out"], L,
-        *xs.stride(),
-        *a["k"], *a["s"], *a["lo"], *a["d"],
-        _shapes.PADDING_MODE_CODES[g.padding_mode],
-        **cfg.launch_kwargs(),
-    )
+    with _device(x):
+        unfold_kernel[grid](
+            out, xs,
+            rows, x.shape[1], *a["in"], *a["out"], L,
+            *xs.stride(),
+            *a["k"], *a["s"], *a["lo"], *a["d"],
+            _shapes.PADDING_MODE_CODES[g.padding_mode],
+            **cfg.launch_kwargs(),
+        )
     return out
 
 
@@ -424,14 +431,15 @@ def fold(cols: torch.Tensor, output_size: list[int], kernel_size: list[int], dil
     rows, P = out.shape[0] * out.shape[1], math.prod(g.in_size)
     cfg = config or autotune.lookup("fold", cols.device, cols.dtype, R=rows, P=P)
     grid = (triton.cdiv(rows, cfg.meta["BLOCK_R"]) * triton.cdiv(P, cfg.meta["BLOCK_P"]),)
-    fold_kernel[grid](
-        buf, cols,
-        rows, out.shape[1], *a["in"], *a["out"], P,
-        *cols.stride(),
-        *a["k"], *a["s"], *a["lo"], *a["hi"], *a["d"],
-        _shapes.PADDING_MODE_CODES[g.padding_mode],
-        *_num_candidates(g, 3 - g.ndim),
-        _acc_dtype(cols.dtype),
-        **cfg.launch_kwargs(),
-    )
+    with _device(cols):
+        fold_kernel[grid](
+            buf, cols,
+            rows, out.shape[1], *a["in"], *a["out"], P,
+            *cols.stride(),
+            *a["k"], *a["s"], *a["lo"], *a["hi"], *a["d"],
+            _shapes.PADDING_MODE_CODES[g.padding_mode],
+            *_num_candidates(g, 3 - g.ndim),
+            _acc_dtype(cols.dtype),
+            **cfg.launch_kwargs(),
+        )
     return _finish(out, buf)
