@@ -204,6 +204,28 @@ def test_unfold_fold_bf16_exact(case, kernel_device):
     torch.testing.assert_close(out.cpu(), expect, atol=0, rtol=0)
 
 
+def test_bf16_subnormals(kernel_device):
+    """bf16 below 2^-126 (subnormal): the interpreter's own bf16 → fp32 cast gets them wrong, so the
+    kernels widen bf16 by its bits there. fold sums k · 2^-133 exactly; local_conv multiplies
+    subnormal inputs by weights near 2^120 into products of order 2^-7."""
+    case = BF16_CASES[0]
+    args = _args(case)
+    cols = oracle_unfold(torch.zeros(case.n, case.c, *case.size), case)
+    cols = (torch.randint(-127, 128, cols.shape) * 2.0**-133).bfloat16()
+    assert cols.abs().max() < 2**-126 and cols.abs().max() > 0
+    expect = reference.fold(cols.double(), list(case.size), *args).bfloat16()  # exact sums, rounded once
+    out = unfold_kernels.fold(cols.to(kernel_device), list(case.size), *args)
+    torch.testing.assert_close(out.cpu(), expect, atol=0, rtol=0)
+
+    (x, w, b, _), _ = _bf16_problem(case, "cpu")
+    x, w, b = (x.float() * 2.0**-127).bfloat16(), (w.float() * 2.0**120).bfloat16(), b * 2.0**-7
+    assert (x.abs() < 2**-126).float().mean() > 0.5  # most entries subnormal
+    y = lc_kernels.local_conv(x.to(kernel_device), w.to(kernel_device), b.to(kernel_device), *args)
+    ref = reference.local_conv(x.double(), w.double(), b.double(), *args)
+    atol, rtol = TOL[torch.bfloat16]
+    torch.testing.assert_close(y.double().cpu(), ref, atol=atol * 2.0**-7, rtol=rtol)
+
+
 # ---------------------------------------------------------------------------------------------- empty dims
 # (id, N, C_in, C_out, spatial size, kernel, padding): L >= 1 always; an empty input dim needs padding
 EMPTY = [

@@ -36,11 +36,12 @@ from convzoo.kernels.unfold import (
     _check_source,
     _device,
     _finish,
-    _interpreted,
     _launch_buffer,
     _num_candidates,
     _padded_candidate,
     _source_index,
+    _upcast,
+    _widen,
 )
 
 __all__ = ["local_conv", "local_conv_grad_input", "local_conv_grad_weight"]
@@ -50,13 +51,13 @@ __all__ = ["local_conv", "local_conv_grad_input", "local_conv_grad_weight"]
 def _mma(a, b, acc, FP64: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """``acc + a @ b``. fp64 is a broadcast-sum: ``tl.dot`` does not take fp64 on every target.
     ``UPCAST`` (bf16 under the interpreter only) feeds ``tl.dot`` fp32 operands: the interpreter's
-    ``tl.dot`` multiplies bf16 bit patterns as integers. The conversion is exact and bf16 products are
-    exact in fp32, so this is what the tensor cores compute, up to summation order; on a GPU bf16
-    stays on the tensor cores."""
+    ``tl.dot`` multiplies bf16 bit patterns as integers. The widening is exact (``_widen``) and bf16
+    products are exact in fp32, so this is what the tensor cores compute, up to summation order; on
+    a GPU bf16 stays on the tensor cores."""
     if FP64:
         acc += tl.sum(a[:, :, None] * b[None, :, :], axis=1)
     elif UPCAST:
-        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        acc = tl.dot(_widen(a, tl.float32, UPCAST), _widen(b, tl.float32, UPCAST), acc, input_precision="ieee")
     else:
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
     return acc
@@ -145,7 +146,7 @@ def local_conv_fwd_kernel(
         acc = _mma(p, w, acc, FP64, PRECISION, UPCAST)
     if HAS_BIAS:
         b = tl.load(b_ptr + o * stride_bo + l * stride_bl, mask=o_ok, other=0)
-        acc += b.to(ACC_DTYPE)[None, :]
+        acc += _widen(b, ACC_DTYPE, UPCAST)[None, :]
 
     # masked store; y is [N, O, L] so a tile is strided by L — partial sectors merge in L2
     y = y_ptr + n[:, None] * O * L + o[None, :] * L + l
@@ -208,7 +209,7 @@ def local_conv_grad_weight_kernel(
         gt = tl.load(g_rows[:, None] + n[None, :] * stride_gn, mask=o_ok[:, None] & n_ok[None, :], other=0)
         p = tl.load(x_ptr + n[:, None] * stride_xn + off[None, :], mask=n_ok[:, None] & col_ok[None, :], other=0)
         acc = _mma(gt, p, acc, FP64, PRECISION, UPCAST)
-        acc_b += tl.sum(gt.to(ACC_DTYPE), axis=1)
+        acc_b += tl.sum(_widen(gt, ACC_DTYPE, UPCAST), axis=1)
 
     # masked stores; the bias gradient once per (position, C_out tile). A branch, not a scalar in the
     # mask: newer interpreters (triton >= 3.9) reject a mask that broadcasts a scalar bool
@@ -442,7 +443,7 @@ def _math_args(dtype: torch.dtype, kernel) -> dict:
     fp64 = dtype == torch.float64
     tf32 = dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest"
     return {"FP64": fp64, "PRECISION": "tf32" if tf32 else "ieee",
-            "UPCAST": dtype == torch.bfloat16 and _interpreted(kernel), "ACC_DTYPE": _acc_dtype(dtype)}
+            "UPCAST": _upcast(dtype, kernel), "ACC_DTYPE": _acc_dtype(dtype)}
 
 
 def local_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, kernel_size: list[int],

@@ -69,6 +69,18 @@ def _padded_candidate(i, j, n, lo, hi, MODE: tl.constexpr):
 
 
 @triton.jit
+def _widen(v, ACC_DTYPE: tl.constexpr, UPCAST: tl.constexpr):
+    """``v`` in the accumulator dtype. ``UPCAST`` (bf16 under the interpreter only) widens by the bits
+    — a bf16 is the top half of an fp32 — because the interpreter's own bf16 → fp32 cast gets
+    subnormals (below 2^-126) wrong; on a GPU the plain cast is exact."""
+    if UPCAST:
+        w = (v.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+    else:
+        w = v.to(ACC_DTYPE)
+    return w
+
+
+@triton.jit
 def _block_index(p, lo, k, O, S: tl.constexpr, D: tl.constexpr):
     """The block (output position) whose tap ``k`` reads padded position ``p``, and whether it exists."""
     q = p + lo - k * D
@@ -155,7 +167,7 @@ def fold_kernel(
     MODE: tl.constexpr,
     # padded positions that can read one input index, per dim (1 for 'zeros')
     NCD: tl.constexpr, NCH: tl.constexpr, NCW: tl.constexpr,
-    ACC_DTYPE: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, UPCAST: tl.constexpr,
     # tiles
     BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
@@ -205,7 +217,7 @@ def fold_kernel(
                             src = (cols_ptr + (row_base + tap * stride_ck)[:, None]
                                    + blk.to(tl.int64)[None, :] * stride_cl)
                             vals = tl.load(src, mask=row_ok[:, None] & ok[None, :], other=0)
-                            acc += vals.to(ACC_DTYPE)
+                            acc += _widen(vals, ACC_DTYPE, UPCAST)
 
     out = out_ptr + rows[:, None] * P + pix[None, :]
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & pix_ok[None, :])
@@ -344,12 +356,18 @@ def _interpreted(kernel) -> bool:
     return isinstance(kernel, InterpretedFunction)
 
 
+def _upcast(dtype: torch.dtype, kernel) -> bool:
+    """The kernels' ``UPCAST`` flag: bf16 on an interpreted kernel, whose bf16 arithmetic (``tl.dot``
+    included) and bf16 → fp32 cast are wrong; see ``_widen``."""
+    return dtype == torch.bfloat16 and _interpreted(kernel)
+
+
 def _launch_buffer(out: torch.Tensor, kernel) -> torch.Tensor:
     """The tensor ``kernel`` writes the result ``out`` into: ``out`` itself, except bf16 under the
     interpreter, which gets an fp32 twin (same strides) that :func:`_finish` rounds into ``out``. The
     interpreter's fp32 → bf16 cast truncates where the GPU's rounds to nearest even, so in-kernel
     rounding would be 1 ulp off torch's (fold is bit-exact against torch on the GPU)."""
-    if out.dtype == torch.bfloat16 and _interpreted(kernel):
+    if _upcast(out.dtype, kernel):
         return torch.empty_like(out, dtype=torch.float32)
     return out
 
@@ -439,7 +457,7 @@ def fold(cols: torch.Tensor, output_size: list[int], kernel_size: list[int], dil
             *a["k"], *a["s"], *a["lo"], *a["hi"], *a["d"],
             _shapes.PADDING_MODE_CODES[g.padding_mode],
             *_num_candidates(g, 3 - g.ndim),
-            _acc_dtype(cols.dtype),
+            _acc_dtype(cols.dtype), _upcast(cols.dtype, fold_kernel),
             **cfg.launch_kwargs(),
         )
     return _finish(out, buf)
