@@ -33,6 +33,7 @@ def constexprs(fn, dtype, mode, cfg, has_bias=True):
     fp64 = dtype == torch.float64
     values = {**GEOMETRY, "MODE": mode, "NCD": 1, "NCH": 3 if mode else 1, "NCW": 3 if mode else 1,
               "HAS_BIAS": has_bias, "FP64": fp64, "PRECISION": "tf32" if dtype == torch.float32 else "ieee",
+              "UPCAST": False,  # bf16 reaches the tensor cores on a GPU (only the interpreter upcasts)
               "ACC_DTYPE": tl.float64 if fp64 else tl.float32, **cfg.meta}
     return {p.name: values[p.name] for p in fn.params if p.is_constexpr}
 

@@ -33,19 +33,31 @@ from convzoo.kernels.unfold import (
     _as_5d,
     _block_index,
     _check_device,
+    _check_source,
+    _device,
+    _finish,
+    _launch_buffer,
     _num_candidates,
     _padded_candidate,
     _source_index,
+    _upcast,
+    _widen,
 )
 
 __all__ = ["local_conv", "local_conv_grad_input", "local_conv_grad_weight"]
 
 
 @triton.jit
-def _mma(a, b, acc, FP64: tl.constexpr, PRECISION: tl.constexpr):
-    """``acc + a @ b``. fp64 is a broadcast-sum: ``tl.dot`` does not take fp64 on every target."""
+def _mma(a, b, acc, FP64: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """``acc + a @ b``. fp64 is a broadcast-sum: ``tl.dot`` does not take fp64 on every target.
+    ``UPCAST`` (bf16 under the interpreter only) feeds ``tl.dot`` fp32 operands: the interpreter's
+    ``tl.dot`` multiplies bf16 bit patterns as integers. The widening is exact (``_widen``) and bf16
+    products are exact in fp32, so this is what the tensor cores compute, up to summation order; on
+    a GPU bf16 stays on the tensor cores."""
     if FP64:
         acc += tl.sum(a[:, :, None] * b[None, :, :], axis=1)
+    elif UPCAST:
+        acc = tl.dot(_widen(a, tl.float32, UPCAST), _widen(b, tl.float32, UPCAST), acc, input_precision="ieee")
     else:
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
     return acc
@@ -66,7 +78,7 @@ def _patch_columns(r, l, ID, IH, IW, OH, OW, stride_xc, stride_xd, stride_xh, st
     kd = k // (KW * KH)
     ow = l % OW
     oh = (l // OW) % OH
-    od = l // (OW * OH)
+    od = l // OW // OH  # not l // (OW * OH): an int32 product of two sizes
     i_d, ok_d = _source_index(od * SD - PD + kd * DD, ID, MODE)
     i_h, ok_h = _source_index(oh * SH - PH + kh * DH, IH, MODE)
     i_w, ok_w = _source_index(ow * SW - PW + kw * DW, IW, MODE)
@@ -92,7 +104,8 @@ def local_conv_fwd_kernel(
     PD: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
     DD: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
     MODE: tl.constexpr,
-    HAS_BIAS: tl.constexpr, FP64: tl.constexpr, PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    HAS_BIAS: tl.constexpr, FP64: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
     # tiles
     BLOCK_N: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
@@ -130,10 +143,10 @@ def local_conv_fwd_kernel(
                                  KD, KH, KW, SD, SH, SW, PD, PH, PW, DD, DH, DW, MODE)
         p = tl.load(x_rows[:, None] + off[None, :], mask=n_ok[:, None] & (r_ok & ok)[None, :], other=0)
         w = tl.load(w_cols[None, :] + r[:, None] * stride_wr, mask=r_ok[:, None] & o_ok[None, :], other=0)
-        acc = _mma(p, w, acc, FP64, PRECISION)
+        acc = _mma(p, w, acc, FP64, PRECISION, UPCAST)
     if HAS_BIAS:
         b = tl.load(b_ptr + o * stride_bo + l * stride_bl, mask=o_ok, other=0)
-        acc += b.to(ACC_DTYPE)[None, :]
+        acc += _widen(b, ACC_DTYPE, UPCAST)[None, :]
 
     # masked store; y is [N, O, L] so a tile is strided by L — partial sectors merge in L2
     y = y_ptr + n[:, None] * O * L + o[None, :] * L + l
@@ -157,7 +170,7 @@ def local_conv_grad_weight_kernel(
     PD: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
     DD: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
     MODE: tl.constexpr,
-    FP64: tl.constexpr, PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    FP64: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, ACC_DTYPE: tl.constexpr,
     # tiles
     BLOCK_O: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -168,7 +181,8 @@ def local_conv_grad_weight_kernel(
     the same weight-bandwidth bound as the forward. Stores are contiguous along R in the
     ``[L, O, R]`` layout the launcher allocates.
     """
-    # program id -> (position, C_out tile, R tile), R tile fastest (they share the dY tile)
+    # program id -> (position, C_out tile, R tile), R tile fastest (they share the dY tile); the
+    # launcher never launches R = 0 (num_r would be 0, a division by zero below)
     pid = tl.program_id(0).to(tl.int64)
     num_o = tl.cdiv(O, BLOCK_O)
     num_r = tl.cdiv(R, BLOCK_R)
@@ -194,13 +208,15 @@ def local_conv_grad_weight_kernel(
         n_ok = n < N
         gt = tl.load(g_rows[:, None] + n[None, :] * stride_gn, mask=o_ok[:, None] & n_ok[None, :], other=0)
         p = tl.load(x_ptr + n[:, None] * stride_xn + off[None, :], mask=n_ok[:, None] & col_ok[None, :], other=0)
-        acc = _mma(gt, p, acc, FP64, PRECISION)
-        acc_b += tl.sum(gt.to(ACC_DTYPE), axis=1)
+        acc = _mma(gt, p, acc, FP64, PRECISION, UPCAST)
+        acc_b += tl.sum(_widen(gt, ACC_DTYPE, UPCAST), axis=1)
 
-    # masked stores; the bias gradient once per (position, C_out tile)
+    # masked stores; the bias gradient once per (position, C_out tile). A branch, not a scalar in the
+    # mask: newer interpreters (triton >= 3.9) reject a mask that broadcasts a scalar bool
     dw = dw_ptr + l * stride_dwl + o[:, None] * stride_dwo + r[None, :] * stride_dwr
     tl.store(dw, acc.to(dw_ptr.dtype.element_ty), mask=o_ok[:, None] & r_ok[None, :])
-    tl.store(db_ptr + o * L + l, acc_b.to(db_ptr.dtype.element_ty), mask=o_ok & (pid_r == 0))
+    if pid_r == 0:
+        tl.store(db_ptr + o * L + l, acc_b.to(db_ptr.dtype.element_ty), mask=o_ok)
 
 
 @triton.jit
@@ -231,7 +247,7 @@ def local_conv_grad_input_kernel(
     MODE: tl.constexpr,
     # padded positions that can read one input index, per dim (1 for 'zeros')
     NCD: tl.constexpr, NCH: tl.constexpr, NCW: tl.constexpr,
-    FP64: tl.constexpr, PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    FP64: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, ACC_DTYPE: tl.constexpr,
     # tiles
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_O: tl.constexpr,
 ):
@@ -258,7 +274,7 @@ def local_conv_grad_input_kernel(
     c_ok = c < C
     iw = pix % IW
     ih = (pix // IW) % IH
-    i_d = pix // (IW * IH)
+    i_d = pix // IW // IH  # not pix // (IW * IH): an int32 product of two sizes
 
     # loop over every (padded position, tap) pair that reads this pixel, then over C_out
     acc = tl.zeros([BLOCK_N, BLOCK_C], dtype=ACC_DTYPE)
@@ -276,7 +292,8 @@ def local_conv_grad_input_kernel(
                                     lw, ok_w = _tap_position(iw, jw, kw, IW, OW, PW, QW, SW, DW, MODE)
                                     if ok_w:
                                         l = (ld * OH + lh) * OW + lw
-                                        tap = (kd * KH + kh) * KW + kw
+                                        # loop indices are int32: int64 before any stride multiply
+                                        tap = tl.cast((kd * KH + kh) * KW + kw, tl.int64)
                                         g_rows = g_ptr + n * stride_gn + l * stride_gl
                                         w_cols = w_ptr + l * stride_wl + (c * (KD * KH * KW) + tap) * stride_wr
                                         for o0 in range(0, O, BLOCK_O):
@@ -286,7 +303,7 @@ def local_conv_grad_input_kernel(
                                                          mask=n_ok[:, None] & o_ok[None, :], other=0)
                                             w = tl.load(w_cols[None, :] + o[:, None] * stride_wo,
                                                         mask=o_ok[:, None] & c_ok[None, :], other=0)
-                                            acc = _mma(gt, w, acc, FP64, PRECISION)
+                                            acc = _mma(gt, w, acc, FP64, PRECISION, UPCAST)
 
     # masked store
     dx = dx_ptr + n[:, None] * C * P + c[None, :] * P + pix
@@ -429,12 +446,14 @@ GRAD_INPUT_SPEC = autotune.register(KernelSpec(
 
 # ----------------------------------------------------------------------------------------------
 # launchers
-def _math_args(dtype: torch.dtype) -> dict:
+def _math_args(dtype: torch.dtype, kernel) -> dict:
     """Accumulator and ``tl.dot`` precision: fp32 inputs use TF32 only where torch's own matmuls
-    would (``torch.set_float32_matmul_precision``)."""
+    would (``torch.set_float32_matmul_precision``); bf16 operands are upcast for ``tl.dot`` only
+    when ``kernel`` runs on the interpreter (see ``_mma``)."""
     fp64 = dtype == torch.float64
     tf32 = dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest"
-    return {"FP64": fp64, "PRECISION": "tf32" if tf32 else "ieee", "ACC_DTYPE": _acc_dtype(dtype)}
+    return {"FP64": fp64, "PRECISION": "tf32" if tf32 else "ieee",
+            "UPCAST": _upcast(dtype, kernel), "ACC_DTYPE": _acc_dtype(dtype)}
 
 
 def local_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, kernel_size: list[int],
@@ -444,18 +463,30 @@ def local_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     and ``bias`` ``[C_out, L]`` / ``[C_out]`` / None → ``[N, C_out, *out]`` (contiguous), one launch.
 
     ``config`` overrides the autotune lookup (tests use it to run partial tiles).
+
+    Raises:
+        ValueError / TypeError: bad arguments (see :func:`convzoo._shapes.local_conv_geometry`), a device
+            the kernels cannot run on, or ``'replicate'`` padding of an empty dim.
     """
     # (1) check
     g = _shapes.local_conv_geometry(x, weight, bias, kernel_size, dilation, padding, stride, padding_mode)
     _check_device(x)
-    # (2) allocate
+    _check_source(g)
+    # (2) allocate; empty dims need no launch: an empty result (N, C_out = 0), or C_in = 0, where every
+    # dot product is an empty sum and y is the bias (zeros without one). L >= 1 always.
     y = x.new_empty(_shapes.local_conv_out_shape(x, weight, g))
     if y.numel() == 0:
         return y
-    # (3) look up config and launch
-    a = _as_3d(g)
     n = x.shape[0]
     o, r, l = weight.shape
+    if r == 0:
+        y.zero_()
+        if bias is not None:
+            y.view(n, o, l).add_(bias if bias.dim() == 2 else bias[:, None])
+        return y
+    buf = _launch_buffer(y, local_conv_fwd_kernel)
+    # (3) look up config and launch
+    a = _as_3d(g)
     cfg = config or autotune.lookup("local_conv_fwd", x.device, x.dtype, N=n, O=o, R=r)
     xs = _as_5d(x, g.ndim)
     if bias is None:
@@ -465,16 +496,17 @@ def local_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
         b_strides = b.stride()
     m = cfg.meta
     grid = (l * triton.cdiv(n, m["BLOCK_N"]) * triton.cdiv(o, m["BLOCK_O"]),)
-    local_conv_fwd_kernel[grid](
-        y, xs, weight, b,
-        n, o, r, *a["in"], a["out"][1], a["out"][2], l,
-        *xs.stride(), *weight.stride(), *b_strides,
-        *a["k"], *a["s"], *a["lo"], *a["d"],
-        _shapes.PADDING_MODE_CODES[g.padding_mode],
-        bias is not None, **_math_args(x.dtype),
-        **cfg.launch_kwargs(),
-    )
-    return y
+    with _device(x):
+        local_conv_fwd_kernel[grid](
+            buf, xs, weight, b,
+            n, o, r, *a["in"], a["out"][1], a["out"][2], l,
+            *xs.stride(), *weight.stride(), *b_strides,
+            *a["k"], *a["s"], *a["lo"], *a["d"],
+            _shapes.PADDING_MODE_CODES[g.padding_mode],
+            bias is not None, **_math_args(x.dtype, local_conv_fwd_kernel),
+            **cfg.launch_kwargs(),
+        )
+    return _finish(y, buf)
 
 
 def local_conv_grad_weight(grad: torch.Tensor, x: torch.Tensor, kernel_size: list[int], dilation: list[int],
@@ -484,51 +516,75 @@ def local_conv_grad_weight(grad: torch.Tensor, x: torch.Tensor, kernel_size: lis
 
     Returns ``(dW, db)``: ``dW`` ``[C_out, C_in·∏K, L]`` as the ``permute(1, 2, 0)`` view of a
     contiguous ``[L, C_out, C_in·∏K]`` tensor (the fast layout), ``db`` ``[C_out, L]``.
+
+    Raises:
+        ValueError / TypeError: bad arguments (see :func:`convzoo._shapes.local_conv_grad_weight_geometry`),
+            a device the kernels cannot run on, or ``'replicate'`` padding of an empty dim.
     """
     # (1) check
     g = _shapes.local_conv_grad_weight_geometry(grad, x, kernel_size, dilation, padding, stride, padding_mode)
     _check_device(x)
+    _check_source(g)
     # (2) allocate
     w_shape, b_shape = _shapes.local_conv_grad_weight_shapes(grad, x, g)
     dw = x.new_empty(w_shape).permute(1, 2, 0)
     db = x.new_empty(b_shape)
-    if dw.numel() == 0 and db.numel() == 0:
+    if dw.numel() == 0 and db.numel() == 0:  # C_out = 0
         return dw, db
-    # (3) look up config and launch
-    a = _as_3d(g)
     n = x.shape[0]
     o, r, l = dw.shape
+    if n == 0 or r == 0:
+        # sums over an empty batch are zero; with C_in = 0, dW is empty and db = Σ_n dY still (the
+        # kernel's grid has no R tile then). Summed in the kernels' accumulator dtype, rounded once.
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        dw.zero_()
+        db.copy_(grad.reshape(n, o, l).sum(0, dtype=acc))
+        return dw, db
+    dw_buf = _launch_buffer(dw, local_conv_grad_weight_kernel)
+    db_buf = _launch_buffer(db, local_conv_grad_weight_kernel)
+    # (3) look up config and launch
+    a = _as_3d(g)
     cfg = config or autotune.lookup("local_conv_grad_weight", x.device, x.dtype, O=o, R=r, N=n)
     xs = _as_5d(x, g.ndim)
     g3 = grad.reshape(n, o, l)
     m = cfg.meta
-    grid = (l * triton.cdiv(o, m["BLOCK_O"]) * triton.cdiv(max(r, 1), m["BLOCK_R"]),)
-    local_conv_grad_weight_kernel[grid](
-        dw, db, g3, xs,
-        n, o, r, *a["in"], a["out"][1], a["out"][2], l,
-        *g3.stride(), *xs.stride(), *dw.stride(),
-        *a["k"], *a["s"], *a["lo"], *a["d"],
-        _shapes.PADDING_MODE_CODES[g.padding_mode],
-        **_math_args(x.dtype),
-        **cfg.launch_kwargs(),
-    )
-    return dw, db
+    grid = (l * triton.cdiv(o, m["BLOCK_O"]) * triton.cdiv(r, m["BLOCK_R"]),)
+    with _device(x):
+        local_conv_grad_weight_kernel[grid](
+            dw_buf, db_buf, g3, xs,
+            n, o, r, *a["in"], a["out"][1], a["out"][2], l,
+            *g3.stride(), *xs.stride(), *dw_buf.stride(),
+            *a["k"], *a["s"], *a["lo"], *a["d"],
+            _shapes.PADDING_MODE_CODES[g.padding_mode],
+            **_math_args(x.dtype, local_conv_grad_weight_kernel),
+            **cfg.launch_kwargs(),
+        )
+    return _finish(dw, dw_buf), _finish(db, db_buf)
 
 
 def local_conv_grad_input(grad: torch.Tensor, weight: torch.Tensor, input_size: list[int], kernel_size: list[int],
                           dilation: list[int], padding: list[int], stride: list[int], padding_mode: str = "zeros",
                           config: Config | None = None) -> torch.Tensor:
     """Input gradient of :func:`local_conv` for ``grad`` ``[N, C_out, *out]`` → ``[N, C_in, *input_size]``
-    (contiguous), one launch, no atomics."""
+    (contiguous), one launch, no atomics.
+
+    Raises:
+        ValueError / TypeError: bad arguments (see :func:`convzoo._shapes.local_conv_grad_input_geometry`)
+            or a device the kernels cannot run on.
+    """
     # (1) check
     g = _shapes.local_conv_grad_input_geometry(grad, weight, input_size, kernel_size, dilation, padding, stride,
                                                padding_mode)
     _check_device(grad)
-    # (2) allocate
+    # (2) allocate; nothing to launch for an empty result (N, C_in or an input dim = 0), and with
+    # C_out = 0 every input pixel's gradient is an empty sum
     n, o, c = grad.shape[0], weight.shape[0], weight.shape[1] // g.kernel_numel
     dx = grad.new_empty((n, c, *input_size))
     if dx.numel() == 0:
         return dx
+    if o == 0:
+        return dx.zero_()
+    buf = _launch_buffer(dx, local_conv_grad_input_kernel)
     # (3) look up config and launch
     a = _as_3d(g)
     cfg = config or autotune.lookup("local_conv_grad_input", grad.device, grad.dtype, N=n, C=c, O=o)
@@ -536,14 +592,15 @@ def local_conv_grad_input(grad: torch.Tensor, weight: torch.Tensor, input_size: 
     m = cfg.meta
     P = math.prod(g.in_size)
     grid = (P * triton.cdiv(n, m["BLOCK_N"]) * triton.cdiv(c, m["BLOCK_C"]),)
-    local_conv_grad_input_kernel[grid](
-        dx, g3, weight,
-        n, c, o, *a["in"], *a["out"], P,
-        *g3.stride(), *weight.stride(),
-        *a["k"], *a["s"], *a["lo"], *a["hi"], *a["d"],
-        _shapes.PADDING_MODE_CODES[g.padding_mode],
-        *_num_candidates(g, 3 - g.ndim),
-        **_math_args(grad.dtype),
-        **cfg.launch_kwargs(),
-    )
-    return dx
+    with _device(grad):
+        local_conv_grad_input_kernel[grid](
+            buf, g3, weight,
+            n, c, o, *a["in"], *a["out"], P,
+            *g3.stride(), *weight.stride(),
+            *a["k"], *a["s"], *a["lo"], *a["hi"], *a["d"],
+            _shapes.PADDING_MODE_CODES[g.padding_mode],
+            *_num_candidates(g, 3 - g.ndim),
+            **_math_args(grad.dtype, local_conv_grad_input_kernel),
+            **cfg.launch_kwargs(),
+        )
+    return _finish(dx, buf)

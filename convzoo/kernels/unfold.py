@@ -7,11 +7,13 @@ one launch. Padding modes are folded into the index math: no padded copy of the 
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
 
 from convzoo import _shapes, autotune, reference
 from convzoo.autotune import Config, ConfigSpace, KernelSpec, TuneProblem
@@ -64,6 +66,18 @@ def _padded_candidate(i, j, n, lo, hi, MODE: tl.constexpr):
         ok = (j == 0) | ((j <= lo) & (i == 0)) | ((j > lo) & (i == n - 1))
     ok = ok & (p >= -lo) & (p < n + hi)
     return p, ok
+
+
+@triton.jit
+def _widen(v, ACC_DTYPE: tl.constexpr, UPCAST: tl.constexpr):
+    """``v`` in the accumulator dtype. ``UPCAST`` (bf16 under the interpreter only) widens by the bits
+    — a bf16 is the top half of an fp32 — because the interpreter's own bf16 → fp32 cast gets
+    subnormals (below 2^-126) wrong; on a GPU the plain cast is exact."""
+    if UPCAST:
+        w = (v.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+    else:
+        w = v.to(ACC_DTYPE)
+    return w
 
 
 @triton.jit
@@ -122,7 +136,7 @@ def unfold_kernel(
     kd = k // (KW * KH)
     ow = blocks % OW
     oh = (blocks // OW) % OH
-    od = blocks // (OW * OH)
+    od = blocks // OW // OH  # not blocks // (OW * OH): an int32 product of two sizes
 
     i_d, ok_d = _source_index(od[None, :] * SD - PD + kd[:, None] * DD, ID, MODE)
     i_h, ok_h = _source_index(oh[None, :] * SH - PH + kh[:, None] * DH, IH, MODE)
@@ -153,7 +167,7 @@ def fold_kernel(
     MODE: tl.constexpr,
     # padded positions that can read one input index, per dim (1 for 'zeros')
     NCD: tl.constexpr, NCH: tl.constexpr, NCW: tl.constexpr,
-    ACC_DTYPE: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, UPCAST: tl.constexpr,
     # tiles
     BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
@@ -180,7 +194,7 @@ def fold_kernel(
     row_base = n * stride_cn + c * (KD * KH * KW) * stride_ck
     iw = pix % IW
     ih = (pix // IW) % IH
-    i_d = pix // (IW * IH)
+    i_d = pix // IW // IH  # not pix // (IW * IH): an int32 product of two sizes
 
     # loop over every (padded position, tap) pair that can read this pixel, fp32 (fp64) accumulation
     acc = tl.zeros([BLOCK_R, BLOCK_P], dtype=ACC_DTYPE)
@@ -198,11 +212,12 @@ def fold_kernel(
                             lw, ok_w = _block_index(pw, PW, kw, OW, SW, DW)
                             ok = cand_d & cand_h & cand_w & ok_d & ok_h & ok_w & pix_ok
                             blk = (ld * OH + lh) * OW + lw
-                            tap = (kd * KH + kh) * KW + kw
+                            # loop indices are int32: tap · stride_ck passes 2^31 once (K-1)·L does
+                            tap = tl.cast((kd * KH + kh) * KW + kw, tl.int64)
                             src = (cols_ptr + (row_base + tap * stride_ck)[:, None]
                                    + blk.to(tl.int64)[None, :] * stride_cl)
                             vals = tl.load(src, mask=row_ok[:, None] & ok[None, :], other=0)
-                            acc += vals.to(ACC_DTYPE)
+                            acc += _widen(vals, ACC_DTYPE, UPCAST)
 
     out = out_ptr + rows[:, None] * P + pix[None, :]
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & pix_ok[None, :])
@@ -315,9 +330,62 @@ def _acc_dtype(dtype: torch.dtype):
 
 
 def _check_device(t: torch.Tensor) -> None:
+    """The kernels run on CUDA tensors, and on CPU tensors under the interpreter.
+
+    Raises:
+        ValueError: ``t`` is neither a CUDA tensor nor a CPU tensor under ``TRITON_INTERPRET=1``.
+    """
     if not (t.is_cuda or (autotune.interpret_mode() and t.device.type == "cpu")):
         raise ValueError(
             f"the Triton kernels need a CUDA tensor (or CPU tensors with TRITON_INTERPRET=1), got {t.device}")
+
+
+def _check_source(g: _shapes.Geometry) -> None:
+    """An input that is read must have something to read along every dim. Only ``'replicate'`` lets
+    an empty dim through the geometry check (its padding is then all of the window), and there the
+    kernels would read index -1: out of bounds, not a value.
+
+    Raises:
+        ValueError: ``padding_mode='replicate'`` with an empty spatial dim.
+    """
+    if g.padding_mode == "replicate" and 0 in g.in_size:
+        raise ValueError(f"padding_mode='replicate' needs a non-empty input along every spatial dim (there is "
+                         f"nothing to replicate), got input size {list(g.in_size)}")
+
+
+def _device(t: torch.Tensor):
+    """Triton launches on the current CUDA device: make it ``t``'s for the launch."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def _interpreted(kernel) -> bool:
+    """True when ``kernel`` was decorated under ``TRITON_INTERPRET=1`` and so runs on Triton's CPU
+    interpreter: the kernels are fixed as interpreted or compiled at import, not by the variable's
+    value at call time."""
+    return isinstance(kernel, InterpretedFunction)
+
+
+def _upcast(dtype: torch.dtype, kernel) -> bool:
+    """The kernels' ``UPCAST`` flag: bf16 on an interpreted kernel, whose bf16 arithmetic (``tl.dot``
+    included) and bf16 → fp32 cast are wrong; see ``_widen``."""
+    return dtype == torch.bfloat16 and _interpreted(kernel)
+
+
+def _launch_buffer(out: torch.Tensor, kernel) -> torch.Tensor:
+    """The tensor ``kernel`` writes the result ``out`` into: ``out`` itself, except bf16 under the
+    interpreter, which gets an fp32 twin (same strides) that :func:`_finish` rounds into ``out``. The
+    interpreter's fp32 → bf16 cast truncates where the GPU's rounds to nearest even, so in-kernel
+    rounding would be 1 ulp off torch's (fold is bit-exact against torch on the GPU)."""
+    if _upcast(out.dtype, kernel):
+        return torch.empty_like(out, dtype=torch.float32)
+    return out
+
+
+def _finish(out: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:
+    """``out`` after the kernel wrote ``buf`` (see :func:`_launch_buffer`); ``copy_`` rounds to nearest even."""
+    if buf is not out:
+        out.copy_(buf)
+    return out
 
 
 def unfold(x: torch.Tensor, kernel_size: list[int], dilation: list[int], padding: list[int],
@@ -325,11 +393,17 @@ def unfold(x: torch.Tensor, kernel_size: list[int], dilation: list[int], padding
     """im2col of ``x`` ``[N, C, *spatial]`` → ``[N, C·∏K, L]`` (contiguous), one launch.
 
     ``config`` overrides the autotune lookup (tests use it to run every tile shape).
+
+    Raises:
+        ValueError / TypeError: bad arguments (see :func:`convzoo._shapes.unfold_geometry`), a device the
+            kernels cannot run on, or ``'replicate'`` padding of an empty dim.
     """
     # (1) check
     g = _shapes.unfold_geometry(x, kernel_size, dilation, padding, stride, padding_mode)
     _check_device(x)
-    # (2) allocate
+    _check_source(g)
+    # (2) allocate; nothing to launch for an empty result (N, C = 0); an empty input dim (zero
+    # padding only, see _check_source) reads nothing, so its columns are zeros, as the kernel writes
     out = x.new_empty(_shapes.unfold_out_shape(x, g))
     if out.numel() == 0:
         return out
@@ -339,14 +413,15 @@ def unfold(x: torch.Tensor, kernel_size: list[int], dilation: list[int], padding
     cfg = config or autotune.lookup("unfold", x.device, x.dtype, R=rows, L=L)
     xs = _as_5d(x, g.ndim)
     grid = (triton.cdiv(rows, cfg.meta["BLOCK_R"]) * triton.cdiv(L, cfg.meta["BLOCK_L"]),)
-    unfold_kernel[grid](
-        out, xs,
-        rows, x.shape[1], *a["in"], *a["out"], L,
-        *xs.stride(),
-        *a["k"], *a["s"], *a["lo"], *a["d"],
-        _shapes.PADDING_MODE_CODES[g.padding_mode],
-        **cfg.launch_kwargs(),
-    )
+    with _device(x):
+        unfold_kernel[grid](
+            out, xs,
+            rows, x.shape[1], *a["in"], *a["out"], L,
+            *xs.stride(),
+            *a["k"], *a["s"], *a["lo"], *a["d"],
+            _shapes.PADDING_MODE_CODES[g.padding_mode],
+            **cfg.launch_kwargs(),
+        )
     return out
 
 
@@ -364,27 +439,34 @@ def _num_candidates(g: _shapes.Geometry, lead: int) -> tuple[int, int, int]:
 def fold(cols: torch.Tensor, output_size: list[int], kernel_size: list[int], dilation: list[int],
          padding: list[int], stride: list[int], padding_mode: str = "zeros",
          config: Config | None = None) -> torch.Tensor:
-    """col2im of ``cols`` ``[N, C·∏K, L]`` → ``[N, C, *output_size]`` (contiguous), one launch, no atomics."""
+    """col2im of ``cols`` ``[N, C·∏K, L]`` → ``[N, C, *output_size]`` (contiguous), one launch, no atomics.
+
+    Raises:
+        ValueError / TypeError: bad arguments (see :func:`convzoo._shapes.fold_geometry`) or a device the
+            kernels cannot run on.
+    """
     # (1) check
     g = _shapes.fold_geometry(cols, output_size, kernel_size, dilation, padding, stride, padding_mode)
     _check_device(cols)
-    # (2) allocate
+    # (2) allocate; nothing to launch for an empty result (N, C or an output dim = 0). L >= 1 always.
     out = cols.new_empty(_shapes.fold_out_shape(cols, g))
     if out.numel() == 0:
         return out
+    buf = _launch_buffer(out, fold_kernel)
     # (3) look up config and launch
     a = _as_3d(g)
     rows, P = out.shape[0] * out.shape[1], math.prod(g.in_size)
     cfg = config or autotune.lookup("fold", cols.device, cols.dtype, R=rows, P=P)
     grid = (triton.cdiv(rows, cfg.meta["BLOCK_R"]) * triton.cdiv(P, cfg.meta["BLOCK_P"]),)
-    fold_kernel[grid](
-        out, cols,
-        rows, out.shape[1], *a["in"], *a["out"], P,
-        *cols.stride(),
-        *a["k"], *a["s"], *a["lo"], *a["hi"], *a["d"],
-        _shapes.PADDING_MODE_CODES[g.padding_mode],
-        *_num_candidates(g, 3 - g.ndim),
-        _acc_dtype(cols.dtype),
-        **cfg.launch_kwargs(),
-    )
-    return out
+    with _device(cols):
+        fold_kernel[grid](
+            buf, cols,
+            rows, out.shape[1], *a["in"], *a["out"], P,
+            *cols.stride(),
+            *a["k"], *a["s"], *a["lo"], *a["hi"], *a["d"],
+            _shapes.PADDING_MODE_CODES[g.padding_mode],
+            *_num_candidates(g, 3 - g.ndim),
+            _acc_dtype(cols.dtype), _upcast(cols.dtype, fold_kernel),
+            **cfg.launch_kwargs(),
+        )
+    return _finish(out, buf)

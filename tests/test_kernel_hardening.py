@@ -1,0 +1,325 @@
+"""Attack tests on the kernel launchers: element offsets past 2^31, bf16 under the interpreter, and
+empty dims. Each compares against an independent computation on the few elements involved.
+
+Offsets past 2^31 come from views with huge strides whose storage is a sparse file (CPU): the OS maps
+it lazily, so gigabytes of address space cost the few pages written. The views sit 2^32 elements
+into their storage, so an offset that wrapped around int32 (by at most 2^32) would still read inside
+it: a regression shows as a wrong value, not as a crash.
+"""
+
+import math
+
+import pytest
+import torch
+from problems import TOL, Case, flat_padding, oracle_fold, oracle_unfold
+
+import convzoo.functional as cf
+from convzoo import reference
+from convzoo.kernels import local_conv as lc_kernels  # decorate the kernels while TRITON_INTERPRET is set
+from convzoo.kernels import unfold as unfold_kernels
+
+WRAP = 2**32  # storage offset of every huge view: an int32-wrapped offset lands inside the storage
+HUGE = 2**30 + 2**20  # a stride that is int32 itself, but index 2 · HUGE is past 2^31 (and below 2^32)
+
+
+def huge_view(values: torch.Tensor, strides: tuple, tmp_path, name: str) -> torch.Tensor:
+    """``values`` copied into a view with the given element strides, ``WRAP`` elements into its storage.
+
+    CPU: the storage maps a sparse file. CUDA: a real allocation, skipped when it does not fit.
+    """
+    numel = WRAP + sum((s - 1) * st for s, st in zip(values.shape, strides)) + 1
+    if values.device.type == "cpu":
+        path = tmp_path / f"{name}.bin"
+        with open(path, "wb") as f:
+            f.truncate(numel * values.element_size())
+        storage = torch.from_file(str(path), shared=True, size=numel, dtype=values.dtype)
+        path.unlink()  # the mapping keeps the pages; no file of 10+ GB apparent size stays behind
+    else:
+        try:
+            storage = torch.empty(numel, dtype=values.dtype, device=values.device)
+        except torch.OutOfMemoryError:
+            pytest.skip(f"{numel * values.element_size() / 2**30:.0f} GiB do not fit on this GPU")
+    view = storage.as_strided(values.shape, strides, WRAP)
+    view.copy_(values)
+    return view
+
+
+def _geom(k, pad=0, mode="zeros"):
+    """1-d kernel arguments as the launchers take them: kernel, dilation, flat padding, stride, mode."""
+    return [k], [1], [pad, pad], [1], mode
+
+
+# ---------------------------------------------------------------------------------------------- 2^31
+def test_fold_tap_offset_past_int32(tmp_path, kernel_device):
+    """fold reads tap k of a column at k · stride_ck: with the stride int32 and k ≥ 2, past 2^31
+    (what any contiguous cols with (K-1)·L ≥ 2^31 does on a GPU)."""
+    k, size = 3, 6
+    dense = torch.randint(-8, 9, (2, k, size - k + 1)).float().to(kernel_device)  # N = 2, C = 1, L = 4
+    cols = huge_view(dense, (4, HUGE, 1), tmp_path, "cols")
+    out = unfold_kernels.fold(cols, [size], *_geom(k))
+    torch.testing.assert_close(out, reference.fold(dense, [size], *_geom(k)), atol=0, rtol=0)
+
+
+def test_unfold_backward_offset_past_int32(tmp_path, kernel_device):
+    """unfold's backward is fold of the incoming gradient, with whatever strides it has."""
+    x = torch.randn(1, 1, 6, device=kernel_device, requires_grad=True)
+    y = cf.unfold(x, 3)
+    dense = torch.randint(-8, 9, y.shape).float().to(kernel_device)
+    (gx,) = torch.autograd.grad(y, x, huge_view(dense, (0, HUGE, 1), tmp_path, "grad"))
+    torch.testing.assert_close(gx, reference.fold(dense, [6], *_geom(3)), atol=0, rtol=0)
+
+
+def test_unfold_channel_offset_past_int32(tmp_path, kernel_device):
+    dense = torch.randn(2, 3, 5, device=kernel_device)
+    x = huge_view(dense, (1, HUGE, 3), tmp_path, "x")  # channel c at c · HUGE
+    out = unfold_kernels.unfold(x, *_geom(3, 1, "reflect"))
+    torch.testing.assert_close(out, reference.unfold(dense, *_geom(3, 1, "reflect")), atol=0, rtol=0)
+
+
+def _local_conv_dense(device):
+    """x [2, 3, 5], weight [3, 9, 3] (k = 3, L = 3), grad [2, 3, 3]: fp32. Three of C_in, C_out and L,
+    so that index 2 of each meets a huge stride."""
+    x = torch.randn(2, 3, 5, device=device)
+    w = torch.randn(3, 9, 3, device=device)
+    gy = torch.randn(2, 3, 3, device=device)
+    return x, w, gy
+
+
+def test_local_conv_forward_offsets_past_int32(tmp_path, kernel_device):
+    """x's channel c at c · HUGE, and position l's filter at l · HUGE."""
+    x, w, _ = _local_conv_dense(kernel_device)
+    b = torch.randn(3, 3, device=kernel_device)
+    xh = huge_view(x, (1, HUGE, 3), tmp_path, "x")
+    wh = huge_view(w, (9, 1, HUGE), tmp_path, "w")
+    y = lc_kernels.local_conv(xh, wh, b, *_geom(3))
+    ref = reference.local_conv(x.double(), w.double(), b.double(), *_geom(3))
+    torch.testing.assert_close(y.double(), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_local_conv_grad_weight_offsets_past_int32(tmp_path, kernel_device):
+    """x's channel c at c · HUGE, and dY of position l at l · HUGE."""
+    x, _, gy = _local_conv_dense(kernel_device)
+    xh = huge_view(x, (1, HUGE, 3), tmp_path, "x")
+    gh = huge_view(gy, (9, 3, HUGE), tmp_path, "gy")
+    dw, db = lc_kernels.local_conv_grad_weight(gh, xh, *_geom(3))
+    dw_ref, db_ref = reference.local_conv_grad_weight(gy.double(), x.double(), *_geom(3))
+    torch.testing.assert_close(dw.double(), dw_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(db.double(), db_ref, atol=1e-5, rtol=1e-5)
+
+
+def test_local_conv_grad_input_offsets_past_int32(tmp_path, kernel_device):
+    """Patch row r of the weight at r · 2^28+ (row 8 past 2^31), and dY channel o at o · HUGE."""
+    _, w, gy = _local_conv_dense(kernel_device)
+    wh = huge_view(w, (3, 2**28 + 2**20, 1), tmp_path, "w")
+    gh = huge_view(gy, (3, HUGE, 1), tmp_path, "gy")
+    dx = lc_kernels.local_conv_grad_input(gh, wh, [5], *_geom(3))
+    ref = reference.local_conv_grad_input(gy.double(), w.double(), [5], *_geom(3))
+    torch.testing.assert_close(dx.double(), ref, atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- bf16
+BF16_CASES = [
+    Case(2, 3, (5, 6), (3, 3), None, 1),
+    Case(2, 2, (7, 6), (3, 2), (2, 2), 1, (2, 1)),
+    Case(2, 3, (11,), (3,), None, 2, None, "reflect"),
+    Case(2, 2, (3, 4, 4), (2, 2, 2), (1, 2, 1), 1),
+]
+BF16_IDS = [c.id for c in BF16_CASES]
+
+
+def _args(case: Case) -> tuple:
+    kw = case.kwargs()
+    return list(case.kernel), list(kw["dilation"]), flat_padding(case), list(kw["stride"]), case.mode
+
+
+def _bf16_problem(case: Case, device, c_out=3):
+    """bf16 x, weight (module layout), per-pixel bias and dY, and the fp64 copies of the same values."""
+    L = oracle_unfold(torch.zeros(1, 1, *case.size), case).shape[-1]
+    R = case.c * math.prod(case.kernel)
+    x = torch.randn(case.n, case.c, *case.size).bfloat16()
+    w = (torch.randn(L, c_out, R) / math.sqrt(R)).bfloat16().permute(1, 2, 0)
+    b = torch.randn(c_out, L).bfloat16()
+    gy = torch.randn(case.n, c_out, L).bfloat16()
+    bf16 = [t.to(device) for t in (x, w, b, gy)]
+    return bf16, [t.double() for t in (x, w, b, gy)]
+
+
+@pytest.mark.parametrize("case", BF16_CASES, ids=BF16_IDS)
+def test_local_conv_bf16_launchers(case, kernel_device):
+    """The three kernels in bf16 against fp64 on the same values. Under the interpreter bf16 must
+    not reach tl.dot (it multiplies bit patterns: errors of ~1e10)."""
+    (x, w, b, gy), (xd, wd, bd, gyd) = _bf16_problem(case, kernel_device)
+    args = _args(case)
+    y_ref = reference.local_conv(xd, wd, bd, *args)
+    gy, gyd = gy.reshape(y_ref.shape), gyd.reshape(y_ref.shape)
+    atol, rtol = TOL[torch.bfloat16]
+
+    y = lc_kernels.local_conv(x, w, b, *args)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.double().cpu(), y_ref, atol=atol, rtol=rtol)
+    dx = lc_kernels.local_conv_grad_input(gy, w, list(case.size), *args)
+    torch.testing.assert_close(dx.double().cpu(), reference.local_conv_grad_input(gyd, wd, list(case.size), *args),
+                               atol=atol, rtol=rtol)
+    dw, db = lc_kernels.local_conv_grad_weight(gy, x, *args)
+    dw_ref, db_ref = reference.local_conv_grad_weight(gyd, xd, *args)
+    torch.testing.assert_close(dw.double().cpu(), dw_ref, atol=atol, rtol=rtol)
+    torch.testing.assert_close(db.double().cpu(), db_ref, atol=atol, rtol=rtol)
+    assert dw.permute(2, 0, 1).is_contiguous()  # the fast layout, also through the interpreter's fp32 buffer
+
+
+def test_local_conv_bf16_op_forward_backward(kernel_device):
+    """Through torch.ops.convzoo.local_conv and autograd (both backward ops), bf16 on the kernel path."""
+    case = BF16_CASES[1]
+    (x, w, b, _), (xd, wd, bd, _) = _bf16_problem(case, kernel_device)
+    kw = case.kwargs()
+    inputs = [t.requires_grad_() for t in (x, w, b)]
+    y = cf.local_conv(*inputs, **kw)
+    gy = torch.randn(y.shape).bfloat16().to(kernel_device)
+    grads = torch.autograd.grad(y, inputs, gy)
+    ref_inputs = [t.requires_grad_() for t in (xd, wd, bd)]
+    y_ref = reference.local_conv(*ref_inputs, *_args(case))
+    grads_ref = torch.autograd.grad(y_ref, ref_inputs, gy.double().cpu())
+    atol, rtol = TOL[torch.bfloat16]
+    torch.testing.assert_close(y.double().cpu(), y_ref.detach(), atol=atol, rtol=rtol)
+    for name, g, g_ref in zip(("input", "weight", "bias"), grads, grads_ref):
+        assert g.dtype == torch.bfloat16, name
+        torch.testing.assert_close(g.double().cpu(), g_ref, atol=atol, rtol=rtol, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("case", BF16_CASES, ids=BF16_IDS)
+def test_unfold_fold_bf16_exact(case, kernel_device):
+    """unfold moves bf16 bits exactly; fold sums in fp32 and rounds once to nearest even. Entries are
+    multiples of 1/64 below 4: sums are exact in fp32 but need more bits than bf16 has, so the result
+    depends on the rounding (the interpreter's own fp32 → bf16 cast truncates)."""
+    x = torch.randn(case.n, case.c, *case.size).bfloat16().to(kernel_device)
+    cols = oracle_unfold(x.cpu(), case)
+    torch.testing.assert_close(unfold_kernels.unfold(x, *_args(case)).cpu(), cols, atol=0, rtol=0)
+    cols = (torch.randint(-255, 256, cols.shape) / 64).bfloat16()
+    exact = reference.fold(cols.double(), list(case.size), *_args(case)).float()  # fp64 sums, exact in fp32
+    expect = exact.bfloat16()  # rounded once, to nearest even
+    truncated = (exact.view(torch.int32) & ~0xFFFF).view(torch.float32).bfloat16()
+    assert not torch.equal(expect, truncated), "no sum needs rounding: the test could not tell"
+    out = unfold_kernels.fold(cols.to(kernel_device), list(case.size), *_args(case))
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.cpu(), expect, atol=0, rtol=0)
+
+
+def test_bf16_subnormals(kernel_device):
+    """bf16 below 2^-126 (subnormal): the interpreter's own bf16 → fp32 cast gets them wrong, so the
+    kernels widen bf16 by its bits there. fold sums k · 2^-133 exactly; local_conv multiplies
+    subnormal inputs by weights near 2^120 into products of order 2^-7."""
+    case = BF16_CASES[0]
+    args = _args(case)
+    cols = oracle_unfold(torch.zeros(case.n, case.c, *case.size), case)
+    cols = (torch.randint(-127, 128, cols.shape) * 2.0**-133).bfloat16()
+    assert cols.abs().max() < 2**-126 and cols.abs().max() > 0
+    expect = reference.fold(cols.double(), list(case.size), *args).bfloat16()  # exact sums, rounded once
+    out = unfold_kernels.fold(cols.to(kernel_device), list(case.size), *args)
+    torch.testing.assert_close(out.cpu(), expect, atol=0, rtol=0)
+
+    (x, w, b, _), _ = _bf16_problem(case, "cpu")
+    x, w, b = (x.float() * 2.0**-127).bfloat16(), (w.float() * 2.0**120).bfloat16(), b * 2.0**-7
+    assert (x.abs() < 2**-126).float().mean() > 0.5  # most entries subnormal
+    y = lc_kernels.local_conv(x.to(kernel_device), w.to(kernel_device), b.to(kernel_device), *args)
+    ref = reference.local_conv(x.double(), w.double(), b.double(), *args)
+    atol, rtol = TOL[torch.bfloat16]
+    torch.testing.assert_close(y.double().cpu(), ref, atol=atol * 2.0**-7, rtol=rtol)
+
+
+# ---------------------------------------------------------------------------------------------- empty dims
+# (id, N, C_in, C_out, spatial size, kernel, padding): L >= 1 always; an empty input dim needs padding
+EMPTY = [
+    ("N0", 0, 2, 3, (4, 5), (3, 3), 1),
+    ("Cin0", 2, 0, 3, (4, 5), (3, 3), 1),
+    ("Cout0", 2, 2, 0, (4, 5), (3, 3), 1),
+    ("H0_padded", 2, 2, 3, (0, 5), (1, 3), 1),  # every patch entry is zero padding
+]
+
+
+def _empty_problem(spec, device):
+    _, n, c, o, size, k, p = spec
+    args = (list(k), [1, 1], [p] * 4, [1, 1], "zeros")
+    out_size = [s + 2 * p - kk + 1 for s, kk in zip(size, k)]
+    L, R = math.prod(out_size), c * math.prod(k)
+    x = torch.randn(n, c, *size, dtype=torch.float64)
+    w = torch.randn(o, R, L, dtype=torch.float64)
+    b = torch.randn(o, L, dtype=torch.float64)
+    gy = torch.randn(n, o, *out_size, dtype=torch.float64)
+    cols = torch.randn(n, R, L, dtype=torch.float64)
+    return [t.to(device) for t in (x, w, b, gy, cols)], args, out_size
+
+
+def _patches(spec, x, out_size) -> torch.Tensor:
+    """unfold(x) in fp64 from its definition: all zero padding, except for the C_out = 0 case."""
+    _, n, c, _, size, k, _ = spec
+    if spec[0] == "Cout0":  # the only case with entries that are not padding
+        return oracle_unfold(x.cpu(), Case(n, c, size, k, None, 1))
+    return torch.zeros(n, c * math.prod(k), math.prod(out_size), dtype=torch.float64)
+
+
+@pytest.mark.parametrize("impl", ["kernels", "reference"])
+@pytest.mark.parametrize("spec", EMPTY, ids=[e[0] for e in EMPTY])
+def test_empty_dims(spec, impl, kernel_device):
+    """Every launcher (and the plain-torch reference) on an empty dim: the right shape and the values
+    of the definition (fp64 einsum over the patches; a sum over an empty dim is 0) — an empty batch
+    gives dW = db = 0, C_in = 0 gives y = bias and db = Σ_n dY, C_out = 0 gives dx = 0 — never
+    uninitialised memory."""
+    device = kernel_device if impl == "kernels" else "cpu"
+    (x, w, b, gy, cols), args, out_size = _empty_problem(spec, device)
+    mod_unfold = unfold_kernels if impl == "kernels" else reference
+    mod = lc_kernels if impl == "kernels" else reference
+    n, o, size = x.shape[0], w.shape[0], list(x.shape[2:])
+    patches = _patches(spec, x, out_size)
+    gy3 = gy.cpu().reshape(n, o, math.prod(out_size))
+
+    def same(got, want, what):
+        assert tuple(got.shape) == tuple(want.shape), f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}"
+        torch.testing.assert_close(got.cpu(), want, atol=1e-12, rtol=1e-12, msg=lambda m: f"{what}: {m}")
+
+    same(mod_unfold.unfold(x, *args), patches, "unfold")
+    folded = mod_unfold.fold(cols, size, *args)
+    assert tuple(folded.shape) == tuple(x.shape), "fold"
+    if folded.numel():  # only Cout0, where fold is a plain problem
+        same(folded, oracle_fold(cols.cpu(), Case(n, x.shape[1], tuple(size), spec[5], None, 1)), "fold")
+    xw = torch.einsum("nrl,orl->nol", patches, w.cpu())
+    for bias, add in ((b, b.cpu()), (b[:, 0], b.cpu()[:, :1]), (None, 0)):
+        same(mod.local_conv(x, w, bias, *args), (xw + add).reshape(n, o, *out_size),
+             f"local_conv, bias {None if bias is None else tuple(bias.shape)}")
+    dw, db = mod.local_conv_grad_weight(gy, x, *args)
+    same(dw, torch.einsum("nol,nrl->orl", gy3, patches), "grad_weight")
+    same(db, gy3.sum(0), "grad_bias")
+    dx = mod.local_conv_grad_input(gy, w, size, *args)
+    dcols = torch.einsum("nol,orl->nrl", gy3, w.cpu())
+    assert tuple(dx.shape) == tuple(x.shape), "grad_input"
+    if dx.numel():  # Cout0: dcols is all zeros, so is dx
+        assert not dcols.any()
+        same(dx, torch.zeros_like(x.cpu()), "grad_input")
+
+
+@pytest.mark.parametrize("call", ["unfold", "local_conv", "local_conv_grad_weight"])
+def test_replicate_padding_of_an_empty_dim_is_refused(call, kernel_device):
+    """'replicate' of an empty dim has nothing to replicate; the kernels would read index -1."""
+    x = torch.randn(2, 2, 0, device=kernel_device)
+    args = _geom(1, 1, "replicate")  # L = 2 from padding alone
+    fn = {"unfold": lambda: unfold_kernels.unfold(x, *args),
+          "local_conv": lambda: lc_kernels.local_conv(x, torch.randn(3, 2, 2, device=kernel_device), None, *args),
+          "local_conv_grad_weight": lambda: lc_kernels.local_conv_grad_weight(
+              torch.randn(2, 3, 2, device=kernel_device), x, *args)}[call]
+    with pytest.raises(ValueError, match="replicate"):
+        fn()
+
+
+# ---------------------------------------------------------------------------------------------- device
+@pytest.mark.gpu
+def test_launches_on_the_inputs_device():
+    """Triton launches on the current CUDA device; the launchers make it the input's."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA devices")
+    x = torch.randn(2, 3, 5, 6, device="cuda:1")
+    w = torch.randn(4, 27, 12, device="cuda:1")
+    args = ([3, 3], [1, 1], [0, 0, 0, 0], [1, 1], "zeros")
+    with torch.cuda.device(0):
+        cols = unfold_kernels.unfold(x, *args)
+        y = lc_kernels.local_conv(x, w, None, *args)
+    torch.testing.assert_close(cols.cpu(), reference.unfold(x.cpu(), *args), atol=0, rtol=0)
+    torch.testing.assert_close(y.cpu(), reference.local_conv(x.cpu(), w.cpu(), None, *args), atol=1e-4, rtol=1e-4)
