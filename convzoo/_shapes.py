@@ -179,6 +179,9 @@ def geometry(in_size: Sequence, kernel_size: Sequence, dilation: Sequence, paddi
         if padding_mode == "reflect":
             check(lo < n and hi < n, lambda lo=lo, hi=hi, n=n, i=i: f"padding ({lo}, {hi}) must be smaller "
                   f"than the input size {n} in dim {i} for padding_mode='reflect'")
+        elif padding_mode == "replicate":  # an empty dim has nothing to replicate (a kernel would read index -1)
+            check(n > 0, lambda n=n, i=i, size=list(in_size): f"padding_mode='replicate' needs a non-empty input "
+                  f"along every spatial dim (there is nothing to replicate), got input size {size} (dim {i} is {n})")
         elif padding_mode == "circular":
             check(lo <= n and hi <= n, lambda lo=lo, hi=hi, n=n, i=i: f"padding ({lo}, {hi}) must be at most "
                   f"the input size {n} in dim {i} for padding_mode='circular'")

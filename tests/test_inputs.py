@@ -167,3 +167,15 @@ def test_interpret_set_after_kernel_import_is_a_clear_error():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     expected = "RAISED TRITON_INTERPRET is set now but was unset when convzoo's Triton kernels were imported"
     assert expected in out.stdout, out.stdout + out.stderr[-2000:]
+
+
+def test_replicate_padding_of_an_empty_dim_is_refused_on_every_path(path):
+    """One check in the shape math covers the kernels, the plain-torch path and the fakes."""
+    x = torch.randn(2, 2, 0, device=path)
+    with pytest.raises(ValueError, match="padding_mode='replicate' needs a non-empty input"):
+        cf.unfold(x, 1, padding=1, padding_mode="replicate")
+    with pytest.raises(ValueError, match="padding_mode='replicate' needs a non-empty input"):
+        cf.local_conv(x, torch.randn(3, 2, 2, device=path), kernel_size=1, padding=1, padding_mode="replicate")
+    with pytest.raises(ValueError, match="padding_mode='replicate' needs a non-empty input"):
+        cf.unfold(x.to("meta"), 1, padding=1, padding_mode="replicate")
+    assert cf.unfold(x, 1, padding=1).shape == (2, 2, 2)  # zeros padding of an empty dim is fine

@@ -33,7 +33,6 @@ from convzoo.kernels.unfold import (
     _as_5d,
     _block_index,
     _check_device,
-    _check_source,
     _device,
     _finish,
     _launch_buffer,
@@ -471,7 +470,6 @@ def local_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     # (1) check
     g = _shapes.local_conv_geometry(x, weight, bias, kernel_size, dilation, padding, stride, padding_mode)
     _check_device(x)
-    _check_source(g)
     # (2) allocate; empty dims need no launch: an empty result (N, C_out = 0), or C_in = 0, where every
     # dot product is an empty sum and y is the bias (zeros without one). L >= 1 always.
     y = x.new_empty(_shapes.local_conv_out_shape(x, weight, g))
@@ -524,7 +522,6 @@ def local_conv_grad_weight(grad: torch.Tensor, x: torch.Tensor, kernel_size: lis
     # (1) check
     g = _shapes.local_conv_grad_weight_geometry(grad, x, kernel_size, dilation, padding, stride, padding_mode)
     _check_device(x)
-    _check_source(g)
     # (2) allocate
     w_shape, b_shape = _shapes.local_conv_grad_weight_shapes(grad, x, g)
     dw = x.new_empty(w_shape).permute(1, 2, 0)

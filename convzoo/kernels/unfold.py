@@ -340,17 +340,6 @@ def _check_device(t: torch.Tensor) -> None:
             f"the Triton kernels need a CUDA tensor (or CPU tensors with TRITON_INTERPRET=1), got {t.device}")
 
 
-def _check_source(g: _shapes.Geometry) -> None:
-    """An input that is read must have something to read along every dim. Only ``'replicate'`` lets
-    an empty dim through the geometry check (its padding is then all of the window), and there the
-    kernels would read index -1: out of bounds, not a value.
-
-    Raises:
-        ValueError: ``padding_mode='replicate'`` with an empty spatial dim.
-    """
-    if g.padding_mode == "replicate" and 0 in g.in_size:
-        raise ValueError(f"padding_mode='replicate' needs a non-empty input along every spatial dim (there is "
-                         f"nothing to replicate), got input size {list(g.in_size)}")
 
 
 def _device(t: torch.Tensor):
@@ -401,9 +390,9 @@ def unfold(x: torch.Tensor, kernel_size: list[int], dilation: list[int], padding
     # (1) check
     g = _shapes.unfold_geometry(x, kernel_size, dilation, padding, stride, padding_mode)
     _check_device(x)
-    _check_source(g)
     # (2) allocate; nothing to launch for an empty result (N, C = 0); an empty input dim (zero
-    # padding only, see _check_source) reads nothing, so its columns are zeros, as the kernel writes
+    # padding only: _shapes.geometry refuses it for replicate) reads nothing, so its columns are zeros,
+    # as the kernel writes
     out = x.new_empty(_shapes.unfold_out_shape(x, g))
     if out.numel() == 0:
         return out
