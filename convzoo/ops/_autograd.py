@@ -56,7 +56,6 @@ def differentiable(op, num_tensors: int, setup_context, backward, jvp):
     call (no Python-level autograd cost), else the ``autograd.Function``.
     """
     op.register_autograd(backward, setup_context=setup_context)
-    static_grads = (None,)
 
     def forward(*args):
         return op(*args[:-1], *args[-1].values)
@@ -65,7 +64,7 @@ def differentiable(op, num_tensors: int, setup_context, backward, jvp):
         setup_context(ctx, (*inputs[:-1], *inputs[-1].values), output)
 
     def fn_backward(ctx, *grads):
-        return (*backward(ctx, *grads)[:num_tensors], *static_grads)
+        return (*backward(ctx, *grads)[:num_tensors], None)  # None for the _Static
 
     def fn_jvp(ctx, *tangents):
         return jvp(ctx, *tangents[:num_tensors])
