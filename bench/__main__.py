@@ -11,38 +11,18 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
 from bench import harness, ops
+from convzoo._cli import check_device, check_writable
 
 DEFAULT_OUT = Path(__file__).parent / "results"
 
 
-def _check_writable(folder: Path) -> None:
-    """Create ``folder`` if needed and a file in it, so a run cannot fail at its first write, after minutes.
-
-    Raises:
-        OSError, ValueError: it cannot be created or written (a file on the way, no permission, a NUL).
-    """
-    folder.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=folder, prefix=".bench-write-probe-"):
-        pass
 
 
-def _check_device(ap: argparse.ArgumentParser, text: str) -> None:
-    try:
-        device = torch.device(text)
-    except (RuntimeError, ValueError):
-        ap.error(f"--device: {text!r} is not a device (try cpu, cuda or cuda:N)")
-    if device.type not in ("cpu", "cuda"):
-        ap.error(f"--device: bench runs on cpu or cuda, not on {text!r}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        ap.error(f"--device: {text!r}, but there is no CUDA device here")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        ap.error(f"--device: no CUDA device {device.index}; this machine has {torch.cuda.device_count()}")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -82,10 +62,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     for m in args.modes:
         if m not in harness.MODES:
             ap.error(f"--modes: unknown mode {m!r}; choose from {','.join(harness.MODES)}")
-    _check_device(ap, args.device)
+    check_device(ap, args.device, ("cpu", "cuda"), "bench runs on cpu or cuda", require_cuda=True)
     if not args.no_save:
         try:
-            _check_writable(args.out)
+            check_writable(args.out)
         except (OSError, ValueError) as e:
             ap.error(f"--out: cannot write results to {args.out} ({type(e).__name__}: {e})")
     return args

@@ -159,20 +159,9 @@ def local_conv(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
                                             padding_mode)
     _check_not_unbatched(input, weight, ks)
     input, weight, bias = _autocast(input, weight, bias)
-    if weight.dim() == 3 and not weight.permute(2, 0, 1).is_contiguous():
-        weight = _position_major(weight)
+    if weight.dim() == 3 and not weight.permute(2, 0, 1).is_contiguous():  # one copy, not a strided matmul
+        weight = _local_conv_ops.position_major(weight)
     return _local_conv_ops.local_conv(input, weight, bias, ks, dil, pad, st, mode)
-
-
-def _position_major(weight: torch.Tensor) -> torch.Tensor:
-    """``weight`` ``[C_out, R, L]`` copied once into the layout every path streams fastest, physically
-    ``[L, C_out, R]`` (and its gradient copied back once): far cheaper than reading W strided by L in
-    every per-position matmul. hypnettorch's contiguous layout is one 2-d transpose ``[C_out·R, L]`` →
-    ``[L, C_out·R]``, which torch copies several times faster than the equivalent 3-d permutation."""
-    o, r, l = weight.shape
-    if weight.is_contiguous():
-        return weight.reshape(o * r, l).t().contiguous().view(l, o, r).permute(1, 2, 0)
-    return weight.permute(2, 0, 1).contiguous().permute(1, 2, 0)
 
 
 def _check_not_unbatched(input: torch.Tensor, weight: torch.Tensor, kernel_size) -> None:

@@ -365,3 +365,29 @@ def test_compile_around_a_differentiating_transform_is_a_clear_error(kernel_devi
     got = torch.compile(vmap(lambda x: cf.unfold(x, (2, 2))), backend="aot_eager", fullgraph=True)(x[:, None])
     _close(got, vmap(lambda x: oracle_unfold(x, Case(1, 1, (4, 4), (2, 2))))(x[:, None]))
     torch._dynamo.reset()
+
+
+def test_absent_tangents_cost_nothing(path, monkeypatch):
+    """A jvp over the input alone runs one extra op call (the tangent's), not a second one on zero
+    weight/bias tangents; reverse mode over such a jvp works, N = 1 included (a per-sample slice)."""
+    case = CASES[0]
+    x = _x(case, path)
+    w, b = _params(case, path)
+    ours, ref = _local(case), _oracle_local(case, _out_size(case, x))
+    calls = []
+    orig = lc_ops.local_conv
+
+    def spy(*args):
+        calls.append(args[1].shape)
+        return orig(*args)
+
+    monkeypatch.setattr(lc_ops, "local_conv", spy)
+    t = torch.randn_like(x)
+    _close(jvp(lambda x: ours(x, w, b), (x,), (t,))[1], jvp(lambda x: ref(x, w, b), (x,), (t,))[1])
+    assert len(calls) == 2
+    x1, bt = x[:1], torch.randn_like(b)
+    for f in (ours, ref):  # reverse over forward through the bias tangent's broadcast, N = 1
+        g = grad(lambda bt, f=f: jvp(lambda b: f(x1, w, b), (b,), (bt,))[1].pow(2).sum())(bt)
+        calls.append(g)
+    _close(calls[-2], calls[-1])
+    _close(calls[-1], 2 * bt)

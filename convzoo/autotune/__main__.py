@@ -10,11 +10,11 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
+from convzoo._cli import check_device, check_writable
 from convzoo.autotune import interpret_mode, registered, user_cache_dir
 from convzoo.autotune.grids import GRIDS
 from convzoo.autotune.lookup import device_slug
@@ -27,26 +27,8 @@ def _import_kernels() -> None:
     from convzoo.kernels import local_conv, unfold  # noqa: F401  (register their specs)
 
 
-def _check_writable(folder: Path) -> None:
-    """Create ``folder`` if needed and a file in it, so a run cannot fail at its first write, after minutes.
-
-    Raises:
-        OSError, ValueError: it cannot be created or written (a file on the way, no permission, a NUL).
-    """
-    folder.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=folder, prefix=".convzoo-write-probe-"):
-        pass
 
 
-def _check_device(ap: argparse.ArgumentParser, text: str) -> None:
-    try:
-        device = torch.device(text)
-    except (RuntimeError, ValueError):
-        ap.error(f"--device: {text!r} is not a device (try cuda or cuda:N)")
-    if device.type != "cuda":
-        ap.error(f"--device: tuning times the kernels on a CUDA GPU, not on {text!r} (try cuda or cuda:N)")
-    if device.index is not None and torch.cuda.is_available() and device.index >= torch.cuda.device_count():
-        ap.error(f"--device: no CUDA device {device.index}; this machine has {torch.cuda.device_count()}")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -81,13 +63,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         ap.error(f"--dtype: no dtype named in {args.dtype!r}; choose from {','.join(DTYPES)}")
     if args.max_minutes is not None and not (math.isfinite(args.max_minutes) and args.max_minutes > 0):
         ap.error(f"--max-minutes must be positive and finite, got {args.max_minutes}")
-    _check_device(ap, args.device)
+    check_device(ap, args.device, ("cuda",), "tuning times the kernels on a CUDA GPU", require_cuda=False)
     if not args.dry_run:  # a dry run writes nothing
         for folder, what in [(args.out, "--out"), (user_cache_dir(), "the user cache (set CONVZOO_CACHE_DIR)")]:
             if folder is None:
                 continue
             try:
-                _check_writable(folder)
+                check_writable(folder)
             except (OSError, ValueError) as e:
                 ap.error(f"{what}: cannot write tables to {folder} ({type(e).__name__}: {e})")
     return args

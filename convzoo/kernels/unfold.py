@@ -340,8 +340,6 @@ def _check_device(t: torch.Tensor) -> None:
             f"the Triton kernels need a CUDA tensor (or CPU tensors with TRITON_INTERPRET=1), got {t.device}")
 
 
-
-
 def _device(t: torch.Tensor):
     """Triton launches on the current CUDA device: make it ``t``'s for the launch."""
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()

@@ -25,7 +25,7 @@ from torch._library.autograd import make_autograd_impl
 _LIB = torch.library.Library("convzoo", "FRAGMENT")
 
 
-def _needs_function(tensors) -> bool:
+def needs_function(tensors) -> bool:
     """Whether an eager call must go through the full ``autograd.Function``: a ``torch.func``
     transform is active, a forward-AD level is open, or an input requires grad."""
     if torch._C._are_functorch_transforms_active() or fwAD._current_level >= 0:
@@ -61,6 +61,7 @@ def differentiable(op, num_tensors: int, setup_context, backward, jvp):
         return op(*args[:-1], *args[-1].values)
 
     def fn_setup_context(ctx, inputs, output):
+        ctx.set_materialize_grads(False)  # an absent tangent or gradient stays None: no GEMM of zeros
         setup_context(ctx, (*inputs[:-1], *inputs[-1].values), output)
 
     def fn_backward(ctx, *grads):
@@ -78,7 +79,7 @@ def differentiable(op, num_tensors: int, setup_context, backward, jvp):
 
     def entry(*args):
         tensors = args[:num_tensors]
-        if torch.compiler.is_compiling() or not _needs_function(tensors):
+        if torch.compiler.is_compiling() or not needs_function(tensors):
             return op(*args)
         return function.apply(*tensors, _Static(args[num_tensors:]))
 
@@ -165,7 +166,9 @@ class _Broadcast(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        return grad.sum(ctx.sum_dims, keepdim=True).reshape(ctx.t_shape), None
+        if ctx.sum_dims:  # (sum over () would sum over every dim)
+            grad = grad.sum(ctx.sum_dims, keepdim=True)
+        return grad.reshape(ctx.t_shape), None
 
     @staticmethod
     def jvp(ctx, t_t, _):

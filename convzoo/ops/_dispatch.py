@@ -19,11 +19,20 @@ def use_triton(t: torch.Tensor) -> bool:
     interpret = interpret_mode()
     if not (t.is_cuda or (interpret and t.device.type == "cpu")):
         return False
-    kernels = sys.modules.get("convzoo.kernels")
-    if kernels is not None and interpret != kernels.INTERPRETED:
-        raise RuntimeError(
-            f"TRITON_INTERPRET is {'set' if interpret else 'unset'} now but was "
-            f"{'set' if kernels.INTERPRETED else 'unset'} when convzoo's Triton kernels were imported; Triton "
-            f"reads it once, when the kernels are decorated. Set (or unset) TRITON_INTERPRET before the first "
-            f"convzoo kernel call (or before importing convzoo.kernels), and leave it so.")
+    for module, kernel in _KERNEL_MARKERS:  # the kernel modules imported so far: how were they decorated?
+        loaded = sys.modules.get(module)
+        if loaded is not None and _is_interpreted(getattr(loaded, kernel)) != interpret:
+            raise RuntimeError(
+                f"TRITON_INTERPRET is {'set' if interpret else 'unset'} now but was "
+                f"{'unset' if interpret else 'set'} when convzoo's Triton kernels were imported; Triton reads it "
+                f"once, when the kernels are decorated. Set (or unset) TRITON_INTERPRET before the first convzoo "
+                f"kernel call (or before importing convzoo.kernels), and leave it so.")
     return True
+
+
+# one kernel of each kernel module, decorated as all of that module's kernels are
+_KERNEL_MARKERS = (("convzoo.kernels.unfold", "unfold_kernel"), ("convzoo.kernels.local_conv", "local_conv_fwd_kernel"))
+
+
+def _is_interpreted(kernel) -> bool:
+    return sys.modules["convzoo.kernels.unfold"]._interpreted(kernel)  # loaded whenever a kernel module is

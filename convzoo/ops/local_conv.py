@@ -25,7 +25,7 @@ from convzoo import _shapes, reference
 from convzoo.ops import _autograd
 from convzoo.ops._dispatch import use_triton
 
-__all__ = ["local_conv", "local_conv_grad_input", "local_conv_grad_weight"]
+__all__ = ["local_conv", "local_conv_grad_input", "local_conv_grad_weight", "position_major"]
 
 
 def _kernels():
@@ -116,8 +116,6 @@ def _local_conv_jvp(ctx, x_t, w_t, b_t):
     return _autograd.add(y_t, None if b_t is None else _bias_as_output(b_t, ctx.out_shape))
 
 
-
-
 # ---------------------------------------------------------------------------------------------- grad_input
 def _grad_input_setup(ctx, inputs, output):
     grad, weight, input_size, *geom = inputs
@@ -141,8 +139,6 @@ def _grad_input_jvp(ctx, grad_t, w_t):
     grad, weight = ctx.saved_tensors
     out = None if grad_t is None else local_conv_grad_input(grad_t, weight, ctx.input_size, *ctx.geom)
     return _autograd.add(out, None if w_t is None else local_conv_grad_input(grad, w_t, ctx.input_size, *ctx.geom))
-
-
 
 
 # ---------------------------------------------------------------------------------------------- grad_weight
@@ -175,8 +171,6 @@ def _grad_weight_jvp(ctx, grad_t, x_t):
     return _autograd.add(dw_t, None if x_t is None else local_conv_grad_weight(grad, x_t, *ctx.geom)[0]), db_t
 
 
-
-
 local_conv = _autograd.differentiable(_local_conv, 3, _local_conv_setup, _local_conv_backward, _local_conv_jvp)
 local_conv.__doc__ = """``convzoo::local_conv(x, weight, bias, kernel_size, dilation, padding, stride, padding_mode)``,
 differentiable under every transform (resolved arguments)."""
@@ -190,6 +184,56 @@ local_conv_grad_weight.__doc__ = """``convzoo::local_conv_grad_weight(grad, x, k
 differentiable under every transform."""
 
 
+# ---------------------------------------------------------------------------------------------- weight layout
+def _to_position_major(weight: Tensor) -> Tensor:
+    """A copy of ``weight`` ``[C_out, R, L]`` that is physically ``[L, C_out, R]``."""
+    o, r, l = weight.shape
+    if weight.is_contiguous():  # hypnettorch's layout: a 2-d transpose, which torch copies ~2x faster
+        return weight.reshape(o * r, l).t().contiguous().view(l, o, r).permute(1, 2, 0)
+    return weight.permute(2, 0, 1).contiguous().permute(1, 2, 0)
+
+
+def _to_contiguous(grad: Tensor) -> Tensor:
+    """The adjoint's layout: ``grad`` ``[C_out, R, L]`` (physically ``[L, C_out, R]``, as the weight-gradient
+    op makes it) copied to a contiguous tensor, the layout of the weight it belongs to."""
+    o, r, l = grad.shape
+    if grad.permute(2, 0, 1).is_contiguous():
+        return grad.permute(2, 0, 1).reshape(l, o * r).t().contiguous().view(o, r, l)
+    return grad.contiguous()
+
+
+class _PositionMajor(torch.autograd.Function):
+    """The copy into the kernels' layout, with a backward that hands the gradient back in the (contiguous)
+    layout of the weight, one 2-d transpose, instead of leaving AccumulateGrad a 3-d permuting copy."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(weight):
+        return _to_position_major(weight)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _to_contiguous(grad)
+
+    @staticmethod
+    def jvp(ctx, weight_t):
+        return position_major(weight_t)
+
+
+def position_major(weight: Tensor) -> Tensor:
+    """``weight`` ``[C_out, C_in·∏K, L]`` copied once into the layout every path streams fastest, physically
+    ``[L, C_out, C_in·∏K]``: far cheaper than reading W strided by L in every per-position matmul. Its
+    gradient comes back contiguous, one copy too."""
+    if torch.compiler.is_compiling() or not _autograd.needs_function([weight]):
+        return _to_position_major(weight)
+    return _PositionMajor.apply(weight)
+
+
 # ---------------------------------------------------------------------------------------------- vmap
 # A vmapped dim joins a dim the op already batches over, so one launch serves the whole vmap:
 # the batch dim N for x / grad, C_out for a batched weight (or output gradient in grad_weight),
@@ -200,13 +244,22 @@ def _batched(in_dims, count: int) -> tuple[bool, ...]:
     return tuple(d is not None for d in in_dims[:count])
 
 
+def _batched_bias(bias: Tensor, bdim: int, y: Tensor) -> Tensor:
+    """A bias batched at ``bdim``, shaped to broadcast against the vmapped output ``y`` ``[B, N, C_out, *out]``."""
+    bias = bias.movedim(bdim, 0)
+    if bias.dim() == 3:  # per pixel [B, C_out, L]
+        return bias.reshape(bias.shape[0], 1, *y.shape[2:])
+    return bias.reshape(bias.shape[0], 1, bias.shape[1], *([1] * (y.dim() - 3)))
+
+
 @_local_conv.register_vmap
 def _(info, in_dims, x, weight, bias, *geom):
     b = info.batch_size
     x_b, w_b, bias_b = _batched(in_dims, 3)
-    if x_b and not (w_b or bias_b):  # the vmapped dim joins N
+    if x_b and not w_b:  # the vmapped dim joins N (a batched bias is added per entry)
         x = x.movedim(in_dims[0], 0)
-        return _local_conv(x.flatten(0, 1), weight, bias, *geom).unflatten(0, x.shape[:2]), 0
+        y = _local_conv(x.flatten(0, 1), weight, None if bias_b else bias, *geom).unflatten(0, x.shape[:2])
+        return (y + _batched_bias(bias, in_dims[2], y) if bias_b else y), 0
     if not x_b and w_b:  # ... joins C_out: weight [B*O, R, L], bias [B*O(, L)]
         w = _autograd.move_bdim(weight, in_dims[1], b)
         bias = None if bias is None else _autograd.move_bdim(bias, in_dims[2], b).flatten(0, 1)
@@ -214,9 +267,7 @@ def _(info, in_dims, x, weight, bias, *geom):
         return y.unflatten(1, w.shape[:2]), 1
     if not (x_b or w_b):  # only the bias is batched: one call, the bias added per entry
         y = _local_conv(x, weight, None, *geom)
-        bias = _autograd.move_bdim(bias, in_dims[2], b)
-        view = (b, 1, *y.shape[1:]) if bias.dim() == 3 else (b, 1, y.shape[1], *([1] * (y.dim() - 2)))
-        return y + bias.reshape(view), 0
+        return y + _batched_bias(bias, in_dims[2], y[None]), 0
     return _autograd.loop_vmap(_local_conv, b, in_dims, (x, weight, bias, *geom))
 
 
