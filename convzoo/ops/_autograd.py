@@ -65,6 +65,8 @@ def differentiable(op, num_tensors: int, setup_context, backward, jvp):
         setup_context(ctx, (*inputs[:-1], *inputs[-1].values), output)
 
     def fn_backward(ctx, *grads):
+        if all(g is None for g in grads):  # (grads are not materialised: an unused output's is None)
+            return (None,) * (num_tensors + 1)
         return (*backward(ctx, *grads)[:num_tensors], None)  # None for the _Static
 
     def fn_jvp(ctx, *tangents):
