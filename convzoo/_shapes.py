@@ -45,15 +45,11 @@ def _is_int(v) -> bool:
     return isinstance(v, (numbers.Integral, torch.SymInt)) and not isinstance(v, (bool, np.bool_))
 
 
-def _as_int(v):
-    """``v`` as what the ops' ``SymInt[]`` arguments take: Python ints stay, ``SymInt`` stays, numpy ints convert."""
-    return v if isinstance(v, (int, torch.SymInt)) else int(v)
-
-
 def plain_ints(value):
-    """``value`` with every integer in it (nested in tuples/lists too) a Python int: what a module keeps,
-    so that ``torch.compile`` never traces a numpy integer (Dynamo reads those as tensors)."""
-    if isinstance(value, numbers.Integral) and not isinstance(value, (bool, int)):
+    """``value`` with every integer in it (nested in tuples/lists too) a Python int, ``SymInt`` left as is:
+    what the ops' ``SymInt[]`` arguments take, and what a module keeps, so that ``torch.compile`` never
+    traces a numpy integer (Dynamo reads those as tensors)."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, (bool, int, torch.SymInt)):
         return int(value)
     if isinstance(value, (tuple, list)):
         return type(value)(plain_ints(v) for v in value)
@@ -68,13 +64,13 @@ def as_tuple(value, ndim: int, name: str) -> tuple:
         ValueError: a sequence of the wrong length.
     """
     if _is_int(value):
-        return (_as_int(value),) * ndim
+        return (plain_ints(value),) * ndim
     if isinstance(value, Sequence) and not isinstance(value, str):
         if not all(_is_int(v) for v in value):
             raise TypeError(f"{name} must be an int or a sequence of ints, got {value!r}")
         if len(value) != ndim:
             raise ValueError(f"{name} must have {ndim} entries for {ndim}-d input, got {tuple(value)}")
-        return tuple(_as_int(v) for v in value)
+        return tuple(plain_ints(v) for v in value)
     raise TypeError(f"{name} must be an int or a sequence of ints, got {type(value).__name__}")
 
 
@@ -112,7 +108,7 @@ def resolve_padding(padding, in_size: Sequence, kernel_size: Sequence, dilation:
             isinstance(p, Sequence) and len(p) == 2 and all(_is_int(v) for v in p) for p in padding
         ):
             raise ValueError(f"padding as pairs must be {ndim} (lo, hi) pairs of ints, got {padding!r}")
-        flat = [_as_int(v) for p in padding for v in p]
+        flat = [plain_ints(v) for p in padding for v in p]
     else:
         flat = [v for p in as_tuple(padding, ndim, "padding") for v in (p, p)]
     for v in flat:
