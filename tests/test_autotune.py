@@ -10,11 +10,11 @@ import torch
 
 from convzoo import autotune
 from convzoo.autotune import Config
-from convzoo.autotune import __main__ as cli
 from convzoo.autotune.grids import GRIDS
 from convzoo.autotune.lookup import triton_version
 from convzoo.kernels import local_conv as _local_conv_kernels  # noqa: F401  (registers the kernels)
 from convzoo.kernels import unfold as kernels  # noqa: F401
+from convzoo.tools import autotune as cli
 
 DIMS = {"R": 1000, "L": 300}
 

@@ -14,10 +14,10 @@ import torch
 import convzoo.kernels.local_conv  # noqa: F401  (registers every kernel while TRITON_INTERPRET is set)
 from convzoo import autotune
 from convzoo.autotune import Config, KernelSpec, TuneProblem
-from convzoo.autotune import __main__ as cli
 from convzoo.autotune import tune as tuner
 from convzoo.autotune.grids import GRIDS, Layer
 from convzoo.autotune.lookup import triton_version
+from convzoo.tools import autotune as cli
 
 # where the tables of this run go: the GPU's folder on a GPU, else the interpreter's
 SLUG = autotune.device_slug(torch.cuda.get_device_name()) if torch.cuda.is_available() else "triton-interpreter"
@@ -138,7 +138,7 @@ def test_bad_arguments(argv, message, capsys, cache):
         cli.parse_args(argv)
     err = capsys.readouterr().err
     assert e.value.code == 2 and message in err.splitlines()[-1]  # after the usage, one line naming it
-    assert err.splitlines()[-1].startswith("python -m convzoo.autotune: error: ")
+    assert err.splitlines()[-1].startswith("convzoo-autotune: error: ")
 
 
 def test_a_cuda_device_that_is_not_here_is_refused(monkeypatch, capsys, cache):
@@ -238,7 +238,7 @@ def test_all_wrong_keeps_the_default():
 WORKER = textwrap.dedent("""
     import os, sys, time
     os.environ["TRITON_INTERPRET"] = "1"
-    from convzoo.autotune.__main__ import main
+    from convzoo.tools.autotune import main
 
     def timer(fn, cfg, stage):
         time.sleep(0.0005)  # interleave the two processes

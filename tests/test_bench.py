@@ -7,8 +7,8 @@ import os
 import pytest
 import torch
 
-import bench.__main__ as bench
-from bench import harness, ops
+import convzoo.tools.bench.cli as bench
+from convzoo.tools.bench import harness, ops
 
 
 @pytest.fixture
@@ -86,7 +86,7 @@ def test_bad_arguments_exit_with_usage(argv, message, capsys):
         bench.parse_args([*argv, "--no-save"])
     err = capsys.readouterr().err
     assert e.value.code == 2 and message in err.splitlines()[-1]  # after the usage, one line naming it
-    assert err.splitlines()[-1].startswith("python -m bench: error: ")
+    assert err.splitlines()[-1].startswith("convzoo-bench: error: ")
 
 
 def test_a_cuda_device_that_is_not_here_is_refused(monkeypatch, capsys):

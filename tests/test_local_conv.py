@@ -12,8 +12,8 @@ from problems import TOL, Case, flat_padding, oracle_unfold
 import convzoo
 import convzoo.functional as cf
 import convzoo.kernels.local_conv as kernels  # decorate the kernels while TRITON_INTERPRET is set
-from bench.memory import peak_bytes
 from convzoo.autotune import Config
+from convzoo.tools.bench.memory import peak_bytes
 
 C_OUT = 3
 CASES = [

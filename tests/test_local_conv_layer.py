@@ -21,7 +21,7 @@ from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 import convzoo
 import convzoo.functional as cf
-from bench import ops as bench_ops
+from convzoo.tools.bench import ops as bench_ops
 
 
 def _unfold_oracle(x, w, b, kernel_size, stride=1, padding=0):

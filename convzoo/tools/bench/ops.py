@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import convzoo.functional as cf
-from bench.harness import Problem, Provider
+from convzoo.tools.bench.harness import Problem, Provider
 
 try:
     import unfoldNd

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from bench.memory import peak_bytes
+from convzoo.tools.bench.memory import peak_bytes
 
 MODES = ("fwd", "bwd", "fwd+bwd")
 

@@ -1,4 +1,4 @@
-"""``python -m convzoo.autotune`` (console script ``convzoo-autotune``): tune every registered kernel
+"""``convzoo-autotune`` (or ``python -m convzoo.tools.autotune``): tune every registered kernel
 on named shape grids and write the winners as tables that :func:`convzoo.autotune.lookup` reads.
 
 Tables go to the user cache (``$CONVZOO_CACHE_DIR`` or ``~/.cache/convzoo``)``/autotune/<gpu>/``
@@ -14,11 +14,11 @@ from pathlib import Path
 
 import torch
 
-from convzoo._cli import check_device, check_writable
 from convzoo.autotune import interpret_mode, registered, user_cache_dir
 from convzoo.autotune.grids import GRIDS
 from convzoo.autotune.lookup import device_slug
 from convzoo.autotune.tune import candidates, do_bench_timer, plan, read_entries, summary, tune
+from convzoo.tools._cli import check_device, check_writable
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -37,7 +37,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     exit 2 with a one-line message naming the argument."""
     _import_kernels()
     names = sorted(registered())
-    ap = argparse.ArgumentParser(prog="python -m convzoo.autotune", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="convzoo-autotune", description=__doc__.splitlines()[0])
     ap.add_argument("--kernels", default=",".join(names), help=f"comma-separated subset of {','.join(names)}")
     ap.add_argument("--grid", default="all", choices=sorted(GRIDS), help="named shape grid (default: all)")
     ap.add_argument("--dtype", default="float16,bfloat16,float32",

@@ -1,4 +1,4 @@
-"""Argument checks shared by the command-line tools (``python -m convzoo.autotune``, ``python -m bench``):
+"""Argument checks shared by the command-line tools (``convzoo-autotune``, ``convzoo-bench``, ``convzoo-gpu-check``):
 each refuses a bad argument with a one-line ``argparse`` error (exit 2) before any work."""
 
 from __future__ import annotations

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from bench import harness, ops
-from convzoo._cli import check_device, check_writable
+from convzoo.tools._cli import check_device, check_writable
+from convzoo.tools.bench import harness, ops
 
 DEFAULT_OUT = Path(__file__).parent / "results"
 
@@ -29,7 +29,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     """The command line, validated before any timing: unknown or empty lists, a device that is not
     cpu or a CUDA GPU here, or an ``--out`` that cannot be written (unless ``--no-save``) exit 2 with a
     one-line message naming the argument."""
-    ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="convzoo-bench", description=__doc__.splitlines()[0])
     size = ap.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_const", dest="size", const="quick",
                       help="a few layer shapes, fwd and fwd+bwd: about a minute on a laptop CPU (the default)")

@@ -1,1 +1,0 @@
-"""convzoo benchmarks against the peers. Run ``python -m bench --quick``."""

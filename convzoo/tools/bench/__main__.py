@@ -1,0 +1,5 @@
+import sys
+
+from convzoo.tools.bench.cli import main
+
+sys.exit(main())
