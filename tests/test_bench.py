@@ -1,14 +1,24 @@
-"""The bench harness on CPU with tiny shapes: it runs every provider and writes well-formed CSV rows,
-a markdown table and plots. No timing assertions."""
+"""The bench (``convzoo-bench``) on CPU with tiny shapes: every provider runs, rows are well-formed CSV,
+the results go where the user was told and nowhere tracked, noisy rows are marked, the overhead rows and
+the pytest-benchmark entry cover the same problems. No timing assertions: fake timers decide the numbers
+where a test reads them."""
 
+import hashlib
 import math
 import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 import convzoo.tools.bench.cli as bench
-from convzoo.tools.bench import harness, ops
+from convzoo.tools.bench import harness, ops, timing
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = ["--reps", "2", "--min-time", "0.01"]
 
 
 @pytest.fixture
@@ -16,55 +26,280 @@ def no_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
 
 
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    folder = tmp_path / "cache"
+    monkeypatch.setenv("CONVZOO_CACHE_DIR", str(folder))
+    return folder
+
+
+class FakeTimer:
+    """Samples chosen per provider (by the call's closure): ``ms[provider name]``; records call order."""
+
+    name = "fake"
+
+    def __init__(self, ms=None, spread=None):
+        self.ms, self.spread, self.calls = ms or {}, spread or {}, []
+
+    def __call__(self, fn):
+        name = _provider_of(fn)
+        self.calls.append(name)
+        base = self.ms.get(name, 1.0)
+        hi = base * self.spread.get(name, 1.0)
+        return [base, base, base, hi, hi, hi]
+
+
+def _provider_of(fn):
+    """The provider a harness callable runs (its closure holds the Provider), or the limits' lambdas."""
+    for cell in fn.__closure__ or ():
+        v = cell.cell_contents
+        if isinstance(v, harness.Provider):
+            return v.name
+    return "limits"
+
+
+class FakeLoad:
+    def __init__(self, value):
+        self.value = value
+
+    def start(self):
+        pass
+
+    def stop(self):
+        return self.value
+
+
+def _tree_digest(folder: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(folder.rglob("*")):
+        if p.is_file():
+            h.update(str(p.relative_to(folder)).encode() + p.read_bytes())
+    return h.hexdigest()
+
+
 def test_tiny_run_prints_every_provider_and_writes_results(capsys, no_interpreter, tmp_path):
-    assert bench.main(["--tiny", "--device", "cpu", "--reps", "2", "--out", str(tmp_path)]) == 0
+    assert bench.main(["--tiny", "--device", "cpu", *FAST, "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "plain-torch paths" in out and "measured: copy" in out
-    expected = {("unfold", "2d_tiny", p) for p in ("convzoo", "F.unfold", "unfoldNd")}
-    expected |= {("fold", "3d_tiny", p) for p in ("convzoo", "unfoldNd")}
-    expected |= {("local_conv", "2d_tiny", p) for p in ("convzoo", "hypnettorch", "unfold+bmm", "unfold+einsum")}
+    assert "plain-torch paths" in out and "measured: copy" in out and "timer: torch.utils.benchmark" in out
+    assert f"# results: {tmp_path} (--out)" in out
+    assert "[  1/" in out  # progress: one line per row while timing
+    assert out.count(harness.SPEEDUP_LEGEND) == 3  # one legend under each op's table
+    unfold_2d, fold_3d, local_2d = "N2 C3 8×8 k3 p1 s1", "N1 C2 4×4×4 k2 p0 s1", "N2 C3→4 6×6 k3 p1 s1"
+    expected = {("unfold", unfold_2d, p) for p in ("convzoo", "F.unfold", "unfoldNd")}
+    expected |= {("fold", fold_3d, p) for p in ("convzoo", "unfoldNd")}
+    expected |= {("local_conv", local_2d, p) for p in ("convzoo", "hypnettorch", "unfold+bmm", "unfold+einsum")}
     (csv_path,) = tmp_path.glob("*.csv")
     rows = harness.read_csv(csv_path)
     assert list(rows[0]) == harness.Row.columns()
     assert expected <= {(r["op"], r["shape"], r["provider"]) for r in rows}
-    assert {r["mode"] for r in rows} == {"fwd", "fwd+bwd"}
+    assert {r["mode"] for r in rows} == {"fwd", "fwd+bwd"}  # --tiny: no overhead rows
     assert not any("compile" in r["provider"] for r in rows)  # --full only
     for r in rows:
         assert r["device"].startswith("CPU") and r["torch"] and r["date"].endswith("Z")
+        assert r["timer"].startswith("torch.utils.benchmark") and int(r["samples"]) >= 2
         p50, p20, p80 = float(r["ms_p50"]), float(r["ms_p20"]), float(r["ms_p80"])
         assert 0 < p20 <= p50 <= p80
-        assert float(r["peak_mib"]) >= 0 and float(r["pct_of_limit"]) > 0
-        assert (float(r["tflop_per_s"]) > 0) == (r["op"] == "local_conv")
+        assert float(r["peak_mib"]) >= 0 and float(r["gb_per_s"]) > 0 and float(r["pct_copy_bw"]) > 0
+        # FLOP columns only where FLOPs matter; empty (NaN) for data movement, not 0.000
+        assert math.isnan(float(r["tflop_per_s"])) == (r["op"] != "local_conv")
+        assert math.isnan(float(r["pct_matmul_peak"])) == (r["op"] != "local_conv")
         if r["provider"] == "convzoo":
-            assert float(r["vs_convzoo"]) == 1.0
+            assert float(r["speedup"]) == 1.0
     md = csv_path.with_suffix(".md").read_text()
-    assert md.count("| local_conv |") == 8 and "Measured limits" in md
+    assert md.count(f"| {local_2d} |") == 8 and "Measured limits" in md and md.count(harness.SPEEDUP_LEGEND) == 3
+    assert "### unfold (data movement" in md and "### local_conv (FLOPs matter" in md
     # a second run appends rows under the same header
-    assert bench.main(["--tiny", "--device", "cpu", "--ops", "local_conv", "--modes", "bwd", "--reps", "2",
-                       "--no-memory",
+    assert bench.main(["--tiny", "--device", "cpu", "--ops", "local_conv", "--modes", "bwd", *FAST, "--no-memory",
                        "--out", str(tmp_path)]) == 0
     rows2 = harness.read_csv(csv_path)
     assert len(rows2) == len(rows) + 4 and {r["mode"] for r in rows2[len(rows):]} == {"bwd"}
     assert math.isnan(float(rows2[-1]["peak_mib"]))
 
 
-def test_plots_written_when_matplotlib_is_installed(no_interpreter, tmp_path):
+def test_plots_have_spread_labels_and_titles(no_interpreter, tmp_path, monkeypatch):
     pytest.importorskip("matplotlib")
+    import matplotlib.axes
+    import matplotlib.figure
+
+    bars, labels, titles = [], [], []
+    real_bar, real_suptitle = matplotlib.axes.Axes.bar, matplotlib.figure.Figure.suptitle
+    real_ylabel = matplotlib.axes.Axes.set_ylabel
+    monkeypatch.setattr(matplotlib.axes.Axes, "bar", lambda self, *a, **k: bars.append(k) or real_bar(self, *a, **k))
+    monkeypatch.setattr(matplotlib.axes.Axes, "set_ylabel",
+                        lambda self, t, **k: labels.append(t) or real_ylabel(self, t, **k))
+    monkeypatch.setattr(matplotlib.figure.Figure, "suptitle",
+                        lambda self, t, **k: titles.append(t) or real_suptitle(self, t, **k))
+    timer = FakeTimer(spread={"convzoo": 1.2})
+    assert bench.main(["--overhead", "--device", "cpu", "--ops", "fold", "--reps", "2", "--no-memory",
+                       "--out", str(tmp_path)], timer=timer, load=FakeLoad(0.0)) == 0
     assert bench.main(["--tiny", "--device", "cpu", "--ops", "fold", "--reps", "2", "--no-memory",
-                       "--out", str(tmp_path)]) == 0
-    (png,) = tmp_path.glob("*/fold.png")
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+                       "--out", str(tmp_path)], timer=timer, load=FakeLoad(0.0)) == 0
+    for name in ("fold.png", "overhead.png"):
+        (png,) = tmp_path.glob(f"*/{name}")
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # error bars p20-p80: the convzoo bars have a non-zero upper error (p80 - p50 > 0 with this timer)
+    assert all("yerr" in k for k in bars) and any(max(k["yerr"][1]) > 0 for k in bars)
+    assert titles and all("float32" in t and "CPU" in t for t in titles)
+    assert any(lb.startswith("time per call, µs") for lb in labels) and any("ms (p50" in lb for lb in labels)
 
 
-def test_format_table_and_csv_round_trip(tmp_path):
-    row = harness.Row("2026-01-01T00:00:00Z", "dev", "2.11", "3.6", "abc", "unfold", "s", "fwd", "float32",
-                      "convzoo", 1.5, 1.0, 2.0, 3.0, 0.0, 50.0, 1.25, 1.0)
-    harness.append_csv(tmp_path / "x.csv", [row, row])
-    back = harness.read_csv(tmp_path / "x.csv")
-    assert len(back) == 2 and float(back[0]["ms_p50"]) == 1.5 and back[0]["provider"] == "convzoo"
+def test_results_default_to_the_user_cache_and_never_touch_tracked_files(cache, no_interpreter, capsys):
+    """The default run writes under $CONVZOO_CACHE_DIR/bench, says so, and leaves bench/reference and the
+    checkout as they were (git status, where this is a git checkout)."""
+    ref = ROOT / "bench" / "reference"
+    before = _tree_digest(ref)
+    git = shutil.which("git") and (ROOT / ".git").exists()
+    status = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True).stdout \
+        if git else None
+    assert bench.main(["--tiny", "--device", "cpu", "--ops", "unfold", "--no-memory", "--reps", "2"],
+                      timer=FakeTimer(), load=FakeLoad(0.0)) == 0
+    out = capsys.readouterr().out
+    assert f"# results: {cache / 'bench'} (the user cache; --out DIR to choose)" in out
+    assert len(list((cache / "bench").glob("*.csv"))) == 1 and len(list((cache / "bench").glob("*.md"))) == 1
+    assert _tree_digest(ref) == before
+    if git:
+        assert subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True,
+                              text=True).stdout == status
+
+
+def test_update_reference_writes_only_to_the_checkouts_reference_folder(tmp_path, monkeypatch, capsys,
+                                                                           no_interpreter, cache):
+    assert bench.reference_dir() == ROOT / "bench" / "reference"  # this test runs from a checkout
+    ref = tmp_path / "reference"
+    ref.mkdir()
+    monkeypatch.setattr(bench, "reference_dir", lambda: ref)
+    assert bench.main(["--tiny", "--device", "cpu", "--ops", "fold", "--no-memory", "--reps", "2",
+                       "--update-reference"], timer=FakeTimer(), load=FakeLoad(0.0)) == 0
+    assert f"# results: {ref} (the checkout's reference results" in capsys.readouterr().out
+    assert len(list(ref.glob("*.csv"))) == 1 and not (cache / "bench").exists()
+    monkeypatch.setattr(bench, "reference_dir", lambda: None)  # an installed package: no checkout
+    with pytest.raises(SystemExit) as e:
+        bench.parse_args(["--update-reference"])
+    assert e.value.code == 2 and "--update-reference: this convzoo is not a checkout" in capsys.readouterr().err
+
+
+def test_noisy_rows_are_marked_by_spread_and_by_load(no_interpreter, capsys):
+    timer = FakeTimer(ms={"convzoo": 1.0, "F.unfold": 2.0, "unfoldNd": 4.0}, spread={"unfoldNd": 1.5})
+    args = ["--tiny", "--device", "cpu", "--ops", "unfold", "--modes", "fwd", "--reps", "2", "--no-memory",
+            "--no-save"]
+    rows = _rows(args, timer, FakeLoad(0.0), capsys)
+    by = {r.provider: r for r in rows if r.shape.startswith("N2")}
+    assert by["convzoo"].noisy == "" and by["F.unfold"].noisy == ""
+    assert by["unfoldNd"].noisy.startswith("spread p80/p20 1.50 > 1.3")
+    assert by["F.unfold"].speedup == 2.0 and by["unfoldNd"].speedup == pytest.approx(6.0 / 1.0, rel=0.5)
+    out = capsys.readouterr().out
+    assert "rows are noisy" in out and "noisy" in out.splitlines()[-1]
+    loaded = _rows(args, FakeTimer(), FakeLoad(timing.load_bound() + 0.5), capsys)
+    assert loaded and all("other processes busy on" in r.noisy for r in loaded)
+    assert all(r.noisy == "" for r in _rows(args, FakeTimer(), FakeLoad(None), capsys))  # no /proc/stat
+
+
+def _rows(argv, timer, load, capsys):
+    """The rows a run hands to the table (captured from harness.format_table's argument)."""
+    seen = []
+    real = harness.format_table
+
+    def spy(rows, markdown=False):
+        seen.extend(rows)
+        return real(rows, markdown)
+
+    harness.format_table = spy
+    try:
+        assert bench.main(argv, timer=timer, load=load) == 0
+    finally:
+        harness.format_table = real
+    return seen
+
+
+def test_providers_are_timed_in_interleaved_rounds():
+    timer = FakeTimer()
+    problems = ops.problems("tiny", ["local_conv"])
+    rows = harness.run(problems, ops.providers(), ["fwd"], torch.device("cpu"), torch.float32,
+                       harness.Limits(1e10, 1e11, "float32"), rounds=3, timer=timer, load=FakeLoad(0.0),
+                       memory=False, progress=None)
+    provs = [r.provider for r in rows]
+    assert timer.calls == provs * 3  # round robin, not all rounds of one provider, then the next
+    assert all(r.samples == 18 for r in rows)  # 3 rounds x 6 samples
+
+
+def test_foreign_load_reads_other_processes_busy_time(tmp_path):
+    stat = tmp_path / "stat"
+    meter = timing.ForeignLoad(str(stat))
+    hz = os.sysconf("SC_CLK_TCK")
+    stat.write_text("cpu  100 0 100 5000 0 0 0 0 0 0\n")
+    meter.start()
+    t = __import__("time")
+    t.sleep(0.2)
+    stat.write_text(f"cpu  {100 + 2 * hz} 0 100 5000 0 0 0 0 0 0\n")  # 2 CPU-seconds busy in 0.2 s
+    load = meter.stop()
+    assert 5 < load <= 10  # ~10 CPUs minus this process's own (small) CPU time
+    assert timing.ForeignLoad(str(tmp_path / "missing")).stop() is None
+    meter2 = timing.ForeignLoad(str(tmp_path / "missing"))
+    meter2.start()
+    assert meter2.stop() is None
+    assert timing.noise(1.0, 1.2, None) == "" and "spread" in timing.noise(1.0, 1.4, None)
+
+
+def test_overhead_rows(no_interpreter, capsys):
+    """--overhead: µs per eager call of each op against F.unfold / F.fold / unfold+einsum only."""
+    rows = _rows(["--overhead", "--device", "cpu", *FAST, "--no-save", "--no-memory"], None, None, capsys)
+    out = capsys.readouterr().out
+    section = out[out.index("## host overhead"):]
+    assert "p50 µs" in section and out.count("## ") == 1 and harness.SPEEDUP_LEGEND in section
+    assert {(r.op, r.provider) for r in rows} == {("unfold", "convzoo"), ("unfold", "F.unfold"), ("fold", "convzoo"),
+                                                  ("fold", "F.fold"), ("local_conv", "convzoo"),
+                                                  ("local_conv", "unfold+einsum")}
+    assert {r.mode for r in rows} == {"call", "call+grad"} and all(r.shape.startswith("N2 C3") for r in rows)
+    assert all(r.timer.startswith("torch.utils.benchmark") for r in rows)
+    assert f"{rows[0].ms_p50 * 1e3:.1f}" in section  # printed in µs
+    # --quick carries the overhead rows too
+    quick = [p for p in bench._problems(bench.parse_args(["--quick", "--no-save"])) if p.overhead]
+    assert {p.op for p in quick} == set(ops.OPS)
+
+
+def test_max_minutes_stops_starting_rows(no_interpreter, capsys):
+    rows = _rows(["--tiny", "--device", "cpu", "--max-minutes", "1e-9", "--reps", "2", "--no-memory",
+                  "--no-save"], FakeTimer(), FakeLoad(0.0), capsys)
+    assert len({(r.op, r.shape, r.mode) for r in rows}) == 1  # the first (problem, mode) only
+    assert "# --max-minutes 1e-09 reached:" in capsys.readouterr().out
+
+
+def test_a_missing_peer_drops_its_column_with_one_line(monkeypatch, no_interpreter, capsys):
+    monkeypatch.setattr(ops, "unfoldNd", None)
+    rows = _rows(["--tiny", "--device", "cpu", "--reps", "2", "--no-memory", "--no-save"], FakeTimer(),
+                 FakeLoad(0.0), capsys)
+    assert rows and not any(r.provider == "unfoldNd" for r in rows)
+    assert not any(r.op == "fold" and r.shape.startswith("N1") and r.provider != "convzoo" for r in rows)
+    out = capsys.readouterr().out
+    assert sum("unfoldNd is not installed" in ln and "pip install unfoldNd" in ln for ln in out.splitlines()) == 1
+
+
+def test_csv_append_and_an_older_schema_moved_aside(tmp_path):
+    row = harness.Row("2026-01-01T00:00:00Z", "dev", "2.11", "3.6", "abc", "fake", "unfold", "N1 C1 4×4 k1 p0 s1",
+                      "fwd", "float32", "convzoo", 1.5, 1.0, 2.0, 6, 3.0, 5.0, float("nan"), float("nan"), 1.25,
+                      1.0, "")
+    path = tmp_path / "x.csv"
+    assert harness.append_csv(path, [row, row]) is None
+    assert harness.append_csv(path, [row]) is None
+    back = harness.read_csv(path)
+    assert len(back) == 3 and float(back[0]["ms_p50"]) == 1.5 and back[0]["shape"] == "N1 C1 4×4 k1 p0 s1"
+    assert back[0]["tflop_per_s"] == "nan" and list(back[0]) == harness.Row.columns()
+    old = tmp_path / "y.csv"
+    old.write_text("date,device,op,ms_p50\n2026,dev,unfold,1.0\n")
+    moved = harness.append_csv(old, [row])
+    assert moved == tmp_path / "y.old-1.csv" and moved.read_text().startswith("date,device,op,ms_p50")
+    assert list(harness.read_csv(old)[0]) == harness.Row.columns()
     table = harness.format_table([row])
-    assert table.splitlines()[0].split()[:4] == ["op", "shape", "mode", "provider"] and "1.500" in table
-    assert harness.format_table([row], markdown=True).splitlines()[1].startswith("|---|")
+    assert "## unfold (data movement" in table and "1.500" in table and "TFLOP/s" not in table
+    assert harness.format_table([row], markdown=True).splitlines()[3].startswith("|---|")
+
+
+def test_shape_labels_state_the_shape():
+    assert ops.problems("quick", ["unfold"])[0].label == "N8 C64 32×32 k3 p1 s1"
+    local = [p.label for p in ops.problems("quick", ["local_conv"])]
+    assert "N16 C32→32 32×32 k3 p1 s1" in local and "N16 C32→32 32×32 k3 p1 s1 hypnettorch-W" in local
+    ids = [p.id for size in ops.SIZES for p in ops.problems(size)]
+    assert all(i.isascii() and " " not in i for i in ids)
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -75,7 +310,14 @@ def test_format_table_and_csv_round_trip(tmp_path):
     (["--dtype", "int8"], "argument --dtype: invalid choice"),
     (["--dtype", ","], "argument --dtype: invalid choice"),
     (["--quick", "--full"], "not allowed with"),
+    (["--overhead", "--tiny"], "not allowed with"),
+    (["--out", "x", "--update-reference"], "not allowed with"),
     (["--reps", "1"], "--reps must be at least 2"),
+    (["--min-time", "0"], "--min-time must be in (0, 60)"),
+    (["--min-time", "nan"], "--min-time must be in (0, 60)"),
+    (["--threads", "0"], "--threads must be at least 1"),
+    (["--max-minutes", "-1"], "--max-minutes must be positive"),
+    (["--max-minutes", "inf"], "--max-minutes must be positive"),
     (["--device", "bogus"], "--device: 'bogus' is not a device"),
     (["--device", "meta"], "--device: bench runs on cpu or cuda, not on 'meta'"),
     pytest.param(["--device", "cuda"], "--device: 'cuda', but there is no CUDA device here",
@@ -83,7 +325,7 @@ def test_format_table_and_csv_round_trip(tmp_path):
 ])
 def test_bad_arguments_exit_with_usage(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
-        bench.parse_args([*argv, "--no-save"])
+        bench.parse_args([*argv, *(["--no-save"] if "--out" not in argv else [])])
     err = capsys.readouterr().err
     assert e.value.code == 2 and message in err.splitlines()[-1]  # after the usage, one line naming it
     assert err.splitlines()[-1].startswith("convzoo-bench: error: ")
@@ -131,13 +373,21 @@ def test_refuses_the_interpreter(monkeypatch):
     assert bench.main(["--tiny", "--device", "cpu", "--no-save"]) == 2
 
 
+def test_the_console_scripts_are_declared():
+    text = (ROOT / "pyproject.toml").read_text()
+    assert 'convzoo-bench = "convzoo.tools.bench.cli:main"' in text
+    assert 'convzoo-autotune = "convzoo.tools.autotune:main"' in text
+    run = subprocess.run([sys.executable, "-m", "convzoo.tools.bench", "--help"], capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 0 and "speedup = peer time / convzoo time" in run.stdout
+
+
 @pytest.mark.gpu
 def test_tiny_run_on_cuda(tmp_path):
-    """On a GPU: do_bench quantiles, CUDA peak memory, and the GPU's name in every row."""
-    import torch
-
+    """On a GPU: do_bench samples, CUDA peak memory, and the GPU's name in every row."""
     assert bench.main(["--tiny", "--device", "cuda", "--dtype", "float16", "--reps", "2", "--out", str(tmp_path)]) == 0
     (csv_path,) = tmp_path.glob("*.csv")
     rows = harness.read_csv(csv_path)
     assert rows and all(r["device"] == torch.cuda.get_device_name() for r in rows)
     assert all(0 < float(r["ms_p20"]) <= float(r["ms_p50"]) <= float(r["ms_p80"]) for r in rows)
+    assert {r["timer"] for r in rows if r["mode"] in harness.MODES} == {"triton.testing.do_bench"}

@@ -1,9 +1,11 @@
-"""convzoo vs its peers on the best available device: a table, CSV rows, a markdown table and plots.
+"""``convzoo-bench``: convzoo against its peers on the best available device, as tables, CSV rows, markdown and plots.
 
-GPU: ``triton.testing.do_bench`` quantiles. CPU: wall-clock quantiles of the CPU paths (labelled
-CPU). Every row carries GB/s, TFLOP/s, % of this device's measured copy-bandwidth / matmul
-roofline, and peak memory. Rows are appended to ``<out>/<device>.csv``; ``<out>/<device>.md`` and
-``<out>/<device>/<op>.png`` show the latest run.
+GPU: ``triton.testing.do_bench`` samples; CPU: ``torch.utils.benchmark`` (the plain-torch paths,
+labelled CPU). The providers of a row are timed in interleaved rounds, so their speedups come from the
+same pass; noisy rows are marked. Results go to an untracked folder: the user cache
+(``$CONVZOO_CACHE_DIR`` or ``~/.cache/convzoo``)``/bench`` or ``--out DIR``; rows are appended to
+``<device>.csv``, ``<device>.md`` and ``<device>/<op>.png`` show the latest run. The reference results a
+checkout's README cites (``bench/reference/``) change only with ``--update-reference``.
 """
 
 from __future__ import annotations
@@ -11,44 +13,77 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch
 
+from convzoo.autotune import user_cache_dir
 from convzoo.tools._cli import check_device, check_writable
-from convzoo.tools.bench import harness, ops
+from convzoo.tools.bench import harness, ops, timing
 
-DEFAULT_OUT = Path(__file__).parent / "results"
+EPILOG = f"""\
+sizes: --tiny (smoke test), --quick (a few layer shapes, fwd and fwd+bwd, plus the host-overhead rows; the
+default), --full (real layer shapes, every mode, torch.compile peers, overhead rows), --overhead (only the
+host-overhead rows: µs per eager call on tiny shapes, against F.unfold / F.fold / unfold+einsum).
+
+columns: p20/p50/p80 of the timer's samples; GB/s and % of the measured copy bandwidth for every op;
+TFLOP/s and % of the measured matmul peak where the op does FLOPs (local_conv);
+speedup = peer time / convzoo time, from the same interleaved pass (> 1: convzoo is faster).
+A row is noisy when p80/p20 > {timing.SPREAD_BOUND} or other processes kept more than max(0.5, cores/10) CPUs
+busy while it was timed.
+"""
 
 
-
-
+def reference_dir() -> Path | None:
+    """``bench/reference`` of the checkout this package runs from, or None for an installed package."""
+    folder = Path(__file__).resolve().parents[3] / "bench" / "reference"
+    return folder if folder.is_dir() else None
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     """The command line, validated before any timing: unknown or empty lists, a device that is not
-    cpu or a CUDA GPU here, or an ``--out`` that cannot be written (unless ``--no-save``) exit 2 with a
-    one-line message naming the argument."""
-    ap = argparse.ArgumentParser(prog="convzoo-bench", description=__doc__.splitlines()[0])
+    cpu or a CUDA GPU here, or an output folder that cannot be written (unless ``--no-save``) exit 2
+    with a one-line message naming the argument."""
+    ap = argparse.ArgumentParser(prog="convzoo-bench", description=__doc__.splitlines()[0], epilog=EPILOG,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     size = ap.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_const", dest="size", const="quick",
-                      help="a few layer shapes, fwd and fwd+bwd: about a minute on a laptop CPU (the default)")
+                      help="a few layer shapes, fwd and fwd+bwd, and the overhead rows (the default)")
     size.add_argument("--full", action="store_const", dest="size", const="full",
                       help="real layer shapes, every mode, torch.compile peers too: minutes on a GPU")
     size.add_argument("--tiny", action="store_const", dest="size", const="tiny", help="tiny shapes (smoke test)")
+    size.add_argument("--overhead", action="store_const", dest="size", const="overhead",
+                      help="only the host overhead: µs per eager call on tiny shapes")
     ap.set_defaults(size="quick")
     ap.add_argument("--ops", default=",".join(ops.OPS), help=f"comma-separated subset of {','.join(ops.OPS)}")
     ap.add_argument("--modes", default=None, help="comma-separated subset of fwd,bwd,fwd+bwd "
                                                   "(default: fwd,fwd+bwd; --full: all three)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    ap.add_argument("--reps", type=int, default=7, help="CPU timing samples per row")
-    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results folder (default: bench/results)")
+    ap.add_argument("--reps", type=int, default=3,
+                    help="interleaved timing rounds per row; each round is one timer call per provider (default 3)")
+    ap.add_argument("--min-time", type=float, default=0.2,
+                    help="CPU: seconds each round times one provider for (default 0.2)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help=f"CPU: torch threads while timing (default: torch's, {torch.get_num_threads()} here)")
+    ap.add_argument("--max-minutes", type=float, default=None, help="start no new row after this many minutes")
+    where = ap.add_mutually_exclusive_group()
+    where.add_argument("--out", type=Path, default=None,
+                       help="results folder (default: the user cache, $CONVZOO_CACHE_DIR or ~/.cache/convzoo, /bench)")
+    where.add_argument("--update-reference", action="store_true",
+                       help="write to the checkout's bench/reference/ (the results the README cites)")
     ap.add_argument("--no-save", action="store_true", help="print only: no CSV, markdown or plots")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
     args = ap.parse_args(argv)
     if args.reps < 2:
-        ap.error("--reps must be at least 2 (quantiles need two samples)")
+        ap.error("--reps must be at least 2 (interleaved rounds)")
+    if not (args.min_time > 0 and args.min_time < 60):
+        ap.error(f"--min-time must be in (0, 60) seconds, got {args.min_time}")
+    if args.threads is not None and args.threads < 1:
+        ap.error(f"--threads must be at least 1, got {args.threads}")
+    if args.max_minutes is not None and not (0 < args.max_minutes < float("inf")):
+        ap.error(f"--max-minutes must be positive and finite, got {args.max_minutes}")
     raw, args.ops = args.ops, [o for o in args.ops.split(",") if o]
     if not args.ops:
         ap.error(f"--ops: no op named in {raw!r}; choose from {','.join(ops.OPS)}")
@@ -63,6 +98,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         if m not in harness.MODES:
             ap.error(f"--modes: unknown mode {m!r}; choose from {','.join(harness.MODES)}")
     check_device(ap, args.device, ("cpu", "cuda"), "bench runs on cpu or cuda", require_cuda=True)
+    if args.update_reference:
+        args.out = reference_dir()
+        if args.out is None:
+            ap.error("--update-reference: this convzoo is not a checkout (no bench/reference/ beside the package); "
+                     "use --out DIR")
+    args.out_is_default = args.out is None
+    if args.out is None:
+        args.out = user_cache_dir().parent / "bench"  # beside the tuned tables, under the convzoo cache
     if not args.no_save:
         try:
             check_writable(args.out)
@@ -71,29 +114,83 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def main(argv=None) -> int:
+def _problems(args) -> list[harness.Problem]:
+    if args.size == "overhead":
+        return ops.overhead_problems(args.ops)
+    extra = ops.overhead_problems(args.ops) if args.size in ("quick", "full") else []
+    return ops.problems(args.size, args.ops) + extra
+
+
+def _progress():
+    """One line per row on stdout; a tqdm bar on a terminal (tqdm installed) instead."""
+    if sys.stderr.isatty():
+        try:
+            from tqdm import tqdm
+        except ImportError:
+            return print, None
+        bar = tqdm(unit="row", file=sys.stderr, dynamic_ncols=True)
+
+        def step(line: str) -> None:
+            if line.startswith("["):
+                bar.update(1)
+                bar.set_description(line.split("]", 1)[1].strip()[:60])
+            else:
+                bar.write(line)
+        return step, bar
+    return (lambda line: print(line, flush=True)), None
+
+
+def main(argv=None, timer=None, load=None) -> int:
+    """``timer`` / ``load`` replace the device's timer and the foreign-load meter (tests)."""
     args = parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("TRITON_INTERPRET is set: timings would measure the interpreter; unset it.", file=sys.stderr)
         return 2
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     env = harness.environment(device)
-    print(f"# {env['device']}, {args.dtype}, torch {env['torch']}, triton {env['triton'] or '-'}, "
-          f"{args.size} run")
-    limits = harness.measure_limits(device, dtype)
+    custom = timer is not None
+    timer = timer or harness.default_timer(device, args.threads, args.min_time)
+    # one thread: the host's cost of a call is single-threaded Python, and on a busy machine an OpenMP
+    # team waiting for a descheduled thread turns a 10 µs call into a scheduler tick
+    overhead_timer = timer if custom else timing.CpuTimer(1, args.min_time)
+    print(f"# {env['device']}, {args.dtype}, torch {env['torch']}, triton {env['triton'] or '-'}, {args.size} run; "
+          f"timer: {getattr(timer, 'name', 'custom')}")
+    if args.no_save:
+        print("# results: not saved (--no-save)")
+    else:
+        why = "the user cache; --out DIR to choose" if args.out_is_default else (
+            "the checkout's reference results, --update-reference" if args.update_reference else "--out")
+        print(f"# results: {args.out} ({why})")
+    for line in ops.missing_peers():
+        print(f"# {line}")
+    problems = _problems(args)
+    print("# measuring this device's copy bandwidth and matmul peak ...", flush=True)
+    limits = harness.measure_limits(device, dtype, timer)
     print(f"# measured: copy {limits.copy_bytes_per_s / 1e9:.1f} GB/s, matmul "
           f"{limits.matmul_flops_per_s / 1e12:.2f} TFLOP/s ({limits.dtype})")
-    rows = harness.run(ops.problems(args.size, args.ops), ops.providers(), args.modes, device, dtype, limits,
-                       full=args.size == "full", reps=args.reps, memory=not args.no_memory, log=None,
-                       env=env)
+    step, bar = _progress()
+    t0 = time.perf_counter()
+    try:
+        rows = harness.run(problems, ops.providers(), args.modes, device, dtype, limits, full=args.size == "full",
+                           rounds=args.reps, timer=timer, overhead_timer=overhead_timer, load=load,
+                           memory=not args.no_memory, progress=step, env=env, max_minutes=args.max_minutes)
+    finally:
+        if bar is not None:
+            bar.close()
+    print()
     print(harness.format_table(rows))
+    noisy = sum(bool(r.noisy) for r in rows)
+    print(f"\n# {len(rows)} rows in {time.perf_counter() - t0:.0f} s" + (f", {noisy} noisy" if noisy else ""))
     if not args.no_save and rows:
         slug = harness.device_slug(env["device"])
         csv_path = args.out / f"{slug}.csv"
-        harness.append_csv(csv_path, rows)
+        moved = harness.append_csv(csv_path, rows)
+        if moved:
+            print(f"# {csv_path} had other columns (an older convzoo): moved to {moved}")
         harness.write_markdown(args.out / f"{slug}.md", rows, limits, args.size)
         plots = harness.write_plots(args.out / slug, rows)
-        print(f"# wrote {csv_path}, {args.out / f'{slug}.md'}" + (f" and {len(plots)} plots" if plots else ""))
+        print(f"# wrote {csv_path} (appended), {args.out / f'{slug}.md'}" +
+              (f" and {len(plots)} plots in {args.out / slug}" if plots else ""))
     return 0
 
 

@@ -1,20 +1,25 @@
 """The bench harness: problems × providers × modes → timed rows with derived metrics.
 
-A *problem* is one op at one shape: it builds its inputs and knows the bytes and FLOPs each mode
-must move/do (its roofline). A *provider* is one implementation of the op (convzoo or a peer).
-Each (problem, provider, mode) becomes a :class:`Row`: time quantiles (p20/p50/p80), GB/s,
-TFLOP/s, % of the roofline time on this device's *measured* limits, and peak memory.
+A *problem* is one op at one shape: it builds its inputs, states its shape in a readable label and
+knows the bytes and FLOPs each mode must at least move / do (its roofline). A *provider* is one
+implementation of the op (convzoo or a peer). Each (problem, mode) is timed for every provider in
+interleaved rounds (:mod:`convzoo.tools.bench.timing`), so the speedups between providers come from
+the same pass; each (problem, provider, mode) becomes a :class:`Row`: time quantiles (p20/p50/p80),
+GB/s and % of the measured copy bandwidth, TFLOP/s and % of the measured matmul peak where FLOPs
+matter, peak memory, the speedup against convzoo and why it is noisy, if it is.
 
-GPU: ``triton.testing.do_bench``. CPU: wall-clock samples of the CPU paths, labelled CPU.
+*Overhead* problems time one eager call on a tiny shape (µs per call: the host's share, which decides
+small layers on a GPU) in the modes ``call`` (inputs without grad) and ``call+grad`` (inputs requiring
+grad, forward only).
 """
 
 from __future__ import annotations
 
 import csv
 import datetime
+import math
 import os
 import platform
-import statistics
 import subprocess
 import time
 from collections.abc import Callable, Sequence
@@ -23,17 +28,23 @@ from pathlib import Path
 
 import torch
 
+from convzoo.tools.bench import timing
 from convzoo.tools.bench.memory import peak_bytes
 
 MODES = ("fwd", "bwd", "fwd+bwd")
+OVERHEAD_MODES = ("call", "call+grad")
+SPEEDUP_LEGEND = ("speedup = peer time / convzoo time, both from the same interleaved pass; > 1 means convzoo "
+                  "is faster")
 
 
 @dataclass
 class Problem:
     """One op at one shape.
 
+    ``name`` is a short id, ``label`` states the shape (``N8 C64 32×32 k3 p1 s1``).
     ``make(device, dtype, requires_grad)`` returns the provider inputs (a tuple); ``bytes`` and
-    ``flops`` map a mode to what that mode must at least move / compute.
+    ``flops`` map a mode to what that mode must at least move / compute (no FLOPs: pure data
+    movement). ``overhead`` problems time eager calls in :data:`OVERHEAD_MODES`.
     """
 
     op: str
@@ -42,18 +53,38 @@ class Problem:
     make: Callable[[torch.device, torch.dtype, bool], tuple]
     bytes: Callable[[str, int], float]  # (mode, element size) -> bytes
     flops: Callable[[str], float] = lambda mode: 0.0
+    label: str = ""
+    overhead: bool = False
+
+    def __post_init__(self):
+        self.label = self.label or self.name
+
+    @property
+    def id(self) -> str:
+        """The label as an identifier (pytest-benchmark ids, file names)."""
+        return self.label.replace("×", "x").replace("→", "-").replace(" ", "_").replace("(", "").replace(")", "")
+
+    @property
+    def moves_data_only(self) -> bool:
+        return self.flops("fwd") == 0
 
 
 @dataclass
 class Provider:
     """One implementation: ``fn(*inputs) -> output``; ``ndims`` it supports; ``full_only`` for slow
-    extras (compiling) that only ``--full`` runs; ``cuda_only`` for what needs a GPU."""
+    extras (compiling) that only ``--full`` runs; ``cuda_only`` for what needs a GPU; ``overhead`` for
+    those timed on the overhead problems too (convzoo and the one peer each op's call is held against)."""
 
     name: str
     fn: Callable
     ndims: tuple = (1, 2, 3)
     full_only: bool = False
     cuda_only: bool = False
+    overhead: bool = False  # also timed on the overhead problems
+
+    def runs(self, problem: Problem, device: torch.device, full: bool) -> bool:
+        return problem.ndim in self.ndims and not (self.full_only and not full) and \
+            not (self.cuda_only and device.type != "cuda") and (self.overhead or not problem.overhead)
 
 
 @dataclass
@@ -72,6 +103,7 @@ class Row:
     torch: str
     triton: str
     git_sha: str
+    timer: str
     op: str
     shape: str
     mode: str
@@ -80,55 +112,52 @@ class Row:
     ms_p50: float
     ms_p20: float
     ms_p80: float
+    samples: int
     gb_per_s: float
+    pct_copy_bw: float
     tflop_per_s: float
-    pct_of_limit: float
+    pct_matmul_peak: float
     peak_mib: float
-    vs_convzoo: float = field(default=float("nan"))
+    speedup: float = field(default=float("nan"))
+    noisy: str = ""
 
     @classmethod
     def columns(cls) -> list[str]:
         return [f.name for f in fields(cls)]
 
+    @property
+    def spread(self) -> float:
+        return self.ms_p80 / self.ms_p20 if self.ms_p20 > 0 else float("nan")
+
 
 # ---------------------------------------------------------------------------------------------- timing
-def time_ms(fn: Callable[[], object], device: torch.device, reps: int = 7) -> tuple[float, float, float]:
-    """(p50, p20, p80) milliseconds of ``fn()``."""
-    if device.type == "cuda":
-        import triton.testing
-
-        return tuple(triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8]))
-    fn()  # warm-up
-    samples = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - t) * 1e3)
-    q = statistics.quantiles(samples, n=10, method="inclusive")  # deciles
-    return statistics.median(samples), q[1], q[7]
+def default_timer(device: torch.device, threads: int | None = None, min_run_time: float = 0.2):
+    """``do_bench`` on CUDA, ``torch.utils.benchmark`` (``threads`` threads) on CPU."""
+    return timing.CudaTimer() if device.type == "cuda" else timing.CpuTimer(threads, min_run_time)
 
 
-def measure_limits(device: torch.device, dtype: torch.dtype) -> Limits:
+def measure_limits(device: torch.device, dtype: torch.dtype, timer=None) -> Limits:
     """Measure a large device-to-device copy and a large matmul on ``device``."""
+    timer = timer or default_timer(device)
     if device.type == "cuda":
         n_bytes, n = 1 << 30, 8192
     else:
         n_bytes, n = 1 << 26, 1024
     src = torch.empty(n_bytes // 4, dtype=torch.float32, device=device)
     dst = torch.empty_like(src)
-    copy_ms, _, _ = time_ms(lambda: dst.copy_(src), device)
+    copy_ms = timing.quantiles(timer(lambda: dst.copy_(src)))[0]
     mm_dtype = dtype if device.type == "cuda" else torch.float32
     a = torch.randn(n, n, device=device, dtype=mm_dtype)
     b = torch.randn(n, n, device=device, dtype=mm_dtype)
-    mm_ms, _, _ = time_ms(lambda: a @ b, device)
+    mm_ms = timing.quantiles(timer(lambda: a @ b))[0]
     return Limits(2 * n_bytes / (copy_ms * 1e-3), 2 * n**3 / (mm_ms * 1e-3), str(mm_dtype).replace("torch.", ""))
 
 
 # ---------------------------------------------------------------------------------------------- running
 def _call(problem: Problem, provider: Provider, mode: str, device, dtype) -> Callable[[], object]:
     """A zero-argument callable doing ``mode`` of ``provider`` on fresh inputs of ``problem``."""
-    inputs = problem.make(device, dtype, mode != "fwd")
-    if mode == "fwd":
+    inputs = problem.make(device, dtype, mode not in ("fwd", "call"))
+    if mode in ("fwd", "call", "call+grad"):
         return lambda: provider.fn(*inputs)
     leaves = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
     if mode == "bwd":
@@ -163,52 +192,148 @@ def environment(device: torch.device) -> dict:
             "torch": torch.__version__, "triton": triton_version, "git_sha": sha}
 
 
-def run(problems: Sequence[Problem], providers: dict[str, Sequence[Provider]], modes: Sequence[str],
-        device: torch.device, dtype: torch.dtype, limits: Limits, full: bool = False, reps: int = 7,
-        memory: bool = True, log=print, env: dict | None = None) -> list[Row]:
-    """Time every (problem, provider, mode); fill in the derived metrics. ``env`` is
-    :func:`environment`'s record for ``device`` when the caller has it already."""
-    env = env or environment(device)
-    rows = []
+def jobs(problems: Sequence[Problem], providers: dict[str, Sequence[Provider]], modes: Sequence[str],
+         device: torch.device, full: bool = False) -> list[tuple[Problem, str, list[Provider]]]:
+    """What :func:`run` times: (problem, mode, the providers that run it), in order."""
+    out = []
     for problem in problems:
-        for mode in modes:
-            for prov in providers[problem.op]:
-                if problem.ndim not in prov.ndims or (prov.full_only and not full) or \
-                        (prov.cuda_only and device.type != "cuda"):
-                    continue
-                fn = _call(problem, prov, mode, device, dtype)
-                p50, p20, p80 = time_ms(fn, device, reps)
-                peak = peak_bytes(fn, device) / 2**20 if memory else float("nan")
-                e = torch.empty((), dtype=dtype).element_size()
-                nbytes, flops = problem.bytes(mode, e), problem.flops(mode)
-                t_min = max(nbytes / limits.copy_bytes_per_s, flops / limits.matmul_flops_per_s)
-                rows.append(Row(**env, op=problem.op, shape=problem.name, mode=mode,
-                                dtype=str(dtype).replace("torch.", ""), provider=prov.name,
-                                ms_p50=p50, ms_p20=p20, ms_p80=p80, gb_per_s=nbytes / p50 / 1e6,
-                                tflop_per_s=flops / p50 / 1e9, pct_of_limit=100 * t_min / (p50 * 1e-3),
-                                peak_mib=peak))
-                if log:
-                    log(f"  {problem.op:<10} {problem.name:<14} {mode:<7} {prov.name:<16} {p50:9.3f} ms")
-    base = {(r.op, r.shape, r.mode): r.ms_p50 for r in rows if r.provider == "convzoo"}
-    for r in rows:
-        if (r.op, r.shape, r.mode) in base:
-            r.vs_convzoo = r.ms_p50 / base[r.op, r.shape, r.mode]
+        for mode in (OVERHEAD_MODES if problem.overhead else modes):
+            provs = [p for p in providers[problem.op] if p.runs(problem, device, full)]
+            if provs:
+                out.append((problem, mode, provs))
+    return out
+
+
+def run(problems: Sequence[Problem], providers: dict[str, Sequence[Provider]], modes: Sequence[str],
+        device: torch.device, dtype: torch.dtype, limits: Limits, full: bool = False, rounds: int = 3,
+        timer=None, overhead_timer=None, load: timing.ForeignLoad | None = None, memory: bool = True,
+        progress: Callable[[str], None] | None = print, env: dict | None = None,
+        max_minutes: float | None = None) -> list[Row]:
+    """Time every (problem, mode) for all its providers in ``rounds`` interleaved rounds; fill in the
+    derived metrics, speedups and noise marks.
+
+    ``timer(fn) -> [ms, ...]`` (one round; default :func:`default_timer`) times the problems,
+    ``overhead_timer`` the overhead problems (default: the CPU timer, one thread, on every device); ``load``
+    measures other processes' CPU use (default :class:`timing.ForeignLoad`); ``progress`` gets one line
+    per timed row; ``env`` is :func:`environment`'s record for ``device`` when the caller has it
+    already. With ``max_minutes``, no new (problem, mode) starts after that many minutes.
+    """
+    env = env or environment(device)
+    timer = timer or default_timer(device)
+    overhead_timer = overhead_timer or timing.CpuTimer(1, 0.2)
+    load = load or timing.ForeignLoad()
+    e = torch.empty((), dtype=dtype).element_size()
+    todo = jobs(problems, providers, modes, device, full)
+    n_rows, rows, t0 = sum(len(p) for *_, p in todo), [], time.perf_counter()
+    for problem, mode, provs in todo:
+        if max_minutes is not None and rows and time.perf_counter() - t0 > 60 * max_minutes:
+            if progress:
+                progress(f"# --max-minutes {max_minutes:g} reached: {n_rows - len(rows)} rows not timed")
+            break
+        fns = [_call(problem, p, mode, device, dtype) for p in provs]
+        clock = overhead_timer if problem.overhead else timer
+        samples = [[] for _ in provs]
+        load.start()
+        for _ in range(rounds):
+            for s, fn in zip(samples, fns):
+                s += clock(fn)
+        foreign = load.stop()
+        group = []
+        for prov, fn, s in zip(provs, fns, samples):
+            p50, p20, p80 = timing.quantiles(s)
+            peak = peak_bytes(fn, device) / 2**20 if memory else float("nan")
+            work = "fwd" if problem.overhead else mode  # an eager call does a forward's work
+            nbytes, flops = problem.bytes(work, e), problem.flops(work)
+            sec = p50 * 1e-3
+            arith = not problem.moves_data_only
+            group.append(Row(
+                **env, timer=getattr(clock, "name", "custom"), op=problem.op, shape=problem.label, mode=mode,
+                dtype=str(dtype).replace("torch.", ""), provider=prov.name, ms_p50=p50, ms_p20=p20, ms_p80=p80,
+                samples=len(s), gb_per_s=nbytes / sec / 1e9, pct_copy_bw=100 * nbytes / sec / limits.copy_bytes_per_s,
+                tflop_per_s=flops / sec / 1e12 if arith else float("nan"),
+                pct_matmul_peak=100 * flops / sec / limits.matmul_flops_per_s if arith else float("nan"),
+                peak_mib=peak, noisy=timing.noise(p20, p80, foreign)))
+            if progress:
+                r = group[-1]
+                progress(f"[{len(rows) + len(group):>3}/{n_rows}] {problem.op:<10} {problem.label:<28} {mode:<9} "
+                         f"{prov.name:<16} {_time(r, 'p50'):>10}" + (f"  noisy: {r.noisy}" if r.noisy else ""))
+        base = next((r.ms_p50 for r in group if r.provider == "convzoo"), None)
+        for r in group:
+            r.speedup = r.ms_p50 / base if base else float("nan")
+        rows += group
     return rows
 
 
 # ---------------------------------------------------------------------------------------------- output
+def _time(r: Row, q: str) -> str:
+    ms = getattr(r, f"ms_{q}")
+    return f"{ms * 1e3:.1f} µs" if r.mode in OVERHEAD_MODES else f"{ms:.3f} ms"
+
+
+def _num(v: float, fmt: str) -> str:
+    return "—" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, fmt)
+
+
+def _groups(rows: Sequence[Row]) -> list[tuple[str, str, list[Row]]]:
+    """(title, legend, rows) per op, overhead rows in a table of their own at the end."""
+    out = []
+    for op in dict.fromkeys(r.op for r in rows if r.mode not in OVERHEAD_MODES):
+        op_rows = [r for r in rows if r.op == op and r.mode not in OVERHEAD_MODES]
+        arith = any(not math.isnan(r.tflop_per_s) for r in op_rows)
+        what = ("FLOPs matter: TFLOP/s and % of the measured matmul peak, GB/s and % of the measured copy "
+                "bandwidth beside them" if arith else
+                "data movement: GB/s and % of the measured copy bandwidth")
+        out.append((f"{op} ({what})", SPEEDUP_LEGEND, op_rows))
+    over = [r for r in rows if r.mode in OVERHEAD_MODES]
+    if over:
+        out.append(("host overhead: one eager call on a tiny shape, µs (call: inputs without grad; call+grad: "
+                    "inputs requiring grad, forward only)", SPEEDUP_LEGEND, over))
+    return out
+
+
+def _table(rows: Sequence[Row]) -> tuple[list[str], list[list[str]]]:
+    overhead = rows[0].mode in OVERHEAD_MODES
+    arith = any(not math.isnan(r.tflop_per_s) for r in rows)
+    unit = "µs" if overhead else "ms"
+    head = ["shape", "mode", "provider", f"p50 {unit}", f"p20 {unit}", f"p80 {unit}"]
+    if not overhead:
+        head += ["TFLOP/s", "% matmul"] if arith else []
+        head += ["GB/s", "% copy BW", "peak MiB"]
+    head += ["speedup", "noisy"]
+    body = []
+    for r in rows:
+        scale, fmt = (1e3, ".1f") if overhead else (1.0, ".3f")
+        b = [r.shape, r.mode, r.provider] + [format(getattr(r, f"ms_{q}") * scale, fmt) for q in ("p50", "p20", "p80")]
+        if not overhead:
+            b += [_num(r.tflop_per_s, ".3f"), _num(r.pct_matmul_peak, ".1f")] if arith else []
+            b += [_num(r.gb_per_s, ".2f"), _num(r.pct_copy_bw, ".1f"), _num(r.peak_mib, ".1f")]
+        b += [_num(r.speedup, ".2f") + "x", "noisy" if r.noisy else ""]
+        body.append(b)
+    return head, body
+
+
 def format_table(rows: Sequence[Row], markdown: bool = False) -> str:
-    head = ["op", "shape", "mode", "provider", "p50 ms", "p20 ms", "p80 ms", "GB/s", "TFLOP/s", "% limit",
-            "peak MiB", "time vs convzoo"]
-    body = [[r.op, r.shape, r.mode, r.provider, f"{r.ms_p50:.3f}", f"{r.ms_p20:.3f}", f"{r.ms_p80:.3f}",
-             f"{r.gb_per_s:.2f}", f"{r.tflop_per_s:.3f}", f"{r.pct_of_limit:.1f}", f"{r.peak_mib:.1f}",
-             f"{r.vs_convzoo:.2f}x"] for r in rows]
-    if markdown:
-        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        return "\n".join(lines + ["| " + " | ".join(b) + " |" for b in body])
-    widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(head)]
-    fmt = "  ".join(f"{{:<{w}}}" if i < 4 else f"{{:>{w}}}" for i, w in enumerate(widths))
-    return "\n".join([fmt.format(*head)] + [fmt.format(*b) for b in body])
+    """One table per op (the overhead rows in their own), each with a title and the legend under it."""
+    parts = []
+    for title, legend, group in _groups(rows):
+        head, body = _table(group)
+        if markdown:
+            lines = [f"### {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+            lines += ["| " + " | ".join(b) + " |" for b in body]
+            lines += ["", legend + "."]
+        else:
+            widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(head)]
+            fmt = "  ".join(f"{{:<{w}}}" if i < 3 or h == "noisy" else f"{{:>{w}}}"
+                            for i, (w, h) in enumerate(zip(widths, head)))
+            lines = [f"## {title}", fmt.format(*head).rstrip()] + [fmt.format(*b).rstrip() for b in body]
+            lines += [legend + "."]
+        parts.append("\n".join(lines))
+    noisy = [r for r in rows if r.noisy]
+    if noisy:
+        parts.append(f"{len(noisy)} of {len(rows)} rows are noisy (spread p80/p20 > {timing.SPREAD_BOUND} or other "
+                     f"processes busy on more than {timing.load_bound():.1f} CPUs while timed); their reasons are "
+                     "in the CSV's `noisy` column. Rerun them on a quiet machine before trusting them.")
+    return "\n\n".join(parts)
 
 
 def device_slug(device_name: str) -> str:
@@ -217,9 +342,19 @@ def device_slug(device_name: str) -> str:
     return slug(device_name.split(" (")[0])
 
 
-def append_csv(path: Path, rows: Sequence[Row]) -> None:
-    """Append rows (with a header when the file is new)."""
+def append_csv(path: Path, rows: Sequence[Row]) -> Path | None:
+    """Append rows (with a header when the file is new). A file written with other columns (an older
+    schema) is moved aside first, to ``<name>.old-<n>.csv``; its new path is returned."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    moved = None
+    if path.exists() and path.stat().st_size:
+        with path.open(newline="") as f:
+            header = next(csv.reader(f), [])
+        if header != Row.columns():
+            n = 1
+            while (moved := path.with_name(f"{path.stem}.old-{n}.csv")).exists():
+                n += 1
+            path.rename(moved)
     new = not path.exists() or path.stat().st_size == 0
     with path.open("a", newline="") as f:
         w = csv.DictWriter(f, fieldnames=Row.columns())
@@ -227,6 +362,7 @@ def append_csv(path: Path, rows: Sequence[Row]) -> None:
             w.writeheader()
         for r in rows:
             w.writerow(asdict(r))
+    return moved
 
 
 def read_csv(path: Path) -> list[dict]:
@@ -234,20 +370,23 @@ def read_csv(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def write_markdown(path: Path, rows: Sequence[Row], limits: Limits, mode_label: str) -> None:
+def write_markdown(path: Path, rows: Sequence[Row], limits: Limits, run_label: str) -> None:
     r0 = rows[0]
     text = (f"# convzoo bench: {r0.device}\n\n"
-            f"{mode_label} run of {r0.date}, torch {r0.torch}, triton {r0.triton or '-'}, git {r0.git_sha or '-'}, "
-            f"{r0.dtype}. Measured limits: copy {limits.copy_bytes_per_s / 1e9:.1f} GB/s, matmul "
-            f"{limits.matmul_flops_per_s / 1e12:.2f} TFLOP/s ({limits.dtype}). '% limit' is the roofline time "
-            f"max(bytes / copy bandwidth, FLOPs / matmul peak) over the measured p50.\n\n"
+            f"{run_label} run of {r0.date}, torch {r0.torch}, triton {r0.triton or '-'}, git {r0.git_sha or '-'}, "
+            f"{r0.dtype}; timer: {r0.timer}. Measured limits: copy {limits.copy_bytes_per_s / 1e9:.1f} GB/s, "
+            f"matmul {limits.matmul_flops_per_s / 1e12:.2f} TFLOP/s ({limits.dtype}). '% copy BW' is the bytes the "
+            f"op must move over the p50 time, against the measured copy; '% matmul' its FLOPs against the measured "
+            f"matmul. A row is noisy when p80/p20 > {timing.SPREAD_BOUND} or other processes kept more than "
+            f"{timing.load_bound():.1f} CPUs busy while it was timed.\n\n"
             + format_table(rows, markdown=True) + "\n")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
 
 
 def write_plots(folder: Path, rows: Sequence[Row]) -> list[Path]:
-    """One PNG per op: p50 time per shape, one bar per provider, one panel per mode (log scale)."""
+    """One PNG per op: p50 time per shape, one bar per provider with its p20–p80 spread as an error bar,
+    one panel per mode (log scale); dtype and device in the title."""
     try:
         import matplotlib
 
@@ -257,29 +396,36 @@ def write_plots(folder: Path, rows: Sequence[Row]) -> list[Path]:
         return []
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
-    for op in dict.fromkeys(r.op for r in rows):
-        op_rows = [r for r in rows if r.op == op]
+    for _, _, op_rows in _groups(rows):
+        op = op_rows[0].op if op_rows[0].mode not in OVERHEAD_MODES else "overhead"
+        overhead = op == "overhead"
+        unit, scale = ("µs", 1e3) if overhead else ("ms", 1.0)
         modes = list(dict.fromkeys(r.mode for r in op_rows))
-        fig, axes = plt.subplots(1, len(modes), figsize=(5 * len(modes), 3.6), squeeze=False)
+        fig, axes = plt.subplots(1, len(modes), figsize=(5.5 * len(modes), 4.2), squeeze=False)
         for ax, mode in zip(axes[0], modes):
             mrows = [r for r in op_rows if r.mode == mode]
-            shapes = list(dict.fromkeys(r.shape for r in mrows))
+            shapes = list(dict.fromkeys((r.op, r.shape) if overhead else r.shape for r in mrows))
             provs = list(dict.fromkeys(r.provider for r in mrows))
             width = 0.8 / len(provs)
             for j, prov in enumerate(provs):
-                xs, ys = [], []
+                xs, ys, lo, hi = [], [], [], []
                 for i, s in enumerate(shapes):
                     for r in mrows:
-                        if r.shape == s and r.provider == prov:
+                        if ((r.op, r.shape) if overhead else r.shape) == s and r.provider == prov:
                             xs.append(i + j * width)
-                            ys.append(r.ms_p50)
-                ax.bar(xs, ys, width, label=prov)
-            ax.set_xticks([i + 0.4 - width / 2 for i in range(len(shapes))], shapes, rotation=20, fontsize=7)
+                            ys.append(r.ms_p50 * scale)
+                            lo.append((r.ms_p50 - r.ms_p20) * scale)
+                            hi.append((r.ms_p80 - r.ms_p50) * scale)
+                ax.bar(xs, ys, width, yerr=[lo, hi], capsize=2, label=prov)
+            names = [f"{s[0]}\n{s[1]}" if overhead else s.replace(" k", "\nk") for s in shapes]
+            ax.set_xticks([i + 0.4 - width / 2 for i in range(len(shapes))], names, fontsize=6)
             ax.set_yscale("log")
-            ax.set_ylabel("p50 ms (lower is better)")
-            ax.set_title(f"{op} {mode}")
+            ax.set_xlabel("shape")
+            ax.set_ylabel(f"time per call, {unit} (p50, bars p20–p80; lower is better)", fontsize=7)
+            ax.set_title(f"{op} {mode}", fontsize=9)
         axes[0][0].legend(fontsize=7)
-        fig.suptitle(f"{op} on {op_rows[0].device}", fontsize=9)
+        r0 = op_rows[0]
+        fig.suptitle(f"{op}: {r0.dtype} on {r0.device} ({r0.timer})", fontsize=9)
         fig.tight_layout()
         path = folder / f"{op}.png"
         fig.savefig(path, dpi=110)

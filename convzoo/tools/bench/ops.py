@@ -1,4 +1,7 @@
-"""The benched ops: their shapes (tiny / quick / full), rooflines and providers (convzoo and peers)."""
+"""The benched ops: their shapes (tiny / quick / full / overhead), rooflines and providers (convzoo and peers).
+
+Peers are optional: a missing one drops its column, and :func:`missing_peers` says how to install it.
+"""
 
 from __future__ import annotations
 
@@ -20,8 +23,22 @@ def _out(size, k, s, p):
     return tuple((n + 2 * p - k) // s + 1 for n in size)
 
 
+def _label(n, c, size, k, s, p, c_out=None) -> str:
+    """The shape as a reader wants it: ``N8 C64 32×32 k3 p1 s1`` (``C16→32`` when channels change)."""
+    chans = f"C{c}" if c_out is None else f"C{c}→{c_out}"
+    return f"N{n} {chans} {'×'.join(map(str, size))} k{k} p{p} s{s}"
+
+
+def missing_peers() -> list[str]:
+    """One line per peer that is not installed, saying what is dropped and how to install it."""
+    if unfoldNd is None:
+        return ["unfoldNd is not installed: its unfold/fold columns and the 1-d/3-d local-conv peers are dropped "
+                "(pip install unfoldNd, or pip install 'convzoo[bench]')"]
+    return []
+
+
 # ---------------------------------------------------------------------------------------------- unfold / fold
-def _unfold_problem(op, name, n, c, size, k, s, p) -> Problem:
+def _unfold_problem(op, name, n, c, size, k, s, p, overhead=False) -> Problem:
     L = math.prod(_out(size, k, s, p))
     cols, x = n * c * k ** len(size) * L, n * c * math.prod(size)
     geom = dict(kernel_size=k, stride=s, padding=p)
@@ -33,15 +50,16 @@ def _unfold_problem(op, name, n, c, size, k, s, p) -> Problem:
         return (cf.unfold(x, **geom).requires_grad_(requires_grad), dict(geom, output_size=tuple(size)))
 
     # data movement: the columns written (read, for fold) plus the input read (written); bwd is the adjoint
-    return Problem(op, name, len(size), make, lambda mode, e: (cols + x) * e * (2 if mode == "fwd+bwd" else 1))
+    return Problem(op, name, len(size), make, lambda mode, e: (cols + x) * e * (2 if mode == "fwd+bwd" else 1),
+                   label=_label(n, c, size, k, s, p), overhead=overhead)
 
 
 def _unfold_providers(op: str) -> list[Provider]:
     """convzoo, torch's ``F.<op>`` (2-d; compiled too under ``--full``) and unfoldNd's ``<op>Nd``."""
     ours, torch_fn = getattr(cf, op), getattr(F, op)
     compiled = torch.compile(torch_fn, dynamic=False)
-    provs = [Provider("convzoo", lambda t, a: ours(t, **a)),
-             Provider(f"F.{op}", lambda t, a: torch_fn(t, **a), ndims=(2,)),
+    provs = [Provider("convzoo", lambda t, a: ours(t, **a), overhead=True),
+             Provider(f"F.{op}", lambda t, a: torch_fn(t, **a), ndims=(2,), overhead=True),
              Provider(f"compile(F.{op})", lambda t, a: compiled(t, **a), ndims=(2,), full_only=True)]
     if unfoldNd is not None:
         peer = getattr(unfoldNd, f"{op}Nd")
@@ -50,7 +68,7 @@ def _unfold_providers(op: str) -> list[Provider]:
 
 
 # ---------------------------------------------------------------------------------------------- local conv
-def _local_conv_problem(name, n, c, o, size, k, s, p, layout="module") -> Problem:
+def _local_conv_problem(name, n, c, o, size, k, s, p, layout="module", overhead=False) -> Problem:
     """Inputs: x, the weight ``[C_out, R, L]``, a per-pixel bias, geometry. The weight is the user's
     tensor, in ``layout``: ``"module"``, physically ``[L, C_out, R]`` (what :class:`convzoo.LocalConv2d`
     holds), or ``"hypnettorch"``, contiguous ``[C_out, R, L]`` (what hypnettorch's ``LocalConv2dLayer``
@@ -82,7 +100,8 @@ def _local_conv_problem(name, n, c, o, size, k, s, p, layout="module") -> Proble
     def flops(mode):
         return 2 * n * o * R * L * {"fwd": 1, "bwd": 2, "fwd+bwd": 3}[mode]
 
-    return Problem("local_conv", name, len(size), make, nbytes, flops)
+    label = _label(n, c, size, k, s, p, c_out=o) + (" hypnettorch-W" if layout == "hypnettorch" else "")
+    return Problem("local_conv", name, len(size), make, nbytes, flops, label=label, overhead=overhead)
 
 
 def _patches(x, a):
@@ -119,10 +138,11 @@ def _local_conv_providers() -> list[Provider]:
     nd = (1, 2, 3) if unfoldNd is not None else (2,)
     return [
         Provider("convzoo", lambda x, w, b, a: cf.local_conv(x, w, b, kernel_size=a["kernel_size"],
-                                                             stride=a["stride"], padding=a["padding"])),
+                                                             stride=a["stride"], padding=a["padding"]),
+                 overhead=True),
         Provider("hypnettorch", _hypnettorch, ndims=nd),
         Provider("unfold+bmm", _unfold_bmm, ndims=nd),
-        Provider("unfold+einsum", _unfold_einsum, ndims=nd),
+        Provider("unfold+einsum", _unfold_einsum, ndims=nd, overhead=True),
     ]
 
 
@@ -151,9 +171,24 @@ _LOCAL = {
              ("3d", 8, 16, 16, (8, 16, 16), 3, 1, 1)],
 }
 OPS = ("unfold", "fold", "local_conv")
+SIZES = ("tiny", "quick", "full")
+
+
+def overhead_problems(ops=OPS) -> list[Problem]:
+    """One eager call of each op on a tiny 2-d shape, where the host's microseconds are all there is."""
+    out = []
+    for op in ops:
+        if op in ("unfold", "fold"):
+            out.append(_unfold_problem(op, "overhead", 2, 3, (8, 8), 3, 1, 1, overhead=True))
+        else:
+            out.append(_local_conv_problem("overhead", 2, 3, 4, (8, 8), 3, 1, 1, overhead=True))
+    return out
 
 
 def problems(size: str, ops=OPS) -> list[Problem]:
+    """The problems of one size (``tiny``, ``quick``, ``full``) for ``ops``, in order."""
+    if size not in SIZES:
+        raise ValueError(f"unknown size {size!r}; choose from {SIZES}")
     out = []
     for op in ops:
         if op in ("unfold", "fold"):
