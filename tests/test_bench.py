@@ -253,7 +253,7 @@ def test_overhead_rows(no_interpreter, capsys):
     assert all(r.timer.startswith("torch.utils.benchmark") for r in rows)
     assert f"{rows[0].ms_p50 * 1e3:.1f}" in section  # printed in µs
     # --quick carries the overhead rows too
-    quick = [p for p in bench._problems(bench.parse_args(["--quick", "--no-save"])) if p.overhead]
+    quick = [p for p in ops.for_size("quick") if p.overhead]
     assert {p.op for p in quick} == set(ops.OPS)
 
 
@@ -380,6 +380,44 @@ def test_the_console_scripts_are_declared():
     run = subprocess.run([sys.executable, "-m", "convzoo.tools.bench", "--help"], capture_output=True, text=True,
                          timeout=120)
     assert run.returncode == 0 and "speedup = peer time / convzoo time" in run.stdout
+
+
+def _pytest_bench(*args, timeout=300):
+    # a clean pytest: not an xdist worker (pytest-benchmark disables itself under xdist)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_XDIST", "PYTEST_CURRENT"))}
+    env["TRITON_INTERPRET"] = "0"
+    return subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p", "no:xdist",
+                           str(ROOT / "bench"), "--bench-device", "cpu", *args],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_pytest_benchmark_times_the_same_problems_and_providers(tmp_path):
+    """`pytest bench --benchmark-only` parametrizes over the bench's own tables (the same (op, shape, mode,
+    provider) as convzoo-bench runs, in its order), times each and records what it is; nothing of it is in
+    the default test run."""
+    pytest.importorskip("pytest_benchmark")
+    out = tmp_path / "b.json"
+    run = _pytest_bench("--benchmark-only", "-q", "--bench-size", "tiny", "--benchmark-max-time=0.0001",
+                        "--benchmark-min-rounds=2", "--benchmark-warmup=off", f"--benchmark-json={out}")
+    assert run.returncode == 0, run.stdout + run.stderr
+    import json
+
+    benches = json.loads(out.read_text())["benchmarks"]
+    jobs = harness.jobs(ops.for_size("tiny"), ops.providers(), ["fwd", "fwd+bwd"], torch.device("cpu"))
+    want = [(p.op, p.label, m, v.name) for p, m, provs in jobs for v in provs]
+    got = [tuple(b["extra_info"][k] for k in ("op", "shape", "mode", "provider")) for b in benches]
+    assert sorted(got) == sorted(want) and len(want) > 10
+    assert all(b["group"] == " ".join(g[:3]) for b, g in zip(benches, got))  # providers of a row side by side
+    assert all(b["stats"]["rounds"] >= 2 and b["stats"]["median"] > 0 for b in benches)
+    assert [p.label for p in ops.for_size("quick") if p.overhead] == [p.label for p in ops.for_size("overhead")]
+    assert 'testpaths = ["tests"]' in (ROOT / "pyproject.toml").read_text()  # `pytest` alone never runs them
+
+
+def test_pytest_benchmark_refuses_the_interpreter():
+    run = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", str(ROOT / "bench"),
+                          "--collect-only", "-q"], cwd=ROOT, env=dict(os.environ, TRITON_INTERPRET="1"),
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode != 0 and "TRITON_INTERPRET is set" in run.stderr
 
 
 @pytest.mark.gpu

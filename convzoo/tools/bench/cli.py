@@ -114,13 +114,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def _problems(args) -> list[harness.Problem]:
-    if args.size == "overhead":
-        return ops.overhead_problems(args.ops)
-    extra = ops.overhead_problems(args.ops) if args.size in ("quick", "full") else []
-    return ops.problems(args.size, args.ops) + extra
-
-
 def _progress():
     """One line per row on stdout; a tqdm bar on a terminal (tqdm installed) instead."""
     if sys.stderr.isatty():
@@ -163,7 +156,7 @@ def main(argv=None, timer=None, load=None) -> int:
         print(f"# results: {args.out} ({why})")
     for line in ops.missing_peers():
         print(f"# {line}")
-    problems = _problems(args)
+    problems = ops.for_size(args.size, args.ops)
     print("# measuring this device's copy bandwidth and matmul peak ...", flush=True)
     limits = harness.measure_limits(device, dtype, timer)
     print(f"# measured: copy {limits.copy_bytes_per_s / 1e9:.1f} GB/s, matmul "

@@ -154,7 +154,7 @@ def measure_limits(device: torch.device, dtype: torch.dtype, timer=None) -> Limi
 
 
 # ---------------------------------------------------------------------------------------------- running
-def _call(problem: Problem, provider: Provider, mode: str, device, dtype) -> Callable[[], object]:
+def call(problem: Problem, provider: Provider, mode: str, device, dtype) -> Callable[[], object]:
     """A zero-argument callable doing ``mode`` of ``provider`` on fresh inputs of ``problem``."""
     inputs = problem.make(device, dtype, mode not in ("fwd", "call"))
     if mode in ("fwd", "call", "call+grad"):
@@ -230,7 +230,7 @@ def run(problems: Sequence[Problem], providers: dict[str, Sequence[Provider]], m
             if progress:
                 progress(f"# --max-minutes {max_minutes:g} reached: {n_rows - len(rows)} rows not timed")
             break
-        fns = [_call(problem, p, mode, device, dtype) for p in provs]
+        fns = [call(problem, p, mode, device, dtype) for p in provs]
         clock = overhead_timer if problem.overhead else timer
         samples = [[] for _ in provs]
         load.start()

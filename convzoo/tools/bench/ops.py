@@ -200,6 +200,14 @@ def problems(size: str, ops=OPS) -> list[Problem]:
     return out
 
 
+def for_size(size: str, ops=OPS) -> list[Problem]:
+    """What one bench size runs: ``tiny`` its shapes; ``quick`` / ``full`` their shapes and the overhead
+    problems; ``overhead`` only those. The CLI and the pytest-benchmark entry both take their problems here."""
+    if size == "overhead":
+        return overhead_problems(ops)
+    return problems(size, ops) + (overhead_problems(ops) if size in ("quick", "full") else [])
+
+
 def providers() -> dict[str, list[Provider]]:
     return {"unfold": _unfold_providers("unfold"), "fold": _unfold_providers("fold"),
             "local_conv": _local_conv_providers()}
