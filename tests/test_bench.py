@@ -420,6 +420,42 @@ def test_pytest_benchmark_refuses_the_interpreter():
     assert run.returncode != 0 and "TRITON_INTERPRET is set" in run.stderr
 
 
+def test_installed_without_a_checkout_the_tools_work(tmp_path):
+    """A wheel built from the tracked files, installed into a bare folder and run from elsewhere: the console
+    scripts are declared, the bench runs and writes where it is told, and there is no reference folder to
+    update (that needs a checkout)."""
+    src, site, out = tmp_path / "src", tmp_path / "site", tmp_path / "out"
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True).stdout.split() \
+        if (ROOT / ".git").exists() and shutil.which("git") else None
+    if tracked:
+        for name in tracked:
+            (src / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, src / name)
+    else:
+        shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".venv*", ".git", "build", "*.egg-info"))
+    isolation = ["--no-build-isolation"] if __import__("importlib").util.find_spec("setuptools") else []
+    pip = [sys.executable, "-m", "pip", "-q", "--disable-pip-version-check"]
+    subprocess.run([*pip, "wheel", "--no-deps", *isolation, "-w", str(tmp_path / "whl"), str(src)], check=True,
+                   capture_output=True, timeout=300)
+    (wheel,) = (tmp_path / "whl").glob("convzoo-*.whl")
+    subprocess.run([*pip, "install", "--no-deps", "--target", str(site), str(wheel)], check=True,
+                   capture_output=True, timeout=300)
+    (entry_points,) = site.glob("convzoo-*.dist-info/entry_points.txt")
+    scripts = entry_points.read_text()
+    assert "convzoo-bench = convzoo.tools.bench.cli:main" in scripts
+    assert "convzoo-autotune = convzoo.tools.autotune:main" in scripts
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
+    env.update(PYTHONPATH=str(site), TRITON_INTERPRET="0", CONVZOO_CACHE_DIR=str(tmp_path / "cache"))
+    code = ("import sys, convzoo; from convzoo.tools.bench import cli; "
+            f"assert convzoo.__file__.startswith({str(site)!r}), convzoo.__file__; "
+            "assert cli.reference_dir() is None; sys.exit(cli.main(sys.argv[1:]))")
+    run = subprocess.run([sys.executable, "-c", code, "--tiny", "--ops", "fold", "--modes", "fwd", *FAST,
+                          "--no-memory", "--device", "cpu", "--out", str(out)], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert f"# results: {out} (--out)" in run.stdout and len(list(out.glob("*.csv"))) == 1
+
+
 @pytest.mark.gpu
 def test_tiny_run_on_cuda(tmp_path):
     """On a GPU: do_bench samples, CUDA peak memory, and the GPU's name in every row."""
