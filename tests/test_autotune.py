@@ -13,7 +13,7 @@ from convzoo.autotune import Config
 from convzoo.autotune.grids import GRIDS
 from convzoo.autotune.lookup import triton_version
 from convzoo.kernels import local_conv as _local_conv_kernels  # noqa: F401  (registers the kernels)
-from convzoo.kernels import unfold as kernels  # noqa: F401
+from convzoo.kernels import unfold as kernels
 from convzoo.tools import autotune as cli
 
 DIMS = {"R": 1000, "L": 300}
@@ -338,3 +338,158 @@ def test_unreadable_table_folder_warns(case, tmp_path, monkeypatch, capsys):
     finally:
         if case == "no_permission_chmod":
             gpu.chmod(0o755)
+
+
+# ---------------------------------------------------------------------------------------------- forced configs
+class _Spy:
+    """Stands in for a @triton.jit kernel: records each launch's grid and keyword args, then launches.
+    (The tests call the launchers, which look the config up, not the ops: the ops' dispatch checks
+    how the module's kernel was decorated, which a spy is not.)"""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, []
+
+    def __getitem__(self, grid):
+        launch = self.kernel[grid]
+
+        def run(*args, **kwargs):
+            self.launches.append((grid, {k: v for k, v in kwargs.items() if k.startswith(("BLOCK_", "num_"))}))
+            return launch(*args, **kwargs)
+
+        return run
+
+
+@pytest.fixture
+def no_forcing(monkeypatch):
+    monkeypatch.delenv(autotune.CONFIG_ENV, raising=False)
+    autotune.clear_cache()
+    yield
+    autotune.clear_cache()
+
+
+def test_forced_unfold_config_reaches_the_launch_and_stays_exact(no_forcing, monkeypatch, kernel_device):
+    import torch.nn.functional as F
+
+    spy = _Spy(kernels.unfold_kernel)
+    monkeypatch.setattr(kernels, "unfold_kernel", spy)
+    x = torch.randn(2, 3, 7, 6, device=kernel_device)
+    expected = F.unfold(x.cpu(), 3, padding=1, stride=2)  # R = 54 rows, L = 12 blocks
+    geom = ([3, 3], [1, 1], [1, 1, 1, 1], [2, 2])  # kernel_size, dilation, flat padding, stride
+    forced = {"BLOCK_R": 8, "BLOCK_L": 32, "num_warps": 2, "num_stages": 1}
+    with autotune.force_config("unfold", **forced):
+        got = kernels.unfold(x, *geom)
+    torch.testing.assert_close(got.cpu(), expected, atol=0, rtol=0)
+    ((grid, kw),) = spy.launches
+    assert kw == forced and grid == (7 * 1,)  # cdiv(54, 8) row tiles × cdiv(12, 32) block tiles
+    # after the block: the config lookup() gives without forcing, not the forced one
+    kernels.unfold(x, *geom)
+    default = autotune.lookup("unfold", x.device, x.dtype, R=54, L=12)
+    assert spy.launches[1][1] == default.launch_kwargs() != forced
+
+
+def test_forced_local_conv_config_reaches_the_launch_and_stays_correct(no_forcing, monkeypatch, kernel_device):
+    """A forced K tile (BLOCK_R=16) below the default's runs several reduction steps: still the right sums."""
+    import torch.nn.functional as F
+
+    from convzoo.kernels import local_conv as lc
+
+    spy = _Spy(lc.local_conv_fwd_kernel)
+    monkeypatch.setattr(lc, "local_conv_fwd_kernel", spy)
+    x = torch.randn(2, 4, 5, 5, device=kernel_device)
+    w = torch.randn(3, 36, 9, device=kernel_device)
+    b = torch.randn(3, 9, device=kernel_device)
+    cols = F.unfold(x.double().cpu(), 3)
+    expected = (torch.einsum("nkl,okl->nol", cols, w.double().cpu()) + b.double().cpu()).view(2, 3, 3, 3)
+    monkeypatch.setenv(autotune.CONFIG_ENV, "local_conv_fwd: BLOCK_N=16, BLOCK_O=16, BLOCK_R=16")
+    got = lc.local_conv(x, w, b, [3, 3], [1, 1], [0, 0, 0, 0], [1, 1])
+    torch.testing.assert_close(got.double().cpu(), expected, atol=1e-5, rtol=1.3e-6)
+    assert spy.launches[0][1] == {"BLOCK_N": 16, "BLOCK_O": 16, "BLOCK_R": 16, "num_warps": 4, "num_stages": 1
+                                  if kernel_device == "cpu" else 3}  # the heuristic's warps/stages
+
+
+def test_env_var_is_read_at_every_lookup_and_the_context_wins(no_forcing, monkeypatch):
+    dims = {"R": 100, "L": 50}
+    heuristic = autotune.lookup("unfold", "cpu", torch.float32, **dims)
+    monkeypatch.setenv(autotune.CONFIG_ENV, "unfold:BLOCK_R=8,BLOCK_L=64")
+    assert autotune.lookup("unfold", "cpu", torch.float32, **dims).meta == {"BLOCK_R": 8, "BLOCK_L": 64}
+    monkeypatch.setenv(autotune.CONFIG_ENV, "unfold:BLOCK_R=4,BLOCK_L=128,num_warps=8")  # changed: no stale value
+    assert autotune.lookup("unfold", "cpu", torch.float32, **dims) == Config({"BLOCK_R": 4, "BLOCK_L": 128}, 8, 1)
+    with autotune.force_config("unfold", Config({"BLOCK_R": 16, "BLOCK_L": 32}, 2, 1)):
+        with autotune.force_config("unfold", BLOCK_R=2, BLOCK_L=256):
+            assert autotune.lookup("unfold", "cpu", torch.float32, **dims).meta == {"BLOCK_R": 2, "BLOCK_L": 256}
+        assert autotune.lookup("unfold", "cpu", torch.float32, **dims) == Config({"BLOCK_R": 16, "BLOCK_L": 32}, 2, 1)
+        # another kernel is not affected
+        assert autotune.lookup("fold", "cpu", torch.float32, R=8, P=64) == \
+            autotune.get_spec("fold").default_config({"R": 8, "P": 64}, torch.float32, autotune.interpret_mode())
+    assert autotune.lookup("unfold", "cpu", torch.float32, **dims).meta == {"BLOCK_R": 4, "BLOCK_L": 128}
+    monkeypatch.delenv(autotune.CONFIG_ENV)
+    assert autotune.lookup("unfold", "cpu", torch.float32, **dims) == heuristic
+
+
+def test_force_config_exits_on_error_too(no_forcing):
+    with pytest.raises(RuntimeError), autotune.force_config("unfold", BLOCK_R=8, BLOCK_L=64):
+        raise RuntimeError
+    assert autotune.lookup("unfold", "cpu", torch.float32, R=1, L=1).meta != {"BLOCK_R": 8, "BLOCK_L": 64}
+
+
+@pytest.mark.parametrize("kernel, params, message", [
+    ("unfold", {"BLOCK_R": 8, "BLOCK_L": 48}, r"force_config\('unfold'\): refused for unfold: BLOCK_L=48 is not a "
+                                              r"power of two in \[16, 512\]"),
+    ("unfold", {"BLOCK_R": 8, "BLOCK_L": 1024}, "BLOCK_L=1024 is not a power of two in"),
+    ("unfold", {"BLOCK_R": 8}, "unfold needs every tile; BLOCK_L missing"),
+    ("unfold", {"BLOCK_R": 8, "BLOCK_L": 64, "BLOCK_X": 2}, "unfold has no parameter 'BLOCK_X'"),
+    ("unfold", {"BLOCK_R": 8, "BLOCK_L": 64, "num_warps": 3}, "num_warps=3 is not a power of two"),
+    ("unfold", {"BLOCK_R": 8, "BLOCK_L": 64, "num_stages": 2}, r"num_stages=2 is not in \[1, 1\]"),
+    ("unfold", {"BLOCK_R": 8, "BLOCK_L": True}, "BLOCK_L=True is not an integer"),
+    ("local_conv_fwd", {"BLOCK_N": 8, "BLOCK_O": 16, "BLOCK_R": 16}, "BLOCK_N=8 is not a power of two in "
+                                                                     r"\[16, 128\]"),
+    ("conv9d", {"BLOCK": 8}, r"force_config\('conv9d'\): unknown kernel 'conv9d'"),
+])
+def test_bad_forced_configs_are_refused_on_entry(kernel, params, message, no_forcing):
+    with pytest.raises(ValueError, match=message), autotune.force_config(kernel, **params):
+        pass
+    assert autotune.lookup("unfold", "cpu", torch.float32, R=1, L=1).meta != params  # nothing left forced
+
+
+def test_keep_rule_refuses_at_the_launch_and_nothing_runs(no_forcing, monkeypatch, kernel_device):
+    """The space allows the tiles, the kernel's keep() rule does not (for this dtype / these dims):
+    a clear error at the call, no launch, no fallback."""
+    spy = _Spy(kernels.unfold_kernel)
+    monkeypatch.setattr(kernels, "unfold_kernel", spy)
+    x = torch.randn(1, 2, 6, 6, device=kernel_device)
+    # 16 elements: below keep()'s 256
+    with autotune.force_config("unfold", BLOCK_R=1, BLOCK_L=16), \
+            pytest.raises(ValueError, match=r"force_config\('unfold'\): forced config refused for unfold "
+                                            r"\(float32, .*keep\(\) rule rejects it"):
+        kernels.unfold(x, [3, 3], [1, 1], [0, 0, 0, 0], [1, 1])
+    assert spy.launches == []
+    # fp64 runs the GEMM kernels as broadcast-sums: keep() allows only small M·N·K products there
+    with autotune.force_config("local_conv_fwd", BLOCK_N=64, BLOCK_O=64, BLOCK_R=64, num_stages=1):
+        autotune.lookup("local_conv_fwd", "cpu", torch.float32, N=64, O=64, R=64)  # fine in fp32
+        with pytest.raises(ValueError, match=r"refused for local_conv_fwd \(float64.*keep"):
+            autotune.lookup("local_conv_fwd", "cpu", torch.float64, N=64, O=64, R=64)
+
+
+@pytest.mark.parametrize("value, message", [
+    ("unfold BLOCK_R=8", r"CONVZOO_CONFIG: 'unfold BLOCK_R=8' is not 'kernel:NAME=int,...'"),
+    ("unfold:BLOCK_R=eight,BLOCK_L=64", r"CONVZOO_CONFIG: unfold: 'BLOCK_R=eight' is not NAME=<integer>"),
+    ("unfold:BLOCK_R=8,,BLOCK_L=64", "CONVZOO_CONFIG: unfold: '' is not NAME=<integer>"),
+    ("unfold:BLOCK_R=-8,BLOCK_L=64", "'BLOCK_R=-8' is not NAME=<integer>"),
+    ("unfold:BLOCK_R=8,BLOCK_R=8,BLOCK_L=64", "CONVZOO_CONFIG: unfold: BLOCK_R is named twice"),
+    ("unfold:BLOCK_R=8,BLOCK_L=64;unfold:BLOCK_R=8,BLOCK_L=64", "CONVZOO_CONFIG: kernel 'unfold' is named twice"),
+    ("unfld:BLOCK_R=8,BLOCK_L=64", "CONVZOO_CONFIG: unknown kernel 'unfld'"),
+    # a bad entry for another kernel is refused too, not ignored until that kernel runs
+    ("fold:BLOCK_R=8,BLOCK_P=100;unfold:BLOCK_R=8,BLOCK_L=64", "CONVZOO_CONFIG: fold: refused for fold: BLOCK_P=100"),
+])
+def test_malformed_env_var_is_refused_at_lookup(value, message, no_forcing, monkeypatch):
+    monkeypatch.setenv(autotune.CONFIG_ENV, value)
+    with pytest.raises(ValueError, match=message):
+        autotune.lookup("unfold", "cpu", torch.float32, R=8, L=8)
+    with pytest.raises(ValueError, match=message):  # every time, not only the first
+        autotune.lookup("unfold", "cpu", torch.float32, R=8, L=8)
+
+
+def test_parse_config_env_grammar():
+    assert autotune.parse_config_env(" unfold : BLOCK_R = 8 , BLOCK_L=64 ;; fold:BLOCK_R=2,BLOCK_P=128,num_warps=8;") \
+        == {"unfold": {"BLOCK_R": 8, "BLOCK_L": 64}, "fold": {"BLOCK_R": 2, "BLOCK_P": 128, "num_warps": 8}}
+    assert autotune.parse_config_env("") == {}

@@ -284,3 +284,61 @@ def test_layer_geometry():
     assert ks == [3, 3] and dil == [1, 1] and pad == [1, 1, 1, 1] and st == [2, 2] and mode == "zeros"
     assert layer.resolved().out_size == (4, 5)
     assert layer.out_channels == 5 and Layer("y", 1, 4, (8,)).out_channels == 4
+
+
+# ---------------------------------------------------------------------------------------------- dry run and help
+def test_dry_run_header_job_count_and_estimate(cache, capsys):
+    """The header names the device, grid, dtypes and table folders; the job count and the estimate
+    cover only the jobs still to time, and the estimate is tuner.estimate_seconds summed over them."""
+    argv = ["--kernels", "unfold", "--grid", "small", "--dtype", "float32", "--max-minutes", "7"]
+    assert cli.main([*argv, "--dry-run"], timer=fake_timer) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert lines[0].startswith("# device: ") and "# grid: small (3 layers)" in lines
+    assert "# dtypes: float32" in lines and f"# tables: {cache / SLUG}" in lines
+    spec = autotune.get_spec("unfold")
+    jobs = tuner.plan([spec], GRIDS["small"], [torch.float32], torch.device("cpu"))
+    total = sum(tuner.estimate_seconds(len(tuner.candidates(j))) for j in jobs)
+    assert f"would tune 3 (kernel, dtype, shape bucket) jobs, 3 to time (0 in the table), estimated " \
+           f"{cli._minutes(total)}; --max-minutes 7" in out
+    # tune one dtype's keys; the dry run then counts them as done and leaves them out of the estimate
+    assert cli.main([*argv, "--quiet"], timer=fake_timer) == 0
+    capsys.readouterr()
+    assert cli.main([*argv, "--dry-run"], timer=fake_timer) == 0
+    out = capsys.readouterr().out
+    assert "bucket) jobs, 0 to time (3 in the table), estimated 0 s" in out and out.count("tuned already (--force") == 3
+
+
+def test_estimate_reuses_the_do_bench_windows(monkeypatch):
+    """The estimate follows tune.BENCH_MS (what do_bench_timer passes to do_bench), not its own copy."""
+    base = tuner.estimate_seconds(10, compile_s=0)
+    assert base == pytest.approx(10 * 0.025 + 6 * 0.125)
+    monkeypatch.setitem(tuner.BENCH_MS, "first", (50, 200))
+    assert tuner.estimate_seconds(10, compile_s=0) == pytest.approx(10 * 0.25 + 6 * 0.125)
+    assert tuner.estimate_seconds(3, compile_s=1) == pytest.approx(3 * 1.25 + 3 * 0.125)  # fewer than 6 finalists
+    seen = {}
+    monkeypatch.setattr("triton.testing.do_bench",
+                        lambda fn, warmup, rep, quantiles: seen.setdefault("w", (warmup, rep)))
+    tuner.do_bench_timer(lambda: None, Config({}), "first")
+    assert seen["w"] == (50, 200)
+
+
+def test_help_explains_every_registered_kernel_key():
+    """The --help legend names each kernel's lookup dims and tiles exactly as the registered specs have them."""
+    assert set(cli.KEY_LEGEND) == set(autotune.registered())
+    for name, spec in autotune.registered().items():
+        dims, tiles = cli.KEY_LEGEND[name]
+        assert set(dims) == set(spec.dims), name
+        tile_names = set(spec.default_config(dict.fromkeys(spec.dims, 64), torch.float32, False).meta)
+        assert {w for w in tiles.replace(",", " ").split() if w.startswith("BLOCK_")} == tile_names, name
+    with pytest.raises(SystemExit) as e:
+        cli.parse_args(["--help"])
+    assert e.value.code == 0
+
+
+def test_help_text_shows_the_legend(capsys):
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--help"])
+    out = capsys.readouterr().out
+    assert "Table keys: 'dtype|DIM=bucket|...'" in out and "CONVZOO_CONFIG=" in out
+    assert "  local_conv_grad_input: C = input channels C_in; N = batch; O = output channels" in out

@@ -1,4 +1,9 @@
-"""Runtime config lookup: user cache dir → shipped table for this GPU → the kernel's heuristic.
+"""Runtime config lookup: a forced config → user cache dir → shipped table for this GPU → the kernel's heuristic.
+
+A config is forced by hand with :func:`force_config` (a context manager) or the ``CONVZOO_CONFIG``
+environment variable (:data:`CONFIG_ENV`, grammar in :func:`parse_config_env`); the context manager
+wins over the variable. Either is checked against the kernel's declared space and ``keep`` rule for
+the call's dtype and dims, and refused with a ``ValueError`` otherwise, never silently replaced.
 
 No benchmarking happens here. Tables are JSON files ``<root>/<gpu>/<kernel>.json``::
 
@@ -14,9 +19,13 @@ per table, and the table's other entries are used.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
+import importlib
 import json
 import os
+import pkgutil
 import re
 import reprlib
 import tempfile
@@ -26,14 +35,17 @@ from pathlib import Path
 
 import torch
 
-from convzoo.autotune.config import Config, KernelSpec, bucket_key, get_spec, parse_key
+from convzoo.autotune.config import Config, ConfigSpace, KernelSpec, bucket_key, get_spec, parse_key, registered
 
 __all__ = [
+    "CONFIG_ENV",
     "clear_cache",
     "device_slug",
+    "force_config",
     "interpret_mode",
     "load_entries",
     "lookup",
+    "parse_config_env",
     "read_table",
     "resolve",
     "shipped_dir",
@@ -82,9 +94,11 @@ def shipped_dir() -> Path:
 
 
 def clear_cache() -> None:
-    """Forget loaded tables and issued warnings (tests, and after a tuning run)."""
+    """Forget loaded tables and issued warnings (tests, and after a tuning run). Forced configs are
+    never cached: the context manager's are live only inside it, the variable is read at every lookup."""
     _TABLES.clear()
     _WARNED.clear()
+    _ENV_CHECKED.clear()
 
 
 def _warn_once(path: Path, message: str) -> None:
@@ -191,12 +205,202 @@ def resolve(kernel_name: str, gpu: str, dtype: torch.dtype, dims: Mapping[str, i
     return spec.default_config(dims, dtype, False)
 
 
-def lookup(kernel_name: str, device: torch.device, dtype: torch.dtype, **dims: int) -> Config:
-    """The launch config for one call of kernel ``kernel_name``.
+# ---------------------------------------------------------------------------------------------- forced configs
+CONFIG_ENV = "CONVZOO_CONFIG"
+_GENERIC = ("num_warps", "num_stages")
+# force_config's entries, innermost last: (kernel, tiles/warps/stages or a Config, what to name in errors).
+# Process-wide, not per thread: autograd runs backward kernels on its own threads on CUDA.
+_FORCED: list[tuple[str, Mapping[str, int] | Config, str]] = []
+_ENV_CHECKED: set[str] = set()  # CONVZOO_CONFIG values whose kernels, names and ranges were checked
 
-    Under ``TRITON_INTERPRET=1`` or on a non-CUDA device: the kernel's heuristic, always.
+
+def _spec(name: str, source: str) -> KernelSpec:
+    """The spec of kernel ``name``. Kernels register when their module is imported, and the ops import
+    them lazily: a name not registered yet makes every ``convzoo.kernels`` module import before it is
+    called unknown (a lazy import upward, on this path only, so a typo is not mistaken for "not yet").
+
+    Raises:
+        ValueError: no kernel has that name (the message starts with ``source``).
+    """
+    if name not in registered():
+        import convzoo.kernels as pkg
+
+        for m in pkgutil.iter_modules(pkg.__path__):
+            importlib.import_module(f"{pkg.__name__}.{m.name}")
+    try:
+        return get_spec(name)
+    except ValueError as e:
+        raise ValueError(f"{source}: {e}") from None
+
+
+def parse_config_env(text: str) -> dict[str, dict[str, int]]:
+    """The configs ``CONVZOO_CONFIG`` forces: ``'kernel:NAME=int,NAME=int;kernel:...'``, e.g.
+    ``'unfold:BLOCK_R=8,BLOCK_L=128,num_warps=4;local_conv_fwd:BLOCK_N=32,BLOCK_O=32,BLOCK_R=32'``.
+
+    Entries are separated by ``;``, a kernel name and its parameters by ``:``, parameters by ``,``;
+    spaces around any of them are ignored, and so are empty entries. Every tile of the kernel must be
+    named; ``num_warps`` and ``num_stages`` may be left out (the kernel's heuristic then gives them).
+    Only the syntax is checked here (cached by value; the variable is read at every lookup).
+
+    Raises:
+        ValueError: naming ``CONVZOO_CONFIG`` and the bad part: an entry that is not ``kernel:params``,
+            a parameter that is not ``NAME=<decimal integer>``, a kernel or parameter named twice.
+    """
+    return {k: dict(v) for k, v in _parse_env(text).items()}
+
+
+@functools.lru_cache(maxsize=16)
+def _parse_env(text: str) -> dict[str, dict[str, int]]:
+    out: dict[str, dict[str, int]] = {}
+    for entry in text.split(";"):
+        if not entry.strip():
+            continue
+        kernel, colon, body = (part.strip() for part in entry.partition(":"))
+        if not colon or not kernel.isidentifier():
+            raise ValueError(f"{CONFIG_ENV}: {reprlib.repr(entry.strip())} is not 'kernel:NAME=int,...' "
+                             f"(entries are separated by ';')")
+        if kernel in out:
+            raise ValueError(f"{CONFIG_ENV}: kernel {kernel!r} is named twice")
+        params: dict[str, int] = {}
+        for item in body.split(","):
+            name, eq, value = (part.strip() for part in item.partition("="))
+            if not (eq and name.isidentifier() and value.isascii() and value.isdigit() and len(value) <= 20):
+                raise ValueError(f"{CONFIG_ENV}: {kernel}: {reprlib.repr(item.strip())} is not NAME=<integer> "
+                                 f"(parameters are separated by ',')")
+            if name in params:
+                raise ValueError(f"{CONFIG_ENV}: {kernel}: {name} is named twice")
+            params[name] = int(value)
+        out[kernel] = params
+    return out
+
+
+def _tile_names(spec: KernelSpec) -> list[str]:
+    if spec.space is not None:
+        return list(spec.space.tiles)
+    return sorted(spec.default_config(dict.fromkeys(spec.dims, 1), torch.float32, False).meta)
+
+
+def _complete(spec: KernelSpec, entry: Mapping[str, int] | Config, source: str,
+              fill: Config | None) -> Config:
+    """``entry`` as a Config, ``num_warps``/``num_stages`` it leaves out taken from ``fill``.
+
+    Raises:
+        ValueError: a parameter the kernel does not have, a tile left out, a value that is not an integer.
+    """
+    if isinstance(entry, Config):
+        return entry
+    tiles = _tile_names(spec)
+    for name, v in entry.items():
+        if name not in tiles and name not in _GENERIC:
+            raise ValueError(f"{source}: {spec.name} has no parameter {name!r}; "
+                             f"its parameters are {', '.join([*tiles, *_GENERIC])}")
+        if type(v) is not int:
+            raise ValueError(f"{source}: {spec.name}: {name}={reprlib.repr(v)} is not an integer")
+    missing = [t for t in tiles if t not in entry]
+    if missing:
+        raise ValueError(f"{source}: {spec.name} needs every tile; {', '.join(missing)} missing "
+                         f"(its tiles are {', '.join(tiles)})")
+    fill = fill or Config({}, 4, 1)
+    return Config({t: entry[t] for t in tiles}, entry.get("num_warps", fill.num_warps),
+                  entry.get("num_stages", fill.num_stages))
+
+
+def _check_static(spec: KernelSpec, entry: Mapping[str, int] | Config, source: str) -> None:
+    """What can be checked before a call: the names, and the space's bounds (``keep`` depends on the
+    call's dtype and dims, and is checked at each lookup).
+
+    Raises:
+        ValueError: naming ``source``, the kernel and the parameter.
+    """
+    ones = dict.fromkeys(spec.dims, 1)
+    space = spec.space or ConfigSpace(dict.fromkeys(_tile_names(spec), (1, 1 << 16)))
+    # a left-out num_warps/num_stages is filled per call from the heuristic: stand in the space's lowest
+    cfg = _complete(spec, entry, source, Config({}, space.num_warps[0], space.num_stages[0]))
+    unkept = dataclasses.replace(spec, space=dataclasses.replace(space, keep=None))
+    try:
+        unkept.check(cfg, torch.float32, ones)
+    except ValueError as e:
+        raise ValueError(f"{source}: refused for {spec.name}: {e}") from None
+
+
+def _forced(spec: KernelSpec, dtype: torch.dtype, dims: Mapping[str, int]) -> Config | None:
+    """The config forced for this call of ``spec``'s kernel, checked against its space and ``keep``
+    rule for ``dtype`` and ``dims``; None when nothing is forced for it."""
+    entry = source = None
+    for kernel, e, src in reversed(_FORCED):
+        if kernel == spec.name:
+            entry, source = e, src
+            break
+    if entry is None:
+        text = os.environ.get(CONFIG_ENV, "")
+        if not text.strip():
+            return None
+        parsed = _parse_env(text)
+        source = CONFIG_ENV
+        if text not in _ENV_CHECKED:  # every kernel it names, once per value: a typo is never ignored
+            for kernel, params in parsed.items():
+                _check_static(_spec(kernel, CONFIG_ENV), params, f"{CONFIG_ENV}: {kernel}")
+            _ENV_CHECKED.add(text)
+        entry = parsed.get(spec.name)
+        if entry is None:
+            return None
+    cfg = _complete(spec, entry, source, spec.default_config(dims, dtype, interpret_mode()))
+    try:
+        spec.check(cfg, dtype, dims)
+    except ValueError as e:
+        raise ValueError(f"{source}: forced config refused for {spec.name} "
+                         f"({str(dtype).removeprefix('torch.')}, {dict(dims)}): {e}") from None
+    return cfg
+
+
+@contextlib.contextmanager
+def force_config(kernel: str, config: Config | None = None, /, **params: int):
+    """Inside the block, every launch of ``kernel`` uses this config: a :class:`Config`, or its tiles
+    (all of them) and optionally ``num_warps``/``num_stages`` as keywords (left out: the heuristic's).
+    It wins over ``CONVZOO_CONFIG``, tables and the heuristic; an inner block wins over an outer one.
+    Process-wide (backward kernels run on autograd's threads), not per thread.
+
+    Example: ``with force_config("unfold", BLOCK_R=8, BLOCK_L=128, num_warps=4): y = convzoo.unfold(x, 3)``
+
+    Raises:
+        ValueError: on entry, an unknown kernel or parameter, a tile left out, a value outside the
+            kernel's declared space; at a launch inside, a config the kernel's ``keep`` rule refuses
+            for that call's dtype and dims (e.g. fp64's smaller tiles).
+        TypeError: both a Config and keywords.
+    """
+    source = f"force_config({kernel!r})"
+    if config is not None and params:
+        raise TypeError(f"{source}: pass a Config or keyword parameters, not both")
+    if config is not None and not isinstance(config, Config):
+        raise TypeError(f"{source}: config must be a convzoo.autotune.Config, got {type(config).__name__}")
+    spec = _spec(kernel, source)
+    entry = config if config is not None else dict(params)
+    _check_static(spec, entry, source)
+    item = (spec.name, entry, source)
+    _FORCED.append(item)
+    try:
+        yield
+    finally:
+        # by identity, not pop(): blocks on other threads may exit in another order
+        for i in range(len(_FORCED) - 1, -1, -1):
+            if _FORCED[i] is item:
+                del _FORCED[i]
+                break
+
+
+def lookup(kernel_name: str, device: torch.device, dtype: torch.dtype, **dims: int) -> Config:
+    """The launch config for one call of kernel ``kernel_name``: a forced one (:func:`force_config`,
+    then ``CONVZOO_CONFIG``) if any; else, under ``TRITON_INTERPRET=1`` or on a non-CUDA device, the
+    kernel's heuristic, always; else user cache → shipped table → heuristic.
+
+    Raises:
+        ValueError: an unknown kernel; a malformed ``CONVZOO_CONFIG``; a forced config the kernel refuses
+            for this dtype and these dims.
     """
     spec = get_spec(kernel_name)
+    forced = _forced(spec, dtype, dims)
+    if forced is not None:
+        return forced
     device = torch.device(device)
     if interpret_mode() or device.type != "cuda":
         return spec.default_config(dims, dtype, interpret_mode())

@@ -36,12 +36,37 @@ CHECK_TOL = {torch.float16: (2e-2, 2e-2), torch.bfloat16: (1e-1, 5e-2), torch.fl
              torch.float64: (1e-9, 1e-9)}
 
 
+# do_bench's (warmup, rep) windows in ms per stage: a short first pass over every candidate, a longer
+# final one for the finalists; the dry run's estimate reads the same numbers
+BENCH_MS = {"first": (5, 20), "final": (25, 100)}
+FINALISTS = 5  # candidates re-timed in the final pass
+# a rough guess, not a measurement: compiling one candidate config the first time it is launched
+# (Triton's on-disk cache makes a re-run much faster); the dry run adds it per candidate
+COMPILE_S = 0.5
+
+
 def do_bench_timer(fn: Callable[[], object], config: Config, stage: str) -> float:
     """Median ms with ``triton.testing.do_bench``; the first pass is short, the final one longer."""
     import triton.testing
 
-    warmup, rep = (5, 20) if stage == "first" else (25, 100)
+    warmup, rep = BENCH_MS[stage]
     return triton.testing.do_bench(fn, warmup=warmup, rep=rep, quantiles=[0.5])
+
+
+def estimate_seconds(n_candidates: int, finalists: int = FINALISTS, compile_s: float = COMPILE_S) -> float:
+    """A rough wall-clock estimate of :func:`tune_job` for a job with ``n_candidates`` configs:
+
+    ``n_candidates × (compile_s + first-pass warmup + rep) + min(n_candidates, finalists + 1) × (final-pass
+    warmup + rep)`` (the ``+ 1``: the heuristic default gets its own final pass when it is not a finalist).
+
+    ``do_bench`` runs each pass for about its warmup + rep window, so the timing part holds unless one
+    launch is longer than the window (then it is a lower bound); the compile part is a guess
+    (:data:`COMPILE_S`) that a warm Triton cache undercuts. Candidates dropped early still compile and
+    run their first pass, so they are counted in full; the correctness check (a few launches) is not.
+    """
+    first = sum(BENCH_MS["first"]) / 1000
+    final = sum(BENCH_MS["final"]) / 1000
+    return n_candidates * (compile_s + first) + min(n_candidates, finalists + 1) * final
 
 
 @dataclass
@@ -139,7 +164,7 @@ def _matches(got, ref, dtype, exact: bool) -> bool:
 
 
 def tune_job(job: Job, device: torch.device, timer: Timer, abort_ratio: float = 2.0,
-             finalists: int = 5) -> Result:
+             finalists: int = FINALISTS) -> Result:
     problem = job.spec.problem(job.layer, job.dtype, device)
     run, reference = problem.setup()
     cands = candidates(job)

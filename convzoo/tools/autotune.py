@@ -17,18 +17,69 @@ import torch
 from convzoo.autotune import interpret_mode, registered, user_cache_dir
 from convzoo.autotune.grids import GRIDS
 from convzoo.autotune.lookup import device_slug
-from convzoo.autotune.tune import candidates, do_bench_timer, plan, read_entries, summary, tune
+from convzoo.autotune.tune import (
+    BENCH_MS,
+    COMPILE_S,
+    FINALISTS,
+    candidates,
+    do_bench_timer,
+    estimate_seconds,
+    plan,
+    read_entries,
+    summary,
+    tune,
+)
 from convzoo.tools._cli import check_device, check_writable
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+# what each lookup dim of a table key counts, per kernel, and the tiles a config sets; from the
+# launchers' autotune.lookup(...) calls and the KernelSpecs in convzoo/kernels/*.py (a test checks
+# that the names match the registered specs)
+KEY_LEGEND = {
+    "unfold": ({"L": "output positions (blocks) = prod(out spatial size)",
+                "R": "rows of the [N*C*prod(K), L] column matrix = N*C*prod(K)"},
+               "BLOCK_R x BLOCK_L output tile (contiguous along L)"),
+    "fold": ({"P": "pixels of the folded output = prod(output_size)",
+              "R": "(n, c) rows = N*C"},
+             "BLOCK_R x BLOCK_P output tile (contiguous along P)"),
+    "local_conv_fwd": ({"N": "batch", "O": "output channels C_out", "R": "reduction C_in*prod(K)"},
+                       "BLOCK_N x BLOCK_O output tile per position, BLOCK_R reduction step"),
+    "local_conv_grad_weight": ({"N": "batch (the reduction)", "O": "output channels C_out",
+                                "R": "weight columns C_in*prod(K)"},
+                               "BLOCK_O x BLOCK_R dW tile per position, BLOCK_N reduction step"),
+    "local_conv_grad_input": ({"C": "input channels C_in", "N": "batch", "O": "output channels C_out (the reduction)"},
+                              "BLOCK_N x BLOCK_C dX tile per pixel, BLOCK_O reduction step"),
+}
 
 
 def _import_kernels() -> None:
     from convzoo.kernels import local_conv, unfold  # noqa: F401  (register their specs)
 
 
+def _epilog() -> str:
+    lines = [
+        "Table keys: 'dtype|DIM=bucket|...', the lookup dims in name order, each rounded up to a power of two",
+        "(e.g. 'float16|L=1024|R=4096'); one entry per key holds the tiles, num_warps and num_stages.",
+        "",
+    ]
+    for kernel, (dims, tiles) in KEY_LEGEND.items():
+        lines.append(f"  {kernel}: " + "; ".join(f"{d} = {what}" for d, what in sorted(dims.items())))
+        lines.append(f"  {' ' * len(kernel)}  tiles: {tiles}")
+    lines += [
+        "",
+        "Forcing a config by hand (no table needed; checked against the kernel's config space, refused",
+        "with an error if outside it): CONVZOO_CONFIG='unfold:BLOCK_R=8,BLOCK_L=128,num_warps=4;fold:...'",
+        "or, in Python, `with convzoo.autotune.force_config(\"unfold\", BLOCK_R=8, BLOCK_L=128): ...`.",
+        "",
+        f"--dry-run's estimate per job: candidates x ({COMPILE_S:g} s compile guess + first pass "
+        f"{sum(BENCH_MS['first'])} ms) + min(candidates, {FINALISTS + 1}) x final pass {sum(BENCH_MS['final'])} ms.",
+    ]
+    return "\n".join(lines)
 
 
+def _minutes(seconds: float) -> str:
+    return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -37,7 +88,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     exit 2 with a one-line message naming the argument."""
     _import_kernels()
     names = sorted(registered())
-    ap = argparse.ArgumentParser(prog="convzoo-autotune", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="convzoo-autotune", description=__doc__.split("\n\n")[0],
+                                 epilog=_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--kernels", default=",".join(names), help=f"comma-separated subset of {','.join(names)}")
     ap.add_argument("--grid", default="all", choices=sorted(GRIDS), help="named shape grid (default: all)")
     ap.add_argument("--dtype", default="float16,bfloat16,float32",
@@ -94,12 +146,26 @@ def main(argv=None, timer=None) -> int:
     jobs = plan(specs, GRIDS[args.grid], args.dtypes, device)
     tables = [user_cache_dir() / slug] + ([args.out / slug] if args.out else [])
     if args.dry_run:
-        print(f"# would tune {len(jobs)} (kernel, dtype, shape bucket) jobs on {device_name}, tables in "
-              + ", ".join(map(str, tables)))
+        rows, total, todo = [], 0.0, 0
         for job in jobs:
             have = job.key in read_entries(tables[0] / f"{job.spec.name}.json", job.spec)
-            state = "tuned already (--force re-tunes)" if have and not args.force else f"{len(candidates(job))} configs"
-            print(f"{job.spec.name:<24} {job.layer.name:<14} {job.key:<40} {state}")
+            if have and not args.force:
+                state = "tuned already (--force re-tunes)"
+            else:
+                n = len(candidates(job))
+                est = estimate_seconds(n)
+                total, todo = total + est, todo + 1
+                state = f"{n} configs, ~{_minutes(est)}"
+            rows.append(f"{job.spec.name:<24} {job.layer.name:<14} {job.key:<40} {state}")
+        print(f"# device: {device_name}\n# grid: {args.grid} ({len(GRIDS[args.grid])} layers)\n"
+              f"# dtypes: {','.join(str(d).removeprefix('torch.') for d in args.dtypes)}\n"
+              f"# kernels: {','.join(args.kernels)}\n# tables: " + ", ".join(map(str, tables)))
+        budget = f"; --max-minutes {args.max_minutes:g} stops starting jobs after that" if args.max_minutes else ""
+        print(f"# would tune {len(jobs)} (kernel, dtype, shape bucket) jobs, {todo} to time "
+              f"({len(jobs) - todo} in the table), estimated {_minutes(total)}{budget}")
+        print(f"# estimate per job: configs x ({COMPILE_S:g} s compile guess + {sum(BENCH_MS['first'])} ms first pass)"
+              f" + min(configs, {FINALISTS + 1}) x {sum(BENCH_MS['final'])} ms final pass; see --help")
+        print("\n".join(rows))
         return 0
     print(f"# tuning {len(jobs)} jobs on {device_name}; tables: " + ", ".join(map(str, tables)))
     results = tune(jobs, device, tables, device_name, timer=timer or do_bench_timer, force=args.force,
