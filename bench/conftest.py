@@ -9,11 +9,10 @@ the providers of a row side by side. On CUDA each timed call ends with ``torch.c
 Not part of the default test run (``testpaths = ["tests"]``).
 """
 
-import os
-
 import pytest
 import torch
 
+from convzoo.autotune import interpret_mode
 from convzoo.tools.bench import harness, ops
 
 
@@ -27,8 +26,21 @@ def pytest_addoption(parser):
 
 
 def pytest_configure(config):
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    """Options checked before collection: a bad one is a usage error naming it, not a traceback."""
+    if interpret_mode():
         raise pytest.UsageError("TRITON_INTERPRET is set: the benchmarks would time the interpreter; unset it")
+    text = config.getoption("--bench-device")
+    if text is not None:
+        try:
+            device = torch.device(text)
+        except (RuntimeError, ValueError):
+            raise pytest.UsageError(f"--bench-device: {text!r} is not a device (cpu or cuda)") from None
+        if device.type not in ("cpu", "cuda") or (device.type == "cuda" and not torch.cuda.is_available()):
+            raise pytest.UsageError(f"--bench-device: {text!r} is not cpu or a CUDA device present here")
+    text = config.getoption("--bench-ops")
+    chosen = [o for o in text.split(",") if o]
+    if not chosen or any(o not in ops.OPS for o in chosen):
+        raise pytest.UsageError(f"--bench-ops: choose from {','.join(ops.OPS)}, got {text!r}")
 
 
 def _device(config) -> torch.device:
@@ -39,19 +51,27 @@ def cases(config) -> list[tuple]:
     """(problem, mode, provider) in the order convzoo-bench times them."""
     size, device = config.getoption("--bench-size"), _device(config)
     chosen = [o for o in config.getoption("--bench-ops").split(",") if o]
-    modes = ("fwd", "bwd", "fwd+bwd") if size == "full" else ("fwd", "fwd+bwd")
-    jobs = harness.jobs(ops.for_size(size, chosen), ops.providers(), modes, device, full=size == "full")
+    jobs = harness.jobs(ops.for_size(size, chosen), ops.providers(), ops.default_modes(size), device,
+                        full=size == "full")
     return [(problem, mode, prov) for problem, mode, provs in jobs for prov in provs]
 
 
 def case_id(problem, mode, prov) -> str:
-    return f"{problem.op}-{problem.id}-{mode}-{prov.name}"
+    """``op-shape-mode-provider``, ASCII and ``-k``-friendly: ``compile(F.unfold)`` becomes ``compile-F.unfold``."""
+    name = prov.name.replace("(", "-").replace(")", "")
+    return f"{problem.op}-{problem.id}-{mode}-{name}"
 
 
 def pytest_generate_tests(metafunc):
     if "case" in metafunc.fixturenames:
         found = cases(metafunc.config)
         metafunc.parametrize("case", found, ids=[case_id(*c) for c in found])
+
+
+@pytest.fixture(autouse=True)
+def _compile_guard():
+    with harness.compile_guard():
+        yield
 
 
 @pytest.fixture

@@ -132,11 +132,12 @@ def test_plots_have_spread_labels_and_titles(no_interpreter, tmp_path, monkeypat
     timer = FakeTimer(spread={"convzoo": 1.2})
     assert bench.main(["--overhead", "--device", "cpu", "--ops", "fold", "--reps", "2", "--no-memory",
                        "--out", str(tmp_path)], timer=timer, load=FakeLoad(0.0)) == 0
+    (png,) = tmp_path.glob("*/overhead.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert bench.main(["--tiny", "--device", "cpu", "--ops", "fold", "--reps", "2", "--no-memory",
                        "--out", str(tmp_path)], timer=timer, load=FakeLoad(0.0)) == 0
-    for name in ("fold.png", "overhead.png"):
-        (png,) = tmp_path.glob(f"*/{name}")
-        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    (png,) = tmp_path.glob("*/*.png")  # the plots show the latest run: the overhead plot of the last is gone
+    assert png.name == "fold.png" and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # error bars p20-p80: the convzoo bars have a non-zero upper error (p80 - p50 > 0 with this timer)
     assert all("yerr" in k for k in bars) and any(max(k["yerr"][1]) > 0 for k in bars)
     assert titles and all("float32" in t and "CPU" in t for t in titles)
@@ -168,8 +169,9 @@ def test_update_reference_writes_only_to_the_checkouts_reference_folder(tmp_path
     ref = tmp_path / "reference"
     ref.mkdir()
     monkeypatch.setattr(bench, "reference_dir", lambda: ref)
-    assert bench.main(["--tiny", "--device", "cpu", "--ops", "fold", "--no-memory", "--reps", "2",
-                       "--update-reference"], timer=FakeTimer(), load=FakeLoad(0.0)) == 0
+    monkeypatch.setattr(ops, "for_size", lambda size, chosen: ops.problems("tiny", ["fold"]))  # a fast "quick"
+    assert bench.main(["--quick", "--device", "cpu", "--no-memory", "--reps", "2", "--update-reference"],
+                      timer=FakeTimer(), load=FakeLoad(0.0)) == 0
     assert f"# results: {ref} (the checkout's reference results" in capsys.readouterr().out
     assert len(list(ref.glob("*.csv"))) == 1 and not (cache / "bench").exists()
     monkeypatch.setattr(bench, "reference_dir", lambda: None)  # an installed package: no checkout
@@ -211,7 +213,71 @@ def _rows(argv, timer, load, capsys):
     return seen
 
 
-def test_providers_are_timed_in_interleaved_rounds():
+def test_what_is_in_the_way_of_the_results_is_refused_before_any_timing(tmp_path, no_interpreter, capsys):
+    slug = harness.device_slug(harness.environment(torch.device("cpu"))["device"])
+    argv = ["--tiny", "--device", "cpu", "--ops", "fold", "--reps", "2", "--no-memory", "--out", str(tmp_path)]
+    for in_the_way in (tmp_path / f"{slug}.md", tmp_path / f"{slug}.csv"):
+        in_the_way.mkdir()
+        timer = FakeTimer()
+        assert bench.main(argv, timer=timer, load=FakeLoad(0.0)) == 2 and timer.calls == []
+        assert f"--out: {in_the_way} is a folder; the bench writes a file there" in capsys.readouterr().err
+        in_the_way.rmdir()
+    (tmp_path / slug).write_text("")  # where the plots go
+    assert bench.main(argv, timer=FakeTimer(), load=FakeLoad(0.0)) == 2
+    assert "is a file; the bench writes a dir there" in capsys.readouterr().err
+    (tmp_path / slug).unlink()
+    (tmp_path / f"{slug}.csv").write_bytes(b"date,\x00\xff\n1,2\n")  # not a CSV of ours: moved aside, kept
+    assert bench.main(argv, timer=FakeTimer(), load=FakeLoad(0.0)) == 0
+    assert (tmp_path / f"{slug}.old-1.csv").read_bytes() == b"date,\x00\xff\n1,2\n"
+    assert list(harness.read_csv(tmp_path / f"{slug}.csv")[0]) == harness.Row.columns()
+
+
+def test_rows_are_saved_as_they_are_timed(tmp_path, no_interpreter):
+    """A run stopped half way (Ctrl-C, gpu-check's hard timeout) keeps the rows it timed."""
+
+    class StopsLater(FakeTimer):
+        def __call__(self, fn):
+            if len(self.calls) == 2 * 3 * 2 + 2:  # limits (2), then the first (shape, mode): 3 providers x 2 rounds
+                raise KeyboardInterrupt
+            return super().__call__(fn)
+
+    with pytest.raises(KeyboardInterrupt):
+        bench.main(["--tiny", "--device", "cpu", "--ops", "unfold", "--reps", "2", "--no-memory", "--out",
+                    str(tmp_path)], timer=StopsLater(), load=FakeLoad(0.0))
+    (csv_path,) = tmp_path.glob("*.csv")
+    rows = harness.read_csv(csv_path)
+    assert [r["provider"] for r in rows] == ["convzoo", "F.unfold", "unfoldNd"] * 2  # two (shape, mode) groups
+
+
+def test_compiled_peers_never_fall_back_to_eager_silently():
+    """Past dynamo's recompile limit a compiled function runs eager code; under the bench's guard that is an
+    error instead of rows labelled compile(...) that time eager code."""
+    import torch._dynamo
+
+    f = torch.compile(lambda t: t * 2, dynamic=False, backend="eager")
+    torch._dynamo.reset()
+    with harness.compile_guard(limit=1):
+        f(torch.ones(2))
+        with pytest.raises(Exception, match=r"recompil"):
+            f(torch.ones(3))
+    torch._dynamo.reset()
+
+
+def test_git_sha_and_home_paths(monkeypatch, tmp_path):
+    from convzoo.autotune import user_cache_dir
+    from convzoo.tools import _cli
+
+    if (ROOT / ".git").exists() and shutil.which("git"):
+        assert _cli.git_sha().removesuffix("+dirty").isalnum()
+    monkeypatch.setattr(_cli, "checkout_root", lambda: ROOT / "bench")  # sources inside another repository
+    assert _cli.git_sha() == ""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("CONVZOO_CACHE_DIR", "~/cz")  # quoted: no shell expanded it
+    assert user_cache_dir() == tmp_path / "cz" / "autotune"
+    assert bench.parse_args(["--out=~/zz", "--no-save"]).out == tmp_path / "zz"
+
+
+def test_providers_are_timed_in_interleaved_rounds(no_interpreter):
     timer = FakeTimer()
     problems = ops.problems("tiny", ["local_conv"])
     rows = harness.run(problems, ops.providers(), ["fwd"], torch.device("cpu"), torch.float32,
@@ -304,9 +370,16 @@ def test_shape_labels_state_the_shape():
 
 @pytest.mark.parametrize("argv, message", [
     (["--ops", "conv"], "--ops: unknown op"),
-    (["--ops", ","], "--ops: no op named"),
+    (["--ops", ","], "--ops: no name in ','"),
+    (["--ops", "fold,fold"], "--ops: 'fold' is named twice"),
+    (["--overhead", "--modes", "bwd"], "--modes: the --overhead rows have their own modes"),
+    (["--tiny", "--update-reference"], "--update-reference: the reference results are whole --quick or --full "
+                                       "runs, not --tiny"),
+    (["--update-reference", "--ops", "fold"], "not --ops"),
+    (["--update-reference", "--max-minutes", "2"], "not --max-minutes"),
+    (["--threads", "100000"], "--threads must be between 1 and this machine's"),
     (["--modes", "fwd,sideways"], "--modes: unknown mode"),
-    (["--modes", ","], "--modes: no mode named"),
+    (["--modes", ","], "--modes: no name in ','"),
     (["--dtype", "int8"], "argument --dtype: invalid choice"),
     (["--dtype", ","], "argument --dtype: invalid choice"),
     (["--quick", "--full"], "not allowed with"),
@@ -315,7 +388,7 @@ def test_shape_labels_state_the_shape():
     (["--reps", "1"], "--reps must be at least 2"),
     (["--min-time", "0"], "--min-time must be in (0, 60)"),
     (["--min-time", "nan"], "--min-time must be in (0, 60)"),
-    (["--threads", "0"], "--threads must be at least 1"),
+    (["--threads", "0"], "--threads must be between 1 and"),
     (["--max-minutes", "-1"], "--max-minutes must be positive"),
     (["--max-minutes", "inf"], "--max-minutes must be positive"),
     (["--device", "bogus"], "--device: 'bogus' is not a device"),
@@ -325,7 +398,8 @@ def test_shape_labels_state_the_shape():
 ])
 def test_bad_arguments_exit_with_usage(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
-        bench.parse_args([*argv, *(["--no-save"] if "--out" not in argv else [])])
+        bench.parse_args([*argv, *(["--no-save"] if "--out" not in argv and "--update-reference" not in argv
+                                   else [])])
     err = capsys.readouterr().err
     assert e.value.code == 2 and message in err.splitlines()[-1]  # after the usage, one line naming it
     assert err.splitlines()[-1].startswith("convzoo-bench: error: ")

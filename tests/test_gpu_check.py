@@ -1,18 +1,19 @@
 """convzoo-gpu-check without a GPU: the dry run (commands, folder, budgets), argument errors, the summary
 built from fake step outputs, steps that fail or time out not stopping the others, and the runner's timeout."""
 
-import csv
 import json
 import os
 import re
 import shlex
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
 from convzoo.tools import gpu_check as gc
+from convzoo.tools.bench import harness
 
 PY = sys.executable
 
@@ -60,9 +61,32 @@ def test_dry_run_default_folder_steps_subset_and_missing_tests(cache, capsys, mo
     assert "at most 10 min in all" in text  # the skipped step takes no time
 
 
-def test_default_tests_are_the_checkouts():
-    assert gc.default_tests() == gc.package_root() / "tests"
+def test_default_tests_are_the_checkouts(monkeypatch):
     assert (gc.default_tests() / "test_gpu_check.py").is_file()  # this checkout
+    monkeypatch.setattr(gc, "checkout_root", lambda: None)  # an installed package: no tests of ours
+    assert gc.default_tests() is None
+    text = gc.describe_plan(gc.build_plan(["tests"], Path("/r"), 9, "all", None), Path("/r"), {})
+    assert "SKIPPED: no tests folder (convzoo is not imported from a checkout; pass --tests PATH)" in text
+
+
+def test_hostile_step_outputs_never_stop_the_summary(tmp_path):
+    """A junit report with odd counts, a CSV of garbage: the summary says so, it does not raise."""
+    (tmp_path / "steps.json").write_text(json.dumps([{"name": "tests", "status": "failed (exit 1)", "seconds": 1},
+                                                     {"name": "bench", "status": "ok", "seconds": 1}]))
+    (tmp_path / "tests-junit.xml").write_text('<testsuite tests="3.0" failures="x"/>')
+    (tmp_path / "bench").mkdir()
+    (tmp_path / "bench" / "g.csv").write_bytes(b"date,\x00\xff\nnoisy,speedup\n")
+    text = gc.build_summary(tmp_path)
+    assert "no junit report" in text and "No peer rows with a speedup." in text
+    (tmp_path / "tests-junit.xml").write_text('<testsuite tests="2" failures="1" errors="1" skipped="0">'
+                                             '<testcase name="t"><failure/><error/></testcase></testsuite>')
+    assert "- 0 passed, 1 failed, 1 errors" in gc.build_summary(tmp_path)  # never below zero
+    monkeypatch_target = gc.build_summary
+    try:
+        gc.build_summary = lambda folder: 1 / 0
+        assert "The summary could not be built: ZeroDivisionError" in gc.write_summary(tmp_path).read_text()
+    finally:
+        gc.build_summary = monkeypatch_target
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -104,29 +128,21 @@ skipped="1" tests="5" time="1.0"><testcase classname="tests.test_unfold" name="t
 <testcase classname="tests.test_fold" name="test_bad[bf16]"><failure message="boom">x</failure></testcase>
 <testcase classname="tests.test_fold" name="test_gpu"><skipped message="no"/></testcase></testsuite></testsuites>
 """
-COLS = ["date", "device", "torch", "triton", "git_sha", "op", "shape", "mode", "dtype", "provider", "ms_p50",
-        "ms_p20", "ms_p80", "speedup", "noisy"]
-
-
-def _row(date, op, shape, mode, provider, speedup, noisy=False):
-    return {"date": date, "device": "Fake GPU", "torch": "2", "triton": "3", "git_sha": "abc", "op": op,
-            "shape": shape, "mode": mode, "dtype": "float32", "provider": provider, "ms_p50": 1.0, "ms_p20": 0.9,
-            "ms_p80": 1.1, "speedup": speedup, "noisy": noisy}
+def _row(date, op, shape, mode, provider, speedup, noisy=""):
+    """A row as convzoo-bench writes it (its own Row and CSV writer): ``noisy`` holds the reason, or ''."""
+    return harness.Row(date, "Fake GPU", "2", "3", "abc", "do_bench", op, shape, mode, "float32", provider, 1.0, 0.9,
+                       1.1, 6, 1.0, 1.0, float("nan"), float("nan"), 1.0, speedup, noisy)
 
 
 def write_fake_bench(folder):
     rows = [_row("2025-01-01T00:00:00Z", "unfold", "s1", "fwd", "F.unfold", 100.0)]  # an earlier run: left out
     new = "2025-02-02T00:00:00Z"
     rows += [_row(new, "unfold", "s1", "fwd", "convzoo", 1.0), _row(new, "unfold", "s1", "fwd", "F.unfold", 2.0),
-             _row(new, "unfold", "s2", "fwd", "convzoo", 1.0),
-             _row(new, "unfold", "s2", "fwd", "F.unfold", 8.0, noisy=True),
+             _row(new, "unfold", "s2", "fwd", "convzoo", 1.0), _row(new, "unfold", "s3", "fwd", "F.unfold", 4.5),
+             _row(new, "unfold", "s2", "fwd", "F.unfold", 50.0, noisy="spread p80/p20 1.50 > 1.3"),
              _row(new, "unfold", "s1", "bwd", "F.unfold", 0.5), _row(new, "unfold", "s1", "fwd", "unfoldNd", 3.0),
-             _row(new, "unfold", "s2", "fwd", "unfoldNd", "")]  # no convzoo time: no speedup
-    (folder / "bench").mkdir(parents=True, exist_ok=True)
-    with open(folder / "bench" / "fake-gpu.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, COLS)
-        w.writeheader()
-        w.writerows(rows)
+             _row(new, "unfold", "s2", "fwd", "unfoldNd", float("nan"))]  # no convzoo time: no speedup
+    harness.append_csv(folder / "bench" / "fake-gpu.csv", rows)
 
 
 def write_fake_tables(folder):
@@ -159,13 +175,13 @@ def test_summary_from_fake_step_outputs(tmp_path):
     assert "- 3 passed, 1 failed, 0 errors, 1 skipped" in text
     assert "- failing: `tests.test_fold::test_bad[bf16]`" in text
     assert "- 5 table keys in tables/: fold 2, unfold 3" in text and "stopped at its budget" in text
-    assert "Run of 2025-02-02T00:00:00Z: 7 rows, 1 noisy." in text
-    assert "| unfold | fwd | float32 | F.unfold | 4.00x | 2.00x | 8.00x | 2 |" in text  # sqrt(2 · 8)
-    assert "| unfold | bwd | float32 | F.unfold | 0.50x | 0.50x | 0.50x | 1 |" in text
-    assert "| unfold | fwd | float32 | unfoldNd | 3.00x | 3.00x | 3.00x | 1 |" in text
-    assert "- best: unfold s2 fwd float32 vs F.unfold: 8.00x" in text
-    assert "- worst: unfold s1 bwd float32 vs F.unfold: 0.50x" in text
-    assert "100.00x" not in text and "convzoo |" not in text  # the earlier run; convzoo is not its own peer
+    assert "Run of 2025-02-02T00:00:00Z: 8 rows, 1 noisy." in text and "quiet rows only" in text
+    assert "| unfold | fwd | float32 | F.unfold | 3x | 2x | 4.5x | 2 |" in text  # sqrt(2 · 4.5); not the noisy 50
+    assert "| unfold | bwd | float32 | F.unfold | 0.5x | 0.5x | 0.5x | 1 |" in text
+    assert "| unfold | fwd | float32 | unfoldNd | 3x | 3x | 3x | 1 |" in text
+    assert "- best: unfold s3 fwd float32 vs F.unfold: 4.5x" in text
+    assert "- worst: unfold s1 bwd float32 vs F.unfold: 0.5x" in text
+    assert "100x" not in text and "50x" not in text and "convzoo |" not in text  # earlier run, noisy row, self
     assert "`python -m pytest`" in text
     assert "last lines of" not in text  # no log here: nothing to show
 
@@ -226,7 +242,7 @@ def test_a_failing_step_does_not_stop_the_others(tmp_path, monkeypatch, capsys):
     assert [(r["name"], r["status"]) for r in records] == [
         ("tests", "failed (exit 1)"), ("tune", "timed out (180 s)"), ("bench", "ok")]
     summary = (folder / "summary.md").read_text()
-    assert "| bench | ok |" in summary and "4.00x" in summary and "5 table keys" in summary
+    assert "| bench | ok |" in summary and "| F.unfold | 3x |" in summary and "5 table keys" in summary
     assert [p.name for p in sorted(folder.glob("*.log"))] == ["bench.log", "tests.log", "tune.log"]
     out = capsys.readouterr().out
     assert f"results in {folder}" in out and "[2/3] tune: timed out" in out

@@ -86,7 +86,7 @@ def user_cache_dir() -> Path:
     root = os.environ.get("CONVZOO_CACHE_DIR")
     if not root:
         root = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "convzoo")
-    return Path(root) / "autotune"
+    return Path(root).expanduser() / "autotune"  # a quoted '~' (a Dockerfile ENV) is the home folder too
 
 
 def shipped_dir() -> Path:

@@ -1,9 +1,13 @@
-"""Argument checks shared by the command-line tools (``convzoo-autotune``, ``convzoo-bench``, ``convzoo-gpu-check``):
-each refuses a bad argument with a one-line ``argparse`` error (exit 2) before any work."""
+"""What the command-line tools (``convzoo-autotune``, ``convzoo-bench``, ``convzoo-gpu-check``) share: argument
+checks, each refusing a bad argument with a one-line ``argparse`` error (exit 2) before any work, and where
+this convzoo comes from (a checkout, its git sha)."""
 
 from __future__ import annotations
 
 import argparse
+import math
+import shutil
+import subprocess
 import tempfile
 from pathlib import Path
 
@@ -37,3 +41,44 @@ def check_device(ap: argparse.ArgumentParser, text: str, types: tuple[str, ...],
     if device.type == "cuda" and device.index is not None and torch.cuda.is_available() \
             and device.index >= torch.cuda.device_count():
         ap.error(f"--device: no CUDA device {device.index}; this machine has {torch.cuda.device_count()}")
+
+
+def user_path(text: str) -> Path:
+    """A folder argument as the user meant it: ``~`` is the home folder even where no shell expanded it
+    (``--out=~/x``)."""
+    return Path(text).expanduser()
+
+
+def check_minutes(ap: argparse.ArgumentParser, minutes: float | None) -> None:
+    """``--max-minutes``: None (no budget) or positive and finite."""
+    if minutes is not None and not (math.isfinite(minutes) and minutes > 0):
+        ap.error(f"--max-minutes must be positive and finite, got {minutes}")
+
+
+def checkout_root() -> Path | None:
+    """The checkout this convzoo is imported from (the folder with its ``pyproject.toml``), None for an
+    installed package."""
+    import convzoo
+
+    root = Path(convzoo.__file__).resolve().parents[1]
+    return root if (root / "pyproject.toml").is_file() and (root / "convzoo" / "tools").is_dir() else None
+
+
+def git_sha() -> str:
+    """The short sha of the checkout convzoo runs from (``+dirty`` with uncommitted changes to tracked files);
+    '' for an installed package or without git. Never the sha of a project that merely holds the install."""
+    root = checkout_root()
+    if root is None or shutil.which("git") is None:
+        return ""
+
+    def git(*args) -> str:
+        try:
+            return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=20,
+                                  check=True).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    if Path(git("rev-parse", "--show-toplevel") or "/nonexistent").resolve() != root:
+        return ""  # a copy of the sources inside somebody else's repository
+    sha = git("rev-parse", "--short", "HEAD")
+    return sha + "+dirty" if sha and git("status", "--porcelain", "--untracked-files=no") else sha

@@ -8,9 +8,7 @@ and, with ``--out DIR``, also to ``DIR/<gpu>/`` (to ship: copy into ``convzoo/au
 from __future__ import annotations
 
 import argparse
-import math
 import sys
-from pathlib import Path
 
 import torch
 
@@ -29,7 +27,7 @@ from convzoo.autotune.tune import (
     summary,
     tune,
 )
-from convzoo.tools._cli import check_device, check_writable
+from convzoo.tools._cli import check_device, check_minutes, check_writable, user_path
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -94,7 +92,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--grid", default="all", choices=sorted(GRIDS), help="named shape grid (default: all)")
     ap.add_argument("--dtype", default="float16,bfloat16,float32",
                     help="comma-separated dtypes to tune (default: float16,bfloat16,float32)")
-    ap.add_argument("--out", type=Path, default=None, help="also write the tables to OUT/<gpu>/ (to ship them)")
+    ap.add_argument("--out", type=user_path, default=None, help="also write the tables to OUT/<gpu>/ (to ship them)")
     ap.add_argument("--force", action="store_true", help="re-tune keys the user cache already has")
     ap.add_argument("--max-minutes", type=float, default=None, help="start no new job after this many minutes")
     ap.add_argument("--dry-run", action="store_true", help="list what would be tuned; no GPU needed")
@@ -113,8 +111,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         ap.error(f"--dtype: unknown dtype {e.args[0]!r}; choose from {','.join(DTYPES)}")
     if not args.dtypes:
         ap.error(f"--dtype: no dtype named in {args.dtype!r}; choose from {','.join(DTYPES)}")
-    if args.max_minutes is not None and not (math.isfinite(args.max_minutes) and args.max_minutes > 0):
-        ap.error(f"--max-minutes must be positive and finite, got {args.max_minutes}")
+    check_minutes(ap, args.max_minutes)
     check_device(ap, args.device, ("cuda",), "tuning times the kernels on a CUDA GPU", require_cuda=False)
     if not args.dry_run:  # a dry run writes nothing
         for folder, what in [(args.out, "--out"), (user_cache_dir(), "the user cache (set CONVZOO_CACHE_DIR)")]:
@@ -170,7 +167,14 @@ def main(argv=None, timer=None) -> int:
     print(f"# tuning {len(jobs)} jobs on {device_name}; tables: " + ", ".join(map(str, tables)))
     results = tune(jobs, device, tables, device_name, timer=timer or do_bench_timer, force=args.force,
                    max_minutes=args.max_minutes, progress=not args.quiet)
-    print(summary(results) if results else "# nothing to tune (every key is in the table; --force re-tunes)")
+    left = [j for j in jobs if j.key not in read_entries(tables[0] / f"{j.spec.name}.json", j.spec)]
+    if results:
+        print(summary(results))
+    elif not left:
+        print("# nothing to tune (every key is in the table; --force re-tunes)")
+    if left:
+        print(f"# {len(left)} of {len(jobs)} jobs not tuned yet (--max-minutes {args.max_minutes:g} reached): run "
+              "again to go on; tuned keys are skipped")
     bad = [r for r in results if not r.checked]
     if bad:
         print(f"# {len(bad)} entries failed the correctness check even with the default config", file=sys.stderr)

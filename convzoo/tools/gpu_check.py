@@ -36,7 +36,7 @@ import torch
 import convzoo
 from convzoo.autotune.grids import GRIDS
 from convzoo.autotune.lookup import device_slug, triton_version, user_cache_dir
-from convzoo.tools._cli import check_writable
+from convzoo.tools._cli import check_minutes, check_writable, checkout_root, git_sha
 
 STEPS = ("tests", "tune", "bench")
 DEFAULT_MINUTES = 9.0  # per step: with the grace below, each step fits a 10-minute window
@@ -60,19 +60,11 @@ class Step:
 
 
 # ---------------------------------------------------------------------------------------------- plan
-def package_root() -> Path:
-    """The folder holding the imported ``convzoo`` package: a checkout's root, or site-packages."""
-    return Path(convzoo.__file__).resolve().parents[1]
-
-
-def checkout_root() -> Path | None:
-    """The checkout convzoo is imported from, None for an installed package (no tests there)."""
-    root = package_root()
-    return root if (root / "pyproject.toml").is_file() else None
-
-
-def default_tests() -> Path:
-    return package_root() / "tests"
+def default_tests() -> Path | None:
+    """The checkout's ``tests/``; None for an installed package (a ``tests/`` beside it in site-packages
+    belongs to somebody else)."""
+    root = checkout_root()
+    return root / "tests" if root is not None else None
 
 
 def default_folder(slug: str, now: datetime.datetime) -> Path:
@@ -80,7 +72,7 @@ def default_folder(slug: str, now: datetime.datetime) -> Path:
     return user_cache_dir().parent / "gpu-check" / f"{slug}-{now.strftime('%Y%m%dT%H%M%SZ')}"
 
 
-def build_plan(steps: Sequence[str], folder: Path, minutes: float, grid: str, tests: Path) -> list[Step]:
+def build_plan(steps: Sequence[str], folder: Path, minutes: float, grid: str, tests: Path | None) -> list[Step]:
     """The steps to run, in the order of :data:`STEPS`, with absolute paths into ``folder``."""
     py, cwd = sys.executable, checkout_root()
     timeout = minutes * 60 + GRACE_S
@@ -89,8 +81,10 @@ def build_plan(steps: Sequence[str], folder: Path, minutes: float, grid: str, te
         if name not in steps:
             continue
         if name == "tests":
-            skip = None if tests.is_dir() else (f"no tests folder at {tests} (convzoo is not imported from a "
-                                               "checkout; pass --tests PATH)")
+            skip = None if tests is not None and tests.is_dir() else (
+                f"no tests folder{f' at {tests}' if tests else ''} (convzoo is not imported from a checkout; "
+                "pass --tests PATH)")
+            tests = tests or Path("tests")
             plan.append(Step(name, [py, "-m", "pytest", "-q", str(tests), "--junitxml", str(folder / JUNIT)],
                              tests.parent, None, timeout, "tests.log", skip))
         elif name == "tune":
@@ -133,7 +127,8 @@ def collect_env() -> dict:
     """The machine and software a run is on, for ``env.json``; CUDA questions only when CUDA is there."""
     env = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ"),
            "torch": torch.__version__, "cuda_runtime": torch.version.cuda or "", "triton": triton_version(),
-           "python": platform.python_version(), "platform": platform.platform(), "convzoo": str(package_root()),
+           "python": platform.python_version(), "platform": platform.platform(),
+           "convzoo": str(Path(convzoo.__file__).resolve().parent),
            "gpu": "", "capability": "", "memory_gib": "", "driver": "", "git_sha": ""}
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
@@ -141,12 +136,7 @@ def collect_env() -> dict:
                    memory_gib=f"{props.total_memory / 2**30:.1f}")
         # torch does not report the driver; nvidia-smi does where it is installed
         env["driver"] = _capture(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader", "-i", "0"])
-    root = checkout_root()
-    if root is not None:
-        sha = _capture(["git", "rev-parse", "--short", "HEAD"], root)
-        if sha and _capture(["git", "status", "--porcelain", "--untracked-files=no"], root):
-            sha += "+dirty"
-        env["git_sha"] = sha
+    env["git_sha"] = git_sha()
     return env
 
 
@@ -222,11 +212,18 @@ def junit_counts(path: Path) -> dict | None:
     failing = []
     for suite in suites:
         for k in counts:
-            counts[k] += int(suite.get(k, 0) or 0)
+            try:
+                n = float(suite.get(k, 0) or 0)
+            except ValueError:
+                return None
+            if not (math.isfinite(n) and n >= 0 and n == int(n)):
+                return None
+            counts[k] += int(n)
         for case in suite.iter("testcase"):
             if case.find("failure") is not None or case.find("error") is not None:
                 failing.append(f"{case.get('classname', '')}::{case.get('name', '')}")
-    passed = counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"]
+    # pytest counts a test that fails and then errors in teardown in both: never below zero
+    passed = max(0, counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"])
     return {"passed": passed, "failed": counts["failures"], "errors": counts["errors"],
             "skipped": counts["skipped"], "failing": failing}
 
@@ -249,12 +246,14 @@ def _float(v) -> float:
 
 
 def _read_rows(path: Path) -> list[dict]:
-    try:
-        from convzoo.tools.bench.harness import read_csv
-    except ImportError:  # the bench's module moved: the CSV is still a CSV
-        with path.open(newline="") as f:
-            return list(csv.DictReader(f))
-    return read_csv(path)
+    with path.open(newline="", errors="replace") as f:
+        return list(csv.DictReader(f))
+
+
+def _is_noisy(row: dict) -> bool:
+    """The bench writes why a row is noisy (empty when it is not); older files wrote a flag."""
+    v = str(row.get("noisy") or "").strip().lower()
+    return v not in ("", "0", "false", "no", "nan")
 
 
 def bench_headline(rows: list[dict]) -> list[str]:
@@ -267,23 +266,26 @@ def bench_headline(rows: list[dict]) -> list[str]:
     rows = [r for r in rows if r.get("date") == last]
     peers = [r for r in rows if r.get("provider") != "convzoo" and _float(r.get("speedup")) > 0
              and math.isfinite(_float(r.get("speedup")))]
-    noisy = sum(str(r.get("noisy", "")).strip().lower() in ("1", "true", "yes") for r in rows)
+    noisy = sum(_is_noisy(r) for r in rows)
+    quiet = [r for r in peers if not _is_noisy(r)]
     lines = [f"Run of {last}: {len(rows)} rows, {noisy} noisy. Speedup = peer time / convzoo time "
-             "(> 1: convzoo is faster); geometric mean over the shapes."]
+             "(> 1: convzoo is faster); geometric mean over the shapes"
+             + (", quiet rows only." if quiet else "; every peer row is noisy, so these are too.")]
     if not peers:
         return [*lines, "", "No peer rows with a speedup."]
+    peers = quiet or peers
     groups: dict[tuple, list[float]] = {}
     for r in peers:
         groups.setdefault((r.get("op"), r.get("mode"), r.get("dtype"), r.get("provider")), []).append(
             _float(r["speedup"]))
     lines += ["", "| op | mode | dtype | vs | geomean speedup | min | max | shapes |", "|---" * 8 + "|"]
     for (op, mode, dtype, prov), v in sorted(groups.items(), key=lambda kv: tuple(map(str, kv[0]))):
-        gm = math.exp(sum(map(math.log, v)) / len(v))
-        lines.append(f"| {op} | {mode} | {dtype} | {prov} | {gm:.2f}x | {min(v):.2f}x | {max(v):.2f}x | {len(v)} |")
+        gm = min(max(v), math.exp(sum(map(math.log, v)) / len(v)))  # no rounding past the largest
+        lines.append(f"| {op} | {mode} | {dtype} | {prov} | {gm:.3g}x | {min(v):.3g}x | {max(v):.3g}x | {len(v)} |")
 
     def row(r):
         return f"{r.get('op')} {r.get('shape')} {r.get('mode')} {r.get('dtype')} vs {r.get('provider')}: " \
-               f"{_float(r['speedup']):.2f}x"
+               f"{_float(r['speedup']):.3g}x"
 
     best = max(peers, key=lambda r: _float(r["speedup"]))
     worst = min(peers, key=lambda r: _float(r["speedup"]))
@@ -383,8 +385,15 @@ def build_summary(folder: Path) -> str:
 
 
 def write_summary(folder: Path) -> Path:
+    """Rewrite ``summary.md``; a file a step left that the summary cannot read must not stop the steps
+    still to run, so any error becomes a line of the summary."""
     path = folder / SUMMARY
-    _write_atomic(path, build_summary(folder))
+    try:
+        text = build_summary(folder)
+    except Exception as e:  # a summary is never worth the remaining steps
+        text = f"# convzoo GPU check\n\nThe summary could not be built: {type(e).__name__}: {e}\n" \
+               f"See {STEPS_FILE} and the step logs.\n"
+    _write_atomic(path, text)
     return path
 
 
@@ -416,8 +425,7 @@ def parse_args(argv=None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
         if names.count(s) > 1:
             ap.error(f"--steps: {s!r} is named twice")
     args.steps = names
-    if not (math.isfinite(args.max_minutes) and args.max_minutes > 0):
-        ap.error(f"--max-minutes must be positive and finite, got {args.max_minutes}")
+    check_minutes(ap, args.max_minutes)
     if args.tests is not None and not args.tests.is_dir():
         ap.error(f"--tests: {args.tests} is not a folder")
     return ap, args
@@ -441,7 +449,8 @@ def main(argv=None) -> int:
     env["command"] = shlex.join(["convzoo-gpu-check", *(sys.argv[1:] if argv is None else argv)])
     now = datetime.datetime.now(datetime.timezone.utc)
     folder = (args.out or default_folder(device_slug(env["gpu"] or "no-gpu"), now)).expanduser().resolve()
-    tests = (args.tests or default_tests()).resolve()
+    tests = args.tests or default_tests()
+    tests = tests.expanduser().resolve() if tests is not None else None
     plan = build_plan(args.steps, folder, args.max_minutes, args.grid, tests)
     if args.dry_run:
         print("# convzoo-gpu-check --dry-run: nothing is run or written")
@@ -463,6 +472,8 @@ def main(argv=None) -> int:
         else:
             print(f"[{i}/{len(plan)}] {step.name} (log {folder / step.log}): {shlex.join(step.command)}", flush=True)
             rec["status"] = "running"
+            if step.name == "tests":  # a report left by an earlier run must not stand for this one
+                (folder / JUNIT).unlink(missing_ok=True)
             write_steps(folder, records)
             write_summary(folder)
             start = time.monotonic()

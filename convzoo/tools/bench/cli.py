@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from convzoo.autotune import user_cache_dir
-from convzoo.tools._cli import check_device, check_writable
+from convzoo.autotune import interpret_mode, user_cache_dir
+from convzoo.tools._cli import check_device, check_minutes, check_writable, checkout_root, user_path
 from convzoo.tools.bench import harness, ops, timing
 
 EPILOG = f"""\
@@ -37,8 +37,9 @@ busy while it was timed.
 
 def reference_dir() -> Path | None:
     """``bench/reference`` of the checkout this package runs from, or None for an installed package."""
-    folder = Path(__file__).resolve().parents[3] / "bench" / "reference"
-    return folder if folder.is_dir() else None
+    root = checkout_root()
+    folder = root / "bench" / "reference" if root is not None else None
+    return folder if folder is not None and folder.is_dir() else None
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -59,7 +60,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--ops", default=",".join(ops.OPS), help=f"comma-separated subset of {','.join(ops.OPS)}")
     ap.add_argument("--modes", default=None, help="comma-separated subset of fwd,bwd,fwd+bwd "
                                                   "(default: fwd,fwd+bwd; --full: all three)")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                    help="cpu (the plain-torch paths) or cuda / cuda:N (default: cuda when present)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     ap.add_argument("--reps", type=int, default=3,
                     help="interleaved timing rounds per row; each round is one timer call per provider (default 3)")
@@ -67,12 +69,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="CPU: seconds each round times one provider for (default 0.2)")
     ap.add_argument("--threads", type=int, default=None,
                     help=f"CPU: torch threads while timing (default: torch's, {torch.get_num_threads()} here)")
-    ap.add_argument("--max-minutes", type=float, default=None, help="start no new row after this many minutes")
+    ap.add_argument("--max-minutes", type=float, default=None,
+                    help="start no new (shape, mode) after this many minutes")
     where = ap.add_mutually_exclusive_group()
-    where.add_argument("--out", type=Path, default=None,
-                       help="results folder (default: the user cache, $CONVZOO_CACHE_DIR or ~/.cache/convzoo, /bench)")
+    where.add_argument("--out", type=user_path, default=None,
+                       help="results folder (default: the user cache, $CONVZOO_CACHE_DIR, else $XDG_CACHE_HOME/convzoo "
+                            "or ~/.cache/convzoo, then /bench)")
     where.add_argument("--update-reference", action="store_true",
-                       help="write to the checkout's bench/reference/ (the results the README cites)")
+                       help="write to the checkout's bench/reference/ (the results the README cites); a whole "
+                            "--quick or --full run only")
     ap.add_argument("--no-save", action="store_true", help="print only: no CSV, markdown or plots")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
     args = ap.parse_args(argv)
@@ -80,25 +85,22 @@ def parse_args(argv=None) -> argparse.Namespace:
         ap.error("--reps must be at least 2 (interleaved rounds)")
     if not (args.min_time > 0 and args.min_time < 60):
         ap.error(f"--min-time must be in (0, 60) seconds, got {args.min_time}")
-    if args.threads is not None and args.threads < 1:
-        ap.error(f"--threads must be at least 1, got {args.threads}")
-    if args.max_minutes is not None and not (0 < args.max_minutes < float("inf")):
-        ap.error(f"--max-minutes must be positive and finite, got {args.max_minutes}")
-    raw, args.ops = args.ops, [o for o in args.ops.split(",") if o]
-    if not args.ops:
-        ap.error(f"--ops: no op named in {raw!r}; choose from {','.join(ops.OPS)}")
-    for o in args.ops:
-        if o not in ops.OPS:
-            ap.error(f"--ops: unknown op {o!r}; choose from {','.join(ops.OPS)}")
-    modes = args.modes or ("fwd,bwd,fwd+bwd" if args.size == "full" else "fwd,fwd+bwd")
-    args.modes = [m for m in modes.split(",") if m]
-    if not args.modes:
-        ap.error(f"--modes: no mode named in {modes!r}; choose from {','.join(harness.MODES)}")
-    for m in args.modes:
-        if m not in harness.MODES:
-            ap.error(f"--modes: unknown mode {m!r}; choose from {','.join(harness.MODES)}")
+    cpus = os.cpu_count() or 1
+    if args.threads is not None and not 1 <= args.threads <= cpus:
+        ap.error(f"--threads must be between 1 and this machine's {cpus} CPUs, got {args.threads}")
+    check_minutes(ap, args.max_minutes)
+    args.ops = _names(ap, "--ops", args.ops, ops.OPS)
+    if args.modes is not None and args.size == "overhead":
+        ap.error("--modes: the --overhead rows have their own modes (call, call+grad)")
+    args.modes = _names(ap, "--modes", args.modes or ",".join(ops.default_modes(args.size)), harness.MODES)
     check_device(ap, args.device, ("cpu", "cuda"), "bench runs on cpu or cuda", require_cuda=True)
     if args.update_reference:
+        partial = [flag for flag, given in (("--ops", args.ops != list(ops.OPS)), ("--max-minutes", args.max_minutes),
+                                            ("--modes", args.modes != list(ops.default_modes(args.size))),
+                                            ("--no-save", args.no_save)) if given]
+        if args.size not in ("quick", "full") or partial:
+            ap.error("--update-reference: the reference results are whole --quick or --full runs, not "
+                     + (", ".join(partial) if partial else f"--{args.size}"))
         args.out = reference_dir()
         if args.out is None:
             ap.error("--update-reference: this convzoo is not a checkout (no bench/reference/ beside the package); "
@@ -133,14 +135,34 @@ def _progress():
     return (lambda line: print(line, flush=True)), None
 
 
+def _names(ap, flag: str, text: str, known) -> list[str]:
+    """A comma-separated list of known names, each once, or an argparse error naming ``flag``."""
+    names = [n for n in text.split(",") if n]
+    if not names:
+        ap.error(f"{flag}: no name in {text!r}; choose from {','.join(known)}")
+    for n in names:
+        if n not in known:
+            ap.error(f"{flag}: unknown {flag[2:-1]} {n!r}; choose from {','.join(known)}")
+        if names.count(n) > 1:
+            ap.error(f"{flag}: {n!r} is named twice")
+    return names
+
+
 def main(argv=None, timer=None, load=None) -> int:
     """``timer`` / ``load`` replace the device's timer and the foreign-load meter (tests)."""
     args = parse_args(argv)
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    if interpret_mode():
         print("TRITON_INTERPRET is set: timings would measure the interpreter; unset it.", file=sys.stderr)
         return 2
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     env = harness.environment(device)
+    slug = harness.device_slug(env["device"])
+    if not args.no_save:
+        try:
+            harness.check_outputs(args.out, slug)
+        except ValueError as e:
+            print(f"convzoo-bench: error: --out: {e}", file=sys.stderr)
+            return 2
     custom = timer is not None
     timer = timer or harness.default_timer(device, args.threads, args.min_time)
     # one thread: the host's cost of a call is single-threaded Python, and on a busy machine an OpenMP
@@ -163,10 +185,20 @@ def main(argv=None, timer=None, load=None) -> int:
           f"{limits.matmul_flops_per_s / 1e12:.2f} TFLOP/s ({limits.dtype})")
     step, bar = _progress()
     t0 = time.perf_counter()
+    csv_path = args.out / f"{slug}.csv"
+    moved = []
+
+    def save(group):  # each (shape, mode) as soon as it is timed: a stopped run keeps what it timed
+        if not args.no_save:
+            moved.append(harness.append_csv(csv_path, group))
+            if moved[-1]:
+                step(f"# {csv_path} had other columns (an older convzoo, or not our CSV): moved to {moved[-1]}")
+
     try:
         rows = harness.run(problems, ops.providers(), args.modes, device, dtype, limits, full=args.size == "full",
                            rounds=args.reps, timer=timer, overhead_timer=overhead_timer, load=load,
-                           memory=not args.no_memory, progress=step, env=env, max_minutes=args.max_minutes)
+                           memory=not args.no_memory, progress=step, env=env, max_minutes=args.max_minutes,
+                           on_rows=save)
     finally:
         if bar is not None:
             bar.close()
@@ -175,11 +207,6 @@ def main(argv=None, timer=None, load=None) -> int:
     noisy = sum(bool(r.noisy) for r in rows)
     print(f"\n# {len(rows)} rows in {time.perf_counter() - t0:.0f} s" + (f", {noisy} noisy" if noisy else ""))
     if not args.no_save and rows:
-        slug = harness.device_slug(env["device"])
-        csv_path = args.out / f"{slug}.csv"
-        moved = harness.append_csv(csv_path, rows)
-        if moved:
-            print(f"# {csv_path} had other columns (an older convzoo): moved to {moved}")
         harness.write_markdown(args.out / f"{slug}.md", rows, limits, args.size)
         plots = harness.write_plots(args.out / slug, rows)
         print(f"# wrote {csv_path} (appended), {args.out / f'{slug}.md'}" +

@@ -15,12 +15,12 @@ grad, forward only).
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime
 import math
 import os
 import platform
-import subprocess
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from convzoo.tools._cli import git_sha
 from convzoo.tools.bench import timing
 from convzoo.tools.bench.memory import peak_bytes
 
@@ -61,8 +62,8 @@ class Problem:
 
     @property
     def id(self) -> str:
-        """The label as an identifier (pytest-benchmark ids, file names)."""
-        return self.label.replace("×", "x").replace("→", "-").replace(" ", "_").replace("(", "").replace(")", "")
+        """The label as an ASCII identifier (pytest-benchmark ids): ``N2_C3to4_8x8_k3_p1_s1``."""
+        return self.label.replace("×", "x").replace("→", "to").replace(" ", "_")
 
     @property
     def moves_data_only(self) -> bool:
@@ -125,10 +126,6 @@ class Row:
     def columns(cls) -> list[str]:
         return [f.name for f in fields(cls)]
 
-    @property
-    def spread(self) -> float:
-        return self.ms_p80 / self.ms_p20 if self.ms_p20 > 0 else float("nan")
-
 
 # ---------------------------------------------------------------------------------------------- timing
 def default_timer(device: torch.device, threads: int | None = None, min_run_time: float = 0.2):
@@ -172,24 +169,31 @@ def call(problem: Problem, provider: Provider, mode: str, device, dtype) -> Call
     return fwd_bwd
 
 
+def cpu_model() -> str:
+    """The CPU's model name (Linux ``/proc/cpuinfo``), else the platform's word for it."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return " ".join(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def environment(device: torch.device) -> dict:
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
     else:
-        name = f"CPU {platform.processor() or platform.machine()} x{os.cpu_count()} (plain-torch paths)"
+        name = f"CPU {cpu_model()} x{os.cpu_count()} (plain-torch paths)"
     try:
         import triton
 
         triton_version = triton.__version__
     except ImportError:
         triton_version = ""
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             cwd=Path(__file__).parent, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        sha = ""
     return {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "device": name,
-            "torch": torch.__version__, "triton": triton_version, "git_sha": sha}
+            "torch": torch.__version__, "triton": triton_version, "git_sha": git_sha()}
 
 
 def jobs(problems: Sequence[Problem], providers: dict[str, Sequence[Provider]], modes: Sequence[str],
@@ -204,11 +208,21 @@ def jobs(problems: Sequence[Problem], providers: dict[str, Sequence[Provider]], 
     return out
 
 
+@contextlib.contextmanager
+def compile_guard(limit: int = 256):
+    """Room for one compiled graph per (shape, requires_grad) of the compiled peers, and an error, not a
+    silent fall back to eager code under a "compile(...)" label, should a run ever exceed it."""
+    import torch._dynamo
+
+    with torch._dynamo.config.patch(recompile_limit=limit, fail_on_recompile_limit_hit=True):
+        yield
+
+
 def run(problems: Sequence[Problem], providers: dict[str, Sequence[Provider]], modes: Sequence[str],
         device: torch.device, dtype: torch.dtype, limits: Limits, full: bool = False, rounds: int = 3,
         timer=None, overhead_timer=None, load: timing.ForeignLoad | None = None, memory: bool = True,
         progress: Callable[[str], None] | None = print, env: dict | None = None,
-        max_minutes: float | None = None) -> list[Row]:
+        max_minutes: float | None = None, on_rows: Callable[[list[Row]], None] | None = None) -> list[Row]:
     """Time every (problem, mode) for all its providers in ``rounds`` interleaved rounds; fill in the
     derived metrics, speedups and noise marks.
 
@@ -216,8 +230,17 @@ def run(problems: Sequence[Problem], providers: dict[str, Sequence[Provider]], m
     ``overhead_timer`` the overhead problems (default: the CPU timer, one thread, on every device); ``load``
     measures other processes' CPU use (default :class:`timing.ForeignLoad`); ``progress`` gets one line
     per timed row; ``env`` is :func:`environment`'s record for ``device`` when the caller has it
-    already. With ``max_minutes``, no new (problem, mode) starts after that many minutes.
+    already. With ``max_minutes``, no new (problem, mode) starts after that many minutes. ``on_rows``
+    gets each (problem, mode)'s rows as soon as they are timed (the CLI appends them to the CSV then, so
+    a run that is stopped keeps what it timed).
     """
+    with compile_guard():
+        return _run(problems, providers, modes, device, dtype, limits, full, rounds, timer, overhead_timer, load,
+                    memory, progress, env, max_minutes, on_rows)
+
+
+def _run(problems, providers, modes, device, dtype, limits, full, rounds, timer, overhead_timer, load, memory,
+         progress, env, max_minutes, on_rows) -> list[Row]:
     env = env or environment(device)
     timer = timer or default_timer(device)
     overhead_timer = overhead_timer or timing.CpuTimer(1, 0.2)
@@ -233,6 +256,8 @@ def run(problems: Sequence[Problem], providers: dict[str, Sequence[Provider]], m
         fns = [call(problem, p, mode, device, dtype) for p in provs]
         clock = overhead_timer if problem.overhead else timer
         samples = [[] for _ in provs]
+        for fn in fns:  # compile / JIT / first-touch before the clock and the load meter start
+            fn()
         load.start()
         for _ in range(rounds):
             for s, fn in zip(samples, fns):
@@ -261,6 +286,8 @@ def run(problems: Sequence[Problem], providers: dict[str, Sequence[Provider]], m
         for r in group:
             r.speedup = r.ms_p50 / base if base else float("nan")
         rows += group
+        if on_rows:
+            on_rows(group)
     return rows
 
 
@@ -344,12 +371,13 @@ def device_slug(device_name: str) -> str:
 
 def append_csv(path: Path, rows: Sequence[Row]) -> Path | None:
     """Append rows (with a header when the file is new). A file written with other columns (an older
-    schema) is moved aside first, to ``<name>.old-<n>.csv``; its new path is returned."""
+    schema, or not a CSV of ours at all) is moved aside first, to ``<name>.old-<n>.csv``; its new path is
+    returned."""
     path.parent.mkdir(parents=True, exist_ok=True)
     moved = None
     if path.exists() and path.stat().st_size:
-        with path.open(newline="") as f:
-            header = next(csv.reader(f), [])
+        with path.open(newline="", errors="replace") as f:
+            header = next(csv.reader(f.read(1 << 16).replace("\0", "").splitlines()), [])
         if header != Row.columns():
             n = 1
             while (moved := path.with_name(f"{path.stem}.old-{n}.csv")).exists():
@@ -365,6 +393,20 @@ def append_csv(path: Path, rows: Sequence[Row]) -> Path | None:
     return moved
 
 
+def check_outputs(folder: Path, slug: str) -> None:
+    """What a run will write under ``folder`` can be written: the CSV and markdown are files (or absent),
+    the plot folder a folder (or absent). Checked before any timing, not after minutes of it.
+
+    Raises:
+        ValueError: one of them is in the way, naming it.
+    """
+    for path, kind in ((folder / f"{slug}.csv", "file"), (folder / f"{slug}.md", "file"), (folder / slug, "dir")):
+        if path.exists() and (path.is_dir() != (kind == "dir")):
+            raise ValueError(f"{path} is a {'folder' if path.is_dir() else 'file'}; the bench writes a {kind} there")
+        if path.exists() and not os.access(path, os.W_OK):
+            raise ValueError(f"{path} cannot be written")
+
+
 def read_csv(path: Path) -> list[dict]:
     with path.open(newline="") as f:
         return list(csv.DictReader(f))
@@ -374,7 +416,8 @@ def write_markdown(path: Path, rows: Sequence[Row], limits: Limits, run_label: s
     r0 = rows[0]
     text = (f"# convzoo bench: {r0.device}\n\n"
             f"{run_label} run of {r0.date}, torch {r0.torch}, triton {r0.triton or '-'}, git {r0.git_sha or '-'}, "
-            f"{r0.dtype}; timer: {r0.timer}. Measured limits: copy {limits.copy_bytes_per_s / 1e9:.1f} GB/s, "
+            f"{r0.dtype}; timers: {', '.join(dict.fromkeys(r.timer for r in rows))}. "
+            f"Measured limits: copy {limits.copy_bytes_per_s / 1e9:.1f} GB/s, "
             f"matmul {limits.matmul_flops_per_s / 1e12:.2f} TFLOP/s ({limits.dtype}). '% copy BW' is the bytes the "
             f"op must move over the p50 time, against the measured copy; '% matmul' its FLOPs against the measured "
             f"matmul. A row is noisy when p80/p20 > {timing.SPREAD_BOUND} or other processes kept more than "
@@ -395,6 +438,8 @@ def write_plots(folder: Path, rows: Sequence[Row]) -> list[Path]:
     except ImportError:
         return []
     folder.mkdir(parents=True, exist_ok=True)
+    for old in folder.glob("*.png"):  # they show the latest run: an op it did not time has no plot
+        old.unlink()
     paths = []
     for _, _, op_rows in _groups(rows):
         op = op_rows[0].op if op_rows[0].mode not in OVERHEAD_MODES else "overhead"

@@ -200,6 +200,11 @@ def problems(size: str, ops=OPS) -> list[Problem]:
     return out
 
 
+def default_modes(size: str) -> tuple[str, ...]:
+    """The modes a size times unless told: all three for ``full``, else fwd and fwd+bwd."""
+    return ("fwd", "bwd", "fwd+bwd") if size == "full" else ("fwd", "fwd+bwd")
+
+
 def for_size(size: str, ops=OPS) -> list[Problem]:
     """What one bench size runs: ``tiny`` its shapes; ``quick`` / ``full`` their shapes and the overhead
     problems; ``overhead`` only those. The CLI and the pytest-benchmark entry both take their problems here."""

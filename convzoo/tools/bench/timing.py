@@ -75,8 +75,10 @@ def quantiles(samples: list[float]) -> tuple[float, float, float]:
 class ForeignLoad:
     """How many CPUs *other* processes kept busy between :meth:`start` and :meth:`stop`.
 
-    Linux: the machine's busy time from ``/proc/stat`` minus this process's own CPU time, over the wall
-    time. Elsewhere (no ``/proc/stat``) :meth:`stop` returns None and rows are not checked for load.
+    Linux: the machine's busy time from ``/proc/stat`` minus this process's own CPU time (and its
+    finished children's), over the wall time. Pools this process started and has not waited for (torch
+    compile workers) count as other processes. Elsewhere (no ``/proc/stat``) :meth:`stop` returns None
+    and rows are not checked for load.
     """
 
     def __init__(self, stat_path: str = "/proc/stat"):
@@ -98,8 +100,8 @@ class ForeignLoad:
 
     @staticmethod
     def _self_s() -> float:
-        t = os.times()
-        return t.user + t.system
+        t = os.times()  # this process's threads, and the children it waited for (a compiler, ptxas)
+        return t.user + t.system + t.children_user + t.children_system
 
     def start(self) -> None:
         self._start = (self._busy_s(), self._self_s(), time.perf_counter())
