@@ -1,0 +1,264 @@
+"""The eager fast path: a call on plain tensors with nothing watching skips the dispatcher and runs the
+op's implementation directly; under every mode, transform, tracer or tensor kind that could see or change
+the call, it is the custom op ``convzoo::*`` as before. The results are the same either way (exactly)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.autograd.forward_ad as fwAD
+from torch._library.custom_ops import CustomOpDef
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import convzoo.functional as cf
+import convzoo.kernels.local_conv  # noqa: F401  (decorate the kernels while TRITON_INTERPRET is set)
+from convzoo.ops import _autograd
+
+GEOM = ([3, 3], [1, 1], [1, 1, 1, 1], [1, 1], "zeros")
+
+
+@pytest.fixture(params=["triton", "torch"])
+def device(request, monkeypatch, kernel_device):
+    """Both implementations: the Triton launcher (CUDA, or the CPU interpreter), the plain-torch one."""
+    if request.param == "torch":
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        return "cpu"
+    return kernel_device
+
+
+@pytest.fixture
+def op_calls(monkeypatch):
+    """The names of the convzoo custom ops called through ``CustomOpDef.__call__``: the entry points'
+    only road into the dispatcher."""
+    calls = []
+    original = CustomOpDef.__call__
+
+    def counting(self, *args, **kwargs):
+        calls.append(self._name)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(CustomOpDef, "__call__", counting)
+    return calls
+
+
+class _SeenOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.seen.append(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+class _SeenFunctions(TorchFunctionMode):
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.seen.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def _unfold(x):
+    return cf.unfold(x, 3, padding=1)
+
+
+def _fold(cols):
+    return cf.fold(cols, (4, 5), 3, padding=1)
+
+
+def _local_conv(x, w, b):
+    return cf.local_conv(x, w, b, kernel_size=3, padding=1)
+
+
+def _inputs(device, requires_grad=False):
+    x = torch.randn(2, 3, 4, 5, device=device, requires_grad=requires_grad)
+    cols = torch.randn(2, 27, 20, device=device, requires_grad=requires_grad)
+    w = torch.randn(4, 27, 20, device=device).permute(2, 0, 1).contiguous().permute(1, 2, 0)  # the layer's layout
+    b = torch.randn(4, 20, device=device)
+    return x, cols, w.requires_grad_(requires_grad), b.requires_grad_(requires_grad)
+
+
+# ---------------------------------------------------------------------------------------------- taken
+@pytest.mark.parametrize("requires_grad", [False, True], ids=["no_grad", "grad"])
+def test_plain_call_skips_the_dispatcher_with_the_same_result(device, requires_grad, op_calls):
+    x, cols, w, b = _inputs(device, requires_grad)
+    got = [_unfold(x), _fold(cols), _local_conv(x, w, b)]
+    assert op_calls == []
+    assert [t.requires_grad for t in got] == [requires_grad] * 3
+    with torch.no_grad():  # the custom ops themselves, through the dispatcher
+        want = [torch.ops.convzoo.unfold(x, *GEOM), torch.ops.convzoo.fold(cols, [4, 5], *GEOM),
+                torch.ops.convzoo.local_conv(x, w, b, *GEOM)]
+    for g, e in zip(got, want):
+        torch.testing.assert_close(g, e, atol=0, rtol=0)
+
+
+def test_plain_backward_skips_the_dispatcher_with_the_same_gradients(device, op_calls):
+    x, cols, w, b = _inputs(device, True)
+    y = _local_conv(x, w, b)
+    gy = torch.randn_like(y)
+    got = torch.autograd.grad((y * gy).sum() + _unfold(x).sum() + _fold(cols).sum(), (x, cols, w, b))
+    assert op_calls == []
+    with _SeenOps():  # the same calls, through the dispatcher
+        y = _local_conv(x, w, b)
+        want = torch.autograd.grad((y * gy).sum() + _unfold(x).sum() + _fold(cols).sum(), (x, cols, w, b))
+    assert op_calls
+    for g, e in zip(got, want):
+        torch.testing.assert_close(g, e, atol=0, rtol=0)
+
+
+def test_parameter_is_plain(op_calls):
+    w = torch.nn.Parameter(torch.randn(4, 27, 20))
+    with torch.no_grad():
+        _local_conv(torch.randn(2, 3, 4, 5), w, None)
+    assert op_calls == []
+
+
+# ---------------------------------------------------------------------------------------------- not taken
+def _all_ops(x, cols, w, b):
+    return [_unfold(x), _fold(cols), _local_conv(x, w, b)]
+
+
+def _plain_results(x, cols, w, b):
+    plain = [t.detach().clone() for t in (x, cols, w, b)]
+    with torch.no_grad():
+        return _all_ops(*plain)
+
+
+@pytest.mark.parametrize("requires_grad", [False, True], ids=["no_grad", "grad"])
+def test_dispatch_mode_sees_every_op(device, requires_grad):
+    inputs = _inputs(device, requires_grad)
+    with _SeenOps() as mode:
+        got = _all_ops(*inputs)
+    assert {"convzoo.unfold", "convzoo.fold", "convzoo.local_conv"} <= set(mode.seen)
+    for g, e in zip(got, _plain_results(*inputs)):
+        torch.testing.assert_close(g, e, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("requires_grad", [False, True], ids=["no_grad", "grad"])
+def test_torch_function_mode_sees_every_op(requires_grad, op_calls):
+    inputs = _inputs("cpu", requires_grad)
+    with _SeenFunctions() as mode:
+        got = _all_ops(*inputs)
+    assert {"convzoo.unfold.default", "convzoo.fold.default", "convzoo.local_conv.default"} <= set(mode.seen)
+    assert op_calls == ["unfold", "fold", "local_conv"]
+    for g, e in zip(got, _plain_results(*inputs)):
+        torch.testing.assert_close(g, e, atol=0, rtol=0)
+
+
+class _Subclass(torch.Tensor):
+    pass
+
+
+@pytest.mark.parametrize("requires_grad", [False, True], ids=["no_grad", "grad"])
+def test_subclass_goes_through_the_op(requires_grad, op_calls):
+    x, cols, w, b = _inputs("cpu", requires_grad)
+    got = _all_ops(x.as_subclass(_Subclass), cols.as_subclass(_Subclass), w, b.as_subclass(_Subclass))
+    assert op_calls == ["unfold", "fold", "local_conv"]
+    for g, e in zip(got, _plain_results(x, cols, w, b)):
+        torch.testing.assert_close(g.as_subclass(torch.Tensor), e, atol=0, rtol=0)
+
+
+def test_meta_tensor_goes_through_the_op(op_calls):
+    x, cols, w, b = (t.to("meta") for t in _inputs("cpu"))
+    assert [tuple(t.shape) for t in _all_ops(x, cols, w, b)] == [(2, 27, 20), (2, 3, 4, 5), (2, 4, 4, 5)]
+    assert op_calls == ["unfold", "fold", "local_conv"]
+
+
+def test_fake_tensor_mode_goes_through_the_op(op_calls):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode() as mode:
+        inputs = [mode.from_tensor(t) for t in _inputs("cpu")]
+        assert [tuple(t.shape) for t in _all_ops(*inputs)] == [(2, 27, 20), (2, 3, 4, 5), (2, 4, 4, 5)]
+    assert op_calls == ["unfold", "fold", "local_conv"]
+
+
+def test_python_dispatcher_goes_through_the_op(op_calls):
+    from torch._dispatch.python import enable_python_dispatcher
+
+    inputs = _inputs("cpu")
+    with enable_python_dispatcher():
+        got = _all_ops(*inputs)
+    assert op_calls == ["unfold", "fold", "local_conv"]
+    for g, e in zip(got, _plain_results(*inputs)):
+        torch.testing.assert_close(g, e, atol=0, rtol=0)
+
+
+def test_profiler_records_the_op():
+    x = torch.randn(1, 1, 4, 4)
+    with torch.profiler.profile() as prof:
+        cf.unfold(x, 3)
+    assert "convzoo::unfold" in {e.key for e in prof.key_averages()}
+
+
+def test_negative_view_goes_through_the_op(device, op_calls):
+    """The dispatcher materialises a negative view before a kernel reads memory (a Triton kernel would read
+    the un-negated values)."""
+    x = torch.randn(2, 3, 4, 5, device=device)
+    got = _unfold(torch._neg_view(x))
+    assert op_calls == ["unfold"]
+    torch.testing.assert_close(got, _unfold(-x), atol=0, rtol=0)
+
+
+def test_vmap_goes_through_the_op(op_calls):
+    x = torch.randn(3, 2, 3, 4, 5)
+    got = torch.func.vmap(_unfold)(x)
+    assert "unfold" in op_calls
+    torch.testing.assert_close(got, _unfold(x.flatten(0, 1)).unflatten(0, (3, 2)), atol=0, rtol=0)
+
+
+def test_grad_transform_gets_the_gradient():
+    x, _, w, b = _inputs("cpu")
+    got = torch.func.grad(lambda x: _local_conv(x, w, b).square().sum())(x)
+    xr = x.clone().requires_grad_()
+    with _SeenOps():
+        want, = torch.autograd.grad(_local_conv(xr, w, b).square().sum(), xr)
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
+def test_forward_ad_tangent_goes_through_the_op(op_calls):
+    x, cols, _, _ = _inputs("cpu")
+    tx, tc = torch.randn_like(x), torch.randn_like(cols)
+    with fwAD.dual_level():
+        y = fwAD.unpack_dual(_unfold(fwAD.make_dual(x, tx)))
+        z = fwAD.unpack_dual(_fold(fwAD.make_dual(cols, tc)))
+    assert op_calls
+    torch.testing.assert_close(y.primal, _unfold(x), atol=0, rtol=0)
+    torch.testing.assert_close(y.tangent, _unfold(tx), atol=0, rtol=0)  # both linear: the tangent is the op's
+    torch.testing.assert_close(z.tangent, _fold(tc), atol=0, rtol=0)
+
+
+def test_compile_sees_single_op_nodes():
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append([n.target for n in gm.graph.nodes if n.op == "call_function"])
+        return gm.forward
+
+    torch._dynamo.reset()
+    inputs = _inputs("cpu")
+    got = torch.compile(_all_ops, backend=backend, fullgraph=True)(*inputs)
+    assert graphs == [[torch.ops.convzoo.unfold.default, torch.ops.convzoo.fold.default,
+                       torch.ops.convzoo.local_conv.default]]
+    for g, e in zip(got, _plain_results(*inputs)):
+        torch.testing.assert_close(g, e, atol=0, rtol=0)
+
+
+def test_plain_eager_reads_each_guard():
+    x = torch.randn(2, 3)
+    assert _autograd.plain_eager([x, None])
+    assert not _autograd.plain_eager([x.as_subclass(_Subclass)])
+    assert not _autograd.plain_eager([x.to("meta")])
+    assert not _autograd.plain_eager([torch._neg_view(x)])
+    with _SeenOps():
+        assert not _autograd.plain_eager([x])
+    with _SeenFunctions():
+        assert not _autograd.plain_eager([x])
+    with fwAD.dual_level():
+        assert not _autograd.plain_eager([x])
+    assert torch.func.vmap(lambda t: torch.tensor(_autograd.plain_eager([t])))(x).tolist() == [False, False]
+
