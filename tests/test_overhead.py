@@ -262,3 +262,59 @@ def test_plain_eager_reads_each_guard():
         assert not _autograd.plain_eager([x])
     assert torch.func.vmap(lambda t: torch.tensor(_autograd.plain_eager([t])))(x).tolist() == [False, False]
 
+
+
+# ---------------------------------------------------------------------------------------------- cached geometry
+def test_cached_geometry_keeps_every_check():
+    """One resolution per call signature, cached: ``True``/``3.0`` hash like ``1``/``3`` and must still be
+    refused after a cached call with the int; a numpy int still works; errors are not cached."""
+    import numpy as np
+
+    x = torch.randn(1, 2, 5, 5)
+    want = cf.unfold(x, 3, padding=1)
+    cf.unfold(x, 1)
+    with pytest.raises(TypeError, match="kernel_size"):
+        cf.unfold(x, True)
+    with pytest.raises(TypeError, match="kernel_size"):
+        cf.unfold(x, 3.0, padding=1)
+    with pytest.raises(TypeError, match="padding"):
+        cf.fold(want, (5, 5), 3, padding=1.0)
+    torch.testing.assert_close(cf.unfold(x, np.int64(3), padding=[np.int64(1)] * 2), want, atol=0, rtol=0)
+    torch.testing.assert_close(cf.unfold(x, [3, 3], padding=(1, 1)), want, atol=0, rtol=0)
+    for _ in range(2):
+        with pytest.raises(ValueError, match="larger than the padded input"):
+            cf.unfold(x, 7)
+    torch.testing.assert_close(cf.fold(want, (5, 5), 3, padding=1), cf.fold(want, [5, 5], (3, 3), padding=[1, 1]),
+                               atol=0, rtol=0)
+
+
+def test_cached_geometry_hands_out_fresh_lists(monkeypatch):
+    from convzoo.ops import unfold as unfold_ops
+
+    seen = []
+
+    def spoil(x, *args):  # an op that scribbles on its arguments must not change the next call's
+        seen.append([list(a) if isinstance(a, list) else a for a in args])
+        for a in args:
+            if isinstance(a, list):
+                a.append(99)
+        return x
+
+    monkeypatch.setattr(unfold_ops, "unfold", spoil)
+    x = torch.randn(1, 2, 5, 5)
+    cf.unfold(x, 3, padding=1)
+    cf.unfold(x, 3, padding=1)
+    assert seen[0] == seen[1] == [[3, 3], [1, 1], [1, 1, 1, 1], [1, 1], "zeros"]
+
+
+def test_shapes_geometry_cache_and_uncached_agree():
+    import numpy as np
+
+    from convzoo import _shapes
+
+    args = ([3, 3], [1, 1], [1, 1, 1, 1], [2, 2], "zeros")
+    assert _shapes.geometry((6, 7), *args) == _shapes._geometry((6, 7), *args)
+    assert _shapes.geometry((np.int64(6), 7), *args) == _shapes._geometry((6, 7), *args)  # uncached path
+    for _ in range(2):
+        with pytest.raises(ValueError, match="reflect"):
+            _shapes.geometry((1, 7), [3, 3], [1, 1], [1, 1, 1, 1], [1, 1], "reflect")
