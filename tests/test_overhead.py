@@ -318,3 +318,51 @@ def test_shapes_geometry_cache_and_uncached_agree():
     for _ in range(2):
         with pytest.raises(ValueError, match="reflect"):
             _shapes.geometry((1, 7), [3, 3], [1, 1], [1, 1, 1, 1], [1, 1], "reflect")
+
+
+# ---------------------------------------------------------------------------------------------- ATen CPU path
+_NATIVE_CASES = [  # (spatial size, kernel, dilation, symmetric padding, stride)
+    ((7,), 3, 1, 1, 1), ((9,), 2, 2, 0, 3), ((5, 6), 3, 1, 1, 1), ((6, 7), (2, 3), (2, 1), (1, 2), (2, 1)),
+    ((4, 4), 4, 1, 0, 1), ((3, 5), 1, 1, 0, 1)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("case", _NATIVE_CASES, ids=str)
+def test_aten_path_is_the_reference_bit_for_bit(case, dtype):
+    from convzoo import reference
+    from convzoo.ops import _native
+
+    size, *geom = case
+    nd = len(size)
+    ks, dil, pad, st = ([g] * nd if isinstance(g, int) else list(g) for g in geom)
+    args = (ks, dil, [p for p in pad for _ in (0, 1)], st, "zeros")
+    x = torch.randn(2, 3, *size, dtype=torch.float64).to(dtype)
+    got = _native.unfold(x, *args)
+    torch.testing.assert_close(got, reference.unfold(x, *args), atol=0, rtol=0)
+    cols = torch.randn_like(got)
+    torch.testing.assert_close(_native.fold(cols, list(size), *args), reference.fold(cols, list(size), *args),
+                               atol=0, rtol=0)
+    cl = x.to(memory_format=torch.channels_last) if nd == 2 else x.transpose(1, 2).contiguous().transpose(1, 2)
+    torch.testing.assert_close(_native.unfold(cl, *args), got, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("x, args", [
+    (torch.randn(1, 2, 5, 5), ([3, 3], [1, 1], [1, 0, 1, 1], [1, 1], "zeros")),  # asymmetric
+    (torch.randn(1, 2, 5, 5), ([3, 3], [1, 1], [1, 1, 1, 1], [1, 1], "reflect")),
+    (torch.randn(1, 2, 4, 4, 4), ([3, 3, 3], [1, 1, 1], [1] * 6, [1, 1, 1], "zeros")),  # 3-d
+    (torch.randn(0, 2, 5, 5), ([3, 3], [1, 1], [1, 1, 1, 1], [1, 1], "zeros")),  # empty
+    (torch.randn(1, 2, 5, 5, device="meta"), ([3, 3], [1, 1], [1, 1, 1, 1], [1, 1], "zeros")),
+], ids=["asymmetric", "reflect", "3d", "empty", "meta"])
+def test_aten_path_declines_what_it_does_not_cover(x, args):
+    from convzoo.ops import _native
+
+    assert _native.unfold(x, *args) is None
+
+
+def test_aten_path_checks_as_the_reference():
+    from convzoo.ops import _native
+
+    with pytest.raises(ValueError, match="larger than the padded input"):
+        _native.unfold(torch.randn(1, 2, 3, 3), [5, 5], [1, 1], [0, 0, 0, 0], [1, 1], "zeros")
+    with pytest.raises(ValueError, match=r"blocks, but input\.shape"):
+        _native.fold(torch.randn(1, 18, 5), [4, 4], [3, 3], [1, 1], [1, 1, 1, 1], [1, 1], "zeros")
