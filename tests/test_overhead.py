@@ -42,6 +42,20 @@ def op_calls(monkeypatch):
     return calls
 
 
+@pytest.fixture
+def function_applies(monkeypatch):
+    """The autograd.Functions applied through ``Function.apply``'s Python preamble."""
+    calls = []
+    original = torch.autograd.Function.apply.__func__
+
+    def counting(cls, *args, **kwargs):
+        calls.append(cls.__name__)
+        return original(cls, *args, **kwargs)
+
+    monkeypatch.setattr(torch.autograd.Function, "apply", classmethod(counting))
+    return calls
+
+
 class _SeenOps(TorchDispatchMode):
     def __init__(self):
         super().__init__()
@@ -84,10 +98,10 @@ def _inputs(device, requires_grad=False):
 
 # ---------------------------------------------------------------------------------------------- taken
 @pytest.mark.parametrize("requires_grad", [False, True], ids=["no_grad", "grad"])
-def test_plain_call_skips_the_dispatcher_with_the_same_result(device, requires_grad, op_calls):
+def test_plain_call_skips_the_dispatcher_with_the_same_result(device, requires_grad, op_calls, function_applies):
     x, cols, w, b = _inputs(device, requires_grad)
     got = [_unfold(x), _fold(cols), _local_conv(x, w, b)]
-    assert op_calls == []
+    assert op_calls == function_applies == []
     assert [t.requires_grad for t in got] == [requires_grad] * 3
     with torch.no_grad():  # the custom ops themselves, through the dispatcher
         want = [torch.ops.convzoo.unfold(x, *GEOM), torch.ops.convzoo.fold(cols, [4, 5], *GEOM),
@@ -110,11 +124,13 @@ def test_plain_backward_skips_the_dispatcher_with_the_same_gradients(device, op_
         torch.testing.assert_close(g, e, atol=0, rtol=0)
 
 
-def test_parameter_is_plain(op_calls):
-    w = torch.nn.Parameter(torch.randn(4, 27, 20))
+def test_parameter_is_plain(op_calls, function_applies):
+    w = torch.nn.Parameter(torch.randn(4, 27, 20))  # contiguous: copied to the kernels' layout by a Function
     with torch.no_grad():
         _local_conv(torch.randn(2, 3, 4, 5), w, None)
-    assert op_calls == []
+    _local_conv(torch.randn(2, 3, 4, 5), w, None).sum().backward()
+    assert op_calls == function_applies == []
+    assert w.grad is not None
 
 
 # ---------------------------------------------------------------------------------------------- not taken
@@ -129,11 +145,13 @@ def _plain_results(x, cols, w, b):
 
 
 @pytest.mark.parametrize("requires_grad", [False, True], ids=["no_grad", "grad"])
-def test_dispatch_mode_sees_every_op(device, requires_grad):
+def test_dispatch_mode_sees_every_op(device, requires_grad, function_applies):
     inputs = _inputs(device, requires_grad)
     with _SeenOps() as mode:
         got = _all_ops(*inputs)
     assert {"convzoo.unfold", "convzoo.fold", "convzoo.local_conv"} <= set(mode.seen)
+    assert function_applies == (["_unfold_function", "_fold_function", "_local_conv_function"] if requires_grad
+                                else [])
     for g, e in zip(got, _plain_results(*inputs)):
         torch.testing.assert_close(g, e, atol=0, rtol=0)
 

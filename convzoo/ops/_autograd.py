@@ -129,9 +129,21 @@ def differentiable(op, impl, num_tensors: int, setup_context, backward, jvp):
             return op(*args)
         if not needs_function(tensors):
             return (impl if plain_eager(tensors) else op)(*args)
-        return function.apply(*tensors, _Static(args[num_tensors:]))
+        return apply(function, tensors, *tensors, _Static(args[num_tensors:]))
 
     return entry
+
+
+_C_APPLY = torch._C._FunctionBase.__dict__["apply"]  # what Function.apply ends in, outside torch.func
+
+
+def apply(function, tensors, *args):
+    """``function.apply(*args)``, straight into its C++ ``apply`` when :func:`plain_eager` holds for
+    ``tensors``: the Python preamble of ``Function.apply`` binds default arguments (``inspect.signature``;
+    these forwards take none) and unwraps dead ``torch.func`` wrappers (plain tensors are none), each call."""
+    if plain_eager(tensors):
+        return _C_APPLY.__get__(None, function)(*args)
+    return function.apply(*args)
 
 
 _TRANSFORMS_HINT = (

@@ -241,7 +241,7 @@ def position_major(weight: Tensor) -> Tensor:
     gradient comes back contiguous, one copy too."""
     if torch.compiler.is_compiling() or not _autograd.needs_function([weight]):
         return _to_position_major(weight)
-    return _PositionMajor.apply(weight)
+    return _autograd.apply(_PositionMajor, [weight], weight)
 
 
 # ---------------------------------------------------------------------------------------------- vmap
