@@ -384,3 +384,36 @@ def test_aten_path_checks_as_the_reference():
         _native.unfold(torch.randn(1, 2, 3, 3), [5, 5], [1, 1], [0, 0, 0, 0], [1, 1], "zeros")
     with pytest.raises(ValueError, match=r"blocks, but input\.shape"):
         _native.fold(torch.randn(1, 18, 5), [4, 4], [3, 3], [1, 1], [1, 1, 1, 1], [1, 1], "zeros")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("case", _NATIVE_CASES, ids=str)
+def test_aten_local_conv_family_is_the_reference_bit_for_bit(case, dtype):
+    from convzoo import _shapes, reference
+    from convzoo.ops import _native
+
+    size, *geom = case
+    nd = len(size)
+    ks, dil, pad, st = ([g] * nd if isinstance(g, int) else list(g) for g in geom)
+    args = (ks, dil, [p for p in pad for _ in (0, 1)], st, "zeros")
+    g = _shapes.geometry(size, *args)
+    x = torch.randn(2, 3, *size, dtype=dtype)
+    w = torch.randn(g.num_blocks, 4, 3 * g.kernel_numel, dtype=dtype).permute(1, 2, 0)  # the layer's layout
+    gy = torch.randn(2, 4, *g.out_size, dtype=dtype)
+    for b in (torch.randn(4, g.num_blocks, dtype=dtype), torch.randn(4, dtype=dtype), None):
+        torch.testing.assert_close(_native.local_conv(x, w, b, *args), reference.local_conv(x, w, b, *args),
+                                   atol=0, rtol=0)
+    torch.testing.assert_close(_native.local_conv_grad_input(gy, w, list(size), *args),
+                               reference.local_conv_grad_input(gy, w, list(size), *args), atol=0, rtol=0)
+    for got, want in zip(_native.local_conv_grad_weight(gy, x, *args), reference.local_conv_grad_weight(gy, x, *args)):
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
+        assert got.stride() == want.stride()
+
+
+def test_aten_local_conv_declines_what_it_does_not_cover():
+    from convzoo.ops import _native
+
+    x, w = torch.randn(1, 2, 5, 5), torch.randn(3, 18, 25)
+    assert _native.local_conv(x, w, None, [3, 3], [1, 1], [1, 1, 1, 1], [1, 1], "circular") is None
+    assert _native.local_conv_grad_weight(torch.randn(1, 3, 5, 5), x, [3, 3], [1, 1], [1, 0, 1, 1], [1, 1],
+                                          "zeros") is None

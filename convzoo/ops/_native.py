@@ -57,3 +57,64 @@ def fold(cols: Tensor, output_size, kernel_size, dilation, padding, stride, padd
     wide = cols if cols.dtype in _WIDE else cols.float()
     out = torch._C._nn.col2im(wide, size, ks, dil, pad, st).to(cols.dtype)
     return out if len(output_size) == 2 else out.squeeze(2)
+
+
+# ---------------------------------------------------------------------------------------------- local_conv
+# The reference's local_conv family with the patch matrices from im2col instead of its pad-window-permute:
+# the same [L, N, C·∏K] contiguous matrices, the same bmm calls, so the same results bit for bit.
+def _patches_by_position(x: Tensor, kernel_size, dilation, padding, stride) -> Tensor:
+    return unfold(x, kernel_size, dilation, padding, stride, "zeros").permute(2, 0, 1).contiguous()
+
+
+def _grad_by_position(grad: Tensor) -> Tensor:
+    return grad.flatten(2).permute(2, 0, 1).contiguous()
+
+
+def local_conv(x: Tensor, weight: Tensor, bias: Tensor | None, kernel_size, dilation, padding, stride,
+               padding_mode: str) -> Tensor | None:
+    """``reference.local_conv(x, ...)`` with im2col patches, or None where :func:`unfold` does not apply.
+
+    Raises:
+        ValueError, TypeError: as :func:`convzoo._shapes.local_conv_geometry` (the same checks, first).
+    """
+    if not _covered(x, padding, padding_mode):
+        return None
+    g = _shapes.local_conv_geometry(x, weight, bias, kernel_size, dilation, padding, stride, padding_mode)
+    y = torch.bmm(_patches_by_position(x, kernel_size, dilation, padding, stride), weight.permute(2, 1, 0))
+    y = y.permute(1, 2, 0).contiguous()  # [N, O, L]
+    if bias is not None:
+        y += bias if bias.dim() == 2 else bias[:, None]
+    return y.view(_shapes.local_conv_out_shape(x, weight, g))
+
+
+def local_conv_grad_input(grad: Tensor, weight: Tensor, input_size, kernel_size, dilation, padding, stride,
+                          padding_mode: str) -> Tensor | None:
+    """``reference.local_conv_grad_input(grad, ...)`` folded by col2im, or None where :func:`fold` does not apply.
+
+    Raises:
+        ValueError, TypeError: as :func:`convzoo._shapes.local_conv_grad_input_geometry`.
+    """
+    if not _covered(grad, padding, padding_mode) or not 1 <= len(input_size) <= 2 or min(input_size) <= 0:
+        return None
+    _shapes.local_conv_grad_input_geometry(grad, weight, input_size, kernel_size, dilation, padding, stride,
+                                           padding_mode)
+    dcols = torch.bmm(_grad_by_position(grad), weight.permute(2, 0, 1))  # [L, N, R]
+    return fold(dcols.permute(1, 2, 0), input_size, kernel_size, dilation, padding, stride, padding_mode)
+
+
+def local_conv_grad_weight(grad: Tensor, x: Tensor, kernel_size, dilation, padding, stride,
+                           padding_mode: str) -> tuple[Tensor, Tensor] | None:
+    """``reference.local_conv_grad_weight(grad, x, ...)`` with im2col patches, or None where :func:`unfold`
+    does not apply.
+
+    Raises:
+        ValueError, TypeError: as :func:`convzoo._shapes.local_conv_grad_weight_geometry`.
+    """
+    if not _covered(x, padding, padding_mode):
+        return None
+    g = _shapes.local_conv_grad_weight_geometry(grad, x, kernel_size, dilation, padding, stride, padding_mode)
+    dw = torch.bmm(_grad_by_position(grad).transpose(1, 2),
+                   _patches_by_position(x, kernel_size, dilation, padding, stride))  # [L, O, R]
+    acc = torch.float64 if grad.dtype == torch.float64 else torch.float32
+    db = grad.reshape(*grad.shape[:2], g.num_blocks).sum(0, dtype=acc).to(grad.dtype)
+    return dw.permute(1, 2, 0), db

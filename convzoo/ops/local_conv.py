@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from convzoo import _shapes, reference
-from convzoo.ops import _autograd
+from convzoo.ops import _autograd, _native
 from convzoo.ops._dispatch import use_triton
 
 __all__ = ["local_conv", "local_conv_grad_input", "local_conv_grad_weight", "position_major"]
@@ -37,8 +37,12 @@ def _kernels():
 # ----------------------------------------------------------------------------------------------
 def _local_conv_impl(x: Tensor, weight: Tensor, bias: Tensor | None, kernel_size: list[int], dilation: list[int],
                      padding: list[int], stride: list[int], padding_mode: str) -> Tensor:
-    impl = _kernels() if use_triton(x) else reference
-    return impl.local_conv(x, weight, bias, kernel_size, dilation, padding, stride, padding_mode)
+    if use_triton(x):
+        return _kernels().local_conv(x, weight, bias, kernel_size, dilation, padding, stride, padding_mode)
+    out = _native.local_conv(x, weight, bias, kernel_size, dilation, padding, stride, padding_mode)
+    if out is None:
+        return reference.local_conv(x, weight, bias, kernel_size, dilation, padding, stride, padding_mode)
+    return out
 
 
 _local_conv = torch.library.custom_op("convzoo::local_conv", mutates_args=())(_local_conv_impl)
@@ -53,8 +57,11 @@ def _(x, weight, bias, kernel_size, dilation, padding, stride, padding_mode):
 def _local_conv_grad_input_impl(grad: Tensor, weight: Tensor, input_size: list[int], kernel_size: list[int],
                                 dilation: list[int], padding: list[int], stride: list[int],
                                 padding_mode: str) -> Tensor:
-    impl = _kernels() if use_triton(grad) else reference
-    return impl.local_conv_grad_input(grad, weight, input_size, kernel_size, dilation, padding, stride, padding_mode)
+    args = (grad, weight, input_size, kernel_size, dilation, padding, stride, padding_mode)
+    if use_triton(grad):
+        return _kernels().local_conv_grad_input(*args)
+    out = _native.local_conv_grad_input(*args)
+    return reference.local_conv_grad_input(*args) if out is None else out
 
 
 _local_conv_grad_input = torch.library.custom_op("convzoo::local_conv_grad_input",
@@ -70,8 +77,11 @@ def _(grad, weight, input_size, kernel_size, dilation, padding, stride, padding_
 
 def _local_conv_grad_weight_impl(grad: Tensor, x: Tensor, kernel_size: list[int], dilation: list[int],
                                  padding: list[int], stride: list[int], padding_mode: str) -> tuple[Tensor, Tensor]:
-    impl = _kernels() if use_triton(x) else reference
-    return impl.local_conv_grad_weight(grad, x, kernel_size, dilation, padding, stride, padding_mode)
+    args = (grad, x, kernel_size, dilation, padding, stride, padding_mode)
+    if use_triton(x):
+        return _kernels().local_conv_grad_weight(*args)
+    out = _native.local_conv_grad_weight(*args)
+    return reference.local_conv_grad_weight(*args) if out is None else out
 
 
 _local_conv_grad_weight = torch.library.custom_op("convzoo::local_conv_grad_weight",
