@@ -417,3 +417,6 @@ def test_aten_local_conv_declines_what_it_does_not_cover():
     assert _native.local_conv(x, w, None, [3, 3], [1, 1], [1, 1, 1, 1], [1, 1], "circular") is None
     assert _native.local_conv_grad_weight(torch.randn(1, 3, 5, 5), x, [3, 3], [1, 1], [1, 0, 1, 1], [1, 1],
                                           "zeros") is None
+    big = torch.randn(8, 16, 32, 32)  # patches of 1.2M elements: the reference's one gather, not two buffers
+    assert _native.local_conv(big, torch.randn(2, 144, 1024), None, [3, 3], [1, 1], [1, 1, 1, 1], [1, 1],
+                              "zeros") is None

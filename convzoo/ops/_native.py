@@ -10,6 +10,8 @@ half-precision inputs are summed in float32 and rounded once, as in the referenc
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -61,7 +63,16 @@ def fold(cols: Tensor, output_size, kernel_size, dilation, padding, stride, padd
 
 # ---------------------------------------------------------------------------------------------- local_conv
 # The reference's local_conv family with the patch matrices from im2col instead of its pad-window-permute:
-# the same [L, N, C·∏K] contiguous matrices, the same bmm calls, so the same results bit for bit.
+# the same [L, N, C·∏K] contiguous matrices, the same bmm calls, so the same results bit for bit. im2col
+# writes [N, C·∏K, L], so these matrices cost two patch-sized buffers where the reference's gather costs one:
+# only for small calls, where the host time is the cost and the second buffer is small.
+_SMALL_PATCHES = 1 << 16  # elements of the patch matrix (256 KiB in float32)
+
+
+def _small_patches(x: Tensor, kernel_size) -> bool:
+    return x.numel() * math.prod(kernel_size) <= _SMALL_PATCHES  # ≈ the patch matrix at stride 1
+
+
 def _patches_by_position(x: Tensor, kernel_size, dilation, padding, stride) -> Tensor:
     return unfold(x, kernel_size, dilation, padding, stride, "zeros").permute(2, 0, 1).contiguous()
 
@@ -72,12 +83,13 @@ def _grad_by_position(grad: Tensor) -> Tensor:
 
 def local_conv(x: Tensor, weight: Tensor, bias: Tensor | None, kernel_size, dilation, padding, stride,
                padding_mode: str) -> Tensor | None:
-    """``reference.local_conv(x, ...)`` with im2col patches, or None where :func:`unfold` does not apply.
+    """``reference.local_conv(x, ...)`` with im2col patches, or None where :func:`unfold` does not apply or
+    the patches are not small.
 
     Raises:
         ValueError, TypeError: as :func:`convzoo._shapes.local_conv_geometry` (the same checks, first).
     """
-    if not _covered(x, padding, padding_mode):
+    if not (_covered(x, padding, padding_mode) and _small_patches(x, kernel_size)):
         return None
     g = _shapes.local_conv_geometry(x, weight, bias, kernel_size, dilation, padding, stride, padding_mode)
     y = torch.bmm(_patches_by_position(x, kernel_size, dilation, padding, stride), weight.permute(2, 1, 0))
@@ -105,12 +117,12 @@ def local_conv_grad_input(grad: Tensor, weight: Tensor, input_size, kernel_size,
 def local_conv_grad_weight(grad: Tensor, x: Tensor, kernel_size, dilation, padding, stride,
                            padding_mode: str) -> tuple[Tensor, Tensor] | None:
     """``reference.local_conv_grad_weight(grad, x, ...)`` with im2col patches, or None where :func:`unfold`
-    does not apply.
+    does not apply or the patches are not small.
 
     Raises:
         ValueError, TypeError: as :func:`convzoo._shapes.local_conv_grad_weight_geometry`.
     """
-    if not _covered(x, padding, padding_mode):
+    if not (_covered(x, padding, padding_mode) and _small_patches(x, kernel_size)):
         return None
     g = _shapes.local_conv_grad_weight_geometry(grad, x, kernel_size, dilation, padding, stride, padding_mode)
     dw = torch.bmm(_grad_by_position(grad).transpose(1, 2),
