@@ -14,6 +14,7 @@ tracing with dynamic shapes.
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from collections.abc import Sequence
@@ -154,11 +155,23 @@ def geometry(in_size: Sequence, kernel_size: Sequence, dilation: Sequence, paddi
              stride: Sequence, padding_mode: str) -> Geometry:
     """Check one call's resolved arguments and compute its output (block-grid) size.
 
+    Checked and computed once per distinct set of Python-int arguments (the fake, the reference and the
+    launcher of one call all ask, and so does every later call of the same signature); ``SymInt`` and
+    other integer types take the uncached path.
+
     Raises:
         ValueError: wrong lengths, non-positive kernel_size/stride/dilation, negative padding,
             a padding too large for ``padding_mode``, an unknown ``padding_mode``, or a kernel
             larger than the padded input.
     """
+    key = (tuple(in_size), tuple(kernel_size), tuple(dilation), tuple(padding), tuple(stride))
+    if type(padding_mode) is str and all(type(e) is int for part in key for e in part):
+        return _cached_geometry(*key, padding_mode)
+    return _geometry(in_size, kernel_size, dilation, padding, stride, padding_mode)
+
+
+def _geometry(in_size: Sequence, kernel_size: Sequence, dilation: Sequence, padding: Sequence,
+              stride: Sequence, padding_mode: str) -> Geometry:
     ndim = len(in_size)
     check(1 <= ndim <= 3, lambda: f"expected 1, 2 or 3 spatial dims, got {ndim}")
     for name, v in (("kernel_size", kernel_size), ("dilation", dilation), ("stride", stride)):
@@ -187,6 +200,9 @@ def geometry(in_size: Sequence, kernel_size: Sequence, dilation: Sequence, paddi
         out.append((n + lo + hi - span) // s + 1)
     return Geometry(tuple(in_size), tuple(kernel_size), tuple(dilation), tuple(padding), tuple(stride),
                     padding_mode, tuple(out))
+
+
+_cached_geometry = functools.lru_cache(maxsize=4096)(_geometry)  # a Geometry is frozen: safe to share
 
 
 def check_float_tensor(t: torch.Tensor, name: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -17,21 +18,42 @@ _AUTOCAST_DEVICE_TYPES = frozenset(d for d in ("cpu", "cuda", "xpu", "mps", "hpu
                                    if torch.amp.is_autocast_available(d))
 
 
-def _spatial_ndim(input: torch.Tensor, *geometry) -> tuple[int, bool]:
-    """``(spatial dims, batched)`` of a floating input ``[N, C, *spatial]`` or ``[C, *spatial]``.
+def _spatial_ndim(shape: tuple, *geometry) -> tuple[int, bool]:
+    """``(spatial dims, batched)`` of an input of ``shape``, ``[N, C, *spatial]`` or ``[C, *spatial]``.
 
     The geometry arguments tell the rank when one of them is a sequence (as ``nn.Unfold((3, 3))``
     does): an input with one dim fewer than ``[N, C, *spatial]`` is then unbatched, as torch reads it.
     With ints only the input tells: ``[N, C, *spatial]``, so a 3-d input is a batch of 1-d signals.
     """
-    _shapes.check_float_tensor(input, "input")
     told = _shapes.spatial_ndim_of(*geometry)
-    if told is not None and 1 <= told <= 3 and input.dim() == told + 1:
+    if told is not None and 1 <= told <= 3 and len(shape) == told + 1:
         return told, False
-    if not 3 <= input.dim() <= 5:
+    if not 3 <= len(shape) <= 5:
         raise ValueError(f"input must be [N, C, *spatial] with 1-3 spatial dims (or [C, *spatial] when a tuple "
-                         f"argument tells the rank), got shape {tuple(input.shape)}")
-    return input.dim() - 2, True
+                         f"argument tells the rank), got shape {tuple(shape)}")
+    return len(shape) - 2, True
+
+
+def _cache_key(*args) -> tuple | None:
+    """``args`` as a hashable key when each is a str, a Python int or a flat tuple/list of Python ints
+    (exact types: ``True``, ``3.0`` and ``np.int64(3)`` hash like ``1`` and ``3`` but must get the
+    uncached path, to be rejected or converted there), else None."""
+    key = []
+    for v in args:
+        t = type(v)
+        if t is int or t is str:
+            key.append(v)
+        elif (t is tuple or t is list or t is torch.Size) and all(type(e) is int for e in v):
+            key.append(tuple(v))  # a list and a tuple read alike; an int and a 1-tuple do not share a key
+        else:
+            return None
+    return tuple(key)
+
+
+def _resolved(resolve, cached, *args):
+    """``resolve(*args)``, from its cached twin when the arguments make a cache key."""
+    key = None if torch.compiler.is_compiling() else _cache_key(*args)
+    return resolve(*args) if key is None else cached(*key)
 
 
 def _geometry_args(ndim, kernel_size, dilation, padding, stride, in_size, padding_mode):
@@ -44,7 +66,7 @@ def _geometry_args(ndim, kernel_size, dilation, padding, stride, in_size, paddin
     if not isinstance(padding_mode, str) or padding_mode not in _shapes.PADDING_MODES:
         raise ValueError(f"padding_mode must be one of {_shapes.PADDING_MODES}, got {padding_mode!r}")
     pad = _shapes.resolve_padding(padding, in_size, ks, dil, st)
-    return list(ks), list(dil), pad, list(st), padding_mode
+    return ks, dil, tuple(pad), st, padding_mode
 
 
 def unfold(input: torch.Tensor, kernel_size, dilation=1, padding=0, stride=1, *,
@@ -71,11 +93,29 @@ def unfold(input: torch.Tensor, kernel_size, dilation=1, padding=0, stride=1, *,
         ValueError: wrong number of dims, non-positive kernel_size/stride/dilation, negative
             padding, an unknown padding or padding_mode, a kernel larger than the padded input.
     """
-    ndim, batched = _spatial_ndim(input, kernel_size, dilation, padding, stride)
+    _shapes.check_float_tensor(input, "input")
+    batched, args = _resolved(_unfold_args, _cached_unfold_args, input.shape, kernel_size, dilation, padding,
+                              stride, padding_mode)
     if not batched:
         return unfold(input[None], kernel_size, dilation, padding, stride, padding_mode=padding_mode)[0]
-    args = _geometry_args(ndim, kernel_size, dilation, padding, stride, input.shape[2:], padding_mode)
-    return _unfold_ops.unfold(input, *args)
+    return _unfold_ops.unfold(input, *_as_lists(args))
+
+
+def _unfold_args(shape, kernel_size, dilation, padding, stride, padding_mode) -> tuple[bool, tuple]:
+    """``(batched, resolved op arguments)`` of an unfold (or local_conv) call on an input of ``shape``."""
+    ndim, batched = _spatial_ndim(shape, kernel_size, dilation, padding, stride)
+    if not batched:
+        return False, ()
+    return True, _geometry_args(ndim, kernel_size, dilation, padding, stride, shape[2:], padding_mode)
+
+
+# one entry per call signature (input shape and geometry arguments): the resolution and its checks run once
+_cached_unfold_args = functools.lru_cache(maxsize=1024)(_unfold_args)
+
+
+def _as_lists(args: tuple) -> list:
+    """Fresh lists for the op (a cached resolution is shared): the string stays a string."""
+    return [list(a) if isinstance(a, tuple) else a for a in args]
 
 
 def fold(input: torch.Tensor, output_size, kernel_size, dilation=1, padding=0, stride=1, *,
@@ -104,14 +144,23 @@ def fold(input: torch.Tensor, output_size, kernel_size, dilation=1, padding=0, s
     if input.dim() != 3:
         raise ValueError(f"input must be [N, C*prod(kernel_size), L] or unbatched [C*prod(kernel_size), L], "
                          f"got shape {tuple(input.shape)}")
+    args = _resolved(_fold_args, _cached_fold_args, output_size, kernel_size, dilation, padding, stride,
+                     padding_mode)
+    return _unfold_ops.fold(input, *_as_lists(args))
+
+
+def _fold_args(output_size, kernel_size, dilation, padding, stride, padding_mode) -> tuple:
+    """The resolved op arguments of a fold call (they do not depend on the input's shape)."""
     ndim = _shapes.spatial_ndim_of(output_size, kernel_size, dilation, padding, stride, default=2)
     if not 1 <= ndim <= 3:
         raise ValueError(f"expected 1, 2 or 3 spatial dims, got output_size={output_size!r}")
     out = _shapes.as_tuple(output_size, ndim, "output_size")
     if any(e <= 0 for e in out):
         raise ValueError(f"output_size must be positive, got {out}")
-    args = _geometry_args(ndim, kernel_size, dilation, padding, stride, out, padding_mode)
-    return _unfold_ops.fold(input, list(out), *args)
+    return out, *_geometry_args(ndim, kernel_size, dilation, padding, stride, out, padding_mode)
+
+
+_cached_fold_args = functools.lru_cache(maxsize=1024)(_fold_args)
 
 
 def local_conv(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, kernel_size,
@@ -148,15 +197,16 @@ def local_conv(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
         ValueError: ``weight``/``bias`` shapes that do not match the input channels, the kernel or
             the number of output positions, or an invalid geometry (see :func:`unfold`).
     """
-    ndim, batched = _spatial_ndim(input, kernel_size, dilation, padding, stride)
+    _shapes.check_float_tensor(input, "input")
+    batched, args = _resolved(_unfold_args, _cached_unfold_args, input.shape, kernel_size, dilation, padding,
+                              stride, padding_mode)
     if not batched:
         return local_conv(input[None], weight, bias, kernel_size=kernel_size, stride=stride, padding=padding,
                           dilation=dilation, padding_mode=padding_mode)[0]
     _shapes.check_float_tensor(weight, "weight")
     if bias is not None:
         _shapes.check_float_tensor(bias, "bias")
-    ks, dil, pad, st, mode = _geometry_args(ndim, kernel_size, dilation, padding, stride, input.shape[2:],
-                                            padding_mode)
+    ks, dil, pad, st, mode = _as_lists(args)
     _check_not_unbatched(input, weight, ks)
     input, weight, bias = _autocast(input, weight, bias)
     if weight.dim() == 3 and not weight.permute(2, 0, 1).is_contiguous():  # one copy, not a strided matmul

@@ -1,6 +1,7 @@
 """torch.library custom ops ``convzoo::*``: schema, fake, autograd, and the dispatch between the
-Triton launchers (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``) and the plain-torch
-reference (every other case)."""
+Triton launchers (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``) and plain torch (every
+other case: the reference, or torch's own CPU im2col/col2im where they compute the same, see
+:mod:`convzoo.ops._native`)."""
 
 from convzoo.ops import local_conv as _local_conv  # noqa: F401  (registers convzoo::local_conv*)
 from convzoo.ops import unfold as _unfold  # noqa: F401  (registers convzoo::unfold, convzoo::fold)

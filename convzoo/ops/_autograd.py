@@ -11,6 +11,11 @@ second, complete ``autograd.Function`` over the same custom ops (``setup_context
 
 A direct ``torch.ops.convzoo.*`` call carrying a forward-mode tangent raises: the tangent would
 otherwise be dropped without a word.
+
+An eager call on plain tensors, with nothing above the dispatcher that could see or change it (no mode,
+no transform, no tracing), skips the dispatcher's round trip to a Python kernel (tens of µs, most of a
+small call) and runs the op's implementation directly: what the dispatcher would have run, on the same
+arguments. :func:`plain_eager` says when; in every other case the call is the custom op, as before.
 """
 
 from __future__ import annotations
@@ -23,6 +28,43 @@ from torch import Tensor
 from torch._library.autograd import make_autograd_impl
 
 _LIB = torch.library.Library("convzoo", "FRAGMENT")
+
+
+def _keyset(*keys) -> int:
+    out = torch._C.DispatchKeySet(keys[0])
+    for k in keys[1:]:
+        out = out | torch._C.DispatchKeySet(k)
+    return out.raw_repr()
+
+
+_K = torch._C.DispatchKey
+# The dispatch keys of a plain dense CPU or CUDA tensor, and nothing else: no functorch wrapper (batched,
+# grad), no functional tensor, no negative/conjugate view or zero tensor (the dispatcher materialises
+# those before a kernel sees them), no sparse, meta or other backend.
+_PLAIN_KEYSETS = frozenset((_keyset(_K.CPU, _K.ADInplaceOrView, _K.AutogradCPU, _K.AutocastCPU),
+                            _keyset(_K.CUDA, _K.ADInplaceOrView, _K.AutogradCUDA, _K.AutocastCUDA)))
+# Parameter is Tensor with torch-function handling disabled: the op sees a Parameter as a Tensor
+_PLAIN_TYPES = (Tensor, torch.nn.Parameter)
+_PYTHON_DISPATCHER = _K.PythonDispatcher
+
+
+def plain_eager(tensors) -> bool:
+    """Whether the dispatcher, given these tensors now, would go straight to the op's implementation: every
+    tensor a plain dense CPU/CUDA ``Tensor`` (exact type: no subclass, no FakeTensor), and no
+    TorchDispatchMode (FakeTensorMode, make_fx, FlopCounterMode, ...), torch-function mode, Python
+    dispatcher, ``torch.func`` transform or forward-AD level active, and no profiler running (its trace
+    shows the dispatcher's ``convzoo::*`` events). Not for a call under ``torch.compile`` (the caller checks
+    that first: Dynamo must see the custom op)."""
+    if (torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled()
+            or torch._C._are_functorch_transforms_active() or fwAD._current_level >= 0
+            or torch._C._dispatch_tls_is_dispatch_key_included(_PYTHON_DISPATCHER)
+            or torch._C._autograd._profiler_enabled()):
+        return False
+    for t in tensors:
+        if t is not None and (type(t) not in _PLAIN_TYPES
+                              or torch._C._dispatch_keys(t).raw_repr() not in _PLAIN_KEYSETS):
+            return False
+    return True
 
 
 def needs_function(tensors) -> bool:
@@ -43,7 +85,7 @@ class _Static:
         self.values = values
 
 
-def differentiable(op, num_tensors: int, setup_context, backward, jvp):
+def differentiable(op, impl, num_tensors: int, setup_context, backward, jvp):
     """Register ``backward``/``setup_context`` as ``op``'s reverse-mode rule and return its entry point.
 
     ``op`` is a custom op whose first ``num_tensors`` arguments are tensors (or None), the rest
@@ -53,12 +95,14 @@ def differentiable(op, num_tensors: int, setup_context, backward, jvp):
     the custom ops, so every derivative is differentiable again.
 
     The entry point runs ``op`` itself under ``torch.compile`` and when nothing differentiates the
-    call (no Python-level autograd cost), else the ``autograd.Function``.
+    call (no Python-level autograd cost), else the ``autograd.Function``; either runs ``impl``, the
+    function ``op`` was made from, directly when :func:`plain_eager` allows.
     """
     op.register_autograd(backward, setup_context=setup_context)
 
-    def forward(*args):
-        return op(*args[:-1], *args[-1].values)
+    def forward(*args):  # (below autograd: the inputs' requires_grad no longer matters)
+        tensors = args[:-1]
+        return (impl if plain_eager(tensors) else op)(*tensors, *args[-1].values)
 
     def fn_setup_context(ctx, inputs, output):
         ctx.set_materialize_grads(False)  # an absent tangent or gradient stays None: no GEMM of zeros
@@ -81,11 +125,25 @@ def differentiable(op, num_tensors: int, setup_context, backward, jvp):
 
     def entry(*args):
         tensors = args[:num_tensors]
-        if torch.compiler.is_compiling() or not needs_function(tensors):
+        if torch.compiler.is_compiling():
             return op(*args)
-        return function.apply(*tensors, _Static(args[num_tensors:]))
+        if not needs_function(tensors):
+            return (impl if plain_eager(tensors) else op)(*args)
+        return apply(function, tensors, *tensors, _Static(args[num_tensors:]))
 
     return entry
+
+
+_C_APPLY = torch._C._FunctionBase.__dict__["apply"]  # what Function.apply ends in, outside torch.func
+
+
+def apply(function, tensors, *args):
+    """``function.apply(*args)``, straight into its C++ ``apply`` when :func:`plain_eager` holds for
+    ``tensors``: the Python preamble of ``Function.apply`` binds default arguments (``inspect.signature``;
+    these forwards take none) and unwraps dead ``torch.func`` wrappers (plain tensors are none), each call."""
+    if plain_eager(tensors):
+        return _C_APPLY.__get__(None, function)(*args)
+    return function.apply(*args)
 
 
 _TRANSFORMS_HINT = (

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from convzoo import _shapes, reference
-from convzoo.ops import _autograd
+from convzoo.ops import _autograd, _native
 from convzoo.ops._dispatch import use_triton
 
 __all__ = ["local_conv", "local_conv_grad_input", "local_conv_grad_weight", "position_major"]
@@ -35,11 +35,17 @@ def _kernels():
 
 
 # ----------------------------------------------------------------------------------------------
-@torch.library.custom_op("convzoo::local_conv", mutates_args=())
-def _local_conv(x: Tensor, weight: Tensor, bias: Tensor | None, kernel_size: list[int], dilation: list[int],
-                padding: list[int], stride: list[int], padding_mode: str) -> Tensor:
-    impl = _kernels() if use_triton(x) else reference
-    return impl.local_conv(x, weight, bias, kernel_size, dilation, padding, stride, padding_mode)
+def _local_conv_impl(x: Tensor, weight: Tensor, bias: Tensor | None, kernel_size: list[int], dilation: list[int],
+                     padding: list[int], stride: list[int], padding_mode: str) -> Tensor:
+    if use_triton(x):
+        return _kernels().local_conv(x, weight, bias, kernel_size, dilation, padding, stride, padding_mode)
+    out = _native.local_conv(x, weight, bias, kernel_size, dilation, padding, stride, padding_mode)
+    if out is None:
+        return reference.local_conv(x, weight, bias, kernel_size, dilation, padding, stride, padding_mode)
+    return out
+
+
+_local_conv = torch.library.custom_op("convzoo::local_conv", mutates_args=())(_local_conv_impl)
 
 
 @_local_conv.register_fake
@@ -48,11 +54,18 @@ def _(x, weight, bias, kernel_size, dilation, padding, stride, padding_mode):
     return x.new_empty(_shapes.local_conv_out_shape(x, weight, g))
 
 
-@torch.library.custom_op("convzoo::local_conv_grad_input", mutates_args=())
-def _local_conv_grad_input(grad: Tensor, weight: Tensor, input_size: list[int], kernel_size: list[int],
-                           dilation: list[int], padding: list[int], stride: list[int], padding_mode: str) -> Tensor:
-    impl = _kernels() if use_triton(grad) else reference
-    return impl.local_conv_grad_input(grad, weight, input_size, kernel_size, dilation, padding, stride, padding_mode)
+def _local_conv_grad_input_impl(grad: Tensor, weight: Tensor, input_size: list[int], kernel_size: list[int],
+                                dilation: list[int], padding: list[int], stride: list[int],
+                                padding_mode: str) -> Tensor:
+    args = (grad, weight, input_size, kernel_size, dilation, padding, stride, padding_mode)
+    if use_triton(grad):
+        return _kernels().local_conv_grad_input(*args)
+    out = _native.local_conv_grad_input(*args)
+    return reference.local_conv_grad_input(*args) if out is None else out
+
+
+_local_conv_grad_input = torch.library.custom_op("convzoo::local_conv_grad_input",
+                                                 mutates_args=())(_local_conv_grad_input_impl)
 
 
 @_local_conv_grad_input.register_fake
@@ -62,11 +75,17 @@ def _(grad, weight, input_size, kernel_size, dilation, padding, stride, padding_
     return grad.new_empty((grad.shape[0], weight.shape[1] // g.kernel_numel, *input_size))
 
 
-@torch.library.custom_op("convzoo::local_conv_grad_weight", mutates_args=())
-def _local_conv_grad_weight(grad: Tensor, x: Tensor, kernel_size: list[int], dilation: list[int],
-                            padding: list[int], stride: list[int], padding_mode: str) -> tuple[Tensor, Tensor]:
-    impl = _kernels() if use_triton(x) else reference
-    return impl.local_conv_grad_weight(grad, x, kernel_size, dilation, padding, stride, padding_mode)
+def _local_conv_grad_weight_impl(grad: Tensor, x: Tensor, kernel_size: list[int], dilation: list[int],
+                                 padding: list[int], stride: list[int], padding_mode: str) -> tuple[Tensor, Tensor]:
+    args = (grad, x, kernel_size, dilation, padding, stride, padding_mode)
+    if use_triton(x):
+        return _kernels().local_conv_grad_weight(*args)
+    out = _native.local_conv_grad_weight(*args)
+    return reference.local_conv_grad_weight(*args) if out is None else out
+
+
+_local_conv_grad_weight = torch.library.custom_op("convzoo::local_conv_grad_weight",
+                                                  mutates_args=())(_local_conv_grad_weight_impl)
 
 
 @_local_conv_grad_weight.register_fake
@@ -171,15 +190,16 @@ def _grad_weight_jvp(ctx, grad_t, x_t):
     return _autograd.add(dw_t, None if x_t is None else local_conv_grad_weight(grad, x_t, *ctx.geom)[0]), db_t
 
 
-local_conv = _autograd.differentiable(_local_conv, 3, _local_conv_setup, _local_conv_backward, _local_conv_jvp)
+local_conv = _autograd.differentiable(_local_conv, _local_conv_impl, 3, _local_conv_setup, _local_conv_backward,
+                                      _local_conv_jvp)
 local_conv.__doc__ = """``convzoo::local_conv(x, weight, bias, kernel_size, dilation, padding, stride, padding_mode)``,
 differentiable under every transform (resolved arguments)."""
-local_conv_grad_input = _autograd.differentiable(_local_conv_grad_input, 2, _grad_input_setup, _grad_input_backward,
-                                                 _grad_input_jvp)
+local_conv_grad_input = _autograd.differentiable(_local_conv_grad_input, _local_conv_grad_input_impl, 2,
+                                                 _grad_input_setup, _grad_input_backward, _grad_input_jvp)
 local_conv_grad_input.__doc__ = """``convzoo::local_conv_grad_input(grad, weight, input_size, kernel_size, ...)``,
 differentiable under every transform."""
-local_conv_grad_weight = _autograd.differentiable(_local_conv_grad_weight, 2, _grad_weight_setup,
-                                                  _grad_weight_backward, _grad_weight_jvp)
+local_conv_grad_weight = _autograd.differentiable(_local_conv_grad_weight, _local_conv_grad_weight_impl, 2,
+                                                  _grad_weight_setup, _grad_weight_backward, _grad_weight_jvp)
 local_conv_grad_weight.__doc__ = """``convzoo::local_conv_grad_weight(grad, x, kernel_size, ...)`` → ``(dW, db)``,
 differentiable under every transform."""
 
@@ -231,7 +251,7 @@ def position_major(weight: Tensor) -> Tensor:
     gradient comes back contiguous, one copy too."""
     if torch.compiler.is_compiling() or not _autograd.needs_function([weight]):
         return _to_position_major(weight)
-    return _PositionMajor.apply(weight)
+    return _autograd.apply(_PositionMajor, [weight], weight)
 
 
 # ---------------------------------------------------------------------------------------------- vmap

@@ -12,20 +12,23 @@ import torch
 from torch import Tensor
 
 from convzoo import _shapes, reference
-from convzoo.ops import _autograd
+from convzoo.ops import _autograd, _native
 from convzoo.ops._dispatch import use_triton
 
 __all__ = ["fold", "unfold"]
 
 
-@torch.library.custom_op("convzoo::unfold", mutates_args=())
-def _unfold(x: Tensor, kernel_size: list[int], dilation: list[int], padding: list[int], stride: list[int],
-            padding_mode: str) -> Tensor:
+def _unfold_impl(x: Tensor, kernel_size: list[int], dilation: list[int], padding: list[int], stride: list[int],
+                 padding_mode: str) -> Tensor:
     if use_triton(x):
         from convzoo.kernels import unfold as kernels
 
         return kernels.unfold(x, kernel_size, dilation, padding, stride, padding_mode)
-    return reference.unfold(x, kernel_size, dilation, padding, stride, padding_mode)
+    out = _native.unfold(x, kernel_size, dilation, padding, stride, padding_mode)
+    return reference.unfold(x, kernel_size, dilation, padding, stride, padding_mode) if out is None else out
+
+
+_unfold = torch.library.custom_op("convzoo::unfold", mutates_args=())(_unfold_impl)
 
 
 @_unfold.register_fake
@@ -34,14 +37,19 @@ def _(x, kernel_size, dilation, padding, stride, padding_mode):
     return x.new_empty(_shapes.unfold_out_shape(x, g))
 
 
-@torch.library.custom_op("convzoo::fold", mutates_args=())
-def _fold(cols: Tensor, output_size: list[int], kernel_size: list[int], dilation: list[int], padding: list[int],
-          stride: list[int], padding_mode: str) -> Tensor:
+def _fold_impl(cols: Tensor, output_size: list[int], kernel_size: list[int], dilation: list[int],
+               padding: list[int], stride: list[int], padding_mode: str) -> Tensor:
     if use_triton(cols):
         from convzoo.kernels import unfold as kernels
 
         return kernels.fold(cols, output_size, kernel_size, dilation, padding, stride, padding_mode)
-    return reference.fold(cols, output_size, kernel_size, dilation, padding, stride, padding_mode)
+    out = _native.fold(cols, output_size, kernel_size, dilation, padding, stride, padding_mode)
+    if out is None:
+        return reference.fold(cols, output_size, kernel_size, dilation, padding, stride, padding_mode)
+    return out
+
+
+_fold = torch.library.custom_op("convzoo::fold", mutates_args=())(_fold_impl)
 
 
 @_fold.register_fake
@@ -78,10 +86,10 @@ def _fold_jvp(ctx, cols_t):
     return fold(cols_t, ctx.out_size, *ctx.geom)
 
 
-unfold = _autograd.differentiable(_unfold, 1, _unfold_setup, _unfold_backward, _unfold_jvp)
+unfold = _autograd.differentiable(_unfold, _unfold_impl, 1, _unfold_setup, _unfold_backward, _unfold_jvp)
 unfold.__doc__ = """``convzoo::unfold(x, kernel_size, dilation, padding, stride, padding_mode)``, differentiable
 under every transform (resolved arguments)."""
-fold = _autograd.differentiable(_fold, 1, _fold_setup, _fold_backward, _fold_jvp)
+fold = _autograd.differentiable(_fold, _fold_impl, 1, _fold_setup, _fold_backward, _fold_jvp)
 fold.__doc__ = """``convzoo::fold(cols, output_size, kernel_size, dilation, padding, stride, padding_mode)``,
 differentiable under every transform (resolved arguments)."""
 

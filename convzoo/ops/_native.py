@@ -1,0 +1,132 @@
+"""torch's own CPU im2col/col2im, for the calls where they compute exactly what :mod:`convzoo.reference`
+does: 1-d and 2-d, ``'zeros'`` padding with the same padding on both sides, a non-empty input. There the
+reference's pad-window-permute (or tap-by-tap scatter, for fold) costs several times more host time
+than the one ATen call. Each returns None where it does not apply; :mod:`convzoo.reference` then runs.
+
+Bitwise the same as the reference: unfold moves data; col2im adds each output's taps in the order
+``(c, k_0, k_1)``, from zero, as the reference does, so fold's float32/float64 sums are the same sums;
+half-precision inputs are summed in float32 and rounded once, as in the reference and the kernel.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from convzoo import _shapes
+
+_WIDE = (torch.float32, torch.float64)
+
+
+def _covered(t: Tensor, padding, padding_mode: str) -> bool:
+    return (t.device.type == "cpu" and padding_mode == "zeros" and t.numel() > 0
+            and len(padding) in (2, 4) and padding[0::2] == padding[1::2])
+
+
+def _as_2d(kernel_size, dilation, padding, stride) -> tuple[list, list, list, list]:
+    """The 2-d ATen arguments, a 1-d call being a 2-d one over a unit height."""
+    if len(kernel_size) == 2:
+        return list(kernel_size), list(dilation), list(padding[0::2]), list(stride)
+    return [1, kernel_size[0]], [1, dilation[0]], [0, padding[0]], [1, stride[0]]
+
+
+def unfold(x: Tensor, kernel_size, dilation, padding, stride, padding_mode: str) -> Tensor | None:
+    """``reference.unfold(x, ...)`` through ``torch._C._nn.im2col``, or None where that does not apply.
+
+    Raises:
+        ValueError, TypeError: as :func:`convzoo._shapes.unfold_geometry` (the same checks, first).
+    """
+    if not _covered(x, padding, padding_mode):
+        return None
+    _shapes.unfold_geometry(x, kernel_size, dilation, padding, stride, padding_mode)
+    ks, dil, pad, st = _as_2d(kernel_size, dilation, padding, stride)
+    return torch._C._nn.im2col(x if x.dim() == 4 else x.unsqueeze(2), ks, dil, pad, st)
+
+
+def fold(cols: Tensor, output_size, kernel_size, dilation, padding, stride, padding_mode: str) -> Tensor | None:
+    """``reference.fold(cols, ...)`` through ``torch._C._nn.col2im``, or None where that does not apply.
+
+    Raises:
+        ValueError, TypeError: as :func:`convzoo._shapes.fold_geometry` (the same checks, first).
+    """
+    if not _covered(cols, padding, padding_mode):
+        return None
+    _shapes.fold_geometry(cols, output_size, kernel_size, dilation, padding, stride, padding_mode)
+    ks, dil, pad, st = _as_2d(kernel_size, dilation, padding, stride)
+    size = list(output_size) if len(output_size) == 2 else [1, output_size[0]]
+    wide = cols if cols.dtype in _WIDE else cols.float()
+    out = torch._C._nn.col2im(wide, size, ks, dil, pad, st).to(cols.dtype)
+    return out if len(output_size) == 2 else out.squeeze(2)
+
+
+# ---------------------------------------------------------------------------------------------- local_conv
+# The reference's local_conv family with the patch matrices from im2col instead of its pad-window-permute:
+# the same [L, N, C·∏K] contiguous matrices, the same bmm calls, so the same results bit for bit. im2col
+# writes [N, C·∏K, L], so these matrices cost two patch-sized buffers where the reference's gather costs one:
+# only for small calls, where the host time is the cost and the second buffer is small.
+_SMALL_PATCHES = 1 << 16  # elements of the patch matrix (256 KiB in float32)
+
+
+def _small_patches(x: Tensor, kernel_size) -> bool:
+    return x.numel() * math.prod(kernel_size) <= _SMALL_PATCHES  # ≈ the patch matrix at stride 1
+
+
+def _patches_by_position(x: Tensor, kernel_size, dilation, padding, stride) -> Tensor:
+    return unfold(x, kernel_size, dilation, padding, stride, "zeros").permute(2, 0, 1).contiguous()
+
+
+def _grad_by_position(grad: Tensor) -> Tensor:
+    return grad.flatten(2).permute(2, 0, 1).contiguous()
+
+
+def local_conv(x: Tensor, weight: Tensor, bias: Tensor | None, kernel_size, dilation, padding, stride,
+               padding_mode: str) -> Tensor | None:
+    """``reference.local_conv(x, ...)`` with im2col patches, or None where :func:`unfold` does not apply or
+    the patches are not small.
+
+    Raises:
+        ValueError, TypeError: as :func:`convzoo._shapes.local_conv_geometry` (the same checks, first).
+    """
+    if not (_covered(x, padding, padding_mode) and _small_patches(x, kernel_size)):
+        return None
+    g = _shapes.local_conv_geometry(x, weight, bias, kernel_size, dilation, padding, stride, padding_mode)
+    y = torch.bmm(_patches_by_position(x, kernel_size, dilation, padding, stride), weight.permute(2, 1, 0))
+    y = y.permute(1, 2, 0).contiguous()  # [N, O, L]
+    if bias is not None:
+        y += bias if bias.dim() == 2 else bias[:, None]
+    return y.view(_shapes.local_conv_out_shape(x, weight, g))
+
+
+def local_conv_grad_input(grad: Tensor, weight: Tensor, input_size, kernel_size, dilation, padding, stride,
+                          padding_mode: str) -> Tensor | None:
+    """``reference.local_conv_grad_input(grad, ...)`` folded by col2im, or None where :func:`fold` does not apply.
+
+    Raises:
+        ValueError, TypeError: as :func:`convzoo._shapes.local_conv_grad_input_geometry`.
+    """
+    if not _covered(grad, padding, padding_mode) or not 1 <= len(input_size) <= 2 or min(input_size) <= 0:
+        return None
+    _shapes.local_conv_grad_input_geometry(grad, weight, input_size, kernel_size, dilation, padding, stride,
+                                           padding_mode)
+    dcols = torch.bmm(_grad_by_position(grad), weight.permute(2, 0, 1))  # [L, N, R]
+    return fold(dcols.permute(1, 2, 0), input_size, kernel_size, dilation, padding, stride, padding_mode)
+
+
+def local_conv_grad_weight(grad: Tensor, x: Tensor, kernel_size, dilation, padding, stride,
+                           padding_mode: str) -> tuple[Tensor, Tensor] | None:
+    """``reference.local_conv_grad_weight(grad, x, ...)`` with im2col patches, or None where :func:`unfold`
+    does not apply or the patches are not small.
+
+    Raises:
+        ValueError, TypeError: as :func:`convzoo._shapes.local_conv_grad_weight_geometry`.
+    """
+    if not (_covered(x, padding, padding_mode) and _small_patches(x, kernel_size)):
+        return None
+    g = _shapes.local_conv_grad_weight_geometry(grad, x, kernel_size, dilation, padding, stride, padding_mode)
+    dw = torch.bmm(_grad_by_position(grad).transpose(1, 2),
+                   _patches_by_position(x, kernel_size, dilation, padding, stride))  # [L, O, R]
+    acc = torch.float64 if grad.dtype == torch.float64 else torch.float32
+    db = grad.reshape(*grad.shape[:2], g.num_blocks).sum(0, dtype=acc).to(grad.dtype)
+    return dw.permute(1, 2, 0), db
