@@ -370,7 +370,7 @@ def test_shape_labels_state_the_shape():
 
 @pytest.mark.parametrize("argv, message", [
     (["--ops", "conv"], "--ops: unknown op"),
-    (["--ops", ","], "--ops: no name in ','"),
+    (["--ops", ","], "--ops: no op named in ','"),
     (["--ops", "fold,fold"], "--ops: 'fold' is named twice"),
     (["--overhead", "--modes", "bwd"], "--modes: the --overhead rows have their own modes"),
     (["--tiny", "--update-reference"], "--update-reference: the reference results are whole --quick or --full "
@@ -379,7 +379,7 @@ def test_shape_labels_state_the_shape():
     (["--update-reference", "--max-minutes", "2"], "not --max-minutes"),
     (["--threads", "100000"], "--threads must be between 1 and this machine's"),
     (["--modes", "fwd,sideways"], "--modes: unknown mode"),
-    (["--modes", ","], "--modes: no name in ','"),
+    (["--modes", ","], "--modes: no mode named in ','"),
     (["--dtype", "int8"], "argument --dtype: invalid choice"),
     (["--dtype", ","], "argument --dtype: invalid choice"),
     (["--quick", "--full"], "not allowed with"),

@@ -43,6 +43,19 @@ def check_device(ap: argparse.ArgumentParser, text: str, types: tuple[str, ...],
         ap.error(f"--device: no CUDA device {device.index}; this machine has {torch.cuda.device_count()}")
 
 
+def check_names(ap: argparse.ArgumentParser, flag: str, text: str, known, what: str) -> list[str]:
+    """``flag text``: a comma-separated list of ``known`` names, each once (spaces around them ignored)."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        ap.error(f"{flag}: no {what} named in {text!r}; choose from {','.join(known)}")
+    for n in names:
+        if n not in known:
+            ap.error(f"{flag}: unknown {what} {n!r}; choose from {','.join(known)}")
+        if names.count(n) > 1:
+            ap.error(f"{flag}: {n!r} is named twice")
+    return names
+
+
 def user_path(text: str) -> Path:
     """A folder argument as the user meant it: ``~`` is the home folder even where no shell expanded it
     (``--out=~/x``)."""

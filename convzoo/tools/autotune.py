@@ -27,7 +27,7 @@ from convzoo.autotune.tune import (
     summary,
     tune,
 )
-from convzoo.tools._cli import check_device, check_minutes, check_writable, user_path
+from convzoo.tools._cli import check_device, check_minutes, check_names, check_writable, user_path
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -99,18 +99,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--device", default="cuda", help="the CUDA device to tune on (default: cuda)")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     args = ap.parse_args(argv)
-    raw, args.kernels = args.kernels, [k for k in args.kernels.split(",") if k]
-    if not args.kernels:
-        ap.error(f"--kernels: no kernel named in {raw!r}; registered: {','.join(names)}")
-    for k in args.kernels:
-        if k not in names:
-            ap.error(f"--kernels: unknown kernel {k!r}; registered: {','.join(names)}")
-    try:
-        args.dtypes = [DTYPES[d] for d in args.dtype.split(",") if d]
-    except KeyError as e:
-        ap.error(f"--dtype: unknown dtype {e.args[0]!r}; choose from {','.join(DTYPES)}")
-    if not args.dtypes:
-        ap.error(f"--dtype: no dtype named in {args.dtype!r}; choose from {','.join(DTYPES)}")
+    args.kernels = check_names(ap, "--kernels", args.kernels, names, "kernel")
+    args.dtypes = [DTYPES[d] for d in check_names(ap, "--dtype", args.dtype, list(DTYPES), "dtype")]
     check_minutes(ap, args.max_minutes)
     check_device(ap, args.device, ("cuda",), "tuning times the kernels on a CUDA GPU", require_cuda=False)
     if not args.dry_run:  # a dry run writes nothing

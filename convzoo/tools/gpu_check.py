@@ -36,7 +36,7 @@ import torch
 import convzoo
 from convzoo.autotune.grids import GRIDS
 from convzoo.autotune.lookup import device_slug, triton_version, user_cache_dir
-from convzoo.tools._cli import check_minutes, check_writable, checkout_root, git_sha
+from convzoo.tools._cli import check_minutes, check_names, check_writable, checkout_root, git_sha
 
 STEPS = ("tests", "tune", "bench")
 DEFAULT_MINUTES = 9.0  # per step: with the grace below, each step fits a 10-minute window
@@ -416,15 +416,7 @@ def parse_args(argv=None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
                     help="the tests folder (default: the checkout's tests/, beside the convzoo package)")
     ap.add_argument("--dry-run", action="store_true", help="print what would run and where; run nothing")
     args = ap.parse_args(argv)
-    raw, names = args.steps, [s.strip() for s in args.steps.split(",") if s.strip()]
-    if not names:
-        ap.error(f"--steps: no step named in {raw!r}; choose from {','.join(STEPS)}")
-    for s in names:
-        if s not in STEPS:
-            ap.error(f"--steps: unknown step {s!r}; choose from {','.join(STEPS)}")
-        if names.count(s) > 1:
-            ap.error(f"--steps: {s!r} is named twice")
-    args.steps = names
+    args.steps = check_names(ap, "--steps", args.steps, STEPS, "step")
     check_minutes(ap, args.max_minutes)
     if args.tests is not None and not args.tests.is_dir():
         ap.error(f"--tests: {args.tests} is not a folder")

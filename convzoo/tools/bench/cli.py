@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from convzoo.autotune import interpret_mode, user_cache_dir
-from convzoo.tools._cli import check_device, check_minutes, check_writable, checkout_root, user_path
+from convzoo.tools._cli import check_device, check_minutes, check_names, check_writable, checkout_root, user_path
 from convzoo.tools.bench import harness, ops, timing
 
 EPILOG = f"""\
@@ -89,10 +89,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.threads is not None and not 1 <= args.threads <= cpus:
         ap.error(f"--threads must be between 1 and this machine's {cpus} CPUs, got {args.threads}")
     check_minutes(ap, args.max_minutes)
-    args.ops = _names(ap, "--ops", args.ops, ops.OPS)
+    args.ops = check_names(ap, "--ops", args.ops, ops.OPS, "op")
     if args.modes is not None and args.size == "overhead":
         ap.error("--modes: the --overhead rows have their own modes (call, call+grad)")
-    args.modes = _names(ap, "--modes", args.modes or ",".join(ops.default_modes(args.size)), harness.MODES)
+    args.modes = check_names(ap, "--modes", args.modes or ",".join(ops.default_modes(args.size)), harness.MODES, "mode")
     check_device(ap, args.device, ("cpu", "cuda"), "bench runs on cpu or cuda", require_cuda=True)
     if args.update_reference:
         partial = [flag for flag, given in (("--ops", args.ops != list(ops.OPS)), ("--max-minutes", args.max_minutes),
@@ -133,19 +133,6 @@ def _progress():
                 bar.write(line)
         return step, bar
     return (lambda line: print(line, flush=True)), None
-
-
-def _names(ap, flag: str, text: str, known) -> list[str]:
-    """A comma-separated list of known names, each once, or an argparse error naming ``flag``."""
-    names = [n for n in text.split(",") if n]
-    if not names:
-        ap.error(f"{flag}: no name in {text!r}; choose from {','.join(known)}")
-    for n in names:
-        if n not in known:
-            ap.error(f"{flag}: unknown {flag[2:-1]} {n!r}; choose from {','.join(known)}")
-        if names.count(n) > 1:
-            ap.error(f"{flag}: {n!r} is named twice")
-    return names
 
 
 def main(argv=None, timer=None, load=None) -> int:
