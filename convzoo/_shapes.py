@@ -170,6 +170,9 @@ def geometry(in_size: Sequence, kernel_size: Sequence, dilation: Sequence, paddi
     return _geometry(in_size, kernel_size, dilation, padding, stride, padding_mode)
 
 
+_GEOMETRY_LIMIT = 1 << 60  # sums of a few of these stay inside int64 in every kernel
+
+
 def _geometry(in_size: Sequence, kernel_size: Sequence, dilation: Sequence, padding: Sequence,
               stride: Sequence, padding_mode: str) -> Geometry:
     ndim = len(in_size)
@@ -182,6 +185,10 @@ def _geometry(in_size: Sequence, kernel_size: Sequence, dilation: Sequence, padd
     for e in padding:
         check(e >= 0, lambda: f"padding must be non-negative, got {list(padding)}")
     check(padding_mode in PADDING_MODES, lambda: f"padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
+    for name, v in (("kernel_size", kernel_size), ("dilation", dilation), ("padding", padding), ("stride", stride)):
+        # a bool is an int to Python and 1 to the schema, an int past int64 overflows a kernel's argument
+        check(not any(isinstance(e, bool) or (isinstance(e, int) and e >= _GEOMETRY_LIMIT) for e in v),
+              lambda name=name, v=v: f"{name} must be ints (not bools) below 2**60, got {list(v)}")
     out = []
     for i, (n, k, d, s) in enumerate(zip(in_size, kernel_size, dilation, stride)):
         lo, hi = padding[2 * i], padding[2 * i + 1]

@@ -179,3 +179,40 @@ def test_replicate_padding_of_an_empty_dim_is_refused_on_every_path(path):
     with pytest.raises(ValueError, match="padding_mode='replicate' needs a non-empty input"):
         cf.unfold(x.to("meta"), 1, padding=1, padding_mode="replicate")
     assert cf.unfold(x, 1, padding=1).shape == (2, 2, 2)  # zeros padding of an empty dim is fine
+
+
+_IN_PLACE_CALLS = {
+    "unfold_k1": (lambda x: cf.unfold(x, 1), (2, 3, 5, 5)),
+    "unfold_k1_large": (lambda x: cf.unfold(x, 1), (2, 8, 40, 40)),  # the reference's reshape is a view here
+    "unfold_k3": (lambda x: cf.unfold(x, 3, padding=1), (2, 3, 5, 5)),
+    "fold_1d": (lambda c: cf.fold(c, (7,), 3, padding=1), (2, 9, 7)),  # col2im's result squeezed: a view
+    "fold_2d": (lambda c: cf.fold(c, (5, 5), 3, padding=1), (2, 27, 25)),
+    "local_conv_2d": (lambda x: cf.local_conv(x, torch.ones(4, 27, 25, dtype=x.dtype, device=x.device),
+                                              kernel_size=3, padding=1), (2, 3, 5, 5)),
+    "local_conv_1d_unbatched": (lambda x: cf.local_conv(x, torch.ones(4, 9, 5, dtype=x.dtype, device=x.device),
+                                                        kernel_size=(3,)), (3, 7)),
+}
+
+
+@pytest.mark.parametrize("name", list(_IN_PLACE_CALLS))
+def test_outputs_can_be_modified_in_place_under_autograd(name, path):
+    """`y.mul_(2)` after an op (nn.ReLU(inplace=True), `y += x`) is ordinary PyTorch; an output that is a view
+    of a temporary would make autograd refuse it on one path and not the other."""
+    fn, shape = _IN_PLACE_CALLS[name]
+    x = torch.randn(*shape, device=path, dtype=torch.float64, requires_grad=True)
+    (want,) = torch.autograd.grad(fn(x).sum(), x)
+    y = fn(x)
+    y.mul_(2)
+    (got,) = torch.autograd.grad(y.sum(), x)
+    torch.testing.assert_close(got, 2 * want)
+
+
+def test_layer_then_inplace_relu(path):
+    torch.manual_seed(0)
+    layer = convzoo.LocalConv2d(3, 4, (6, 6), 3, padding=1).to(path).double()
+    x = torch.randn(2, 3, 6, 6, device=path, dtype=torch.float64, requires_grad=True)
+    y_ref = torch.relu(layer(x))
+    want = torch.autograd.grad(y_ref.sum(), (x, layer.weight_by_position))
+    got = torch.autograd.grad(nn.Sequential(layer, nn.ReLU(inplace=True))(x).sum(), (x, layer.weight_by_position))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)

@@ -434,3 +434,21 @@ def test_aten_path_declines_large_calls():
     assert _native.fold(cols_small, [8, 8], *args) is not None and _native.fold(cols_large, [16, 16], *args) is None
     w = torch.randn(4, 144, 256)
     assert _native.local_conv_grad_input(torch.randn(4, 4, 16, 16), w, [16, 16], *args) is None
+
+
+def test_jit_trace_records_the_op_not_what_one_call_ran():
+    """A trace replays its graph on other inputs: it must hold convzoo::unfold (with its checks and its
+    device dispatch), not the ATen calls one CPU call happened to make."""
+    x = torch.randn(1, 2, 5, 5)
+    traced = torch.jit.trace(lambda t: cf.unfold(t, 3, padding=1), x)
+    assert "convzoo::unfold" in str(traced.graph) and "im2col" not in str(traced.graph)
+    y = torch.randn(2, 2, 7, 7)
+    torch.testing.assert_close(traced(y), torch.nn.functional.unfold(y, 3, padding=1), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("kwargs", [dict(stride=2**63), dict(stride=2**60), dict(padding=2**61),
+                                    dict(dilation=2**64)], ids=str)
+def test_geometry_past_int64_is_refused_naming_the_argument(kwargs):
+    (name,) = kwargs
+    with pytest.raises(ValueError, match=rf"{name} must be ints \(not bools\) below 2\*\*60"):
+        cf.unfold(torch.randn(1, 2, 5, 5), 1, **kwargs)

@@ -52,13 +52,14 @@ def plain_eager(tensors) -> bool:
     """Whether the dispatcher, given these tensors now, would go straight to the op's implementation: every
     tensor a plain dense CPU/CUDA ``Tensor`` (exact type: no subclass, no FakeTensor), and no
     TorchDispatchMode (FakeTensorMode, make_fx, FlopCounterMode, ...), torch-function mode, Python
-    dispatcher, ``torch.func`` transform or forward-AD level active, and no profiler running (its trace
-    shows the dispatcher's ``convzoo::*`` events). Not for a call under ``torch.compile`` (the caller checks
+    dispatcher, ``torch.func`` transform or forward-AD level active, no profiler running (its trace
+    shows the dispatcher's ``convzoo::*`` events) and no ``torch.jit.trace`` recording (its graph must hold
+    the ``convzoo::*`` node, not what one call of it ran). Not for a call under ``torch.compile`` (the caller checks
     that first: Dynamo must see the custom op)."""
     if (torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled()
             or torch._C._are_functorch_transforms_active() or fwAD._current_level >= 0
             or torch._C._dispatch_tls_is_dispatch_key_included(_PYTHON_DISPATCHER)
-            or torch._C._autograd._profiler_enabled()):
+            or torch._C._autograd._profiler_enabled() or torch._C._get_tracing_state() is not None):
         return False
     for t in tensors:
         if t is not None and (type(t) not in _PLAIN_TYPES

@@ -9,6 +9,16 @@ import torch
 from convzoo.autotune import interpret_mode
 
 
+def own(t: torch.Tensor) -> torch.Tensor:
+    """``t``, or when it is a view of a temporary (a ``.view``/``.permute`` at the end of a path), the same
+    memory as a tensor of its own. Autograd refuses in-place changes to a view that an ``autograd.Function``
+    returns (``nn.ReLU(inplace=True)`` after a layer, ``y += x``), so an op's output must not be one, on any
+    path: no copy, only the view relation is dropped."""
+    if t._base is None:
+        return t
+    return t.new_empty(0).set_(t.untyped_storage(), t.storage_offset(), t.size(), t.stride())
+
+
 def use_triton(t: torch.Tensor) -> bool:
     """CUDA tensors, and CPU tensors under ``TRITON_INTERPRET=1``, go to the Triton launchers.
 

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from convzoo import _shapes, reference
 from convzoo.ops import _autograd, _native
-from convzoo.ops._dispatch import use_triton
+from convzoo.ops._dispatch import own, use_triton
 
 __all__ = ["local_conv", "local_conv_grad_input", "local_conv_grad_weight", "position_major"]
 
@@ -38,11 +38,11 @@ def _kernels():
 def _local_conv_impl(x: Tensor, weight: Tensor, bias: Tensor | None, kernel_size: list[int], dilation: list[int],
                      padding: list[int], stride: list[int], padding_mode: str) -> Tensor:
     if use_triton(x):
-        return _kernels().local_conv(x, weight, bias, kernel_size, dilation, padding, stride, padding_mode)
+        return own(_kernels().local_conv(x, weight, bias, kernel_size, dilation, padding, stride, padding_mode))
     out = _native.local_conv(x, weight, bias, kernel_size, dilation, padding, stride, padding_mode)
     if out is None:
-        return reference.local_conv(x, weight, bias, kernel_size, dilation, padding, stride, padding_mode)
-    return out
+        out = reference.local_conv(x, weight, bias, kernel_size, dilation, padding, stride, padding_mode)
+    return own(out)
 
 
 _local_conv = torch.library.custom_op("convzoo::local_conv", mutates_args=())(_local_conv_impl)
@@ -59,9 +59,9 @@ def _local_conv_grad_input_impl(grad: Tensor, weight: Tensor, input_size: list[i
                                 padding_mode: str) -> Tensor:
     args = (grad, weight, input_size, kernel_size, dilation, padding, stride, padding_mode)
     if use_triton(grad):
-        return _kernels().local_conv_grad_input(*args)
+        return own(_kernels().local_conv_grad_input(*args))
     out = _native.local_conv_grad_input(*args)
-    return reference.local_conv_grad_input(*args) if out is None else out
+    return own(reference.local_conv_grad_input(*args) if out is None else out)
 
 
 _local_conv_grad_input = torch.library.custom_op("convzoo::local_conv_grad_input",
@@ -79,9 +79,11 @@ def _local_conv_grad_weight_impl(grad: Tensor, x: Tensor, kernel_size: list[int]
                                  padding: list[int], stride: list[int], padding_mode: str) -> tuple[Tensor, Tensor]:
     args = (grad, x, kernel_size, dilation, padding, stride, padding_mode)
     if use_triton(x):
-        return _kernels().local_conv_grad_weight(*args)
-    out = _native.local_conv_grad_weight(*args)
-    return reference.local_conv_grad_weight(*args) if out is None else out
+        dw, db = _kernels().local_conv_grad_weight(*args)
+    else:
+        out = _native.local_conv_grad_weight(*args)
+        dw, db = reference.local_conv_grad_weight(*args) if out is None else out
+    return own(dw), own(db)
 
 
 _local_conv_grad_weight = torch.library.custom_op("convzoo::local_conv_grad_weight",

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from convzoo import _shapes, reference
 from convzoo.ops import _autograd, _native
-from convzoo.ops._dispatch import use_triton
+from convzoo.ops._dispatch import own, use_triton
 
 __all__ = ["fold", "unfold"]
 
@@ -23,9 +23,9 @@ def _unfold_impl(x: Tensor, kernel_size: list[int], dilation: list[int], padding
     if use_triton(x):
         from convzoo.kernels import unfold as kernels
 
-        return kernels.unfold(x, kernel_size, dilation, padding, stride, padding_mode)
+        return own(kernels.unfold(x, kernel_size, dilation, padding, stride, padding_mode))
     out = _native.unfold(x, kernel_size, dilation, padding, stride, padding_mode)
-    return reference.unfold(x, kernel_size, dilation, padding, stride, padding_mode) if out is None else out
+    return own(reference.unfold(x, kernel_size, dilation, padding, stride, padding_mode) if out is None else out)
 
 
 _unfold = torch.library.custom_op("convzoo::unfold", mutates_args=())(_unfold_impl)
@@ -42,11 +42,11 @@ def _fold_impl(cols: Tensor, output_size: list[int], kernel_size: list[int], dil
     if use_triton(cols):
         from convzoo.kernels import unfold as kernels
 
-        return kernels.fold(cols, output_size, kernel_size, dilation, padding, stride, padding_mode)
+        return own(kernels.fold(cols, output_size, kernel_size, dilation, padding, stride, padding_mode))
     out = _native.fold(cols, output_size, kernel_size, dilation, padding, stride, padding_mode)
     if out is None:
-        return reference.fold(cols, output_size, kernel_size, dilation, padding, stride, padding_mode)
-    return out
+        out = reference.fold(cols, output_size, kernel_size, dilation, padding, stride, padding_mode)
+    return own(out)
 
 
 _fold = torch.library.custom_op("convzoo::fold", mutates_args=())(_fold_impl)
