@@ -102,10 +102,15 @@ def local_conv(x: Tensor, weight: Tensor, bias: Tensor | None, kernel_size, dila
         return None
     g = _shapes.local_conv_geometry(x, weight, bias, kernel_size, dilation, padding, stride, padding_mode)
     y = torch.bmm(_patches_by_position(x, kernel_size, dilation, padding, stride), weight.permute(2, 1, 0))
-    y = y.permute(1, 2, 0).contiguous()  # [N, O, L]
-    if bias is not None:
-        y += bias if bias.dim() == 2 else bias[:, None]
-    return y.view(_shapes.local_conv_out_shape(x, weight, g))
+    # [L, N, O] -> [N, O, *out] (+ bias) in one pass, into a tensor of its own: the output must not be a
+    # view of a temporary (autograd would refuse in-place ops on it; see convzoo.ops._dispatch.own)
+    out = y.new_empty(_shapes.local_conv_out_shape(x, weight, g))
+    flat = out.view(y.shape[1], y.shape[2], y.shape[0])
+    if bias is None:
+        flat.copy_(y.permute(1, 2, 0))
+    else:  # [O, L] or [O]
+        torch.add(y.permute(1, 2, 0), bias if bias.dim() == 2 else bias[:, None], out=flat)
+    return out
 
 
 def local_conv_grad_input(grad: Tensor, weight: Tensor, input_size, kernel_size, dilation, padding, stride,
