@@ -138,15 +138,10 @@ def local_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     """``y[n, o, l] = Σ_r unfold(x)[n, r, l] · weight[o, r, l] + bias[o, l]`` as ``[N, C_out, *out]``."""
     g = _shapes.local_conv_geometry(x, weight, bias, kernel_size, dilation, padding, stride, padding_mode)
     y = torch.bmm(_patches_by_position(x, g), weight.permute(2, 1, 0))  # [L, N, O]
-    # [L, N, O] -> [N, O, *out] (+ bias) in one pass, into a tensor of its own: the output must not be a
-    # view of a temporary (autograd would refuse in-place ops on it; see convzoo.ops._dispatch.own)
-    out = y.new_empty(_shapes.local_conv_out_shape(x, weight, g))
-    flat = out.view(y.shape[1], y.shape[2], y.shape[0])
-    if bias is None:
-        flat.copy_(y.permute(1, 2, 0))
-    else:  # [O, L] or [O]
-        torch.add(y.permute(1, 2, 0), bias if bias.dim() == 2 else bias[:, None], out=flat)
-    return out
+    y = y.permute(1, 2, 0).contiguous()
+    if bias is not None:
+        y += bias if bias.dim() == 2 else bias[:, None]
+    return y.view(_shapes.local_conv_out_shape(x, weight, g))  # (the op's own() drops the view relation)
 
 
 def _grad_by_position(grad: torch.Tensor, num_blocks) -> torch.Tensor:

@@ -103,7 +103,8 @@ def local_conv(x: Tensor, weight: Tensor, bias: Tensor | None, kernel_size, dila
     g = _shapes.local_conv_geometry(x, weight, bias, kernel_size, dilation, padding, stride, padding_mode)
     y = torch.bmm(_patches_by_position(x, kernel_size, dilation, padding, stride), weight.permute(2, 1, 0))
     # [L, N, O] -> [N, O, *out] (+ bias) in one pass, into a tensor of its own: the output must not be a
-    # view of a temporary (autograd would refuse in-place ops on it; see convzoo.ops._dispatch.own)
+    # view of a temporary (autograd would refuse in-place ops on it; see convzoo.ops._dispatch.own). Runs
+    # below autograd (inside the op), so out= is fine; the reference stays differentiable as an oracle.
     out = y.new_empty(_shapes.local_conv_out_shape(x, weight, g))
     flat = out.view(y.shape[1], y.shape[2], y.shape[0])
     if bias is None:
