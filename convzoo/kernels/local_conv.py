@@ -27,7 +27,7 @@ import triton.language as tl
 
 from convzoo import _shapes, autotune, reference
 from convzoo.autotune import Config, ConfigSpace, KernelSpec, TuneProblem
-from convzoo.kernels.unfold import (
+from convzoo.kernels._common import (
     _acc_dtype,
     _as_3d,
     _as_5d,

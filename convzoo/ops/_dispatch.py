@@ -45,4 +45,4 @@ _KERNEL_MARKERS = (("convzoo.kernels.unfold", "unfold_kernel"), ("convzoo.kernel
 
 
 def _is_interpreted(kernel) -> bool:
-    return sys.modules["convzoo.kernels.unfold"]._interpreted(kernel)  # loaded whenever a kernel module is
+    return sys.modules["convzoo.kernels._common"]._interpreted(kernel)  # loaded whenever a kernel module is

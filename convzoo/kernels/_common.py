@@ -1,0 +1,174 @@
+"""What the kernel families share: the jit index helpers that map an output tap to the input it reads
+(padding modes folded into the index math), the fp32 widening of bf16 under the interpreter, and the
+launchers' host helpers (geometry as 3-d kernel arguments, device, accumulator dtype, launch buffers).
+
+Imported by ``convzoo.kernels.unfold`` and ``convzoo.kernels.local_conv``; decorated when they are (so
+under the same ``TRITON_INTERPRET``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import triton
+import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
+
+from convzoo import _shapes, autotune
+
+
+# ----------------------------------------------------------------------------------------------
+# index helpers shared by both kernels
+@triton.jit
+def _source_index(p, n, MODE: tl.constexpr):
+    """Input index read by padded position ``p`` (in input coordinates) along a dim of size ``n``,
+    and whether it reads anything (only ``'zeros'`` padding reads nothing)."""
+    if MODE == 0:  # zeros
+        i = p
+        ok = (p >= 0) & (p < n)
+    elif MODE == 1:  # circular; % truncates toward zero, so shift into range first
+        i = ((p % n) + n) % n
+        ok = p == p
+    elif MODE == 2:  # reflect (padding < n, so one reflection suffices)
+        i = tl.abs(p)
+        i = tl.where(i > n - 1, 2 * (n - 1) - i, i)
+        ok = p == p
+    else:  # replicate
+        i = tl.minimum(tl.maximum(p, 0), n - 1)
+        ok = p == p
+    return i, ok
+
+
+@triton.jit
+def _padded_candidate(i, j, n, lo, hi, MODE: tl.constexpr):
+    """The ``j``-th padded position (input coordinates, in ``[-lo, n + hi)``) that reads input index
+    ``i``, and whether it exists. The inverse of ``_source_index``: fold gathers from all of them.
+
+    zeros: only ``i``. circular: ``i``, ``i - n``, ``i + n``. reflect: ``i``, ``-i``,
+    ``2(n-1) - i``. replicate: ``i``, then ``-1..-lo`` (for ``i = 0``), then ``n..n-1+hi``
+    (for ``i = n-1``).
+    """
+    if MODE == 0:
+        p = i
+        ok = i == i
+    elif MODE == 1:
+        p = tl.where(j == 0, i, tl.where(j == 1, i - n, i + n))
+        ok = i == i
+    elif MODE == 2:
+        p = tl.where(j == 0, i, tl.where(j == 1, -i, 2 * (n - 1) - i))
+        ok = (j == 0) | ((j == 1) & (i > 0)) | ((j == 2) & (i < n - 1))
+    else:
+        p = tl.where(j == 0, i, tl.where(j <= lo, -j, n - 1 + j - lo))
+        ok = (j == 0) | ((j <= lo) & (i == 0)) | ((j > lo) & (i == n - 1))
+    ok = ok & (p >= -lo) & (p < n + hi)
+    return p, ok
+
+
+@triton.jit
+def _widen(v, ACC_DTYPE: tl.constexpr, UPCAST: tl.constexpr):
+    """``v`` in the accumulator dtype. ``UPCAST`` (bf16 under the interpreter only) widens by the bits
+    — a bf16 is the top half of an fp32 — because the interpreter's own bf16 → fp32 cast gets
+    subnormals (below 2^-126) wrong; on a GPU the plain cast is exact."""
+    if UPCAST:
+        w = (v.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+    else:
+        w = v.to(ACC_DTYPE)
+    return w
+
+
+@triton.jit
+def _block_index(p, lo, k, O, S: tl.constexpr, D: tl.constexpr):
+    """The block (output position) whose tap ``k`` reads padded position ``p``, and whether it exists."""
+    q = p + lo - k * D
+    l = q // S
+    ok = (q >= 0) & (q % S == 0) & (l < O)
+    return l, ok
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+# ----------------------------------------------------------------------------------------------
+# launcher helpers
+def _as_3d(g: _shapes.Geometry) -> dict:
+    """Geometry padded with leading unit dims to 3 spatial dims, as kernel arguments."""
+    lead = 3 - g.ndim
+
+    def pad3(t, fill):
+        return (fill,) * lead + tuple(t)
+
+    return {
+        "in": pad3(g.in_size, 1), "out": pad3(g.out_size, 1), "k": pad3(g.kernel_size, 1),
+        "s": pad3(g.stride, 1), "lo": pad3(g.pad_lo, 0), "hi": pad3(g.pad_hi, 0),
+        "d": pad3(g.dilation, 1),
+    }
+
+
+def _as_5d(x: torch.Tensor, ndim: int) -> torch.Tensor:
+    """``[N, C, *spatial]`` as a view with leading unit spatial dims, to 3 spatial dims."""
+    for _ in range(3 - ndim):
+        x = x.unsqueeze(2)
+    return x
+
+
+def _acc_dtype(dtype: torch.dtype):
+    """The kernels' accumulator: fp64 for fp64 inputs, else fp32."""
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _check_device(t: torch.Tensor) -> None:
+    """The kernels run on CUDA tensors, and on CPU tensors under the interpreter.
+
+    Raises:
+        ValueError: ``t`` is neither a CUDA tensor nor a CPU tensor under ``TRITON_INTERPRET=1``.
+    """
+    if not (t.is_cuda or (autotune.interpret_mode() and t.device.type == "cpu")):
+        raise ValueError(
+            f"the Triton kernels need a CUDA tensor (or CPU tensors with TRITON_INTERPRET=1), got {t.device}")
+
+
+def _device(t: torch.Tensor):
+    """Triton launches on the current CUDA device: make it ``t``'s for the launch."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def _interpreted(kernel) -> bool:
+    """True when ``kernel`` was decorated under ``TRITON_INTERPRET=1`` and so runs on Triton's CPU
+    interpreter: the kernels are fixed as interpreted or compiled at import, not by the variable's
+    value at call time."""
+    return isinstance(kernel, InterpretedFunction)
+
+
+def _upcast(dtype: torch.dtype, kernel) -> bool:
+    """The kernels' ``UPCAST`` flag: bf16 on an interpreted kernel, whose bf16 arithmetic (``tl.dot``
+    included) and bf16 → fp32 cast are wrong; see ``_widen``."""
+    return dtype == torch.bfloat16 and _interpreted(kernel)
+
+
+def _launch_buffer(out: torch.Tensor, kernel) -> torch.Tensor:
+    """The tensor ``kernel`` writes the result ``out`` into: ``out`` itself, except bf16 under the
+    interpreter, which gets an fp32 twin (same strides) that :func:`_finish` rounds into ``out``. The
+    interpreter's fp32 → bf16 cast truncates where the GPU's rounds to nearest even, so in-kernel
+    rounding would be 1 ulp off torch's (fold is bit-exact against torch on the GPU)."""
+    if _upcast(out.dtype, kernel):
+        return torch.empty_like(out, dtype=torch.float32)
+    return out
+
+
+def _finish(out: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:
+    """``out`` after the kernel wrote ``buf`` (see :func:`_launch_buffer`); ``copy_`` rounds to nearest even."""
+    if buf is not out:
+        out.copy_(buf)
+    return out
+
+
+def _num_candidates(g: _shapes.Geometry, lead: int) -> tuple[int, int, int]:
+    """How many padded positions can read one input index, per dim (see ``_padded_candidate``)."""
+    if g.padding_mode == "zeros":
+        per = [1] * g.ndim
+    elif g.padding_mode in ("circular", "reflect"):
+        per = [3 if lo + hi > 0 else 1 for lo, hi in zip(g.pad_lo, g.pad_hi)]
+    else:
+        per = [1 + lo + hi for lo, hi in zip(g.pad_lo, g.pad_hi)]
+    return (1,) * lead + tuple(per)
