@@ -186,9 +186,10 @@ def conv_matrix(weight: torch.Tensor, input_size: list[int], dilation: list[int]
     Entry ``B[(o, l), (c, j)]`` is the sum of ``weight[o, c - C_in/groups·group(o), k]`` over the taps ``k``
     with which output position ``l`` reads input pixel ``j`` (after ``padding_mode``'s padding), for ``c``
     in ``o``'s group; zero elsewhere. The entries are one gather from ``weight`` (so autograd reaches it),
-    placed at int64 indices computed for every ``(o, l, c, k)`` at once and coalesced: taps that the
-    padding sends to the same pixel (reflect, replicate, circular) are summed. Sparse results are coalesced;
-    arguments are resolved as for :func:`unfold` (padding the flat ``[lo_0, hi_0, ...]`` list).
+    placed at int64 indices computed for every ``(o, l, c, k)`` at once. Zero padding produces them sorted and
+    distinct (no sort needed); the other modes are coalesced, summing the taps that the padding sends to the
+    same pixel. Sparse results are coalesced; arguments are resolved as for :func:`unfold` (padding the flat
+    ``[lo_0, hi_0, ...]`` list).
     """
     g = _shapes.conv_matrix_geometry(weight, input_size, dilation, padding, stride, groups, padding_mode, layout,
                                      max_dense_elements)
@@ -215,24 +216,28 @@ def conv_matrix(weight: torch.Tensor, input_size: list[int], dilation: list[int]
             idx = source_index(n, lo, hi, g.padding_mode, device)[p]
         src = src + idx.view(shape) * math.prod(g.in_size[i + 1:])
     src = src.reshape(num_out, num_taps)
-    if inside is None:
-        pos = torch.arange(num_out, device=device).repeat_interleave(num_taps)
-        tap = torch.arange(num_taps, device=device).repeat(num_out)
-        pixel = src.reshape(-1)
-    else:  # drop the taps that land in the zero padding
-        pos, tap = inside.reshape(num_out, num_taps).nonzero(as_tuple=True)
-        pixel = src[pos, tap]
 
-    # Broadcast over (output channel, input channel of its group, kept (position, tap) pair).
+    # Every entry in the order (output channel, position, input channel of its group, tap): row-major in
+    # (row, col), since within a row the column grows with the channel and, per channel, with the tap (each
+    # coordinate grows with its tap index and the input is flattened in C order).
     o = torch.arange(c_out, device=device)
     first_channel = (o // max(c_out // groups, 1)) * c_group  # the group's first input channel
     channel = first_channel[:, None] + torch.arange(c_group, device=device)[None, :]  # [C_out, C_in/groups]
-    row = (o * num_out)[:, None, None] + pos[None, None, :]
-    col = (channel * num_in)[:, :, None] + pixel[None, None, :]
-    values = weight.reshape(c_out, c_group, num_taps)[:, :, tap]  # the gather autograd differentiates
-    indices = torch.stack((row.expand_as(col).reshape(-1), col.reshape(-1)))
-    # coalesce sums the entries of taps that read the same pixel (and sorts by (row, col), as CSR needs)
-    b = torch.sparse_coo_tensor(indices, values.reshape(-1), (rows, cols), check_invariants=False).coalesce()
+    grid = (c_out, num_out, c_group, num_taps)
+    row = ((o * num_out)[:, None] + torch.arange(num_out, device=device)[None, :])[:, :, None, None].expand(grid)
+    col = (channel * num_in)[:, None, :, None] + src[None, :, None, :]
+    values = weight.reshape(c_out, 1, c_group, num_taps).expand(grid)  # autograd reaches weight through this
+    row, col, values = row.reshape(-1), col.reshape(-1), values.reshape(-1)
+    if inside is not None:  # drop the taps that land in the zero padding
+        keep = inside.reshape(1, num_out, 1, num_taps).expand(grid).reshape(-1).nonzero().squeeze(1)
+        row, col, values = row[keep], col[keep], values[keep]
+    indices = torch.stack((row, col))
+    if g.padding_mode == "zeros":
+        # distinct taps of one row read distinct pixels and the order above is sorted: already coalesced
+        b = torch.sparse_coo_tensor(indices, values, (rows, cols), check_invariants=False, is_coalesced=True)
+    else:
+        # taps that the padding sends to one pixel are summed into one entry (and sorted by (row, col) again)
+        b = torch.sparse_coo_tensor(indices, values, (rows, cols), check_invariants=False).coalesce()
     if layout == "dense":
         return b.to_dense()
     if layout == "sparse_csr":
