@@ -8,13 +8,15 @@ dtype, float64 included.
 from __future__ import annotations
 
 import itertools
+import math
 
 import torch
 import torch.nn.functional as F
 
 from convzoo import _shapes
 
-__all__ = ["fold", "local_conv", "local_conv_grad_input", "local_conv_grad_weight", "source_index", "unfold"]
+__all__ = ["conv_matrix", "fold", "local_conv", "local_conv_grad_input", "local_conv_grad_weight", "source_index",
+           "unfold"]
 
 
 def source_index(n: int, lo: int, hi: int, padding_mode: str, device=None) -> torch.Tensor:
@@ -172,3 +174,72 @@ def local_conv_grad_weight(grad: torch.Tensor, x: torch.Tensor, kernel_size: lis
     acc = torch.float64 if grad.dtype == torch.float64 else torch.float32
     db = grad.reshape(*grad.shape[:2], g.num_blocks).sum(0, dtype=acc).to(grad.dtype)
     return dw.permute(1, 2, 0), db
+
+
+# ----------------------------------------------------------------------------------------------
+# convolution as a matrix: the doubly-block Toeplitz matrix of F.convNd, built from index arithmetic
+def conv_matrix(weight: torch.Tensor, input_size: list[int], dilation: list[int], padding: list[int],
+                stride: list[int], groups: int = 1, padding_mode: str = "zeros", layout: str = "sparse_csr",
+                max_dense_elements: int | None = None) -> torch.Tensor:
+    """The ``[C_out·∏out, C_in·∏input_size]`` matrix ``B`` with ``conv(x).flatten(1) == (B @ x.flatten(1).T).T``.
+
+    Entry ``B[(o, l), (c, j)]`` is the sum of ``weight[o, c - C_in/groups·group(o), k]`` over the taps ``k``
+    with which output position ``l`` reads input pixel ``j`` (after ``padding_mode``'s padding), for ``c``
+    in ``o``'s group; zero elsewhere. The entries are one gather from ``weight`` (so autograd reaches it),
+    placed at int64 indices computed for every ``(o, l, c, k)`` at once. Zero padding produces them sorted and
+    distinct (no sort needed); the other modes are coalesced, summing the taps that the padding sends to the
+    same pixel. Sparse results are coalesced; arguments are resolved as for :func:`unfold` (padding the flat
+    ``[lo_0, hi_0, ...]`` list).
+    """
+    g = _shapes.conv_matrix_geometry(weight, input_size, dilation, padding, stride, groups, padding_mode, layout,
+                                     max_dense_elements)
+    rows, cols = _shapes.conv_matrix_shape(weight, g, groups)
+    device, nd = weight.device, g.ndim
+    c_out, c_group = weight.shape[:2]
+    num_out, num_in, num_taps = g.num_blocks, math.prod(g.in_size), g.kernel_numel
+
+    # For every (output position, tap) as a [*out, *kernel] grid: the flat input index it reads and, with
+    # zero padding, whether it reads the input at all. One small [out_i, K_i] table per spatial dim, summed.
+    src = torch.zeros((), dtype=torch.int64, device=device)
+    inside = None
+    for i in range(nd):
+        n, lo, hi = g.in_size[i], g.pad_lo[i], g.pad_hi[i]
+        p = (torch.arange(g.out_size[i], device=device)[:, None] * g.stride[i]
+             + torch.arange(g.kernel_size[i], device=device)[None, :] * g.dilation[i])  # padded coordinate
+        shape = [1] * (2 * nd)
+        shape[i], shape[nd + i] = g.out_size[i], g.kernel_size[i]
+        if g.padding_mode == "zeros":
+            idx = p - lo
+            ok = ((idx >= 0) & (idx < n)).view(shape)
+            inside = ok if inside is None else inside & ok
+        else:
+            idx = source_index(n, lo, hi, g.padding_mode, device)[p]
+        src = src + idx.view(shape) * math.prod(g.in_size[i + 1:])
+    src = src.reshape(num_out, num_taps)
+
+    # Every entry in the order (output channel, position, input channel of its group, tap): row-major in
+    # (row, col), since within a row the column grows with the channel and, per channel, with the tap (each
+    # coordinate grows with its tap index and the input is flattened in C order).
+    o = torch.arange(c_out, device=device)
+    first_channel = (o // max(c_out // groups, 1)) * c_group  # the group's first input channel
+    channel = first_channel[:, None] + torch.arange(c_group, device=device)[None, :]  # [C_out, C_in/groups]
+    grid = (c_out, num_out, c_group, num_taps)
+    row = ((o * num_out)[:, None] + torch.arange(num_out, device=device)[None, :])[:, :, None, None].expand(grid)
+    col = (channel * num_in)[:, None, :, None] + src[None, :, None, :]
+    values = weight.reshape(c_out, 1, c_group, num_taps).expand(grid)  # autograd reaches weight through this
+    row, col, values = row.reshape(-1), col.reshape(-1), values.reshape(-1)
+    if inside is not None:  # drop the taps that land in the zero padding
+        keep = inside.reshape(1, num_out, 1, num_taps).expand(grid).reshape(-1).nonzero().squeeze(1)
+        row, col, values = row[keep], col[keep], values[keep]
+    indices = torch.stack((row, col))
+    if g.padding_mode == "zeros":
+        # distinct taps of one row read distinct pixels and the order above is sorted: already coalesced
+        b = torch.sparse_coo_tensor(indices, values, (rows, cols), check_invariants=False, is_coalesced=True)
+    else:
+        # taps that the padding sends to one pixel are summed into one entry (and sorted by (row, col) again)
+        b = torch.sparse_coo_tensor(indices, values, (rows, cols), check_invariants=False).coalesce()
+    if layout == "dense":
+        return b.to_dense()
+    if layout == "sparse_csr":
+        return b.to_sparse_csr()  # keeps the int64 indices of the COO tensor
+    return b
