@@ -253,3 +253,14 @@ def test_bad_tensors(path):
     with pytest.raises(ValueError, match=r"input\.shape\[2\]"):  # a 4x4 output has 16 positions, not 5
         torch.ops.convzoo.unfold_transpose_backward(torch.ones(1, 18, 5, device=path), [4, 4], [3, 3], [1, 1],
                                                     [0, 0], [0, 0], [1, 1])
+
+
+@pytest.mark.parametrize("shape", [(0, 3, 4, 5), (2, 0, 4, 5), (2, 3, 0, 5)], ids=["N0", "C0", "H0"])
+def test_empty_dims(shape, path):
+    """An empty batch or channel dim gives an empty result; an empty input dim reads nothing (zeros)."""
+    x = torch.randn(shape, device=path, requires_grad=True)
+    cols = cf.unfold_transpose(x, 3, stride=2, output_padding=1)  # out = (in - 1)·2 + 2 + 1 + 1
+    assert cols.shape == (shape[0], shape[1] * 9, (shape[2] * 2 + 2) * (shape[3] * 2 + 2))
+    assert not cols.any()
+    (g,) = torch.autograd.grad(cols.sum(), x)
+    assert g.shape == x.shape
