@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Sequence
 
 import torch
 
 from convzoo import _shapes, reference
 from convzoo.ops import local_conv as _local_conv_ops
 from convzoo.ops import unfold as _unfold_ops
+from convzoo.ops import unfold_transpose as _unfold_transpose_ops
 
-__all__ = ["conv_matrix", "fold", "local_conv", "unfold"]
+__all__ = ["conv_matrix", "fold", "local_conv", "unfold", "unfold_transpose"]
 
 # device types torch.autocast knows (torch.is_autocast_enabled raises for others, e.g. 'meta')
 _AUTOCAST_DEVICE_TYPES = frozenset(d for d in ("cpu", "cuda", "xpu", "mps", "hpu", "xla", "ipu", "mtia", "maia")
@@ -161,6 +163,56 @@ def _fold_args(output_size, kernel_size, dilation, padding, stride, padding_mode
 
 
 _cached_fold_args = functools.lru_cache(maxsize=1024)(_fold_args)
+
+
+def unfold_transpose(input: torch.Tensor, kernel_size, stride=1, padding=0, output_padding=0, dilation=1, *,
+                     output_size=None) -> torch.Tensor:
+    """The sliding local blocks a transposed convolution sees (unfoldNd's ``unfold_transposeNd``).
+
+    ``conv_transposeNd(input, weight)`` (``groups=1``, ``weight`` ``[C_in, C_out, *kernel_size]``) equals
+    ``weight.flatten(2).permute(1, 0, 2).reshape(C_out, C_in·∏K) @ unfold_transpose(input)``, reshaped to
+    the output grid. Entry ``(c, t)`` at output position ``o`` is ``input[c, i]`` where
+    ``o = i·stride - padding + t·dilation`` (per dim), 0 where no input index lands there. Same order
+    and values as ``unfoldNd.unfold_transposeNd``, bit for bit; 1, 2 or 3 spatial dims, one launch on CUDA.
+
+    Args:
+        input: ``[N, C, *spatial]``, floating dtype, any strides; or unbatched ``[C, *spatial]`` when a
+            tuple argument tells the rank (as :func:`unfold` reads it) → ``[C·∏kernel_size, L]``.
+        kernel_size, stride, dilation: int or one int per spatial dim; positive.
+        padding: int or one int per spatial dim (symmetric, as ``nn.ConvTranspose`` takes it); non-negative.
+        output_padding: int or one int per spatial dim, each smaller than its stride or its dilation.
+        output_size: the output's spatial size (optionally with the leading ``(N, C)``), as
+            ``nn.ConvTranspose{1,2,3}d.forward`` takes it; it replaces ``output_padding``.
+
+    Returns:
+        ``[N, C·∏kernel_size, L]`` with rows ordered ``(c, k_0, k_1, ...)`` and ``L = ∏ out`` positions in
+        row-major order, ``out = (in - 1)·stride - 2·padding + dilation·(kernel_size - 1) + output_padding + 1``.
+
+    Raises:
+        TypeError: ``input`` is not a floating tensor, or an argument is not an int / sequence of ints (bools too).
+        ValueError: wrong number of dims or entries, non-positive kernel_size/stride/dilation, negative
+            padding/output_padding, output_padding not smaller than stride or dilation, an ``output_size`` out
+            of the reachable range, or an output size below 1.
+    """
+    _shapes.check_float_tensor(input, "input")
+    ndim, batched = _spatial_ndim(input.shape, kernel_size, stride, padding, output_padding, dilation)
+    if not batched:
+        if output_size is not None and isinstance(output_size, Sequence) and len(output_size) == ndim + 1:
+            output_size = output_size[1:]  # unbatched [C, *spatial], as nn.ConvTranspose reads it
+        return unfold_transpose(input[None], kernel_size, stride, padding, output_padding, dilation,
+                                output_size=output_size)[0]
+    ks = _shapes.as_tuple(kernel_size, ndim, "kernel_size")
+    st = _shapes.as_tuple(stride, ndim, "stride")
+    pad = _shapes.as_tuple(padding, ndim, "padding")
+    dil = _shapes.as_tuple(dilation, ndim, "dilation")
+    for name, v in (("kernel_size", ks), ("stride", st), ("dilation", dil)):
+        if any(e <= 0 for e in v):
+            raise ValueError(f"{name} must be positive, got {v}")
+    if output_size is None:
+        op = _shapes.as_tuple(output_padding, ndim, "output_padding")
+    else:
+        op = _shapes.transpose_output_padding(input.shape[2:], output_size, ks, st, pad, dil)
+    return _unfold_transpose_ops.unfold_transpose(input, list(ks), list(st), list(pad), list(op), list(dil))
 
 
 def local_conv(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, kernel_size,

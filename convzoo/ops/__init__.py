@@ -5,3 +5,4 @@ other case: the reference, or torch's own CPU im2col/col2im where they compute t
 
 from convzoo.ops import local_conv as _local_conv  # noqa: F401  (registers convzoo::local_conv*)
 from convzoo.ops import unfold as _unfold  # noqa: F401  (registers convzoo::unfold, convzoo::fold)
+from convzoo.ops import unfold_transpose as _unfold_transpose  # noqa: F401  (registers convzoo::unfold_transpose*)

@@ -48,11 +48,16 @@ KEY_LEGEND = {
                                "BLOCK_O x BLOCK_R dW tile per position, BLOCK_N reduction step"),
     "local_conv_grad_input": ({"C": "input channels C_in", "N": "batch", "O": "output channels C_out (the reduction)"},
                               "BLOCK_N x BLOCK_C dX tile per pixel, BLOCK_O reduction step"),
+    "unfold_transpose": ({"L": "output positions of the transposed convolution = prod(out spatial size)",
+                          "R": "rows of the [N*C*prod(K), L] column matrix = N*C*prod(K)"},
+                         "BLOCK_R x BLOCK_L output tile (contiguous along L)"),
+    "unfold_transpose_backward": ({"P": "input pixels = prod(input spatial size)", "R": "(n, c) rows = N*C"},
+                                  "BLOCK_R x BLOCK_P dX tile (contiguous along P)"),
 }
 
 
 def _import_kernels() -> None:
-    from convzoo.kernels import local_conv, unfold  # noqa: F401  (register their specs)
+    from convzoo.kernels import local_conv, unfold, unfold_transpose  # noqa: F401  (register their specs)
 
 
 def _epilog() -> str:
