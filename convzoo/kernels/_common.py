@@ -16,6 +16,7 @@ import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
 from convzoo import _shapes, autotune
+from convzoo.autotune import Config, ConfigSpace
 
 
 # ----------------------------------------------------------------------------------------------
@@ -90,18 +91,70 @@ def _block_index(p, lo, k, O, S: tl.constexpr, D: tl.constexpr):
 
 
 # ----------------------------------------------------------------------------------------------
+# configs of the gather kernels (unfold, fold, unfold_transpose and its adjoint: a tile contiguous along
+# its inner dim)
+def _tile_default(rows: int, inner: int, interpret: bool, inner_cap: int, tile: int) -> tuple[int, int]:
+    """(BLOCK_rows, BLOCK_inner): the inner (contiguous) dim first, then rows up to ``tile`` elements.
+    The interpreter pays per program, not per element, so it gets the largest tiles."""
+    if interpret:
+        inner_cap, tile = 1024, 16384
+    b_inner = max(16, min(inner_cap, autotune.bucket(inner)))
+    b_rows = max(1, min(autotune.bucket(rows), tile // b_inner))
+    return b_rows, b_inner
+
+
+def _gather_default(dims, dtype, interpret: bool) -> Config:
+    """unfold's and unfold_transpose's heuristic (dims R rows, L contiguous outputs)."""
+    # 4 KiB-ish tiles: 128 contiguous outputs × 16 rows keeps 4 warps busy with 16 elements each
+    br, bl = _tile_default(dims["R"], dims["L"], interpret, inner_cap=128, tile=2048)
+    return Config({"BLOCK_R": br, "BLOCK_L": bl}, num_warps=4, num_stages=1)
+
+
+def _reduce_gather_default(dims, dtype, interpret: bool) -> Config:
+    """fold's and unfold_transpose_backward's heuristic (dims R rows, P contiguous pixels, a tap loop)."""
+    # the tap loop keeps an fp32 accumulator tile live: 1024 elements = 8 registers/thread at 4 warps
+    br, bp = _tile_default(dims["R"], dims["P"], interpret, inner_cap=128, tile=1024)
+    return Config({"BLOCK_R": br, "BLOCK_P": bp}, num_warps=4, num_stages=1)
+
+
+def _candidates(row_name: str, inner_name: str):
+    def gen(dims, dtype):
+        for inner in (32, 64, 128, 256, 512):
+            for rows in (1, 2, 4, 8, 16, 32, 64):
+                for warps in (1, 2, 4, 8):
+                    cfg = Config({row_name: rows, inner_name: inner}, num_warps=warps, num_stages=1)
+                    if _keep(cfg, row_name, inner_name):
+                        yield cfg
+    return gen
+
+
+def _keep(cfg: Config, row_name: str, inner_name: str) -> bool:
+    """Validity: power-of-2 tiles of 256..8192 elements, at least one element per thread."""
+    r, i = cfg.meta[row_name], cfg.meta[inner_name]
+    pow2 = r & (r - 1) == 0 and i & (i - 1) == 0
+    return pow2 and 256 <= r * i <= 8192 and r * i >= 32 * cfg.num_warps
+
+
+def _space(row_name: str, inner_name: str) -> ConfigSpace:
+    """What a tuned table entry may hold: the candidates' grid (rows 1..64, inner 32..512, 1..8 warps,
+    one stage) widened to the heuristic's tiles (rows up to 128, inner from 16), under ``_keep``."""
+    return ConfigSpace({row_name: (1, 128), inner_name: (16, 512)}, num_warps=(1, 8), num_stages=(1, 1),
+                       keep=lambda cfg, dtype: _keep(cfg, row_name, inner_name))
+
+
+# ----------------------------------------------------------------------------------------------
 # launcher helpers
+def _pad3(values, fill) -> tuple:
+    """Per-dim ``values`` with leading ``fill`` entries to 3 spatial dims (kernels see every input as 3-d)."""
+    return (fill,) * (3 - len(values)) + tuple(values)
+
+
 def _as_3d(g: _shapes.Geometry) -> dict:
     """Geometry padded with leading unit dims to 3 spatial dims, as kernel arguments."""
-    lead = 3 - g.ndim
-
-    def pad3(t, fill):
-        return (fill,) * lead + tuple(t)
-
     return {
-        "in": pad3(g.in_size, 1), "out": pad3(g.out_size, 1), "k": pad3(g.kernel_size, 1),
-        "s": pad3(g.stride, 1), "lo": pad3(g.pad_lo, 0), "hi": pad3(g.pad_hi, 0),
-        "d": pad3(g.dilation, 1),
+        "in": _pad3(g.in_size, 1), "out": _pad3(g.out_size, 1), "k": _pad3(g.kernel_size, 1),
+        "s": _pad3(g.stride, 1), "lo": _pad3(g.pad_lo, 0), "hi": _pad3(g.pad_hi, 0),
+        "d": _pad3(g.dilation, 1),
     }
 
 

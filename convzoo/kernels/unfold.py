@@ -14,19 +14,23 @@ import triton
 import triton.language as tl
 
 from convzoo import _shapes, autotune, reference
-from convzoo.autotune import Config, ConfigSpace, KernelSpec, TuneProblem
+from convzoo.autotune import Config, KernelSpec, TuneProblem
 from convzoo.kernels._common import (
     _acc_dtype,
     _as_3d,
     _as_5d,
     _block_index,
+    _candidates,
     _check_device,
     _device,
     _finish,
+    _gather_default,
     _launch_buffer,
     _num_candidates,
     _padded_candidate,
+    _reduce_gather_default,
     _source_index,
+    _space,
     _upcast,
     _widen,
 )
@@ -169,53 +173,6 @@ def fold_kernel(
 
 # ----------------------------------------------------------------------------------------------
 # configs
-def _tile_default(rows: int, inner: int, interpret: bool, inner_cap: int, tile: int) -> tuple[int, int]:
-    """(BLOCK_rows, BLOCK_inner): the inner (contiguous) dim first, then rows up to ``tile`` elements.
-    The interpreter pays per program, not per element, so it gets the largest tiles."""
-    if interpret:
-        inner_cap, tile = 1024, 16384
-    b_inner = max(16, min(inner_cap, autotune.bucket(inner)))
-    b_rows = max(1, min(autotune.bucket(rows), tile // b_inner))
-    return b_rows, b_inner
-
-
-def _unfold_default(dims, dtype, interpret: bool) -> Config:
-    # 4 KiB-ish tiles: 128 contiguous outputs × 16 rows keeps 4 warps busy with 16 elements each
-    br, bl = _tile_default(dims["R"], dims["L"], interpret, inner_cap=128, tile=2048)
-    return Config({"BLOCK_R": br, "BLOCK_L": bl}, num_warps=4, num_stages=1)
-
-
-def _fold_default(dims, dtype, interpret: bool) -> Config:
-    # the tap loop keeps an fp32 accumulator tile live: 1024 elements = 8 registers/thread at 4 warps
-    br, bp = _tile_default(dims["R"], dims["P"], interpret, inner_cap=128, tile=1024)
-    return Config({"BLOCK_R": br, "BLOCK_P": bp}, num_warps=4, num_stages=1)
-
-
-def _candidates(row_name: str, inner_name: str):
-    def gen(dims, dtype):
-        for inner in (32, 64, 128, 256, 512):
-            for rows in (1, 2, 4, 8, 16, 32, 64):
-                for warps in (1, 2, 4, 8):
-                    cfg = Config({row_name: rows, inner_name: inner}, num_warps=warps, num_stages=1)
-                    if _keep(cfg, row_name, inner_name):
-                        yield cfg
-    return gen
-
-
-def _keep(cfg: Config, row_name: str, inner_name: str) -> bool:
-    """Validity: power-of-2 tiles of 256..8192 elements, at least one element per thread."""
-    r, i = cfg.meta[row_name], cfg.meta[inner_name]
-    pow2 = r & (r - 1) == 0 and i & (i - 1) == 0
-    return pow2 and 256 <= r * i <= 8192 and r * i >= 32 * cfg.num_warps
-
-
-def _space(row_name: str, inner_name: str) -> ConfigSpace:
-    """What a tuned table entry may hold: the candidates' grid (rows 1..64, inner 32..512, 1..8 warps,
-    one stage) widened to the heuristic's tiles (rows up to 128, inner from 16), under ``_keep``."""
-    return ConfigSpace({row_name: (1, 128), inner_name: (16, 512)}, num_warps=(1, 8), num_stages=(1, 1),
-                       keep=lambda cfg, dtype: _keep(cfg, row_name, inner_name))
-
-
 def _unfold_problem(layer, dtype, device) -> TuneProblem:
     g, geom = layer.resolved(), layer.geometry()
 
@@ -238,10 +195,10 @@ def _fold_problem(layer, dtype, device) -> TuneProblem:
 
 
 UNFOLD_SPEC = autotune.register(KernelSpec(
-    "unfold", unfold_kernel, ("R", "L"), _unfold_default, _candidates("BLOCK_R", "BLOCK_L"), _unfold_problem,
+    "unfold", unfold_kernel, ("R", "L"), _gather_default, _candidates("BLOCK_R", "BLOCK_L"), _unfold_problem,
     _space("BLOCK_R", "BLOCK_L")))
 FOLD_SPEC = autotune.register(KernelSpec(
-    "fold", fold_kernel, ("R", "P"), _fold_default, _candidates("BLOCK_R", "BLOCK_P"), _fold_problem,
+    "fold", fold_kernel, ("R", "P"), _reduce_gather_default, _candidates("BLOCK_R", "BLOCK_P"), _fold_problem,
     _space("BLOCK_R", "BLOCK_P")))
 
 

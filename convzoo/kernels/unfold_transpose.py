@@ -22,14 +22,18 @@ from convzoo.kernels._common import (
     _acc_dtype,
     _as_5d,
     _block_index,
+    _candidates,
     _check_device,
     _device,
     _finish,
+    _gather_default,
     _launch_buffer,
+    _pad3,
+    _reduce_gather_default,
+    _space,
     _upcast,
     _widen,
 )
-from convzoo.kernels.unfold import _candidates, _space, _tile_default
 
 __all__ = ["unfold_transpose", "unfold_transpose_backward"]
 
@@ -160,19 +164,7 @@ def unfold_transpose_backward_kernel(
 
 
 # ----------------------------------------------------------------------------------------------
-# configs: the tile shapes of unfold/fold (same access pattern: a gather tile contiguous along its inner dim)
-def _forward_default(dims, dtype, interpret: bool) -> Config:
-    # 4 KiB-ish tiles: 128 contiguous outputs × 16 rows keeps 4 warps busy with 16 elements each
-    br, bl = _tile_default(dims["R"], dims["L"], interpret, inner_cap=128, tile=2048)
-    return Config({"BLOCK_R": br, "BLOCK_L": bl}, num_warps=4, num_stages=1)
-
-
-def _backward_default(dims, dtype, interpret: bool) -> Config:
-    # the tap loop keeps an fp32 accumulator tile live: 1024 elements = 8 registers/thread at 4 warps
-    br, bp = _tile_default(dims["R"], dims["P"], interpret, inner_cap=128, tile=1024)
-    return Config({"BLOCK_R": br, "BLOCK_P": bp}, num_warps=4, num_stages=1)
-
-
+# configs: the tile shapes and heuristics of unfold/fold (the same access pattern), from kernels._common
 def _layer_geometry(layer) -> tuple[list, list, list, list, list]:
     """A tuning grid layer read as a transposed convolution: its kernel, stride and (int) padding, no
     output_padding, no dilation."""
@@ -205,10 +197,10 @@ def _backward_problem(layer, dtype, device) -> TuneProblem:
 
 
 UNFOLD_TRANSPOSE_SPEC = autotune.register(KernelSpec(
-    "unfold_transpose", unfold_transpose_kernel, ("R", "L"), _forward_default, _candidates("BLOCK_R", "BLOCK_L"),
+    "unfold_transpose", unfold_transpose_kernel, ("R", "L"), _gather_default, _candidates("BLOCK_R", "BLOCK_L"),
     _forward_problem, _space("BLOCK_R", "BLOCK_L")))
 UNFOLD_TRANSPOSE_BACKWARD_SPEC = autotune.register(KernelSpec(
-    "unfold_transpose_backward", unfold_transpose_backward_kernel, ("R", "P"), _backward_default,
+    "unfold_transpose_backward", unfold_transpose_backward_kernel, ("R", "P"), _reduce_gather_default,
     _candidates("BLOCK_R", "BLOCK_P"), _backward_problem, _space("BLOCK_R", "BLOCK_P")))
 
 
@@ -216,13 +208,8 @@ UNFOLD_TRANSPOSE_BACKWARD_SPEC = autotune.register(KernelSpec(
 # launchers
 def _as_3d(g: _shapes.TransposeGeometry) -> dict:
     """Geometry padded with leading unit dims to 3 spatial dims, as kernel arguments."""
-    lead = 3 - g.ndim
-
-    def pad3(t, fill):
-        return (fill,) * lead + tuple(t)
-
-    return {"in": pad3(g.in_size, 1), "out": pad3(g.out_size, 1), "k": pad3(g.kernel_size, 1),
-            "s": pad3(g.stride, 1), "p": pad3(g.padding, 0), "d": pad3(g.dilation, 1)}
+    return {"in": _pad3(g.in_size, 1), "out": _pad3(g.out_size, 1), "k": _pad3(g.kernel_size, 1),
+            "s": _pad3(g.stride, 1), "p": _pad3(g.padding, 0), "d": _pad3(g.dilation, 1)}
 
 
 def unfold_transpose(x: torch.Tensor, kernel_size: list[int], stride: list[int], padding: list[int],
