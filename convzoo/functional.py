@@ -58,13 +58,23 @@ def _resolved(resolve, cached, *args):
     return resolve(*args) if key is None else cached(*key)
 
 
-def _geometry_args(ndim, kernel_size, dilation, padding, stride, in_size, padding_mode):
-    ks = _shapes.as_tuple(kernel_size, ndim, "kernel_size")
-    dil = _shapes.as_tuple(dilation, ndim, "dilation")
-    st = _shapes.as_tuple(stride, ndim, "stride")
-    for name, v in (("kernel_size", ks), ("dilation", dil), ("stride", st)):
+def _positive_tuples(ndim, **values) -> list[tuple]:
+    """Each ``name=value`` as a tuple of ``ndim`` ints (an int repeated), every entry positive, in order.
+
+    Raises:
+        TypeError, ValueError: as :func:`convzoo._shapes.as_tuple`, or an entry is not positive.
+    """
+    out = []
+    for name, value in values.items():
+        v = _shapes.as_tuple(value, ndim, name)
         if any(e <= 0 for e in v):
             raise ValueError(f"{name} must be positive, got {v}")
+        out.append(v)
+    return out
+
+
+def _geometry_args(ndim, kernel_size, dilation, padding, stride, in_size, padding_mode):
+    ks, dil, st = _positive_tuples(ndim, kernel_size=kernel_size, dilation=dilation, stride=stride)
     if not isinstance(padding_mode, str) or padding_mode not in _shapes.PADDING_MODES:
         raise ValueError(f"padding_mode must be one of {_shapes.PADDING_MODES}, got {padding_mode!r}")
     pad = _shapes.resolve_padding(padding, in_size, ks, dil, st)
@@ -201,13 +211,9 @@ def unfold_transpose(input: torch.Tensor, kernel_size, stride=1, padding=0, outp
             output_size = output_size[1:]  # unbatched [C, *spatial], as nn.ConvTranspose reads it
         return unfold_transpose(input[None], kernel_size, stride, padding, output_padding, dilation,
                                 output_size=output_size)[0]
-    ks = _shapes.as_tuple(kernel_size, ndim, "kernel_size")
-    st = _shapes.as_tuple(stride, ndim, "stride")
+    ks, st = _positive_tuples(ndim, kernel_size=kernel_size, stride=stride)
     pad = _shapes.as_tuple(padding, ndim, "padding")
-    dil = _shapes.as_tuple(dilation, ndim, "dilation")
-    for name, v in (("kernel_size", ks), ("stride", st), ("dilation", dil)):
-        if any(e <= 0 for e in v):
-            raise ValueError(f"{name} must be positive, got {v}")
+    (dil,) = _positive_tuples(ndim, dilation=dilation)
     if output_size is None:
         op = _shapes.as_tuple(output_padding, ndim, "output_padding")
     else:

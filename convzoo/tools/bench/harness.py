@@ -218,6 +218,7 @@ def compile_guard(limit: int = 256):
         yield
 
 
+@compile_guard()
 def run(problems: Sequence[Problem], providers: dict[str, Sequence[Provider]], modes: Sequence[str],
         device: torch.device, dtype: torch.dtype, limits: Limits, full: bool = False, rounds: int = 3,
         timer=None, overhead_timer=None, load: timing.ForeignLoad | None = None, memory: bool = True,
@@ -232,15 +233,8 @@ def run(problems: Sequence[Problem], providers: dict[str, Sequence[Provider]], m
     per timed row; ``env`` is :func:`environment`'s record for ``device`` when the caller has it
     already. With ``max_minutes``, no new (problem, mode) starts after that many minutes. ``on_rows``
     gets each (problem, mode)'s rows as soon as they are timed (the CLI appends them to the CSV then, so
-    a run that is stopped keeps what it timed).
+    a run that is stopped keeps what it timed). It runs under :func:`compile_guard`.
     """
-    with compile_guard():
-        return _run(problems, providers, modes, device, dtype, limits, full, rounds, timer, overhead_timer, load,
-                    memory, progress, env, max_minutes, on_rows)
-
-
-def _run(problems, providers, modes, device, dtype, limits, full, rounds, timer, overhead_timer, load, memory,
-         progress, env, max_minutes, on_rows) -> list[Row]:
     env = env or environment(device)
     timer = timer or default_timer(device)
     overhead_timer = overhead_timer or timing.CpuTimer(1, 0.2)
