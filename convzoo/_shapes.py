@@ -219,11 +219,28 @@ def check_float_tensor(t: torch.Tensor, name: str) -> None:
           TypeError)
 
 
-def unfold_geometry(x: torch.Tensor, kernel_size, dilation, padding, stride, padding_mode) -> Geometry:
-    """Checks for ``unfold(x, ...)``; ``x`` is ``[N, C, *spatial]``."""
+def check_spatial_input(x: torch.Tensor) -> None:
+    """``x`` is a floating ``[N, C, *spatial]`` tensor with 1-3 spatial dims (named ``input``)."""
     check_float_tensor(x, "input")
     check(3 <= x.dim() <= 5,
           lambda: f"input must be [N, C, *spatial] with 1-3 spatial dims, got shape {tuple(x.shape)}")
+
+
+def check_columns_input(cols: torch.Tensor) -> None:
+    """``cols`` is a floating ``[N, C·∏K, L]`` column matrix (named ``input``)."""
+    check_float_tensor(cols, "input")
+    check(cols.dim() == 3, lambda: f"input must be [N, C*prod(kernel_size), L], got shape {tuple(cols.shape)}")
+
+
+def check_columns_divide(cols: torch.Tensor, kernel_numel: int) -> None:
+    """``cols``' rows are whole kernels: ``C·∏K`` divisible by ``∏K``."""
+    check(cols.shape[1] % kernel_numel == 0,
+          lambda: f"input.shape[1]={cols.shape[1]} is not divisible by prod(kernel_size)={kernel_numel}")
+
+
+def unfold_geometry(x: torch.Tensor, kernel_size, dilation, padding, stride, padding_mode) -> Geometry:
+    """Checks for ``unfold(x, ...)``; ``x`` is ``[N, C, *spatial]``."""
+    check_spatial_input(x)
     return geometry(tuple(x.shape[2:]), kernel_size, dilation, padding, stride, padding_mode)
 
 
@@ -235,11 +252,9 @@ def unfold_out_shape(x: torch.Tensor, g: Geometry) -> tuple:
 def fold_geometry(cols: torch.Tensor, output_size, kernel_size, dilation, padding, stride,
                   padding_mode) -> Geometry:
     """Checks for ``fold(cols, output_size, ...)``; ``cols`` is ``[N, C·∏K, L]``."""
-    check_float_tensor(cols, "input")
-    check(cols.dim() == 3, lambda: f"input must be [N, C*prod(kernel_size), L], got shape {tuple(cols.shape)}")
+    check_columns_input(cols)
     g = geometry(tuple(output_size), kernel_size, dilation, padding, stride, padding_mode)
-    check(cols.shape[1] % g.kernel_numel == 0,
-          lambda: f"input.shape[1]={cols.shape[1]} is not divisible by prod(kernel_size)={g.kernel_numel}")
+    check_columns_divide(cols, g.kernel_numel)
     check(cols.shape[2] == g.num_blocks,
           lambda: f"output_size {list(output_size)} with this kernel_size/dilation/padding/stride gives "
           f"{list(g.out_size)} = {g.num_blocks} blocks, but input.shape[2]={cols.shape[2]}")
@@ -345,9 +360,7 @@ def transpose_output_padding(in_size: Sequence, output_size: Sequence, kernel_si
 def unfold_transpose_geometry(x: torch.Tensor, kernel_size, stride, padding, output_padding,
                               dilation) -> TransposeGeometry:
     """Checks for ``unfold_transpose(x, ...)``; ``x`` is ``[N, C, *spatial]``."""
-    check_float_tensor(x, "input")
-    check(3 <= x.dim() <= 5,
-          lambda: f"input must be [N, C, *spatial] with 1-3 spatial dims, got shape {tuple(x.shape)}")
+    check_spatial_input(x)
     return transpose_geometry(tuple(x.shape[2:]), kernel_size, stride, padding, output_padding, dilation)
 
 
@@ -359,11 +372,9 @@ def unfold_transpose_out_shape(x: torch.Tensor, g: TransposeGeometry) -> tuple:
 def unfold_transpose_backward_geometry(cols: torch.Tensor, input_size, kernel_size, stride, padding, output_padding,
                                        dilation) -> TransposeGeometry:
     """Checks for ``unfold_transpose_backward(cols, input_size, ...)``; ``cols`` is ``[N, C·∏K, ∏out]``."""
-    check_float_tensor(cols, "input")
-    check(cols.dim() == 3, lambda: f"input must be [N, C*prod(kernel_size), L], got shape {tuple(cols.shape)}")
+    check_columns_input(cols)
     g = transpose_geometry(tuple(input_size), kernel_size, stride, padding, output_padding, dilation)
-    check(cols.shape[1] % g.kernel_numel == 0,
-          lambda: f"input.shape[1]={cols.shape[1]} is not divisible by prod(kernel_size)={g.kernel_numel}")
+    check_columns_divide(cols, g.kernel_numel)
     check(cols.shape[2] == g.num_positions,
           lambda: f"input.shape[2]={cols.shape[2]} must be the number of output positions {g.num_positions} "
           f"(an output of {list(g.out_size)} for input size {list(input_size)})")
