@@ -323,3 +323,27 @@ def test_launches_on_the_inputs_device():
         y = lc_kernels.local_conv(x, w, None, *args)
     torch.testing.assert_close(cols.cpu(), reference.unfold(x.cpu(), *args), atol=0, rtol=0)
     torch.testing.assert_close(y.cpu(), reference.local_conv(x.cpu(), w.cpu(), None, *args), atol=1e-4, rtol=1e-4)
+
+
+def test_unfold_transpose_channel_offset_past_int32(tmp_path, kernel_device):
+    """unfold_transpose reads channel c of x at c · stride_xc: past 2^31 from c = 1 on."""
+    from convzoo.kernels import unfold_transpose as ut_kernels
+
+    dense = torch.randn(2, 3, 5, device=kernel_device)
+    x = huge_view(dense, (1, HUGE, 3), tmp_path, "x")  # channel c at c · HUGE
+    geom = ([3], [2], [1], [1], [1])  # kernel, stride, padding, output_padding, dilation
+    out = ut_kernels.unfold_transpose(x, *geom)
+    torch.testing.assert_close(out, reference.unfold_transpose(dense.cpu(), *geom).to(out.device), atol=0, rtol=0)
+
+
+def test_unfold_transpose_backward_tap_offset_past_int32(tmp_path, kernel_device):
+    """The adjoint reads tap t of a column at t · stride_ck: past 2^31 from t = 1 on."""
+    from convzoo.kernels import unfold_transpose as ut_kernels
+
+    geom = ([3], [2], [1], [1], [1])
+    out_size = 10  # (5 - 1)·2 - 2·1 + (3 - 1) + 1 + 1
+    dense = torch.randint(-8, 9, (2, 3, out_size)).float().to(kernel_device)  # N = 2, C = 1, K = 3
+    cols = huge_view(dense, (out_size, HUGE, 1), tmp_path, "cols")  # tap t at t · HUGE
+    out = ut_kernels.unfold_transpose_backward(cols, [5], *geom)
+    want = reference.unfold_transpose_backward(dense.cpu(), [5], *geom).to(out.device)
+    torch.testing.assert_close(out, want, atol=0, rtol=0)
