@@ -1,9 +1,9 @@
 """What the kernel families share: the jit index helpers that map an output tap to the input it reads
-(padding modes folded into the index math), the fp32 widening of bf16 under the interpreter, and the
-launchers' host helpers (geometry as 3-d kernel arguments, device, accumulator dtype, launch buffers).
+(padding modes folded into the index math), the implicit-GEMM kernels' patch gather and tile product, the
+fp32 widening of bf16 under the interpreter, and the launchers' host helpers (geometry as 3-d kernel
+arguments, device, accumulator dtype and ``tl.dot`` precision, launch buffers).
 
-Imported by ``convzoo.kernels.unfold`` and ``convzoo.kernels.local_conv``; decorated when they are (so
-under the same ``TRITON_INTERPRET``).
+Imported by every kernel module; decorated when they are (so under the same ``TRITON_INTERPRET``).
 """
 
 from __future__ import annotations
@@ -88,6 +88,44 @@ def _block_index(p, lo, k, O, S: tl.constexpr, D: tl.constexpr):
 
 
 # ----------------------------------------------------------------------------------------------
+# the implicit-GEMM kernels' (local_conv, patch_covariance) patch gather and tile product
+@triton.jit
+def _mma(a, b, acc, FP64: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """``acc + a @ b``. fp64 is a broadcast-sum: ``tl.dot`` does not take fp64 on every target.
+    ``UPCAST`` (bf16 under the interpreter only) feeds ``tl.dot`` fp32 operands: the interpreter's
+    ``tl.dot`` multiplies bf16 bit patterns as integers. The widening is exact (``_widen``) and bf16
+    products are exact in fp32, so this is what the tensor cores compute, up to summation order; on
+    a GPU bf16 stays on the tensor cores."""
+    if FP64:
+        acc += tl.sum(a[:, :, None] * b[None, :, :], axis=1)
+    elif UPCAST:
+        acc = tl.dot(_widen(a, tl.float32, UPCAST), _widen(b, tl.float32, UPCAST), acc, input_precision="ieee")
+    else:
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
+def _patch_columns(r, l, ID, IH, IW, OH, OW, stride_xc, stride_xd, stride_xh, stride_xw,
+                   KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+                   SD: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
+                   PD: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
+                   DD: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr, MODE: tl.constexpr):
+    """For patch rows ``r = (c, kd, kh, kw)`` of position ``l``: the offset into ``x[n]`` each reads,
+    and whether it reads anything (``'zeros'`` padding reads nothing)."""
+    k = r % (KD * KH * KW)
+    c = r // (KD * KH * KW)
+    kw = k % KW
+    kh = (k // KW) % KH
+    kd = k // (KW * KH)
+    ow = l % OW
+    oh = (l // OW) % OH
+    od = l // OW // OH  # not l // (OW * OH): an int32 product of two sizes
+    i_d, ok_d = _source_index(od * SD - PD + kd * DD, ID, MODE)
+    i_h, ok_h = _source_index(oh * SH - PH + kh * DH, IH, MODE)
+    i_w, ok_w = _source_index(ow * SW - PW + kw * DW, IW, MODE)
+    off = c * stride_xc + i_d * stride_xd + i_h * stride_xh + i_w * stride_xw
+    return off, ok_d & ok_h & ok_w
 
 
 # ----------------------------------------------------------------------------------------------
@@ -207,6 +245,16 @@ def _launch_buffer(out: torch.Tensor, kernel) -> torch.Tensor:
     if _upcast(out.dtype, kernel):
         return torch.empty_like(out, dtype=torch.float32)
     return out
+
+
+def _math_args(dtype: torch.dtype, kernel) -> dict:
+    """Accumulator and ``tl.dot`` precision: fp32 inputs use TF32 only where torch's own matmuls
+    would (``torch.set_float32_matmul_precision``); bf16 operands are upcast for ``tl.dot`` only
+    when ``kernel`` runs on the interpreter (see ``_mma``)."""
+    fp64 = dtype == torch.float64
+    tf32 = dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest"
+    return {"FP64": fp64, "PRECISION": "tf32" if tf32 else "ieee",
+            "UPCAST": _upcast(dtype, kernel), "ACC_DTYPE": _acc_dtype(dtype)}
 
 
 def _finish(out: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:

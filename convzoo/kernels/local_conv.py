@@ -28,7 +28,6 @@ import triton.language as tl
 from convzoo import _shapes, autotune, reference
 from convzoo.autotune import Config, ConfigSpace, KernelSpec, TuneProblem
 from convzoo.kernels._common import (
-    _acc_dtype,
     _as_3d,
     _as_5d,
     _block_index,
@@ -36,53 +35,15 @@ from convzoo.kernels._common import (
     _device,
     _finish,
     _launch_buffer,
+    _math_args,
+    _mma,
     _num_candidates,
     _padded_candidate,
-    _source_index,
-    _upcast,
+    _patch_columns,
     _widen,
 )
 
 __all__ = ["local_conv", "local_conv_grad_input", "local_conv_grad_weight"]
-
-
-@triton.jit
-def _mma(a, b, acc, FP64: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """``acc + a @ b``. fp64 is a broadcast-sum: ``tl.dot`` does not take fp64 on every target.
-    ``UPCAST`` (bf16 under the interpreter only) feeds ``tl.dot`` fp32 operands: the interpreter's
-    ``tl.dot`` multiplies bf16 bit patterns as integers. The widening is exact (``_widen``) and bf16
-    products are exact in fp32, so this is what the tensor cores compute, up to summation order; on
-    a GPU bf16 stays on the tensor cores."""
-    if FP64:
-        acc += tl.sum(a[:, :, None] * b[None, :, :], axis=1)
-    elif UPCAST:
-        acc = tl.dot(_widen(a, tl.float32, UPCAST), _widen(b, tl.float32, UPCAST), acc, input_precision="ieee")
-    else:
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
-    return acc
-
-
-@triton.jit
-def _patch_columns(r, l, ID, IH, IW, OH, OW, stride_xc, stride_xd, stride_xh, stride_xw,
-                   KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
-                   SD: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
-                   PD: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
-                   DD: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr, MODE: tl.constexpr):
-    """For patch rows ``r = (c, kd, kh, kw)`` of position ``l``: the offset into ``x[n]`` each reads,
-    and whether it reads anything (``'zeros'`` padding reads nothing)."""
-    k = r % (KD * KH * KW)
-    c = r // (KD * KH * KW)
-    kw = k % KW
-    kh = (k // KW) % KH
-    kd = k // (KW * KH)
-    ow = l % OW
-    oh = (l // OW) % OH
-    od = l // OW // OH  # not l // (OW * OH): an int32 product of two sizes
-    i_d, ok_d = _source_index(od * SD - PD + kd * DD, ID, MODE)
-    i_h, ok_h = _source_index(oh * SH - PH + kh * DH, IH, MODE)
-    i_w, ok_w = _source_index(ow * SW - PW + kw * DW, IW, MODE)
-    off = c * stride_xc + i_d * stride_xd + i_h * stride_xh + i_w * stride_xw
-    return off, ok_d & ok_h & ok_w
 
 
 # ----------------------------------------------------------------------------------------------
@@ -445,16 +406,6 @@ GRAD_INPUT_SPEC = autotune.register(KernelSpec(
 
 # ----------------------------------------------------------------------------------------------
 # launchers
-def _math_args(dtype: torch.dtype, kernel) -> dict:
-    """Accumulator and ``tl.dot`` precision: fp32 inputs use TF32 only where torch's own matmuls
-    would (``torch.set_float32_matmul_precision``); bf16 operands are upcast for ``tl.dot`` only
-    when ``kernel`` runs on the interpreter (see ``_mma``)."""
-    fp64 = dtype == torch.float64
-    tf32 = dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest"
-    return {"FP64": fp64, "PRECISION": "tf32" if tf32 else "ieee",
-            "UPCAST": _upcast(dtype, kernel), "ACC_DTYPE": _acc_dtype(dtype)}
-
-
 def local_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, kernel_size: list[int],
                dilation: list[int], padding: list[int], stride: list[int], padding_mode: str = "zeros",
                config: Config | None = None) -> torch.Tensor:
