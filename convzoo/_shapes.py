@@ -546,3 +546,43 @@ def conv_matrix_geometry(weight: torch.Tensor, input_size: Sequence, dilation: S
               f"{rows * cols} elements, more than max_dense_elements={limit} allows (and never more than 2**31): "
               f"use layout='sparse_csr' or 'sparse_coo', or raise max_dense_elements")
     return g
+
+
+# ---------------------------------------------------------------------------------------------- patch_covariance
+COVARIANCE_MODES = ("expand", "reduce")
+GROUP_REDUCTIONS = ("blocks", "mean")
+
+
+def check_groups(groups, channels: int) -> int:
+    """``groups`` as a positive Python int dividing ``channels``.
+
+    Raises:
+        TypeError: ``groups`` is not an int (a bool neither).
+        ValueError: ``groups`` is not positive or does not divide ``channels``.
+    """
+    check(_is_int(groups), lambda: f"groups must be an int, got {groups!r}", TypeError)
+    groups = int(groups)
+    check(groups > 0, lambda: f"groups must be positive, got {groups}")
+    check(channels % groups == 0, lambda: f"groups={groups} must divide the input channels {channels}")
+    return groups
+
+
+def covariance_shape(channels: int, groups: int, kernel_numel: int, bias: bool, group_mean: bool) -> tuple:
+    """The factor's shape, ``[G', D', D']`` (``G' = 1`` when the groups are averaged first) with
+    ``D' = C/G·∏K (+ 1 for the bias)``."""
+    d = channels // groups * kernel_numel + int(bias)
+    return (1 if group_mean else groups, d, d)
+
+
+def check_covariance_out(out: torch.Tensor, shape: tuple, dtype: torch.dtype, device: torch.device) -> None:
+    """``out`` must be the factor's buffer: a tensor of exactly ``shape``, ``dtype`` and ``device``.
+
+    Raises:
+        TypeError: ``out`` is not a tensor, or has another dtype.
+        ValueError: ``out`` has another shape or device.
+    """
+    check(isinstance(out, torch.Tensor), lambda: f"out must be a tensor, got {type(out).__name__}", TypeError)
+    check(out.dtype == dtype, lambda: f"out must be {dtype} (the factor's accumulation dtype for this input), "
+          f"got {out.dtype}", TypeError)
+    check(tuple(out.shape) == tuple(shape), lambda: f"out must have shape {tuple(shape)}, got {tuple(out.shape)}")
+    check(out.device == device, lambda: f"out must be on the input's device {device}, got {out.device}")

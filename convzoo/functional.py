@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 from collections.abc import Sequence
 
 import torch
 
 from convzoo import _shapes, reference
 from convzoo.ops import local_conv as _local_conv_ops
+from convzoo.ops import patch_covariance as _patch_covariance_ops
 from convzoo.ops import unfold as _unfold_ops
 from convzoo.ops import unfold_transpose as _unfold_transpose_ops
 
-__all__ = ["conv_matrix", "fold", "local_conv", "unfold", "unfold_transpose"]
+__all__ = ["conv_matrix", "fold", "local_conv", "patch_covariance", "unfold", "unfold_transpose"]
 
 # device types torch.autocast knows (torch.is_autocast_enabled raises for others, e.g. 'meta')
 _AUTOCAST_DEVICE_TYPES = frozenset(d for d in ("cpu", "cuda", "xpu", "mps", "hpu", "xla", "ipu", "mtia", "maia")
@@ -361,3 +363,150 @@ def conv_matrix(weight: torch.Tensor, input_size, stride=1, padding=0, dilation=
                                            padding_mode)
     return reference.conv_matrix(weight, list(in_size), list(dil), list(pad), list(st), groups, mode, layout,
                                  max_dense_elements)
+
+
+def patch_covariance(input: torch.Tensor, kernel_size, stride=1, padding=0, dilation=1, groups=1, *,
+                     mode: str = "expand", group_reduction: str = "blocks", bias: bool = False, scale=None,
+                     out: torch.Tensor | None = None, beta=None, transposed: bool = False, output_padding=0,
+                     padding_mode: str = "zeros") -> torch.Tensor:
+    """The input-side Kronecker factor of a convolution (KFAC / KFC), without forming the patch matrix.
+
+    With ``p_{n,l}`` the patch of sample ``n`` at output position ``l`` (a column of :func:`unfold`, or of
+    :func:`unfold_transpose` when ``transposed``), one per channel group ``g`` (``D = C/G·∏kernel_size`` rows):
+
+    - ``mode='expand'`` (KFC, KFAC-expand): ``F_g = scale · Σ_n Σ_l p_{n,l} p_{n,l}ᵀ``;
+    - ``mode='reduce'`` (KFAC-reduce): ``F_g = scale · Σ_n p̄_n p̄_nᵀ`` with ``p̄_n = (1/L)·Σ_l p_{n,l}``.
+
+    ``scale=None`` is ``1/N`` in both modes: einconv's normalisation of its KFC and KFAC-reduce factors
+    (``einconv.expressions.convNd_kfc`` / ``convNd_kfac_reduce``), so ``patch_covariance(x, ...)`` equals
+    theirs. curvlinops' KFAC uses another normalisation (per output position, ``1/(N·L)`` for expand):
+    pass ``scale=`` to match.
+
+    ``mode='expand'`` runs on CUDA as one symmetric implicit GEMM: patch tiles gathered from ``input`` in
+    the kernel and fed to ``tl.dot`` (fp32 accumulation for fp16/bf16; TF32 for fp32 only where
+    ``torch.get_float32_matmul_precision()`` allows it), only the upper block-triangle computed and
+    mirrored. On the CPU it is a chunked unfold + matmul whose extra memory is one chunk (≤ 32 MiB) of the
+    patch matrix, never the whole. ``mode='reduce'`` never forms a patch: the per-position mean is a
+    separable sum of shifted windows of ``input`` (see :func:`extract_averaged_patches`).
+
+    Args:
+        input: ``[N, C, *spatial]`` with 1, 2 or 3 spatial dims, floating dtype, any strides; or unbatched
+            ``[C, *spatial]`` when a tuple argument tells the rank (as :func:`unfold` reads it; N = 1).
+            Not differentiable: an input that requires grad is refused (pass ``input.detach()``).
+        kernel_size, stride, dilation: int or one int per spatial dim; positive.
+        padding: as in :func:`unfold` (int, per-dim, ``(lo, hi)`` pairs, ``'same'``, ``'valid'``); for a
+            transposed layer an int or one int per dim, as ``nn.ConvTranspose`` takes it.
+        groups: the layer's channel groups; must divide C.
+        mode: ``'expand'`` or ``'reduce'``.
+        group_reduction: ``'blocks'`` → ``[G, D, D]``, one factor per channel group (einconv's convention);
+            ``'mean'`` → ``[D, D]``, the factor of the group-averaged input (curvlinops' convention: the
+            groups of ``input`` are averaged first, then the factor is computed as for ``groups=1``).
+        bias: append a constant 1 to every patch (the bias column of KFAC): ``D + 1`` rows, the last row
+            and column holding ``scale·Σ p`` and ``scale·N·L`` (reduce: ``scale·Σ_n p̄_n`` and ``scale·N``).
+        scale: a real number, or None for ``1/N`` (``1`` for an empty batch).
+        out: the factor's buffer (its exact shape; fp32, fp64 for an fp64 input; any strides, same device):
+            ``out ← out + new`` (accumulate), or ``out ← beta·out + (1 - beta)·new`` when ``beta`` is given
+            (an exponential moving average), blended in the kernel's epilogue (same launch). Returned.
+        beta: a real number in ``[0, 1]``; needs ``out``. ``beta=0`` overwrites ``out`` without reading it.
+        transposed: the factor of a ``ConvTranspose`` layer (patches of :func:`unfold_transpose`); then
+            ``output_padding`` (int or per dim) applies and ``padding_mode`` must be ``'zeros'``.
+        output_padding: see ``transposed``; must be 0 otherwise.
+        padding_mode: ``'zeros'``, ``'circular'``, ``'reflect'`` or ``'replicate'``, read in place.
+
+    Returns:
+        ``[G, D, D]`` (``group_reduction='blocks'``) or ``[D, D]`` (``'mean'``), ``D = C/G·∏kernel_size
+        (+ 1 with bias)``, symmetric, fp32 (fp64 for fp64 input); ``out`` itself when given.
+
+    Raises:
+        TypeError: ``input``/``out`` not a floating tensor or the wrong dtype, or an argument of the wrong
+            type (``bias``/``transposed`` not bools, ``groups`` not an int, ``scale``/``beta`` not real).
+        ValueError: an invalid geometry (see :func:`unfold` / :func:`unfold_transpose`), ``groups`` not
+            positive or not dividing C, an unknown ``mode``/``group_reduction``/``padding_mode``, a
+            non-finite ``scale``, ``beta`` outside ``[0, 1]`` or without ``out``, ``out`` of the wrong shape
+            or device, ``output_padding`` without ``transposed``, a padding mode other than zeros or a
+            string padding with ``transposed``, or an input that requires grad.
+    """
+    _shapes.check_float_tensor(input, "input")
+    _check_choice(mode, "mode", _shapes.COVARIANCE_MODES)
+    _check_choice(group_reduction, "group_reduction", _shapes.GROUP_REDUCTIONS)
+    for name, flag in (("bias", bias), ("transposed", transposed)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool, got {flag!r}")
+    if input.requires_grad and torch.is_grad_enabled():
+        raise ValueError("input requires grad, but patch_covariance is a statistic and not differentiable: pass "
+                         "input.detach() (or call it under torch.no_grad())")
+    if transposed:
+        batched, geom = _covariance_transposed_args(input.shape, kernel_size, stride, padding, output_padding,
+                                                    dilation, padding_mode)
+    else:
+        if output_padding != 0:
+            raise ValueError(f"output_padding={output_padding!r} applies only with transposed=True")
+        batched, args = _resolved(_unfold_args, _cached_unfold_args, input.shape, kernel_size, dilation, padding,
+                                  stride, padding_mode)
+        ks, dil, pad, st, pm = _as_lists(args) if batched else ([], [], [], [], padding_mode)
+        geom = (ks, st, pad, [0] * len(ks), dil, pm)
+    if not batched:
+        return patch_covariance(input[None], kernel_size, stride, padding, dilation, groups, mode=mode,
+                                group_reduction=group_reduction, bias=bias, scale=scale, out=out, beta=beta,
+                                transposed=transposed, output_padding=output_padding, padding_mode=padding_mode)
+    groups = _shapes.check_groups(groups, input.shape[1])
+    n = input.shape[0]
+    scale = (1.0 / n if n else 1.0) if scale is None else _real(scale, "scale")
+    flags = (groups, transposed, mode == "reduce", bias, group_reduction == "mean")
+    if out is None:
+        if beta is not None:
+            raise ValueError("beta needs out: the moving average is kept in out")
+        factor = _patch_covariance_ops.patch_covariance(input, *geom, *flags, scale)
+        return factor[0] if group_reduction == "mean" else factor
+    dtype = torch.float64 if input.dtype == torch.float64 else torch.float32
+    kernel_numel = math.prod(geom[0])
+    shape = _shapes.covariance_shape(input.shape[1], groups, kernel_numel, bias, group_reduction == "mean")
+    _shapes.check_covariance_out(out, shape[1:] if group_reduction == "mean" else shape, dtype, input.device)
+    if beta is None:
+        alpha, coef = 1.0, scale
+    else:
+        beta = _real(beta, "beta")
+        if not 0.0 <= beta <= 1.0:
+            raise ValueError(f"beta must be in [0, 1], got {beta}")
+        alpha, coef = beta, (1.0 - beta) * scale
+    _patch_covariance_ops.patch_covariance_(out[None] if group_reduction == "mean" else out, input, *geom, *flags,
+                                            alpha, coef)
+    return out
+
+
+def _check_choice(value, name: str, choices: tuple) -> None:
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+def _real(value, name: str) -> float:
+    """``value`` as a finite Python float.
+
+    Raises:
+        TypeError: not a real number (a bool, a tensor, a string).
+        ValueError: not finite.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):  # np.float64 is Real, a tensor is not
+        raise TypeError(f"{name} must be a real number, got {value!r}")
+    v = float(value)
+    if not math.isfinite(v):
+        raise ValueError(f"{name} must be finite, got {v}")
+    return v
+
+
+def _covariance_transposed_args(shape, kernel_size, stride, padding, output_padding, dilation, padding_mode):
+    """``(batched, (kernel_size, stride, padding, output_padding, dilation, 'zeros'))`` of a transposed layer's
+    patch_covariance call, checked as :func:`unfold_transpose` checks them."""
+    if padding_mode != "zeros":
+        raise ValueError(f"padding_mode must be 'zeros' with transposed=True (nn.ConvTranspose pads with zeros "
+                         f"only), got {padding_mode!r}")
+    if isinstance(padding, str):
+        raise ValueError(f"padding must be an int or one int per dim with transposed=True, got {padding!r}")
+    ndim, batched = _spatial_ndim(shape, kernel_size, stride, padding, output_padding, dilation)
+    if not batched:
+        return False, ()
+    ks, st, dil = _positive_tuples(ndim, kernel_size=kernel_size, stride=stride, dilation=dilation)
+    pad = _shapes.as_tuple(padding, ndim, "padding")
+    op = _shapes.as_tuple(output_padding, ndim, "output_padding")
+    _shapes.transpose_geometry(shape[2:], ks, st, pad, op, dil)  # the geometry's errors, before any launch
+    return True, (list(ks), list(st), list(pad), list(op), list(dil), "zeros")

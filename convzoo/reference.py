@@ -15,7 +15,8 @@ import torch.nn.functional as F
 
 from convzoo import _shapes
 
-__all__ = ["conv_matrix", "fold", "local_conv", "local_conv_grad_input", "local_conv_grad_weight", "source_index",
+__all__ = ["conv_matrix", "fold", "group_mean", "local_conv", "local_conv_grad_input", "local_conv_grad_weight",
+           "patch_covariance", "source_index",
            "unfold", "unfold_transpose", "unfold_transpose_backward"]
 
 
@@ -306,3 +307,88 @@ def unfold_transpose_backward(cols: torch.Tensor, input_size: list[int], kernel_
     for t, o_slices, i_slices in _each_tap(g):
         dx[(*everything, *i_slices)] += blocks[(*everything, *t, *o_slices)]
     return dx.to(cols.dtype)
+
+
+# ---------------------------------------------------------------------------------------------- patch_covariance
+_CHUNK_BYTES = 32 << 20  # one chunk of the patch matrix: big enough for a fast matmul, small next to the whole
+
+
+def group_mean(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """``x`` ``[N, C, *spatial]`` with its ``groups`` channel groups averaged: ``[N, C/groups, *spatial]``."""
+    return x.unflatten(1, (groups, x.shape[1] // groups)).mean(2)
+
+
+def _covariance_geometry(x: torch.Tensor, kernel_size, stride, padding, output_padding, dilation, padding_mode,
+                         transposed: bool):
+    """The call's geometry and its number of positions L."""
+    if transposed:
+        g = _shapes.transpose_geometry(list(x.shape[2:]), kernel_size, stride, padding, output_padding, dilation)
+        return g, g.num_positions
+    g = _shapes.geometry(list(x.shape[2:]), kernel_size, dilation, padding, stride, padding_mode)
+    return g, g.num_blocks
+
+
+def _patch_chunks(x: torch.Tensor, g, groups: int, bias: bool, transposed: bool, dtype: torch.dtype):
+    """The patch matrix of ``x``, ``[G, D (+1), N·L]`` (columns ``n·L + l``), as consecutive column chunks
+    of at most ``_CHUNK_BYTES`` (at least one output row of one sample), each written into one reused
+    buffer in ``dtype``; with ``bias`` its last row is ones. A transposed layer's chunks are whole samples."""
+    n, c = x.shape[:2]
+    d = c // groups * g.kernel_numel
+    out = g.out_size
+    per_row = groups * (d + bias) * math.prod(out[1:]) * torch.finfo(dtype).bits // 8
+    if per_row * out[0] <= _CHUNK_BYTES or transposed:  # whole samples
+        samples, rows = min(n, max(1, _CHUNK_BYTES // (per_row * out[0]))), out[0]
+    else:  # one sample is more than a chunk: slabs of its first output dim
+        samples, rows = 1, max(1, _CHUNK_BYTES // per_row)
+    width = samples * rows * math.prod(out[1:])
+    buf = x.new_empty((groups, d + bias, width), dtype=dtype)
+    if bias:
+        buf[:, d] = 1
+    nd = g.ndim
+    windows = None if transposed else _windows(x, g)  # [N, C, *out, *K]
+    for n0 in range(0, n, samples):
+        nb = min(samples, n - n0)
+        for r0 in range(0, out[0], rows):
+            nr = min(rows, out[0] - r0)
+            m = nb * nr * math.prod(out[1:])
+            dst = buf[:, :d, :m]
+            if transposed:
+                cols = unfold_transpose(x[n0:n0 + nb], *_transpose_args(g))  # [nb, C·K, L]
+                dst.view(groups, d, nb, m // nb).copy_(cols.unflatten(1, (groups, d)).permute(1, 2, 0, 3))
+            else:
+                src = windows[n0:n0 + nb].narrow(2, r0, nr)  # [nb, C, nr, *out[1:], *K]
+                src = src.permute(1, *range(2 + nd, 2 + 2 * nd), 0, *range(2, 2 + nd)).unflatten(0, (groups, -1))
+                dst.view(src.shape).copy_(src)
+            yield buf[:, :, :m]
+
+
+def _transpose_args(g: _shapes.TransposeGeometry) -> tuple:
+    return (list(g.kernel_size), list(g.stride), list(g.padding), list(g.output_padding), list(g.dilation))
+
+
+def patch_covariance(x: torch.Tensor, kernel_size: list[int], stride: list[int], padding: list[int],
+                     output_padding: list[int], dilation: list[int], padding_mode: str, groups: int,
+                     transposed: bool, bias: bool, out: torch.Tensor | None = None, alpha: float = 0.0,
+                     coef: float = 1.0) -> torch.Tensor:
+    """``coef·F + alpha·out`` into ``out`` (a new ``[G, D (+1), D (+1)]`` tensor when None; ``alpha`` is then
+    ignored), ``F[g] = Σ_{n,l} p p^T`` the unscaled second moment of group ``g``'s patches (as
+    :func:`unfold`, or :func:`unfold_transpose` when ``transposed``; a constant 1 appended with ``bias``).
+
+    Computed in fp32 (fp64 for fp64 input) over column chunks of the patch matrix (``_patch_chunks``): the
+    peak extra memory is one chunk, not the patch matrix. The arguments are the launcher's
+    (:func:`convzoo.kernels.patch_covariance.patch_covariance`).
+    """
+    g, num = _covariance_geometry(x, kernel_size, stride, padding, output_padding, dilation, padding_mode,
+                                  transposed)
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    dp = x.shape[1] // groups * g.kernel_numel + bias
+    read_out = out is not None and alpha != 0.0
+    if out is None:
+        out = x.new_empty((groups, dp, dp), dtype=dtype)
+    beta = alpha if read_out else 0.0  # baddbmm ignores out (NaN included) at beta = 0
+    if x.shape[0] * num == 0 or out.numel() == 0:
+        return out.mul_(alpha) if read_out else out.zero_()
+    for cols in _patch_chunks(x, g, groups, bias, transposed, dtype):
+        out.baddbmm_(cols, cols.transpose(1, 2), beta=beta, alpha=coef)
+        beta = 1.0
+    return out

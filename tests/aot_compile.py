@@ -20,10 +20,10 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from convzoo import autotune
-from convzoo.kernels import local_conv, unfold, unfold_transpose  # noqa: F401
+from convzoo.kernels import local_conv, patch_covariance, unfold, unfold_transpose  # noqa: F401
 
 TL = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
-DOT_KERNELS = {"local_conv_fwd", "local_conv_grad_weight", "local_conv_grad_input"}
+DOT_KERNELS = {"local_conv_fwd", "local_conv_grad_weight", "local_conv_grad_input", "patch_covariance"}
 # a 2-d 3×3 geometry (leading unit depth), stride (2, 1), dilation (1, 2), padding 1
 GEOMETRY = {"KD": 1, "KH": 3, "KW": 3, "SD": 1, "SH": 2, "SW": 1, "PD": 0, "PH": 1, "PW": 1, "QD": 0, "QH": 1,
             "QW": 1, "DD": 1, "DH": 1, "DW": 2}
@@ -32,7 +32,8 @@ GEOMETRY = {"KD": 1, "KH": 3, "KW": 3, "SD": 1, "SH": 2, "SW": 1, "PD": 0, "PH":
 def constexprs(fn, dtype, mode, cfg, has_bias=True):
     fp64 = dtype == torch.float64
     values = {**GEOMETRY, "MODE": mode, "NCD": 1, "NCH": 3 if mode else 1, "NCW": 3 if mode else 1,
-              "HAS_BIAS": has_bias, "FP64": fp64, "PRECISION": "tf32" if dtype == torch.float32 else "ieee",
+              "HAS_BIAS": has_bias, "TRANSPOSED": mode == 2, "READ_OUT": True,
+              "FP64": fp64, "PRECISION": "tf32" if dtype == torch.float32 else "ieee",
               "UPCAST": False,  # bf16 reaches the tensor cores on a GPU (only the interpreter upcasts)
               "ACC_DTYPE": tl.float64 if fp64 else tl.float32, **cfg.meta}
     return {p.name: values[p.name] for p in fn.params if p.is_constexpr}
@@ -58,7 +59,8 @@ def main():
             configs = [spec.default_config(dims, dtype, False)]
             if dtype == torch.float16:  # the largest tiles the tuner may try, too
                 configs.append(max(spec.candidates(dims, dtype), key=lambda c: (math_prod(c.meta), c.num_stages)))
-            modes = (0, 2) if name in ("fold", "local_conv_grad_input") else (0,)  # reflect: candidate loops
+            # reflect: fold's candidate loops; patch_covariance's mode 2 compiles its transposed gather
+            modes = (0, 2) if name in ("fold", "local_conv_grad_input", "patch_covariance") else (0,)
             for i, cfg in enumerate(configs):
                 for arch in (90, 80) if i == 0 and dtype == torch.float16 else (90,):
                     for mode in modes:

@@ -24,7 +24,7 @@ import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
 from convzoo import autotune
-from convzoo.kernels import local_conv, unfold, unfold_transpose  # noqa: F401  (registers the kernels)
+from convzoo.kernels import local_conv, patch_covariance, unfold, unfold_transpose  # noqa: F401  (registers them)
 
 # calls whose (integer) result is int64 when any of these positional arguments is
 _PROPAGATE = {"where": (1, 2), "minimum": (0, 1), "maximum": (0, 1), "abs": (0,), "cdiv": (0, 1)}
@@ -211,6 +211,10 @@ class Int64Check:
         return Int64Check(fn, params, runtime, self.errors, self.depth + 1).run()
 
 
+# runtime float scalars of the kernels (patch_covariance's out ← alpha·out + coef·F): not sizes
+FLOAT_ARGS = frozenset({"alpha", "coef"})
+
+
 def check_int64(kernel) -> list[str]:
     """Products of a stride / runtime size with something not provably int64, in ``kernel`` and its helpers."""
     params = {p.name: p for p in kernel.params} if hasattr(kernel, "params") else None
@@ -218,7 +222,7 @@ def check_int64(kernel) -> list[str]:
     runtime = set()
     for name, p in sig.parameters.items():
         constexpr = p.annotation in (tl.constexpr, "tl.constexpr") or (params and params[name].is_constexpr)
-        if not constexpr and not name.endswith("_ptr"):
+        if not constexpr and not name.endswith("_ptr") and name not in FLOAT_ARGS:
             runtime.add(name)
     errors: list[str] = []
     Int64Check(kernel, dict.fromkeys(sig.parameters, False), runtime, errors).run()
@@ -260,7 +264,7 @@ def test_every_load_and_store_is_masked(name, spec):
 
 def test_all_five_kernels_are_checked():
     names = {"unfold", "fold", "local_conv_fwd", "local_conv_grad_weight", "local_conv_grad_input",
-             "unfold_transpose", "unfold_transpose_backward"}
+             "unfold_transpose", "unfold_transpose_backward", "patch_covariance"}
     assert names <= dict(KERNELS).keys()
 
 

@@ -153,7 +153,15 @@ _TRANSFORMS_HINT = (
     "mode and vmap do: apply the other transforms outside the compiled function.")
 
 
-def _forbid_forward_ad(op, name: str) -> None:
+def nondifferentiable(op) -> None:
+    """Mark custom op ``op`` (one with no derivative: a statistic) so that a call carrying a forward-mode
+    tangent, under ``torch.func.jvp`` too, raises instead of returning a result without one; a backward
+    through it raises too (torch's own error: no autograd formula was registered)."""
+    _forbid_forward_ad(op, op._opoverload._opname, "It has no derivative (a statistic): differentiate around it, "
+                       "or pass its input detached.")
+
+
+def _forbid_forward_ad(op, name: str, hint: str = _TRANSFORMS_HINT) -> None:
     """Make a direct ``torch.ops.convzoo.<name>`` call raise when an input carries a forward-mode
     tangent (the custom op's autograd kernel would drop it without a word): the custom op's own
     autograd kernel, behind a check."""
@@ -164,7 +172,7 @@ def _forbid_forward_ad(op, name: str) -> None:
             for a in args:
                 if isinstance(a, Tensor) and fwAD.unpack_dual(a).tangent is not None:
                     raise RuntimeError(f"torch.ops.convzoo.{name} got a forward-mode AD tangent, which the custom op "
-                                       f"cannot carry. {_TRANSFORMS_HINT}")
+                                       f"cannot carry. {hint}")
         try:
             return autograd_impl(keyset, *args)
         except RuntimeError as e:  # torch.func.grad & co. refuse the custom op's own autograd.Function

@@ -53,11 +53,14 @@ KEY_LEGEND = {
                          "BLOCK_R x BLOCK_L output tile (contiguous along L)"),
     "unfold_transpose_backward": ({"P": "input pixels = prod(input spatial size)", "R": "(n, c) rows = N*C"},
                                   "BLOCK_R x BLOCK_P dX tile (contiguous along P)"),
+    "patch_covariance": ({"D": "factor side C/groups*prod(K) (+1 with bias)", "G": "channel groups (factor blocks)",
+                          "M": "reduction N*L (samples x positions)"},
+                         "BLOCK_D x BLOCK_D factor tile, BLOCK_M reduction step, SPLIT programs per tile"),
 }
 
 
 def _import_kernels() -> None:
-    from convzoo.kernels import local_conv, unfold, unfold_transpose  # noqa: F401  (register their specs)
+    from convzoo.kernels import local_conv, patch_covariance, unfold, unfold_transpose  # noqa: F401  (register their specs)
 
 
 def _epilog() -> str:
