@@ -450,9 +450,10 @@ def patch_covariance(input: torch.Tensor, kernel_size, stride=1, padding=0, dila
                                 group_reduction=group_reduction, bias=bias, scale=scale, out=out, beta=beta,
                                 transposed=transposed, output_padding=output_padding, padding_mode=padding_mode)
     groups = _shapes.check_groups(groups, input.shape[1])
-    n = input.shape[0]
-    scale = (1.0 / n if n else 1.0) if scale is None else _real(scale, "scale")
-    flags = (groups, transposed, mode == "reduce", bias, group_reduction == "mean")
+    # scale=None: the op divides by N itself, so a compiled graph does not specialise on the batch size
+    per_sample = scale is None
+    scale = 1.0 if per_sample else _real(scale, "scale")
+    flags = (groups, transposed, mode == "reduce", bias, group_reduction == "mean", per_sample)
     if out is None:
         if beta is not None:
             raise ValueError("beta needs out: the moving average is kept in out")

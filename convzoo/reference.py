@@ -315,7 +315,7 @@ _CHUNK_BYTES = 32 << 20  # one chunk of the patch matrix: big enough for a fast 
 
 def group_mean(x: torch.Tensor, groups: int) -> torch.Tensor:
     """``x`` ``[N, C, *spatial]`` with its ``groups`` channel groups averaged: ``[N, C/groups, *spatial]``."""
-    return x.unflatten(1, (groups, x.shape[1] // groups)).mean(2)
+    return x.unflatten(1, (groups, x.shape[1] // groups)).mean(1)
 
 
 def _covariance_geometry(x: torch.Tensor, kernel_size, stride, padding, output_padding, dilation, padding_mode,

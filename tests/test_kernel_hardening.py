@@ -347,3 +347,16 @@ def test_unfold_transpose_backward_tap_offset_past_int32(tmp_path, kernel_device
     out = ut_kernels.unfold_transpose_backward(cols, [5], *geom)
     want = reference.unfold_transpose_backward(dense.cpu(), [5], *geom).to(out.device)
     torch.testing.assert_close(out, want, atol=0, rtol=0)
+
+
+def test_patch_covariance_channel_offset_past_int32(tmp_path, kernel_device):
+    """patch_covariance gathers channel c of group g at (g·C/G + c) · stride_xc: past 2^31 from the second
+    channel on, in both operand tiles of the symmetric product."""
+    from convzoo.kernels import patch_covariance as pc_kernels
+
+    dense = torch.randint(-4, 5, (2, 4, 5)).float().to(kernel_device)  # integers: exact sums in fp32
+    x = huge_view(dense, (1, HUGE, 4), tmp_path, "x")  # channel c at c · HUGE
+    geom = ([3], [2], [1, 1], [0], [1], "zeros")  # kernel, stride, padding, output_padding, dilation, mode
+    out = pc_kernels.patch_covariance(x, *geom, 2, False, True)
+    want = reference.patch_covariance(dense.cpu(), *geom, 2, False, True).to(out.device)
+    torch.testing.assert_close(out, want, atol=0, rtol=0)

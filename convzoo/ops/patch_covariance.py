@@ -27,7 +27,9 @@ __all__ = ["patch_covariance", "patch_covariance_"]
 
 def _compute(x: Tensor, kernel_size: list[int], stride: list[int], padding: list[int], output_padding: list[int],
              dilation: list[int], padding_mode: str, groups: int, transposed: bool, reduce: bool, bias: bool,
-             group_mean: bool, out: Tensor | None, alpha: float, coef: float) -> Tensor:
+             group_mean: bool, per_sample: bool, out: Tensor | None, alpha: float, coef: float) -> Tensor:
+    if per_sample and x.shape[0]:
+        coef = coef / x.shape[0]
     if group_mean and groups > 1:
         x, groups = reference.group_mean(x, groups), 1
     geom = (kernel_size, stride, padding, output_padding, dilation, padding_mode, groups, transposed, bias)
@@ -61,14 +63,15 @@ def _reduce(x: Tensor, kernel_size, stride, padding, output_padding, dilation, p
 
 def _impl(x: Tensor, kernel_size: list[int], stride: list[int], padding: list[int], output_padding: list[int],
           dilation: list[int], padding_mode: str, groups: int, transposed: bool, reduce: bool, bias: bool,
-          group_mean: bool, coef: float) -> Tensor:
+          group_mean: bool, per_sample: bool, coef: float) -> Tensor:
     return _compute(x, kernel_size, stride, padding, output_padding, dilation, padding_mode, groups, transposed,
-                    reduce, bias, group_mean, None, 0.0, coef)
+                    reduce, bias, group_mean, per_sample, None, 0.0, coef)
 
 
 patch_covariance = torch.library.custom_op("convzoo::patch_covariance", mutates_args=())(_impl)
 patch_covariance.__doc__ = """``convzoo::patch_covariance(x, kernel_size, stride, padding, output_padding, dilation,
-padding_mode, groups, transposed, reduce, bias, group_mean, coef)``: ``coef·F`` as a new ``[G', D', D']`` tensor."""
+padding_mode, groups, transposed, reduce, bias, group_mean, per_sample, coef)``: ``coef·F`` (``coef/N·F`` when
+``per_sample``) as a new ``[G', D', D']`` tensor."""
 
 
 def _kernel_numel(x: Tensor, kernel_size, stride, padding, output_padding, dilation, padding_mode, transposed):
@@ -82,7 +85,7 @@ _autograd.nondifferentiable(patch_covariance)
 
 @patch_covariance.register_fake
 def _(x, kernel_size, stride, padding, output_padding, dilation, padding_mode, groups, transposed, reduce, bias,
-      group_mean, coef):
+      group_mean, per_sample, coef):
     k = _kernel_numel(x, kernel_size, stride, padding, output_padding, dilation, padding_mode, transposed)
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     return x.new_empty(_shapes.covariance_shape(x.shape[1], groups, k, bias, group_mean), dtype=dtype)
@@ -90,14 +93,15 @@ def _(x, kernel_size, stride, padding, output_padding, dilation, padding_mode, g
 
 def _inplace_impl(out: Tensor, x: Tensor, kernel_size: list[int], stride: list[int], padding: list[int],
                   output_padding: list[int], dilation: list[int], padding_mode: str, groups: int, transposed: bool,
-                  reduce: bool, bias: bool, group_mean: bool, alpha: float, coef: float) -> None:
+                  reduce: bool, bias: bool, group_mean: bool, per_sample: bool, alpha: float, coef: float) -> None:
     _compute(x, kernel_size, stride, padding, output_padding, dilation, padding_mode, groups, transposed, reduce,
-             bias, group_mean, out, alpha, coef)
+             bias, group_mean, per_sample, out, alpha, coef)
 
 
 patch_covariance_ = torch.library.custom_op("convzoo::patch_covariance_", mutates_args=("out",))(_inplace_impl)
-patch_covariance_.__doc__ = """``convzoo::patch_covariance_(out, x, ..., alpha, coef)``: ``out ← alpha·out + coef·F``
-in place (``out`` is not read when ``alpha`` is 0), in the same launch as ``F`` on the kernel path."""
+patch_covariance_.__doc__ = """``convzoo::patch_covariance_(out, x, ..., per_sample, alpha, coef)``:
+``out ← alpha·out + coef·F`` in place (``out`` is not read when ``alpha`` is 0), in the same launch as ``F``
+on the kernel path."""
 
 
 _autograd.nondifferentiable(patch_covariance_)
@@ -105,5 +109,5 @@ _autograd.nondifferentiable(patch_covariance_)
 
 @patch_covariance_.register_fake
 def _(out, x, kernel_size, stride, padding, output_padding, dilation, padding_mode, groups, transposed, reduce, bias,
-      group_mean, alpha, coef):
+      group_mean, per_sample, alpha, coef):
     return None
