@@ -546,3 +546,49 @@ def conv_matrix_geometry(weight: torch.Tensor, input_size: Sequence, dilation: S
               f"{rows * cols} elements, more than max_dense_elements={limit} allows (and never more than 2**31): "
               f"use layout='sparse_csr' or 'sparse_coo', or raise max_dense_elements")
     return g
+
+
+# ----------------------------------------------------------------------------------------------
+# extract_patches: the patches of unfold, channel groups averaged, as [N, L, C/groups·∏K]
+def check_groups(groups, channels) -> None:
+    """``groups`` is a positive int (not a bool) dividing ``channels``.
+
+    Raises:
+        TypeError: ``groups`` is not an int (a bool included).
+        ValueError: ``groups`` is not positive or does not divide ``channels``.
+    """
+    check(_is_int(groups), lambda: f"groups must be an int, got {groups!r}", TypeError)
+    check(groups > 0, lambda: f"groups must be positive, got {groups}")
+    check(channels % groups == 0, lambda: f"groups={groups} must divide the input channels C={channels}")
+
+
+def extract_patches_geometry(x: torch.Tensor, kernel_size, dilation, padding, stride, padding_mode,
+                             groups) -> Geometry:
+    """Checks for ``extract_patches(x, ..., groups)``; ``x`` is ``[N, C, *spatial]``, ``groups`` divides C."""
+    g = unfold_geometry(x, kernel_size, dilation, padding, stride, padding_mode)
+    check_groups(groups, x.shape[1])
+    return g
+
+
+def extract_patches_out_shape(x: torch.Tensor, g: Geometry, groups) -> tuple:
+    n, c = x.shape[:2]
+    return (n, g.num_blocks, c // groups * g.kernel_numel)
+
+
+def extract_patches_backward_geometry(grad: torch.Tensor, input_size, kernel_size, dilation, padding, stride,
+                                      padding_mode, groups) -> Geometry:
+    """Checks for ``extract_patches_backward(grad, input_size, ..., groups)``; ``grad`` is ``[N, L, C/groups·∏K]``."""
+    check_float_tensor(grad, "grad")
+    check(grad.dim() == 3, lambda: f"grad must be [N, L, C/groups*prod(kernel_size)], got shape {tuple(grad.shape)}")
+    g = geometry(tuple(input_size), kernel_size, dilation, padding, stride, padding_mode)
+    check(_is_int(groups) and groups > 0, lambda: f"groups must be a positive int, got {groups!r}")
+    check(grad.shape[2] % g.kernel_numel == 0,
+          lambda: f"grad.shape[2]={grad.shape[2]} is not divisible by prod(kernel_size)={g.kernel_numel}")
+    check(grad.shape[1] == g.num_blocks,
+          lambda: f"grad.shape[1]={grad.shape[1]} must be the number of positions L={g.num_blocks} (an output "
+          f"grid of {list(g.out_size)} for input size {list(input_size)})")
+    return g
+
+
+def extract_patches_backward_out_shape(grad: torch.Tensor, g: Geometry, groups) -> tuple:
+    return (grad.shape[0], groups * (grad.shape[2] // g.kernel_numel), *g.in_size)
