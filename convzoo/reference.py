@@ -402,9 +402,12 @@ def _mean_patch(x: torch.Tensor, counts: list[torch.Tensor], positions) -> torch
     ``positions``: ``[N, C·∏K]``, computed in fp32 (fp64 for fp64) and returned in ``x``'s dtype."""
     acc = counts[0].dtype
     y = x.to(acc)
-    for dim in reversed(range(len(counts))):  # the last (contiguous) dim first: one plain matmul
-        y = (y.movedim(2 + dim, -1) @ counts[dim].T).movedim(-1, 2 + dim)
-    taps = math.prod(c.shape[0] for c in counts)
+    nd = len(counts)
+    for dim in reversed(range(nd)):  # the last (contiguous) spatial dim first; its taps go last: [.., K_last]
+        # (tensordot is one 2-d mm: many times faster on CPU than a broadcasting 4-d @ with a thin matrix)
+        y = torch.tensordot(y, counts[dim], dims=([2 + dim], [1]))
+    y = y.permute(0, 1, *range(1 + nd, 1, -1))  # [N, C, K_last, ..., K_0] -> [N, C, K_0, ..., K_last]
+    taps = math.prod([c.shape[0] for c in counts])  # (a list: Dynamo cannot trace a generator here)
     return (y.reshape(x.shape[0], x.shape[1] * taps) / positions).to(x.dtype)
 
 

@@ -104,7 +104,10 @@ def extract_patches_kernel(
         group = tl.cast(g, tl.int64) * CG
         vals = tl.load(src + group * stride_xc, mask=ok, other=0)
         acc += _widen(vals, ACC_DTYPE, UPCAST)
-    acc = tl.math.div_rn(acc, tl.cast(G, ACC_DTYPE))
+    if acc.dtype == tl.float64:  # fp64 division is IEEE round-to-nearest already (div_rn is fp32 only)
+        acc = acc / tl.cast(G, ACC_DTYPE)
+    else:  # fp32 `/` may be approximate on a GPU
+        acc = tl.math.div_rn(acc, tl.cast(G, ACC_DTYPE))
 
     tl.store(out_ptr + rows[:, None] * D + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=tile_ok)
 

@@ -53,11 +53,14 @@ KEY_LEGEND = {
                          "BLOCK_R x BLOCK_L output tile (contiguous along L)"),
     "unfold_transpose_backward": ({"P": "input pixels = prod(input spatial size)", "R": "(n, c) rows = N*C"},
                                   "BLOCK_R x BLOCK_P dX tile (contiguous along P)"),
+    "extract_patches": ({"D": "entries per patch = C/groups*prod(K)",
+                         "R": "rows of the [N*L, D] patch matrix = N*L (L output positions)"},
+                        "BLOCK_R x BLOCK_D output tile (contiguous along D)"),
 }
 
 
 def _import_kernels() -> None:
-    from convzoo.kernels import local_conv, unfold, unfold_transpose  # noqa: F401  (register their specs)
+    from convzoo.kernels import local_conv, patches, unfold, unfold_transpose  # noqa: F401  (register their specs)
 
 
 def _epilog() -> str:
