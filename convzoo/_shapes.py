@@ -563,7 +563,7 @@ def check_groups(groups, channels: int) -> int:
     check(_is_int(groups), lambda: f"groups must be an int, got {groups!r}", TypeError)
     groups = int(groups)
     check(groups > 0, lambda: f"groups must be positive, got {groups}")
-    check(channels % groups == 0, lambda: f"groups={groups} must divide the input channels {channels}")
+    check(channels % groups == 0, lambda: f"groups={groups} must divide the input channels C={channels}")
     return groups
 
 
@@ -586,3 +586,37 @@ def check_covariance_out(out: torch.Tensor, shape: tuple, dtype: torch.dtype, de
           f"got {out.dtype}", TypeError)
     check(tuple(out.shape) == tuple(shape), lambda: f"out must have shape {tuple(shape)}, got {tuple(out.shape)}")
     check(out.device == device, lambda: f"out must be on the input's device {device}, got {out.device}")
+
+
+# ----------------------------------------------------------------------------------------------
+# extract_patches: the patches of unfold, channel groups averaged, as [N, L, C/groups·∏K]
+def extract_patches_geometry(x: torch.Tensor, kernel_size, dilation, padding, stride, padding_mode,
+                             groups) -> Geometry:
+    """Checks for ``extract_patches(x, ..., groups)``; ``x`` is ``[N, C, *spatial]``, ``groups`` divides C."""
+    g = unfold_geometry(x, kernel_size, dilation, padding, stride, padding_mode)
+    check_groups(groups, x.shape[1])
+    return g
+
+
+def extract_patches_out_shape(x: torch.Tensor, g: Geometry, groups) -> tuple:
+    n, c = x.shape[:2]
+    return (n, g.num_blocks, c // groups * g.kernel_numel)
+
+
+def extract_patches_backward_geometry(grad: torch.Tensor, input_size, kernel_size, dilation, padding, stride,
+                                      padding_mode, groups) -> Geometry:
+    """Checks for ``extract_patches_backward(grad, input_size, ..., groups)``; ``grad`` is ``[N, L, C/groups·∏K]``."""
+    check_float_tensor(grad, "grad")
+    check(grad.dim() == 3, lambda: f"grad must be [N, L, C/groups*prod(kernel_size)], got shape {tuple(grad.shape)}")
+    g = geometry(tuple(input_size), kernel_size, dilation, padding, stride, padding_mode)
+    check(_is_int(groups) and groups > 0, lambda: f"groups must be a positive int, got {groups!r}")
+    check(grad.shape[2] % g.kernel_numel == 0,
+          lambda: f"grad.shape[2]={grad.shape[2]} is not divisible by prod(kernel_size)={g.kernel_numel}")
+    check(grad.shape[1] == g.num_blocks,
+          lambda: f"grad.shape[1]={grad.shape[1]} must be the number of positions L={g.num_blocks} (an output "
+          f"grid of {list(g.out_size)} for input size {list(input_size)})")
+    return g
+
+
+def extract_patches_backward_out_shape(grad: torch.Tensor, g: Geometry, groups) -> tuple:
+    return (grad.shape[0], groups * (grad.shape[2] // g.kernel_numel), *g.in_size)

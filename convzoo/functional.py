@@ -12,10 +12,12 @@ import torch
 from convzoo import _shapes, reference
 from convzoo.ops import local_conv as _local_conv_ops
 from convzoo.ops import patch_covariance as _patch_covariance_ops
+from convzoo.ops import patches as _patches_ops
 from convzoo.ops import unfold as _unfold_ops
 from convzoo.ops import unfold_transpose as _unfold_transpose_ops
 
-__all__ = ["conv_matrix", "fold", "local_conv", "patch_covariance", "unfold", "unfold_transpose"]
+__all__ = ["conv_matrix", "extract_averaged_patches", "extract_patches", "fold", "local_conv", "patch_covariance",
+           "unfold", "unfold_transpose"]
 
 # device types torch.autocast knows (torch.is_autocast_enabled raises for others, e.g. 'meta')
 _AUTOCAST_DEVICE_TYPES = frozenset(d for d in ("cpu", "cuda", "xpu", "mps", "hpu", "xla", "ipu", "mtia", "maia")
@@ -511,3 +513,89 @@ def _covariance_transposed_args(shape, kernel_size, stride, padding, output_padd
     op = _shapes.as_tuple(output_padding, ndim, "output_padding")
     _shapes.transpose_geometry(shape[2:], ks, st, pad, op, dil)  # the geometry's errors, before any launch
     return True, (list(ks), list(st), list(pad), list(op), list(dil), "zeros")
+# ----------------------------------------------------------------------------------------------
+# KFAC patch statistics: the patches of a convolution's input in curvlinops' layout
+def extract_patches(input: torch.Tensor, kernel_size, stride=1, padding=0, dilation=1, groups=1, *,
+                    padding_mode: str = "zeros") -> torch.Tensor:
+    """The patches a convolution multiplies with its weight, one row per output position, the channel groups
+    averaged: curvlinops' ``extract_patches`` convention (the KFAC-expand input factor's rows), for 1, 2
+    and 3 spatial dims.
+
+    ``out[n, l, (c, k_0, k_1, ...)] = (1/groups)·Σ_g x_pad[n, g·C/groups + c, o_l·stride - lo + k·dilation]``
+    with ``o_l`` the ``l``-th output position in row-major order and ``x_pad`` the input padded in
+    ``padding_mode``: row ``l`` of sample ``n`` is column ``l`` of :func:`unfold` applied to the group-averaged
+    input (``input.unflatten(1, (groups, -1)).mean(1)``). For ``groups=1`` that is
+    ``unfold(input).transpose(1, 2)``, exactly (a copy). One launch on CUDA, written straight in this layout
+    (no padded copy, no group-mean copy, no transposing copy); the group sum is in fp32 (fp64 for fp64) and
+    rounded once. Differentiable under every transform (its adjoint, a fold broadcast to the groups, is the
+    backward).
+
+    Args:
+        input: ``[N, C, *spatial]``, floating dtype, any strides; or unbatched ``[C, *spatial]`` when a tuple
+            argument tells the rank (as :func:`unfold` reads it) → ``[L, C/groups·∏kernel_size]``.
+        kernel_size, stride, dilation: int or one int per spatial dim; positive.
+        padding: int, per-dim ints, per-dim ``(lo, hi)`` pairs, ``'valid'`` or ``'same'`` (``ceil(size /
+            stride)`` positions per dim, the odd element of the padding on the high side; curvlinops refuses
+            an unequal ``'same'`` padding, this takes it).
+        groups: the convolution's channel groups; a positive int dividing ``C``. The patches of the groups
+            are averaged (``groups=C``, depthwise: ``[N, L, ∏kernel_size]``).
+        padding_mode: ``'zeros'``, ``'circular'``, ``'reflect'`` or ``'replicate'`` (the padding the
+            convolution's ``padding_mode`` applies).
+
+    Returns:
+        ``[N, L, C/groups·∏kernel_size]``, contiguous, ``L = ∏ out`` positions (the convolution's output size).
+
+    Raises:
+        TypeError: ``input`` is not a floating tensor; an argument has the wrong type; ``groups`` is not an
+            int (or is a bool).
+        ValueError: wrong number of dims; non-positive kernel_size/stride/dilation; negative padding; an
+            unknown padding or padding_mode; a kernel larger than the padded input; ``groups`` not positive
+            or not dividing ``C``.
+    """
+    _shapes.check_float_tensor(input, "input")
+    batched, args = _resolved(_unfold_args, _cached_unfold_args, input.shape, kernel_size, dilation, padding,
+                              stride, padding_mode)
+    if not batched:
+        return extract_patches(input[None], kernel_size, stride, padding, dilation, groups,
+                               padding_mode=padding_mode)[0]
+    _shapes.check_groups(groups, input.shape[1])
+    return _patches_ops.extract_patches(input, *_as_lists(args), _shapes.plain_ints(groups))
+
+
+def extract_averaged_patches(input: torch.Tensor, kernel_size, stride=1, padding=0, dilation=1, groups=1, *,
+                             padding_mode: str = "zeros") -> torch.Tensor:
+    """The patches of :func:`extract_patches` averaged over the output positions: curvlinops'
+    ``extract_averaged_patches`` (the KFAC-reduce input), for 1, 2 and 3 spatial dims, computed without
+    forming the patches.
+
+    ``out[n] = extract_patches(input, ...)[n].mean(0)`` (channel groups averaged too). The mean over
+    positions is separable per spatial dim: a small ``[K_d, in_d]`` matrix counts how often tap ``k`` reads
+    input index ``i`` over the output positions (with ``'circular'``/``'reflect'``/``'replicate'`` padding
+    an index can be read more than once by a tap), and the group-averaged input is contracted with one per
+    dim (:func:`convzoo.reference.averaged_patches`): O(N·C·∏in·K) work, no patch-sized memory. Plain torch
+    (small matmuls), no custom op: autograd, ``torch.func`` transforms, ``vmap`` and ``torch.compile``
+    see ordinary differentiable ops. Computed in fp32 (fp64 for fp64), returned in the input's dtype.
+
+    Args:
+        input, kernel_size, stride, padding, dilation, groups, padding_mode: as in :func:`extract_patches`.
+
+    Returns:
+        ``[N, C/groups·∏kernel_size]`` (``[C/groups·∏kernel_size]`` for an unbatched input). The geometry
+        check guarantees at least one output position, so the mean is always defined; an input with an
+        empty spatial dim (zero padding) reads only padding and gives zeros.
+
+    Raises:
+        TypeError, ValueError: as :func:`extract_patches`.
+    """
+    _shapes.check_float_tensor(input, "input")
+    batched, args = _resolved(_unfold_args, _cached_unfold_args, input.shape, kernel_size, dilation, padding,
+                              stride, padding_mode)
+    if not batched:
+        return extract_averaged_patches(input[None], kernel_size, stride, padding, dilation, groups,
+                                        padding_mode=padding_mode)[0]
+    g = _shapes.extract_patches_geometry(input, *args, groups)
+    x = input
+    if groups != 1:  # summed in fp32 (fp64) and kept so: the result is rounded to the input's dtype once
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        x = x.unflatten(1, (groups, x.shape[1] // groups)).sum(1, dtype=acc) / groups
+    return reference.averaged_patches(x, g).to(input.dtype)

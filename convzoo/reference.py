@@ -313,11 +313,6 @@ def unfold_transpose_backward(cols: torch.Tensor, input_size: list[int], kernel_
 _CHUNK_BYTES = 32 << 20  # one chunk of the patch matrix: big enough for a fast matmul, small next to the whole
 
 
-def group_mean(x: torch.Tensor, groups: int) -> torch.Tensor:
-    """``x`` ``[N, C, *spatial]`` with its ``groups`` channel groups averaged: ``[N, C/groups, *spatial]``."""
-    return x.unflatten(1, (groups, x.shape[1] // groups)).mean(1)
-
-
 def _covariance_geometry(x: torch.Tensor, kernel_size, stride, padding, output_padding, dilation, padding_mode,
                          transposed: bool):
     """The call's geometry and its number of positions L."""
@@ -392,3 +387,140 @@ def patch_covariance(x: torch.Tensor, kernel_size: list[int], stride: list[int],
         out.baddbmm_(cols, cols.transpose(1, 2), beta=beta, alpha=coef)
         beta = 1.0
     return out
+# ----------------------------------------------------------------------------------------------
+# extract_patches: unfold's patches as [N, L, C/groups·∏K], the channel groups averaged (curvlinops' layout)
+def group_mean(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """``x`` ``[N, C, *spatial]`` with its ``groups`` channel groups averaged: ``[N, C/groups, *spatial]``,
+    ``x`` itself when ``groups == 1``. fp16/bf16 are summed in fp32 and rounded once, like the kernel."""
+    if groups == 1:
+        return x
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return (x.unflatten(1, (groups, x.shape[1] // groups)).sum(1, dtype=acc) / groups).to(x.dtype)
+
+
+def extract_patches(x: torch.Tensor, kernel_size: list[int], dilation: list[int], padding: list[int],
+                    stride: list[int], padding_mode: str, groups: int) -> torch.Tensor:
+    """``[N, C, *spatial]`` → ``[N, L, C/groups·∏K]``: row ``l`` of sample ``n`` is the patch that
+    :func:`unfold` puts in column ``l``, of the group-averaged input (``(c, k_0, k_1, ...)`` order).
+
+    The group mean, then one copy of the padded input's windows straight into the ``[N, *out, C/groups, *K]``
+    order (no unfold + transpose): a fresh contiguous tensor, never a view of ``x``."""
+    g = _shapes.extract_patches_geometry(x, kernel_size, dilation, padding, stride, padding_mode, groups)
+    xm = group_mean(x, groups)
+    nd = g.ndim
+    perm = [0, *range(2, 2 + nd), 1, *range(2 + nd, 2 + 2 * nd)]
+    out = xm.new_empty((x.shape[0], *g.out_size, xm.shape[1], *g.kernel_size))
+    out.copy_(_windows(xm, g).permute(perm))
+    return out.view(_shapes.extract_patches_out_shape(x, g, groups))
+
+
+def broadcast_groups(folded: torch.Tensor, groups: int, shape) -> torch.Tensor:
+    """``folded`` ``[N, C/groups, *spatial]`` → ``[N, C, *spatial]`` (``shape``), each group ``folded / groups``:
+    the last step of :func:`extract_patches_backward` (``folded`` itself when ``groups == 1``)."""
+    if groups == 1:
+        return folded
+    n, cg = folded.shape[:2]
+    return (folded / groups).unsqueeze(1).expand(n, groups, cg, *folded.shape[2:]).reshape(shape)
+
+
+def extract_patches_backward(grad: torch.Tensor, input_size: list[int], kernel_size: list[int],
+                             dilation: list[int], padding: list[int], stride: list[int], padding_mode: str,
+                             groups: int) -> torch.Tensor:
+    """The adjoint of :func:`extract_patches`: ``grad`` ``[N, L, C/groups·∏K]`` → ``[N, C, *input_size]``,
+    ``dx[n, g·C/groups + c] = fold(grad.transpose(1, 2))[n, c] / groups`` for every group ``g``."""
+    g = _shapes.extract_patches_backward_geometry(grad, input_size, kernel_size, dilation, padding, stride,
+                                                  padding_mode, groups)
+    folded = fold(grad.transpose(1, 2), input_size, kernel_size, dilation, padding, stride, padding_mode)
+    return broadcast_groups(folded, groups, _shapes.extract_patches_backward_out_shape(grad, g, groups))
+
+
+# ----------------------------------------------------------------------------------------------
+# the patches averaged over positions, without forming them: per spatial dim, a [K, n] matrix counting how
+# often tap k reads input index i over all positions; the mean patch is x contracted with one per dim
+def _tap_counts(taps: int, coords: torch.Tensor, positions, o_step: int, i_step: int, k_step: int, offset,
+                dtype: torch.dtype) -> torch.Tensor:
+    """``[taps, len(coords)]``: entry ``(k, j)`` is 1 when a position ``o`` in ``[0, positions)`` has
+    ``o·o_step == coords[j]·i_step + k·k_step + offset`` (at most one does), else 0. The one builder of both
+    families: for unfold (``o·stride = p + lo - k·dilation``, ``p`` a padded coordinate) and for
+    unfold_transpose (``o = i·stride - padding + t·dilation``)."""
+    k = torch.arange(taps, device=coords.device)[:, None]
+    q = coords[None, :] * i_step + k * k_step + offset
+    return ((q >= 0) & (q % o_step == 0) & (q < positions * o_step)).to(dtype)
+
+
+def _patch_counts(g: _shapes.Geometry, dim: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """``[K_dim, in_dim]``: how many of the ``out_dim`` positions read input index ``i`` through tap ``k``
+    along ``dim``. Zero padding reads nothing; the other modes send each padded coordinate to the input
+    index ``source_index`` gives it, so an entry can exceed 1 (circular padding of a short input)."""
+    n, lo, hi = g.in_size[dim], g.pad_lo[dim], g.pad_hi[dim]
+    k, s, d, o = g.kernel_size[dim], g.stride[dim], g.dilation[dim], g.out_size[dim]
+    if g.padding_mode == "zeros":
+        return _tap_counts(k, torch.arange(n, device=device), o, s, 1, -d, lo, dtype)
+    padded = _tap_counts(k, torch.arange(-lo, n + hi, device=device), o, s, 1, -d, lo, dtype)  # [K, lo+n+hi]
+    inside = padded[:, lo:lo + n]
+    if lo + hi == 0:
+        return inside
+    # the lo + hi padded coordinates each read one input index: fold their columns onto it (a small matmul
+    # with a one-hot [lo + hi, n] matrix; no scatter, so no atomics and nothing data-dependent)
+    src = source_index(n, lo, hi, g.padding_mode, device)
+    border = torch.cat((src[:lo], src[lo + n:]))
+    onehot = (border[:, None] == torch.arange(n, device=device)[None, :]).to(dtype)
+    return inside + torch.cat((padded[:, :lo], padded[:, lo + n:]), 1) @ onehot
+
+
+def _transpose_counts(g: _shapes.TransposeGeometry, dim: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """``[K_dim, in_dim]``: 1 where tap ``t`` of some output position reads input index ``i`` along ``dim``
+    (``o = i·stride - padding + t·dilation`` inside the output), else 0."""
+    n = g.in_size[dim]
+    return _tap_counts(g.kernel_size[dim], torch.arange(n, device=device), g.out_size[dim], 1, g.stride[dim],
+                       g.dilation[dim], -g.padding[dim], dtype)
+
+
+def _mean_patch(x: torch.Tensor, counts: list[torch.Tensor], positions) -> torch.Tensor:
+    """``x`` ``[N, C, *in]`` contracted with one ``[K_d, in_d]`` count matrix per spatial dim, divided by
+    ``positions``: ``[N, C·∏K]``, computed in fp32 (fp64 for fp64) and returned in ``x``'s dtype."""
+    acc = counts[0].dtype
+    y = x.to(acc)
+    nd = len(counts)
+    for dim in reversed(range(nd)):  # the last (contiguous) spatial dim first; its taps go last: [.., K_last]
+        # (tensordot is one 2-d mm: many times faster on CPU than a broadcasting 4-d @ with a thin matrix)
+        y = torch.tensordot(y, counts[dim], dims=([2 + dim], [1]))
+    y = y.permute(0, 1, *range(1 + nd, 1, -1))  # [N, C, K_last, ..., K_0] -> [N, C, K_0, ..., K_last]
+    taps = math.prod([c.shape[0] for c in counts])  # (a list: Dynamo cannot trace a generator here)
+    return (y.reshape(x.shape[0], x.shape[1] * taps) / positions).to(x.dtype)
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def averaged_patches(x: torch.Tensor, g: _shapes.Geometry) -> torch.Tensor:
+    """The mean over the ``g.num_blocks`` positions of :func:`unfold`'s columns: ``[N, C·∏K]`` in
+    ``(c, k_0, k_1, ...)`` order (no group averaging), without forming the patches.
+
+    ``g`` is ``x``'s geometry (:func:`convzoo._shapes.geometry` of ``x.shape[2:]``; not checked again). Per
+    spatial dim a ``[K, n]`` matrix counts how often tap ``k`` reads input index ``i`` over the output
+    positions, and ``x`` is contracted with one per dim (small matmuls): O(N·C·∏n·K) work, O(N·C·∏n) memory.
+    Computed in fp32 (fp64 for fp64) and returned in ``x``'s dtype. Plain differentiable torch (autograd,
+    ``torch.func``, ``vmap``, ``torch.compile`` see ordinary ops). The geometry check guarantees ``L ≥ 1``
+    (a kernel larger than the padded input is refused), so the mean never divides by zero; an empty input
+    dim (zero padding only) reads only padding and gives zeros, empty N or C an empty result.
+    """
+    counts = [_patch_counts(g, dim, _acc(x.dtype), x.device) for dim in range(g.ndim)]
+    return _mean_patch(x, counts, g.num_blocks)
+
+
+def averaged_transpose_patches(x: torch.Tensor, g: _shapes.TransposeGeometry) -> torch.Tensor:
+    """The mean over the ``g.num_positions`` output positions of :func:`unfold_transpose`'s columns:
+    ``[N, C·∏K]`` (no group averaging), without forming the patches: tap ``k`` of output position ``o``
+    reads input ``i`` when ``o + padding - k·dilation == i·stride``, ``0 <= i < in``.
+
+    As :func:`averaged_patches` (same count-matrix builder and contraction; fp32/fp64 compute, ``x``'s dtype
+    returned, plain differentiable torch). The geometry check guarantees at least one output position.
+    """
+    counts = [_transpose_counts(g, dim, _acc(x.dtype), x.device) for dim in range(g.ndim)]
+    return _mean_patch(x, counts, g.num_positions)
+
+
+__all__ += ["averaged_patches", "averaged_transpose_patches", "broadcast_groups", "extract_patches",
+            "extract_patches_backward", "group_mean"]

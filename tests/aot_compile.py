@@ -20,7 +20,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from convzoo import autotune
-from convzoo.kernels import local_conv, patch_covariance, unfold, unfold_transpose  # noqa: F401
+from convzoo.kernels import local_conv, patch_covariance, patches, unfold, unfold_transpose  # noqa: F401
 
 TL = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
 DOT_KERNELS = {"local_conv_fwd", "local_conv_grad_weight", "local_conv_grad_input", "patch_covariance"}

@@ -25,7 +25,8 @@ def test_kernels_compile_for_nvidia_targets():
     assert proc.returncode == 0, proc.stderr[-3000:]
     kernels = {r["kernel"] for r in rows}
     assert {"unfold", "fold", "local_conv_fwd", "local_conv_grad_input", "local_conv_grad_weight",
-            "unfold_transpose", "unfold_transpose_backward", "patch_covariance"} <= kernels
+            "unfold_transpose", "unfold_transpose_backward", "patch_covariance",
+            "extract_patches"} <= kernels
     assert {r["dtype"] for r in rows} == {"torch.float16", "torch.bfloat16", "torch.float32", "torch.float64"}
     for r in rows:
         assert r["shared"] <= H100_SHARED_BYTES, r

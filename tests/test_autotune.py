@@ -104,7 +104,7 @@ DOT_KERNELS = {"local_conv_fwd", "local_conv_grad_weight", "local_conv_grad_inpu
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64], ids=str)
-@pytest.mark.parametrize("name", ["unfold", "fold", *sorted(DOT_KERNELS)])
+@pytest.mark.parametrize("name", ["unfold", "fold", "extract_patches", *sorted(DOT_KERNELS)])
 def test_configs_are_valid_powers_of_two(name, dtype):
     """The interpreter accepts any tile; NVIDIA needs power-of-2 tl.arange sizes and tl.dot tiles ≥ 16
     (fp64 runs as a broadcast-sum, not tl.dot). Check every candidate and default statically."""

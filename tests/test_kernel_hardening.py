@@ -360,3 +360,16 @@ def test_patch_covariance_channel_offset_past_int32(tmp_path, kernel_device):
     out = pc_kernels.patch_covariance(x, *geom, 2, False, True)
     want = reference.patch_covariance(dense.cpu(), *geom, 2, False, True).to(out.device)
     torch.testing.assert_close(out, want, atol=0, rtol=0)
+def test_extract_patches_group_offset_past_int32(tmp_path, kernel_device):
+    """extract_patches reads group g's channel c of x at (g·C/groups + c) · stride_xc: past 2^31 from the
+    second channel on, through the in-kernel group loop (g · C/groups · stride_xc) and the channel offset."""
+    from convzoo.kernels import patches as patches_kernels
+
+    dense = torch.randint(-8, 9, (2, 4, 5)).float().to(kernel_device)  # N = 2, C = 4, L = 5
+    x = huge_view(dense, (1, HUGE, 2), tmp_path, "x")  # channel c at c · HUGE
+    for groups in (1, 2):
+        args = (*_geom(3, 1, "circular"), groups)
+        out = patches_kernels.extract_patches(x, *args)
+        # integer values: the group sum and its halving are exact, so the comparison is too
+        want = reference.extract_patches(dense.cpu(), *args).to(out.device)
+        torch.testing.assert_close(out, want, atol=0, rtol=0)

@@ -56,11 +56,14 @@ KEY_LEGEND = {
     "patch_covariance": ({"D": "factor side C/groups*prod(K) (+1 with bias)", "G": "channel groups (factor blocks)",
                           "M": "reduction N*L (samples x positions)"},
                          "BLOCK_D x BLOCK_D factor tile, BLOCK_M reduction step, SPLIT programs per tile"),
+    "extract_patches": ({"D": "entries per patch = C/groups*prod(K)",
+                         "R": "rows of the [N*L, D] patch matrix = N*L (L output positions)"},
+                        "BLOCK_R x BLOCK_D output tile (contiguous along D)"),
 }
 
 
 def _import_kernels() -> None:
-    from convzoo.kernels import local_conv, patch_covariance, unfold, unfold_transpose  # noqa: F401  (register their specs)
+    from convzoo.kernels import local_conv, patch_covariance, patches, unfold, unfold_transpose  # noqa: F401
 
 
 def _epilog() -> str:
