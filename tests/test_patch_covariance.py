@@ -326,3 +326,30 @@ def test_cpu_path_chunks_give_the_same_factor(monkeypatch):
 
 def test_kernel_module_is_registered():
     assert autotune.get_spec("patch_covariance").kernel is kernels.patch_covariance_kernel
+
+
+# ---- attacks
+def _forced(split):
+    cfg = autotune.Config({"BLOCK_D": 16, "BLOCK_M": 16, "SPLIT": split}, num_warps=4, num_stages=1)
+    return autotune.force_config("patch_covariance", cfg)
+
+
+@pytest.mark.parametrize("split", [1, 2])
+def test_attack_out_sharing_memory_is_refused(split, path):
+    """An out whose elements share memory (an expanded buffer) or that overlaps the input: the kernel
+    writes a tile while other programs still gather the input (and the mirrored stores collide), so
+    the factor was silently wrong on the kernel path. Both are refused, on every path."""
+    x = torch.randn(2, 4, 6, 7, device=path)
+    with _forced(split):
+        with pytest.raises(ValueError, match="out has elements that share"):
+            cf.patch_covariance(x, 3, padding=1, groups=2, bias=True, out=torch.zeros(1, 1, 1, device=path)
+                                .expand(2, 19, 19))
+        buf = torch.randn(2 * 4 * 6 * 7 + 2 * 19 * 19, device=path)
+        inp = buf[:2 * 4 * 6 * 7].view(2, 4, 6, 7)
+        with pytest.raises(ValueError, match="out shares memory with input"):
+            cf.patch_covariance(inp, 3, padding=1, groups=2, bias=True, out=buf[50:50 + 2 * 19 * 19].view(2, 19, 19),
+                                beta=0)
+        # disjoint parts of one buffer are fine
+        out = buf[2 * 4 * 6 * 7:].view(2, 19, 19)
+        cf.patch_covariance(inp, 3, padding=1, groups=2, bias=True, out=out, beta=0)
+        _close(out.cpu(), _formula(_patches(inp.cpu(), 3, 1, 1, 1, 2), bias=True), torch.float32)

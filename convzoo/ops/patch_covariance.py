@@ -94,6 +94,9 @@ def _(x, kernel_size, stride, padding, output_padding, dilation, padding_mode, g
 def _inplace_impl(out: Tensor, x: Tensor, kernel_size: list[int], stride: list[int], padding: list[int],
                   output_padding: list[int], dilation: list[int], padding_mode: str, groups: int, transposed: bool,
                   reduce: bool, bias: bool, group_mean: bool, per_sample: bool, alpha: float, coef: float) -> None:
+    # here, on real tensors (a traced functional sees fakes without addresses; a compiled graph's
+    # functionalised out is a fresh buffer anyway)
+    _shapes.check_covariance_out_memory(out, x)
     _compute(x, kernel_size, stride, padding, output_padding, dilation, padding_mode, groups, transposed, reduce,
              bias, group_mean, per_sample, out, alpha, coef)
 
