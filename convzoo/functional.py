@@ -407,7 +407,9 @@ def patch_covariance(input: torch.Tensor, kernel_size, stride=1, padding=0, dila
         out: the factor's buffer (its exact shape; fp32, fp64 for an fp64 input; any strides, same device):
             ``out ← out + new`` (accumulate), or ``out ← beta·out + (1 - beta)·new`` when ``beta`` is given
             (an exponential moving average), blended in the kernel's epilogue (same launch). Returned.
-        beta: a real number in ``[0, 1]``; needs ``out``. ``beta=0`` overwrites ``out`` without reading it.
+        beta: a real number in ``[0, 1]``; needs ``out``. ``beta=0`` overwrites ``out`` without reading it;
+            a zero coefficient of the new factor (``beta=1``, ``scale=0``) does not read the input either (as
+            BLAS's ``alpha = 0``): ``out`` is kept, or zeros returned, even for an input holding Inf or NaN.
         transposed: the factor of a ``ConvTranspose`` layer (patches of :func:`unfold_transpose`); then
             ``output_padding`` (int or per dim) applies and ``padding_mode`` must be ``'zeros'``.
         output_padding: see ``transposed``; must be 0 otherwise.

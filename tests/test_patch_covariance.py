@@ -353,3 +353,24 @@ def test_attack_out_sharing_memory_is_refused(split, path):
         out = buf[2 * 4 * 6 * 7:].view(2, 19, 19)
         cf.patch_covariance(inp, 3, padding=1, groups=2, bias=True, out=out, beta=0)
         _close(out.cpu(), _formula(_patches(inp.cpu(), 3, 1, 1, 1, 2), bias=True), torch.float32)
+
+
+@pytest.mark.parametrize("split", [1, 2])
+@pytest.mark.parametrize("mode", ["expand", "reduce"])
+def test_attack_zero_coefficient_does_not_read_the_factor(split, mode, path):
+    """beta=1 keeps out as it is and scale=0 gives zeros even when the input holds Inf/NaN, as BLAS
+    treats alpha = 0 (the new factor is not read) and as beta=0 ignores out. The kernel multiplied
+    Inf by 0 (NaN everywhere) while the torch path's baddbmm skipped the product: the paths disagreed."""
+    x = torch.randn(2, 4, 6, 7, device=path)
+    x[0, 1, 2, 3] = float("inf")
+    x[1, 0, 0, 0] = float("nan")
+    start = torch.randn(2, 19, 19, device=path)
+    with _forced(split):
+        out = start.clone()
+        cf.patch_covariance(x, 3, padding=1, groups=2, bias=True, mode=mode, out=out, beta=1)
+        torch.testing.assert_close(out, start, atol=0, rtol=0)
+        zero = cf.patch_covariance(x, 3, padding=1, groups=2, bias=True, mode=mode, scale=0)
+        torch.testing.assert_close(zero, torch.zeros_like(start), atol=0, rtol=0)
+        # with a non-zero coefficient the NaN stays where the math puts it
+        got = cf.patch_covariance(x, 3, padding=1, groups=2, bias=True, mode=mode, scale=1e-30)
+        assert got.isnan().any()
