@@ -314,8 +314,11 @@ _CHUNK_BYTES = 32 << 20  # one chunk of the patch matrix: big enough for a fast 
 
 
 def group_mean(x: torch.Tensor, groups: int) -> torch.Tensor:
-    """``x`` ``[N, C, *spatial]`` with its ``groups`` channel groups averaged: ``[N, C/groups, *spatial]``."""
-    return x.unflatten(1, (groups, x.shape[1] // groups)).mean(1)
+    """``x`` ``[N, C, *spatial]`` with its ``groups`` channel groups averaged: ``[N, C/groups, *spatial]``,
+    in the accumulator dtype (fp32, fp64 for fp64): an fp16/bf16 mean rounded back to its dtype would
+    put a rounding error into the fp32 factor that the input does not have."""
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return x.unflatten(1, (groups, x.shape[1] // groups)).mean(1, dtype=dtype)
 
 
 def _covariance_geometry(x: torch.Tensor, kernel_size, stride, padding, output_padding, dilation, padding_mode,

@@ -374,3 +374,12 @@ def test_attack_zero_coefficient_does_not_read_the_factor(split, mode, path):
         # with a non-zero coefficient the NaN stays where the math puts it
         got = cf.patch_covariance(x, 3, padding=1, groups=2, bias=True, mode=mode, scale=1e-30)
         assert got.isnan().any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_attack_group_mean_of_half_input_is_not_rounded(dtype, path):
+    """group_reduction='mean' averages the channel groups in the accumulator dtype: the mean rounded
+    back to fp16/bf16 before the fp32 factor was a silent 2^-9..2^-12 relative error."""
+    x, geom = _case("2d_K3_P1_G2", path, dtype)
+    got = cf.patch_covariance(x, **geom, bias=True, group_reduction="mean")
+    _close(got.cpu(), _formula(_patches(x.cpu(), **geom), bias=True, mean=True), torch.float32)
