@@ -426,7 +426,8 @@ def patch_covariance(input: torch.Tensor, kernel_size, stride=1, padding=0, dila
             positive or not dividing C, an unknown ``mode``/``group_reduction``/``padding_mode``, a
             non-finite ``scale``, ``beta`` outside ``[0, 1]`` or without ``out``, ``out`` of the wrong shape
             or device, ``output_padding`` without ``transposed``, a padding mode other than zeros or a
-            string padding with ``transposed``, or an input that requires grad.
+            string padding with ``transposed``, an input or ``out`` that requires grad, or an ``out`` whose
+            elements share memory with each other or with ``input``.
     """
     _shapes.check_float_tensor(input, "input")
     _check_choice(mode, "mode", _shapes.COVARIANCE_MODES)
@@ -465,6 +466,9 @@ def patch_covariance(input: torch.Tensor, kernel_size, stride=1, padding=0, dila
     kernel_numel = math.prod(geom[0])
     shape = _shapes.covariance_shape(input.shape[1], groups, kernel_numel, bias, group_reduction == "mean")
     _shapes.check_covariance_out(out, shape[1:] if group_reduction == "mean" else shape, dtype, input.device)
+    if out.requires_grad and torch.is_grad_enabled():  # torch refuses in-place ops on such leaves; a statistic too
+        raise ValueError("out requires grad, but patch_covariance writes it in place, outside autograd: pass a buffer "
+                         "that does not require grad (or call it under torch.no_grad())")
     if beta is None:
         alpha, coef = 1.0, scale
     else:

@@ -383,3 +383,14 @@ def test_attack_group_mean_of_half_input_is_not_rounded(dtype, path):
     x, geom = _case("2d_K3_P1_G2", path, dtype)
     got = cf.patch_covariance(x, **geom, bias=True, group_reduction="mean")
     _close(got.cpu(), _formula(_patches(x.cpu(), **geom), bias=True, mean=True), torch.float32)
+
+
+def test_attack_out_that_requires_grad_is_refused(path):
+    """Blending into a buffer that requires grad changes it behind autograd's back (torch refuses the
+    in-place op on such a leaf): refused like an input that requires grad."""
+    out = torch.zeros(1, 18, 18, device=path, requires_grad=True)
+    with pytest.raises(ValueError, match="out requires grad"):
+        cf.patch_covariance(torch.randn(2, 2, 6, 7, device=path), 3, padding=1, out=out)
+    with torch.no_grad():
+        cf.patch_covariance(torch.randn(2, 2, 6, 7, device=path), 3, padding=1, out=out)
+    assert out.abs().sum() > 0
