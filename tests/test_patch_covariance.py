@@ -394,3 +394,28 @@ def test_attack_out_that_requires_grad_is_refused(path):
     with torch.no_grad():
         cf.patch_covariance(torch.randn(2, 2, 6, 7, device=path), 3, padding=1, out=out)
     assert out.abs().sum() > 0
+
+
+def test_attack_more_groups_than_a_cuda_grid_dim(monkeypatch):
+    """Grid dims 1 and 2 are limited to 65535 on CUDA: a depthwise layer with more channels (groups on
+    grid dim 1) failed to launch. The launcher splits the groups into launches of at most 65535; the
+    launches here are recorded, not run (the interpreter has no such limit and 65537 programs are slow)."""
+    launches = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            return lambda out, x, *args, **kwargs: launches.append((grid, out, x))
+
+    monkeypatch.setattr(kernels, "patch_covariance_kernel", Recorder())
+    groups = 65535 + 2
+    x = torch.randn(1, groups, 3)
+    out = kernels.patch_covariance(x, [1], [1], [0, 0], [0], [1], "zeros", groups, False, False,
+                                   config=autotune.Config({"BLOCK_D": 16, "BLOCK_M": 16, "SPLIT": 2}))
+    assert out.shape == (groups, 1, 1)
+    assert all(grid[1] <= 65535 and grid[2] <= 65535 for grid, _, _ in launches)
+    g0 = 0
+    for grid, target, xs in launches:  # consecutive group ranges of x and of the workspace
+        assert target.shape[1] == xs.shape[1] == grid[1]
+        assert xs.data_ptr() == x[:, g0:].data_ptr()
+        g0 += grid[1]
+    assert g0 == groups
