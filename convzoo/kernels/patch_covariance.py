@@ -133,13 +133,15 @@ def patch_covariance_kernel(
         ri = (ti * BLOCK_D + tl.arange(0, BLOCK_D)).to(tl.int64)
         rj = (tj * BLOCK_D + tl.arange(0, BLOCK_D)).to(tl.int64)
         x_g = x_ptr + g * CG * stride_xc
-        per = tl.cdiv(tl.cdiv(M, BLOCK_M), SPLIT) * BLOCK_M
-        start = s * per
+        # the share's column steps, cdiv(cdiv(M, BLOCK_M), SPLIT) for M ≥ 1 without tl.cdiv's M + BLOCK_M - 1
+        # (nor steps · BLOCK_M), which wrap in int32 for M within BLOCK_M of 2^31: the loop ran 0 times
+        steps = (M - 1) // BLOCK_M // SPLIT + 1
+        start = s * steps * BLOCK_M
 
         # loop over the columns, fp32 (fp64) accumulation
         acc = tl.zeros([BLOCK_D, BLOCK_D], dtype=ACC_DTYPE)
-        for m0 in range(0, per, BLOCK_M):
-            m = start + m0 + tl.arange(0, BLOCK_M).to(tl.int64)
+        for step in range(0, steps):
+            m = start + step * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)  # step · BLOCK_M < M: no wrap
             a = _patch_tile(x_g, ri[:, None], m[None, :], D, M, L, ID, IH, IW, OH, OW,
                             stride_xn, stride_xc, stride_xd, stride_xh, stride_xw,
                             KD, KH, KW, SD, SH, SW, PD, PH, PW, DD, DH, DW, MODE, TRANSPOSED, HAS_BIAS, UPCAST)
