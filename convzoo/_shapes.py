@@ -620,3 +620,38 @@ def extract_patches_backward_geometry(grad: torch.Tensor, input_size, kernel_siz
 
 def extract_patches_backward_out_shape(grad: torch.Tensor, g: Geometry, groups) -> tuple:
     return (grad.shape[0], groups * (grad.shape[2] // g.kernel_numel), *g.in_size)
+
+
+def _span(t: torch.Tensor) -> tuple[int, int]:
+    """The byte range ``[first, last]`` that ``t`` (non-empty, non-negative strides) may touch."""
+    extent = sum((s - 1) * st for s, st in zip(t.shape, t.stride()))
+    return t.data_ptr(), t.data_ptr() + (extent + 1) * t.element_size() - 1
+
+
+def _self_overlapping(t: torch.Tensor) -> bool:
+    """True unless each dim's stride steps past everything the smaller strides reach (a sufficient test:
+    it also refuses a few exotic interleaved layouts that do not overlap)."""
+    reach = 0  # the largest offset the dims of smaller strides reach
+    for stride, size in sorted((st, s) for s, st in zip(t.shape, t.stride()) if s > 1):
+        if stride <= reach:
+            return True
+        reach += (size - 1) * stride
+    return False
+
+
+def check_covariance_out_memory(out: torch.Tensor, input: torch.Tensor) -> None:
+    """``out`` must be distinct memory: no two of its elements at one address (an expanded buffer), none
+    inside ``input``. The kernel stores each tile and its mirror while other programs still gather
+    ``input``, so either would race into a wrong factor without a word.
+
+    Raises:
+        ValueError: ``out`` has elements that share memory, or shares memory with ``input``.
+    """
+    if out.numel() == 0 or out.device.type == "meta":
+        return
+    check(not _self_overlapping(out), lambda: f"out has elements that share memory (strides {out.stride()} for "
+          f"shape {tuple(out.shape)}, an expanded view?): pass a buffer of distinct elements")
+    if input.numel():
+        (a0, a1), (b0, b1) = _span(out), _span(input)
+        check(a1 < b0 or b1 < a0, "out shares memory with input: the factor cannot be written over the input it "
+              "is computed from; pass a separate buffer")

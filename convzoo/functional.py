@@ -409,7 +409,9 @@ def patch_covariance(input: torch.Tensor, kernel_size, stride=1, padding=0, dila
         out: the factor's buffer (its exact shape; fp32, fp64 for an fp64 input; any strides, same device):
             ``out ← out + new`` (accumulate), or ``out ← beta·out + (1 - beta)·new`` when ``beta`` is given
             (an exponential moving average), blended in the kernel's epilogue (same launch). Returned.
-        beta: a real number in ``[0, 1]``; needs ``out``. ``beta=0`` overwrites ``out`` without reading it.
+        beta: a real number in ``[0, 1]``; needs ``out``. ``beta=0`` overwrites ``out`` without reading it;
+            a zero coefficient of the new factor (``beta=1``, ``scale=0``) does not read the input either (as
+            BLAS's ``alpha = 0``): ``out`` is kept, or zeros returned, even for an input holding Inf or NaN.
         transposed: the factor of a ``ConvTranspose`` layer (patches of :func:`unfold_transpose`); then
             ``output_padding`` (int or per dim) applies and ``padding_mode`` must be ``'zeros'``.
         output_padding: see ``transposed``; must be 0 otherwise.
@@ -426,7 +428,8 @@ def patch_covariance(input: torch.Tensor, kernel_size, stride=1, padding=0, dila
             positive or not dividing C, an unknown ``mode``/``group_reduction``/``padding_mode``, a
             non-finite ``scale``, ``beta`` outside ``[0, 1]`` or without ``out``, ``out`` of the wrong shape
             or device, ``output_padding`` without ``transposed``, a padding mode other than zeros or a
-            string padding with ``transposed``, or an input that requires grad.
+            string padding with ``transposed``, an input or ``out`` that requires grad, or an ``out`` whose
+            elements share memory with each other or with ``input``.
     """
     _shapes.check_float_tensor(input, "input")
     _check_choice(mode, "mode", _shapes.COVARIANCE_MODES)
@@ -465,6 +468,9 @@ def patch_covariance(input: torch.Tensor, kernel_size, stride=1, padding=0, dila
     kernel_numel = math.prod(geom[0])
     shape = _shapes.covariance_shape(input.shape[1], groups, kernel_numel, bias, group_reduction == "mean")
     _shapes.check_covariance_out(out, shape[1:] if group_reduction == "mean" else shape, dtype, input.device)
+    if out.requires_grad and torch.is_grad_enabled():  # torch refuses in-place ops on such leaves; a statistic too
+        raise ValueError("out requires grad, but patch_covariance writes it in place, outside autograd: pass a buffer "
+                         "that does not require grad (or call it under torch.no_grad())")
     if beta is None:
         alpha, coef = 1.0, scale
     else:

@@ -389,13 +389,16 @@ def patch_covariance(x: torch.Tensor, kernel_size: list[int], stride: list[int],
     return out
 # ----------------------------------------------------------------------------------------------
 # extract_patches: unfold's patches as [N, L, C/groups·∏K], the channel groups averaged (curvlinops' layout)
-def group_mean(x: torch.Tensor, groups: int) -> torch.Tensor:
-    """``x`` ``[N, C, *spatial]`` with its ``groups`` channel groups averaged: ``[N, C/groups, *spatial]``,
-    ``x`` itself when ``groups == 1``. fp16/bf16 are summed in fp32 and rounded once, like the kernel."""
+def group_mean(x: torch.Tensor, groups: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``x`` ``[N, C, *spatial]`` with its ``groups`` channel groups averaged: ``[N, C/groups, *spatial]`` in
+    ``dtype`` (default ``x``'s; ``x`` itself when ``groups == 1``). fp16/bf16 are summed in fp32 and rounded
+    once, like the extract_patches kernel; patch_covariance asks for fp32, so that a mean rounded back to
+    fp16/bf16 does not put a rounding error into the fp32 factor that the input does not have."""
+    dtype = dtype or x.dtype
     if groups == 1:
-        return x
+        return x.to(dtype)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    return (x.unflatten(1, (groups, x.shape[1] // groups)).sum(1, dtype=acc) / groups).to(x.dtype)
+    return (x.unflatten(1, (groups, x.shape[1] // groups)).sum(1, dtype=acc) / groups).to(dtype)
 
 
 def extract_patches(x: torch.Tensor, kernel_size: list[int], dilation: list[int], padding: list[int],

@@ -326,3 +326,96 @@ def test_cpu_path_chunks_give_the_same_factor(monkeypatch):
 
 def test_kernel_module_is_registered():
     assert autotune.get_spec("patch_covariance").kernel is kernels.patch_covariance_kernel
+
+
+# ---- attacks
+def _forced(split):
+    cfg = autotune.Config({"BLOCK_D": 16, "BLOCK_M": 16, "SPLIT": split}, num_warps=4, num_stages=1)
+    return autotune.force_config("patch_covariance", cfg)
+
+
+@pytest.mark.parametrize("split", [1, 2])
+def test_attack_out_sharing_memory_is_refused(split, path):
+    """An out whose elements share memory (an expanded buffer) or that overlaps the input: the kernel
+    writes a tile while other programs still gather the input (and the mirrored stores collide), so
+    the factor was silently wrong on the kernel path. Both are refused, on every path."""
+    x = torch.randn(2, 4, 6, 7, device=path)
+    with _forced(split):
+        with pytest.raises(ValueError, match="out has elements that share"):
+            cf.patch_covariance(x, 3, padding=1, groups=2, bias=True, out=torch.zeros(1, 1, 1, device=path)
+                                .expand(2, 19, 19))
+        buf = torch.randn(2 * 4 * 6 * 7 + 2 * 19 * 19, device=path)
+        inp = buf[:2 * 4 * 6 * 7].view(2, 4, 6, 7)
+        with pytest.raises(ValueError, match="out shares memory with input"):
+            cf.patch_covariance(inp, 3, padding=1, groups=2, bias=True, out=buf[50:50 + 2 * 19 * 19].view(2, 19, 19),
+                                beta=0)
+        # disjoint parts of one buffer are fine
+        out = buf[2 * 4 * 6 * 7:].view(2, 19, 19)
+        cf.patch_covariance(inp, 3, padding=1, groups=2, bias=True, out=out, beta=0)
+        _close(out.cpu(), _formula(_patches(inp.cpu(), 3, 1, 1, 1, 2), bias=True), torch.float32)
+
+
+@pytest.mark.parametrize("split", [1, 2])
+@pytest.mark.parametrize("mode", ["expand", "reduce"])
+def test_attack_zero_coefficient_does_not_read_the_factor(split, mode, path):
+    """beta=1 keeps out as it is and scale=0 gives zeros even when the input holds Inf/NaN, as BLAS
+    treats alpha = 0 (the new factor is not read) and as beta=0 ignores out. The kernel multiplied
+    Inf by 0 (NaN everywhere) while the torch path's baddbmm skipped the product: the paths disagreed."""
+    x = torch.randn(2, 4, 6, 7, device=path)
+    x[0, 1, 2, 3] = float("inf")
+    x[1, 0, 0, 0] = float("nan")
+    start = torch.randn(2, 19, 19, device=path)
+    with _forced(split):
+        out = start.clone()
+        cf.patch_covariance(x, 3, padding=1, groups=2, bias=True, mode=mode, out=out, beta=1)
+        torch.testing.assert_close(out, start, atol=0, rtol=0)
+        zero = cf.patch_covariance(x, 3, padding=1, groups=2, bias=True, mode=mode, scale=0)
+        torch.testing.assert_close(zero, torch.zeros_like(start), atol=0, rtol=0)
+        # with a non-zero coefficient the NaN stays where the math puts it
+        got = cf.patch_covariance(x, 3, padding=1, groups=2, bias=True, mode=mode, scale=1e-30)
+        assert got.isnan().any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_attack_group_mean_of_half_input_is_not_rounded(dtype, path):
+    """group_reduction='mean' averages the channel groups in the accumulator dtype: the mean rounded
+    back to fp16/bf16 before the fp32 factor was a silent 2^-9..2^-12 relative error."""
+    x, geom = _case("2d_K3_P1_G2", path, dtype)
+    got = cf.patch_covariance(x, **geom, bias=True, group_reduction="mean")
+    _close(got.cpu(), _formula(_patches(x.cpu(), **geom), bias=True, mean=True), torch.float32)
+
+
+def test_attack_out_that_requires_grad_is_refused(path):
+    """Blending into a buffer that requires grad changes it behind autograd's back (torch refuses the
+    in-place op on such a leaf): refused like an input that requires grad."""
+    out = torch.zeros(1, 18, 18, device=path, requires_grad=True)
+    with pytest.raises(ValueError, match="out requires grad"):
+        cf.patch_covariance(torch.randn(2, 2, 6, 7, device=path), 3, padding=1, out=out)
+    with torch.no_grad():
+        cf.patch_covariance(torch.randn(2, 2, 6, 7, device=path), 3, padding=1, out=out)
+    assert out.abs().sum() > 0
+
+
+def test_attack_more_groups_than_a_cuda_grid_dim(monkeypatch):
+    """Grid dims 1 and 2 are limited to 65535 on CUDA: a depthwise layer with more channels (groups on
+    grid dim 1) failed to launch. The launcher splits the groups into launches of at most 65535; the
+    launches here are recorded, not run (the interpreter has no such limit and 65537 programs are slow)."""
+    launches = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            return lambda out, x, *args, **kwargs: launches.append((grid, out, x))
+
+    monkeypatch.setattr(kernels, "patch_covariance_kernel", Recorder())
+    groups = 65535 + 2
+    x = torch.randn(1, groups, 3)
+    out = kernels.patch_covariance(x, [1], [1], [0, 0], [0], [1], "zeros", groups, False, False,
+                                   config=autotune.Config({"BLOCK_D": 16, "BLOCK_M": 16, "SPLIT": 2}))
+    assert out.shape == (groups, 1, 1)
+    assert all(grid[1] <= 65535 and grid[2] <= 65535 for grid, _, _ in launches)
+    g0 = 0
+    for grid, target, xs in launches:  # consecutive group ranges of x and of the workspace
+        assert target.shape[1] == xs.shape[1] == grid[1]
+        assert xs.data_ptr() == x[:, g0:].data_ptr()
+        g0 += grid[1]
+    assert g0 == groups

@@ -133,13 +133,15 @@ def patch_covariance_kernel(
         ri = (ti * BLOCK_D + tl.arange(0, BLOCK_D)).to(tl.int64)
         rj = (tj * BLOCK_D + tl.arange(0, BLOCK_D)).to(tl.int64)
         x_g = x_ptr + g * CG * stride_xc
-        per = tl.cdiv(tl.cdiv(M, BLOCK_M), SPLIT) * BLOCK_M
-        start = s * per
+        # the share's column steps, cdiv(cdiv(M, BLOCK_M), SPLIT) for M ≥ 1 without tl.cdiv's M + BLOCK_M - 1
+        # (nor steps · BLOCK_M), which wrap in int32 for M within BLOCK_M of 2^31: the loop ran 0 times
+        steps = (M - 1) // BLOCK_M // SPLIT + 1
+        start = s * steps * BLOCK_M
 
         # loop over the columns, fp32 (fp64) accumulation
         acc = tl.zeros([BLOCK_D, BLOCK_D], dtype=ACC_DTYPE)
-        for m0 in range(0, per, BLOCK_M):
-            m = start + m0 + tl.arange(0, BLOCK_M).to(tl.int64)
+        for step in range(0, steps):
+            m = start + step * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)  # step · BLOCK_M < M: no wrap
             a = _patch_tile(x_g, ri[:, None], m[None, :], D, M, L, ID, IH, IW, OH, OW,
                             stride_xn, stride_xc, stride_xd, stride_xh, stride_xw,
                             KD, KH, KW, SD, SH, SW, PD, PH, PW, DD, DH, DW, MODE, TRANSPOSED, HAS_BIAS, UPCAST)
@@ -250,6 +252,8 @@ PATCH_COVARIANCE_SPEC = autotune.register(KernelSpec(
 
 # ----------------------------------------------------------------------------------------------
 # launcher
+_MAX_GRID_YZ = 65535  # CUDA's limit on grid dims 1 and 2
+
 def _kernel_geometry(x: torch.Tensor, kernel_size, stride, padding, output_padding, dilation, padding_mode,
                      transposed: bool) -> dict:
     """The call's geometry as 3-d kernel arguments (``lo``: the low padding, or the transposed padding)."""
@@ -305,16 +309,20 @@ def patch_covariance(x: torch.Tensor, kernel_size: list[int], stride: list[int],
     target4 = target[None] if split == 1 else target
     xs = _as_5d(x, a["ndim"])
     with _device(x):
-        patch_covariance_kernel[(t * t, groups, split)](
-            target4, xs,
-            cg, *a["in"], a["out"][1], a["out"][2], a["L"], m, d, dp, t,
-            *xs.stride(), *target4.stride(),
-            alpha if split == 1 else 0.0, coef if split == 1 else 1.0,
-            *a["k"], *a["s"], *a["p"], *a["d"],
-            a["mode"], transposed, bias, read_out and split == 1,
-            **_math_args(x.dtype, patch_covariance_kernel),
-            **cfg.launch_kwargs(),
-        )
+        # grid dims 1 (groups) and 2 (SPLIT) are limited to 65535 on CUDA: a depthwise layer may have more
+        # channels, so the groups go in launches of at most that many (each on its slices of x and target)
+        for g0 in range(0, groups, _MAX_GRID_YZ):
+            ng = min(_MAX_GRID_YZ, groups - g0)
+            patch_covariance_kernel[(t * t, ng, split)](
+                target4[:, g0:g0 + ng], xs[:, g0 * cg:(g0 + ng) * cg],
+                cg, *a["in"], a["out"][1], a["out"][2], a["L"], m, d, dp, t,
+                *xs.stride(), *target4.stride(),
+                alpha if split == 1 else 0.0, coef if split == 1 else 1.0,
+                *a["k"], *a["s"], *a["p"], *a["d"],
+                a["mode"], transposed, bias, read_out and split == 1,
+                **_math_args(x.dtype, patch_covariance_kernel),
+                **cfg.launch_kwargs(),
+            )
     if split > 1:  # the partials, summed in a fixed order: deterministic
         total = target.sum(0)
         if read_out:

@@ -30,8 +30,14 @@ def _compute(x: Tensor, kernel_size: list[int], stride: list[int], padding: list
              group_mean: bool, per_sample: bool, out: Tensor | None, alpha: float, coef: float) -> Tensor:
     if per_sample and x.shape[0]:
         coef = coef / x.shape[0]
+    if coef == 0.0:  # as BLAS's alpha = 0: F is not read (no 0·Inf = NaN from the input), as alpha = 0 ignores out
+        if out is None:
+            k = _kernel_numel(x, kernel_size, stride, padding, output_padding, dilation, padding_mode, transposed)
+            dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+            out = x.new_empty(_shapes.covariance_shape(x.shape[1], groups, k, bias, group_mean), dtype=dtype)
+        return out.mul_(alpha) if alpha != 0.0 else out.zero_()
     if group_mean and groups > 1:
-        x, groups = reference.group_mean(x, groups), 1
+        x, groups = reference.group_mean(x, groups, torch.float64 if x.dtype == torch.float64 else torch.float32), 1
     geom = (kernel_size, stride, padding, output_padding, dilation, padding_mode, groups, transposed, bias)
     if reduce:
         return _reduce(x, *geom, out, alpha, coef)
@@ -94,6 +100,9 @@ def _(x, kernel_size, stride, padding, output_padding, dilation, padding_mode, g
 def _inplace_impl(out: Tensor, x: Tensor, kernel_size: list[int], stride: list[int], padding: list[int],
                   output_padding: list[int], dilation: list[int], padding_mode: str, groups: int, transposed: bool,
                   reduce: bool, bias: bool, group_mean: bool, per_sample: bool, alpha: float, coef: float) -> None:
+    # here, on real tensors (a traced functional sees fakes without addresses; a compiled graph's
+    # functionalised out is a fresh buffer anyway)
+    _shapes.check_covariance_out_memory(out, x)
     _compute(x, kernel_size, stride, padding, output_padding, dilation, padding_mode, groups, transposed, reduce,
              bias, group_mean, per_sample, out, alpha, coef)
 
