@@ -444,7 +444,7 @@ def patch_covariance(input: torch.Tensor, kernel_size, stride=1, padding=0, dila
         batched, geom = _covariance_transposed_args(input.shape, kernel_size, stride, padding, output_padding,
                                                     dilation, padding_mode)
     else:
-        if output_padding != 0:
+        if not _all_zero(output_padding):
             raise ValueError(f"output_padding={output_padding!r} applies only with transposed=True")
         batched, args = _resolved(_unfold_args, _cached_unfold_args, input.shape, kernel_size, dilation, padding,
                                   stride, padding_mode)
@@ -481,6 +481,12 @@ def patch_covariance(input: torch.Tensor, kernel_size, stride=1, padding=0, dila
     _patch_covariance_ops.patch_covariance_(out[None] if group_reduction == "mean" else out, input, *geom, *flags,
                                             alpha, coef)
     return out
+
+
+def _all_zero(value) -> bool:
+    """``value`` is the int 0 or a sequence of int zeros (an ``output_padding`` that pads nothing)."""
+    values = value if isinstance(value, Sequence) and not isinstance(value, str) else (value,)
+    return all(_shapes._is_int(v) and int(v) == 0 for v in values)
 
 
 def _check_choice(value, name: str, choices: tuple) -> None:

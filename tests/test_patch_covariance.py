@@ -419,3 +419,13 @@ def test_attack_more_groups_than_a_cuda_grid_dim(monkeypatch):
         assert xs.data_ptr() == x[:, g0:].data_ptr()
         g0 += grid[1]
     assert g0 == groups
+
+
+def test_zero_output_padding_in_any_form_is_no_output_padding():
+    x = torch.randn(2, 4, 6, 6)
+    want = cf.patch_covariance(x, 3, groups=2)
+    for op in ((0, 0), [0, 0], 0):
+        torch.testing.assert_close(cf.patch_covariance(x, 3, groups=2, output_padding=op), want)
+    for op in ((0, 1), (False, 0)):
+        with pytest.raises(ValueError, match="output_padding"):
+            cf.patch_covariance(x, 3, groups=2, output_padding=op)

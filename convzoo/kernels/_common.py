@@ -110,9 +110,12 @@ def _patch_columns(r, l, ID, IH, IW, OH, OW, stride_xc, stride_xd, stride_xh, st
                    KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
                    SD: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
                    PD: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
-                   DD: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr, MODE: tl.constexpr):
+                   DD: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr, MODE: tl.constexpr,
+                   TRANSPOSED: tl.constexpr):
     """For patch rows ``r = (c, kd, kh, kw)`` of position ``l``: the offset into ``x[n]`` each reads,
-    and whether it reads anything (``'zeros'`` padding reads nothing)."""
+    and whether it reads anything (``'zeros'`` padding reads nothing). ``TRANSPOSED``: the patches of a
+    transposed convolution (unfold_transpose's), where tap ``k`` of ``o`` reads the ``i`` with
+    ``o + P - k·D = i·S``, if there is one (``MODE`` is then unused: zeros)."""
     k = r % (KD * KH * KW)
     c = r // (KD * KH * KW)
     kw = k % KW
@@ -121,9 +124,14 @@ def _patch_columns(r, l, ID, IH, IW, OH, OW, stride_xc, stride_xd, stride_xh, st
     ow = l % OW
     oh = (l // OW) % OH
     od = l // OW // OH  # not l // (OW * OH): an int32 product of two sizes
-    i_d, ok_d = _source_index(od * SD - PD + kd * DD, ID, MODE)
-    i_h, ok_h = _source_index(oh * SH - PH + kh * DH, IH, MODE)
-    i_w, ok_w = _source_index(ow * SW - PW + kw * DW, IW, MODE)
+    if TRANSPOSED:
+        i_d, ok_d = _block_index(od, PD, kd, ID, SD, DD)
+        i_h, ok_h = _block_index(oh, PH, kh, IH, SH, DH)
+        i_w, ok_w = _block_index(ow, PW, kw, IW, SW, DW)
+    else:
+        i_d, ok_d = _source_index(od * SD - PD + kd * DD, ID, MODE)
+        i_h, ok_h = _source_index(oh * SH - PH + kh * DH, IH, MODE)
+        i_w, ok_w = _source_index(ow * SW - PW + kw * DW, IW, MODE)
     off = c * stride_xc + i_d * stride_xd + i_h * stride_xh + i_w * stride_xw
     return off, ok_d & ok_h & ok_w
 

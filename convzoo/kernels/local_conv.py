@@ -100,7 +100,7 @@ def local_conv_fwd_kernel(
         r = r0 + tl.arange(0, BLOCK_R).to(tl.int64)
         r_ok = r < R
         off, ok = _patch_columns(r, l, ID, IH, IW, OH, OW, stride_xc, stride_xd, stride_xh, stride_xw,
-                                 KD, KH, KW, SD, SH, SW, PD, PH, PW, DD, DH, DW, MODE)
+                                 KD, KH, KW, SD, SH, SW, PD, PH, PW, DD, DH, DW, MODE, False)
         p = tl.load(x_rows[:, None] + off[None, :], mask=n_ok[:, None] & (r_ok & ok)[None, :], other=0)
         w = tl.load(w_cols[None, :] + r[:, None] * stride_wr, mask=r_ok[:, None] & o_ok[None, :], other=0)
         acc = _mma(p, w, acc, FP64, PRECISION, UPCAST)
@@ -156,7 +156,7 @@ def local_conv_grad_weight_kernel(
     o_ok = o < O
     r_ok = r < R
     off, ok = _patch_columns(r, l, ID, IH, IW, OH, OW, stride_xc, stride_xd, stride_xh, stride_xw,
-                             KD, KH, KW, SD, SH, SW, PD, PH, PW, DD, DH, DW, MODE)
+                             KD, KH, KW, SD, SH, SW, PD, PH, PW, DD, DH, DW, MODE, False)
     col_ok = r_ok & ok
     g_rows = g_ptr + l * stride_gl + o * stride_go
 

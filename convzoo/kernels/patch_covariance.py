@@ -22,7 +22,6 @@ from convzoo import _shapes, autotune, reference
 from convzoo.autotune import Config, ConfigSpace, KernelSpec, TuneProblem
 from convzoo.kernels._common import (
     _as_5d,
-    _block_index,
     _check_device,
     _device,
     _math_args,
@@ -33,29 +32,6 @@ from convzoo.kernels._common import (
 )
 
 __all__ = ["patch_covariance"]
-
-
-@triton.jit
-def _transpose_patch_columns(r, l, ID, IH, IW, OH, OW, stride_xc, stride_xd, stride_xh, stride_xw,
-                             KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
-                             SD: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
-                             PD: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
-                             DD: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr):
-    """``_patch_columns`` of a transposed convolution: patch row ``r = (c, kd, kh, kw)`` of output
-    position ``l`` reads the input index ``i`` with ``o + P - k·D = i·S`` (per dim), if there is one."""
-    k = r % (KD * KH * KW)
-    c = r // (KD * KH * KW)
-    kw = k % KW
-    kh = (k // KW) % KH
-    kd = k // (KW * KH)
-    ow = l % OW
-    oh = (l // OW) % OH
-    od = l // OW // OH  # not l // (OW * OH): an int32 product of two sizes
-    i_d, ok_d = _block_index(od, PD, kd, ID, SD, DD)
-    i_h, ok_h = _block_index(oh, PH, kh, IH, SH, DH)
-    i_w, ok_w = _block_index(ow, PW, kw, IW, SW, DW)
-    off = c * stride_xc + i_d * stride_xd + i_h * stride_xh + i_w * stride_xw
-    return off, ok_d & ok_h & ok_w
 
 
 @triton.jit
@@ -72,12 +48,8 @@ def _patch_tile(x_ptr, r, m, D, M, L, ID, IH, IW, OH, OW,
     (bf16 under the interpreter, which has no bf16 constants either) widens the tile to fp32 here."""
     n = m // L
     l = m % L
-    if TRANSPOSED:
-        off, ok = _transpose_patch_columns(r, l, ID, IH, IW, OH, OW, stride_xc, stride_xd, stride_xh, stride_xw,
-                                           KD, KH, KW, SD, SH, SW, PD, PH, PW, DD, DH, DW)
-    else:
-        off, ok = _patch_columns(r, l, ID, IH, IW, OH, OW, stride_xc, stride_xd, stride_xh, stride_xw,
-                                 KD, KH, KW, SD, SH, SW, PD, PH, PW, DD, DH, DW, MODE)
+    off, ok = _patch_columns(r, l, ID, IH, IW, OH, OW, stride_xc, stride_xd, stride_xh, stride_xw,
+                             KD, KH, KW, SD, SH, SW, PD, PH, PW, DD, DH, DW, MODE, TRANSPOSED)
     m_ok = m < M
     v = tl.load(x_ptr + n * stride_xn + off, mask=ok & (r < D) & m_ok, other=0)
     if UPCAST:
