@@ -7,5 +7,6 @@ from convzoo import functional
 from convzoo.curvature import KFACFactors
 from convzoo.layers import Fold, LocalConv1d, LocalConv2d, LocalConv3d, Unfold, UnfoldTranspose
 
-__all__ = ["Fold", "KFACFactors", "LocalConv1d", "LocalConv2d", "LocalConv3d", "Unfold", "UnfoldTranspose", "functional"]
+__all__ = ["Fold", "KFACFactors", "LocalConv1d", "LocalConv2d", "LocalConv3d", "Unfold", "UnfoldTranspose",
+           "functional"]
 __version__ = "0.1.0"
