@@ -83,16 +83,22 @@ def test_tiny_run_prints_every_provider_and_writes_results(capsys, no_interprete
     assert "plain-torch paths" in out and "measured: copy" in out and "timer: torch.utils.benchmark" in out
     assert f"# results: {tmp_path} (--out)" in out
     assert "[  1/" in out  # progress: one line per row while timing
-    assert out.count(harness.SPEEDUP_LEGEND) == 3  # one legend under each op's table
+    assert out.count(harness.SPEEDUP_LEGEND) == 4  # one legend under each op's table
     unfold_2d, fold_3d, local_2d = "N2 C3 8×8 k3 p1 s1", "N1 C2 4×4×4 k2 p0 s1", "N2 C3→4 6×6 k3 p1 s1"
     expected = {("unfold", unfold_2d, p) for p in ("convzoo", "F.unfold", "unfoldNd")}
     expected |= {("fold", fold_3d, p) for p in ("convzoo", "unfoldNd")}
     expected |= {("local_conv", local_2d, p) for p in ("convzoo", "hypnettorch", "unfold+bmm", "unfold+einsum")}
+    kfac = ("convzoo", "unfold+matmul", "einconv")
+    expected |= {("patch_covariance", f"{unfold_2d} {m}", p) for m in ("expand", "reduce")
+                 for p in (*kfac, "curvlinops")}
+    expected |= {("patch_covariance", f"{fold_3d} {m}", p) for m in ("expand", "reduce") for p in kfac}
     (csv_path,) = tmp_path.glob("*.csv")
     rows = harness.read_csv(csv_path)
     assert list(rows[0]) == harness.Row.columns()
     assert expected <= {(r["op"], r["shape"], r["provider"]) for r in rows}
     assert {r["mode"] for r in rows} == {"fwd", "fwd+bwd"}  # --tiny: no overhead rows
+    assert {r["mode"] for r in rows if r["op"] == "patch_covariance"} == {"fwd"}  # a statistic: no backward
+    assert not any(r["provider"] == "curvlinops" and "×4×" in r["shape"] for r in rows)  # curvlinops: 2-d only
     assert not any("compile" in r["provider"] for r in rows)  # --full only
     for r in rows:
         assert r["device"].startswith("CPU") and r["torch"] and r["date"].endswith("Z")
@@ -101,13 +107,14 @@ def test_tiny_run_prints_every_provider_and_writes_results(capsys, no_interprete
         assert 0 < p20 <= p50 <= p80
         assert float(r["peak_mib"]) >= 0 and float(r["gb_per_s"]) > 0 and float(r["pct_copy_bw"]) > 0
         # FLOP columns only where FLOPs matter; empty (NaN) for data movement, not 0.000
-        assert math.isnan(float(r["tflop_per_s"])) == (r["op"] != "local_conv")
-        assert math.isnan(float(r["pct_matmul_peak"])) == (r["op"] != "local_conv")
+        assert math.isnan(float(r["tflop_per_s"])) == (r["op"] in ("unfold", "fold"))
+        assert math.isnan(float(r["pct_matmul_peak"])) == (r["op"] in ("unfold", "fold"))
         if r["provider"] == "convzoo":
             assert float(r["speedup"]) == 1.0
     md = csv_path.with_suffix(".md").read_text()
-    assert md.count(f"| {local_2d} |") == 8 and "Measured limits" in md and md.count(harness.SPEEDUP_LEGEND) == 3
+    assert md.count(f"| {local_2d} |") == 8 and "Measured limits" in md and md.count(harness.SPEEDUP_LEGEND) == 4
     assert "### unfold (data movement" in md and "### local_conv (FLOPs matter" in md
+    assert "### patch_covariance (FLOPs matter" in md
     # a second run appends rows under the same header
     assert bench.main(["--tiny", "--device", "cpu", "--ops", "local_conv", "--modes", "bwd", *FAST, "--no-memory",
                        "--out", str(tmp_path)]) == 0
@@ -314,8 +321,10 @@ def test_overhead_rows(no_interpreter, capsys):
     assert "p50 µs" in section and out.count("## ") == 1 and harness.SPEEDUP_LEGEND in section
     assert {(r.op, r.provider) for r in rows} == {("unfold", "convzoo"), ("unfold", "F.unfold"), ("fold", "convzoo"),
                                                   ("fold", "F.fold"), ("local_conv", "convzoo"),
-                                                  ("local_conv", "unfold+einsum")}
+                                                  ("local_conv", "unfold+einsum"), ("patch_covariance", "convzoo"),
+                                                  ("patch_covariance", "unfold+matmul")}
     assert {r.mode for r in rows} == {"call", "call+grad"} and all(r.shape.startswith("N2 C3") for r in rows)
+    assert {r.mode for r in rows if r.op == "patch_covariance"} == {"call"}  # its input never requires grad
     assert all(r.timer.startswith("torch.utils.benchmark") for r in rows)
     assert f"{rows[0].ms_p50 * 1e3:.1f}" in section  # printed in µs
     # --quick carries the overhead rows too
@@ -332,12 +341,18 @@ def test_max_minutes_stops_starting_rows(no_interpreter, capsys):
 
 def test_a_missing_peer_drops_its_column_with_one_line(monkeypatch, no_interpreter, capsys):
     monkeypatch.setattr(ops, "unfoldNd", None)
+    monkeypatch.setattr(ops, "convNd_kfc", None)
+    monkeypatch.setattr(ops, "extract_patches", None)
     rows = _rows(["--tiny", "--device", "cpu", "--reps", "2", "--no-memory", "--no-save"], FakeTimer(),
                  FakeLoad(0.0), capsys)
-    assert rows and not any(r.provider == "unfoldNd" for r in rows)
-    assert not any(r.op == "fold" and r.shape.startswith("N1") and r.provider != "convzoo" for r in rows)
-    out = capsys.readouterr().out
-    assert sum("unfoldNd is not installed" in ln and "pip install unfoldNd" in ln for ln in out.splitlines()) == 1
+    assert rows and not any(r.provider in ("unfoldNd", "einconv", "curvlinops") for r in rows)
+    assert not any(r.op in ("fold", "patch_covariance") and r.shape.startswith("N1") and r.provider != "convzoo"
+                   for r in rows)
+    assert {r.provider for r in rows if r.op == "patch_covariance"} == {"convzoo", "unfold+matmul"}
+    lines = capsys.readouterr().out.splitlines()
+    assert sum("unfoldNd is not installed" in ln and "pip install unfoldNd" in ln for ln in lines) == 1
+    assert sum("einconv is not installed" in ln and "pip install einconv" in ln for ln in lines) == 1
+    assert sum("curvlinops is not installed" in ln and "curvlinops-for-pytorch" in ln for ln in lines) == 1
 
 
 def test_csv_append_and_an_older_schema_moved_aside(tmp_path):
@@ -362,6 +377,9 @@ def test_csv_append_and_an_older_schema_moved_aside(tmp_path):
 
 def test_shape_labels_state_the_shape():
     assert ops.problems("quick", ["unfold"])[0].label == "N8 C64 32×32 k3 p1 s1"
+    kfac = [p.label for p in ops.problems("quick", ["patch_covariance"])]
+    assert kfac[:2] == ["N8 C64 32×32 k3 p1 s1 expand", "N8 C64 32×32 k3 p1 s1 reduce"]
+    assert {p.ndim for p in ops.problems("quick", ["patch_covariance"])} == {2, 3}
     local = [p.label for p in ops.problems("quick", ["local_conv"])]
     assert "N16 C32→32 32×32 k3 p1 s1" in local and "N16 C32→32 32×32 k3 p1 s1 hypnettorch-W" in local
     ids = [p.id for size in ops.SIZES for p in ops.problems(size)]

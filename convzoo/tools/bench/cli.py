@@ -28,7 +28,8 @@ default), --full (real layer shapes, every mode, torch.compile peers, overhead r
 host-overhead rows: µs per eager call on tiny shapes, against F.unfold / F.fold / unfold+einsum).
 
 columns: p20/p50/p80 of the timer's samples; GB/s and % of the measured copy bandwidth for every op;
-TFLOP/s and % of the measured matmul peak where the op does FLOPs (local_conv);
+TFLOP/s and % of the measured matmul peak where the op does FLOPs (local_conv, patch_covariance; the latter
+timed in fwd only: a statistic, not differentiable);
 speedup = peer time / convzoo time, from the same interleaved pass (> 1: convzoo is faster).
 A row is noisy when p80/p20 > {timing.SPREAD_BOUND} or other processes kept more than max(0.5, cores/10) CPUs
 busy while it was timed.

@@ -45,7 +45,8 @@ class Problem:
     ``name`` is a short id, ``label`` states the shape (``N8 C64 32×32 k3 p1 s1``).
     ``make(device, dtype, requires_grad)`` returns the provider inputs (a tuple); ``bytes`` and
     ``flops`` map a mode to what that mode must at least move / compute (no FLOPs: pure data
-    movement). ``overhead`` problems time eager calls in :data:`OVERHEAD_MODES`.
+    movement). ``overhead`` problems time eager calls in :data:`OVERHEAD_MODES`. A problem that is not
+    ``differentiable`` (a statistic such as a KFAC factor) is timed in ``fwd`` (and ``call``) only.
     """
 
     op: str
@@ -56,6 +57,7 @@ class Problem:
     flops: Callable[[str], float] = lambda mode: 0.0
     label: str = ""
     overhead: bool = False
+    differentiable: bool = True
 
     def __post_init__(self):
         self.label = self.label or self.name
@@ -201,7 +203,10 @@ def jobs(problems: Sequence[Problem], providers: dict[str, Sequence[Provider]], 
     """What :func:`run` times: (problem, mode, the providers that run it), in order."""
     out = []
     for problem in problems:
-        for mode in (OVERHEAD_MODES if problem.overhead else modes):
+        chosen = OVERHEAD_MODES if problem.overhead else modes
+        if not problem.differentiable:  # nothing to differentiate, and no input that requires grad
+            chosen = [m for m in chosen if m in ("fwd", "call")]
+        for mode in chosen:
             provs = [p for p in providers[problem.op] if p.runs(problem, device, full)]
             if provs:
                 out.append((problem, mode, provs))

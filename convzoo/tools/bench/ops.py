@@ -17,6 +17,14 @@ try:
     import unfoldNd
 except ImportError:  # a bench-only dependency
     unfoldNd = None
+try:  # the KFAC peers, bench-only too
+    from einconv.expressions import convNd_kfac_reduce, convNd_kfc
+except ImportError:
+    convNd_kfc = convNd_kfac_reduce = None
+try:
+    from curvlinops.kfac_utils import extract_averaged_patches, extract_patches
+except ImportError:
+    extract_patches = extract_averaged_patches = None
 
 
 def _out(size, k, s, p):
@@ -31,10 +39,16 @@ def _label(n, c, size, k, s, p, c_out=None) -> str:
 
 def missing_peers() -> list[str]:
     """One line per peer that is not installed, saying what is dropped and how to install it."""
+    out = []
     if unfoldNd is None:
-        return ["unfoldNd is not installed: its unfold/fold columns and the 1-d/3-d local-conv peers are dropped "
-                "(pip install unfoldNd, or pip install 'convzoo[bench]')"]
-    return []
+        out.append("unfoldNd is not installed: its unfold/fold columns and the 1-d/3-d local-conv and "
+                   "patch_covariance peers are dropped (pip install unfoldNd, or pip install 'convzoo[bench]')")
+    if convNd_kfc is None:
+        out.append("einconv is not installed: its patch_covariance column is dropped (pip install einconv)")
+    if extract_patches is None:
+        out.append("curvlinops is not installed: its patch_covariance column is dropped "
+                   "(pip install curvlinops-for-pytorch)")
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- unfold / fold
@@ -146,6 +160,68 @@ def _local_conv_providers() -> list[Provider]:
     ]
 
 
+# ---------------------------------------------------------------------------------------------- patch covariance
+def _kfac_problem(name, n, c, size, k, s, p, mode, overhead=False) -> Problem:
+    """The KFAC input factor of a conv layer (groups 1): ``[1, D, D]``, ``D = C·k^d``, scaled by 1/N.
+    Inputs: x and the geometry (with ``mode``). Not differentiable: timed in fwd only."""
+    L, D, X = math.prod(_out(size, k, s, p)), c * k ** len(size), n * c * math.prod(size)
+    geom = dict(kernel_size=k, stride=s, padding=p, mode=mode)
+
+    def make(device, dtype, requires_grad):
+        return (torch.randn(n, c, *size, device=device, dtype=dtype), geom)
+
+    def flops(mode_):
+        # SYRK's count (BLAS convention): the upper triangle of Σ p pᵀ, N·L·D(D+1) multiply-adds' halves;
+        # reduce: the position sums of the patches, then the SYRK of N averaged patches
+        return n * L * D * (D + 1) if mode == "expand" else n * L * D + n * D * (D + 1)
+
+    # the least data movement: read x once, write the factor
+    return Problem("patch_covariance", name, len(size), make, lambda mode_, e: (X + D * D) * e, flops,
+                   label=f"{_label(n, c, size, k, s, p)} {mode}", overhead=overhead, differentiable=False)
+
+
+def _kfac_unfold_matmul(x, a):
+    """The standard implementation: the whole patch matrix (F.unfold / unfoldNd), then one einsum."""
+    n = x.shape[0]
+    p = _patches(x, a)
+    p = p.view(n, 1, *p.shape[1:])  # [N, G = 1, D, L]
+    if a["mode"] == "reduce":
+        p = p.mean(3)
+        return torch.einsum("ngi,ngj->gij", p, p) / n
+    return torch.einsum("ngil,ngjl->gij", p, p) / n
+
+
+def _kfac_einconv(x, a):
+    """einconv's KFC / KFAC-reduce as its own tests and docs evaluate it: the (simplified) expression and its
+    index patterns built per call, contracted by torch.einsum (opt_einsum's path when installed, torch's
+    default)."""
+    expr = convNd_kfc if a["mode"] == "expand" else convNd_kfac_reduce
+    eq, operands, shape = expr.einsum_expression(x, a["kernel_size"], stride=a["stride"], padding=a["padding"])
+    return torch.einsum(eq, *operands).reshape(shape)
+
+
+def _kfac_curvlinops(x, a):
+    """curvlinops' patch extraction (2-d) and the matmul its KFAC does on it, normalised as einconv's."""
+    args = (x, a["kernel_size"], a["stride"], a["padding"], 1, 1)
+    if a["mode"] == "expand":
+        p = extract_patches(*args).flatten(0, 1)  # [N·L, D]
+    else:
+        p = extract_averaged_patches(*args)  # [N, D]
+    return (p.T @ p).div_(x.shape[0])[None]
+
+
+def _kfac_providers() -> list[Provider]:
+    provs = [Provider("convzoo", lambda x, a: cf.patch_covariance(x, a["kernel_size"], a["stride"], a["padding"],
+                                                                  mode=a["mode"]), overhead=True),
+             Provider("unfold+matmul", _kfac_unfold_matmul, ndims=(1, 2, 3) if unfoldNd is not None else (2,),
+                      overhead=True)]
+    if convNd_kfc is not None:
+        provs.append(Provider("einconv", _kfac_einconv))
+    if extract_patches is not None:
+        provs.append(Provider("curvlinops", _kfac_curvlinops, ndims=(2,)))
+    return provs
+
+
 # ---------------------------------------------------------------------------------------------- sets
 # (name, N, C, spatial, kernel, stride, padding) for unfold/fold; local conv adds C_out after C
 # and, optionally, the weight layout (default "module")
@@ -170,7 +246,18 @@ _LOCAL = {
              ("2d_strided", 32, 32, 64, (32, 32), 3, 2, 1), ("1d", 32, 64, 64, (256,), 5, 1, 2),
              ("3d", 8, 16, 16, (8, 16, 16), 3, 1, 1)],
 }
-OPS = ("unfold", "fold", "local_conv")
+# (name, N, C, spatial, kernel, stride, padding) for patch_covariance, each in both modes
+_KFAC = {
+    "tiny": [("2d_tiny", 2, 3, (8, 8), 3, 1, 1), ("3d_tiny", 1, 2, (4, 4, 4), 2, 1, 0)],
+    "quick": [("2d_resnet", 8, 64, (32, 32), 3, 1, 1), ("2d_strided", 8, 32, (56, 56), 3, 2, 1),
+              ("3d", 2, 8, (8, 8, 8), 3, 1, 1)],
+    # ResNet-50's 3×3 layers (stages 1-3) at batch 32, and a video-sized 3-d layer
+    "full": [("2d_resnet_56", 32, 64, (56, 56), 3, 1, 1), ("2d_resnet_28", 32, 128, (28, 28), 3, 1, 1),
+             ("2d_resnet_14", 32, 256, (14, 14), 3, 1, 1), ("2d_strided", 32, 128, (56, 56), 3, 2, 1),
+             ("3d_video", 4, 16, (8, 32, 32), 3, 1, 1)],
+}
+KFAC_MODES = ("expand", "reduce")
+OPS = ("unfold", "fold", "local_conv", "patch_covariance")
 SIZES = ("tiny", "quick", "full")
 
 
@@ -180,6 +267,8 @@ def overhead_problems(ops=OPS) -> list[Problem]:
     for op in ops:
         if op in ("unfold", "fold"):
             out.append(_unfold_problem(op, "overhead", 2, 3, (8, 8), 3, 1, 1, overhead=True))
+        elif op == "patch_covariance":
+            out.append(_kfac_problem("overhead", 2, 3, (8, 8), 3, 1, 1, "expand", overhead=True))
         else:
             out.append(_local_conv_problem("overhead", 2, 3, 4, (8, 8), 3, 1, 1, overhead=True))
     return out
@@ -195,6 +284,8 @@ def problems(size: str, ops=OPS) -> list[Problem]:
             out += [_unfold_problem(op, *shape) for shape in _UNFOLD[size]]
         elif op == "local_conv":
             out += [_local_conv_problem(*shape) for shape in _LOCAL[size]]
+        elif op == "patch_covariance":
+            out += [_kfac_problem(f"{shape[0]}_{m}", *shape[1:], m) for shape in _KFAC[size] for m in KFAC_MODES]
         else:
             raise ValueError(f"unknown op {op!r}; choose from {OPS}")
     return out
@@ -215,4 +306,4 @@ def for_size(size: str, ops=OPS) -> list[Problem]:
 
 def providers() -> dict[str, list[Provider]]:
     return {"unfold": _unfold_providers("unfold"), "fold": _unfold_providers("fold"),
-            "local_conv": _local_conv_providers()}
+            "local_conv": _local_conv_providers(), "patch_covariance": _kfac_providers()}
