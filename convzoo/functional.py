@@ -504,7 +504,7 @@ def _real(value, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):  # np.float64 is Real, a tensor is not
         raise TypeError(f"{name} must be a real number, got {value!r}")
     v = float(value)
-    if not math.isfinite(v):
+    if not -math.inf < v < math.inf:  # not math.isfinite: a symbolic float under torch.compile has no such method
         raise ValueError(f"{name} must be finite, got {v}")
     return v
 

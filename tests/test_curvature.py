@@ -103,8 +103,6 @@ def test_unbatched_input_is_one_sample():
     torch.testing.assert_close(kfac[""].double(), p @ p.transpose(1, 2), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.xfail(strict=True, reason="convzoo.reference.group_mean averages the channels inside each group "
-                   "(unflatten(1, (G, C/G)).mean(2) -> [N, G, ...]) instead of the groups (.mean(1) -> [N, C/G, ...])")
 def test_group_reduction_mean_averages_the_groups_first():
     """curvlinops' convention: the factor of the group-averaged input, ``[C/G·∏K, C/G·∏K]``."""
     conv = nn.Conv2d(6, 2, 3, groups=2, bias=False)
@@ -228,15 +226,11 @@ def test_compiled_training_step_accumulates_the_eager_factors():
     for name in eager:
         torch.testing.assert_close(comp[name], eager[name], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(torch.stack(comp_losses), torch.stack(eager_losses))
-    # one graph for the first update (beta = 0), one for the later ones; the batch size change recompiles
-    # today (see the next test), so only an upper bound that includes it here
-    assert 2 <= frames <= 3
+    # one graph for the first update (beta = 0), one for the later ones; the batch size is dynamic
+    assert frames == 2
     torch._dynamo.reset()
 
 
-@pytest.mark.xfail(strict=True, reason="convzoo.functional.patch_covariance computes scale = 1/N as a Python "
-                   "float and passes it (coef) to the op: under dynamic=True that guards on N "
-                   "((1-beta)*(1/N) == value), one recompile per batch size")
 @torch._dynamo.config.patch(trace_autograd_ops=True)
 @torch.fx.experimental._config.patch(use_duck_shape=False)
 def test_compiled_training_step_recompiles_only_for_the_first_update():

@@ -429,3 +429,27 @@ def test_zero_output_padding_in_any_form_is_no_output_padding():
     for op in ((0, 1), (False, 0)):
         with pytest.raises(ValueError, match="output_padding"):
             cf.patch_covariance(x, 3, groups=2, output_padding=op)
+
+
+def test_compile_with_beta_and_scale_read_from_attributes():
+    """Dynamo turns float attributes into symbolic floats: the argument checks must trace (no math.isfinite)."""
+
+    class Stat(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.beta, self.scale = 0.9, 0.5
+            self.register_buffer("buf", torch.zeros(1, 27, 27))
+
+        def forward(self, x):
+            cf.patch_covariance(x, 3, out=self.buf, beta=self.beta, scale=self.scale)
+            return self.buf.sum()
+
+    torch._dynamo.reset()
+    eager, compiled = Stat(), Stat()
+    step = torch.compile(compiled, fullgraph=True, dynamic=True, backend="aot_eager")
+    for beta in (0.9, 0.5):
+        x = torch.randn(2, 3, 6, 6)
+        eager.beta = compiled.beta = beta
+        torch.testing.assert_close(step(x), eager(x))
+    torch.testing.assert_close(compiled.buf, eager.buf)
+    torch._dynamo.reset()
