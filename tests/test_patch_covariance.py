@@ -453,3 +453,23 @@ def test_compile_with_beta_and_scale_read_from_attributes():
         torch.testing.assert_close(step(x), eager(x))
     torch.testing.assert_close(compiled.buf, eager.buf)
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("key", ["1d_K3_S2_P1", "2d_K3_P1_G2", "2d_K2x3_S2x1_depthwise"])
+def test_small_cpu_calls_take_im2col_and_agree_with_the_chunked_path(key):
+    """Small 1-/2-d zero-padded calls take one im2col (ops._native) instead of the chunked reference: the same
+    factor up to the summation order, with out/alpha/coef and the bias row."""
+    from convzoo.ops import _native
+
+    x, geom = _case(key, "cpu", torch.float64)
+    shape, k, s, p, d, g, mode = CASES[key]
+    nd = len(shape) - 2
+    args = ([k] * nd if isinstance(k, int) else list(k), [s] * nd if isinstance(s, int) else list(s),
+            [v for q in ([p] * nd if isinstance(p, int) else p) for v in (q, q)],
+            [d] * nd if isinstance(d, int) else list(d))
+    start = torch.randn(cf.patch_covariance(x, **geom, bias=True).shape, dtype=torch.float64)
+    got = _native.patch_covariance(x, *args[:3], args[3], mode, g, True, start.clone(), 0.5, 0.25)
+    want = reference.patch_covariance(x, args[0], args[1], args[2], [0] * nd, args[3], mode, g, False, True,
+                                      out=start.clone(), alpha=0.5, coef=0.25)
+    assert got is not None
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)

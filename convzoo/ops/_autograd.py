@@ -153,12 +153,23 @@ _TRANSFORMS_HINT = (
     "mode and vmap do: apply the other transforms outside the compiled function.")
 
 
-def nondifferentiable(op) -> None:
-    """Mark custom op ``op`` (one with no derivative: a statistic) so that a call carrying a forward-mode
-    tangent, under ``torch.func.jvp`` too, raises instead of returning a result without one; a backward
-    through it raises too (torch's own error: no autograd formula was registered)."""
+def nondifferentiable(op, impl, num_tensors: int):
+    """The entry point of custom op ``op`` (made from ``impl``; its first ``num_tensors`` arguments are
+    tensors), one with no derivative (a statistic): a call carrying a forward-mode tangent, under
+    ``torch.func.jvp`` too, raises instead of returning a result without one, and so does a backward through
+    it (torch's own error: no autograd formula was registered). An eager call on plain tensors that nothing
+    differentiates runs ``impl`` directly (:func:`plain_eager`: no dispatcher round trip); any other call,
+    and every call under ``torch.compile``, is the custom op."""
     _forbid_forward_ad(op, op._opoverload._opname, "It has no derivative (a statistic): differentiate around it, "
                        "or pass its input detached.")
+
+    def entry(*args):
+        tensors = args[:num_tensors]
+        if not torch.compiler.is_compiling() and not needs_function(tensors) and plain_eager(tensors):
+            return impl(*args)
+        return op(*args)
+
+    return entry
 
 
 def _forbid_forward_ad(op, name: str, hint: str = _TRANSFORMS_HINT) -> None:

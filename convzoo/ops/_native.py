@@ -146,3 +146,28 @@ def local_conv_grad_weight(grad: Tensor, x: Tensor, kernel_size, dilation, paddi
     acc = torch.float64 if grad.dtype == torch.float64 else torch.float32
     db = grad.reshape(*grad.shape[:2], g.num_blocks).sum(0, dtype=acc).to(grad.dtype)
     return dw.permute(1, 2, 0), db
+
+
+# ---------------------------------------------------------------------------------------------- patch_covariance
+def patch_covariance(x: Tensor, kernel_size, stride, padding, dilation, padding_mode: str, groups: int, bias: bool,
+                     out: Tensor | None, alpha: float, coef: float) -> Tensor | None:
+    """``reference.patch_covariance`` of a convolution (not transposed) with the patch matrix from one im2col,
+    or None where :func:`unfold` does not apply. The same factor up to the summation order (one matmul over
+    all columns instead of one per chunk); for small calls, where the reference's chunking costs more host
+    time than the work."""
+    if not _covered(x, padding, padding_mode) or x.numel() * math.prod(kernel_size) > _SMALL_UNFOLD:
+        return None
+    _shapes.unfold_geometry(x, kernel_size, dilation, padding, stride, padding_mode)
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    ks, dil, pad, st = _as_2d(kernel_size, dilation, padding, stride)
+    cols = torch._C._nn.im2col(x if x.dim() == 4 else x.unsqueeze(2), ks, dil, pad, st)  # [N, C·K, L]
+    n, rows, num = cols.shape
+    d = rows // groups
+    p = cols.new_ones((groups, d + bias, n, num), dtype=dtype) if bias else cols.new_empty((groups, d, n, num),
+                                                                                           dtype=dtype)
+    p[:, :d].copy_(cols.view(n, groups, d, num).permute(1, 2, 0, 3))
+    p = p.view(groups, d + bias, n * num)
+    read_out = out is not None and alpha != 0.0
+    if out is None:
+        out = x.new_empty((groups, d + bias, d + bias), dtype=dtype)
+    return out.baddbmm_(p, p.transpose(1, 2), beta=alpha if read_out else 0.0, alpha=coef)

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from convzoo import _shapes, reference
-from convzoo.ops import _autograd
+from convzoo.ops import _autograd, _native
 from convzoo.ops._dispatch import use_triton
 
 __all__ = ["patch_covariance", "patch_covariance_"]
@@ -45,6 +45,11 @@ def _compute(x: Tensor, kernel_size: list[int], stride: list[int], padding: list
         from convzoo.kernels import patch_covariance as kernels
 
         return kernels.patch_covariance(x, *geom, out=out, alpha=alpha, coef=coef)
+    if not transposed:  # small calls: one im2col, no chunking
+        small = _native.patch_covariance(x, kernel_size, stride, padding, dilation, padding_mode, groups, bias, out,
+                                         alpha, coef)
+        if small is not None:
+            return small
     return reference.patch_covariance(x, *geom, out=out, alpha=alpha, coef=coef)
 
 
@@ -74,7 +79,8 @@ def _impl(x: Tensor, kernel_size: list[int], stride: list[int], padding: list[in
                     reduce, bias, group_mean, per_sample, None, 0.0, coef)
 
 
-patch_covariance = torch.library.custom_op("convzoo::patch_covariance", mutates_args=())(_impl)
+_patch_covariance = torch.library.custom_op("convzoo::patch_covariance", mutates_args=())(_impl)
+patch_covariance = _autograd.nondifferentiable(_patch_covariance, _impl, 1)
 patch_covariance.__doc__ = """``convzoo::patch_covariance(x, kernel_size, stride, padding, output_padding, dilation,
 padding_mode, groups, transposed, reduce, bias, group_mean, per_sample, coef)``: ``coef·F`` (``coef/N·F`` when
 ``per_sample``) as a new ``[G', D', D']`` tensor."""
@@ -86,10 +92,7 @@ def _kernel_numel(x: Tensor, kernel_size, stride, padding, output_padding, dilat
     return g.kernel_numel
 
 
-_autograd.nondifferentiable(patch_covariance)
-
-
-@patch_covariance.register_fake
+@_patch_covariance.register_fake
 def _(x, kernel_size, stride, padding, output_padding, dilation, padding_mode, groups, transposed, reduce, bias,
       group_mean, per_sample, coef):
     k = _kernel_numel(x, kernel_size, stride, padding, output_padding, dilation, padding_mode, transposed)
@@ -107,16 +110,14 @@ def _inplace_impl(out: Tensor, x: Tensor, kernel_size: list[int], stride: list[i
              bias, group_mean, per_sample, out, alpha, coef)
 
 
-patch_covariance_ = torch.library.custom_op("convzoo::patch_covariance_", mutates_args=("out",))(_inplace_impl)
+_patch_covariance_ = torch.library.custom_op("convzoo::patch_covariance_", mutates_args=("out",))(_inplace_impl)
+patch_covariance_ = _autograd.nondifferentiable(_patch_covariance_, _inplace_impl, 2)
 patch_covariance_.__doc__ = """``convzoo::patch_covariance_(out, x, ..., per_sample, alpha, coef)``:
 ``out ← alpha·out + coef·F`` in place (``out`` is not read when ``alpha`` is 0), in the same launch as ``F``
 on the kernel path."""
 
 
-_autograd.nondifferentiable(patch_covariance_)
-
-
-@patch_covariance_.register_fake
+@_patch_covariance_.register_fake
 def _(out, x, kernel_size, stride, padding, output_padding, dilation, padding_mode, groups, transposed, reduce, bias,
       group_mean, per_sample, alpha, coef):
     return None
