@@ -51,7 +51,9 @@ class KFACFactors:
     the rows of each sample first (``x.reshape(N, -1, in_features).mean(1)``, KFAC-reduce for weight-sharing
     inputs ``[N, T, in]``), which for a 2-d input ``[N, in]`` is the same as ``'expand'``.
 
-    Factors are fp32 (fp64 for an fp64 layer), on the layer's device; their shape is ``[G, D, D]`` for a conv
+    Factors are fp32 (fp64 for an fp64 layer), on the layer's device; a ``model.to(device / dtype)`` after
+    construction moves or converts them (average kept) at the next update, as a new tensor: read
+    ``kfac[name]`` again rather than keeping an old reference. Their shape is ``[G, D, D]`` for a conv
     (``[D, D]`` with ``group_reduction='mean'``), ``D = C_in/G·∏kernel_size (+1 with a bias column)``, and
     ``[D, D]``, ``D = in_features (+1)``, for a ``Linear``. Hooks only read the (detached) input: the
     forward, its output and the gradients are unchanged. convzoo's ``LocalConv*`` layers (no weight sharing,
@@ -176,11 +178,14 @@ class KFACFactors:
     def _decay(self) -> float:
         return self._beta
 
-    def _buffer(self, name: str, device: torch.device) -> tuple[torch.Tensor, float]:
-        """The layer's factor on ``device`` (moved there once if the model moved) and this update's beta."""
+    def _buffer(self, name: str, x: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """The layer's factor on ``x``'s device, fp64 for an fp64 ``x`` and fp32 otherwise (converted once
+        if the model moved or changed dtype since, as patch_covariance's ``out`` must match), and this
+        update's beta."""
         buf = self.factors[name]
-        if buf.device != device:
-            buf = self.factors[name] = buf.to(device)
+        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        if buf.device != x.device or buf.dtype != dtype:
+            buf = self.factors[name] = buf.to(x.device, dtype)
         beta = self._decay() if self._started[name] else 0.0
         self._started[name] = True
         return buf, beta
@@ -189,7 +194,7 @@ class KFACFactors:
         if not layer.training:
             return
         x = args[0].detach()
-        buf, beta = self._buffer(name, x.device)
+        buf, beta = self._buffer(name, x)
         common = dict(mode=self.mode, group_reduction=self.group_reduction, bias=self.bias and layer.bias is not None,
                       out=buf, beta=beta)
         if isinstance(layer, _TRANSPOSED):
@@ -210,7 +215,7 @@ class KFACFactors:
         x = args[0].detach()
         if x.dim() == 1:  # unbatched: one sample
             x = x[None]
-        buf, beta = self._buffer(name, x.device)
+        buf, beta = self._buffer(name, x)
         n = x.shape[0]
         a = x.reshape(n, -1, layer.in_features).mean(1) if self.mode == "reduce" else x.reshape(-1, layer.in_features)
         a = a.to(buf.dtype)

@@ -239,3 +239,24 @@ def test_compiled_training_step_recompiles_only_for_the_first_update():
     _, _, frames = _train((2, 2, 3), compiled=True)
     torch._dynamo.reset()
     assert frames == 2
+
+
+# ---------------------------------------------------------------------------------------------- attacks
+@pytest.mark.parametrize("before, after", [(torch.float32, torch.float64), (torch.float64, torch.float32)],
+                         ids=["float_to_double", "double_to_float"])
+def test_factors_follow_a_dtype_change_of_the_model(before, after):
+    """``model.double()`` / ``.float()`` after construction: the factors follow the layer's new dtype (fp64
+    for fp64, else fp32) as they follow a device move, and keep their average; it used to raise a
+    TypeError inside the hook (``out must be torch.float64``)."""
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.Flatten(), nn.Linear(3 * 3 * 3, 2)).to(before)
+    kfac = KFACFactors(model, beta=0.5)
+    x1, x2 = torch.randn(2, 2, 5, 5), torch.randn(3, 2, 5, 5)
+    model(x1.to(before))
+    model.to(after)
+    model(x2.to(after))
+    model.eval()  # the expected Linear inputs below come from forwards that must not update the factors
+    for name, layer in (("0", model[0]), ("2", model[2])):
+        inputs = (x1, x2) if name == "0" else (model[0](x1.to(after)).flatten(1), model[0](x2.to(after)).flatten(1))
+        assert kfac[name].dtype == (torch.float64 if after == torch.float64 else torch.float32)
+        expected = 0.5 * _factor(layer, inputs[0], "expand", True) + 0.5 * _factor(layer, inputs[1], "expand", True)
+        torch.testing.assert_close(kfac[name].double(), expected, atol=1e-5, rtol=1e-5)
