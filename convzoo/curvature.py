@@ -51,6 +51,12 @@ class KFACFactors:
     the rows of each sample first (``x.reshape(N, -1, in_features).mean(1)``, KFAC-reduce for weight-sharing
     inputs ``[N, T, in]``), which for a 2-d input ``[N, in]`` is the same as ``'expand'``.
 
+    Which forwards count: every call of a hooked layer in training mode (``layer.training``), also under
+    ``torch.no_grad()`` / ``torch.inference_mode()`` (put the model in ``eval()`` for forwards that must not
+    count), except a forward that activation checkpointing recomputes during backward (its input was
+    counted by the real forward). Each call is one EMA update: a layer called twice in one forward (a
+    shared module) blends its second input into the first with ``beta``, not a sum over the calls.
+
     Factors are fp32 (fp64 for an fp64 layer), on the layer's device; a ``model.to(device / dtype)`` after
     construction moves or converts them (average kept) at the next update, as a new tensor: read
     ``kfac[name]`` again rather than keeping an old reference. Their shape is ``[G, D, D]`` for a conv
@@ -191,7 +197,7 @@ class KFACFactors:
         return buf, beta
 
     def _conv_hook(self, name: str, layer: nn.Module, args: tuple, kwargs: dict) -> None:
-        if not layer.training:
+        if not layer.training or _in_backward():
             return
         x = args[0].detach()
         buf, beta = self._buffer(name, x)
@@ -210,7 +216,7 @@ class KFACFactors:
                              padding_mode=layer.padding_mode, **common)
 
     def _linear_hook(self, name: str, layer: nn.Linear, args: tuple, kwargs: dict) -> None:
-        if not layer.training:
+        if not layer.training or _in_backward():
             return
         x = args[0].detach()
         if x.dim() == 1:  # unbatched: one sample
@@ -223,3 +229,10 @@ class KFACFactors:
             a = torch.cat([a, a.new_ones(a.shape[0], 1)], 1)
         # addmm ignores buf (NaN included) at beta = 0; an empty batch adds nothing
         buf.addmm_(a.T, a, beta=beta, alpha=(1.0 - beta) / n if n else 0.0)
+
+
+def _in_backward() -> bool:
+    """A forward running inside autograd's backward: activation checkpointing (``torch.utils.checkpoint``,
+    reentrant or not) recomputing it, with the input the real forward already counted. A compiled graph's
+    recompute runs no hooks (and dynamo cannot trace this query), so it is skipped there."""
+    return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1

@@ -260,3 +260,20 @@ def test_factors_follow_a_dtype_change_of_the_model(before, after):
         assert kfac[name].dtype == (torch.float64 if after == torch.float64 else torch.float32)
         expected = 0.5 * _factor(layer, inputs[0], "expand", True) + 0.5 * _factor(layer, inputs[1], "expand", True)
         torch.testing.assert_close(kfac[name].double(), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("reentrant", [True, False], ids=["reentrant", "non_reentrant"])
+def test_activation_checkpointing_recompute_does_not_update_again(reentrant):
+    """``torch.utils.checkpoint`` reruns the forward (hooks included) during backward: that rerun sees the
+    same input again and must not count as a second update (it used to: ``β²A + (1-β²)F`` per step, the
+    decay silently squared), so the factor is the EMA of the real forwards."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    kfac = KFACFactors(model, beta=BETA)
+    xs = [torch.randn(n, 3) for n in (2, 3)]
+    for x in xs:
+        torch.utils.checkpoint.checkpoint(model, x.requires_grad_(), use_reentrant=reentrant).sum().backward()
+    model.eval()  # the expected inputs below come from forwards that must not update the factors
+    for name, inputs in (("0", xs), ("2", [model[1](model[0](x)).detach() for x in xs])):
+        expected = BETA * _factor(model[int(name)], inputs[0], "expand", True)
+        expected += (1 - BETA) * _factor(model[int(name)], inputs[1], "expand", True)
+        torch.testing.assert_close(kfac[name].double(), expected, atol=1e-5, rtol=1e-5)
