@@ -55,7 +55,9 @@ class KFACFactors:
     ``torch.no_grad()`` / ``torch.inference_mode()`` (put the model in ``eval()`` for forwards that must not
     count), except a forward that activation checkpointing recomputes during backward (its input was
     counted by the real forward). Each call is one EMA update: a layer called twice in one forward (a
-    shared module) blends its second input into the first with ``beta``, not a sum over the calls.
+    shared module) blends its second input into the first with ``beta``, not a sum over the calls. A copy
+    of the model (``copy.deepcopy``, ``torch.save(model)`` + ``torch.load``) has weights of its own and
+    carries inert hooks: its forwards never count here.
 
     Factors are fp32 (fp64 for an fp64 layer), on the layer's device; a ``model.to(device / dtype)`` after
     construction moves or converts them (average kept) at the next update, as a new tensor: read
@@ -108,9 +110,7 @@ class KFACFactors:
             self.factors[name] = self._new_factor(layer)
             self._started[name] = False
             hook = self._linear_hook if isinstance(layer, nn.Linear) else self._conv_hook
-            self._handles.append(layer.register_forward_hook(
-                lambda module, args, kwargs, output, name=name, hook=hook: hook(name, module, args, kwargs),
-                with_kwargs=True))
+            self._handles.append(layer.register_forward_hook(_Hook(hook, name), with_kwargs=True))
 
     # ------------------------------------------------------------------------------------------ public
     @property
@@ -229,6 +229,35 @@ class KFACFactors:
             a = torch.cat([a, a.new_ones(a.shape[0], 1)], 1)
         # addmm ignores buf (NaN included) at beta = 0; an empty batch adds nothing
         buf.addmm_(a.T, a, beta=beta, alpha=(1.0 - beta) / n if n else 0.0)
+
+
+class _Hook:
+    """One layer's forward hook: ``update(name, module, args, kwargs)``.
+
+    A class, not a lambda, for what copying the model does with it: a copy (``copy.deepcopy``, an EMA or
+    ``swa_utils.AveragedModel`` copy, ``torch.save(model)`` then ``torch.load``) has weights of its own and
+    gets an :class:`_InertHook` instead, so its forwards never blend into these factors, and the whole model
+    stays picklable (a lambda is not).
+    """
+
+    def __init__(self, update, name: str):
+        self.update, self.name = update, name
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict, output) -> None:
+        self.update(self.name, module, args, kwargs)
+
+    def __deepcopy__(self, memo) -> _InertHook:
+        return _InertHook()
+
+    def __reduce__(self):
+        return _InertHook, ()
+
+
+class _InertHook:
+    """The hook a copy of a hooked model gets (see :class:`_Hook`): does nothing."""
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict, output) -> None:
+        return None
 
 
 def _in_backward() -> bool:

@@ -277,3 +277,27 @@ def test_activation_checkpointing_recompute_does_not_update_again(reentrant):
         expected = BETA * _factor(model[int(name)], inputs[0], "expand", True)
         expected += (1 - BETA) * _factor(model[int(name)], inputs[1], "expand", True)
         torch.testing.assert_close(kfac[name].double(), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_a_copy_of_the_hooked_model_does_not_update_the_factors():
+    """``copy.deepcopy(model)`` (an EMA / SWA copy, ``swa_utils.AveragedModel``) and ``torch.save(model)``
+    while hooked: the copy has its own weights, so its forwards must not blend into the original's factors
+    (a deepcopy's hooks used to, silently), and saving the whole model must work (the lambda hooks could
+    not be pickled). The original keeps updating."""
+    import copy
+    import io
+
+    model = nn.Sequential(nn.Conv2d(2, 2, 3), nn.Flatten(), nn.Linear(2 * 3 * 3, 2))
+    kfac = KFACFactors(model, beta=BETA)
+    x = torch.randn(2, 2, 5, 5)
+    model(x)
+    first = {k: v.clone() for k, v in kfac.factors.items()}
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    for twin in (copy.deepcopy(model), torch.load(buffer, weights_only=False)):
+        twin(torch.randn(3, 2, 5, 5))
+        for k, v in kfac.factors.items():
+            assert torch.equal(v, first[k]), k
+    model(2 * x)
+    assert all(not torch.equal(v, first[k]) for k, v in kfac.factors.items())
