@@ -83,7 +83,7 @@ class KFACFactors:
         TypeError: ``model`` not an ``nn.Module``, ``beta`` not a real number, ``bias`` not a bool, a module
             in ``modules`` of a type that has no factor here.
         ValueError: ``beta`` outside ``[0, 1]``, an unknown ``mode`` / ``group_reduction``, a name or module
-            in ``modules`` that is not in ``model``.
+            in ``modules`` that is not in ``model``, a hooked lazy layer (``LazyConv2d``, ...) not yet run.
     """
 
     def __init__(self, model: nn.Module, *, mode: str = "expand", beta: float = 0.95, bias: bool = True,
@@ -107,6 +107,9 @@ class KFACFactors:
         self._started: dict[str, bool] = {}
         self._handles = []
         for name, layer in self._chosen(model, modules):
+            if isinstance(layer, nn.modules.lazy.LazyModuleMixin) and layer.has_uninitialized_params():
+                raise ValueError(f"model: {name!r} is a lazy layer whose shapes are not known yet (run one forward "
+                                 f"of the model before KFACFactors)")
             self.factors[name] = self._new_factor(layer)
             self._started[name] = False
             hook = self._linear_hook if isinstance(layer, nn.Linear) else self._conv_hook

@@ -301,3 +301,16 @@ def test_a_copy_of_the_hooked_model_does_not_update_the_factors():
             assert torch.equal(v, first[k]), k
     model(2 * x)
     assert all(not torch.equal(v, first[k]) for k, v in kfac.factors.items())
+
+
+def test_uninitialized_lazy_layers_are_refused_with_a_clear_error():
+    """A ``LazyConv2d`` / ``LazyLinear`` before its first forward has no shapes to size the factor: refused at
+    construction, naming the layer (the hook used to raise 'out must have shape (1, 19, 19), got (1, 1, 1)'
+    in the first forward); after one forward it is an ordinary layer."""
+    model = nn.Sequential(nn.LazyConv2d(3, 3), nn.Flatten(), nn.LazyLinear(2))
+    with pytest.raises(ValueError, match="model: '0' is a lazy layer"):
+        KFACFactors(model)
+    model(torch.randn(2, 2, 5, 5))
+    kfac = KFACFactors(model)
+    model(torch.randn(2, 2, 5, 5))
+    assert {n: tuple(f.shape) for n, f in kfac.factors.items()} == {"0": (1, 19, 19), "2": (28, 28)}
