@@ -2,17 +2,17 @@
 
 Example (every conv / transposed conv / linear layer's Kronecker factor, inside a training loop)::
 
-    import convzoo
+    import torch, convzoo
 
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.ReLU(),
-                                torch.nn.Flatten(), torch.nn.Linear(16 * 32 * 32, 10))
+                                torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(16, 10))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with convzoo.KFACFactors(model, beta=0.95) as kfac:   # hooks removed on exit
         for x, y in loader:
             loss = torch.nn.functional.cross_entropy(model(x), y)  # the hooks update the factors here
             opt.zero_grad(); loss.backward(); opt.step()
             A_conv = kfac["0"]        # Conv2d '0': [1, 28, 28] (groups, 3·3·3 patch rows + the bias column)
-            A_fc = kfac["3"]          # Linear '3': [16·32·32 + 1, 16·32·32 + 1]
+            A_fc = kfac["4"]          # Linear '4': [16 + 1, 16 + 1] (a Linear's factor is dense: keep it narrow)
 """
 
 from __future__ import annotations
