@@ -142,6 +142,31 @@ class KFACFactors:
             factor.zero_()
             self._started[name] = False
 
+    def state_dict(self) -> dict:
+        """The factors and whether each has started its average, for a checkpoint (tensors are the live
+        buffers, as ``nn.Module.state_dict`` gives them; ``torch.save`` copies)."""
+        return {"factors": dict(self.factors), "started": dict(self._started)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`'s factors (copied into the buffers, which keep their device and dtype)
+        and started flags.
+
+        Raises:
+            ValueError: ``state`` is not a state_dict of the same layers with factors of the same shapes.
+        """
+        if not isinstance(state, dict) or set(state) != {"factors", "started"}:
+            raise ValueError("state must be a KFACFactors.state_dict(): a dict with 'factors' and 'started'")
+        factors, started = state["factors"], state["started"]
+        if set(factors) != set(self.factors) or set(started) != set(self.factors):
+            raise ValueError(f"state holds the layers {sorted(factors)}, these factors are for {sorted(self.factors)}")
+        for name, value in factors.items():
+            if not isinstance(value, torch.Tensor) or value.shape != self.factors[name].shape:
+                raise ValueError(f"state's factor {name!r} must be a tensor of shape "
+                                 f"{tuple(self.factors[name].shape)}, got {getattr(value, 'shape', type(value))}")
+        for name, value in factors.items():
+            self.factors[name].copy_(value)
+            self._started[name] = bool(started[name])
+
     # ------------------------------------------------------------------------------------------ internals
     @staticmethod
     def _chosen(model: nn.Module, modules) -> list[tuple[str, nn.Module]]:

@@ -314,3 +314,30 @@ def test_uninitialized_lazy_layers_are_refused_with_a_clear_error():
     kfac = KFACFactors(model)
     model(torch.randn(2, 2, 5, 5))
     assert {n: tuple(f.shape) for n, f in kfac.factors.items()} == {"0": (1, 19, 19), "2": (28, 28)}
+
+
+def test_state_dict_round_trip_resumes_the_average(tmp_path):
+    """A checkpoint of the factors and their started flags: a resumed run continues the same average."""
+    def model():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(2, 3, 3), nn.Flatten(), nn.Linear(3 * 3 * 3, 2))
+
+    xs = [torch.randn(2, 2, 5, 5) for _ in range(3)]
+    whole, first = model(), model()
+    k_whole, k_first = KFACFactors(whole, beta=0.5), KFACFactors(first, beta=0.5)
+    for x in xs:
+        whole(x)
+    for x in xs[:2]:
+        first(x)
+    torch.save(k_first.state_dict(), tmp_path / "kfac.pt")
+    resumed = model()
+    k_resumed = KFACFactors(resumed, beta=0.5)
+    k_resumed.load_state_dict(torch.load(tmp_path / "kfac.pt"))
+    resumed(xs[2])
+    for name in k_whole.factors:
+        torch.testing.assert_close(k_resumed[name], k_whole[name])
+    with pytest.raises(ValueError, match="layers"):
+        k_resumed.load_state_dict({"factors": {"0": k_whole["0"]}, "started": {"0": True}})
+    with pytest.raises(ValueError, match="shape"):
+        k_resumed.load_state_dict({"factors": {**k_whole.factors, "0": torch.zeros(2, 2)},
+                                   "started": dict.fromkeys(k_whole.factors, True)})
