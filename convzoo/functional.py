@@ -581,10 +581,10 @@ def extract_averaged_patches(input: torch.Tensor, kernel_size, stride=1, padding
     forming the patches.
 
     ``out[n] = extract_patches(input, ...)[n].mean(0)`` (channel groups averaged too). The mean over
-    positions is separable per spatial dim: a small ``[K_d, in_d]`` matrix counts how often tap ``k`` reads
-    input index ``i`` over the output positions (with ``'circular'``/``'reflect'``/``'replicate'`` padding
-    an index can be read more than once by a tap), and the group-averaged input is contracted with one per
-    dim (:func:`convzoo.reference.averaged_patches`): O(N·C·∏in·K) work, no patch-sized memory. Plain torch
+    positions is separable per spatial dim: tap ``k``'s sum over the output positions is the sum of a strided
+    slice of the group-averaged input (:func:`convzoo.reference.averaged_patches`): O(N·C·∏in·K) work, no
+    patch-sized memory, and an inf or NaN reaches only the entries whose tap reads it (curvlinops' einsum
+    spreads it to every tap of its channel). Plain torch
     (small matmuls), no custom op: autograd, ``torch.func`` transforms, ``vmap`` and ``torch.compile``
     see ordinary differentiable ops. Computed in fp32 (fp64 for fp64), returned in the input's dtype.
 

@@ -438,59 +438,48 @@ def extract_patches_backward(grad: torch.Tensor, input_size: list[int], kernel_s
 
 
 # ----------------------------------------------------------------------------------------------
-# the patches averaged over positions, without forming them: per spatial dim, a [K, n] matrix counting how
-# often tap k reads input index i over all positions; the mean patch is x contracted with one per dim
-def _tap_counts(taps: int, coords: torch.Tensor, positions, o_step: int, i_step: int, k_step: int, offset,
-                dtype: torch.dtype) -> torch.Tensor:
-    """``[taps, len(coords)]``: entry ``(k, j)`` is 1 when a position ``o`` in ``[0, positions)`` has
-    ``o·o_step == coords[j]·i_step + k·k_step + offset`` (at most one does), else 0. The one builder of both
-    families: for unfold (``o·stride = p + lo - k·dilation``, ``p`` a padded coordinate) and for
-    unfold_transpose (``o = i·stride - padding + t·dilation``)."""
-    k = torch.arange(taps, device=coords.device)[:, None]
-    q = coords[None, :] * i_step + k * k_step + offset
-    return ((q >= 0) & (q % o_step == 0) & (q < positions * o_step)).to(dtype)
+# the patches averaged over positions, without forming them: along each spatial dim in turn, tap k's sum over
+# the output positions is the sum of a strided slice (no count matrix: a matmul with zero counts turned one inf
+# or NaN pixel into a NaN in every tap, and autocast lowered it to bf16 and failed)
+def _window_tap_sums(y: torch.Tensor, g: _shapes.Geometry, dim: int) -> torch.Tensor:
+    """Along spatial ``dim`` of ``y`` ``[N, C, ...]``: for each tap ``k``, the sum over the output positions
+    ``o`` of the padded input at ``o·stride - lo + k·dilation``, as ``[N, C, .., K_dim, ..]``.
+
+    Per tap, the sum of a strided slice of ``y`` (a view) clipped to the input; the non-zero padding modes first
+    pad ``y`` along that dim (an ``index_select`` copy). The slices' ends are the size minus an offset known
+    without the size, so a symbolic size adds no guard (no recompile per parity; only a tap reading one element
+    or none specialises, on tiny inputs)."""
+    ax, n, lo, hi = 2 + dim, y.shape[2 + dim], g.pad_lo[dim], g.pad_hi[dim]
+    k_size, s, d = g.kernel_size[dim], g.stride[dim], g.dilation[dim]
+    if g.padding_mode != "zeros" and (lo or hi):  # then read like an unpadded input
+        y = y.index_select(ax, source_index(n, lo, hi, g.padding_mode, y.device))
+        n, lo, hi = n + lo + hi, 0, 0
+    sums = []
+    for k in range(k_size):
+        o0 = k * d - lo  # position o reads input o·s + o0
+        first = o0 + max(0, -(o0 // s)) * s  # the first of them inside the input (ceil(-o0 / s) positions on)
+        # the last position reads below n + hi - d·(K-1-k) (the padded input's end for this tap): clip to n
+        end = n + min(0, hi - d * (k_size - 1 - k))
+        tap = y.narrow(ax, first, torch.sym_max(0, end - first))
+        sums.append(tap[(slice(None),) * ax + (slice(None, None, s),)].sum(ax))
+    return torch.stack(sums, ax)
 
 
-def _patch_counts(g: _shapes.Geometry, dim: int, dtype: torch.dtype, device) -> torch.Tensor:
-    """``[K_dim, in_dim]``: how many of the ``out_dim`` positions read input index ``i`` through tap ``k``
-    along ``dim``. Zero padding reads nothing; the other modes send each padded coordinate to the input
-    index ``source_index`` gives it, so an entry can exceed 1 (circular padding of a short input)."""
-    n, lo, hi = g.in_size[dim], g.pad_lo[dim], g.pad_hi[dim]
-    k, s, d, o = g.kernel_size[dim], g.stride[dim], g.dilation[dim], g.out_size[dim]
-    if g.padding_mode == "zeros":
-        return _tap_counts(k, torch.arange(n, device=device), o, s, 1, -d, lo, dtype)
-    padded = _tap_counts(k, torch.arange(-lo, n + hi, device=device), o, s, 1, -d, lo, dtype)  # [K, lo+n+hi]
-    inside = padded[:, lo:lo + n]
-    if lo + hi == 0:
-        return inside
-    # the lo + hi padded coordinates each read one input index: fold their columns onto it (a small matmul
-    # with a one-hot [lo + hi, n] matrix; no scatter, so no atomics and nothing data-dependent)
-    src = source_index(n, lo, hi, g.padding_mode, device)
-    border = torch.cat((src[:lo], src[lo + n:]))
-    onehot = (border[:, None] == torch.arange(n, device=device)[None, :]).to(dtype)
-    return inside + torch.cat((padded[:, :lo], padded[:, lo + n:]), 1) @ onehot
+def _transpose_tap_sums(y: torch.Tensor, g: _shapes.TransposeGeometry, dim: int) -> torch.Tensor:
+    """Along spatial ``dim``: for each tap ``t``, the sum of the inputs it carries to some output position
+    (the input range :func:`_transpose_taps` gives), as ``[N, C, .., K_dim, ..]``."""
+    ax = 2 + dim
+    return torch.stack([y.narrow(ax, 0, 0).sum(ax) if tap is None else y[(slice(None),) * ax + (tap[1],)].sum(ax)
+                        for tap in _transpose_taps(g)[dim]], ax)
 
 
-def _transpose_counts(g: _shapes.TransposeGeometry, dim: int, dtype: torch.dtype, device) -> torch.Tensor:
-    """``[K_dim, in_dim]``: 1 where tap ``t`` of some output position reads input index ``i`` along ``dim``
-    (``o = i·stride - padding + t·dilation`` inside the output), else 0."""
-    n = g.in_size[dim]
-    return _tap_counts(g.kernel_size[dim], torch.arange(n, device=device), g.out_size[dim], 1, g.stride[dim],
-                       g.dilation[dim], -g.padding[dim], dtype)
-
-
-def _mean_patch(x: torch.Tensor, counts: list[torch.Tensor], positions) -> torch.Tensor:
-    """``x`` ``[N, C, *in]`` contracted with one ``[K_d, in_d]`` count matrix per spatial dim, divided by
+def _mean_patch(x: torch.Tensor, tap_sums, ndim: int, positions) -> torch.Tensor:
+    """``x`` ``[N, C, *in]`` reduced one spatial dim at a time to its taps (``tap_sums(y, dim)``), divided by
     ``positions``: ``[N, C·∏K]``, computed in fp32 (fp64 for fp64) and returned in ``x``'s dtype."""
-    acc = counts[0].dtype
-    y = x.to(acc)
-    nd = len(counts)
-    for dim in reversed(range(nd)):  # the last (contiguous) spatial dim first; its taps go last: [.., K_last]
-        # (tensordot is one 2-d mm: many times faster on CPU than a broadcasting 4-d @ with a thin matrix)
-        y = torch.tensordot(y, counts[dim], dims=([2 + dim], [1]))
-    y = y.permute(0, 1, *range(1 + nd, 1, -1))  # [N, C, K_last, ..., K_0] -> [N, C, K_0, ..., K_last]
-    taps = math.prod([c.shape[0] for c in counts])  # (a list: Dynamo cannot trace a generator here)
-    return (y.reshape(x.shape[0], x.shape[1] * taps) / positions).to(x.dtype)
+    y = x.to(_acc(x.dtype))
+    for dim in range(ndim):  # the outer dims first: their slices are whole contiguous rows
+        y = tap_sums(y, dim)  # [N, C, K_0, .., K_dim, in_dim+1, ...]
+    return (y.flatten(1) / positions).to(x.dtype)
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
@@ -501,28 +490,29 @@ def averaged_patches(x: torch.Tensor, g: _shapes.Geometry) -> torch.Tensor:
     """The mean over the ``g.num_blocks`` positions of :func:`unfold`'s columns: ``[N, C·∏K]`` in
     ``(c, k_0, k_1, ...)`` order (no group averaging), without forming the patches.
 
-    ``g`` is ``x``'s geometry (:func:`convzoo._shapes.geometry` of ``x.shape[2:]``; not checked again). Per
-    spatial dim a ``[K, n]`` matrix counts how often tap ``k`` reads input index ``i`` over the output
-    positions, and ``x`` is contracted with one per dim (small matmuls): O(N·C·∏n·K) work, O(N·C·∏n) memory.
-    Computed in fp32 (fp64 for fp64) and returned in ``x``'s dtype. Plain differentiable torch (autograd,
-    ``torch.func``, ``vmap``, ``torch.compile`` see ordinary ops). The geometry check guarantees ``L ≥ 1``
-    (a kernel larger than the padded input is refused), so the mean never divides by zero; an empty input
-    dim (zero padding only) reads only padding and gives zeros, empty N or C an empty result.
+    ``g`` is ``x``'s geometry (:func:`convzoo._shapes.geometry` of ``x.shape[2:]``; not checked again). One
+    spatial dim at a time, tap ``k``'s sum over the output positions is the sum of a strided slice of ``x``
+    (a view; the non-zero padding modes read a copy padded along that dim): O(N·C·∏n·K) work, O(N·C·∏n)
+    memory (times the padded/unpadded size ratio for the non-zero modes), and an inf or NaN reaches only the
+    taps that read it. Computed in fp32 (fp64 for fp64, autocast or not) and returned in ``x``'s dtype.
+    Plain differentiable torch (autograd, ``torch.func``, ``vmap``, ``torch.compile`` see ordinary ops). The
+    geometry check guarantees ``L ≥ 1`` (a kernel larger than the padded input is refused), so the mean never
+    divides by zero; an empty input dim (zero padding only) reads only padding and gives zeros, empty N or C
+    an empty result.
     """
-    counts = [_patch_counts(g, dim, _acc(x.dtype), x.device) for dim in range(g.ndim)]
-    return _mean_patch(x, counts, g.num_blocks)
+    return _mean_patch(x, lambda y, dim: _window_tap_sums(y, g, dim), g.ndim, g.num_blocks)
 
 
 def averaged_transpose_patches(x: torch.Tensor, g: _shapes.TransposeGeometry) -> torch.Tensor:
     """The mean over the ``g.num_positions`` output positions of :func:`unfold_transpose`'s columns:
     ``[N, C·∏K]`` (no group averaging), without forming the patches: tap ``k`` of output position ``o``
-    reads input ``i`` when ``o + padding - k·dilation == i·stride``, ``0 <= i < in``.
+    reads input ``i`` when ``o + padding - k·dilation == i·stride``, ``0 <= i < in``, so its sum over the
+    positions is the sum of one input range per dim.
 
-    As :func:`averaged_patches` (same count-matrix builder and contraction; fp32/fp64 compute, ``x``'s dtype
-    returned, plain differentiable torch). The geometry check guarantees at least one output position.
+    As :func:`averaged_patches` (fp32/fp64 compute, ``x``'s dtype returned, an inf or NaN only in the taps
+    that read it, plain differentiable torch). The geometry check guarantees at least one output position.
     """
-    counts = [_transpose_counts(g, dim, _acc(x.dtype), x.device) for dim in range(g.ndim)]
-    return _mean_patch(x, counts, g.num_positions)
+    return _mean_patch(x, lambda y, dim: _transpose_tap_sums(y, g, dim), g.ndim, g.num_positions)
 
 
 __all__ += ["averaged_patches", "averaged_transpose_patches", "broadcast_groups", "extract_patches",

@@ -6,6 +6,7 @@ torch.func transforms, and clear errors for bad input. Both paths (the Triton ke
 import pytest
 import torch
 import torch._dynamo.testing
+import torch.nn.functional as F
 from curvlinops.kfac_utils import extract_averaged_patches as cl_extract_averaged_patches
 from curvlinops.kfac_utils import extract_patches as cl_extract_patches
 from problems import CASES, IDS, TOL, Case, flat_padding, make_input, oracle_unfold
@@ -158,11 +159,9 @@ def test_averaged_transpose_patches(key):
 
 def test_averaged_patches_counts_repeated_reads():
     """Circular padding of a 2-wide input with a 3-tap kernel: a tap reads one pixel through two padded
-    positions, so a count matrix entry is 2 (and the mean still equals the formula)."""
+    positions (and the mean still equals the formula)."""
     case = Case(1, 2, (2, 3), (3, 3), None, (2, 3), None, "circular")
     g = _shapes.geometry(case.size, *_args(case, 1)[:5])
-    counts = reference._patch_counts(g, 0, torch.float64, "cpu")
-    assert counts.max() > 1
     x = make_input(case, torch.float64, "cpu")
     _close(reference.averaged_patches(x, g), oracle_unfold(x, case).mean(-1), torch.float64)
 
@@ -353,3 +352,70 @@ def test_meta_tensors():
     assert cf.extract_patches(x, 3, 2, 1, 1, 3).shape == (2, 20, 18)
     assert cf.extract_averaged_patches(x, 3, 2, 1, 1, 3).shape == (2, 18)
     assert cf.extract_patches(x.requires_grad_(), 3, 2, 1, 1, 3).device.type == "meta"
+
+
+# ---------------------------------------------------------------------------------------------- attacks
+NONFINITE = [Case(1, 2, (6, 5), (3, 2), (2, 1), ((2, 1), (0, 2)), (1, 2), mode)
+             for mode in ("zeros", "reflect", "replicate", "circular")] + [
+    Case(1, 2, (10,), (3,), (3,), 1, None, "replicate"), Case(1, 2, (4, 5, 6), (2, 2, 3))]
+
+
+def _poisoned(case, dtype):
+    """The case's input (2 channels or more) with +inf at the first pixel of channel 0, -inf at the first and NaN
+    at the last pixel of channel 1: each may only reach the mean patch entries whose taps read it."""
+    x = make_input(case, dtype, "cpu")
+    first, last = (0,) * case.ndim, tuple(n - 1 for n in case.size)
+    x[(0, 0, *first)], x[(0, 1, *first)], x[(0, 1, *last)] = float("inf"), float("-inf"), float("nan")
+    return x
+
+
+def _windows_mean(x, case):
+    """The mean patch by F.pad and Tensor.unfold views (no matmul, no one-hot conv: F.unfold, unfoldNd's
+    1-d/3-d conv and curvlinops' einsum all spread an inf or NaN into the taps that do not read it)."""
+    nd, flat = case.ndim, flat_padding(case)
+    xp = F.pad(x, [v for i in reversed(range(nd)) for v in flat[2 * i:2 * i + 2]],
+               mode="constant" if case.mode == "zeros" else case.mode)
+    dil, stride = case.dilation or (1,) * nd, case.stride or (1,) * nd
+    for i in range(nd):
+        xp = xp.unfold(2 + i, dil[i] * (case.kernel[i] - 1) + 1, stride[i])[..., ::dil[i]]
+    return xp.mean(tuple(range(2, 2 + nd))).flatten(1)  # [N, C, *out, *K] -> [N, C·∏K]
+
+
+@pytest.mark.parametrize("case", NONFINITE, ids=[c.id for c in NONFINITE])
+def test_attack_averaged_nonfinite_stays_where_it_is_read(case):
+    """The mean over positions of patches holding an inf or a NaN is inf/NaN only in the entries whose tap reads
+    it (as ``unfold(...).mean``): a zero count times inf must not turn every other tap's mean into NaN (the
+    count-matrix matmul did: one inf pixel made the whole row of taps NaN; curvlinops' einsum does the same)."""
+    clean = make_input(case, torch.float64, "cpu")
+    _close(_windows_mean(clean, case), oracle_patches(clean, case, 1).mean(1), torch.float64)  # the oracle's oracle
+    x = _poisoned(case, torch.float64)
+    want = _windows_mean(x, case)
+    assert want.isfinite().any() and want.isinf().any() and want.isnan().any()
+    got = cf.extract_averaged_patches(x, **case.kwargs())
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12, equal_nan=True)
+    got = cf.extract_averaged_patches(x.repeat(1, 2, *(1,) * case.ndim), groups=2, **case.kwargs())
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12, equal_nan=True)
+
+
+def test_attack_averaged_transpose_nonfinite_stays_where_it_is_read():
+    """The transposed mean keeps an inf/NaN in the taps that read it, as unfoldNd's patches do."""
+    shape, k, s, p, op, d = TRANSPOSED["2d_K2x5_S2x3_P0x1_OP1x2"]
+    case = Case(*shape[:2], shape[2:], tuple(k))
+    x = _poisoned(case, torch.float64)
+    want = reference.unfold_transpose(x, k, s, p, op, d).mean(-1)  # strided copies: exact (unfoldNd's is a conv)
+    assert want.isfinite().any() and want.isinf().any() and want.isnan().any()
+    got = reference.averaged_transpose_patches(x, _shapes.transpose_geometry(shape[2:], k, s, p, op, d))
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12, equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_attack_averaged_under_autocast(dtype):
+    """Inside ``torch.autocast`` the mean is still computed in fp32 and returned in the input's dtype: the
+    count-matrix tensordot met an autocast-lowered operand and raised 'both inputs should have same dtype'."""
+    case = NONFINITE[1]
+    x = make_input(case, dtype, "cpu")
+    want = cf.extract_averaged_patches(x, groups=2, **case.kwargs())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = cf.extract_averaged_patches(x, groups=2, **case.kwargs())
+    assert got.dtype == dtype
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
