@@ -5,8 +5,18 @@ Public names only; nothing here touches a device at import.
 
 from convzoo import functional
 from convzoo.curvature import KFACFactors
-from convzoo.layers import Fold, LocalConv1d, LocalConv2d, LocalConv3d, Unfold, UnfoldTranspose
+from convzoo.layers import (
+    Fold,
+    LocalConv1d,
+    LocalConv2d,
+    LocalConv3d,
+    MaskedConv1d,
+    MaskedConv2d,
+    MaskedConv3d,
+    Unfold,
+    UnfoldTranspose,
+)
 
-__all__ = ["Fold", "KFACFactors", "LocalConv1d", "LocalConv2d", "LocalConv3d", "Unfold", "UnfoldTranspose",
-           "functional"]
+__all__ = ["Fold", "KFACFactors", "LocalConv1d", "LocalConv2d", "LocalConv3d", "MaskedConv1d", "MaskedConv2d",
+           "MaskedConv3d", "Unfold", "UnfoldTranspose", "functional"]
 __version__ = "0.1.0"

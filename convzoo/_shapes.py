@@ -655,3 +655,44 @@ def check_covariance_out_memory(out: torch.Tensor, input: torch.Tensor) -> None:
         (a0, a1), (b0, b1) = _span(out), _span(input)
         check(a1 < b0 or b1 < a0, "out shares memory with input: the factor cannot be written over the input it "
               "is computed from; pass a separate buffer")
+
+
+# ---------------------------------------------------------------------------------------------- masked_conv
+def _check_masked_weight(weight: torch.Tensor, mask: torch.Tensor | None, groups: int) -> None:
+    check(weight.dim() in (3, 4, 5), lambda: f"weight must be [C_out, C_in/groups, *kernel] with 1-3 kernel dims, "
+          f"got shape {tuple(weight.shape)}")
+    check(_is_int(groups) and groups > 0, lambda: f"groups must be a positive int, got {groups!r}")
+    check(weight.shape[0] % groups == 0, lambda: f"groups={groups} must divide the output channels "
+          f"C_out={weight.shape[0]} (weight.shape[0])")
+    if mask is not None:
+        check(mask.dtype == torch.bool, lambda: f"mask must be a bool tensor here, got {mask.dtype}", TypeError)
+        check(mask.shape == weight.shape, lambda: f"mask must have the weight's shape {tuple(weight.shape)}, got "
+              f"{tuple(mask.shape)}")
+
+
+def masked_conv_geometry(x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor | None,
+                         bias: torch.Tensor | None, stride, padding, dilation, groups: int,
+                         padding_mode: str) -> Geometry:
+    """Checks for ``masked_conv(x, weight, mask, bias, ...)`` with resolved geometry arguments.
+
+    Raises:
+        ValueError / TypeError: shapes or dtypes that do not match (naming the argument), or a bad geometry.
+    """
+    _check_masked_weight(weight, mask, groups)
+    nd = weight.dim() - 2
+    check(x.dim() == nd + 2, lambda: f"input must be [N, C_in, *spatial] with {nd} spatial dims (the weight's "
+          f"kernel dims), got shape {tuple(x.shape)}")
+    check(x.dtype == weight.dtype, lambda: f"input and weight must have the same dtype, got {x.dtype} and "
+          f"{weight.dtype}", TypeError)
+    check(x.shape[1] == weight.shape[1] * groups, lambda: f"input has C_in={x.shape[1]} channels but the weight "
+          f"expects weight.shape[1]·groups = {weight.shape[1]}·{groups} = {weight.shape[1] * groups}")
+    if bias is not None:
+        check(bias.dtype == weight.dtype, lambda: f"bias must have the weight's dtype {weight.dtype}, got "
+              f"{bias.dtype}", TypeError)
+        check(tuple(bias.shape) == (weight.shape[0],), lambda: f"bias must be [C_out] = [{weight.shape[0]}], got "
+              f"shape {tuple(bias.shape)}")
+    return geometry(tuple(x.shape[2:]), tuple(weight.shape[2:]), dilation, padding, stride, padding_mode)
+
+
+def masked_conv_out_shape(x: torch.Tensor, weight: torch.Tensor, g: Geometry) -> tuple:
+    return (x.shape[0], weight.shape[0], *g.out_size)

@@ -11,13 +11,14 @@ import torch
 
 from convzoo import _shapes, reference
 from convzoo.ops import local_conv as _local_conv_ops
+from convzoo.ops import masked_conv as _masked_conv_ops
 from convzoo.ops import patch_covariance as _patch_covariance_ops
 from convzoo.ops import patches as _patches_ops
 from convzoo.ops import unfold as _unfold_ops
 from convzoo.ops import unfold_transpose as _unfold_transpose_ops
 
-__all__ = ["conv_matrix", "extract_averaged_patches", "extract_patches", "fold", "local_conv", "patch_covariance",
-           "unfold", "unfold_transpose"]
+__all__ = ["conv_matrix", "extract_averaged_patches", "extract_patches", "fold", "local_conv", "masked_conv",
+           "patch_covariance", "unfold", "unfold_transpose"]
 
 # device types torch.autocast knows (torch.is_autocast_enabled raises for others, e.g. 'meta')
 _AUTOCAST_DEVICE_TYPES = frozenset(d for d in ("cpu", "cuda", "xpu", "mps", "hpu", "xla", "ipu", "mtia", "maia")
@@ -611,3 +612,82 @@ def extract_averaged_patches(input: torch.Tensor, kernel_size, stride=1, padding
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32
         x = x.unflatten(1, (groups, x.shape[1] // groups)).sum(1, dtype=acc) / groups
     return reference.averaged_patches(x, g).to(input.dtype)
+
+
+def masked_conv(input: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor | None, bias: torch.Tensor | None = None,
+                stride=1, padding=0, dilation=1, groups=1, *, padding_mode: str = "zeros") -> torch.Tensor:
+    """A convolution whose weight is multiplied by a 0/1 mask: ``F.convNd(input, weight·mask, bias, ...)``, with
+    the weight gradient exactly zero where the mask is.
+
+    1, 2 or 3 spatial dims (the rank is ``weight.dim() - 2``). A masked weight entry never contributes, even
+    when it is NaN or Inf (the mask is applied with ``where``, not a product). On every device this runs the
+    plain-torch path for now (``F.convNd`` on the masked weight, ``torch.nn.grad`` for its gradients); the
+    tile-skipping Triton kernels of issue 12 plug into the same custom ops (``convzoo::masked_conv*``).
+
+    Args:
+        input: ``[N, C_in, *spatial]`` or unbatched ``[C_in, *spatial]``, floating, any strides.
+        weight: ``[C_out, C_in/groups, *kernel]``, the input's dtype.
+        mask: None (a dense convolution through the same ops), a bool tensor of the weight's shape, or 0/1
+            values of the weight's dtype (checked, which reads the mask: pass a bool mask in a hot loop; not
+            checked under ``torch.compile``).
+        bias: ``[C_out]`` or None.
+        stride, dilation: int or one int per spatial dim; positive.
+        padding: int, per-dim ints, per-dim ``(lo, hi)`` pairs, ``'valid'`` or ``'same'`` (stride 1 only, as torch).
+        groups: divides both C_in and C_out.
+        padding_mode: ``'zeros'``, ``'reflect'``, ``'replicate'`` or ``'circular'``, as ``nn.Conv2d``'s: the
+            input padded by ``F.pad(input, padding, mode)`` then convolved without padding.
+
+    Returns:
+        ``[N, C_out, *out]`` (``[C_out, *out]`` for an unbatched input). Under ``torch.autocast`` it computes in
+        the autocast dtype, as ``F.conv2d`` does.
+
+    Raises:
+        TypeError: a non-floating input/weight/bias, dtypes that differ, a mask that is neither bool nor the
+            weight's dtype.
+        ValueError: a weight that is not 3-5-d, a mask of another shape or with values other than 0 and 1,
+            groups not dividing the channels, an input whose channels or rank do not match the weight,
+            a bias that is not ``[C_out]``, an invalid geometry (see :func:`unfold`).
+    """
+    _shapes.check_float_tensor(input, "input")
+    _shapes.check_float_tensor(weight, "weight")
+    if bias is not None:
+        _shapes.check_float_tensor(bias, "bias")
+    nd = _shapes.conv_weight_ndim(weight)
+    if input.dim() == nd + 1:  # unbatched, as F.convNd reads it
+        return masked_conv(input[None], weight, mask, bias, stride, padding, dilation, groups,
+                           padding_mode=padding_mode)[0]
+    mask = _bool_mask(mask, weight)
+    if isinstance(padding, str) and padding == "same" and any(s != 1 for s in _shapes.as_tuple(stride, nd, "stride")):
+        raise ValueError(f"padding='same' is not supported with stride {stride!r} (as in torch); pass the padding "
+                         f"explicitly, e.g. as (lo, hi) pairs")
+    if input.dim() != nd + 2:
+        raise ValueError(f"input must be [N, C_in, *spatial] (or unbatched [C_in, *spatial]) with {nd} spatial dims "
+                         f"for a weight of shape {tuple(weight.shape)}, got shape {tuple(input.shape)}")
+    _, dil, pad, st, mode = _geometry_args(nd, tuple(weight.shape[2:]), dilation, padding, stride, input.shape[2:],
+                                           padding_mode)
+    input, weight, bias = _autocast(input, weight, bias)
+    # the op checks these too; here first, so that a channel mismatch is named before anything fails inside
+    _shapes.masked_conv_geometry(input, weight, mask, bias, st, pad, dil, groups, mode)
+    return _masked_conv_ops.masked_conv(input, weight, mask, bias, list(st), list(pad), list(dil), int(groups), mode)
+
+
+def _bool_mask(mask, weight: torch.Tensor) -> torch.Tensor | None:
+    """``mask`` as the bool tensor the ops take.
+
+    Raises:
+        TypeError: not a tensor, or neither bool nor the weight's dtype.
+        ValueError: another shape than the weight's, or values other than 0 and 1.
+    """
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"mask must be a tensor or None, got {type(mask).__name__}")
+    if mask.shape != weight.shape:
+        raise ValueError(f"mask must have the weight's shape {tuple(weight.shape)}, got {tuple(mask.shape)}")
+    if mask.dtype == torch.bool:
+        return mask
+    if mask.dtype != weight.dtype:
+        raise TypeError(f"mask must be bool or the weight's dtype {weight.dtype}, got {mask.dtype}")
+    if not torch.compiler.is_compiling() and mask.device.type != "meta" and not ((mask == 0) | (mask == 1)).all():
+        raise ValueError("mask must hold only 0 and 1 (a float mask is read as keep/drop, not as a scale)")
+    return mask != 0

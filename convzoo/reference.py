@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from convzoo import _shapes
 
 __all__ = ["conv_matrix", "fold", "group_mean", "local_conv", "local_conv_grad_input", "local_conv_grad_weight",
-           "patch_covariance", "source_index",
+           "masked_conv", "masked_conv_grad_input", "masked_conv_grad_weight", "masked_weight", "patch_covariance",
+           "source_index",
            "unfold", "unfold_transpose", "unfold_transpose_backward"]
 
 
@@ -517,3 +518,49 @@ def averaged_transpose_patches(x: torch.Tensor, g: _shapes.TransposeGeometry) ->
 
 __all__ += ["averaged_patches", "averaged_transpose_patches", "broadcast_groups", "extract_patches",
             "extract_patches_backward", "group_mean"]
+
+
+# ---------------------------------------------------------------------------------------------- masked_conv
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_CONV_INPUT = {1: torch.nn.grad.conv1d_input, 2: torch.nn.grad.conv2d_input, 3: torch.nn.grad.conv3d_input}
+_CONV_WEIGHT = {1: torch.nn.grad.conv1d_weight, 2: torch.nn.grad.conv2d_weight, 3: torch.nn.grad.conv3d_weight}
+
+
+def masked_weight(weight: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """``weight`` with its masked entries zero (a ``where``, not ``weight·mask``: a NaN or Inf that the mask
+    drops contributes nothing, as it does on the kernels, which never read an empty tile)."""
+    return weight if mask is None else torch.where(mask, weight, 0)
+
+
+def masked_conv(x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor | None, bias: torch.Tensor | None,
+                stride: list[int], padding: list[int], dilation: list[int], groups: int,
+                padding_mode: str) -> torch.Tensor:
+    """``F.convNd(x, weight·mask, bias, ...)``, the padding modes read by :func:`_pad` (zeros and symmetric
+    padding go straight to ``F.convNd``'s own)."""
+    g = _shapes.masked_conv_geometry(x, weight, mask, bias, stride, padding, dilation, groups, padding_mode)
+    w = masked_weight(weight, mask)
+    if padding_mode == "zeros" and g.pad_lo == g.pad_hi:
+        return _CONV[g.ndim](x, w, bias, g.stride, g.pad_lo, g.dilation, groups)
+    return _CONV[g.ndim](_pad(x, g), w, bias, g.stride, 0, g.dilation, groups)
+
+
+def masked_conv_grad_input(grad: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor | None,
+                           input_size: list[int], stride: list[int], padding: list[int], dilation: list[int],
+                           groups: int, padding_mode: str) -> torch.Tensor:
+    """The input gradient of :func:`masked_conv`: the transposed convolution of ``grad`` with the masked
+    weight onto the padded input, then the padding's adjoint (the border folded back onto the pixels it read)."""
+    g = _shapes.geometry(tuple(input_size), tuple(weight.shape[2:]), dilation, padding, stride, padding_mode)
+    padded = [n + lo + hi for n, lo, hi in zip(g.in_size, g.pad_lo, g.pad_hi)]
+    shape = [grad.shape[0], weight.shape[1] * groups, *padded]
+    dxp = _CONV_INPUT[g.ndim](shape, masked_weight(weight, mask), grad, g.stride, 0, g.dilation, groups)
+    return _unpad_adjoint(dxp, g).contiguous()
+
+
+def masked_conv_grad_weight(grad: torch.Tensor, x: torch.Tensor, mask: torch.Tensor | None, weight_size: list[int],
+                            stride: list[int], padding: list[int], dilation: list[int], groups: int,
+                            padding_mode: str) -> torch.Tensor:
+    """The weight gradient of :func:`masked_conv`: the weight gradient of the dense convolution, exactly zero
+    where the mask is."""
+    g = _shapes.geometry(tuple(x.shape[2:]), tuple(weight_size[2:]), dilation, padding, stride, padding_mode)
+    dw = _CONV_WEIGHT[g.ndim](_pad(x, g), list(weight_size), grad, g.stride, 0, g.dilation, groups)
+    return masked_weight(dw, mask)

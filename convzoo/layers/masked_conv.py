@@ -1,0 +1,136 @@
+"""``MaskedConv1d/2d/3d``: ``nn.Conv1d/2d/3d`` whose weight is multiplied by a bool ``mask`` buffer."""
+
+from __future__ import annotations
+
+import numbers
+
+import torch
+from torch import nn
+
+from convzoo import functional as cf
+
+__all__ = ["MaskedConv1d", "MaskedConv2d", "MaskedConv3d"]
+
+
+def _initial_mask(shape, density: float, block, groups: int, device) -> torch.Tensor:
+    """A random mask keeping exactly ``round(density·n)`` of the ``n`` entries of each output channel, or
+    (``block`` given) whole ``block`` tiles, ``round(density·tiles)`` of them, chosen at random."""
+    from convzoo import sparsity
+
+    if block is None:
+        return sparsity.random_mask(shape, density, device=device)
+    return sparsity.block_mask(torch.rand(shape, device=device), block=block, density=density, groups=groups)
+
+
+class _MaskedConvNd:
+    """The mask handling shared by the three classes (mixed in before ``nn.ConvNd``)."""
+
+    mask: torch.Tensor
+
+    def _init_mask(self, density, block) -> None:
+        if isinstance(density, bool) or not isinstance(density, numbers.Real):
+            raise TypeError(f"density must be a real number, got {density!r}")
+        if not 0.0 <= float(density) <= 1.0:
+            raise ValueError(f"density must be in [0, 1], got {density}")
+        shape, device = self.weight.shape, self.weight.device
+        if density == 1.0 and block is None:
+            mask = torch.ones(shape, dtype=torch.bool, device=device)
+        else:
+            mask = _initial_mask(shape, float(density), block, self.groups, device)
+        self.register_buffer("mask", mask)
+
+    def _conv_forward(self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return cf.masked_conv(input, weight, self.mask, bias, self.stride, self.padding, self.dilation, self.groups,
+                              padding_mode=self.padding_mode)
+
+    @torch.no_grad()
+    def set_mask(self, mask: torch.Tensor) -> None:
+        """Replace the mask (in place: the buffer keeps its identity, device and bool dtype).
+
+        Raises:
+            TypeError: not a tensor, or neither bool nor the weight's dtype.
+            ValueError: another shape than the weight's, or values other than 0 and 1.
+        """
+        self.mask.copy_(cf._bool_mask(mask, self.weight))
+
+    @property
+    def density(self) -> float:
+        """The fraction of weight entries the mask keeps."""
+        return self.mask.float().mean().item() if self.mask.numel() else 1.0
+
+    @classmethod
+    def from_dense(cls, conv: nn.Module, mask: torch.Tensor | None = None):
+        """A masked copy of ``conv`` (an ``nn.Conv{1,2,3}d`` of the same rank): its configuration, weight and
+        bias (copied), and ``mask`` (default all ones).
+
+        Raises:
+            TypeError: ``conv`` is not the matching ``nn.ConvNd``.
+        """
+        dense = cls.__mro__[2]  # nn.Conv1d/2d/3d
+        if not isinstance(conv, dense):
+            raise TypeError(f"conv must be an {dense.__name__}, got {type(conv).__name__}")
+        out = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+                  conv.groups, conv.bias is not None, conv.padding_mode, device=conv.weight.device,
+                  dtype=conv.weight.dtype)
+        out.load_state_dict(conv.state_dict(), strict=False)
+        if mask is not None:
+            out.set_mask(mask)
+        return out
+
+    def to_dense(self) -> nn.Module:
+        """An ``nn.ConvNd`` of the same configuration whose weight is ``weight·mask`` (masked entries zero)."""
+        dense = type(self).__mro__[2](self.in_channels, self.out_channels, self.kernel_size, self.stride,
+                                      self.padding, self.dilation, self.groups, self.bias is not None,
+                                      self.padding_mode, device=self.weight.device, dtype=self.weight.dtype)
+        with torch.no_grad():
+            dense.weight.copy_(torch.where(self.mask, self.weight, 0))
+            if self.bias is not None:
+                dense.bias.copy_(self.bias)
+        return dense
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # a dense nn.ConvNd checkpoint has no mask: it loads as all ones (load_state_dict passes a copy)
+        state_dict.setdefault(prefix + "mask", torch.ones_like(self.mask))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", mask={tuple(self.mask.shape)}"
+
+
+_DOC = """``nn.Conv{n}d`` with a bool ``mask`` buffer of the weight's shape: ``forward`` is
+:func:`convzoo.functional.masked_conv` (``F.conv{n}d(x, weight·mask, bias, ...)``; the weight gradient is exactly
+zero where the mask is). The same constructor as ``nn.Conv{n}d`` plus ``density`` (the initial random mask keeps
+exactly ``round(density·numel)`` entries of each output channel's filter; 1.0: all) and ``block`` (``(BO, BK)``:
+the initial mask keeps whole tiles of the kernels' tiling instead, see :func:`convzoo.sparsity.block_mask`). The
+``state_dict`` has ``nn.Conv{n}d``'s keys plus ``mask``, and a dense checkpoint loads with the mask all ones;
+:meth:`from_dense` / :meth:`to_dense` convert both ways, :meth:`set_mask` replaces the mask.
+
+Raises:
+    TypeError, ValueError: ``nn.Conv{n}d``'s own errors, or ``density`` not a real number in [0, 1].
+"""
+
+
+class MaskedConv1d(_MaskedConvNd, nn.Conv1d):
+    __doc__ = _DOC.format(n=1)
+
+    def __init__(self, *args, density: float = 1.0, block=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._init_mask(density, block)
+
+
+class MaskedConv2d(_MaskedConvNd, nn.Conv2d):
+    __doc__ = _DOC.format(n=2)
+
+    def __init__(self, *args, density: float = 1.0, block=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._init_mask(density, block)
+
+
+class MaskedConv3d(_MaskedConvNd, nn.Conv3d):
+    __doc__ = _DOC.format(n=3)
+
+    def __init__(self, *args, density: float = 1.0, block=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._init_mask(density, block)

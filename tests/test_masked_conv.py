@@ -1,0 +1,259 @@
+"""masked_conv and MaskedConv1d/2d/3d: against ``F.convNd(x, weight·mask)`` (F.pad for the padding modes) forward and
+backward, gradients exactly zero where masked, opcheck, torch.compile of a training step, gradcheck, torch.func, the
+layers' state_dict / conversions, and clear errors for bad input."""
+
+import pytest
+import torch
+import torch._dynamo.testing
+import torch.nn.functional as F
+from problems import TOL
+from torch import nn
+from torch.func import grad, jvp, vmap
+
+import convzoo
+import convzoo.functional as cf
+
+CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+# id: (input shape, weight shape, stride, padding, dilation, groups, padding_mode)
+CASES = {
+    "1d_S2_P1": ((2, 4, 11), (6, 4, 3), 2, 1, 1, 1, "zeros"),
+    "1d_D2_G2_lohi_reflect": ((1, 4, 9), (4, 2, 3), 1, [(2, 1)], 2, 2, "reflect"),
+    "2d_P1_G2": ((2, 4, 6, 7), (6, 2, 3, 3), 1, 1, 1, 2, "zeros"),
+    "2d_same_circular": ((2, 3, 5, 6), (4, 3, 2, 3), 1, "same", 1, 1, "circular"),
+    "2d_S3_depthwise_replicate": ((2, 3, 8, 7), (6, 1, 3, 2), 3, (1, 2), 1, 3, "replicate"),
+    "2d_K1_valid": ((1, 5, 4, 4), (3, 5, 1, 1), 1, "valid", 1, 1, "zeros"),
+    "3d_S2_P1_G2": ((2, 4, 5, 4, 5), (4, 2, 3, 3, 3), 2, 1, 1, 2, "zeros"),
+    "3d_D2_replicate": ((1, 2, 5, 5, 4), (3, 2, 2, 2, 2), 1, 1, 2, 1, "replicate"),
+}
+DENSITIES = ["ones", "half", "tenth", "block", "zeros"]
+
+
+def _mask(shape, kind):
+    if kind == "ones":
+        return torch.ones(shape, dtype=torch.bool)
+    if kind == "zeros":
+        return torch.zeros(shape, dtype=torch.bool)
+    if kind == "block":  # whole (output channel half) × (input channel) blocks
+        m = torch.zeros(shape, dtype=torch.bool)
+        m[: shape[0] // 2, : max(1, shape[1] // 2)] = True
+        return m
+    return torch.rand(shape) < (0.5 if kind == "half" else 0.1)
+
+
+def _case(key, dtype=torch.float64, density="half"):
+    xs, ws, s, p, d, g, mode = CASES[key]
+    x, w = torch.randn(xs, dtype=dtype), torch.randn(ws, dtype=dtype)
+    return x, w, _mask(ws, density), torch.randn(ws[0], dtype=dtype), {"stride": s, "padding": p, "dilation": d,
+                                                                       "groups": g, "padding_mode": mode}
+
+
+def _oracle(x, w, mask, b, stride, padding, dilation, groups, padding_mode):
+    """``F.convNd(x, w·mask)``, the padding built by hand with F.pad (nn.ConvNd's way)."""
+    nd = w.dim() - 2
+    if padding == "same":
+        pairs = [(dd * (k - 1) // 2, dd * (k - 1) - dd * (k - 1) // 2)
+                 for k, dd in zip(w.shape[2:], (dilation,) * nd if isinstance(dilation, int) else dilation)]
+    elif padding == "valid":
+        pairs = [(0, 0)] * nd
+    elif isinstance(padding, list):
+        pairs = padding
+    else:
+        pairs = [(q, q) for q in ((padding,) * nd if isinstance(padding, int) else padding)]
+    flat = [v for lo, hi in reversed(pairs) for v in (lo, hi)]
+    xp = F.pad(x, flat, mode="constant" if padding_mode == "zeros" else padding_mode)
+    return CONV[nd](xp, w * mask, b, stride, 0, dilation, groups)
+
+
+# ---------------------------------------------------------------------------------------------- numerics
+@pytest.mark.parametrize("key", list(CASES))
+@pytest.mark.parametrize("density", DENSITIES)
+def test_forward_and_backward_match_the_dense_conv_of_the_masked_weight(key, density):
+    x, w, mask, b, geom = _case(key, density=density)
+    x, w, b = (t.requires_grad_() for t in (x, w, b))
+    y = cf.masked_conv(x, w, mask, b, **geom)
+    want = _oracle(x, w, mask, b, **geom)
+    torch.testing.assert_close(y, want, rtol=1e-12, atol=1e-12)
+    gy = torch.randn_like(y)
+    got = torch.autograd.grad(y, (x, w, b), gy)
+    exp = torch.autograd.grad(want, (x, w, b), gy)
+    for a, e in zip(got, exp):
+        torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
+    assert (got[1][~mask] == 0).all()  # exactly zero where masked
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_dtypes_and_layouts(dtype):
+    x, w, mask, b, geom = _case("2d_P1_G2", dtype)
+    want = _oracle(x.double(), w.double(), mask, b.double(), **geom)
+    rtol, atol = TOL[dtype]
+    y = cf.masked_conv(x, w, mask, b, **geom)
+    torch.testing.assert_close(y.double(), want, rtol=rtol * 10, atol=atol * 10 * want.abs().max().item())
+    y_cl = cf.masked_conv(x.to(memory_format=torch.channels_last), w, mask, b, **geom)
+    torch.testing.assert_close(y_cl, y)
+
+
+def test_float_mask_none_mask_and_unbatched_input():
+    x, w, mask, b, geom = _case("2d_P1_G2")
+    y = cf.masked_conv(x, w, mask, b, **geom)
+    torch.testing.assert_close(cf.masked_conv(x, w, mask.double(), b, **geom), y)
+    torch.testing.assert_close(cf.masked_conv(x, w, None, b, **geom), _oracle(x, w, 1, b, **geom))
+    torch.testing.assert_close(cf.masked_conv(x[0], w, mask, b, **geom), y[0])
+
+
+def test_a_masked_nan_never_contributes():
+    """The mask drops an entry entirely (a NaN or Inf there included), as the kernels never read an empty tile."""
+    x, w, mask, b, geom = _case("2d_P1_G2")
+    w = w.clone()
+    w[~mask] = float("nan")
+    x, w = x.requires_grad_(), w.requires_grad_()
+    y = cf.masked_conv(x, w, mask, b, **geom)
+    assert torch.isfinite(y).all()
+    gx, gw = torch.autograd.grad(y.sum(), (x, w))
+    assert torch.isfinite(gx).all() and (gw[~mask] == 0).all()
+
+
+# ---------------------------------------------------------------------------------------------- the ops
+def test_opcheck():
+    x, w, mask, b, _ = _case("2d_P1_G2", torch.float32)
+    geom = ([1, 1], [1, 1, 0, 1], [1, 1], 2, "reflect")
+    torch.library.opcheck(torch.ops.convzoo.masked_conv, (x, w, mask, b, *geom))
+    torch.library.opcheck(torch.ops.convzoo.masked_conv, (x.requires_grad_(), w.requires_grad_(), mask, None, *geom))
+    y = torch.ops.convzoo.masked_conv(x.detach(), w.detach(), mask, b, *geom)
+    gy = torch.randn_like(y)
+    torch.library.opcheck(torch.ops.convzoo.masked_conv_grad_input, (gy, w.detach(), mask, [6, 7], *geom))
+    torch.library.opcheck(torch.ops.convzoo.masked_conv_grad_weight, (gy, x.detach(), mask, list(w.shape), *geom))
+
+
+def test_gradcheck_and_gradgradcheck():
+    x, w, mask, b, geom = _case("1d_D2_G2_lohi_reflect")
+    args = tuple(t.requires_grad_() for t in (x, w, b))
+
+    def f(x, w, b):
+        return cf.masked_conv(x, w, mask, b, **geom)
+
+    assert torch.autograd.gradcheck(f, args)
+    assert torch.autograd.gradgradcheck(f, args)
+
+
+def test_torch_func_transforms():
+    x, w, mask, b, geom = _case("2d_same_circular")
+
+    def loss(w, x):
+        return cf.masked_conv(x, w, mask, b, **geom).square().sum()
+
+    def oracle_loss(w, x):
+        return _oracle(x, w, mask, b, **geom).square().sum()
+
+    torch.testing.assert_close(grad(loss)(w, x), grad(oracle_loss)(w, x))
+    wt = torch.randn_like(w)
+    torch.testing.assert_close(jvp(lambda v: cf.masked_conv(x, v, mask, b, **geom), (w,), (wt,))[1],
+                               _oracle(x, wt, mask, None, **geom))
+    xs = torch.randn(3, *x.shape, dtype=x.dtype)
+    torch.testing.assert_close(vmap(lambda v: cf.masked_conv(v, w, mask, b, **geom))(xs),
+                               torch.stack([_oracle(v, w, mask, b, **geom) for v in xs]))
+    per_batch = vmap(grad(loss), in_dims=(None, 0))(w, xs)  # one weight gradient per stacked batch
+    torch.testing.assert_close(per_batch, torch.stack([grad(oracle_loss)(w, v) for v in xs]))
+    assert (per_batch[:, ~mask] == 0).all()
+
+
+@torch.fx.experimental._config.patch(use_duck_shape=False)
+@torch._dynamo.config.patch(error_on_recompile=True)
+def test_compiled_training_step_of_masked_layers():
+    """A small CNN of MaskedConv2d layers: forward, loss, backward under torch.compile(fullgraph=True, dynamic=True),
+    the same gradients as eager, one graph for two batch sizes, masked gradients exactly zero."""
+    torch.manual_seed(0)
+    model = nn.Sequential(convzoo.MaskedConv2d(3, 8, 3, padding=1), nn.ReLU(),
+                          convzoo.MaskedConv2d(8, 4, 3, stride=2, groups=2, padding_mode="reflect", padding=1))
+    for layer in (model[0], model[2]):
+        layer.set_mask(torch.rand(layer.weight.shape) < 0.5)
+    params = list(model.parameters())
+
+    def step(x):
+        return torch.autograd.grad(model(x).square().mean(), params)
+
+    torch._dynamo.reset()
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(step, fullgraph=True, dynamic=True, backend=counter)
+    with torch._dynamo.config.patch(trace_autograd_ops=True):
+        for n in (2, 3):
+            x = torch.randn(n, 3, 6, 7)
+            for a, e in zip(compiled(x), step(x)):
+                torch.testing.assert_close(a, e)
+            assert (compiled(x)[0][~model[0].mask] == 0).all()
+    assert counter.frame_count == 1
+    torch._dynamo.reset()
+
+
+# ---------------------------------------------------------------------------------------------- the layers
+@pytest.mark.parametrize("cls, dense, shape", [(convzoo.MaskedConv1d, nn.Conv1d, (2, 4, 9)),
+                                               (convzoo.MaskedConv2d, nn.Conv2d, (2, 4, 6, 5)),
+                                               (convzoo.MaskedConv3d, nn.Conv3d, (1, 4, 4, 5, 3))])
+def test_layers_load_dense_checkpoints_and_convert(cls, dense, shape):
+    conv = dense(4, 6, 3, padding=1, groups=2, padding_mode="circular")
+    masked = cls(4, 6, 3, padding=1, groups=2, padding_mode="circular")
+    masked.load_state_dict(conv.state_dict())  # a dense checkpoint: mask all ones, strict loading passes
+    assert masked.mask.dtype == torch.bool and masked.mask.all()
+    x = torch.randn(shape)
+    torch.testing.assert_close(masked(x), conv(x))
+    mask = torch.rand(masked.weight.shape) < 0.3
+    converted = cls.from_dense(conv, mask)
+    assert sorted(converted.state_dict()) == ["bias", "mask", "weight"]
+    torch.testing.assert_close(converted(x), _dense_with(conv, mask)(x))
+    back = converted.to_dense()
+    assert type(back) is dense
+    torch.testing.assert_close(back(x), converted(x))
+    again = cls(4, 6, 3, padding=1, groups=2, padding_mode="circular")
+    again.load_state_dict(converted.state_dict())
+    assert torch.equal(again.mask, mask)
+
+
+def _dense_with(conv, mask):
+    out = type(conv)(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+                     conv.groups, conv.bias is not None, conv.padding_mode)
+    out.load_state_dict(conv.state_dict())
+    with torch.no_grad():
+        out.weight.mul_(mask)
+    return out
+
+
+def test_set_mask_validates_and_keeps_the_buffer():
+    layer = convzoo.MaskedConv2d(2, 3, 3)
+    buf = layer.mask
+    layer.set_mask(torch.zeros(3, 2, 3, 3))
+    assert layer.mask is buf and not buf.any()
+    with pytest.raises(ValueError, match="shape"):
+        layer.set_mask(torch.ones(3, 2, 3, 2, dtype=torch.bool))
+    with pytest.raises(ValueError, match="only 0 and 1"):
+        layer.set_mask(torch.full((3, 2, 3, 3), 0.5))
+    with pytest.raises(TypeError, match="conv must be an Conv2d"):
+        convzoo.MaskedConv2d.from_dense(nn.Conv1d(2, 3, 3))
+    with pytest.raises(ValueError, match="density"):
+        convzoo.MaskedConv2d(2, 3, 3, density=1.5)
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize("change, exc, match", [
+    (lambda a: {**a, "mask": torch.ones(6, 2, 3, 2, dtype=torch.bool)}, ValueError, "mask must have the weight"),
+    (lambda a: {**a, "mask": torch.ones(6, 2, 3, 3, dtype=torch.int64)}, TypeError, "mask must be bool"),
+    (lambda a: {**a, "mask": torch.full((6, 2, 3, 3), 2.0, dtype=torch.float64)}, ValueError, "only 0 and 1"),
+    (lambda a: {**a, "mask": [[1]]}, TypeError, "mask must be a tensor"),
+    (lambda a: {**a, "groups": 4}, ValueError, "groups"),
+    (lambda a: {**a, "groups": 3}, ValueError, "groups"),
+    (lambda a: {**a, "groups": True}, ValueError, "groups"),
+    (lambda a: {**a, "x": torch.randn(2, 5, 6, 7, dtype=torch.float64)}, ValueError, "C_in"),
+    (lambda a: {**a, "b": torch.randn(5, dtype=torch.float64)}, ValueError, "bias"),
+    (lambda a: {**a, "b": torch.randn(6)}, TypeError, "bias"),
+    (lambda a: {**a, "x": a["x"].float()}, TypeError, "dtype"),
+    (lambda a: {**a, "w": torch.randn(6, 2)}, ValueError, "weight"),
+    (lambda a: {**a, "x": torch.randn(2, 4, dtype=torch.float64)}, ValueError, "spatial dims"),
+    (lambda a: {**a, "stride": 2, "padding": "same"}, ValueError, "same"),
+    (lambda a: {**a, "padding_mode": "wrap"}, ValueError, "padding_mode"),
+])
+def test_bad_input_names_the_argument(change, exc, match):
+    x, w, mask, b, _ = _case("2d_P1_G2")
+    a = change({"x": x, "w": w, "mask": mask, "b": b, "groups": 2, "stride": 1, "padding": 1,
+                "padding_mode": "zeros"})
+    with pytest.raises(exc, match=match):
+        cf.masked_conv(a["x"], a["w"], a["mask"], a["b"], a["stride"], a["padding"], 1, a["groups"],
+                       padding_mode=a["padding_mode"])
