@@ -3,10 +3,10 @@
 Public names only; nothing here touches a device at import.
 """
 
-from convzoo import functional
+from convzoo import functional, sparsity
 from convzoo.curvature import KFACFactors
 from convzoo.layers import Fold, LocalConv1d, LocalConv2d, LocalConv3d, Unfold, UnfoldTranspose
 
 __all__ = ["Fold", "KFACFactors", "LocalConv1d", "LocalConv2d", "LocalConv3d", "Unfold", "UnfoldTranspose",
-           "functional"]
+           "functional", "sparsity"]
 __version__ = "0.1.0"
