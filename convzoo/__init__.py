@@ -3,7 +3,7 @@
 Public names only; nothing here touches a device at import.
 """
 
-from convzoo import functional
+from convzoo import functional, sparsity
 from convzoo.curvature import KFACFactors
 from convzoo.layers import (
     Fold,
@@ -18,5 +18,5 @@ from convzoo.layers import (
 )
 
 __all__ = ["Fold", "KFACFactors", "LocalConv1d", "LocalConv2d", "LocalConv3d", "MaskedConv1d", "MaskedConv2d",
-           "MaskedConv3d", "Unfold", "UnfoldTranspose", "functional"]
+           "MaskedConv3d", "Unfold", "UnfoldTranspose", "functional", "sparsity"]
 __version__ = "0.1.0"

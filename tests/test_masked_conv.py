@@ -257,3 +257,18 @@ def test_bad_input_names_the_argument(change, exc, match):
     with pytest.raises(exc, match=match):
         cf.masked_conv(a["x"], a["w"], a["mask"], a["b"], a["stride"], a["padding"], 1, a["groups"],
                        padding_mode=a["padding_mode"])
+
+
+def test_initial_masks_keep_exactly_the_density():
+    """density: exactly round(density·numel) entries kept per output channel; with block, whole tiles of the
+    per-group [C_out/G, C_in/G·∏K] matrix, round(density·tiles) of them."""
+    torch.manual_seed(0)
+    layer = convzoo.MaskedConv2d(8, 6, 3, density=0.3, groups=2)
+    assert (layer.mask.flatten(1).sum(1) == round(0.3 * 4 * 9)).all()
+    assert convzoo.MaskedConv2d(8, 6, 3).mask.all()
+    blocked = convzoo.MaskedConv2d(32, 64, 3, density=0.25, block=(16, 32))
+    tiles = convzoo.sparsity.tile_lists(blocked.mask, 1, (16, 32))
+    assert tiles.occupancy.sum().item() == round(0.25 * tiles.occupancy.numel())
+    # whole tiles: the mask is its occupancy map expanded back
+    occ = tiles.occupancy[0].repeat_interleave(16, 0).repeat_interleave(32, 1)[:64, :32 * 9]
+    assert torch.equal(blocked.mask.flatten(1), occ)

@@ -1,0 +1,330 @@
+"""Weight masks for masked (sparse) convolution, seen through the kernel's tiling.
+
+A convolution weight ``[C_out, C_in/G, *kernel]`` is, per group ``g``, the matrix ``W_g`` of shape
+``[C_out/G, K]`` with ``K = C_in/G·∏kernel``: row ``o`` of group ``g`` is ``weight[g·C_out/G + o].flatten()``,
+its columns in ``(c, k_0, k_1, ...)`` order. The masked-conv kernels cut ``W_g`` into ``BO × BK`` tiles and
+never visit a tile whose mask is all zero. This module builds the tile lists they iterate over
+(:func:`tile_lists`), turns an element mask or per-weight scores into a mask whose zeros fill whole tiles
+(:func:`block_mask`, the only kind of sparsity the kernels can turn into speed) and draws random masks with an
+exact density per output channel (:func:`random_mask`).
+
+Everything here is vectorised torch on the mask's device without host synchronisation (no ``.item()``,
+``nonzero()`` or Python loop over tiles), so it can run inside a training step and on meta tensors; the one
+exception is the 0/1 check of a *floating* mask, which reads values (a bool mask skips it).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from convzoo._shapes import _is_int, check
+
+__all__ = ["TileLists", "block_mask", "random_mask", "tile_lists"]
+
+MIN_BLOCK = 16  # tl.dot needs every tile dim ≥ 16; tl.arange needs powers of two
+
+
+@dataclass(frozen=True, eq=False)
+class TileLists:
+    """Which ``BO × BK`` tiles of each group's weight matrix ``W_g [C_out/G, K]`` hold a nonzero mask entry,
+    as dense-padded lists the kernels loop over. ``TO = cdiv(C_out/G, BO)``, ``TK = cdiv(K, BK)``; partial
+    tiles at the bottom / right edge are tiles like the others.
+
+    Attributes:
+        occupancy: bool ``[G, TO, TK]``: tile ``(to, tk)`` of group ``g`` has at least one nonzero mask entry.
+        count: int32 ``[G, TO]``: the number of non-empty k-tiles in o-tile row ``to`` (forward, grad-weight).
+        index: int32 ``[G, TO, TK]``: per o-tile row a permutation of ``range(TK)``: first its ``count``
+            non-empty k-tiles in ascending order, then (the padding) its empty k-tiles, also ascending. Every
+            entry is thus a valid tile index, and a kernel that reads past ``count`` only reaches all-zero
+            tiles (no double counting, unlike a padding with a fixed index such as 0 or TK-1).
+        t_count: int32 ``[G, TK]``: the number of non-empty o-tiles in k-tile column ``tk`` (grad-input).
+        t_index: int32 ``[G, TK, TO]``: the transposed lists, same convention (non-empty o-tiles ascending,
+            then the empty ones ascending).
+        block: ``(BO, BK)``.
+        groups: ``G``.
+        shape: the shape of the mask the lists were built from, ``(C_out, C_in/G, *kernel)``.
+    """
+
+    occupancy: torch.Tensor
+    count: torch.Tensor
+    index: torch.Tensor
+    t_count: torch.Tensor
+    t_index: torch.Tensor
+    block: tuple[int, int]
+    groups: int
+    shape: tuple[int, ...]
+
+
+# ---------------------------------------------------------------------------------------------- checks
+def _check_block(block) -> tuple[int, int]:
+    """``block`` as ``(BO, BK)`` Python ints, each a power of two ≥ 16.
+
+    Raises:
+        TypeError: ``block`` is not a pair of ints (bools refused).
+        ValueError: an entry is not a power of two ≥ 16, or ``block`` does not have two entries.
+    """
+    check(isinstance(block, Sequence) and not isinstance(block, str) and all(_is_int(b) for b in block),
+          lambda: f"block must be a pair of ints (BO, BK), got {block!r}", TypeError)
+    check(len(block) == 2, lambda: f"block must have two entries (BO, BK), got {tuple(block)}")
+    bo, bk = (int(b) for b in block)
+    check(all(b >= MIN_BLOCK and b & (b - 1) == 0 for b in (bo, bk)),
+          lambda: f"block entries must be powers of two ≥ {MIN_BLOCK} (the kernels' tile sizes), got {(bo, bk)}")
+    return bo, bk
+
+
+def _check_weight_shaped(t, name: str, groups) -> int:
+    """Checks ``t`` has a conv weight's shape ``[C_out, C_in/G, *kernel]`` (1-3 kernel dims) with ``groups``
+    dividing ``C_out``; returns ``groups`` as an int.
+
+    Raises:
+        TypeError: ``t`` is not a tensor; ``groups`` is not an int (bools refused).
+        ValueError: ``t`` is not 3-5-d; ``groups`` is not positive or does not divide ``C_out``.
+    """
+    check(isinstance(t, torch.Tensor), lambda: f"{name} must be a tensor, got {type(t).__name__}", TypeError)
+    check(3 <= t.dim() <= 5, lambda: f"{name} must have a conv weight's shape [C_out, C_in/groups, *kernel] with "
+          f"1-3 kernel dims, got shape {tuple(t.shape)}")
+    check(_is_int(groups), lambda: f"groups must be an int, got {groups!r}", TypeError)
+    groups = int(groups)
+    check(groups > 0, lambda: f"groups must be positive, got {groups}")
+    check(t.shape[0] % groups == 0,
+          lambda: f"groups={groups} must divide C_out = {name}.shape[0] = {t.shape[0]}")
+    return groups
+
+
+def _check_zero_one(mask: torch.Tensor, name: str) -> None:
+    """A floating mask must hold only 0 and 1 (NaN refused). This reads values: one host sync (none for a meta
+    tensor, which has no values to read).
+
+    Raises:
+        ValueError: an entry is neither 0 nor 1.
+    """
+    if mask.device.type == "meta":
+        return
+    bad = ~((mask == 0) | (mask == 1))
+    check(not bool(bad.any()), lambda: f"{name} must hold only 0 and 1 (a floating mask), "
+          f"found {int(bad.sum())} other entries (e.g. {mask[bad][0].item()!r})")
+
+
+def _as_bool_mask(mask, name: str) -> torch.Tensor:
+    """``mask`` (bool, or floating 0/1) as a bool tensor.
+
+    Raises:
+        TypeError: ``mask`` is neither bool nor floating.
+        ValueError: a floating ``mask`` holds a value other than 0 and 1.
+    """
+    if mask.dtype == torch.bool:
+        return mask
+    check(mask.is_floating_point(), lambda: f"{name} must be bool or floating 0/1, got dtype {mask.dtype}",
+          TypeError)
+    _check_zero_one(mask, name)
+    return mask != 0
+
+
+def _check_density(density, name: str = "density") -> float:
+    """``density`` as a float in ``[0, 1]``.
+
+    Raises:
+        TypeError: ``density`` is not a real Python number (bools and tensors refused).
+        ValueError: ``density`` is NaN or outside ``[0, 1]``.
+    """
+    check(isinstance(density, numbers.Real) and not isinstance(density, bool),
+          lambda: f"{name} must be a real number in [0, 1], got {density!r}", TypeError)
+    density = float(density)
+    check(0.0 <= density <= 1.0, lambda: f"{name} must be in [0, 1], got {density}")  # NaN fails too
+    return density
+
+
+# ---------------------------------------------------------------------------------------------- tiling
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _tiled(t: torch.Tensor, groups: int, block: tuple[int, int]) -> torch.Tensor:
+    """``t`` (weight-shaped) as ``[G, TO, BO, TK, BK]``, the partial edge tiles zero-padded (a copy)."""
+    bo, bk = block
+    og, k = t.shape[0] // groups, math.prod(t.shape[1:])
+    to, tk = _cdiv(og, bo), _cdiv(k, bk)
+    w = F.pad(t.reshape(groups, og, k), (0, tk * bk - k, 0, to * bo - og))
+    return w.view(groups, to, bo, tk, bk)
+
+
+def _untiled(keep: torch.Tensor, shape: tuple, groups: int, block: tuple[int, int]) -> torch.Tensor:
+    """The tile map ``keep [G, TO, TK]`` expanded to every element of a weight of ``shape`` (edges cropped)."""
+    bo, bk = block
+    g, to, tk = keep.shape
+    og, k = shape[0] // groups, math.prod(shape[1:])
+    full = keep[:, :, None, :, None].expand(g, to, bo, tk, bk).reshape(g, to * bo, tk * bk)
+    return full[:, :og, :k].reshape(shape)
+
+
+def _lists(occupancy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of ``occupancy [..., n]``: its count of True, and ``range(n)`` reordered True-first (each part
+    ascending). A stable sort of ``~occupancy`` is exactly that, with no host sync."""
+    count = occupancy.sum(-1, dtype=torch.int32)
+    order = torch.argsort((~occupancy).to(torch.uint8), dim=-1, stable=True)
+    return count, order.to(torch.int32)
+
+
+def tile_lists(mask: torch.Tensor, groups: int = 1, block: Sequence[int] = (32, 32)) -> TileLists:
+    """The tile-occupancy map of a conv weight mask and the lists of non-empty tiles the kernels iterate over.
+
+    Built on ``mask``'s device with vectorised torch ops and no host synchronisation for a bool mask (a
+    floating mask costs one, for its 0/1 check), so it can be rebuilt inside a training step when the mask
+    changes; on a meta tensor it gives meta tensors of the right shapes. See :class:`TileLists` for the
+    layout and the padding convention of ``index`` / ``t_index``.
+
+    Args:
+        mask: bool or floating 0/1 tensor of the conv weight's shape ``[C_out, C_in/G, *kernel]`` (1-3 kernel
+            dims); an entry is kept iff it is nonzero.
+        groups: ``G``, the convolution's groups; must divide ``C_out``.
+        block: ``(BO, BK)``, the kernels' tile sizes along ``C_out/G`` and ``K``, powers of two ≥ 16 (the
+            kernels' ``tl.arange`` and ``tl.dot`` tiles).
+
+    Returns:
+        A :class:`TileLists` on ``mask``'s device.
+
+    Raises:
+        TypeError: ``mask`` is not a tensor or is neither bool nor floating; ``groups`` is not an int; ``block``
+            is not a pair of ints.
+        ValueError: ``mask`` is not 3-5-d, or (floating) holds a value other than 0 and 1; ``groups`` is not
+            positive or does not divide ``C_out``; a ``block`` entry is not a power of two ≥ 16.
+    """
+    groups = _check_weight_shaped(mask, "mask", groups)
+    block = _check_block(block)
+    m = _as_bool_mask(mask, "mask")
+    occupancy = _tiled(m, groups, block).any(dim=4).any(dim=2)
+    count, index = _lists(occupancy)
+    t_count, t_index = _lists(occupancy.transpose(1, 2))
+    return TileLists(occupancy=occupancy, count=count, index=index, t_count=t_count, t_index=t_index,
+                     block=block, groups=groups, shape=tuple(mask.shape))
+
+
+# ---------------------------------------------------------------------------------------------- block masks
+def block_mask(mask_or_scores: torch.Tensor, block: Sequence[int] = (32, 32), density: float | None = None,
+               groups: int = 1) -> torch.Tensor:
+    """A bool mask of the same shape whose zeros fill whole ``BO × BK`` tiles of each group's weight matrix
+    ``W_g [C_out/G, K]`` (the tiling of :func:`tile_lists`), so that the masked-conv kernels skip them.
+
+    Each tile gets a score: its number of kept entries for a mask, the sum of ``|score|`` over it for scores.
+    A tile is kept iff its score is nonzero and, when ``density`` is given, it is among the
+    ``round(density · T)`` highest-scoring tiles, ``T = G·TO·TK`` counted over all groups together (one global
+    ranking, so groups may end up with different shares); equal scores are ranked by flat tile index
+    ``(g, to, tk)``, lowest first. Every entry of a kept tile is kept, also those the input had at zero (so the
+    result contains the input mask's tile-structured part, and, with ``density=None``, the whole input mask);
+    every entry of a dropped tile is zero. ``round`` is Python's (half to even). NaN scores rank above every
+    number (``torch.sort``'s order) and their tiles are kept: NaN weights stay visible, never hidden.
+
+    The kept-tile count is exactly ``round(density · T)`` for scores whose tiles are all nonzero, at most that
+    otherwise (an all-zero tile is never kept: it would cost time and revive pruned weights). A 0/1 floating
+    input with ``density`` is ranked as scores, which gives the same result as its bool version.
+
+    Accuracy for speed: the kernels only skip tiles that are *entirely* zero. An unstructured mask of density
+    ``d`` leaves a ``BO × BK`` tile empty with probability ``(1 - d)^(BO·BK)``: at 10% density and 32 × 32
+    tiles that is ``0.9^1024 ≈ 1.4e-47``, so an unstructured 10% mask runs at dense speed. A block mask of the
+    same density skips 90% of the tiles (≈10× less weight traffic and MMA work) but constrains which weights
+    may be nonzero, which usually costs some accuracy at the same parameter count; this function is the
+    projection onto that constraint (keep the most important tiles whole).
+
+    Args:
+        mask_or_scores: a conv weight-shaped ``[C_out, C_in/G, *kernel]`` (1-3 kernel dims) bool mask, or a
+            floating tensor: with ``density=None`` a 0/1 mask, with ``density`` per-weight scores (any real
+            values, e.g. ``weight`` itself for magnitude pruning).
+        block: ``(BO, BK)``, powers of two ≥ 16, as in :func:`tile_lists`.
+        density: the fraction of tiles to keep, a real number in ``[0, 1]``; ``None`` keeps every tile with a
+            kept entry (mask input only).
+        groups: the convolution's groups, dividing ``C_out``.
+
+    Returns:
+        A bool tensor of ``mask_or_scores``' shape on its device.
+
+    Raises:
+        TypeError: ``mask_or_scores`` is not a tensor or is neither bool nor floating; ``block`` is not a pair
+            of ints; ``density`` is not ``None`` or a real number (bools refused); ``groups`` is not an int.
+        ValueError: ``mask_or_scores`` is not 3-5-d, or is floating with values other than 0/1 and no
+            ``density``; ``density`` is NaN or outside ``[0, 1]``; ``groups`` is not positive or does not
+            divide ``C_out``; a ``block`` entry is not a power of two ≥ 16.
+    """
+    x = mask_or_scores
+    groups = _check_weight_shaped(x, "mask_or_scores", groups)
+    block = _check_block(block)
+    if density is not None:
+        density = _check_density(density)
+    if x.dtype == torch.bool:
+        score = _tiled(x, groups, block).sum(dim=(2, 4))  # int64 counts of kept entries
+    else:
+        check(x.is_floating_point(), lambda: f"mask_or_scores must be bool or floating, got dtype {x.dtype}",
+              TypeError)
+        if density is None:
+            _check_zero_one(x, "mask_or_scores (floating, with density=None: a 0/1 mask; pass density= to rank "
+                               "scores)")
+        # half-precision sums of many |w| lose digits (or overflow): rank in at least fp32
+        acc = torch.promote_types(x.dtype, torch.float32)
+        score = _tiled(x.abs().to(acc), groups, block).sum(dim=(2, 4))
+    keep = score != 0  # NaN != 0: kept
+    if density is not None:
+        flat = score.flatten()
+        k = round(density * flat.numel())
+        # stable descending sort: equal scores keep flat-index order, lowest first
+        order = torch.sort(flat, descending=True, stable=True).indices
+        top = torch.zeros_like(flat, dtype=torch.bool).index_fill_(0, order[:k], True)
+        keep = keep & top.view_as(score)
+    return _untiled(keep, tuple(x.shape), groups, block)
+
+
+# ---------------------------------------------------------------------------------------------- random masks
+def random_mask(shape: Sequence[int], density: float, *, generator: torch.Generator | None = None,
+                device: torch.device | str | None = None, dims: Sequence[int] = (0,)) -> torch.Tensor:
+    """A bool mask of ``shape`` with exactly ``round(density · n)`` kept entries in every slice along ``dims``,
+    chosen uniformly without replacement, independently per slice.
+
+    A slice is one index into the ``dims`` (by default ``dims=(0,)``: one output channel ``weight[o]`` of a
+    conv weight), ``n`` the number of entries in it (the product of the other dims); ``dims=()`` counts over
+    the whole tensor. ``round`` is Python's (half to even). Drawn as ``torch.rand(...).argsort()`` on the
+    device, no host sync; the same ``generator`` state gives the same mask.
+
+    Args:
+        shape: the mask's shape, a sequence of non-negative ints.
+        density: the kept fraction per slice, a real number in ``[0, 1]``.
+        generator: the random source (``torch.Generator``); ``None`` uses the global one.
+        device: where to build the mask; ``None``: the generator's device, else the default device.
+        dims: the dims that index the slices, distinct ints in ``[-len(shape), len(shape))``.
+
+    Returns:
+        A contiguous bool tensor of ``shape``.
+
+    Raises:
+        TypeError: ``shape`` or ``dims`` is not a sequence of ints (bools refused); ``density`` is not a real
+            number; ``generator`` is not a ``torch.Generator``.
+        ValueError: a negative size in ``shape``; ``density`` NaN or outside ``[0, 1]``; a ``dims`` entry out
+            of range or repeated.
+    """
+    check(isinstance(shape, Sequence) and not isinstance(shape, str) and all(_is_int(s) for s in shape),
+          lambda: f"shape must be a sequence of ints, got {shape!r}", TypeError)
+    shape = tuple(int(s) for s in shape)
+    check(all(s >= 0 for s in shape), lambda: f"shape must be non-negative, got {shape}")
+    density = _check_density(density)
+    check(generator is None or isinstance(generator, torch.Generator),
+          lambda: f"generator must be a torch.Generator or None, got {type(generator).__name__}", TypeError)
+    check(isinstance(dims, Sequence) and not isinstance(dims, str) and all(_is_int(d) for d in dims),
+          lambda: f"dims must be a sequence of ints, got {dims!r}", TypeError)
+    nd = len(shape)
+    check(all(-nd <= d < nd for d in dims), lambda: f"dims must be in [{-nd}, {nd}) for shape {shape}, got {dims}")
+    dims = tuple(int(d) % nd for d in dims)
+    check(len(set(dims)) == len(dims), lambda: f"dims must be distinct, got {dims}")
+    if device is None and generator is not None:
+        device = generator.device
+    rest = tuple(d for d in range(nd) if d not in dims)
+    slices, n = math.prod(shape[d] for d in dims), math.prod(shape[d] for d in rest)
+    k = round(density * n)
+    # a uniform random permutation per slice; its first k positions are the kept entries
+    order = torch.rand(slices, n, generator=generator, device=device).argsort(dim=1, stable=True)
+    flat = torch.zeros(slices, n, dtype=torch.bool, device=order.device).scatter_(1, order[:, :k], True)
+    perm = dims + rest
+    inverse = sorted(range(nd), key=perm.__getitem__)
+    return flat.view([shape[d] for d in perm]).permute(inverse).contiguous()
