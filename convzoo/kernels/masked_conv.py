@@ -149,8 +149,9 @@ def _fit(v: int, lo: int, hi: int) -> int:
 def _default(dims, dtype, interpret: bool) -> Config:
     """BLOCK_M 128 positions (the tensor cores' M side: wgmma wants 64 per warpgroup) when there are
     that many, 8 warps once the fp32 accumulator passes 64 values per thread at 4; 3 stages for the
-    16-bit dtypes (the gathered tile's latency hides behind two k-steps), 2 for fp32's twice larger
-    tiles. fp64 is a broadcast-sum holding a BLOCK_M × BO × BK product: BLOCK_M shrinks to keep it at
+    16-bit dtypes, 2 for fp32's twice larger tiles, fewer (then a smaller BLOCK_M) where the staged
+    operand tiles would pass :func:`_fits`' shared-memory budget (fp32 with a 128 × 128 block).
+    fp64 is a broadcast-sum holding a BLOCK_M × BO × BK product: BLOCK_M shrinks to keep it at
     ≤ 8192 values. The interpreter pays per program and per k-step: the largest tiles."""
     bo, bk = dims["BO"], dims["BK"]
     if interpret:
@@ -159,7 +160,12 @@ def _default(dims, dtype, interpret: bool) -> Config:
         return Config({"BLOCK_M": max(1, min(16, 8192 // (bo * bk)))}, num_warps=4, num_stages=1)
     bm = _fit(dims["M"], 16, 128)
     warps = 8 if bm * bo > 64 * 128 else 4
-    return Config({"BLOCK_M": bm}, num_warps=warps, num_stages=3 if dtype in (torch.float16, torch.bfloat16) else 2)
+    stages = 3 if dtype in (torch.float16, torch.bfloat16) else 2
+    while stages > 1 and not _fits(bm, bo, bk, warps, stages, dtype):
+        stages -= 1
+    while bm > 16 and not _fits(bm, bo, bk, warps, stages, dtype):
+        bm //= 2
+    return Config({"BLOCK_M": bm}, num_warps=warps, num_stages=stages)
 
 
 def _keep(cfg: Config, dtype) -> bool:
@@ -174,7 +180,9 @@ def _keep(cfg: Config, dtype) -> bool:
 def _fits(bm: int, bo: int, bk: int, warps: int, stages: int, dtype) -> bool:
     """The fp32 accumulator within 64 values per thread (local_conv's rule), and the pipeline's operand
     tiles (``tl.dot`` stages them through shared memory) within 160 KiB of the H100's 227 (the rest is
-    the epilogue's layout conversion)."""
+    the epilogue's layout conversion). The estimate is exact for fp32 (the AOT compile for sm_90 reports
+    ``stages·(BLOCK_M + BO)·BK·4`` bytes); 16-bit gathers are not staged by ``cp.async`` (it moves ≥ 4
+    bytes, a gathered element is 2), so they use one stage's worth whatever ``num_stages`` says."""
     elem = 4 if dtype == torch.float32 else 2
     return bm * bo <= 64 * 32 * warps and stages * (bm + bo) * bk * elem <= 160 * 1024
 
