@@ -20,30 +20,46 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from convzoo import autotune
-from convzoo.kernels import local_conv, patch_covariance, patches, unfold, unfold_transpose  # noqa: F401
+from convzoo.kernels import (  # noqa: F401
+    local_conv,
+    masked_conv,
+    patch_covariance,
+    patches,
+    unfold,
+    unfold_transpose,
+)
 
 TL = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
-DOT_KERNELS = {"local_conv_fwd", "local_conv_grad_weight", "local_conv_grad_input", "patch_covariance"}
+DOT_KERNELS = {"local_conv_fwd", "local_conv_grad_weight", "local_conv_grad_input", "patch_covariance",
+               "masked_conv_fwd"}
+# lookup dims per kernel (default: 256 each). masked_conv's BLOCK_O × BLOCK_K is the tile lists' block, a
+# lookup dim (BO, BK), not a config entry: compiled for a small, the tuner's and the largest block
+DIMS = {"masked_conv_fwd": [{"M": 256, "O": 256, "K": 256, "BO": bo, "BK": bk}
+                            for bo, bk in ((32, 32), (64, 64), (128, 128))]}
+# tile constexprs that come from the dims, not from the config
+FIXED_TILES = {"masked_conv_fwd": lambda dims: {"BLOCK_O": dims["BO"], "BLOCK_K": dims["BK"]}}
+# pointer arguments that are not of the data's dtype (masked_conv's tile lists)
+INT_PTRS = {"count_ptr": "*i32", "index_ptr": "*i32"}
 # a 2-d 3×3 geometry (leading unit depth), stride (2, 1), dilation (1, 2), padding 1
 GEOMETRY = {"KD": 1, "KH": 3, "KW": 3, "SD": 1, "SH": 2, "SW": 1, "PD": 0, "PH": 1, "PW": 1, "QD": 0, "QH": 1,
             "QW": 1, "DD": 1, "DH": 1, "DW": 2}
 
 
-def constexprs(fn, dtype, mode, cfg, has_bias=True):
+def constexprs(fn, dtype, mode, cfg, fixed, has_bias=True):
     fp64 = dtype == torch.float64
     values = {**GEOMETRY, "MODE": mode, "NCD": 1, "NCH": 3 if mode else 1, "NCW": 3 if mode else 1,
               "HAS_BIAS": has_bias, "TRANSPOSED": mode == 2, "READ_OUT": True,
               "FP64": fp64, "PRECISION": "tf32" if dtype == torch.float32 else "ieee",
               "UPCAST": False,  # bf16 reaches the tensor cores on a GPU (only the interpreter upcasts)
-              "ACC_DTYPE": tl.float64 if fp64 else tl.float32, **cfg.meta}
+              "ACC_DTYPE": tl.float64 if fp64 else tl.float32, **cfg.meta, **fixed}
     return {p.name: values[p.name] for p in fn.params if p.is_constexpr}
 
 
-def compile_one(spec, dtype, cfg, mode, arch):
+def compile_one(spec, dtype, cfg, mode, arch, fixed):
     fn = spec.kernel
-    const = constexprs(fn, dtype, mode, cfg)
-    sig = {p.name: "constexpr" if p.name in const else (f"*{TL[dtype]}" if p.name.endswith("_ptr") else "i32")
-           for p in fn.params}
+    const = constexprs(fn, dtype, mode, cfg, fixed)
+    sig = {p.name: "constexpr" if p.name in const else
+           (INT_PTRS.get(p.name, f"*{TL[dtype]}") if p.name.endswith("_ptr") else "i32") for p in fn.params}
     src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in const.items()})
     k = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                        options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
@@ -55,23 +71,27 @@ def main():
     results = []
     for name, spec in sorted(autotune.registered().items()):
         for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-            dims = {d: 256 for d in spec.dims}
-            configs = [spec.default_config(dims, dtype, False)]
-            if dtype == torch.float16:  # the largest tiles the tuner may try, too
-                configs.append(max(spec.candidates(dims, dtype), key=lambda c: (math_prod(c.meta), c.num_stages)))
-            # reflect: fold's candidate loops; patch_covariance's mode 2 compiles its transposed gather
-            modes = (0, 2) if name in ("fold", "local_conv_grad_input", "patch_covariance") else (0,)
-            for i, cfg in enumerate(configs):
-                for arch in (90, 80) if i == 0 and dtype == torch.float16 else (90,):
-                    for mode in modes:
-                        row = {"kernel": name, "dtype": str(dtype), "config": cfg.to_json(), "arch": arch,
-                               "mode": mode, "dot": name in DOT_KERNELS and dtype != torch.float64}
-                        try:
-                            row.update(compile_one(spec, dtype, cfg, mode, arch), ok=True)
-                        except Exception as e:
-                            row.update(ok=False, error=f"{type(e).__name__}: {e}"[:2000])
-                        results.append(row)
-                        print(json.dumps(row), flush=True)
+            for dims in DIMS.get(name, [{d: 256 for d in spec.dims}]):
+                fixed = FIXED_TILES[name](dims) if name in FIXED_TILES else {}
+                configs = [spec.default_config(dims, dtype, False)]
+                if dtype == torch.float16:  # the largest tiles the tuner may try, too
+                    configs.append(max(spec.candidates(dims, dtype),
+                                       key=lambda c: (math_prod(c.meta), c.num_stages)))
+                # reflect: fold's candidate loops, masked_conv's gather; patch_covariance's mode 2 compiles its
+                # transposed gather
+                modes = (0, 2) if name in ("fold", "local_conv_grad_input", "patch_covariance", "masked_conv_fwd") \
+                    else (0,)
+                for i, cfg in enumerate(configs):
+                    for arch in (90, 80) if i == 0 and dtype == torch.float16 else (90,):
+                        for mode in modes:
+                            row = {"kernel": name, "dtype": str(dtype), "config": cfg.to_json(), "fixed": fixed,
+                                   "arch": arch, "mode": mode, "dot": name in DOT_KERNELS and dtype != torch.float64}
+                            try:
+                                row.update(compile_one(spec, dtype, cfg, mode, arch, fixed), ok=True)
+                            except Exception as e:
+                                row.update(ok=False, error=f"{type(e).__name__}: {e}"[:2000])
+                            results.append(row)
+                            print(json.dumps(row), flush=True)
     return 0 if all(r["ok"] for r in results) else 1
 
 

@@ -373,3 +373,21 @@ def test_extract_patches_group_offset_past_int32(tmp_path, kernel_device):
         # integer values: the group sum and its halving are exact, so the comparison is too
         want = reference.extract_patches(dense.cpu(), *args).to(out.device)
         torch.testing.assert_close(out, want, atol=0, rtol=0)
+
+
+def test_masked_conv_offsets_past_int32(tmp_path, kernel_device):
+    """masked_conv gathers channel c of group g at (g·C/G + c) · stride_xc and reads output channel o's weight
+    row at o · stride_wo: both past 2^31 from the second on (x's channel stride and the weight's C_out stride
+    huge; the weight's [C_out, K] view keeps its stride, no copy)."""
+    from convzoo.kernels import masked_conv as mc_kernels
+
+    x = torch.randint(-4, 5, (2, 4, 5)).float().to(kernel_device)  # integers: exact sums in fp32
+    w = torch.randint(-4, 5, (4, 2, 3)).float().to(kernel_device)  # groups 2: C_in/G = 2, K = 6
+    b = torch.randn(4, device=kernel_device)
+    xh = huge_view(x, (1, HUGE, 4), tmp_path, "x")  # channel c at c · HUGE
+    wh = huge_view(w, (HUGE, 3, 1), tmp_path, "w")  # output channel o at o · HUGE
+    count = torch.ones(2, 1, dtype=torch.int32, device=kernel_device)  # every group: its one k-tile
+    index = torch.zeros(2, 1, 1, dtype=torch.int32, device=kernel_device)
+    y = mc_kernels.masked_conv(xh, wh, count, index, b, [3], [1], [1, 1], [1], "zeros", 2, (16, 16))
+    want = torch.nn.functional.conv1d(x.double(), w.double(), b.double(), 1, 1, 1, 2)
+    torch.testing.assert_close(y.double(), want, atol=1e-5, rtol=1e-5)

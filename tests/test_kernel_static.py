@@ -24,7 +24,14 @@ import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
 from convzoo import autotune
-from convzoo.kernels import local_conv, patch_covariance, patches, unfold, unfold_transpose  # noqa: F401
+from convzoo.kernels import (  # noqa: F401
+    local_conv,
+    masked_conv,
+    patch_covariance,
+    patches,
+    unfold,
+    unfold_transpose,
+)
 
 # calls whose (integer) result is int64 when any of these positional arguments is
 _PROPAGATE = {"where": (1, 2), "minimum": (0, 1), "maximum": (0, 1), "abs": (0,), "cdiv": (0, 1)}
@@ -265,7 +272,7 @@ def test_every_load_and_store_is_masked(name, spec):
 def test_every_kernel_family_is_checked():
     names = {"unfold", "fold", "local_conv_fwd", "local_conv_grad_weight", "local_conv_grad_input",
              "unfold_transpose", "unfold_transpose_backward", "patch_covariance",
-             "extract_patches"}
+             "extract_patches", "masked_conv_fwd"}
     assert names <= dict(KERNELS).keys()
 
 

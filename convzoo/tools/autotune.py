@@ -59,11 +59,24 @@ KEY_LEGEND = {
     "extract_patches": ({"D": "entries per patch = C/groups*prod(K)",
                          "R": "rows of the [N*L, D] patch matrix = N*L (L output positions)"},
                         "BLOCK_R x BLOCK_D output tile (contiguous along D)"),
+    "masked_conv_fwd": ({"M": "output positions N*L (samples x positions)", "O": "output channels C_out",
+                         "K": "reduction per group C_in/groups*prod(K)",
+                         "BO": "the tile lists' block rows (C_out side), sets BLOCK_O",
+                         "BK": "the tile lists' block columns (reduction side), sets BLOCK_K"},
+                        "BLOCK_M positions x the block's BO output channels per program, over the listed "
+                        "BK-wide reduction tiles"),
 }
 
 
 def _import_kernels() -> None:
-    from convzoo.kernels import local_conv, patch_covariance, patches, unfold, unfold_transpose  # noqa: F401
+    from convzoo.kernels import (  # noqa: F401
+        local_conv,
+        masked_conv,
+        patch_covariance,
+        patches,
+        unfold,
+        unfold_transpose,
+    )
 
 
 def _epilog() -> str:

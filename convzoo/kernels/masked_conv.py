@@ -1,0 +1,356 @@
+"""Masked sparse convolution, forward: an implicit-GEMM Triton kernel that reads the weight through a
+tile-occupancy list and never visits an all-zero weight tile, and its launcher.
+
+Per channel group ``g`` the convolution is the GEMM ``Y_g = P_g · W_gᵀ (+ b)``, ``Y_g`` ``[M, C_out/G]``
+with ``M = N·L`` output positions (every sample's ``L = ∏out`` positions, flattened), ``P_g`` ``[M, K]``
+the patch matrix of the group's input channels (``K = C_in/G·∏kernel``, columns in ``(c, k_0, k_1, ...)``
+order: unfold's), never written to memory but gathered from ``x`` inside the kernel with the unfold
+index math (every padding mode, read in place), and ``W_g`` ``[C_out/G, K]`` the group's weight,
+``weight[o].flatten()`` per row.
+
+``W_g`` is tiled in ``BO × BK`` tiles (``block``); the tile lists say which tiles can hold a nonzero:
+``count[g, to]`` (int32 ``[G, TO]``) non-empty k-tiles in o-tile row ``to``, their indices first in
+``index[g, to, :]`` (int32 ``[G, TO, TK]``, ascending; the rest is padding, never read),
+``TO = cdiv(C_out/G, BO)``, ``TK = cdiv(K, BK)``. A program's K loop runs over exactly those
+``count[g, to]`` k-tiles: skipping is by construction (no branch per tile), and the work falls with
+the fraction of non-empty tiles. Whatever the list omits is never read, so a tile it omits counts as
+zero even where the weight holds something else there (NaN included); the kernel multiplies by no mask.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from convzoo import _shapes, autotune
+from convzoo.autotune import Config, ConfigSpace, KernelSpec, TuneProblem
+from convzoo.kernels._common import (
+    _as_3d,
+    _as_5d,
+    _check_device,
+    _device,
+    _finish,
+    _launch_buffer,
+    _math_args,
+    _mma,
+    _patch_columns,
+    _widen,
+)
+
+__all__ = ["BLOCK_SIZES", "masked_conv"]
+
+# the tile sides a tile list may be built for: tl.dot needs ≥ 16 on NVIDIA, tl.arange a power of two,
+# and a 128 × 128 fp32 weight tile per pipeline stage is already 64 KiB of shared memory
+BLOCK_SIZES = (16, 32, 64, 128)
+
+
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def masked_conv_fwd_kernel(
+    # output: y [N, CO, L], contiguous
+    y_ptr,
+    # inputs: x [N, C, ID, IH, IW] (any strides), the weight as [CO, K] (any strides), bias [CO],
+    # the tile lists count [ROWS] and index [ROWS, TK] (contiguous int32; ROWS = G·TO rows (g, to))
+    x_ptr, w_ptr, b_ptr, count_ptr, index_ptr,
+    # runtime sizes: M = N·L positions, OG = CO/G and CG = C/G channels per group, K = CG·∏kernel
+    M, L, CO, OG, CG, K, TO, TK, ROWS, ID, IH, IW, OH, OW,
+    stride_xn, stride_xc, stride_xd, stride_xh, stride_xw,
+    stride_wo, stride_wk, stride_b,
+    # geometry
+    KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+    SD: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
+    PD: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
+    DD: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
+    MODE: tl.constexpr,
+    HAS_BIAS: tl.constexpr, FP64: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    # tiles: BLOCK_O × BLOCK_K is the tile lists' block; BLOCK_M is free
+    BLOCK_M: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """``y[n, g·OG + o, l] = Σ_k P_g[n·L + l, k] · W_g[o, k] + b[g·OG + o]``: one (position tile,
+    o-tile row ``(g, to)``) per program, the K loop over the row's ``count`` listed k-tiles only.
+
+    Roofline (``e`` bytes per element, ``ρ`` the fraction of listed tiles): FLOPs = 2·M·CO·K·ρ
+    (``M = N·L``, ``K = C/G·∏kernel``); bytes ≥ (N·C·∏in [x] + CO·K·ρ [listed weight tiles]
+    + M·CO [y])·e, plus the patch re-reads (each x element is gathered by up to ∏kernel/∏stride
+    positions and by every o-tile row of its group: L1/L2 hits, not DRAM, when the o-tile rows of one
+    position tile run together, which the program order below makes them do). The arithmetic
+    intensity per program is ~2·BLOCK_M·BLOCK_O/((BLOCK_M + BLOCK_O)·e) FLOP per gathered byte, so with
+    64-128 tiles in bf16 the dense kernel is tensor-core bound on an H100 for ResNet-size layers (K in
+    the hundreds to thousands), and the time falls ~linearly with ρ until the fixed costs (the
+    epilogue's M·CO store, x's compulsory DRAM read, the per-program index load) dominate: at small
+    ρ it becomes memory bound on x and y. Tiles are per group, so depthwise layers (OG = 1) use one
+    lane in BLOCK_O: correct, not fast.
+
+    Layout: the A tile is gathered as ``[BLOCK_K, BLOCK_M]`` (positions last: consecutive threads read
+    consecutive positions, contiguous in x for stride 1) and transposed for ``tl.dot``; the result is
+    stored as ``[BLOCK_O, BLOCK_M]`` for the same reason (y is ``[N, CO, L]``: for fixed ``(n, o)`` the
+    positions are contiguous, and a position tile crosses at most a few sample boundaries).
+    """
+    # program id -> (position tile, o-tile row), rows fastest: the rows of one position tile gather
+    # the same x patches (those of one group share channels), so they run together and hit in L2
+    pid = tl.program_id(0).to(tl.int64)
+    pid_m = pid // ROWS
+    row = pid % ROWS
+    g = row // TO
+    to = row % TO
+
+    # offsets and masks: positions m = n·L + l, the row's output channels o (co in all of y)
+    m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = m < M
+    n = m // L
+    l = m % L
+    o = to * BLOCK_O + tl.arange(0, BLOCK_O)
+    o_ok = o < OG
+    co = g * OG + o
+    x_cols = x_ptr + g * CG * stride_xc + n * stride_xn  # group g's first channel, sample n
+    w_cols = w_ptr + co * stride_wo
+    # the row's listed k-tiles; a count past TK (a malformed list) is clamped so that index is never read
+    # past its row. The masks are always true (one scalar each) and only satisfy the every-load-masked rule.
+    count = tl.load(count_ptr + row, mask=row < ROWS, other=0)
+    count = tl.minimum(count, TK)
+    idx_row = index_ptr + row * TK
+
+    # loop over the listed k-tiles only, fp32 (fp64) accumulation
+    acc = tl.zeros([BLOCK_M, BLOCK_O], dtype=ACC_DTYPE)
+    for j in range(0, count):
+        kt = tl.load(idx_row + j, mask=j < TK, other=0).to(tl.int64)
+        k = kt * BLOCK_K + tl.arange(0, BLOCK_K)
+        # k < 0 only from a malformed list: masked, so such a list can give a wrong sum but never a wild read
+        k_ok = (k >= 0) & (k < K)
+        off, ok = _patch_columns(k[:, None], l[None, :], ID, IH, IW, OH, OW,
+                                 stride_xc, stride_xd, stride_xh, stride_xw,
+                                 KD, KH, KW, SD, SH, SW, PD, PH, PW, DD, DH, DW, MODE, False)
+        pt = tl.load(x_cols[None, :] + off, mask=(k_ok[:, None] & m_ok[None, :]) & ok, other=0)
+        w = tl.load(w_cols[None, :] + k[:, None] * stride_wk, mask=k_ok[:, None] & o_ok[None, :], other=0)
+        acc = _mma(tl.trans(pt), w, acc, FP64, PRECISION, UPCAST)
+    if HAS_BIAS:
+        b = tl.load(b_ptr + co * stride_b, mask=o_ok, other=0)
+        acc += _widen(b, ACC_DTYPE, UPCAST)[None, :]
+
+    # masked store, positions last (contiguous runs of y)
+    y = y_ptr + n[None, :] * CO * L + co[:, None] * L + l[None, :]
+    tl.store(y, tl.trans(acc).to(y_ptr.dtype.element_ty), mask=o_ok[:, None] & m_ok[None, :])
+
+
+# ----------------------------------------------------------------------------------------------
+# configs. BLOCK_O and BLOCK_K are not free: they are the block the tile lists were built for, so they
+# are lookup dims (BO, BK; powers of two, so bucketing keeps them exact: a table keys its entries by
+# block) and not config entries. A config holds BLOCK_M, num_warps and num_stages only, so no table,
+# forced config or heuristic can name a tile that disagrees with the lists.
+def _fit(v: int, lo: int, hi: int) -> int:
+    return max(lo, min(hi, autotune.bucket(v)))
+
+
+def _default(dims, dtype, interpret: bool) -> Config:
+    """BLOCK_M 128 positions (the tensor cores' M side: wgmma wants 64 per warpgroup) when there are
+    that many, 8 warps once the fp32 accumulator passes 64 values per thread at 4; 3 stages for the
+    16-bit dtypes, 2 for fp32's twice larger tiles, fewer (then a smaller BLOCK_M) where the staged
+    operand tiles would pass :func:`_fits`' shared-memory budget (fp32 with a 128 × 128 block).
+    fp64 is a broadcast-sum holding a BLOCK_M × BO × BK product: BLOCK_M shrinks to keep it at
+    ≤ 8192 values. The interpreter pays per program and per k-step: the largest tiles."""
+    bo, bk = dims["BO"], dims["BK"]
+    if interpret:
+        return Config({"BLOCK_M": _fit(dims["M"], 16, 256)}, num_warps=4, num_stages=1)
+    if dtype == torch.float64:
+        return Config({"BLOCK_M": max(1, min(16, 8192 // (bo * bk)))}, num_warps=4, num_stages=1)
+    bm = _fit(dims["M"], 16, 128)
+    warps = 8 if bm * bo > 64 * 128 else 4
+    stages = 3 if dtype in (torch.float16, torch.bfloat16) else 2
+    while stages > 1 and not _fits(bm, bo, bk, warps, stages, dtype):
+        stages -= 1
+    while bm > 16 and not _fits(bm, bo, bk, warps, stages, dtype):
+        bm //= 2
+    return Config({"BLOCK_M": bm}, num_warps=warps, num_stages=stages)
+
+
+def _keep(cfg: Config, dtype) -> bool:
+    """What holds whatever the block: ``tl.dot`` tiles ≥ 16 (fp64: no ``tl.dot``, one stage, at most 16
+    positions). The register budget depends on the block, a lookup dim: :func:`_candidates` applies it."""
+    bm = cfg.meta["BLOCK_M"]
+    if dtype == torch.float64:
+        return bm <= 16 and cfg.num_stages == 1
+    return bm >= 16 and cfg.num_warps >= 4
+
+
+def _fits(bm: int, bo: int, bk: int, warps: int, stages: int, dtype) -> bool:
+    """The fp32 accumulator within 64 values per thread (local_conv's rule), and the pipeline's operand
+    tiles (``tl.dot`` stages them through shared memory) within 160 KiB of the H100's 227 (the rest is
+    the epilogue's layout conversion). The estimate is exact for fp32 (the AOT compile for sm_90 reports
+    ``stages·(BLOCK_M + BO)·BK·4`` bytes); 16-bit gathers are not staged by ``cp.async`` (it moves ≥ 4
+    bytes, a gathered element is 2), so they use one stage's worth whatever ``num_stages`` says."""
+    elem = 4 if dtype == torch.float32 else 2
+    return bm * bo <= 64 * 32 * warps and stages * (bm + bo) * bk * elem <= 160 * 1024
+
+
+def _candidates(dims, dtype):
+    bo, bk = dims["BO"], dims["BK"]
+    for bm in (1, 2, 4, 8, 16, 32, 64, 128, 256):
+        for warps in (4, 8):
+            for stages in (1, 2, 3, 4):
+                cfg = Config({"BLOCK_M": bm}, num_warps=warps, num_stages=stages)
+                if not _keep(cfg, dtype):
+                    continue
+                if dtype == torch.float64 and bm * bo * bk > 8192 and bm > 1:
+                    continue
+                if dtype != torch.float64 and not _fits(bm, bo, bk, warps, stages, dtype):
+                    continue
+                yield cfg
+
+
+_SPACE = ConfigSpace({"BLOCK_M": (1, 256)}, num_warps=(4, 8), num_stages=(1, 4), keep=_keep)
+
+
+def _tune_block(out_channels: int, k: int) -> tuple[int, int]:
+    """The block a tuning problem's tile lists use: 64 × 64 where the layer has that much, less for
+    small layers (tables are keyed by block; a block never tuned falls back to the heuristic)."""
+    return _fit(out_channels, 16, 64), _fit(k, 16, 64)
+
+
+def dense_tile_lists(weight: torch.Tensor, groups: int, block) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tile lists of a dense weight (every tile listed), for the tuner and the tests' density 1.0."""
+    o, k = weight.shape[0] // groups, math.prod(weight.shape[1:])
+    to, tk = triton.cdiv(o, block[0]), triton.cdiv(k, block[1])
+    count = torch.full((groups, to), tk, dtype=torch.int32, device=weight.device)
+    index = torch.arange(tk, dtype=torch.int32, device=weight.device).expand(groups, to, tk).contiguous()
+    return count, index
+
+
+def _reference(x, weight, bias, dilation, padding, stride, padding_mode, groups):
+    """``F.convNd`` after ``F.pad`` in ``padding_mode`` (flat ``[lo, hi, ...]`` padding, F.pad's last-dim-first
+    order), in float64 for the low-precision dtypes' comparison."""
+    nd = x.dim() - 2
+    pad = [v for i in reversed(range(nd)) for v in (padding[2 * i], padding[2 * i + 1])]
+    xp = F.pad(x, pad, mode="constant" if padding_mode == "zeros" else padding_mode)
+    conv = (F.conv1d, F.conv2d, F.conv3d)[nd - 1]
+    return conv(xp, weight, bias, stride, 0, dilation, groups)
+
+
+def _problem(layer, dtype, device) -> TuneProblem:
+    """A tuning grid layer (groups 1, with bias) at density 1 (every tile listed: the dense-equivalent
+    cost, which the time at density ρ approaches ~ρ times), with the block :func:`_tune_block` picks."""
+    kernel, dil, pad, stride, mode = layer.geometry()
+    o, k = layer.out_channels, layer.c * layer.kernel_numel
+    block = _tune_block(o, k)
+    g = layer.resolved()
+    dims = {"M": layer.n * g.num_blocks, "O": o, "K": k, "BO": block[0], "BK": block[1]}
+
+    def setup():
+        x = torch.randn(layer.n, layer.c, *layer.size, device=device, dtype=dtype)
+        w = torch.randn(o, layer.c, *kernel, device=device, dtype=dtype) / math.sqrt(k)
+        b = torch.randn(o, device=device, dtype=dtype)
+        count, index = dense_tile_lists(w, 1, block)
+        return (lambda cfg: masked_conv(x, w, count, index, b, kernel, dil, pad, stride, mode, 1, block, config=cfg),
+                lambda: _reference(x, w, b, dil, pad, stride, mode, 1))
+
+    return TuneProblem(dims, setup)
+
+
+FWD_SPEC = autotune.register(KernelSpec(
+    "masked_conv_fwd", masked_conv_fwd_kernel, ("M", "O", "K", "BO", "BK"), _default, _candidates, _problem,
+    _SPACE))
+
+
+# ----------------------------------------------------------------------------------------------
+# launcher
+def _check_block(block) -> tuple[int, int]:
+    _shapes.check(isinstance(block, (tuple, list)) and len(block) == 2
+                  and all(type(v) is int for v in block),
+                  lambda: f"block must be a pair of ints (BO, BK), got {block!r}", TypeError)
+    _shapes.check(all(v in BLOCK_SIZES for v in block),
+                  lambda: f"block must be (BO, BK) with each side one of {BLOCK_SIZES}, got {tuple(block)}")
+    return int(block[0]), int(block[1])
+
+
+def _check_list(t, name: str, shape: tuple, x: torch.Tensor) -> None:
+    _shapes.check(isinstance(t, torch.Tensor), lambda: f"{name} must be a tensor, got {type(t).__name__}", TypeError)
+    _shapes.check(t.dtype == torch.int32, lambda: f"{name} must be int32, got {t.dtype}", TypeError)
+    _shapes.check(tuple(t.shape) == shape,
+                  lambda: f"{name} must have shape {shape} (the tile lists of this weight, groups and block), "
+                  f"got {tuple(t.shape)}")
+    _shapes.check(t.device == x.device, lambda: f"{name} is on {t.device} but input is on {x.device}")
+
+
+def masked_conv(x: torch.Tensor, weight: torch.Tensor, count: torch.Tensor, index: torch.Tensor,
+                bias: torch.Tensor | None, kernel_size: list[int], dilation: list[int], padding: list[int],
+                stride: list[int], padding_mode: str, groups: int, block, config: Config | None = None
+                ) -> torch.Tensor:
+    """The convolution of ``x`` ``[N, C_in, *spatial]`` (1-3 spatial dims, any strides) with ``weight``
+    ``[C_out, C_in/groups, *kernel_size]`` (any strides) read only in the ``block = (BO, BK)`` tiles
+    that ``count`` / ``index`` list (see the module docstring), plus ``bias`` ``[C_out]`` or None →
+    ``y`` ``[N, C_out, *out]`` (contiguous), one launch.
+
+    Equal to ``F.convNd(x, weight', bias, stride, padding, dilation, groups)`` where ``weight'`` is
+    ``weight`` with the unlisted tiles zeroed (``padding``: the flat ``[lo_0, hi_0, ...]`` list, read
+    in ``padding_mode``: zeros, reflect, replicate, circular). The lists are not checked against the
+    weight (that would read it, or sync with the device): a list that omits a nonzero tile drops it.
+    The weight is read as its ``[C_out, K]`` view, copied first only when its strides have none.
+    ``config`` overrides the autotune lookup (it sets BLOCK_M, warps, stages; the block is the lists').
+
+    Raises:
+        TypeError: a non-tensor or non-floating ``input`` / ``weight`` / ``bias``, dtypes that differ,
+            ``count`` / ``index`` not int32, ``block`` not a pair of ints.
+        ValueError: shapes that do not match (weight rank or kernel_size, channels and ``groups``,
+            bias, the tile lists' ``[G, TO]`` / ``[G, TO, TK]``), a block side not in
+            :data:`BLOCK_SIZES`, bad geometry (see :func:`convzoo._shapes.geometry`), another device,
+            or a device the kernels cannot run on.
+    """
+    # (1) check
+    g = _shapes.unfold_geometry(x, kernel_size, dilation, padding, stride, padding_mode)
+    _shapes.check_float_tensor(weight, "weight")
+    _shapes.check(weight.dtype == x.dtype, lambda: f"weight has dtype {weight.dtype} but input has {x.dtype}",
+                  TypeError)
+    _shapes.check(weight.device == x.device, lambda: f"weight is on {weight.device} but input is on {x.device}")
+    _shapes.check(weight.dim() == x.dim() and tuple(weight.shape[2:]) == tuple(g.kernel_size),
+                  lambda: f"weight must be [C_out, C_in/groups, *kernel_size] = [C_out, C_in/groups, "
+                  f"{', '.join(map(str, g.kernel_size))}], got shape {tuple(weight.shape)}")
+    n, c = x.shape[0], x.shape[1]
+    groups = _shapes.check_groups(groups, c)
+    co, cg = weight.shape[0], c // groups
+    _shapes.check(weight.shape[1] == cg,
+                  lambda: f"weight.shape[1]={weight.shape[1]} must be in_channels/groups = {c}/{groups} = {cg}")
+    _shapes.check(co % groups == 0, lambda: f"groups={groups} must divide the output channels C_out={co}")
+    if bias is not None:
+        _shapes.check_float_tensor(bias, "bias")
+        _shapes.check(bias.dtype == x.dtype, lambda: f"bias has dtype {bias.dtype} but input has {x.dtype}",
+                      TypeError)
+        _shapes.check(bias.device == x.device, lambda: f"bias is on {bias.device} but input is on {x.device}")
+        _shapes.check(tuple(bias.shape) == (co,), lambda: f"bias must be [C_out] = [{co}], got {tuple(bias.shape)}")
+    bo, bk = _check_block(block)
+    og, k = co // groups, cg * g.kernel_numel
+    to, tk = triton.cdiv(og, bo), triton.cdiv(k, bk)
+    _check_list(count, "count", (groups, to), x)
+    _check_list(index, "index", (groups, to, tk), x)
+    _check_device(x)
+    # (2) allocate; nothing to launch for an empty result (N, C_out or an output dim = 0). K = 0 (C_in = 0)
+    # launches: every list is empty then (TK = 0, and count is clamped to TK in-kernel), so y = bias
+    y = x.new_empty((n, co, *g.out_size))
+    if y.numel() == 0:
+        return y
+    buf = _launch_buffer(y, masked_conv_fwd_kernel)
+    # (3) look up config and launch
+    L = g.num_blocks
+    M = n * L
+    cfg = config or autotune.lookup("masked_conv_fwd", x.device, x.dtype, M=M, O=co, K=k, BO=bo, BK=bk)
+    a = _as_3d(g)
+    xs = _as_5d(x, g.ndim)
+    w2 = weight.reshape(co, k)  # a view for contiguous (and most sliced) weights; a copy otherwise
+    count, index = count.contiguous(), index.contiguous()
+    b = weight if bias is None else bias  # never read without bias
+    rows = groups * to
+    grid = (triton.cdiv(M, cfg.meta["BLOCK_M"]) * rows,)
+    with _device(x):
+        masked_conv_fwd_kernel[grid](
+            buf, xs, w2, b, count, index,
+            M, L, co, og, cg, k, to, tk, rows, *a["in"], a["out"][1], a["out"][2],
+            *xs.stride(), *w2.stride(), b.stride(0) if bias is not None else 0,
+            *a["k"], *a["s"], *a["lo"], *a["d"],
+            _shapes.PADDING_MODE_CODES[g.padding_mode],
+            bias is not None, **_math_args(x.dtype, masked_conv_fwd_kernel),
+            BLOCK_O=bo, BLOCK_K=bk, **cfg.launch_kwargs(),
+        )
+    return _finish(y, buf)
