@@ -1,5 +1,5 @@
 """masked_conv and MaskedConv1d/2d/3d: against ``F.convNd(x, weight·mask)`` (F.pad for the padding modes) forward and
-backward, gradients exactly zero where masked, opcheck, torch.compile of a training step, gradcheck, torch.func, the
+backward on both paths (the tile-skipping kernel's own tests are in test_masked_conv_kernels.py), gradients exactly zero where masked, opcheck, torch.compile of a training step, gradcheck, torch.func, the
 layers' state_dict / conversions, and clear errors for bad input."""
 
 import pytest
@@ -68,7 +68,8 @@ def _oracle(x, w, mask, b, stride, padding, dilation, groups, padding_mode):
 # ---------------------------------------------------------------------------------------------- numerics
 @pytest.mark.parametrize("key", list(CASES))
 @pytest.mark.parametrize("density", DENSITIES)
-def test_forward_and_backward_match_the_dense_conv_of_the_masked_weight(key, density):
+def test_forward_and_backward_match_the_dense_conv_of_the_masked_weight(key, density, path):
+    """Both paths: the tile-skipping forward kernel (CUDA, or the interpreter) and the plain-torch path."""
     x, w, mask, b, geom = _case(key, density=density)
     x, w, b = (t.requires_grad_() for t in (x, w, b))
     y = cf.masked_conv(x, w, mask, b, **geom)

@@ -205,9 +205,10 @@ def _candidates(dims, dtype):
 _SPACE = ConfigSpace({"BLOCK_M": (1, 256)}, num_warps=(4, 8), num_stages=(1, 4), keep=_keep)
 
 
-def _tune_block(out_channels: int, k: int) -> tuple[int, int]:
-    """The block a tuning problem's tile lists use: 64 × 64 where the layer has that much, less for
-    small layers (tables are keyed by block; a block never tuned falls back to the heuristic)."""
+def default_block(out_channels: int, k: int) -> tuple[int, int]:
+    """The block (BO, BK) the op builds its tile lists for, and the tuner tunes: 64 × 64 where the per-group
+    ``[C_out/G, K]`` weight matrix has that much, less for small layers (tables are keyed by block; a block
+    never tuned falls back to the heuristic)."""
     return _fit(out_channels, 16, 64), _fit(k, 16, 64)
 
 
@@ -232,10 +233,10 @@ def _reference(x, weight, bias, dilation, padding, stride, padding_mode, groups)
 
 def _problem(layer, dtype, device) -> TuneProblem:
     """A tuning grid layer (groups 1, with bias) at density 1 (every tile listed: the dense-equivalent
-    cost, which the time at density ρ approaches ~ρ times), with the block :func:`_tune_block` picks."""
+    cost, which the time at density ρ approaches ~ρ times), with the block :func:`default_block` picks."""
     kernel, dil, pad, stride, mode = layer.geometry()
     o, k = layer.out_channels, layer.c * layer.kernel_numel
-    block = _tune_block(o, k)
+    block = default_block(o, k)
     g = layer.resolved()
     dims = {"M": layer.n * g.num_blocks, "O": o, "K": k, "BO": block[0], "BK": block[1]}
 

@@ -11,26 +11,49 @@ adjoints close the family, as for local_conv:
 and each forward-mode tangent is the op with one argument replaced by its tangent. Arguments are resolved by
 :mod:`convzoo.functional` (per-dim lists, flat ``[lo_0, hi_0, ...]`` padding, a bool mask).
 
-Every device runs the plain-torch path (:func:`convzoo.reference.masked_conv` and its gradients:
-``F.convNd`` / ``torch.nn.grad`` on the masked weight) for now; the tile-skipping Triton kernels join these
-ops' implementations as they land, behind the same schema.
+The forward runs the tile-skipping Triton kernel (:mod:`convzoo.kernels.masked_conv`) on CUDA and under the
+interpreter, else the plain-torch path (:func:`convzoo.reference.masked_conv`: ``F.convNd`` on the masked
+weight). The two backward ops run the plain-torch path (``torch.nn.grad``) on every device for now; their
+tile-skipping kernels join these ops' implementations as they land, behind the same schema.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor
 
 from convzoo import _shapes, reference
 from convzoo.ops import _autograd
-from convzoo.ops._dispatch import own
+from convzoo.ops._dispatch import own, use_triton
 
 __all__ = ["masked_conv", "masked_conv_grad_input", "masked_conv_grad_weight"]
 
 
 def _masked_conv_impl(x: Tensor, weight: Tensor, mask: Tensor | None, bias: Tensor | None, stride: list[int],
                       padding: list[int], dilation: list[int], groups: int, padding_mode: str) -> Tensor:
+    if use_triton(x):
+        return own(_kernel_forward(x, weight, mask, bias, stride, padding, dilation, groups, padding_mode))
     return own(reference.masked_conv(x, weight, mask, bias, stride, padding, dilation, groups, padding_mode))
+
+
+def _kernel_forward(x, weight, mask, bias, stride, padding, dilation, groups, padding_mode) -> Tensor:
+    """The tile-skipping kernel: the mask's tile lists for the layer's default block (built on the device, no
+    host sync; rebuilt each call), the weight with its masked entries zeroed (inside a listed tile they are
+    read)."""
+    from convzoo import sparsity
+    from convzoo.kernels import masked_conv as kernels
+
+    _shapes.masked_conv_geometry(x, weight, mask, bias, stride, padding, dilation, groups, padding_mode)
+    block = kernels.default_block(weight.shape[0] // groups, math.prod(weight.shape[1:]))
+    if mask is None:
+        count, index = kernels.dense_tile_lists(weight, groups, block)
+    else:
+        lists = sparsity.tile_lists(mask, groups, block)
+        count, index = lists.count, lists.index
+    return kernels.masked_conv(x, reference.masked_weight(weight, mask), count, index, bias, list(weight.shape[2:]),
+                               dilation, padding, stride, padding_mode, groups, block)
 
 
 _masked_conv = torch.library.custom_op("convzoo::masked_conv", mutates_args=())(_masked_conv_impl)
