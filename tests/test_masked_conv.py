@@ -1,5 +1,6 @@
-"""masked_conv and MaskedConv1d/2d/3d: against ``F.convNd(x, weight·mask)`` (F.pad for the padding modes) forward and
-backward on both paths (the tile-skipping kernel's own tests are in test_masked_conv_kernels.py), gradients exactly zero where masked, opcheck, torch.compile of a training step, gradcheck, torch.func, the
+"""masked_conv and MaskedConv1d/2d/3d: against ``F.convNd(x, weight·mask)`` (F.pad for the padding modes),
+forward and backward on both paths (the tile-skipping kernel's own tests are in test_masked_conv_kernels.py),
+gradients exactly zero where masked, opcheck, torch.compile of a training step, gradcheck, torch.func, the
 layers' state_dict / conversions, and clear errors for bad input."""
 
 import pytest
