@@ -15,6 +15,6 @@ def test_benchmark(benchmark, case, device, dtype):
     else:
         timed = fn
     benchmark.group = f"{problem.op} {problem.label} {mode}"
-    benchmark.extra_info.update(op=problem.op, shape=problem.label, mode=mode, provider=provider.name,
+    benchmark.extra_info.update(op=problem.op, shape=problem.label, mode=mode, provider=provider.label(device),
                                 dtype=str(dtype).replace("torch.", ""), device=str(device))
     benchmark(timed)

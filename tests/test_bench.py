@@ -83,7 +83,8 @@ def test_tiny_run_prints_every_provider_and_writes_results(capsys, no_interprete
     assert "plain-torch paths" in out and "measured: copy" in out and "timer: torch.utils.benchmark" in out
     assert f"# results: {tmp_path} (--out)" in out
     assert "[  1/" in out  # progress: one line per row while timing
-    assert out.count(harness.SPEEDUP_LEGEND) == 4  # one legend under each op's table
+    assert out.count(harness.SPEEDUP_LEGEND) == 5  # one legend under each op's table
+    assert out.count(ops.NOTES["masked_conv"]) == 1  # and masked_conv's note under its own
     unfold_2d, fold_3d, local_2d = "N2 C3 8×8 k3 p1 s1", "N1 C2 4×4×4 k2 p0 s1", "N2 C3→4 6×6 k3 p1 s1"
     expected = {("unfold", unfold_2d, p) for p in ("convzoo", "F.unfold", "unfoldNd")}
     expected |= {("fold", fold_3d, p) for p in ("convzoo", "unfoldNd")}
@@ -92,6 +93,11 @@ def test_tiny_run_prints_every_provider_and_writes_results(capsys, no_interprete
     expected |= {("patch_covariance", f"{unfold_2d} {m}", p) for m in ("expand", "reduce")
                  for p in (*kfac, "curvlinops")}
     expected |= {("patch_covariance", f"{fold_3d} {m}", p) for m in ("expand", "reduce") for p in kfac}
+    # masked_conv: every density on a 2-d and a 3-d shape; on a CPU the convzoo rows say they time the CPU path
+    masked_2d, masked_3d = "N2 C16→64 8×8 k3 p1 s1", "N1 C4→64 4×4×4 k3 p1 s1"
+    expected |= {("masked_conv", f"{masked_2d} d1 dense", p) for p in ("convzoo (CPU path)", "F.conv2d(x, w*mask)")}
+    expected |= {("masked_conv", f"{masked_3d} d0.1 unstructured", p)
+                 for p in ("convzoo (CPU path)", "F.conv3d(x, w*mask)")}
     (csv_path,) = tmp_path.glob("*.csv")
     rows = harness.read_csv(csv_path)
     assert list(rows[0]) == harness.Row.columns()
@@ -100,6 +106,12 @@ def test_tiny_run_prints_every_provider_and_writes_results(capsys, no_interprete
     assert {r["mode"] for r in rows if r["op"] == "patch_covariance"} == {"fwd"}  # a statistic: no backward
     assert not any(r["provider"] == "curvlinops" and "×4×" in r["shape"] for r in rows)  # curvlinops: 2-d only
     assert not any("compile" in r["provider"] for r in rows)  # --full only
+    masked = [r for r in rows if r["op"] == "masked_conv"]
+    assert len(masked) == 2 * 5 * 2 * 2  # shapes x densities x modes x providers
+    assert {r["provider"] for r in masked if "×4×" in r["shape"]} == {"convzoo (CPU path)", "F.conv3d(x, w*mask)"}
+    assert {r["provider"] for r in masked if "×4×" not in r["shape"]} == {"convzoo (CPU path)",
+                                                                           "F.conv2d(x, w*mask)"}
+    assert not any(r["provider"] == "convzoo" for r in masked)  # never unlabelled on a CPU
     for r in rows:
         assert r["device"].startswith("CPU") and r["torch"] and r["date"].endswith("Z")
         assert r["timer"].startswith("torch.utils.benchmark") and int(r["samples"]) >= 2
@@ -109,10 +121,11 @@ def test_tiny_run_prints_every_provider_and_writes_results(capsys, no_interprete
         # FLOP columns only where FLOPs matter; empty (NaN) for data movement, not 0.000
         assert math.isnan(float(r["tflop_per_s"])) == (r["op"] in ("unfold", "fold"))
         assert math.isnan(float(r["pct_matmul_peak"])) == (r["op"] in ("unfold", "fold"))
-        if r["provider"] == "convzoo":
+        if r["provider"] in ("convzoo", "convzoo (CPU path)"):
             assert float(r["speedup"]) == 1.0
     md = csv_path.with_suffix(".md").read_text()
-    assert md.count(f"| {local_2d} |") == 8 and "Measured limits" in md and md.count(harness.SPEEDUP_LEGEND) == 4
+    assert md.count(f"| {local_2d} |") == 8 and "Measured limits" in md and md.count(harness.SPEEDUP_LEGEND) == 5
+    assert md.count(ops.NOTES["masked_conv"]) == 1 and "### masked_conv (FLOPs matter" in md
     assert "### unfold (data movement" in md and "### local_conv (FLOPs matter" in md
     assert "### patch_covariance (FLOPs matter" in md
     # a second run appends rows under the same header
@@ -208,9 +221,9 @@ def _rows(argv, timer, load, capsys):
     seen = []
     real = harness.format_table
 
-    def spy(rows, markdown=False):
+    def spy(rows, markdown=False, notes=None):
         seen.extend(rows)
-        return real(rows, markdown)
+        return real(rows, markdown, notes)
 
     harness.format_table = spy
     try:
@@ -322,7 +335,9 @@ def test_overhead_rows(no_interpreter, capsys):
     assert {(r.op, r.provider) for r in rows} == {("unfold", "convzoo"), ("unfold", "F.unfold"), ("fold", "convzoo"),
                                                   ("fold", "F.fold"), ("local_conv", "convzoo"),
                                                   ("local_conv", "unfold+einsum"), ("patch_covariance", "convzoo"),
-                                                  ("patch_covariance", "unfold+matmul")}
+                                                  ("patch_covariance", "unfold+matmul"),
+                                                  ("masked_conv", "convzoo (CPU path)"),
+                                                  ("masked_conv", "F.conv2d(x, w*mask)")}
     assert {r.mode for r in rows} == {"call", "call+grad"} and all(r.shape.startswith("N2 C3") for r in rows)
     assert {r.mode for r in rows if r.op == "patch_covariance"} == {"call"}  # its input never requires grad
     assert all(r.timer.startswith("torch.utils.benchmark") for r in rows)
@@ -382,8 +397,17 @@ def test_shape_labels_state_the_shape():
     assert {p.ndim for p in ops.problems("quick", ["patch_covariance"])} == {2, 3}
     local = [p.label for p in ops.problems("quick", ["local_conv"])]
     assert "N16 C32→32 32×32 k3 p1 s1" in local and "N16 C32→32 32×32 k3 p1 s1 hypnettorch-W" in local
+    masked = [p.label for p in ops.problems("quick", ["masked_conv"])]
+    resnet = "N8 C64→64 32×32 k3 p1 s1"
+    assert masked[:5] == [f"{resnet} d1 dense", f"{resnet} d0.5 block", f"{resnet} d0.25 block",
+                          f"{resnet} d0.1 block (0.111 kept)", f"{resnet} d0.1 unstructured"]  # 4 of 36 tiles
+    assert "N8 C64→128 32×32 k3 p1 s2 d0.5 block" in masked and len(masked) == 3 * 5
+    assert {p.ndim for p in ops.problems("quick", ["masked_conv"])} == {2, 3}
     ids = [p.id for size in ops.SIZES for p in ops.problems(size)]
     assert all(i.isascii() and " " not in i for i in ids)
+    for size in ops.SIZES:  # one id per density: pytest-benchmark's ids and groups tell them apart
+        masked_ids = [p.id for p in ops.problems(size, ["masked_conv"])]
+        assert len(set(masked_ids)) == len(masked_ids)
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -495,8 +519,9 @@ def test_pytest_benchmark_times_the_same_problems_and_providers(tmp_path):
     import json
 
     benches = json.loads(out.read_text())["benchmarks"]
-    jobs = harness.jobs(ops.for_size("tiny"), ops.providers(), ["fwd", "fwd+bwd"], torch.device("cpu"))
-    want = [(p.op, p.label, m, v.name) for p, m, provs in jobs for v in provs]
+    cpu = torch.device("cpu")
+    jobs = harness.jobs(ops.for_size("tiny"), ops.providers(), ["fwd", "fwd+bwd"], cpu)
+    want = [(p.op, p.label, m, v.label(cpu)) for p, m, provs in jobs for v in provs]
     got = [tuple(b["extra_info"][k] for k in ("op", "shape", "mode", "provider")) for b in benches]
     assert sorted(got) == sorted(want) and len(want) > 10
     assert all(b["group"] == " ".join(g[:3]) for b, g in zip(benches, got))  # providers of a row side by side
@@ -557,3 +582,74 @@ def test_tiny_run_on_cuda(tmp_path):
     assert rows and all(r["device"] == torch.cuda.get_device_name() for r in rows)
     assert all(0 < float(r["ms_p20"]) <= float(r["ms_p50"]) <= float(r["ms_p80"]) for r in rows)
     assert {r["timer"] for r in rows if r["mode"] in harness.MODES} == {"triton.testing.do_bench"}
+
+
+def _tiles_all_or_none(mask, groups, tile):
+    """Brute force: every tile-square of each group's [C_out/G, C_in/G·∏k] matrix is all kept or all masked."""
+    m = mask.reshape(groups, mask.shape[0] // groups, -1)
+    for g in range(groups):
+        for i in range(0, m.shape[1], tile):
+            for j in range(0, m.shape[2], tile):
+                t = m[g, i:i + tile, j:j + tile]
+                if not (t.all() or not t.any()):
+                    return False
+    return True
+
+
+@pytest.mark.parametrize("shape, groups, density", [((64, 64, 3, 3), 1, 0.25), ((128, 64, 3, 3), 1, 0.1),
+                                                    ((64, 16, 3, 3, 3), 2, 0.5), ((40, 5, 7), 1, 0.5)])
+def test_masked_conv_bench_masks_are_seeded_whole_tiles(shape, groups, density):
+    """The block masks keep whole 32×32 tiles of each group's weight matrix, round(ρ·tiles) of them per group
+    (edge tiles partial), the same on every build; the unstructured ones keep about ρ of the weights."""
+    tile = ops.MASK_TILE
+    mask = ops._mask(shape, groups, density, "block")
+    assert mask.shape == shape and mask.dtype == torch.bool and _tiles_all_or_none(mask, groups, tile)
+    rows, cols = -(-shape[0] // groups // tile), -(-math.prod(shape[1:]) // tile)
+    per_group = mask.reshape(groups, shape[0] // groups, -1)[:, ::tile, ::tile]  # one corner per tile
+    assert per_group.flatten(1).sum(1).tolist() == [max(1, round(density * rows * cols))] * groups
+    assert torch.equal(mask, ops._mask(shape, groups, density, "block"))
+    loose = ops._mask(shape, groups, density, "unstructured")
+    assert torch.equal(loose, ops._mask(shape, groups, density, "unstructured"))
+    assert abs(loose.float().mean().item() - density) < 0.1 and not _tiles_all_or_none(loose, groups, 2)
+    assert ops._mask(shape, groups, 1.0, "dense").all()
+    with pytest.raises(ValueError, match="structure"):
+        ops._mask(shape, groups, density, "random")
+
+
+def test_masked_conv_bench_rows_time_the_masked_convolution(no_interpreter):
+    """Each provider computes F.convNd(x, w·mask) of the problem's own mask; the FLOPs are the dense
+    convolution's at every density; the compiled peer is a --full extra, named for its rank."""
+    cpu = torch.device("cpu")
+    found = ops.problems("tiny", ["masked_conv"])
+    assert [(p.ndim, p.label.split(" d", 1)[1]) for p in found[:5]] == [
+        (2, "1 dense"), (2, "0.5 block"), (2, "0.25 block (0.167 kept)"), (2, "0.1 block (0.056 kept)"),
+        (2, "0.1 unstructured")]
+    for p in found:
+        x, w, m, b, a = p.make(cpu, torch.float64, False)
+        assert m.dtype == torch.bool and bool(m.all()) == p.label.endswith("dense")
+        conv = (torch.nn.functional.conv2d, torch.nn.functional.conv3d)[p.ndim - 2]
+        want = conv(x, w * m, b, a["stride"], a["padding"], groups=a["groups"])
+        provs = [v for v in ops.providers()["masked_conv"] if v.runs(p, cpu, full=False)]
+        assert [v.label(cpu) for v in provs] == ["convzoo (CPU path)", f"F.conv{p.ndim}d(x, w*mask)"]
+        for v in provs:
+            torch.testing.assert_close(v.fn(x, w, m, b, a), want, rtol=1e-12, atol=1e-12)
+        n, c, o, L = x.shape[0], x.shape[1], w.shape[0], want[0, 0].numel()
+        dense = 2 * n * L * o * c * w[0, 0].numel()
+        assert [p.flops(mode) for mode in harness.MODES] == [dense, 2 * dense, 3 * dense]
+        full = [v.name for v in ops.providers()["masked_conv"] if v.runs(p, cpu, full=True)]
+        assert full[2:] == [f"compile(F.conv{p.ndim}d(x, w*mask))"]
+    # the backward modes differentiate x and the weight only (the mask is a constant, the bias not asked for)
+    x, w, m, b, _ = found[1].make(cpu, torch.float32, True)
+    assert x.requires_grad and w.requires_grad and not m.requires_grad and not b.requires_grad
+
+
+def test_a_provider_renamed_on_cpu_is_still_the_speedup_base(no_interpreter):
+    """masked_conv's convzoo rows carry "convzoo (CPU path)" on a CPU, its own name elsewhere; the speedups are
+    still peer time over its time."""
+    prov = next(v for v in ops.providers()["masked_conv"] if v.name == "convzoo")
+    assert prov.label(torch.device("cpu")) == "convzoo (CPU path)" and prov.label(torch.device("cuda")) == "convzoo"
+    timer = FakeTimer(ms={"convzoo": 1.0, "F.conv2d(x, w*mask)": 3.0})
+    rows = harness.run(ops.problems("tiny", ["masked_conv"])[:1], ops.providers(), ["fwd"], torch.device("cpu"),
+                       torch.float32, harness.Limits(1e10, 1e11, "float32"), rounds=2, timer=timer,
+                       load=FakeLoad(0.0), memory=False, progress=None)
+    assert {r.provider: r.speedup for r in rows} == {"convzoo (CPU path)": 1.0, "F.conv2d(x, w*mask)": 3.0}

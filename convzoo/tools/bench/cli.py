@@ -25,11 +25,13 @@ from convzoo.tools.bench import harness, ops, timing
 EPILOG = f"""\
 sizes: --tiny (smoke test), --quick (a few layer shapes, fwd and fwd+bwd, plus the host-overhead rows; the
 default), --full (real layer shapes, every mode, torch.compile peers, overhead rows), --overhead (only the
-host-overhead rows: µs per eager call on tiny shapes, against F.unfold / F.fold / unfold+einsum).
+host-overhead rows: µs per eager call on tiny shapes, against F.unfold / F.fold / unfold+einsum /
+unfold+matmul / F.conv2d(x, w*mask)).
 
 columns: p20/p50/p80 of the timer's samples; GB/s and % of the measured copy bandwidth for every op;
-TFLOP/s and % of the measured matmul peak where the op does FLOPs (local_conv, patch_covariance; the latter
-timed in fwd only: a statistic, not differentiable);
+TFLOP/s and % of the measured matmul peak where the op does FLOPs (local_conv, patch_covariance, masked_conv;
+patch_covariance timed in fwd only: a statistic, not differentiable; masked_conv's FLOPs are the dense
+convolution's at every mask density, and on a CPU its convzoo rows are labelled "convzoo (CPU path)");
 speedup = peer time / convzoo time, from the same interleaved pass (> 1: convzoo is faster).
 A row is noisy when p80/p20 > {timing.SPREAD_BOUND} or other processes kept more than max(0.5, cores/10) CPUs
 busy while it was timed.
@@ -191,11 +193,11 @@ def main(argv=None, timer=None, load=None) -> int:
         if bar is not None:
             bar.close()
     print()
-    print(harness.format_table(rows))
+    print(harness.format_table(rows, notes=ops.NOTES))
     noisy = sum(bool(r.noisy) for r in rows)
     print(f"\n# {len(rows)} rows in {time.perf_counter() - t0:.0f} s" + (f", {noisy} noisy" if noisy else ""))
     if not args.no_save and rows:
-        harness.write_markdown(args.out / f"{slug}.md", rows, limits, args.size)
+        harness.write_markdown(args.out / f"{slug}.md", rows, limits, args.size, notes=ops.NOTES)
         plots = harness.write_plots(args.out / slug, rows)
         print(f"# wrote {csv_path} (appended), {args.out / f'{slug}.md'}" +
               (f" and {len(plots)} plots in {args.out / slug}" if plots else ""))

@@ -76,7 +76,9 @@ class Problem:
 class Provider:
     """One implementation: ``fn(*inputs) -> output``; ``ndims`` it supports; ``full_only`` for slow
     extras (compiling) that only ``--full`` runs; ``cuda_only`` for what needs a GPU; ``overhead`` for
-    those timed on the overhead problems too (convzoo and the one peer each op's call is held against)."""
+    those timed on the overhead problems too (convzoo and the one peer each op's call is held against);
+    ``cpu_name``, when set, the name its rows carry on a CPU (where an op runs a path of its own that the
+    rows must say they time, such as masked_conv's ``convzoo (CPU path)``)."""
 
     name: str
     fn: Callable
@@ -84,6 +86,11 @@ class Provider:
     full_only: bool = False
     cuda_only: bool = False
     overhead: bool = False  # also timed on the overhead problems
+    cpu_name: str = ""
+
+    def label(self, device: torch.device) -> str:
+        """The provider column of its rows on ``device``."""
+        return self.cpu_name if self.cpu_name and torch.device(device).type == "cpu" else self.name
 
     def runs(self, problem: Problem, device: torch.device, full: bool) -> bool:
         return problem.ndim in self.ndims and not (self.full_only and not full) and \
@@ -272,7 +279,7 @@ def run(problems: Sequence[Problem], providers: dict[str, Sequence[Provider]], m
             arith = not problem.moves_data_only
             group.append(Row(
                 **env, timer=getattr(clock, "name", "custom"), op=problem.op, shape=problem.label, mode=mode,
-                dtype=str(dtype).replace("torch.", ""), provider=prov.name, ms_p50=p50, ms_p20=p20, ms_p80=p80,
+                dtype=str(dtype).replace("torch.", ""), provider=prov.label(device), ms_p50=p50, ms_p20=p20, ms_p80=p80,
                 samples=len(s), gb_per_s=nbytes / sec / 1e9, pct_copy_bw=100 * nbytes / sec / limits.copy_bytes_per_s,
                 tflop_per_s=flops / sec / 1e12 if arith else float("nan"),
                 pct_matmul_peak=100 * flops / sec / limits.matmul_flops_per_s if arith else float("nan"),
@@ -280,8 +287,8 @@ def run(problems: Sequence[Problem], providers: dict[str, Sequence[Provider]], m
             if progress:
                 r = group[-1]
                 progress(f"[{len(rows) + len(group):>3}/{n_rows}] {problem.op:<10} {problem.label:<28} {mode:<9} "
-                         f"{prov.name:<16} {_time(r, 'p50'):>10}" + (f"  noisy: {r.noisy}" if r.noisy else ""))
-        base = next((r.ms_p50 for r in group if r.provider == "convzoo"), None)
+                         f"{r.provider:<16} {_time(r, 'p50'):>10}" + (f"  noisy: {r.noisy}" if r.noisy else ""))
+        base = next((r.ms_p50 for r, prov in zip(group, provs) if prov.name == "convzoo"), None)
         for r in group:
             r.speedup = r.ms_p50 / base if base else float("nan")
         rows += group
@@ -338,21 +345,23 @@ def _table(rows: Sequence[Row]) -> tuple[list[str], list[list[str]]]:
     return head, body
 
 
-def format_table(rows: Sequence[Row], markdown: bool = False) -> str:
-    """One table per op (the overhead rows in their own), each with a title and the legend under it."""
+def format_table(rows: Sequence[Row], markdown: bool = False, notes: dict[str, str] | None = None) -> str:
+    """One table per op (the overhead rows in their own), each with a title and the legend under it, and
+    under that the op's line in ``notes`` (op -> text, e.g. :data:`convzoo.tools.bench.ops.NOTES`), if any."""
     parts = []
     for title, legend, group in _groups(rows):
         head, body = _table(group)
+        note = (notes or {}).get(group[0].op) if group[0].mode not in OVERHEAD_MODES else None
         if markdown:
             lines = [f"### {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
             lines += ["| " + " | ".join(b) + " |" for b in body]
-            lines += ["", legend + "."]
+            lines += ["", legend + "."] + (["", note] if note else [])
         else:
             widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(head)]
             fmt = "  ".join(f"{{:<{w}}}" if i < 3 or h == "noisy" else f"{{:>{w}}}"
                             for i, (w, h) in enumerate(zip(widths, head)))
             lines = [f"## {title}", fmt.format(*head).rstrip()] + [fmt.format(*b).rstrip() for b in body]
-            lines += [legend + "."]
+            lines += [legend + "."] + ([note] if note else [])
         parts.append("\n".join(lines))
     noisy = [r for r in rows if r.noisy]
     if noisy:
@@ -411,7 +420,8 @@ def read_csv(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def write_markdown(path: Path, rows: Sequence[Row], limits: Limits, run_label: str) -> None:
+def write_markdown(path: Path, rows: Sequence[Row], limits: Limits, run_label: str,
+                   notes: dict[str, str] | None = None) -> None:
     r0 = rows[0]
     text = (f"# convzoo bench: {r0.device}\n\n"
             f"{run_label} run of {r0.date}, torch {r0.torch}, triton {r0.triton or '-'}, git {r0.git_sha or '-'}, "
@@ -421,7 +431,7 @@ def write_markdown(path: Path, rows: Sequence[Row], limits: Limits, run_label: s
             f"op must move over the p50 time, against the measured copy; '% matmul' its FLOPs against the measured "
             f"matmul. A row is noisy when p80/p20 > {timing.SPREAD_BOUND} or other processes kept more than "
             f"{timing.load_bound():.1f} CPUs busy while it was timed.\n\n"
-            + format_table(rows, markdown=True) + "\n")
+            + format_table(rows, markdown=True, notes=notes) + "\n")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
 

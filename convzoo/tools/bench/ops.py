@@ -222,6 +222,105 @@ def _kfac_providers() -> list[Provider]:
     return provs
 
 
+# ---------------------------------------------------------------------------------------------- masked conv
+MASK_TILE = 32  # the block masks keep whole tiles of this side (the tile the issue-12 kernel skips)
+# (density, structure) of each masked_conv problem; 1.0 is the all-ones mask, through the same op
+MASK_DENSITIES = ((1.0, "dense"), (0.5, "block"), (0.25, "block"), (0.1, "block"), (0.1, "unstructured"))
+
+
+def _block_mask(weight_shape, groups: int, density: float, seed: int = 0) -> torch.Tensor:
+    """A bool mask of ``weight_shape`` keeping whole ``MASK_TILE``-square tiles of each group's
+    ``[C_out/G, C_in/G·∏K]`` weight matrix: ``round(density·tiles)`` tiles per group (at least one), chosen
+    by a seeded permutation, so every run benches the same mask. Tiles at the matrix's edges are partial,
+    hence the kept fraction can differ from ``density`` (the label says so)."""
+    c_out, r = weight_shape[0] // groups, math.prod(weight_shape[1:])
+    rows, cols = -(-c_out // MASK_TILE), -(-r // MASK_TILE)
+    gen = torch.Generator().manual_seed(seed)
+    keep = torch.zeros(groups, rows * cols, dtype=torch.bool)
+    k = max(1, round(density * rows * cols))
+    for g in range(groups):
+        keep[g, torch.randperm(rows * cols, generator=gen)[:k]] = True
+    tiles = keep.view(groups, rows, cols).repeat_interleave(MASK_TILE, 1).repeat_interleave(MASK_TILE, 2)
+    return tiles[:, :c_out, :r].reshape(weight_shape).contiguous()
+
+
+def _mask(weight_shape, groups: int, density: float, structure: str, seed: int = 0) -> torch.Tensor:
+    """The bench's deterministic masks: all ones (``dense``), whole tiles (``block``), or each weight kept
+    with probability ``density`` (``unstructured``, a seeded ``torch.rand < density``)."""
+    if structure == "dense":
+        return torch.ones(weight_shape, dtype=torch.bool)
+    if structure == "block":
+        return _block_mask(weight_shape, groups, density, seed)
+    if structure == "unstructured":
+        return torch.rand(weight_shape, generator=torch.Generator().manual_seed(seed)) < density
+    raise ValueError(f"structure must be 'dense', 'block' or 'unstructured', got {structure!r}")
+
+
+def _density_label(density: float, structure: str, kept: float) -> str:
+    """``d0.1 block``; the kept fraction too where it differs from the asked density (partial edge tiles,
+    a rounded tile count, a small unstructured mask)."""
+    text = f"d{density:g} {structure}"
+    return text if abs(kept - density) < 0.005 else f"{text} ({kept:.3f} kept)"
+
+
+def _masked_conv_problem(name, n, c, o, size, k, s, p, density=1.0, structure="dense", groups=1,
+                         overhead=False) -> Problem:
+    """Inputs: x, the weight ``[C_out, C_in/G, k, ...]``, the bool mask (built here, on the CPU, from a fixed
+    seed), a bias, the geometry. Only x and the weight require grad in the backward modes."""
+    nd = len(size)
+    L, R = math.prod(_out(size, k, s, p)), c // groups * k ** nd
+    wshape = (o, c // groups, *(k,) * nd)
+    mask = _mask(wshape, groups, density, structure)
+    kept = mask.float().mean().item()
+    W, X, Y = o * R, n * c * math.prod(size), n * o * L
+    geom = dict(stride=s, padding=p, groups=groups)
+
+    def make(device, dtype, requires_grad):
+        x = torch.randn(n, c, *size, device=device, dtype=dtype).requires_grad_(requires_grad)
+        w = (torch.randn(wshape, device=device, dtype=dtype) / math.sqrt(R)).requires_grad_(requires_grad)
+        b = torch.randn(o, device=device, dtype=dtype)
+        return x, w, mask.to(device), b, geom
+
+    def nbytes(mode, e):
+        # the least a kernel must move: fwd reads x and the kept weights, writes y; bwd reads dy twice (for dx
+        # and dW), x and the kept weights, writes dx and the whole dW (zeros where masked). The bool mask (or
+        # a kernel's tile list) is W bytes at most, left out as the weight's share of it.
+        fwd, bwd = X + kept * W + Y, 2 * Y + X + kept * W + X + W
+        return e * {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[mode]
+
+    def flops(mode):
+        # the dense-equivalent work at every density, so TFLOP/s and % of the matmul peak compare across them
+        return 2 * n * L * o * R * {"fwd": 1, "bwd": 2, "fwd+bwd": 3}[mode]
+
+    label = f"{_label(n, c, size, k, s, p, c_out=o)} {_density_label(density, structure, kept)}"
+    return Problem("masked_conv", name, nd, make, nbytes, flops, label=label, overhead=overhead)
+
+
+def _masked_conv_convzoo(x, w, m, b, a):
+    return cf.masked_conv(x, w, m, b, a["stride"], a["padding"], groups=a["groups"])
+
+
+def _dense_peer(conv):
+    """``F.convNd(x, w * mask, b, ...)``: what a user writes without a masked convolution."""
+    def peer(x, w, m, b, a):
+        return conv(x, w * m, b, a["stride"], a["padding"], groups=a["groups"])
+
+    return peer
+
+
+def _masked_conv_providers() -> list[Provider]:
+    """convzoo (labelled ``convzoo (CPU path)`` on CPU rows: there it is ``F.convNd`` of the masked weight, the
+    peer's own work, with no tile skipped), the dense peer ``F.conv2d`` / ``F.conv3d`` of ``w * mask`` and,
+    under ``--full``, ``torch.compile`` of it (the mask product fused)."""
+    provs = [Provider("convzoo", _masked_conv_convzoo, overhead=True, cpu_name="convzoo (CPU path)")]
+    for nd, conv in ((2, F.conv2d), (3, F.conv3d)):
+        peer = _dense_peer(conv)
+        provs.append(Provider(f"F.conv{nd}d(x, w*mask)", peer, ndims=(nd,), overhead=True))
+        provs.append(Provider(f"compile(F.conv{nd}d(x, w*mask))", torch.compile(peer, dynamic=False), ndims=(nd,),
+                              full_only=True))
+    return provs
+
+
 # ---------------------------------------------------------------------------------------------- sets
 # (name, N, C, spatial, kernel, stride, padding) for unfold/fold; local conv adds C_out after C
 # and, optionally, the weight layout (default "module")
@@ -256,9 +355,30 @@ _KFAC = {
              ("2d_resnet_14", 32, 256, (14, 14), 3, 1, 1), ("2d_strided", 32, 128, (56, 56), 3, 2, 1),
              ("3d_video", 4, 16, (8, 32, 32), 3, 1, 1)],
 }
+# (name, N, C_in, C_out, spatial, kernel, stride, padding) for masked_conv, each at every MASK_DENSITIES entry
+_MASKED = {
+    "tiny": [("2d_tiny", 2, 16, 64, (8, 8), 3, 1, 1), ("3d_tiny", 1, 4, 64, (4, 4, 4), 3, 1, 1)],
+    # a ResNet stage-2 3×3 layer and its strided entry, small enough for a 2-core CPU, and a 3-d layer
+    "quick": [("2d_resnet", 8, 64, 64, (32, 32), 3, 1, 1), ("2d_strided", 8, 64, 128, (32, 32), 3, 2, 1),
+              ("3d", 2, 32, 32, (8, 16, 16), 3, 1, 1)],
+    # ResNet-50's 3×3 layers (stages 1-3) and the strided entry of stage 2 at batch 32, a video-sized 3-d layer
+    "full": [("2d_resnet_56", 32, 64, 64, (56, 56), 3, 1, 1), ("2d_resnet_28", 32, 128, 128, (28, 28), 3, 1, 1),
+             ("2d_resnet_14", 32, 256, 256, (14, 14), 3, 1, 1), ("2d_strided", 32, 64, 128, (56, 56), 3, 2, 1),
+             ("3d_video", 4, 32, 32, (16, 32, 32), 3, 1, 1)],
+}
 KFAC_MODES = ("expand", "reduce")
-OPS = ("unfold", "fold", "local_conv", "patch_covariance")
+OPS = ("unfold", "fold", "local_conv", "patch_covariance", "masked_conv")
 SIZES = ("tiny", "quick", "full")
+# a line under an op's table (printed and in the markdown): what its rows mean beyond the shape
+NOTES = {
+    "masked_conv": (
+        "masked_conv: TFLOP/s and % matmul count the dense-equivalent work (2·N·L·C_out·C_in/G·∏k, ×2 more for "
+        f"bwd) at every density, so they compare across densities. `dρ block` keeps whole {MASK_TILE}×{MASK_TILE} "
+        "tiles of each group's [C_out/G, C_in/G·∏k] weight matrix, `dρ unstructured` each weight with "
+        "probability ρ (both seeded; the kept fraction in parentheses where it differs from ρ). On a CPU convzoo "
+        "runs its CPU path, labelled `convzoo (CPU path)`: F.convNd of the masked weight, the dense peer's "
+        "work, no tile skipped."),
+}
 
 
 def overhead_problems(ops=OPS) -> list[Problem]:
@@ -269,6 +389,8 @@ def overhead_problems(ops=OPS) -> list[Problem]:
             out.append(_unfold_problem(op, "overhead", 2, 3, (8, 8), 3, 1, 1, overhead=True))
         elif op == "patch_covariance":
             out.append(_kfac_problem("overhead", 2, 3, (8, 8), 3, 1, 1, "expand", overhead=True))
+        elif op == "masked_conv":
+            out.append(_masked_conv_problem("overhead", 2, 3, 4, (8, 8), 3, 1, 1, overhead=True))
         else:
             out.append(_local_conv_problem("overhead", 2, 3, 4, (8, 8), 3, 1, 1, overhead=True))
     return out
@@ -286,6 +408,9 @@ def problems(size: str, ops=OPS) -> list[Problem]:
             out += [_local_conv_problem(*shape) for shape in _LOCAL[size]]
         elif op == "patch_covariance":
             out += [_kfac_problem(f"{shape[0]}_{m}", *shape[1:], m) for shape in _KFAC[size] for m in KFAC_MODES]
+        elif op == "masked_conv":
+            out += [_masked_conv_problem(f"{shape[0]}_d{d:g}_{kind}", *shape[1:], d, kind) for shape in _MASKED[size]
+                    for d, kind in MASK_DENSITIES]
         else:
             raise ValueError(f"unknown op {op!r}; choose from {OPS}")
     return out
@@ -306,4 +431,5 @@ def for_size(size: str, ops=OPS) -> list[Problem]:
 
 def providers() -> dict[str, list[Provider]]:
     return {"unfold": _unfold_providers("unfold"), "fold": _unfold_providers("fold"),
-            "local_conv": _local_conv_providers(), "patch_covariance": _kfac_providers()}
+            "local_conv": _local_conv_providers(), "patch_covariance": _kfac_providers(),
+            "masked_conv": _masked_conv_providers()}
