@@ -658,12 +658,23 @@ def check_covariance_out_memory(out: torch.Tensor, input: torch.Tensor) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- masked_conv
-def _check_masked_weight(weight: torch.Tensor, mask: torch.Tensor | None, groups: int) -> None:
-    check(weight.dim() in (3, 4, 5), lambda: f"weight must be [C_out, C_in/groups, *kernel] with 1-3 kernel dims, "
-          f"got shape {tuple(weight.shape)}")
+def check_masked_conv_channels(x_shape, w_shape, groups) -> None:
+    """The channel arithmetic of a (masked) convolution: a 3-5-d weight ``[C_out, C_in/groups, *kernel]``, a
+    positive int ``groups`` dividing C_out, and ``C_in = weight.shape[1]·groups``.
+
+    Raises:
+        ValueError: any of these fails (naming weight, groups or the input's channels).
+    """
+    check(len(w_shape) in (3, 4, 5), lambda: f"weight must be [C_out, C_in/groups, *kernel] with 1-3 kernel dims, "
+          f"got shape {tuple(w_shape)}")
     check(_is_int(groups) and groups > 0, lambda: f"groups must be a positive int, got {groups!r}")
-    check(weight.shape[0] % groups == 0, lambda: f"groups={groups} must divide the output channels "
-          f"C_out={weight.shape[0]} (weight.shape[0])")
+    check(w_shape[0] % groups == 0, lambda: f"groups={groups} must divide the output channels "
+          f"C_out={w_shape[0]} (weight.shape[0])")
+    check(x_shape[1] == w_shape[1] * groups, lambda: f"input has C_in={x_shape[1]} channels but the weight "
+          f"expects weight.shape[1]·groups = {w_shape[1]}·{groups} = {w_shape[1] * groups}")
+
+
+def _check_masked_weight(weight: torch.Tensor, mask: torch.Tensor | None) -> None:
     if mask is not None:
         check(mask.dtype == torch.bool, lambda: f"mask must be a bool tensor here, got {mask.dtype}", TypeError)
         check(mask.shape == weight.shape, lambda: f"mask must have the weight's shape {tuple(weight.shape)}, got "
@@ -678,14 +689,13 @@ def masked_conv_geometry(x: torch.Tensor, weight: torch.Tensor, mask: torch.Tens
     Raises:
         ValueError / TypeError: shapes or dtypes that do not match (naming the argument), or a bad geometry.
     """
-    _check_masked_weight(weight, mask, groups)
     nd = weight.dim() - 2
     check(x.dim() == nd + 2, lambda: f"input must be [N, C_in, *spatial] with {nd} spatial dims (the weight's "
           f"kernel dims), got shape {tuple(x.shape)}")
+    check_masked_conv_channels(x.shape, weight.shape, groups)
+    _check_masked_weight(weight, mask)
     check(x.dtype == weight.dtype, lambda: f"input and weight must have the same dtype, got {x.dtype} and "
           f"{weight.dtype}", TypeError)
-    check(x.shape[1] == weight.shape[1] * groups, lambda: f"input has C_in={x.shape[1]} channels but the weight "
-          f"expects weight.shape[1]·groups = {weight.shape[1]}·{groups} = {weight.shape[1] * groups}")
     if bias is not None:
         check(bias.dtype == weight.dtype, lambda: f"bias must have the weight's dtype {weight.dtype}, got "
               f"{bias.dtype}", TypeError)

@@ -657,18 +657,30 @@ def masked_conv(input: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor | 
         return masked_conv(input[None], weight, mask, bias, stride, padding, dilation, groups,
                            padding_mode=padding_mode)[0]
     mask = _bool_mask(mask, weight)
+    # shapes and geometry, resolved once per call signature; the op checks dtypes, the mask and the bias
+    args = _resolved(_masked_conv_args, _cached_masked_conv_args, input.shape, weight.shape, stride, padding,
+                     dilation, groups, padding_mode)
+    input, weight, bias = _autocast(input, weight, bias)
+    return _masked_conv_ops.masked_conv(input, weight, mask, bias, *_as_lists(args))
+
+
+def _masked_conv_args(x_shape, w_shape, stride, padding, dilation, groups, padding_mode) -> tuple:
+    """The resolved op arguments ``(stride, padding, dilation, groups, padding_mode)`` of a masked_conv call on
+    shapes ``x_shape`` / ``w_shape``, after the shape checks (channels and groups named before the geometry)."""
+    nd = len(w_shape) - 2
     if isinstance(padding, str) and padding == "same" and any(s != 1 for s in _shapes.as_tuple(stride, nd, "stride")):
         raise ValueError(f"padding='same' is not supported with stride {stride!r} (as in torch); pass the padding "
                          f"explicitly, e.g. as (lo, hi) pairs")
-    if input.dim() != nd + 2:
+    if len(x_shape) != nd + 2:
         raise ValueError(f"input must be [N, C_in, *spatial] (or unbatched [C_in, *spatial]) with {nd} spatial dims "
-                         f"for a weight of shape {tuple(weight.shape)}, got shape {tuple(input.shape)}")
-    _, dil, pad, st, mode = _geometry_args(nd, tuple(weight.shape[2:]), dilation, padding, stride, input.shape[2:],
+                         f"for a weight of shape {tuple(w_shape)}, got shape {tuple(x_shape)}")
+    _shapes.check_masked_conv_channels(x_shape, w_shape, groups)
+    _, dil, pad, st, mode = _geometry_args(nd, tuple(w_shape[2:]), dilation, padding, stride, x_shape[2:],
                                            padding_mode)
-    input, weight, bias = _autocast(input, weight, bias)
-    # the op checks these too; here first, so that a channel mismatch is named before anything fails inside
-    _shapes.masked_conv_geometry(input, weight, mask, bias, st, pad, dil, groups, mode)
-    return _masked_conv_ops.masked_conv(input, weight, mask, bias, list(st), list(pad), list(dil), int(groups), mode)
+    return st, pad, dil, int(groups), mode
+
+
+_cached_masked_conv_args = functools.lru_cache(maxsize=1024)(_masked_conv_args)
 
 
 def _bool_mask(mask, weight: torch.Tensor) -> torch.Tensor | None:
