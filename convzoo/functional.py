@@ -609,8 +609,7 @@ def extract_averaged_patches(input: torch.Tensor, kernel_size, stride=1, padding
     g = _shapes.extract_patches_geometry(input, *args, groups)
     x = input
     if groups != 1:  # summed in fp32 (fp64) and kept so: the result is rounded to the input's dtype once
-        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-        x = x.unflatten(1, (groups, x.shape[1] // groups)).sum(1, dtype=acc) / groups
+        x = reference.group_mean(x, groups, torch.float64 if x.dtype == torch.float64 else torch.float32)
     return reference.averaged_patches(x, g).to(input.dtype)
 
 
