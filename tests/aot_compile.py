@@ -19,15 +19,9 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from convzoo import autotune
-from convzoo.kernels import (  # noqa: F401
-    local_conv,
-    masked_conv,
-    patch_covariance,
-    patches,
-    unfold,
-    unfold_transpose,
-)
+from convzoo import autotune, kernels
+
+kernels.load_all()  # registers every kernel's autotune spec
 
 TL = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
 DOT_KERNELS = {"local_conv_fwd", "local_conv_grad_weight", "local_conv_grad_input", "patch_covariance",

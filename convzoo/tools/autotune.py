@@ -69,14 +69,9 @@ KEY_LEGEND = {
 
 
 def _import_kernels() -> None:
-    from convzoo.kernels import (  # noqa: F401
-        local_conv,
-        masked_conv,
-        patch_covariance,
-        patches,
-        unfold,
-        unfold_transpose,
-    )
+    from convzoo import kernels
+
+    kernels.load_all()
 
 
 def _epilog() -> str:
