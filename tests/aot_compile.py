@@ -71,10 +71,10 @@ def main():
                 if dtype == torch.float16:  # the largest tiles the tuner may try, too
                     configs.append(max(spec.candidates(dims, dtype),
                                        key=lambda c: (math_prod(c.meta), c.num_stages)))
-                # reflect: fold's candidate loops, masked_conv's gather; patch_covariance's mode 2 compiles its
-                # transposed gather
-                modes = (0, 2) if name in ("fold", "local_conv_grad_input", "patch_covariance", "masked_conv_fwd") \
-                    else (0,)
+                # reflect: fold's candidate loops, masked_conv's gather; patch_covariance's and unfold_transpose's
+                # mode 2 compiles their transposed gathers (TRANSPOSED = mode == 2)
+                modes = (0, 2) if name in ("fold", "local_conv_grad_input", "patch_covariance", "masked_conv_fwd",
+                                           "unfold_transpose") else (0,)
                 for i, cfg in enumerate(configs):
                     for arch in (90, 80) if i == 0 and dtype == torch.float16 else (90,):
                         for mode in modes:

@@ -52,11 +52,16 @@ def unfold_kernel(
     SD: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
     PD: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
     DD: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
-    MODE: tl.constexpr,
+    MODE: tl.constexpr, TRANSPOSED: tl.constexpr,
     # tiles
     BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
     """im2col gather: ``out[n, (c, kd, kh, kw), (od, oh, ow)] = x[n, c, od*SD - PD + kd*DD, ...]``.
+
+    ``TRANSPOSED``: unfold_transpose's gather instead (the patches a transposed convolution sees; P* its
+    symmetric padding, ``MODE`` unused): ``x[n, c, i_d, ...]`` with ``od = i_d·SD - PD + kd·DD`` (and alike per
+    dim), 0 where no input index lands there. With stride S only 1/∏S of those entries read anything, so
+    that gather is bound by its stores.
 
     Roofline: pure data movement. Bytes = R·L·e written + at most the input read (neighbouring
     taps re-read the same lines, which L2 serves), e = element size; 0 FLOPs. Memory bound: the
@@ -86,9 +91,14 @@ def unfold_kernel(
     oh = (blocks // OW) % OH
     od = blocks // OW // OH  # not blocks // (OW * OH): an int32 product of two sizes
 
-    i_d, ok_d = _source_index(od[None, :] * SD - PD + kd[:, None] * DD, ID, MODE)
-    i_h, ok_h = _source_index(oh[None, :] * SH - PH + kh[:, None] * DH, IH, MODE)
-    i_w, ok_w = _source_index(ow[None, :] * SW - PW + kw[:, None] * DW, IW, MODE)
+    if TRANSPOSED:  # the input index that reaches (o, t), per dim: o + P - t·D = i·S with 0 <= i < n
+        i_d, ok_d = _block_index(od[None, :], PD, kd[:, None], ID, SD, DD)
+        i_h, ok_h = _block_index(oh[None, :], PH, kh[:, None], IH, SH, DH)
+        i_w, ok_w = _block_index(ow[None, :], PW, kw[:, None], IW, SW, DW)
+    else:
+        i_d, ok_d = _source_index(od[None, :] * SD - PD + kd[:, None] * DD, ID, MODE)
+        i_h, ok_h = _source_index(oh[None, :] * SH - PH + kh[:, None] * DH, IH, MODE)
+        i_w, ok_w = _source_index(ow[None, :] * SW - PW + kw[:, None] * DW, IW, MODE)
     tile_ok = row_ok[:, None] & blk_ok[None, :]
 
     src = (x_ptr + (n * stride_xn + c * stride_xc)[:, None]
@@ -235,7 +245,7 @@ def unfold(x: torch.Tensor, kernel_size: list[int], dilation: list[int], padding
             rows, x.shape[1], *a["in"], *a["out"], L,
             *xs.stride(),
             *a["k"], *a["s"], *a["lo"], *a["d"],
-            _shapes.PADDING_MODE_CODES[g.padding_mode],
+            _shapes.PADDING_MODE_CODES[g.padding_mode], False,
             **cfg.launch_kwargs(),
         )
     return out

@@ -4,7 +4,8 @@ inputs: Triton kernels and launchers.
 Like :mod:`convzoo.kernels.unfold`, both kernels see every input as 3-d (a 1-d or 2-d call gets leading
 spatial dims of size 1 with kernel 1, stride 1, dilation 1, no padding) and the whole batch is one
 launch. Input position ``i`` reaches output position ``o = i·S - P + t·D`` through tap ``t``: the forward
-kernel gathers, for each ``(t, o)``, the one ``i`` (if any) with ``o + P - t·D = i·S``; the adjoint gathers,
+gather is unfold's kernel (``unfold_kernel`` with ``TRANSPOSED``), which takes, for each ``(t, o)``, the one
+``i`` (if any) with ``o + P - t·D = i·S``; the adjoint gathers,
 for each ``i``, the ``(t, o)`` entries it was copied to and sums them. Both are gathers: no atomics.
 """
 
@@ -21,7 +22,6 @@ from convzoo.autotune import Config, KernelSpec, TuneProblem
 from convzoo.kernels._common import (
     _acc_dtype,
     _as_5d,
-    _block_index,
     _candidates,
     _check_device,
     _device,
@@ -34,68 +34,9 @@ from convzoo.kernels._common import (
     _upcast,
     _widen,
 )
+from convzoo.kernels.unfold import unfold_kernel
 
 __all__ = ["unfold_transpose", "unfold_transpose_backward"]
-
-
-@triton.jit
-def unfold_transpose_kernel(
-    # output: [N, C*KD*KH*KW, L], contiguous
-    out_ptr,
-    # input: [N, C, ID, IH, IW], any strides
-    x_ptr,
-    # runtime sizes: R = N*C*KD*KH*KW rows, L = OD*OH*OW output positions
-    R, C, ID, IH, IW, OD, OH, OW, L,
-    stride_xn, stride_xc, stride_xd, stride_xh, stride_xw,
-    # geometry (P*: the symmetric transposed-convolution padding)
-    KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
-    SD: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
-    PD: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
-    DD: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
-    # tiles
-    BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr,
-):
-    """Transposed im2col gather: ``out[n, (c, kd, kh, kw), (od, oh, ow)] = x[n, c, i_d, i_h, i_w]`` where
-    ``od = i_d·SD - PD + kd·DD`` (and alike per dim), 0 where no input index lands there.
-
-    Roofline: pure data movement, 0 FLOPs. Bytes = R·L·e written + at most the input read once
-    (N·C·ID·IH·IW·e; every tap re-reads the same lines, from L2); with stride S only 1/∏S of the
-    output entries read anything, so the kernel is bound by its stores: GB/s = (R·L + N·C·ID·IH·IW)·e / t
-    against the measured copy bandwidth. Each program writes a BLOCK_R × BLOCK_L tile contiguous along
-    L (coalesced stores); the loads of one row are strided by 1/SW along the input's last dim.
-    """
-    # program id -> tile
-    pid = tl.program_id(0).to(tl.int64)
-    num_l = tl.cdiv(L, BLOCK_L)
-    pid_r = pid // num_l
-    pid_l = pid % num_l
-
-    # offsets and masks
-    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)  # int64: row = (n*C + c)*K + k
-    blocks = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
-    row_ok = rows < R
-    blk_ok = blocks < L
-    k = rows % (KD * KH * KW)
-    nc = rows // (KD * KH * KW)
-    c = nc % C
-    n = nc // C
-    kw = k % KW
-    kh = (k // KW) % KH
-    kd = k // (KW * KH)
-    ow = blocks % OW
-    oh = (blocks // OW) % OH
-    od = blocks // OW // OH  # not blocks // (OW * OH): an int32 product of two sizes
-
-    # the input index that reaches (o, t), per dim: o + P - t·D = i·S with 0 <= i < n
-    i_d, ok_d = _block_index(od[None, :], PD, kd[:, None], ID, SD, DD)
-    i_h, ok_h = _block_index(oh[None, :], PH, kh[:, None], IH, SH, DH)
-    i_w, ok_w = _block_index(ow[None, :], PW, kw[:, None], IW, SW, DW)
-    tile_ok = row_ok[:, None] & blk_ok[None, :]
-
-    src = (x_ptr + (n * stride_xn + c * stride_xc)[:, None]
-           + i_d * stride_xd + i_h * stride_xh + i_w * stride_xw)
-    vals = tl.load(src, mask=tile_ok & ok_d & ok_h & ok_w, other=0)
-    tl.store(out_ptr + rows[:, None] * L + blocks[None, :], vals, mask=tile_ok)
 
 
 @triton.jit
@@ -116,8 +57,9 @@ def unfold_transpose_backward_kernel(
     # tiles
     BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
-    """The adjoint of ``unfold_transpose_kernel``, as a gather: input pixel ``i`` sums, over the taps in
-    a fixed order, the column entry at ``o = i·S - P + t·D`` when it lies in the output. Deterministic.
+    """The adjoint of unfold_transpose (``unfold_kernel`` with ``TRANSPOSED``), as a gather: input pixel ``i``
+    sums, over the taps in a fixed order, the column entry at ``o = i·S - P + t·D`` when it lies in the output.
+    Deterministic.
 
     Roofline: reads at most R·K·P column entries (each entry at most once: a (t, o) pair has at most one
     i) and writes R·P pixels; ≤ R·K·P adds, so memory bound: GB/s = (R·K·P + R·P)·e / t. Tiles are
@@ -197,7 +139,7 @@ def _backward_problem(layer, dtype, device) -> TuneProblem:
 
 
 UNFOLD_TRANSPOSE_SPEC = autotune.register(KernelSpec(
-    "unfold_transpose", unfold_transpose_kernel, ("R", "L"), _gather_default, _candidates("BLOCK_R", "BLOCK_L"),
+    "unfold_transpose", unfold_kernel, ("R", "L"), _gather_default, _candidates("BLOCK_R", "BLOCK_L"),
     _forward_problem, _space("BLOCK_R", "BLOCK_L")))
 UNFOLD_TRANSPOSE_BACKWARD_SPEC = autotune.register(KernelSpec(
     "unfold_transpose_backward", unfold_transpose_backward_kernel, ("R", "P"), _reduce_gather_default,
@@ -237,11 +179,12 @@ def unfold_transpose(x: torch.Tensor, kernel_size: list[int], stride: list[int],
     xs = _as_5d(x, g.ndim)
     grid = (triton.cdiv(rows, cfg.meta["BLOCK_R"]) * triton.cdiv(L, cfg.meta["BLOCK_L"]),)
     with _device(x):
-        unfold_transpose_kernel[grid](
+        unfold_kernel[grid](
             out, xs,
             rows, x.shape[1], *a["in"], *a["out"], L,
             *xs.stride(),
             *a["k"], *a["s"], *a["p"], *a["d"],
+            0, True,  # MODE (unused), TRANSPOSED
             **cfg.launch_kwargs(),
         )
     return out

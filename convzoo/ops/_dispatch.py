@@ -42,7 +42,7 @@ def use_triton(t: torch.Tensor) -> bool:
 
 # one kernel of each kernel module, decorated as all of that module's kernels are
 _KERNEL_MARKERS = (("convzoo.kernels.unfold", "unfold_kernel"), ("convzoo.kernels.local_conv", "local_conv_fwd_kernel"),
-                   ("convzoo.kernels.unfold_transpose", "unfold_transpose_kernel"),
+                   ("convzoo.kernels.unfold_transpose", "unfold_transpose_backward_kernel"),
                    ("convzoo.kernels.patch_covariance", "patch_covariance_kernel"),
                    ("convzoo.kernels.patches", "extract_patches_kernel"),
                    ("convzoo.kernels.masked_conv", "masked_conv_fwd_kernel"))
