@@ -274,3 +274,20 @@ def test_initial_masks_keep_exactly_the_density():
     # whole tiles: the mask is its occupancy map expanded back
     occ = tiles.occupancy[0].repeat_interleave(16, 0).repeat_interleave(32, 1)[:64, :32 * 9]
     assert torch.equal(blocked.mask.flatten(1), occ)
+
+
+def test_meta_empty_autocast_and_weight_layouts(path):
+    """Meta tensors give the shape; an empty batch gives an empty result; autocast computes in its dtype as
+    F.conv2d does; a channels-last weight (the layout torch's own conv layers may hold) reads the same."""
+    x, w, mask, b, geom = _case("2d_P1_G2", torch.float32)
+    meta = cf.masked_conv(x.to("meta"), w.to("meta"), mask.to("meta"), b.to("meta"), **geom)
+    assert meta.is_meta and meta.shape == (2, 6, 6, 7)
+    empty = cf.masked_conv(x[:0], w, mask, b, **geom)
+    assert empty.shape == (0, 6, 6, 7)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = cf.masked_conv(x, w, mask, b, **geom)
+        want = _oracle(x, w, mask, b, **geom)
+    assert got.dtype == want.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2 * want.abs().max().item())
+    wc = w.to(memory_format=torch.channels_last)
+    torch.testing.assert_close(cf.masked_conv(x, wc, mask, b, **geom), cf.masked_conv(x, w, mask, b, **geom))
