@@ -1,8 +1,12 @@
 """Weight masks for masked (sparse) convolution, seen through the kernel's tiling.
 
 A convolution weight ``[C_out, C_in/G, *kernel]`` is, per group ``g``, the matrix ``W_g`` of shape
-``[C_out/G, K]`` with ``K = C_in/G·∏kernel``: row ``o`` of group ``g`` is ``weight[g·C_out/G + o].flatten()``,
-its columns in ``(c, k_0, k_1, ...)`` order. The masked-conv kernels cut ``W_g`` into ``BO × BK`` tiles and
+``[C_out/G, K]`` with ``K = C_in/G·∏kernel``: row ``o`` of group ``g`` is output channel ``g·C_out/G + o``, its
+columns in *tap-major* order, column ``k = t·C_in/G + c`` for kernel tap ``t`` (row-major over the kernel dims)
+and input channel ``c`` of the group (``weight[o].movedim(0, -1).flatten()``, the channels-last im2col order).
+Tap-major makes a ``BK``-wide k-tile one tap of ``BK`` channels whenever ``BK`` divides ``C_in/G``, so the
+forward's ``BO × BK`` tiles are also the grad-input's (``BO`` output × ``BK`` input channels at one tap) and
+one block mask makes both skip the same tiles. The masked-conv kernels cut ``W_g`` into ``BO × BK`` tiles and
 never visit a tile whose mask is all zero. This module builds the tile lists they iterate over
 (:func:`tile_lists`), turns an element mask or per-weight scores into a mask whose zeros fill whole tiles
 (:func:`block_mask`, the only kind of sparsity the kernels can turn into speed) and draws random masks with an
@@ -25,7 +29,7 @@ import torch.nn.functional as F
 
 from convzoo._shapes import _is_int, check
 
-__all__ = ["TileLists", "block_mask", "random_mask", "tile_lists"]
+__all__ = ["TileLists", "block_mask", "random_mask", "tile_lists", "weight_matrix"]
 
 MIN_BLOCK = 16  # tl.dot needs every tile dim ≥ 16; tl.arange needs powers of two
 
@@ -43,9 +47,13 @@ class TileLists:
             non-empty k-tiles in ascending order, then (the padding) its empty k-tiles, also ascending. Every
             entry is thus a valid tile index, and a kernel that reads past ``count`` only reaches all-zero
             tiles (no double counting, unlike a padding with a fixed index such as 0 or TK-1).
-        t_count: int32 ``[G, TK]``: the number of non-empty o-tiles in k-tile column ``tk`` (grad-input).
-        t_index: int32 ``[G, TK, TO]``: the transposed lists, same convention (non-empty o-tiles ascending,
-            then the empty ones ascending).
+        t_count: int32 ``[G, TC]``: the grad-input's lists, ``TC = cdiv(C_in/G, BK)``: per channel tile ``tc``
+            (input channels ``tc·BK ..``, ``BK`` of them), the number of non-empty ``(tap, o-tile)`` pairs, a
+            pair being the ``BO × BK`` block ``mask[o-tile, c-tile, tap]``.
+        t_index: int32 ``[G, TC, KT·TO]``: those pairs as ``e = t·TO + to`` (``KT = ∏kernel``), same convention
+            (non-empty ascending, then the empty ones ascending). Where ``BK`` divides ``C_in/G`` a pair's
+            block is exactly the forward tile ``(to, (t·C_in/G)/BK + tc)``: both passes skip the same tiles;
+            otherwise a k-tile spans two taps and the grad-input skips what is empty in its own tiling.
         block: ``(BO, BK)``.
         groups: ``G``.
         shape: the shape of the mask the lists were built from, ``(C_out, C_in/G, *kernel)``.
@@ -145,12 +153,24 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def weight_matrix(t: torch.Tensor, groups: int) -> torch.Tensor:
+    """A weight-shaped ``t`` ``[C_out, C_in/G, *kernel]`` as the per-group matrices ``[G, C_out/G, K]``, columns
+    tap-major (``k = t·C_in/G + c``; a copy unless the kernel is 1 × 1 or ``t`` is channels-last already)."""
+    return t.movedim(1, -1).reshape(groups, t.shape[0] // groups, math.prod(t.shape[1:]))
+
+
+def weight_from_matrix(w: torch.Tensor, shape: tuple) -> torch.Tensor:
+    """The inverse of :func:`weight_matrix`: ``[G, C_out/G, K]`` back to ``shape`` ``[C_out, C_in/G, *kernel]``."""
+    return w.reshape(shape[0], *shape[2:], shape[1]).movedim(-1, 1)
+
+
 def _tiled(t: torch.Tensor, groups: int, block: tuple[int, int]) -> torch.Tensor:
-    """``t`` (weight-shaped) as ``[G, TO, BO, TK, BK]``, the partial edge tiles zero-padded (a copy)."""
+    """``t`` (weight-shaped) as ``[G, TO, BO, TK, BK]`` tiles of :func:`weight_matrix`, the partial edge tiles
+    zero-padded (a copy)."""
     bo, bk = block
     og, k = t.shape[0] // groups, math.prod(t.shape[1:])
     to, tk = _cdiv(og, bo), _cdiv(k, bk)
-    w = F.pad(t.reshape(groups, og, k), (0, tk * bk - k, 0, to * bo - og))
+    w = F.pad(weight_matrix(t, groups), (0, tk * bk - k, 0, to * bo - og))
     return w.view(groups, to, bo, tk, bk)
 
 
@@ -160,7 +180,17 @@ def _untiled(keep: torch.Tensor, shape: tuple, groups: int, block: tuple[int, in
     g, to, tk = keep.shape
     og, k = shape[0] // groups, math.prod(shape[1:])
     full = keep[:, :, None, :, None].expand(g, to, bo, tk, bk).reshape(g, to * bo, tk * bk)
-    return full[:, :og, :k].reshape(shape)
+    return weight_from_matrix(full[:, :og, :k], tuple(shape)).contiguous()
+
+
+def _input_occupancy(m: torch.Tensor, groups: int, block: tuple[int, int]) -> torch.Tensor:
+    """The grad-input's tile map of a bool mask: ``[G, TC, KT, TO]``, True where the ``BO × BK`` block
+    ``(o-tile, c-tile)`` at tap ``t`` holds a kept entry."""
+    bo, bk = block
+    og, cg, kt = m.shape[0] // groups, m.shape[1], math.prod(m.shape[2:])
+    to, tc = _cdiv(og, bo), _cdiv(cg, bk)
+    w = F.pad(m.reshape(groups, og, cg, kt), (0, 0, 0, tc * bk - cg, 0, to * bo - og))
+    return w.view(groups, to, bo, tc, bk, kt).any(dim=4).any(dim=2).permute(0, 2, 3, 1)
 
 
 def _lists(occupancy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -200,7 +230,7 @@ def tile_lists(mask: torch.Tensor, groups: int = 1, block: Sequence[int] = (32, 
     m = _as_bool_mask(mask, "mask")
     occupancy = _tiled(m, groups, block).any(dim=4).any(dim=2)
     count, index = _lists(occupancy)
-    t_count, t_index = _lists(occupancy.transpose(1, 2))
+    t_count, t_index = _lists(_input_occupancy(m, groups, block).flatten(2))
     return TileLists(occupancy=occupancy, count=count, index=index, t_count=t_count, t_index=t_index,
                      block=block, groups=groups, shape=tuple(mask.shape))
 

@@ -271,9 +271,9 @@ def test_initial_masks_keep_exactly_the_density():
     blocked = convzoo.MaskedConv2d(32, 64, 3, density=0.25, block=(16, 32))
     tiles = convzoo.sparsity.tile_lists(blocked.mask, 1, (16, 32))
     assert tiles.occupancy.sum().item() == round(0.25 * tiles.occupancy.numel())
-    # whole tiles: the mask is its occupancy map expanded back
+    # whole tiles: the mask (as W_g, tap-major columns) is its occupancy map expanded back
     occ = tiles.occupancy[0].repeat_interleave(16, 0).repeat_interleave(32, 1)[:64, :32 * 9]
-    assert torch.equal(blocked.mask.flatten(1), occ)
+    assert torch.equal(blocked.mask.movedim(1, -1).flatten(1), occ)
 
 
 def test_meta_empty_autocast_and_weight_layouts(path):

@@ -22,14 +22,14 @@ from convzoo.kernels import masked_conv as kernels
 
 def tile_lists(mask: torch.Tensor, groups: int, block) -> tuple[torch.Tensor, torch.Tensor]:
     """``(count, index)`` of ``mask`` (weight-shaped, nonzero = kept) for ``block = (BO, BK)``: per group the
-    ``[C_out/G, K]`` matrix ``mask[o].flatten()``, tiled; ``count[g, to]`` non-empty k-tiles of row ``to``,
+    ``[C_out/G, K]`` matrix ``mask[o].movedim(0, -1).flatten()`` (tap-major columns), tiled; ``count[g, to]`` non-empty k-tiles of row ``to``,
     ``index[g, to]`` those first, ascending, then the empty ones (padding the kernel must never read: a
     test that poisons the empty tiles catches a read past ``count``)."""
     bo, bk = block
     co = mask.shape[0]
     og, k = co // groups, math.prod(mask.shape[1:])
     to, tk = -(-og // bo), -(-k // bk)
-    occ = (mask.reshape(groups, og, k) != 0)
+    occ = (mask.movedim(1, -1).reshape(groups, og, k) != 0)
     occ = F.pad(occ, (0, tk * bk - k, 0, to * bo - og)).reshape(groups, to, bo, tk, bk).any(dim=4).any(dim=2)
     count = occ.sum(-1, dtype=torch.int32)
     index = torch.sort((~occ).to(torch.int8), dim=-1, stable=True).indices.to(torch.int32)
@@ -46,7 +46,7 @@ def block_mask(shape, groups: int, block, density: float) -> torch.Tensor:
     keep = torch.zeros(n_tiles, dtype=torch.bool)
     keep[torch.randperm(n_tiles)[:round(density * n_tiles)]] = True
     full = keep.reshape(groups, to, 1, tk, 1).expand(groups, to, bo, tk, bk).reshape(groups, to * bo, tk * bk)
-    return full[:, :og, :k].reshape(shape).clone()
+    return full[:, :og, :k].reshape(co, *shape[2:], shape[1]).movedim(-1, 1).clone()  # tap-major columns
 
 
 def make_mask(shape, groups, block, density) -> torch.Tensor:

@@ -15,20 +15,56 @@ from convzoo.sparsity import TileLists, block_mask, random_mask, tile_lists
 
 # ---------------------------------------------------------------------------------------------- references
 def _ref_occupancy(mask: torch.Tensor, groups: int, block) -> list:
-    """``occ[g][to][tk]`` as nested lists, set from each nonzero entry's position in ``W_g = weight[o].flatten()``
-    rows (no padding, no views: an independent route to the same map)."""
+    """``occ[g][to][tk]`` as nested lists, set from each nonzero entry's column in ``W_g``, tap-major:
+    ``k = tap·C_in/G + c`` (no padding, no views: an independent route to the same map)."""
     bo, bk = block
     og, k = mask.shape[0] // groups, math.prod(mask.shape[1:])
     to, tk = -(-og // bo), -(-k // bk)
     occ = [[[False] * tk for _ in range(to)] for _ in range(groups)]
-    inner = mask.shape[1:]
-    for idx in (mask != 0).nonzero().tolist():
-        o, rest = idx[0], idx[1:]
-        col = 0
-        for i, n in zip(rest, inner):
-            col = col * n + i
+    for o, c, *taps in (mask != 0).nonzero().tolist():
+        col = _tap(taps, mask.shape[2:]) * mask.shape[1] + c
         occ[o // og][(o % og) // bo][col // bk] = True
     return occ
+
+
+def _ref_input_occupancy(mask: torch.Tensor, groups: int, block) -> list:
+    """``occ[g][tc][tap·TO + to]``: the grad-input's blocks (o-tile × c-tile at one tap), entry by entry."""
+    bo, bk = block
+    og, cg, kt = mask.shape[0] // groups, mask.shape[1], math.prod(mask.shape[2:])
+    to, tc = -(-og // bo), -(-cg // bk)
+    occ = [[[False] * (kt * to) for _ in range(tc)] for _ in range(groups)]
+    for o, c, *taps in (mask != 0).nonzero().tolist():
+        occ[o // og][c // bk][_tap(taps, mask.shape[2:]) * to + (o % og) // bo] = True
+    return occ
+
+
+def _tap(taps: list, kernel: tuple) -> int:
+    """The kernel tap's row-major index."""
+    t = 0
+    for i, n in zip(taps, kernel):
+        t = t * n + i
+    return t
+
+
+def _matrix(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """``W_g`` ``[G, C_out/G, K]`` entry by entry, tap-major columns (loops, not the library's views)."""
+    co, cg, kernel = x.shape[0], x.shape[1], x.shape[2:]
+    kt = math.prod(kernel)
+    w = torch.empty(groups, co // groups, kt * cg, dtype=x.dtype)
+    for idx in torch.cartesian_prod(*(torch.arange(n) for n in x.shape)).view(-1, x.dim()).tolist():
+        o, c, *taps = idx
+        w[o // (co // groups), o % (co // groups), _tap(taps, kernel) * cg + c] = x[tuple(idx)]
+    return w
+
+
+def _unmatrix(w: torch.Tensor, shape) -> torch.Tensor:
+    """The inverse of :func:`_matrix`, entry by entry."""
+    og, cg, kernel = w.shape[1], shape[1], shape[2:]
+    x = torch.empty(shape, dtype=w.dtype)
+    for idx in torch.cartesian_prod(*(torch.arange(n) for n in shape)).view(-1, len(shape)).tolist():
+        o, c, *taps = idx
+        x[tuple(idx)] = w[o // og, o % og, _tap(taps, kernel) * cg + c]
+    return x
 
 
 def _ref_lists(occ_rows: list) -> tuple[list, list]:
@@ -48,7 +84,7 @@ def _block_structured(shape, groups, block, density, gen) -> torch.Tensor:
             for c in range(0, k, bk):
                 if torch.rand((), generator=gen) < density:
                     w[g, r:r + bo, c:c + bk] = True
-    return w.reshape(shape)
+    return _unmatrix(w, shape)
 
 
 # (id, mask shape [C_out, C_in/G, *kernel], groups, block)
@@ -60,6 +96,7 @@ SHAPES = [
     ("C6_c1_K3x3_depthwise_b16x16", (6, 1, 3, 3), 6, (16, 16)),  # depthwise: one row, K=9, per group
     ("C64_c8_K1x1_G1_b32x64", (64, 8, 1, 1), 1, (32, 64)),     # 1x1 kernel, K=8 < BK
     ("C48_c16_K3x3_G1_b16x16", (48, 16, 3, 3), 1, (16, 16)),   # K=144 = 9 full tiles
+    ("C32_c32_K3_G2_b16x16", (32, 32, 3), 2, (16, 16)),        # BK | C_in/G: TC=2, k-tile = one tap
 ]
 DENSITIES = ["1.0", "0.5", "0.1", "0", "block"]
 
@@ -84,12 +121,17 @@ def test_tile_lists_match_brute_force(shape, groups, block, density):
     assert t.occupancy.dtype == torch.bool and t.occupancy.tolist() == occ
     g, to, tk = len(occ), len(occ[0]), len(occ[0][0])
     assert t.count.dtype == t.index.dtype == t.t_count.dtype == t.t_index.dtype == torch.int32
-    assert t.index.shape == (g, to, tk) and t.t_index.shape == (g, tk, to)
+    in_occ = _ref_input_occupancy(mask, groups, block)
+    tc, pairs = len(in_occ[0]), len(in_occ[0][0])
+    assert t.index.shape == (g, to, tk) and t.t_index.shape == (g, tc, pairs)
     counts, index = zip(*(_ref_lists(rows) for rows in occ))
     assert t.count.tolist() == list(counts) and t.index.tolist() == list(index)
-    transposed = [[[occ[gi][r][c] for r in range(to)] for c in range(tk)] for gi in range(g)]
-    t_counts, t_index = zip(*(_ref_lists(cols) for cols in transposed))
+    t_counts, t_index = zip(*(_ref_lists(rows) for rows in in_occ))
     assert t.t_count.tolist() == list(t_counts) and t.t_index.tolist() == list(t_index)
+    if shape[1] % block[1] == 0:  # BK divides C_in/G: the grad-input's blocks are the forward's tiles
+        kt = math.prod(shape[2:])
+        assert all(in_occ[gi][c][tap * to + r] == occ[gi][r][tap * (shape[1] // block[1]) + c]
+                   for gi in range(g) for c in range(tc) for tap in range(kt) for r in range(to))
     if density == "0":
         assert not t.occupancy.any() and (t.count == 0).all()
     if density == "1.0":
@@ -120,8 +162,8 @@ def test_tile_lists_on_meta(dtype):
     """Shapes and dtypes only: a meta tensor has no values, so nothing here may read one (.item(), nonzero)."""
     t = tile_lists(torch.empty(40, 5, 3, 3, device="meta", dtype=dtype), groups=2, block=(16, 32))
     for name, shape, dt in [("occupancy", (2, 2, 2), torch.bool), ("count", (2, 2), torch.int32),
-                            ("index", (2, 2, 2), torch.int32), ("t_count", (2, 2), torch.int32),
-                            ("t_index", (2, 2, 2), torch.int32)]:
+                            ("index", (2, 2, 2), torch.int32), ("t_count", (2, 1), torch.int32),
+                            ("t_index", (2, 1, 9 * 2), torch.int32)]:
         v = getattr(t, name)
         assert v.device.type == "meta" and v.shape == shape and v.dtype == dt, name
 
@@ -189,7 +231,7 @@ def _ref_tile_scores(x: torch.Tensor, groups: int, block) -> list:
     bo, bk = block
     og, k = x.shape[0] // groups, math.prod(x.shape[1:])
     to, tk = -(-og // bo), -(-k // bk)
-    w = x.reshape(groups, og, k)
+    w = _matrix(x, groups)
     w = w.long() if w.dtype == torch.bool else w.double().abs()
     out = []
     for g in range(groups):
@@ -211,7 +253,7 @@ def _ref_block_mask(x, groups, block, density) -> torch.Tensor:
     for i in kept:
         g, r, c = i // (to * tk), i // tk % to, i % tk
         out[g, r * bo:(r + 1) * bo, c * bk:(c + 1) * bk] = True
-    return out.reshape(x.shape)
+    return _unmatrix(out, x.shape)
 
 
 def _is_tile_structured(out: torch.Tensor, groups: int, block) -> bool:
@@ -219,7 +261,7 @@ def _is_tile_structured(out: torch.Tensor, groups: int, block) -> bool:
     occ = _ref_occupancy(out, groups, block)
     bo, bk = block
     og = out.shape[0] // groups
-    w = out.reshape(groups, og, -1)
+    w = _matrix(out, groups)
     return all(bool(w[g, r, c]) == occ[g][r // bo][c // bk]
                for g in range(groups) for r in range(og) for c in range(w.shape[2]))
 

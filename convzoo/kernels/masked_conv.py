@@ -3,10 +3,10 @@ tile-occupancy list and never visits an all-zero weight tile, and its launcher.
 
 Per channel group ``g`` the convolution is the GEMM ``Y_g = P_g · W_gᵀ (+ b)``, ``Y_g`` ``[M, C_out/G]``
 with ``M = N·L`` output positions (every sample's ``L = ∏out`` positions, flattened), ``P_g`` ``[M, K]``
-the patch matrix of the group's input channels (``K = C_in/G·∏kernel``, columns in ``(c, k_0, k_1, ...)``
-order: unfold's), never written to memory but gathered from ``x`` inside the kernel with the unfold
-index math (every padding mode, read in place), and ``W_g`` ``[C_out/G, K]`` the group's weight,
-``weight[o].flatten()`` per row.
+the patch matrix of the group's input channels (``K = C_in/G·∏kernel``, columns tap-major: ``k = t·C_in/G
++ c`` for kernel tap ``t`` and channel ``c``, see :mod:`convzoo.sparsity`), never written to memory but
+gathered from ``x`` inside the kernel with the unfold index math (every padding mode, read in place), and
+``W_g`` ``[C_out/G, K]`` the group's weight, ``weight[o].movedim(0, -1).flatten()`` per row.
 
 ``W_g`` is tiled in ``BO × BK`` tiles (``block``); the tile lists say which tiles can hold a nonzero:
 ``count[g, to]`` (int32 ``[G, TO]``) non-empty k-tiles in o-tile row ``to``, their indices first in
@@ -53,7 +53,7 @@ BLOCK_SIZES = (16, 32, 64, 128)
 def masked_conv_fwd_kernel(
     # output: y [N, CO, L], contiguous
     y_ptr,
-    # inputs: x [N, C, ID, IH, IW] (any strides), the weight as [CO, K] (any strides), bias [CO],
+    # inputs: x [N, C, ID, IH, IW] (any strides), the weight as [CO, K] (tap-major, any strides), bias [CO],
     # the tile lists count [ROWS] and index [ROWS, TK] (contiguous int32; ROWS = G·TO rows (g, to))
     x_ptr, w_ptr, b_ptr, count_ptr, index_ptr,
     # runtime sizes: M = N·L positions, OG = CO/G and CG = C/G channels per group, K = CG·∏kernel
@@ -122,7 +122,9 @@ def masked_conv_fwd_kernel(
         k = kt * BLOCK_K + tl.arange(0, BLOCK_K)
         # k < 0 only from a malformed list: masked, so such a list can give a wrong sum but never a wild read
         k_ok = (k >= 0) & (k < K)
-        off, ok = _patch_columns(k[:, None], l[None, :], ID, IH, IW, OH, OW,
+        # tap-major k = t·CG + c as _patch_columns' unfold-order row c·∏kernel + t
+        r = (k % CG) * (KD * KH * KW) + k // CG
+        off, ok = _patch_columns(r[:, None], l[None, :], ID, IH, IW, OH, OW,
                                  stride_xc, stride_xd, stride_xh, stride_xw,
                                  KD, KH, KW, SD, SH, SW, PD, PH, PW, DD, DH, DW, MODE, False)
         pt = tl.load(x_cols[None, :] + off, mask=(k_ok[:, None] & m_ok[None, :]) & ok, other=0)
@@ -289,7 +291,8 @@ def masked_conv(x: torch.Tensor, weight: torch.Tensor, count: torch.Tensor, inde
     ``weight`` with the unlisted tiles zeroed (``padding``: the flat ``[lo_0, hi_0, ...]`` list, read
     in ``padding_mode``: zeros, reflect, replicate, circular). The lists are not checked against the
     weight (that would read it, or sync with the device): a list that omits a nonzero tile drops it.
-    The weight is read as its ``[C_out, K]`` view, copied first only when its strides have none.
+    The weight is read as its tap-major ``[C_out, K]`` matrix, ``weight.movedim(1, -1)`` flattened: a view
+    for a channels-last weight (what the op passes) or a 1 × 1 kernel, a copy otherwise.
     ``config`` overrides the autotune lookup (it sets BLOCK_M, warps, stages; the block is the lists').
 
     Raises:
@@ -339,7 +342,7 @@ def masked_conv(x: torch.Tensor, weight: torch.Tensor, count: torch.Tensor, inde
     cfg = config or autotune.lookup("masked_conv_fwd", x.device, x.dtype, M=M, O=co, K=k, BO=bo, BK=bk)
     a = _as_3d(g)
     xs = _as_5d(x, g.ndim)
-    w2 = weight.reshape(co, k)  # a view for contiguous (and most sliced) weights; a copy otherwise
+    w2 = weight.movedim(1, -1).reshape(co, k)  # tap-major: a view for channels-last weights, else a copy
     count, index = count.contiguous(), index.contiguous()
     b = weight if bias is None else bias  # never read without bias
     rows = groups * to

@@ -52,8 +52,11 @@ def _kernel_forward(x, weight, mask, bias, stride, padding, dilation, groups, pa
     else:
         lists = sparsity.tile_lists(mask, groups, block)
         count, index = lists.count, lists.index
-    return kernels.masked_conv(x, reference.masked_weight(weight, mask), count, index, bias, list(weight.shape[2:]),
-                               dilation, padding, stride, padding_mode, groups, block)
+    # the masked weight, laid out tap-major ([C_out, *kernel, C_in/G] in memory): the kernel's [C_out, K] matrix
+    # is then a view, and the where() is the one copy
+    w = weight if mask is None else reference.masked_weight(weight.movedim(1, -1), mask.movedim(1, -1)).movedim(-1, 1)
+    return kernels.masked_conv(x, w, count, index, bias, list(weight.shape[2:]), dilation, padding, stride,
+                               padding_mode, groups, block)
 
 
 _masked_conv = torch.library.custom_op("convzoo::masked_conv", mutates_args=())(_masked_conv_impl)
