@@ -22,7 +22,8 @@ from convzoo.kernels import masked_conv as kernels
 
 def tile_lists(mask: torch.Tensor, groups: int, block) -> tuple[torch.Tensor, torch.Tensor]:
     """``(count, index)`` of ``mask`` (weight-shaped, nonzero = kept) for ``block = (BO, BK)``: per group the
-    ``[C_out/G, K]`` matrix ``mask[o].movedim(0, -1).flatten()`` (tap-major columns), tiled; ``count[g, to]`` non-empty k-tiles of row ``to``,
+    ``[C_out/G, K]`` matrix ``mask[o].movedim(0, -1).flatten()`` (tap-major columns), tiled; ``count[g, to]``
+    non-empty k-tiles of row ``to``,
     ``index[g, to]`` those first, ascending, then the empty ones (padding the kernel must never read: a
     test that poisons the empty tiles catches a read past ``count``)."""
     bo, bk = block
