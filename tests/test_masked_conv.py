@@ -291,3 +291,69 @@ def test_meta_empty_autocast_and_weight_layouts(path):
     torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2 * want.abs().max().item())
     wc = w.to(memory_format=torch.channels_last)
     torch.testing.assert_close(cf.masked_conv(x, wc, mask, b, **geom), cf.masked_conv(x, w, mask, b, **geom))
+
+
+# ---------------------------------------------------------------------------------------------- tile-list cache
+def _counting_tile_lists(monkeypatch):
+    """Counts the tile-list builds behind the ops' cache."""
+    from convzoo import sparsity
+
+    calls = []
+    real = sparsity.tile_lists
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sparsity, "tile_lists", counted)
+    return calls
+
+
+def test_tile_lists_are_cached_per_mask_version(kernel_device, monkeypatch):
+    """The layer's lists are built once, reused while the mask is unchanged, and rebuilt after every kind of
+    change torch sees (set_mask, an indexed write, load_state_dict, a .data swap); a float mask (a new bool
+    tensor per call) is rebuilt each call. After each change the kernel path agrees with the oracle, so a
+    newly kept entry in a tile that was empty is never dropped by a stale list."""
+    calls = _counting_tile_lists(monkeypatch)
+    layer = convzoo.MaskedConv2d(4, 20, 3, padding=1).to(kernel_device)
+    x = torch.randn(2, 4, 5, 5, device=kernel_device)
+    empty = torch.zeros_like(layer.mask)
+    empty[:2] = True  # only the first o-tile is occupied
+
+    def check():
+        want = _oracle(x, layer.weight, layer.mask, layer.bias, 1, 1, 1, 1, "zeros")
+        torch.testing.assert_close(layer(x), want, atol=1e-5, rtol=1e-5)
+
+    layer.set_mask(empty)
+    check()
+    check()
+    assert len(calls) == 1
+    with torch.no_grad():
+        layer.mask[19, 3, 2, 2] = True  # the second o-tile's first kept entry
+    check()
+    assert len(calls) == 2
+    layer.load_state_dict({**layer.state_dict(), "mask": torch.ones_like(layer.mask)})
+    check()
+    assert len(calls) == 3
+    layer.mask.data = empty.clone()  # a new storage, the same version counter
+    check()
+    assert len(calls) == 4
+    cf.masked_conv(x, layer.weight, layer.mask.float(), layer.bias, padding=1)
+    cf.masked_conv(x, layer.weight, layer.mask.float(), layer.bias, padding=1)
+    assert len(calls) == 6
+    convzoo.ops.masked_conv.clear_tile_cache()
+    check()
+    assert len(calls) == 7
+
+
+def test_tile_lists_of_inference_tensors_are_not_cached(kernel_device, monkeypatch):
+    """An inference-mode mask has no version counter: its lists are built per call, never cached."""
+    calls = _counting_tile_lists(monkeypatch)
+    x, w, mask, b, geom = _case("2d_P1_G2", torch.float32)
+    with torch.inference_mode():
+        mask = mask.clone().to(kernel_device)
+        x, w, b = x.to(kernel_device), w.to(kernel_device), b.to(kernel_device)
+        for _ in range(2):
+            torch.testing.assert_close(cf.masked_conv(x, w, mask, b, **geom), _oracle(x, w, mask, b, **geom),
+                                       atol=1e-5, rtol=1e-5)
+    assert len(calls) == 2

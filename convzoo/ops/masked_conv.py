@@ -11,24 +11,88 @@ adjoints close the family, as for local_conv:
 and each forward-mode tangent is the op with one argument replaced by its tangent. Arguments are resolved by
 :mod:`convzoo.functional` (per-dim lists, flat ``[lo_0, hi_0, ...]`` padding, a bool mask).
 
-The forward runs the tile-skipping Triton kernel (:mod:`convzoo.kernels.masked_conv`) on CUDA and under the
-interpreter, else the plain-torch path (:func:`convzoo.reference.masked_conv`: ``F.convNd`` on the masked
-weight). The two backward ops run the plain-torch path (``torch.nn.grad``) on every device for now; their
-tile-skipping kernels join these ops' implementations as they land, behind the same schema.
+All three run the tile-skipping Triton kernels (:mod:`convzoo.kernels.masked_conv`) on CUDA and under the
+interpreter, else the plain-torch path (:func:`convzoo.reference.masked_conv`: ``F.convNd`` on the masked weight,
+``torch.nn.grad`` for the two adjoints).
+
+The kernels iterate over the mask's tile lists (:func:`convzoo.sparsity.tile_lists`). Those are built on the
+device from the mask and cached per mask tensor (:func:`_tile_lists`): rebuilt only when the mask changes, which
+its version counter tells (every in-place torch op on it bumps the counter: ``copy_``, ``set_mask``,
+``load_state_dict``, an optimizer's or a collective's in-place write, ``mask[...] = ...``) or when its storage
+changes (``mask.data = ...``). Writes that bypass torch (through a ``numpy()`` view or ``data_ptr``) are not
+seen: call :func:`clear_tile_cache` after such a write.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
 
-from convzoo import _shapes, reference
+from convzoo import _shapes, reference, sparsity
 from convzoo.ops import _autograd
 from convzoo.ops._dispatch import own, use_triton
 
-__all__ = ["masked_conv", "masked_conv_grad_input", "masked_conv_grad_weight"]
+__all__ = ["clear_tile_cache", "masked_conv", "masked_conv_grad_input", "masked_conv_grad_weight"]
+
+
+# ---------------------------------------------------------------------------------------------- tile lists
+# mask tensor (weakly, by identity) -> (key, the mask's storage, TileLists). The entry holds the storage it was
+# built from, so that storage cannot be freed and its address reused by another while the entry lives: a key
+# with the same storage address and version is then the same memory at the same version.
+_LISTS: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def clear_tile_cache() -> None:
+    """Forget every cached tile list (needed only after a write to a mask that bypassed torch, e.g. through a
+    ``numpy()`` view; in-place torch ops are seen by the cache)."""
+    _LISTS.clear()
+    _dense_lists.cache_clear()
+
+
+def _block(weight_shape, groups: int) -> tuple[int, int]:
+    from convzoo.kernels import masked_conv as kernels
+
+    return kernels.default_block(weight_shape[0] // groups, math.prod(weight_shape[1:]))
+
+
+@functools.lru_cache(maxsize=64)
+def _dense_lists(weight_shape: tuple, groups: int, block: tuple, device: torch.device) -> sparsity.TileLists:
+    """The lists of an all-ones mask (a dense conv through the kernels), one per shape and device."""
+    return sparsity.tile_lists(torch.ones(weight_shape, dtype=torch.bool, device=device), groups, block)
+
+
+def _tile_lists(mask: Tensor | None, weight_shape, groups: int, device: torch.device) -> sparsity.TileLists:
+    """``mask``'s tile lists for the default block, cached per mask tensor and rebuilt when its version,
+    storage, offset, shape or strides, ``groups`` or the block change (see the module docstring); for
+    ``mask=None`` the dense lists of a weight of ``weight_shape`` on ``device``."""
+    block = _block(weight_shape, groups)
+    if mask is None:
+        return _dense_lists(tuple(weight_shape), groups, block, device)
+    try:
+        version = mask._version
+    except RuntimeError:  # an inference tensor has no version counter: nothing to key a cache on
+        return sparsity.tile_lists(mask, groups, block)
+    storage = mask.untyped_storage()
+    key = (version, storage._cdata, mask.storage_offset(), tuple(mask.shape), mask.stride(), groups, block)
+    hit = _LISTS.get(mask)
+    if hit is not None and hit[0] == key:
+        return hit[2]
+    lists = sparsity.tile_lists(mask, groups, block)
+    _LISTS[mask] = (key, storage, lists)
+    return lists
+
+
+def _masked_weight(weight: Tensor, mask: Tensor | None) -> Tensor:
+    """The weight with its masked entries zeroed (inside a listed tile they are read), laid out tap-major
+    (``[C_out, *kernel, C_in/G]`` in memory): the kernels' ``[C_out, K]`` matrix is then a view and the
+    ``where`` the one copy."""
+    if mask is None:
+        return weight
+    return reference.masked_weight(weight.movedim(1, -1), mask.movedim(1, -1)).movedim(-1, 1)
 
 
 def _masked_conv_impl(x: Tensor, weight: Tensor, mask: Tensor | None, bias: Tensor | None, stride: list[int],
@@ -39,24 +103,12 @@ def _masked_conv_impl(x: Tensor, weight: Tensor, mask: Tensor | None, bias: Tens
 
 
 def _kernel_forward(x, weight, mask, bias, stride, padding, dilation, groups, padding_mode) -> Tensor:
-    """The tile-skipping kernel: the mask's tile lists for the layer's default block (built on the device, no
-    host sync; rebuilt each call), the weight with its masked entries zeroed (inside a listed tile they are
-    read)."""
-    from convzoo import sparsity
+    """The tile-skipping kernel on the mask's (cached) tile lists and the masked weight."""
     from convzoo.kernels import masked_conv as kernels
 
-    _shapes.masked_conv_geometry(x, weight, mask, bias, stride, padding, dilation, groups, padding_mode)
-    block = kernels.default_block(weight.shape[0] // groups, math.prod(weight.shape[1:]))
-    if mask is None:
-        count, index = kernels.dense_tile_lists(weight, groups, block)
-    else:
-        lists = sparsity.tile_lists(mask, groups, block)
-        count, index = lists.count, lists.index
-    # the masked weight, laid out tap-major ([C_out, *kernel, C_in/G] in memory): the kernel's [C_out, K] matrix
-    # is then a view, and the where() is the one copy
-    w = weight if mask is None else reference.masked_weight(weight.movedim(1, -1), mask.movedim(1, -1)).movedim(-1, 1)
-    return kernels.masked_conv(x, w, count, index, bias, list(weight.shape[2:]), dilation, padding, stride,
-                               padding_mode, groups, block)
+    lists = _tile_lists(mask, weight.shape, groups, x.device)
+    return kernels.masked_conv(x, _masked_weight(weight, mask), lists.count, lists.index, bias,
+                               list(weight.shape[2:]), dilation, padding, stride, padding_mode, groups, lists.block)
 
 
 _masked_conv = torch.library.custom_op("convzoo::masked_conv", mutates_args=())(_masked_conv_impl)
