@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from convzoo._shapes import _is_int, check
 
-__all__ = ["TileLists", "block_mask", "random_mask", "tile_lists", "weight_matrix"]
+__all__ = ["PruneRegrow", "TileLists", "block_mask", "prune_regrow", "random_mask", "tile_lists", "weight_matrix"]
 
 MIN_BLOCK = 16  # tl.dot needs every tile dim ≥ 16; tl.arange needs powers of two
 
@@ -358,3 +358,118 @@ def random_mask(shape: Sequence[int], density: float, *, generator: torch.Genera
     perm = dims + rest
     inverse = sorted(range(nd), key=perm.__getitem__)
     return flat.view([shape[d] for d in perm]).permute(inverse).contiguous()
+
+
+# ---------------------------------------------------------------------------------------------- prune / regrow
+@dataclass(frozen=True, eq=False)
+class PruneRegrow:
+    """The result of :func:`prune_regrow`: bool tensors of the mask's shape.
+
+    Attributes:
+        mask: the new mask, ``(mask & ~pruned) | regrown``; per slice exactly as many kept entries as before.
+        pruned: the entries kept before and dropped now.
+        regrown: the entries dropped before (or, with ``regrow_pruned=True``, just pruned) and kept now.
+    """
+
+    mask: torch.Tensor
+    pruned: torch.Tensor
+    regrown: torch.Tensor
+
+
+def _check_dims(dims, nd: int) -> tuple[int, ...]:
+    check(isinstance(dims, Sequence) and not isinstance(dims, str) and all([_is_int(d) for d in dims]),
+          lambda: f"dims must be a sequence of ints, got {dims!r}", TypeError)
+    check(all([-nd <= d < nd for d in dims]), lambda: f"dims must be in [{-nd}, {nd}) for a {nd}-d mask, got {dims}")
+    out = tuple([int(d) % nd for d in dims])
+    check(len(set(out)) == len(out), lambda: f"dims must be distinct, got {dims}")
+    return out
+
+
+def _check_score(t, name: str, mask: torch.Tensor) -> None:
+    check(isinstance(t, torch.Tensor) and t.is_floating_point(),
+          lambda: f"{name} must be a floating tensor, got {getattr(t, 'dtype', type(t).__name__)}", TypeError)
+    check(t.shape == mask.shape, lambda: f"{name} must have the mask's shape {tuple(mask.shape)}, got "
+          f"{tuple(t.shape)}")
+    check(t.device == mask.device, lambda: f"{name} is on {t.device} but mask is on {mask.device}")
+
+
+def _rank(first: torch.Tensor, key: torch.Tensor, descending: bool) -> torch.Tensor:
+    """Per row of ``[S, n]``: each entry's position in the order "``first`` entries before the others, then by
+    ``key`` (ascending or descending), then by index" (two stable sorts, no host sync)."""
+    order = torch.sort(key, dim=1, descending=descending, stable=True).indices
+    order = order.gather(1, torch.sort((~first.gather(1, order)).to(torch.uint8), dim=1, stable=True).indices)
+    ranks = torch.empty_like(order)
+    return ranks.scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
+
+
+def prune_regrow(mask: torch.Tensor, prune_score: torch.Tensor, regrow_score: torch.Tensor, fraction: float, *,
+                 dims: Sequence[int] = (0,), regrow_pruned: bool = False) -> PruneRegrow:
+    """One dynamic-sparse-training step of a mask: per slice, drop the weakest kept entries and keep as many
+    dropped ones instead, so every slice keeps exactly its count of kept entries.
+
+    A slice is one index into ``dims`` (``(0,)``: per output channel of a conv weight; ``(0, 1)``: per
+    ``(C_out, C_in)`` filter, DSConv's ``prune_dims``; ``()``: the whole tensor). In a slice with ``a`` kept
+    entries out of ``n``, ``k = min(round(fraction · a), c)`` entries change, ``c`` the number of candidates for
+    regrowth (the ``n - a`` dropped entries; with ``regrow_pruned``, also the pruned ones, so ``c ≥ k``):
+
+    - pruned: the ``k`` kept entries with the lowest ``prune_score`` (NaN counts as lowest: a NaN weight is
+      pruned first);
+    - regrown: the ``k`` candidates with the highest ``regrow_score`` (NaN counts as lowest).
+
+    Equal scores are ranked by position in the slice (row-major over the other dims), lowest first. ``round`` is
+    half to even, as Python's. Everything is vectorised on the mask's device with no host synchronisation (two
+    stable sorts per ranking), so it can run inside a training step or under ``torch.compile``.
+
+    Args:
+        mask: bool tensor (any shape with at least one dim).
+        prune_score: floating, ``mask``'s shape; e.g. ``weight.abs()`` (magnitude pruning) or a coactivation
+            score.
+        regrow_score: floating, ``mask``'s shape; e.g. a coactivation score, or ``torch.rand`` with a seeded
+            generator for random regrowth.
+        fraction: the fraction of each slice's kept entries to replace, a real number in ``[0, 1]``.
+        dims: the dims that index the slices (distinct, in ``[-mask.dim(), mask.dim())``).
+        regrow_pruned: whether an entry pruned in this step may be regrown in it.
+
+    Returns:
+        A :class:`PruneRegrow` of bool tensors of ``mask``'s shape.
+
+    Raises:
+        TypeError: ``mask`` is not a bool tensor; a score is not a floating tensor; ``fraction`` is not a real
+            number; ``dims`` is not a sequence of ints.
+        ValueError: a score of another shape or device than ``mask``; ``fraction`` NaN or outside ``[0, 1]``;
+            ``dims`` out of range or repeated.
+    """
+    check(isinstance(mask, torch.Tensor) and mask.dtype == torch.bool,
+          lambda: f"mask must be a bool tensor, got {getattr(mask, 'dtype', type(mask).__name__)}", TypeError)
+    check(mask.dim() >= 1, lambda: "mask must have at least one dim")
+    _check_score(prune_score, "prune_score", mask)
+    _check_score(regrow_score, "regrow_score", mask)
+    fraction = _check_density(fraction, "fraction")
+    dims = _check_dims(dims, mask.dim())
+    rest = tuple([d for d in range(mask.dim()) if d not in dims])
+    perm = dims + rest
+    n_slices = math.prod([mask.shape[d] for d in dims])
+
+    def rows(t):  # [S, n]: slices as rows, each slice's entries in row-major order
+        return t.permute(perm).reshape(n_slices, -1)
+
+    kept = rows(mask)
+    kept_count = kept.sum(1, dtype=torch.int64)
+    k = torch.round(kept_count.double() * fraction).long()
+    candidates = kept.shape[1] - kept_count + (k if regrow_pruned else 0)
+    k = torch.minimum(k, candidates)[:, None]
+    low = torch.tensor(float("-inf"), device=mask.device)
+    p = rows(prune_score)
+    pruned = kept & (_rank(kept, torch.where(p.isnan(), low.to(p.dtype), p), descending=False) < k)
+    r = rows(regrow_score)
+    pool = ~kept | pruned if regrow_pruned else ~kept
+    regrown = pool & (_rank(pool, torch.where(r.isnan(), low.to(r.dtype), r), descending=True) < k)
+    new = (kept & ~pruned) | regrown
+
+    inverse = sorted(range(mask.dim()), key=perm.__getitem__)
+    shape = [mask.shape[d] for d in perm]
+
+    def back(t):
+        return t.view(shape).permute(inverse).contiguous()
+
+    return PruneRegrow(mask=back(new), pruned=back(pruned), regrown=back(regrown))
