@@ -401,11 +401,12 @@ def masked_conv_grad_weight_kernel(
     gathers its own patch rows and dY rows over all M positions, so x is read by each listed o-tile row of
     its group and dY by each listed k-tile of its row (L2 hits when the programs of one share run together,
     which the program order below makes them do: the splits are slowest). The arithmetic intensity per
-    program is ~2·BO·BK/((BO + BK)·e) FLOP per gathered byte, the forward's with BLOCK_M in BLOCK_O's
-    place: with 64 × 64 blocks in bf16 the kernel is tensor-core bound on an H100 when enough tiles ×
-    splits fill its 132 SMs (SPLIT is for that: a ResNet layer has tens of tiles and ~10^5 positions),
-    and the time falls ~linearly with ρ until x's and dY's compulsory reads dominate: at small ρ it is
-    memory bound on them. Depthwise layers (OG = 1) use one lane in BLOCK_O: correct, not fast.
+    program is ~2·BO·BK/((BO + BK)·e) FLOP per gathered byte (the forward's, with the block's BK in its
+    BLOCK_M's place: here BLOCK_M is the reduction step and sets no output tile): with 64 × 64 blocks in
+    bf16 the kernel is tensor-core bound on an H100 when enough tiles × splits fill its 132 SMs (SPLIT is
+    for that: a ResNet layer has tens of tiles and ~10^5 positions), and the time falls ~linearly with ρ
+    until x's and dY's compulsory reads dominate: at small ρ it is memory bound on them. Depthwise layers
+    (OG = 1) use one lane in BLOCK_O: correct, not fast.
 
     Layout: both operand tiles are gathered positions-last, dY as ``[BLOCK_O, BLOCK_M]`` and the patches as
     ``[BLOCK_K, BLOCK_M]`` (consecutive threads read consecutive positions, contiguous in dY and, for
