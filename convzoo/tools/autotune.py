@@ -65,6 +65,12 @@ KEY_LEGEND = {
                          "BK": "the tile lists' block columns (reduction side), sets BLOCK_K"},
                         "BLOCK_M positions x the block's BO output channels per program, over the listed "
                         "BK-wide reduction tiles"),
+    "masked_conv_grad_weight": ({"M": "reduction: output positions N*L (samples x positions)",
+                                 "O": "output channels C_out", "K": "weight columns per group C_in/groups*prod(K)",
+                                 "BO": "the tile lists' block rows (C_out side), sets BLOCK_O",
+                                 "BK": "the tile lists' block columns (K side), sets BLOCK_K"},
+                                "the block's BO x BK dW tile per program (listed tiles only), BLOCK_M reduction "
+                                "step, SPLIT programs per tile"),
 }
 
 
