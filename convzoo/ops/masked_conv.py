@@ -137,6 +137,13 @@ def _(grad, weight, mask, input_size, stride, padding, dilation, groups, padding
 
 def _grad_weight_impl(grad: Tensor, x: Tensor, mask: Tensor | None, weight_size: list[int], stride: list[int],
                       padding: list[int], dilation: list[int], groups: int, padding_mode: str) -> Tensor:
+    if use_triton(grad):
+        from convzoo.kernels import masked_conv as kernels
+
+        lists = _tile_lists(mask, weight_size, groups, grad.device)
+        return own(kernels.masked_conv_grad_weight(grad, x, mask, lists.count, lists.index, list(weight_size),
+                                                   list(weight_size[2:]), dilation, padding, stride, padding_mode,
+                                                   groups, lists.block))
     return own(reference.masked_conv_grad_weight(grad, x, mask, weight_size, stride, padding, dilation, groups,
                                                  padding_mode))
 
