@@ -366,22 +366,39 @@ def masked_conv(x: torch.Tensor, weight: torch.Tensor, count: torch.Tensor, inde
 # ==============================================================================================
 # grad-input: dX = dY ⋆ (W ⊙ mask)ᵀ, a gather over the grad-input tile lists (t_count / t_index)
 @triton.jit
-def _grad_input_step(acc, g_rows, w, o_ok, m_ok, pd, ph, pw, kd, kh, kw, OD, OH, OW,
-                     stride_gd, stride_gh, stride_gw,
-                     SD: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
-                     PD: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
-                     DD: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
-                     FP64: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """``acc + Aᵀ·w`` with ``A [BLOCK_O, BLOCK_M]`` the output gradient at the output positions whose tap
-    ``(kd, kh, kw)`` reads the padded positions ``(pd, ph, pw)``, 0 where there is none (stride does not
-    divide, or out of the output grid) or ``m_ok`` is false."""
-    qd, ok_d = _block_index(pd, PD, kd, OD, SD, DD)
-    qh, ok_h = _block_index(ph, PH, kh, OH, SH, DH)
-    qw, ok_w = _block_index(pw, PW, kw, OW, SW, DW)
-    ok = m_ok & ok_d & ok_h & ok_w
-    q = qd * stride_gd + qh * stride_gh + qw * stride_gw
-    a = tl.load(g_rows + q[None, :], mask=o_ok[:, None] & ok[None, :], other=0)
-    return _mma(tl.trans(a), w, acc, FP64, PRECISION, UPCAST)
+def _grad_input_blocks(acc, g_cols, w_ptr, idx_row, count, g, c, c_ok, pd, ph, pw, cand,
+                       E, TO, OG, CG, OD, OH, OW, stride_go, stride_gd, stride_gh, stride_gw, stride_wo, stride_wk,
+                       KH: tl.constexpr, KW: tl.constexpr,
+                       SD: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
+                       PD: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
+                       DD: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
+                       FP64: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_O: tl.constexpr):
+    """``acc`` plus, over the row's ``count`` listed entries ``e = t·TO + to``, ``Aᵀ·W``: ``W [BLOCK_O, BLOCK_K]``
+    the weight block ``W[g·OG + to·BO + o, c, t]``, ``A [BLOCK_O, BLOCK_M]`` the output gradient at the output
+    positions whose tap ``t`` reads the padded positions ``(pd, ph, pw)`` (0 where there is none: the stride
+    does not divide, or off the output grid; or where ``cand`` is false)."""
+    for j in range(0, count):
+        e = tl.load(idx_row + j, mask=j < E, other=0).to(tl.int64)
+        # an entry outside [0, E) only comes from a malformed list: its loads are masked, so such a list
+        # can give a wrong sum but never a wild read
+        e_ok = (e >= 0) & (e < E)
+        t = e // TO
+        to = e % TO
+        o = to * BLOCK_O + tl.arange(0, BLOCK_O)
+        o_ok = (o < OG) & e_ok
+        co = g * OG + o
+        # the weight block: W[co, c, t] at tap-major column t·CG + c
+        w = tl.load(w_ptr + co[:, None] * stride_wo + (t * CG + c)[None, :] * stride_wk,
+                    mask=o_ok[:, None] & c_ok[None, :], other=0)
+        # the output positions q whose tap t = (kd, kh, kw) reads p, per dim
+        qd, ok_d = _block_index(pd, PD, t // (KW * KH), OD, SD, DD)
+        qh, ok_h = _block_index(ph, PH, (t // KW) % KH, OH, SH, DH)
+        qw, ok_w = _block_index(pw, PW, t % KW, OW, SW, DW)
+        ok = cand & ok_d & ok_h & ok_w
+        q = qd * stride_gd + qh * stride_gh + qw * stride_gw
+        a = tl.load(g_cols[None, :] + co[:, None] * stride_go + q[None, :], mask=o_ok[:, None] & ok[None, :], other=0)
+        acc = _mma(tl.trans(a), w, acc, FP64, PRECISION, UPCAST)
+    return acc
 
 
 @triton.jit
@@ -419,8 +436,10 @@ def masked_conv_grad_input_kernel(
     Roofline (``e`` bytes per element, ``ρ`` the fraction of listed blocks): FLOPs issued =
     2·N·∏in·C·(CO/G)·∏kernel·ρ (``M = N·∏in`` positions), ∏stride times the useful 2·N·∏out·CO·(C/G)·∏kernel·ρ
     (the forward's): of the taps a position tile visits, only those the stride divides read anything, the
-    rest are masked loads and MMA on zeros (for stride 1 the two agree); non-'zeros' padding adds one step
-    per extra padded candidate, only in tiles that hold a border position. Bytes ≥ (N·CO·∏out [dY]
+    rest are masked loads and MMA on zeros (for stride 1 the two agree); non-'zeros' padding adds one pass
+    over the listed blocks per extra padded candidate, only in tiles that hold a border position (a position
+    tile at least a row long holds a left and a right border position, so in 2-d/3-d that is ~3× the MMA for
+    reflect or circular padding of the last dim: correct, not fast). Bytes ≥ (N·CO·∏out [dY]
     + CO·(C/G)·∏kernel·ρ [listed weight blocks] + N·C·∏in [dx])·e, plus the dY re-reads: each dY element is
     gathered by up to ∏kernel/∏stride positions and by every channel-tile row of its group, L1/L2 hits when
     the rows of one position tile run together, which the program order makes them do. Per k-step the
@@ -460,43 +479,29 @@ def masked_conv_grad_input_kernel(
     count = tl.minimum(count, E)
     idx_row = index_ptr + row * E
 
-    # loop over the listed blocks only, fp32 (fp64) accumulation
+    # per padded position that reads i (the one, i itself, for 'zeros'), the loop over the listed blocks only,
+    # fp32 (fp64) accumulation. A candidate holding no position of this tile is skipped whole: interior tiles
+    # run one block loop, as for 'zeros'; the candidates are the outer loop so that this test runs once per
+    # program and the block loop (its loads and dots) stays at the top of its own loop, where it is pipelined
     acc = tl.zeros([BLOCK_M, BLOCK_K], dtype=ACC_DTYPE)
-    for j in range(0, count):
-        e = tl.load(idx_row + j, mask=j < E, other=0).to(tl.int64)
-        # an entry outside [0, E) only comes from a malformed list: its loads are masked, so such a list
-        # can give a wrong sum but never a wild read
-        e_ok = (e >= 0) & (e < E)
-        t = e // TO
-        to = e % TO
-        kw = t % KW
-        kh = (t // KW) % KH
-        kd = t // (KW * KH)
-        o = to * BLOCK_O + tl.arange(0, BLOCK_O)
-        o_ok = (o < OG) & e_ok
-        co = g * OG + o
-        # the weight block: W[co, c, t] at tap-major column t·CG + c
-        w = tl.load(w_ptr + co[:, None] * stride_wo + (t * CG + c)[None, :] * stride_wk,
-                    mask=o_ok[:, None] & c_ok[None, :], other=0)
-        g_rows = g_cols[None, :] + co[:, None] * stride_go
-        # the padded positions that read i; a candidate holding no position of this tile is skipped whole
-        # (interior tiles run one step, as for 'zeros')
-        for jd in range(NCD):
-            pd, cand_d = _padded_candidate(i_d, jd, ID, PD, QD, MODE)
-            for jh in range(NCH):
-                ph, cand_h = _padded_candidate(ih, jh, IH, PH, QH, MODE)
-                for jw in range(NCW):
-                    pw, cand_w = _padded_candidate(iw, jw, IW, PW, QW, MODE)
-                    cand = m_ok & cand_d & cand_h & cand_w
-                    # MODE is a constexpr and the test a runtime branch: two ifs, so 'zeros' pays no reduction
-                    if MODE == 0:  # noqa: SIM114  (one candidate, p = i: nothing to skip)
-                        acc = _grad_input_step(acc, g_rows, w, o_ok, cand, pd, ph, pw, kd, kh, kw, OD, OH, OW,
-                                               stride_gd, stride_gh, stride_gw,
-                                               SD, SH, SW, PD, PH, PW, DD, DH, DW, FP64, PRECISION, UPCAST)
-                    elif tl.max(cand.to(tl.int32), axis=0) > 0:
-                        acc = _grad_input_step(acc, g_rows, w, o_ok, cand, pd, ph, pw, kd, kh, kw, OD, OH, OW,
-                                               stride_gd, stride_gh, stride_gw,
-                                               SD, SH, SW, PD, PH, PW, DD, DH, DW, FP64, PRECISION, UPCAST)
+    for jd in range(NCD):
+        pd, cand_d = _padded_candidate(i_d, jd, ID, PD, QD, MODE)
+        for jh in range(NCH):
+            ph, cand_h = _padded_candidate(ih, jh, IH, PH, QH, MODE)
+            for jw in range(NCW):
+                pw, cand_w = _padded_candidate(iw, jw, IW, PW, QW, MODE)
+                cand = m_ok & cand_d & cand_h & cand_w
+                # MODE is a constexpr and the test a runtime branch: two ifs, so 'zeros' pays no reduction
+                if MODE == 0:  # noqa: SIM114  (one candidate, p = i: nothing to skip)
+                    acc = _grad_input_blocks(acc, g_cols, w_ptr, idx_row, count, g, c, c_ok, pd, ph, pw, cand,
+                                             E, TO, OG, CG, OD, OH, OW, stride_go, stride_gd, stride_gh, stride_gw,
+                                             stride_wo, stride_wk, KH, KW, SD, SH, SW, PD, PH, PW, DD, DH, DW,
+                                             FP64, PRECISION, UPCAST, BLOCK_O)
+                elif tl.max(cand.to(tl.int32), axis=0) > 0:
+                    acc = _grad_input_blocks(acc, g_cols, w_ptr, idx_row, count, g, c, c_ok, pd, ph, pw, cand,
+                                             E, TO, OG, CG, OD, OH, OW, stride_go, stride_gd, stride_gh, stride_gw,
+                                             stride_wo, stride_wk, KH, KW, SD, SH, SW, PD, PH, PW, DD, DH, DW,
+                                             FP64, PRECISION, UPCAST, BLOCK_O)
 
     # masked store, positions last (contiguous runs of dx)
     dx = dx_ptr + (n * C * P + pix)[None, :] + ((g * CG + c) * P)[:, None]
