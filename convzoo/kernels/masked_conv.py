@@ -512,22 +512,24 @@ def masked_conv_grad_input_kernel(
 # grad-input configs. As the forward's: BLOCK_O × BLOCK_K is the lists' block (lookup dims BO, BK), a config
 # holds BLOCK_M, num_warps and num_stages only. The tile product is Aᵀ [BLOCK_M, BO] · W [BO, BK] into a
 # BLOCK_M × BK accumulator: the forward's with the roles of BO and BK swapped.
-def _gi_fits(bm: int, bo: int, bk: int, warps: int, stages: int, dtype) -> bool:
-    """:func:`_fits` for the grad-input's tiles: a ``BLOCK_M × BK`` fp32 accumulator, ``(BLOCK_M + BK)·BO``
-    staged operand elements per stage."""
-    return _fits(bm, bk, bo, warps, stages, dtype)
+def _swapped(dims) -> dict:
+    """The grad-input's dims as the forward's rules read them: its accumulator is BLOCK_M × BK (the
+    forward's BLOCK_M × BO) and a stage holds (BLOCK_M + BK)·BO operand elements (the forward's
+    (BLOCK_M + BO)·BK), so :func:`_default`, :func:`_fits` and :func:`_candidates` apply with BO and BK
+    swapped (fp64's BLOCK_M·BO·BK product is symmetric)."""
+    return {"M": dims["M"], "BO": dims["BK"], "BK": dims["BO"]}
 
 
 def _gi_default(dims, dtype, interpret: bool) -> Config:
-    """The forward's heuristic (:func:`_default`) with BO and BK swapped (see :func:`_gi_fits`): BLOCK_M 128
+    """The forward's heuristic (:func:`_default`) with BO and BK swapped (see :func:`_swapped`): BLOCK_M 128
     positions where there are that many, 8 warps for a large accumulator, 3 stages for 16-bit dtypes and
     2 for fp32 as the shared-memory budget allows; fp64's broadcast-sum at ≤ 8192 product values; the
     largest tiles under the interpreter."""
-    return _default({"M": dims["M"], "BO": dims["BK"], "BK": dims["BO"]}, dtype, interpret)
+    return _default(_swapped(dims), dtype, interpret)
 
 
 def _gi_candidates(dims, dtype):
-    return _candidates({"M": dims["M"], "BO": dims["BK"], "BK": dims["BO"]}, dtype)
+    return _candidates(_swapped(dims), dtype)
 
 
 def dense_grad_input_lists(weight: torch.Tensor, groups: int, block) -> tuple[torch.Tensor, torch.Tensor]:
