@@ -25,17 +25,19 @@ kernels.load_all()  # registers every kernel's autotune spec
 
 TL = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
 DOT_KERNELS = {"local_conv_fwd", "local_conv_grad_weight", "local_conv_grad_input", "patch_covariance",
-               "masked_conv_fwd", "masked_conv_grad_weight"}
+               "masked_conv_fwd", "masked_conv_grad_weight", "masked_conv_grad_input"}
 # lookup dims per kernel (default: 256 each). masked_conv's BLOCK_O × BLOCK_K is the tile lists' block, a
 # lookup dim (BO, BK), not a config entry: compiled for a small, the tuner's and the largest block
 # (the grad-weight's M 4096: its default then splits, SPLIT > 1)
 DIMS = {"masked_conv_fwd": [{"M": 256, "O": 256, "K": 256, "BO": bo, "BK": bk}
                             for bo, bk in ((32, 32), (64, 64), (128, 128))],
         "masked_conv_grad_weight": [{"M": 4096, "O": 256, "K": 256, "BO": bo, "BK": bk}
-                                    for bo, bk in ((32, 32), (64, 64), (128, 128))]}
+                                    for bo, bk in ((32, 32), (64, 64), (128, 128))],
+        "masked_conv_grad_input": [{"M": 256, "C": 256, "K": 256, "BO": bo, "BK": bk}
+                                   for bo, bk in ((32, 32), (64, 64), (128, 128))]}
 # tile constexprs that come from the dims, not from the config
-FIXED_TILES = {"masked_conv_fwd": lambda dims: {"BLOCK_O": dims["BO"], "BLOCK_K": dims["BK"]},
-               "masked_conv_grad_weight": lambda dims: {"BLOCK_O": dims["BO"], "BLOCK_K": dims["BK"]}}
+FIXED_TILES = {name: (lambda dims: {"BLOCK_O": dims["BO"], "BLOCK_K": dims["BK"]})
+               for name in ("masked_conv_fwd", "masked_conv_grad_weight", "masked_conv_grad_input")}
 # pointer arguments that are not of the data's dtype (masked_conv's tile lists, the grad-weight's byte mask)
 INT_PTRS = {"count_ptr": "*i32", "index_ptr": "*i32", "mask_ptr": "*u8"}
 # a 2-d 3×3 geometry (leading unit depth), stride (2, 1), dilation (1, 2), padding 1
@@ -75,10 +77,11 @@ def main():
                 if dtype == torch.float16:  # the largest tiles the tuner may try, too
                     configs.append(max(spec.candidates(dims, dtype),
                                        key=lambda c: (math_prod(c.meta), c.num_stages)))
-                # reflect: fold's candidate loops, masked_conv's gather; patch_covariance's and unfold_transpose's
-                # mode 2 compiles their transposed gathers (TRANSPOSED = mode == 2)
+                # reflect: fold's and masked_conv_grad_input's candidate loops, masked_conv's gather; patch_covariance's
+                # and unfold_transpose's mode 2 compiles their transposed gathers (TRANSPOSED = mode == 2)
                 modes = (0, 2) if name in ("fold", "local_conv_grad_input", "patch_covariance", "masked_conv_fwd",
-                                           "masked_conv_grad_weight", "unfold_transpose") else (0,)
+                                           "masked_conv_grad_weight", "masked_conv_grad_input",
+                                           "unfold_transpose") else (0,)
                 for i, cfg in enumerate(configs):
                     for arch in (90, 80) if i == 0 and dtype == torch.float16 else (90,):
                         for mode in modes:

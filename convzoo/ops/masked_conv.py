@@ -122,6 +122,13 @@ def _(x, weight, mask, bias, stride, padding, dilation, groups, padding_mode):
 
 def _grad_input_impl(grad: Tensor, weight: Tensor, mask: Tensor | None, input_size: list[int], stride: list[int],
                      padding: list[int], dilation: list[int], groups: int, padding_mode: str) -> Tensor:
+    if use_triton(grad):
+        from convzoo.kernels import masked_conv as kernels
+
+        lists = _tile_lists(mask, weight.shape, groups, grad.device)
+        return own(kernels.masked_conv_grad_input(grad, _masked_weight(weight, mask), lists.t_count, lists.t_index,
+                                                  list(input_size), list(weight.shape[2:]), dilation, padding, stride,
+                                                  padding_mode, groups, lists.block))
     return own(reference.masked_conv_grad_input(grad, weight, mask, input_size, stride, padding, dilation, groups,
                                                 padding_mode))
 

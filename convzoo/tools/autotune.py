@@ -71,6 +71,12 @@ KEY_LEGEND = {
                                  "BK": "the tile lists' block columns (K side), sets BLOCK_K"},
                                 "the block's BO x BK dW tile per program (listed tiles only), BLOCK_M reduction "
                                 "step, SPLIT programs per tile"),
+    "masked_conv_grad_input": ({"M": "input positions N*prod(input size) (samples x positions)",
+                                "C": "input channels C_in", "K": "reduction per group C_out/groups*prod(K)",
+                                "BO": "the tile lists' block rows (C_out side), sets BLOCK_O",
+                                "BK": "the tile lists' block columns (C_in side), sets BLOCK_K"},
+                               "BLOCK_M positions x the block's BK input channels per program, over the listed "
+                               "(tap, BO-wide output-channel tile) blocks"),
 }
 
 

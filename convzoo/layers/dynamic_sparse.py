@@ -1,0 +1,247 @@
+"""``DynamicSparseConv1d/2d/3d``: masked convolutions whose mask is trained (prune and regrow), scored by the
+layer's own coactivation statistics (:func:`convzoo.functional.coactivation`) or by weight magnitude."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+
+from convzoo import functional as cf
+from convzoo import sparsity
+from convzoo.layers.masked_conv import MaskedConv1d, MaskedConv2d, MaskedConv3d
+
+__all__ = ["DynamicSparseConv1d", "DynamicSparseConv2d", "DynamicSparseConv3d", "PruneRegrowSchedule"]
+
+SCORES = ("count", "correlation", "magnitude")
+REGROWS = ("coactivation", "random")
+
+
+def _real(value, name: str, lo: float, hi: float | None) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {value!r}")
+    value = float(value)
+    if not (lo <= value and (hi is None or value <= hi)):  # NaN fails too
+        raise ValueError(f"{name} must be in [{lo}, {'inf' if hi is None else hi}], got {value}")
+    return value
+
+
+class _DynamicSparseConvNd:
+    """The statistics and the prune / regrow step shared by the three classes (mixed in before MaskedConvNd)."""
+
+    def _init_dynamic(self, update_every, score, prune_fraction, regrow, prune_dims, ema, x_threshold,
+                      y_threshold) -> None:
+        if isinstance(update_every, bool) or not isinstance(update_every, int) or update_every < 1:
+            raise ValueError(f"update_every must be a positive int, got {update_every!r}")
+        if score not in SCORES:
+            raise ValueError(f"score must be one of {SCORES}, got {score!r}")
+        if regrow not in REGROWS:
+            raise ValueError(f"regrow must be one of {REGROWS}, got {regrow!r}")
+        self.prune_fraction = _real(prune_fraction, "prune_fraction", 0.0, 1.0)
+        self.ema = None if ema is None else _real(ema, "ema", 0.0, 1.0)
+        self.x_threshold = _real(x_threshold, "x_threshold", -math.inf, None)
+        self.y_threshold = _real(y_threshold, "y_threshold", -math.inf, None)
+        if not isinstance(prune_dims, Sequence) or isinstance(prune_dims, str):
+            raise TypeError(f"prune_dims must be a sequence of ints, got {prune_dims!r}")
+        sparsity._check_dims(prune_dims, self.weight.dim())  # raises on a bad entry
+        self.prune_dims = tuple(int(d) for d in prune_dims)
+        self.update_every, self.score_mode, self.regrow_mode = update_every, score, regrow
+        # what the statistics count: the score's own mode; 'magnitude' with coactivation regrowth counts
+        self.statistic = "correlation" if score == "correlation" else "count"
+        self.collects = score != "magnitude" or regrow == "coactivation"
+        if self.collects and self.padding_mode != "zeros":
+            raise ValueError(f"coactivation statistics count padded positions as inactive, which only zero padding "
+                             f"defines: padding_mode={self.padding_mode!r} needs score='magnitude' and "
+                             f"regrow='random'")
+        dtype = torch.float32 if self.statistic == "count" else self.weight.dtype
+        self.register_buffer("coactivation", torch.zeros(self.weight.shape, dtype=dtype, device=self.weight.device))
+        # forward calls in training mode, as a tensor (the compiled schedule reads it without a recompile) and
+        # as a Python int (eager reads it without a host sync)
+        self.register_buffer("calls", torch.zeros((), dtype=torch.int64, device=self.weight.device))
+        self._calls = 0
+
+    def _statistics(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return cf.coactivation(x.detach(), y.detach(), tuple(self.weight.shape), self.stride, self.padding,
+                               self.dilation, self.groups, x_threshold=self.x_threshold,
+                               y_threshold=self.y_threshold, mode=self.statistic)
+
+    def _blend(self, acc: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        h = h.to(acc.dtype)
+        return acc + h if self.ema is None else acc * self.ema + h * (1 - self.ema)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        y = super().forward(input)
+        if not (self.training and self.collects):
+            return y
+        x = input if input.dim() == self.weight.dim() else input[None]
+        yb = y if input.dim() == self.weight.dim() else y[None]
+        if torch.compiler.is_compiling():
+            # the schedule from the tensor counter, branch-free for the compiler (a Python counter would be a
+            # guard that recompiles on every value)
+            new = torch.cond(self.calls % self.update_every == 0,
+                             lambda acc, a, b: self._blend(acc, self._statistics(a, b)),
+                             lambda acc, a, b: acc.clone(), (self.coactivation, x, yb))
+            with torch.no_grad():
+                self.coactivation.copy_(new)
+        elif self._calls % self.update_every == 0:
+            with torch.no_grad():
+                self.coactivation.copy_(self._blend(self.coactivation, self._statistics(x, yb)))
+        if not torch.compiler.is_compiling():
+            self._calls += 1
+        with torch.no_grad():
+            self.calls.add_(1)
+        return y
+
+    @torch.no_grad()
+    def prune_regrow(self, optimizer: torch.optim.Optimizer | None = None, fraction: float | None = None,
+                     generator: torch.Generator | None = None, process_group=None) -> sparsity.PruneRegrow:
+        """One prune-and-regrow step of the mask (see :func:`convzoo.sparsity.prune_regrow`): per slice of
+        ``prune_dims``, the weakest ``fraction`` (default ``prune_fraction``) of the kept connections are dropped
+        and as many dropped ones kept instead, so every slice keeps its count.
+
+        Weakest: lowest ``|weight|`` (``score='magnitude'``) or lowest accumulated coactivation (``'count'``,
+        ``'correlation'``). Regrown: highest coactivation (``regrow='coactivation'``; never one pruned in this
+        step) or uniformly at random (``'random'``, drawn from ``generator``). Regrown weights are re-initialised
+        as ``nn.ConvNd`` initialises (uniform in ``±1/√fan_in``, from ``generator``) and pruned ones zeroed;
+        their entries of every weight-shaped optimizer state (Adam's moments, SGD's momentum) are zeroed.
+        The statistics are reset afterwards.
+
+        Under ``torch.distributed`` (initialised, more than one process in ``process_group``): the statistics are
+        summed over the processes first (``all_reduce``), and the new mask and weight are broadcast from the
+        group's first rank, so every rank keeps identical masks and weights whatever its generator.
+
+        No host synchronisation: everything stays on the weight's device.
+
+        Returns:
+            The :class:`convzoo.sparsity.PruneRegrow` of this step (new mask, pruned, regrown).
+        """
+        fraction = self.prune_fraction if fraction is None else _real(fraction, "fraction", 0.0, 1.0)
+        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size(process_group) > 1
+        if distributed and self.collects:
+            dist.all_reduce(self.coactivation, group=process_group)
+        stat = self.coactivation.to(self.weight.dtype if self.weight.is_floating_point() else torch.float32)
+        prune_score = self.weight.abs() if self.score_mode == "magnitude" else stat
+        if self.regrow_mode == "random":
+            regrow_score = torch.rand(self.weight.shape, generator=generator, device=self.weight.device)
+        else:
+            regrow_score = stat
+        out = sparsity.prune_regrow(self.mask, prune_score.float(), regrow_score.float(), fraction,
+                                    dims=self.prune_dims)
+        fan_in = self.weight.shape[1] * math.prod(self.weight.shape[2:])
+        bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+        fresh = torch.empty_like(self.weight).uniform_(-bound, bound, generator=generator)
+        weight = torch.where(out.regrown, fresh, torch.where(out.pruned, 0, self.weight))
+        mask = out.mask
+        if distributed:
+            src = dist.get_global_rank(process_group, 0) if process_group is not None else 0
+            dist.broadcast(mask, src, group=process_group)
+            dist.broadcast(weight, src, group=process_group)
+        self.weight.copy_(weight)
+        self.mask.copy_(mask)
+        if optimizer is not None:
+            changed = out.pruned | out.regrown
+            for state in (optimizer.state.get(self.weight) or {}).values():
+                if isinstance(state, torch.Tensor) and state.shape == self.weight.shape:
+                    state.masked_fill_(changed, 0)
+        self.coactivation.zero_()
+        return out
+
+    def extra_repr(self) -> str:
+        return (super().extra_repr() + f", score={self.score_mode!r}, regrow={self.regrow_mode!r}, "
+                f"prune_fraction={self.prune_fraction}, update_every={self.update_every}")
+
+
+_DOC = """A :class:`convzoo.MaskedConv{n}d` whose mask is trained: in training mode it accumulates, every
+``update_every`` forward calls, the coactivation statistics of its own input and output
+(:func:`convzoo.functional.coactivation`, thresholds ``x_threshold`` / ``y_threshold``; summed, or an EMA with
+factor ``ema``) into the ``coactivation`` buffer, and :meth:`prune_regrow` replaces the weakest connections.
+
+Args (besides ``nn.Conv{n}d``'s and ``MaskedConv{n}d``'s ``density`` — default 0.5 here — and ``block``):
+    update_every: collect the statistics on every this-many training forward calls.
+    score: ``'count'`` (coactivation counts), ``'correlation'`` (the seed's |Pearson| score) or ``'magnitude'``
+        (``|weight|``; statistics are then collected only for ``regrow='coactivation'``, as counts).
+    prune_fraction: the fraction of each slice's kept connections replaced per :meth:`prune_regrow`.
+    regrow: ``'coactivation'`` (highest statistic first) or ``'random'``.
+    prune_dims: the dims whose every index is one slice with its own exact count: ``(0,)`` per output channel,
+        ``(0, 1)`` per filter (DSConv's), ``()`` the whole weight.
+    ema: None (sum the statistics between prune steps) or the EMA factor in [0, 1].
+    x_threshold, y_threshold: an input / output value counts as active when it is above its threshold.
+
+Raises:
+    TypeError, ValueError: ``nn.Conv{n}d``'s own errors, or an argument above of the wrong type or out of range.
+"""
+
+
+def _make(base, n):
+    def __init__(self, *args, density: float = 0.5, block=None, update_every: int = 1, score: str = "count",
+                 prune_fraction: float = 0.1, regrow: str = "coactivation", prune_dims=(0,), ema=None,
+                 x_threshold: float = 0.0, y_threshold: float = 0.0, **kwargs):
+        base.__init__(self, *args, density=density, block=block, **kwargs)
+        self._init_dynamic(update_every, score, prune_fraction, regrow, prune_dims, ema, x_threshold, y_threshold)
+
+    return type(f"DynamicSparseConv{n}d", (_DynamicSparseConvNd, base),
+                {"__init__": __init__, "__doc__": _DOC.format(n=n), "__module__": __name__})
+
+
+DynamicSparseConv1d = _make(MaskedConv1d, 1)
+DynamicSparseConv2d = _make(MaskedConv2d, 2)
+DynamicSparseConv3d = _make(MaskedConv3d, 3)
+
+
+class PruneRegrowSchedule:
+    """Drives :meth:`prune_regrow` of every dynamic-sparse layer of ``model``: call :meth:`step` once per
+    training step (after ``optimizer.step()``); every ``every`` steps, until step ``end``, each layer prunes and
+    regrows the fraction ``f_t = f/2·(1 + cos(π·t/end))`` of its connections (RigL's cosine decay; ``f`` is
+    ``fraction``, or each layer's own ``prune_fraction`` when None; with ``end=None`` the fraction stays ``f``).
+
+    Args:
+        model: the module whose :class:`DynamicSparseConv1d/2d/3d` submodules are updated (found once, here).
+        optimizer: passed to ``prune_regrow`` (its state of changed connections is zeroed), or None.
+        every: steps between updates, a positive int.
+        end: the step after which no update happens (and the cosine reaches 0), or None.
+        fraction: the initial fraction in [0, 1], or None.
+        generator: the ``torch.Generator`` for random regrowth and re-initialisation.
+        process_group: the ``torch.distributed`` group (see ``prune_regrow``).
+
+    Raises:
+        TypeError, ValueError: ``every`` not a positive int, ``end`` not None or a positive int, ``fraction`` not
+            None or a real number in [0, 1], or ``model`` without dynamic-sparse layers.
+    """
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None, *, every: int = 100,
+                 end: int | None = None, fraction: float | None = None, generator: torch.Generator | None = None,
+                 process_group=None):
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"every must be a positive int, got {every!r}")
+        if end is not None and (isinstance(end, bool) or not isinstance(end, int) or end < 1):
+            raise ValueError(f"end must be None or a positive int, got {end!r}")
+        self.fraction = None if fraction is None else _real(fraction, "fraction", 0.0, 1.0)
+        self.layers = [m for m in model.modules() if isinstance(m, _DynamicSparseConvNd)]
+        if not self.layers:
+            raise ValueError("model has no DynamicSparseConv1d/2d/3d layer to update")
+        self.optimizer, self.every, self.end = optimizer, every, end
+        self.generator, self.process_group = generator, process_group
+        self.steps = 0
+
+    def decay(self, t: int) -> float:
+        """The cosine factor at step ``t``: 1 at 0, 0 at ``end`` (1 throughout when ``end`` is None)."""
+        return 1.0 if self.end is None else 0.5 * (1 + math.cos(math.pi * min(t, self.end) / self.end))
+
+    def step(self) -> bool:
+        """Count one training step; prune and regrow when the schedule says. Returns whether it did."""
+        self.steps += 1
+        if self.steps % self.every or (self.end is not None and self.steps >= self.end):
+            return False
+        for layer in self.layers:
+            f = layer.prune_fraction if self.fraction is None else self.fraction
+            layer.prune_regrow(self.optimizer, f * self.decay(self.steps), self.generator, self.process_group)
+        return True
+
+    def state_dict(self) -> dict:
+        return {"steps": self.steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.steps = int(state["steps"])
