@@ -580,6 +580,131 @@ def _gw_problem(layer, dtype, device) -> TuneProblem:
         return (lambda cfg: masked_conv_grad_weight(dy, x, mask, count, index, weight_size, kernel, dil, pad,
                                                     stride, mode, 1, block, config=cfg),
                 lambda: _gw_reference(dy, x, weight_size, dil, pad, stride, mode, 1))
+
+    return TuneProblem(dims, setup)
+
+
+def _gw_reference(dy, x, weight_size, dilation, padding, stride, padding_mode, groups):
+    """``torch.nn.grad.convNd_weight`` on ``x`` after ``F.pad`` in ``padding_mode`` (no mask: density 1)."""
+    nd = x.dim() - 2
+    pad = [v for i in reversed(range(nd)) for v in (padding[2 * i], padding[2 * i + 1])]
+    xp = F.pad(x, pad, mode="constant" if padding_mode == "zeros" else padding_mode)
+    grad_fn = (torch.nn.grad.conv1d_weight, torch.nn.grad.conv2d_weight, torch.nn.grad.conv3d_weight)[nd - 1]
+    return grad_fn(xp, list(weight_size), dy, stride, 0, dilation, groups)
+
+
+GRAD_WEIGHT_SPEC = autotune.register(KernelSpec(
+    "masked_conv_grad_weight", masked_conv_grad_weight_kernel, ("M", "O", "K", "BO", "BK"), _gw_default,
+    _gw_candidates, _gw_problem, _GW_SPACE))
+
+
+# ----------------------------------------------------------------------------------------------
+# grad-weight launcher
+def masked_conv_grad_weight(grad: torch.Tensor, x: torch.Tensor, mask: torch.Tensor | None, count: torch.Tensor,
+                            index: torch.Tensor, weight_size: list[int], kernel_size: list[int],
+                            dilation: list[int], padding: list[int], stride: list[int], padding_mode: str,
+                            groups: int, block, config: Config | None = None) -> torch.Tensor:
+    """The weight gradient of :func:`masked_conv`: ``dW`` of shape ``weight_size`` ``[C_out, C_in/groups,
+    *kernel_size]`` (contiguous, ``x``'s dtype) from ``grad`` = dY ``[N, C_out, *out]`` and ``x`` ``[N, C_in,
+    *spatial]`` (both any strides), computed only in the ``block = (BO, BK)`` tiles that ``count`` / ``index``
+    list (the forward's lists, see the module docstring), one launch (plus a sum of the partials when the
+    config splits the positions).
+
+    Equal to the dense convolution's weight gradient (``torch.nn.grad.convNd_weight`` of the padded input,
+    ``padding`` the flat ``[lo_0, hi_0, ...]`` list read in ``padding_mode``) with every tile the lists omit
+    exactly zero and then every entry where the bool ``mask`` (weight-shaped, or None: dense) is False exactly
+    zero, whatever x and dY hold (NaN and Inf included). Each ``index[g, to, :]`` must be a permutation of
+    ``range(TK)``, as :func:`convzoo.sparsity.tile_lists` builds it: the kernel writes the unlisted tiles'
+    zeros through it (no memset), so an entry no slot names would be left unwritten; it is not checked (that
+    would sync with the device). ``config`` overrides the autotune lookup (BLOCK_M, SPLIT, warps, stages; the
+    block is the lists'). Deterministic: the split's partials are summed in a fixed order, no atomics.
+
+    Raises:
+        TypeError: a non-tensor or non-floating ``input`` / ``grad``, dtypes that differ, ``mask`` not a bool
+            tensor, ``count`` / ``index`` not int32, ``weight_size`` not a list of ints, ``block`` not a
+            pair of ints.
+        ValueError: shapes that do not match (``weight_size``'s rank, kernel_size, channels and ``groups``;
+            ``grad`` not ``[N, C_out, *out]``; ``mask`` not weight-shaped; the tile lists' ``[G, TO]`` /
+            ``[G, TO, TK]``), a block side not in :data:`BLOCK_SIZES`, bad geometry (see
+            :func:`convzoo._shapes.geometry`), another device, or a device the kernels cannot run on.
+    """
+    # (1) check
+    g = _shapes.unfold_geometry(x, kernel_size, dilation, padding, stride, padding_mode)
+    n, c = x.shape[0], x.shape[1]
+    groups = _shapes.check_groups(groups, c)
+    cg = c // groups
+    _shapes.check(isinstance(weight_size, (list, tuple)) and all(_shapes._is_int(v) for v in weight_size),
+                  lambda: f"weight_size must be a list of ints, got {weight_size!r}", TypeError)
+    size = tuple(int(v) for v in weight_size)
+    _shapes.check(len(size) == x.dim() and size[2:] == tuple(g.kernel_size) and size[1] == cg and size[0] >= 0,
+                  lambda: f"weight_size must be [C_out, C_in/groups, *kernel_size] = [C_out, {c}/{groups}, "
+                  f"{', '.join(map(str, g.kernel_size))}], got {list(size)}")
+    co = size[0]
+    _shapes.check(co % groups == 0, lambda: f"groups={groups} must divide the output channels C_out={co}")
+    _shapes.check_float_tensor(grad, "grad")
+    _shapes.check(grad.dtype == x.dtype, lambda: f"grad has dtype {grad.dtype} but input has {x.dtype}", TypeError)
+    _shapes.check(grad.device == x.device, lambda: f"grad is on {grad.device} but input is on {x.device}")
+    _shapes.check(tuple(grad.shape) == (n, co, *g.out_size),
+                  lambda: f"grad must be [N, C_out, *out] = {[n, co, *g.out_size]} (the convolution's output), got "
+                  f"shape {tuple(grad.shape)}")
+    if mask is not None:
+        _shapes.check(isinstance(mask, torch.Tensor), lambda: f"mask must be a tensor or None, got "
+                      f"{type(mask).__name__}", TypeError)
+        _shapes.check(mask.dtype == torch.bool, lambda: f"mask must be a bool tensor, got {mask.dtype}", TypeError)
+        _shapes.check(tuple(mask.shape) == size,
+                      lambda: f"mask must have the weight's shape {list(size)}, got {tuple(mask.shape)}")
+        _shapes.check(mask.device == x.device, lambda: f"mask is on {mask.device} but input is on {x.device}")
+    bo, bk = _check_block(block)
+    kt = g.kernel_numel
+    og, k = co // groups, cg * kt
+    to, tk = triton.cdiv(og, bo), triton.cdiv(k, bk)
+    _check_list(count, "count", (groups, to), x)
+    _check_list(index, "index", (groups, to, tk), x)
+    _check_device(x)
+    # (2) allocate; nothing to launch for an empty result (C_out = 0 or C_in = 0), nor for an empty reduction
+    # (N = 0 or an empty output: no position, dW = 0)
+    dw = x.new_empty(size)
+    if dw.numel() == 0:
+        return dw
+    L = g.num_blocks
+    M = n * L
+    if M == 0:
+        return dw.zero_()
+    # (3) look up config and launch
+    cfg = config or autotune.lookup("masked_conv_grad_weight", x.device, x.dtype, M=M, O=co, K=k, BO=bo, BK=bk)
+    split = cfg.meta["SPLIT"]
+    acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    if split == 1:
+        target = _launch_buffer(dw, masked_conv_grad_weight_kernel)
+    else:  # the fp32 (fp64) partials, one per share
+        target = torch.empty((split, *size), dtype=acc_dtype, device=x.device)
+    out = target.view(-1, co, cg, kt)
+    a = _as_3d(g)
+    xs, dys = _as_5d(x, g.ndim), _as_5d(grad, g.ndim)
+    # the mask as [CO, CG, KT] bytes: a view for a contiguous mask (a 1-byte copy of the weight otherwise)
+    m3 = mask.reshape(co, cg, kt).view(torch.uint8) if mask is not None else None
+    count, index = count.contiguous(), index.contiguous()
+    rows = groups * to
+    grid = (split * rows * tk,)
+    with _device(x):
+        masked_conv_grad_weight_kernel[grid](
+            out, dys, xs, x if m3 is None else m3, count, index,  # x as the mask pointer: never read
+            M, L, og, cg, k, to, tk, rows, *a["in"], a["out"][1], a["out"][2],
+            *dys.stride(), *xs.stride(), *(m3.stride() if m3 is not None else (0, 0, 0)), *out.stride(),
+            *a["k"], *a["s"], *a["lo"], *a["d"],
+            _shapes.PADDING_MODE_CODES[g.padding_mode],
+            m3 is not None, **_math_args(x.dtype, masked_conv_grad_weight_kernel),
+            BLOCK_O=bo, BLOCK_K=bk, **cfg.launch_kwargs(),
+        )
+    if split == 1:
+        return _finish(dw, target)
+    # the partials, summed in a fixed order (deterministic); a masked entry is 0 in each, so 0 in the sum
+    if dw.dtype == acc_dtype:
+        return torch.sum(target, dim=0, out=dw)
+    return dw.copy_(target.sum(0))
+
+
+# ==============================================================================================
 # grad-input: dX = dY ⋆ (W ⊙ mask)ᵀ, a gather over the grad-input tile lists (t_count / t_index)
 @triton.jit
 def _grad_input_blocks(acc, g_cols, w_ptr, idx_row, count, g, c, c_ok, pd, ph, pw, cand,
@@ -780,124 +905,6 @@ def _gi_problem(layer, dtype, device) -> TuneProblem:
     return TuneProblem(dims, setup)
 
 
-def _gw_reference(dy, x, weight_size, dilation, padding, stride, padding_mode, groups):
-    """``torch.nn.grad.convNd_weight`` on ``x`` after ``F.pad`` in ``padding_mode`` (no mask: density 1)."""
-    nd = x.dim() - 2
-    pad = [v for i in reversed(range(nd)) for v in (padding[2 * i], padding[2 * i + 1])]
-    xp = F.pad(x, pad, mode="constant" if padding_mode == "zeros" else padding_mode)
-    grad_fn = (torch.nn.grad.conv1d_weight, torch.nn.grad.conv2d_weight, torch.nn.grad.conv3d_weight)[nd - 1]
-    return grad_fn(xp, list(weight_size), dy, stride, 0, dilation, groups)
-
-
-GRAD_WEIGHT_SPEC = autotune.register(KernelSpec(
-    "masked_conv_grad_weight", masked_conv_grad_weight_kernel, ("M", "O", "K", "BO", "BK"), _gw_default,
-    _gw_candidates, _gw_problem, _GW_SPACE))
-
-
-# ----------------------------------------------------------------------------------------------
-# grad-weight launcher
-def masked_conv_grad_weight(grad: torch.Tensor, x: torch.Tensor, mask: torch.Tensor | None, count: torch.Tensor,
-                            index: torch.Tensor, weight_size: list[int], kernel_size: list[int],
-                            dilation: list[int], padding: list[int], stride: list[int], padding_mode: str,
-                            groups: int, block, config: Config | None = None) -> torch.Tensor:
-    """The weight gradient of :func:`masked_conv`: ``dW`` of shape ``weight_size`` ``[C_out, C_in/groups,
-    *kernel_size]`` (contiguous, ``x``'s dtype) from ``grad`` = dY ``[N, C_out, *out]`` and ``x`` ``[N, C_in,
-    *spatial]`` (both any strides), computed only in the ``block = (BO, BK)`` tiles that ``count`` / ``index``
-    list (the forward's lists, see the module docstring), one launch (plus a sum of the partials when the
-    config splits the positions).
-
-    Equal to the dense convolution's weight gradient (``torch.nn.grad.convNd_weight`` of the padded input,
-    ``padding`` the flat ``[lo_0, hi_0, ...]`` list read in ``padding_mode``) with every tile the lists omit
-    exactly zero and then every entry where the bool ``mask`` (weight-shaped, or None: dense) is False exactly
-    zero, whatever x and dY hold (NaN and Inf included). Each ``index[g, to, :]`` must be a permutation of
-    ``range(TK)``, as :func:`convzoo.sparsity.tile_lists` builds it: the kernel writes the unlisted tiles'
-    zeros through it (no memset), so an entry no slot names would be left unwritten; it is not checked (that
-    would sync with the device). ``config`` overrides the autotune lookup (BLOCK_M, SPLIT, warps, stages; the
-    block is the lists'). Deterministic: the split's partials are summed in a fixed order, no atomics.
-
-    Raises:
-        TypeError: a non-tensor or non-floating ``input`` / ``grad``, dtypes that differ, ``mask`` not a bool
-            tensor, ``count`` / ``index`` not int32, ``weight_size`` not a list of ints, ``block`` not a
-            pair of ints.
-        ValueError: shapes that do not match (``weight_size``'s rank, kernel_size, channels and ``groups``;
-            ``grad`` not ``[N, C_out, *out]``; ``mask`` not weight-shaped; the tile lists' ``[G, TO]`` /
-            ``[G, TO, TK]``), a block side not in :data:`BLOCK_SIZES`, bad geometry (see
-            :func:`convzoo._shapes.geometry`), another device, or a device the kernels cannot run on.
-    """
-    # (1) check
-    g = _shapes.unfold_geometry(x, kernel_size, dilation, padding, stride, padding_mode)
-    n, c = x.shape[0], x.shape[1]
-    groups = _shapes.check_groups(groups, c)
-    cg = c // groups
-    _shapes.check(isinstance(weight_size, (list, tuple)) and all(_shapes._is_int(v) for v in weight_size),
-                  lambda: f"weight_size must be a list of ints, got {weight_size!r}", TypeError)
-    size = tuple(int(v) for v in weight_size)
-    _shapes.check(len(size) == x.dim() and size[2:] == tuple(g.kernel_size) and size[1] == cg and size[0] >= 0,
-                  lambda: f"weight_size must be [C_out, C_in/groups, *kernel_size] = [C_out, {c}/{groups}, "
-                  f"{', '.join(map(str, g.kernel_size))}], got {list(size)}")
-    co = size[0]
-    _shapes.check(co % groups == 0, lambda: f"groups={groups} must divide the output channels C_out={co}")
-    _shapes.check_float_tensor(grad, "grad")
-    _shapes.check(grad.dtype == x.dtype, lambda: f"grad has dtype {grad.dtype} but input has {x.dtype}", TypeError)
-    _shapes.check(grad.device == x.device, lambda: f"grad is on {grad.device} but input is on {x.device}")
-    _shapes.check(tuple(grad.shape) == (n, co, *g.out_size),
-                  lambda: f"grad must be [N, C_out, *out] = {[n, co, *g.out_size]} (the convolution's output), got "
-                  f"shape {tuple(grad.shape)}")
-    if mask is not None:
-        _shapes.check(isinstance(mask, torch.Tensor), lambda: f"mask must be a tensor or None, got "
-                      f"{type(mask).__name__}", TypeError)
-        _shapes.check(mask.dtype == torch.bool, lambda: f"mask must be a bool tensor, got {mask.dtype}", TypeError)
-        _shapes.check(tuple(mask.shape) == size,
-                      lambda: f"mask must have the weight's shape {list(size)}, got {tuple(mask.shape)}")
-        _shapes.check(mask.device == x.device, lambda: f"mask is on {mask.device} but input is on {x.device}")
-    bo, bk = _check_block(block)
-    kt = g.kernel_numel
-    og, k = co // groups, cg * kt
-    to, tk = triton.cdiv(og, bo), triton.cdiv(k, bk)
-    _check_list(count, "count", (groups, to), x)
-    _check_list(index, "index", (groups, to, tk), x)
-    _check_device(x)
-    # (2) allocate; nothing to launch for an empty result (C_out = 0 or C_in = 0), nor for an empty reduction
-    # (N = 0 or an empty output: no position, dW = 0)
-    dw = x.new_empty(size)
-    if dw.numel() == 0:
-        return dw
-    L = g.num_blocks
-    M = n * L
-    if M == 0:
-        return dw.zero_()
-    # (3) look up config and launch
-    cfg = config or autotune.lookup("masked_conv_grad_weight", x.device, x.dtype, M=M, O=co, K=k, BO=bo, BK=bk)
-    split = cfg.meta["SPLIT"]
-    acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    if split == 1:
-        target = _launch_buffer(dw, masked_conv_grad_weight_kernel)
-    else:  # the fp32 (fp64) partials, one per share
-        target = torch.empty((split, *size), dtype=acc_dtype, device=x.device)
-    out = target.view(-1, co, cg, kt)
-    a = _as_3d(g)
-    xs, dys = _as_5d(x, g.ndim), _as_5d(grad, g.ndim)
-    # the mask as [CO, CG, KT] bytes: a view for a contiguous mask (a 1-byte copy of the weight otherwise)
-    m3 = mask.reshape(co, cg, kt).view(torch.uint8) if mask is not None else None
-    count, index = count.contiguous(), index.contiguous()
-    rows = groups * to
-    grid = (split * rows * tk,)
-    with _device(x):
-        masked_conv_grad_weight_kernel[grid](
-            out, dys, xs, x if m3 is None else m3, count, index,  # x as the mask pointer: never read
-            M, L, og, cg, k, to, tk, rows, *a["in"], a["out"][1], a["out"][2],
-            *dys.stride(), *xs.stride(), *(m3.stride() if m3 is not None else (0, 0, 0)), *out.stride(),
-            *a["k"], *a["s"], *a["lo"], *a["d"],
-            _shapes.PADDING_MODE_CODES[g.padding_mode],
-            m3 is not None, **_math_args(x.dtype, masked_conv_grad_weight_kernel),
-            BLOCK_O=bo, BLOCK_K=bk, **cfg.launch_kwargs(),
-        )
-    if split == 1:
-        return _finish(dw, target)
-    # the partials, summed in a fixed order (deterministic); a masked entry is 0 in each, so 0 in the sum
-    if dw.dtype == acc_dtype:
-        return torch.sum(target, dim=0, out=dw)
-    return dw.copy_(target.sum(0))
 GRAD_INPUT_SPEC = autotune.register(KernelSpec(
     "masked_conv_grad_input", masked_conv_grad_input_kernel, ("M", "C", "K", "BO", "BK"), _gi_default,
     _gi_candidates, _gi_problem, _SPACE))
