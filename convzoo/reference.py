@@ -7,6 +7,7 @@ dtype, float64 included.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 
@@ -564,3 +565,110 @@ def masked_conv_grad_weight(grad: torch.Tensor, x: torch.Tensor, mask: torch.Ten
     g = _shapes.geometry(tuple(x.shape[2:]), tuple(weight_size[2:]), dilation, padding, stride, padding_mode)
     dw = _CONV_WEIGHT[g.ndim](_pad(x, g), list(weight_size), grad, g.stride, 0, g.dilation, groups)
     return masked_weight(dw, mask)
+
+
+# ---------------------------------------------------------------------------------------------- coactivation
+__all__ += ["coactivation"]
+
+
+def _no_autocast(device_type: str):
+    """A context that turns autocast off on ``device_type``: a custom op is not autocast-aware, so the torch ops
+    inside it would otherwise run in the autocast dtype (a bf16 count is no longer exact)."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _normalized_over_batch(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` ``[N, ...]`` in ``dtype``, centred over the batch and scaled to unit norm over it:
+    ``(t - mean) / ||t - mean||`` per position, and exactly 0 where ``t`` is constant over the batch (or its
+    deviations underflow): the std is 0 there. Two passes (the mean first, then the deviations), each deviation
+    first divided by its largest magnitude so that the squares neither underflow nor overflow."""
+    t = t.to(dtype)
+    dev = t - t.mean(0)
+    dev = torch.where((t == t[:1]).all(0), 0, dev)  # constant: exactly 0, whatever the mean rounded to
+    top = dev.abs().amax(0)
+    dev = dev / torch.where(top == 0, 1, top)
+    norm = dev.square().sum(0).sqrt()
+    return torch.where(norm == 0, 0, dev / torch.where(norm == 0, 1, norm))
+
+
+def coactivation(x: torch.Tensor, y: torch.Tensor, weight_shape: list[int], stride: list[int], padding: list[int],
+                 dilation: list[int], groups: int, padding_mode: str, x_threshold: float, y_threshold: float,
+                 mode: str, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The coactivation scores ``[C_out, C_in/groups, *kernel]`` of a convolution with input ``x`` and output
+    ``y`` (see :func:`convzoo.functional.coactivation`), into ``out`` (``out += H``) when given.
+
+    ``'count'``: the weight gradient of the binarized tensors, ``conv_weight((x > θ_x), (y > θ_y))`` in fp32 (the
+    comparisons in fp32, fp64 for fp64), binarized before padding so that zero padding stays 0 (inactive) whatever
+    ``θ_x``; its extra memory is the two binarized copies (and a padded one of ``x`` for an unequal or non-zero
+    padding).
+
+    ``'correlation'``: both tensors normalised over the batch (:func:`_normalized_over_batch`; a patch entry
+    reads one input position, so ``x`` is normalised in input space, then padded: zero padding is a constant,
+    std 0); per output position ``l`` the Pearson correlations are one small GEMM over the batch,
+    ``Ŷ_lᵀ X̂_l`` (``[C_out/G, N] @ [N, C_in/G·∏K]`` per group), and ``(N-1)/N·|·|`` of them is summed over the
+    positions, a block of consecutive positions at a time (:func:`_position_blocks`) whose gathered patches and
+    correlation matrices take about ``_CHUNK_BYTES``: never the ``[N, C_out, C_in·∏K, L]`` tensor of the seed.
+    fp64 for fp64 ``x``, else fp32; returned in ``x``'s dtype.
+    """
+    g = _shapes.coactivation_geometry(x, y, weight_shape, stride, padding, dilation, groups, padding_mode)
+    with _no_autocast(x.device.type):
+        if mode == "count":
+            # compared in fp32 (fp64): a threshold rounded to fp16/bf16 could move past a value (0.10005 → 0.10010)
+            xb, yb = (x.to(_acc(x.dtype)) > x_threshold).float(), (y.to(_acc(y.dtype)) > y_threshold).float()
+            if padding_mode == "zeros" and g.pad_lo == g.pad_hi:  # the convolution's own padding: no padded copy
+                h = _CONV_WEIGHT[g.ndim](xb, list(weight_shape), yb, g.stride, g.pad_lo, g.dilation, groups)
+            else:
+                h = masked_conv_grad_weight(yb, xb, None, list(weight_shape), stride, padding, dilation, groups,
+                                            padding_mode)
+        else:
+            h = _correlation(x, y, weight_shape, g, groups)
+        if out is None:
+            return h.to(_shapes.coactivation_dtype(x, mode))
+        return out.add_(h)
+
+
+def _position_blocks(out_size: tuple, chunk: int):
+    """The output positions (row-major) as blocks of consecutive positions, each at most ``chunk`` (at least one
+    position): ``(l0, lead, dim, a, b)``, the block being positions ``[lead..., a:b, :, ...]`` (``lead`` indexes
+    the dims before ``dim``, the dims after it whole) that start at flat position ``l0``. A block is a strided view
+    of the windows, copied with one ``reshape`` (a gather by flat index is several times slower)."""
+    nd = len(out_size)
+    dim, inner = nd - 1, 1
+    while dim > 0 and inner * out_size[dim] <= chunk:  # whole trailing dims while they fit
+        inner *= out_size[dim]
+        dim -= 1
+    step = max(1, chunk // inner)
+    for lead in itertools.product(*(range(e) for e in out_size[:dim])):
+        base = 0
+        for i, e in zip(lead, out_size[:dim]):
+            base = base * e + i
+        for a in range(0, out_size[dim], step):
+            b = min(a + step, out_size[dim])
+            yield (base * out_size[dim] + a) * inner, lead, dim, a, b
+
+
+def _correlation(x: torch.Tensor, y: torch.Tensor, weight_shape, g: _shapes.Geometry, groups: int) -> torch.Tensor:
+    """``(N-1)/N · (1/L) Σ_l |r_l|`` with ``r_l`` the Pearson correlations over the batch at position ``l``, in the
+    accumulation dtype (see :func:`coactivation`)."""
+    dtype = _acc(x.dtype)
+    n, num = x.shape[0], g.num_blocks
+    c_out, cg = weight_shape[0], weight_shape[1]
+    og, p = c_out // groups, cg * g.kernel_numel
+    acc = x.new_zeros((groups, og, p), dtype=dtype)
+    if n < 2:  # one sample (or none) has no spread: every std is 0, every score 0
+        return acc.view(weight_shape)
+    nd = g.ndim
+    xn = _windows(_normalized_over_batch(x, dtype), g).unflatten(1, (groups, cg))  # [N, G, C_in/G, *out, *K]
+    xn = xn.permute(*range(3, 3 + nd), 1, 0, 2, *range(3 + nd, 3 + 2 * nd))  # [*out, G, N, C_in/G, *K], a view
+    yn = _normalized_over_batch(y, dtype).flatten(2).permute(2, 1, 0).contiguous()  # [L, C_out, N]
+    # the gathered patches, the output slice, the per-position correlations
+    per_position = (n * groups * p + groups * og * n + groups * og * p) * torch.finfo(dtype).bits // 8
+    for l0, lead, dim, a, b in _position_blocks(g.out_size, max(1, _CHUNK_BYTES // per_position)):
+        xc = xn[lead].narrow(0, a, b - a)  # [b - a, *out[dim + 1:], G, N, C_in/G, *K], a view
+        lc = xc.shape[:nd - dim].numel()
+        xc = xc.reshape(lc * groups, n, p)  # one strided copy: [Lc·G, N, P]
+        yc = yn[l0:l0 + lc].view(lc * groups, og, n)
+        acc += torch.bmm(yc, xc).view(lc, groups, og, p).abs_().sum(0)
+    return acc.mul_((n - 1) / (n * num)).view(weight_shape)

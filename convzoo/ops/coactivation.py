@@ -1,0 +1,65 @@
+"""``convzoo::coactivation`` (new scores) and ``convzoo::coactivation_`` (added into ``out``): how often, or how
+strongly correlated, each connection ``W[o, c, k]`` of a convolution sees its input and output active, see
+:func:`convzoo.functional.coactivation`.
+
+Arguments are already resolved by :mod:`convzoo.functional`: ``weight_shape`` a list of ints, per-dim lists,
+``padding`` the flat ``[lo_0, hi_0, ...]`` list, thresholds Python floats, ``x`` and ``y`` detached. Neither op
+is differentiable (a statistic of the activations).
+
+Every device runs the plain-torch path for now (:func:`convzoo.reference.coactivation`: ``mode='count'`` is
+``torch.nn.grad.convNd_weight`` of the binarized tensors, ``mode='correlation'`` per-position GEMMs of the
+batch-normalised tensors, chunked); a Triton kernel with the thresholds fused into its loads joins behind the
+same schema.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from convzoo import _shapes, reference
+from convzoo.ops import _autograd
+from convzoo.ops._dispatch import own
+
+__all__ = ["coactivation", "coactivation_"]
+
+
+def _impl(x: Tensor, y: Tensor, weight_shape: list[int], stride: list[int], padding: list[int], dilation: list[int],
+          groups: int, padding_mode: str, x_threshold: float, y_threshold: float, score: str) -> Tensor:
+    return own(reference.coactivation(x, y, weight_shape, stride, padding, dilation, groups, padding_mode,
+                                      x_threshold, y_threshold, score))
+
+
+_coactivation = torch.library.custom_op("convzoo::coactivation", mutates_args=())(_impl)
+coactivation = _autograd.nondifferentiable(_coactivation, _impl, 2)
+coactivation.__doc__ = """``convzoo::coactivation(x, y, weight_shape, stride, padding, dilation, groups,
+padding_mode, x_threshold, y_threshold, score)``: the scores as a new ``weight_shape`` tensor (fp32 for
+``'count'``, ``x``'s dtype for ``'correlation'``). ``score`` is the functional's ``mode``: a schema may not name an
+argument ``mode`` (torch's dispatch-mode redirection passes one of that name)."""
+
+
+@_coactivation.register_fake
+def _(x, y, weight_shape, stride, padding, dilation, groups, padding_mode, x_threshold, y_threshold, score):
+    _shapes.coactivation_geometry(x, y, weight_shape, stride, padding, dilation, groups, padding_mode)
+    return x.new_empty(weight_shape, dtype=_shapes.coactivation_dtype(x, score))
+
+
+def _inplace_impl(out: Tensor, x: Tensor, y: Tensor, weight_shape: list[int], stride: list[int], padding: list[int],
+                  dilation: list[int], groups: int, padding_mode: str, x_threshold: float, y_threshold: float,
+                  score: str) -> None:
+    # here, on real tensors (a traced functional sees fakes without addresses; a compiled graph's
+    # functionalised out is a fresh buffer anyway)
+    _shapes.check_out_memory(out, x=x, y=y)
+    reference.coactivation(x, y, weight_shape, stride, padding, dilation, groups, padding_mode, x_threshold,
+                           y_threshold, score, out)
+
+
+_coactivation_ = torch.library.custom_op("convzoo::coactivation_", mutates_args=("out",))(_inplace_impl)
+coactivation_ = _autograd.nondifferentiable(_coactivation_, _inplace_impl, 3)
+coactivation_.__doc__ = """``convzoo::coactivation_(out, x, y, weight_shape, ..., score)``: ``out += H`` in place."""
+
+
+@_coactivation_.register_fake
+def _(out, x, y, weight_shape, stride, padding, dilation, groups, padding_mode, x_threshold, y_threshold, score):
+    _shapes.coactivation_geometry(x, y, weight_shape, stride, padding, dilation, groups, padding_mode)
+    return None
