@@ -6,6 +6,9 @@ Public names only; nothing here touches a device at import.
 from convzoo import functional, sparsity
 from convzoo.curvature import KFACFactors
 from convzoo.layers import (
+    DynamicSparseConv1d,
+    DynamicSparseConv2d,
+    DynamicSparseConv3d,
     Fold,
     LocalConv1d,
     LocalConv2d,
@@ -13,10 +16,14 @@ from convzoo.layers import (
     MaskedConv1d,
     MaskedConv2d,
     MaskedConv3d,
+    PruneRegrowSchedule,
     Unfold,
     UnfoldTranspose,
 )
 
-__all__ = ["Fold", "KFACFactors", "LocalConv1d", "LocalConv2d", "LocalConv3d", "MaskedConv1d", "MaskedConv2d",
-           "MaskedConv3d", "Unfold", "UnfoldTranspose", "functional", "sparsity"]
+__all__ = [
+    "DynamicSparseConv1d", "DynamicSparseConv2d", "DynamicSparseConv3d", "Fold", "KFACFactors", "LocalConv1d",
+    "LocalConv2d", "LocalConv3d", "MaskedConv1d", "MaskedConv2d", "MaskedConv3d", "PruneRegrowSchedule", "Unfold",
+    "UnfoldTranspose", "functional", "sparsity"
+]
 __version__ = "0.1.0"

@@ -1,8 +1,17 @@
 """nn.Modules mirroring torch's constructors."""
 
+from convzoo.layers.dynamic_sparse import (
+    DynamicSparseConv1d,
+    DynamicSparseConv2d,
+    DynamicSparseConv3d,
+    PruneRegrowSchedule,
+)
 from convzoo.layers.local_conv import LocalConv1d, LocalConv2d, LocalConv3d
 from convzoo.layers.masked_conv import MaskedConv1d, MaskedConv2d, MaskedConv3d
 from convzoo.layers.unfold import Fold, Unfold, UnfoldTranspose
 
-__all__ = ["Fold", "LocalConv1d", "LocalConv2d", "LocalConv3d", "MaskedConv1d", "MaskedConv2d", "MaskedConv3d",
-           "Unfold", "UnfoldTranspose"]
+__all__ = [
+    "DynamicSparseConv1d", "DynamicSparseConv2d", "DynamicSparseConv3d", "Fold", "LocalConv1d", "LocalConv2d",
+    "LocalConv3d", "MaskedConv1d", "MaskedConv2d", "MaskedConv3d", "PruneRegrowSchedule", "Unfold",
+    "UnfoldTranspose"
+]

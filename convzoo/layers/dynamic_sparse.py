@@ -57,16 +57,59 @@ class _DynamicSparseConvNd:
                              f"defines: padding_mode={self.padding_mode!r} needs score='magnitude' and "
                              f"regrow='random'")
         dtype = torch.float32 if self.statistic == "count" else self.weight.dtype
-        self.register_buffer("coactivation", torch.zeros(self.weight.shape, dtype=dtype, device=self.weight.device))
+        # the statistics are per process until prune_regrow sums them: not a buffer, because DDP broadcasts the
+        # buffers from rank 0 before every forward (which would overwrite the other ranks' counts); state_dict and
+        # device moves still carry it (see _apply and the state-dict hooks)
+        self._coactivation = torch.zeros(self.weight.shape, dtype=dtype, device=self.weight.device)
         # forward calls in training mode, as a tensor (the compiled schedule reads it without a recompile) and
         # as a Python int (eager reads it without a host sync)
         self.register_buffer("calls", torch.zeros((), dtype=torch.int64, device=self.weight.device))
         self._calls = 0
 
-    def _statistics(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return cf.coactivation(x.detach(), y.detach(), tuple(self.weight.shape), self.stride, self.padding,
-                               self.dilation, self.groups, x_threshold=self.x_threshold,
-                               y_threshold=self.y_threshold, mode=self.statistic)
+    @property
+    def coactivation(self) -> torch.Tensor:
+        """The statistics accumulated since the last :meth:`prune_regrow` (this process's only, under DDP)."""
+        return self._coactivation
+
+    def _apply(self, fn, recurse=True):
+        out = super()._apply(fn, recurse)
+        self._coactivation = self._coactivation.to(self.weight.device)  # the device only: counts stay fp32
+        return out
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination[prefix + "coactivation"] = self._coactivation if keep_vars else self._coactivation.detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        key = prefix + "coactivation"
+        if key in state_dict:
+            value = state_dict[key]
+            if value.shape != self._coactivation.shape:
+                error_msgs.append(f"size mismatch for {key}: copying a param with shape {tuple(value.shape)}, the "
+                                  f"shape in current model is {tuple(self._coactivation.shape)}.")
+            else:
+                with torch.no_grad():
+                    self._coactivation.copy_(value)
+        elif strict:
+            missing_keys.append(key)
+        rest = {k: v for k, v in state_dict.items() if k != key}
+        super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    def _statistics(self, x: torch.Tensor, y: torch.Tensor, x_threshold: float, y_threshold: float) -> torch.Tensor:
+        return cf.coactivation(x, y, tuple(self.weight.shape), self.stride, self.padding, self.dilation, self.groups,
+                               x_threshold=x_threshold, y_threshold=y_threshold, mode=self.statistic)
+
+    @staticmethod
+    def _shift(t: torch.Tensor, threshold: float) -> torch.Tensor:
+        """``t - threshold`` compared with 0 as ``t > threshold`` is (in fp32, fp64 for fp64; exact: two different
+        floats never subtract to 0), so a compiled branch passes the op no Python float (torch.cond would lift one
+        as a symbolic float, which a custom op's ``float`` argument refuses)."""
+        t = t.detach()
+        if threshold == 0.0:
+            return t
+        return t.to(torch.float64 if t.dtype == torch.float64 else torch.float32) - threshold
 
     def _blend(self, acc: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         h = h.to(acc.dtype)
@@ -79,16 +122,19 @@ class _DynamicSparseConvNd:
         x = input if input.dim() == self.weight.dim() else input[None]
         yb = y if input.dim() == self.weight.dim() else y[None]
         if torch.compiler.is_compiling():
-            # the schedule from the tensor counter, branch-free for the compiler (a Python counter would be a
-            # guard that recompiles on every value)
-            new = torch.cond(self.calls % self.update_every == 0,
-                             lambda acc, a, b: self._blend(acc, self._statistics(a, b)),
-                             lambda acc, a, b: acc.clone(), (self.coactivation, x, yb))
+            # the schedule from the tensor counter through torch.cond (a Python counter would be a guard that
+            # recompiles on every value); the blend outside the branch, taken only where the branch ran
+            run = self.calls % self.update_every == 0
+            shape, dtype = tuple(self.weight.shape), self._coactivation.dtype
+            h = torch.cond(run, lambda a, b: self._statistics(a, b, 0.0, 0.0).to(dtype),
+                           lambda a, b: a.new_zeros(shape, dtype=dtype),
+                           (self._shift(x, self.x_threshold), self._shift(yb, self.y_threshold)))
             with torch.no_grad():
-                self.coactivation.copy_(new)
+                self._coactivation.copy_(torch.where(run, self._blend(self._coactivation, h), self._coactivation))
         elif self._calls % self.update_every == 0:
             with torch.no_grad():
-                self.coactivation.copy_(self._blend(self.coactivation, self._statistics(x, yb)))
+                h = self._statistics(x.detach(), yb.detach(), self.x_threshold, self.y_threshold)
+                self._coactivation.copy_(self._blend(self._coactivation, h))
         if not torch.compiler.is_compiling():
             self._calls += 1
         with torch.no_grad():
@@ -121,8 +167,8 @@ class _DynamicSparseConvNd:
         fraction = self.prune_fraction if fraction is None else _real(fraction, "fraction", 0.0, 1.0)
         distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size(process_group) > 1
         if distributed and self.collects:
-            dist.all_reduce(self.coactivation, group=process_group)
-        stat = self.coactivation.to(self.weight.dtype if self.weight.is_floating_point() else torch.float32)
+            dist.all_reduce(self._coactivation, group=process_group)
+        stat = self._coactivation.to(self.weight.dtype if self.weight.is_floating_point() else torch.float32)
         prune_score = self.weight.abs() if self.score_mode == "magnitude" else stat
         if self.regrow_mode == "random":
             regrow_score = torch.rand(self.weight.shape, generator=generator, device=self.weight.device)
@@ -146,7 +192,7 @@ class _DynamicSparseConvNd:
             for state in (optimizer.state.get(self.weight) or {}).values():
                 if isinstance(state, torch.Tensor) and state.shape == self.weight.shape:
                     state.masked_fill_(changed, 0)
-        self.coactivation.zero_()
+        self._coactivation.zero_()
         return out
 
     def extra_repr(self) -> str:

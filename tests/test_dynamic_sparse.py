@@ -1,0 +1,268 @@
+"""DynamicSparseConv1d/2d/3d and PruneRegrowSchedule: statistics accumulated from the layer's own input and output
+(every update_every calls, sum or EMA) against coactivation calls made by hand, prune/regrow with exact counts,
+re-initialised weights and zeroed optimizer state, gradients never reaching masked weights, the cosine schedule,
+torch.compile(fullgraph=True, dynamic=True) of a training step (recompiles counted), no host sync (prune_regrow
+under a fullgraph compile), DistributedDataParallel with gloo on 2 processes against one process on the
+concatenated batch, and bad input."""
+
+import datetime
+import math
+import os
+
+import pytest
+import torch
+import torch._dynamo.testing
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import convzoo
+import convzoo.functional as cf
+from convzoo.layers.dynamic_sparse import DynamicSparseConv1d, DynamicSparseConv2d, DynamicSparseConv3d
+
+
+def _layer(**kw):
+    args = {"density": 0.5, "padding": 1}
+    args.update(kw)
+    return DynamicSparseConv2d(4, 6, 3, **args)
+
+
+def _hand_count(layer, x):
+    y = layer(x)
+    return cf.coactivation(x, y.detach(), tuple(layer.weight.shape), layer.stride, layer.padding, layer.dilation,
+                           layer.groups, mode=layer.statistic)
+
+
+# ---------------------------------------------------------------------------------------------- statistics
+@pytest.mark.parametrize("every", [1, 3])
+def test_statistics_accumulate_every_update_every_calls(every):
+    """The buffer is the sum of coactivation(x, y) over the training calls 0, every, 2·every, ... (eval calls
+    neither count nor collect)."""
+    torch.manual_seed(0)
+    layer = _layer(update_every=every)
+    xs = [torch.randn(2, 4, 5, 5) for _ in range(7)]
+    want = torch.zeros_like(layer.coactivation)
+    for i, x in enumerate(xs):
+        y = layer(x)
+        if i % every == 0:
+            want += cf.coactivation(x, y.detach(), (6, 4, 3, 3), 1, 1, 1, 1, mode="count")
+    layer.eval()
+    layer(xs[0])
+    torch.testing.assert_close(layer.coactivation, want, atol=0, rtol=0)
+    assert layer.calls.item() == len(xs)
+    assert want.sum() > 0
+
+
+def test_statistics_ema():
+    torch.manual_seed(0)
+    layer = _layer(ema=0.9, score="correlation")
+    want = torch.zeros_like(layer.coactivation)
+    for _ in range(3):
+        x = torch.randn(3, 4, 5, 5)
+        y = layer(x)
+        want = 0.9 * want + 0.1 * cf.coactivation(x, y.detach(), (6, 4, 3, 3), 1, 1, 1, 1, mode="correlation")
+    torch.testing.assert_close(layer.coactivation, want)
+
+
+def test_magnitude_with_random_regrowth_collects_nothing():
+    layer = _layer(score="magnitude", regrow="random", padding_mode="reflect")
+    layer(torch.randn(2, 4, 5, 5))
+    assert not layer.collects and layer.coactivation.abs().sum() == 0
+
+
+# ---------------------------------------------------------------------------------------------- prune / regrow
+@pytest.mark.parametrize("score", ["count", "magnitude", "correlation"])
+@pytest.mark.parametrize("regrow", ["coactivation", "random"])
+@pytest.mark.parametrize("prune_dims", [(0,), (0, 1)])
+def test_prune_regrow_exact_counts_reinit_and_optimizer_state(score, regrow, prune_dims):
+    torch.manual_seed(0)
+    layer = _layer(score=score, regrow=regrow, prune_dims=prune_dims, prune_fraction=0.3)
+    opt = torch.optim.Adam(layer.parameters(), lr=1e-2)
+    for _ in range(2):
+        layer(torch.randn(2, 4, 5, 5)).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    before_mask, before_w = layer.mask.clone(), layer.weight.detach().clone()
+    out = layer.prune_regrow(opt, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(layer.mask, out.mask)
+    def per(m):
+        return (m.flatten(len(prune_dims)).sum(-1))
+    assert torch.equal(per(layer.mask), per(before_mask))
+    expected = torch.round(per(before_mask).double() * 0.3).long()
+    assert torch.equal(per(out.pruned), expected) and out.pruned.any()
+    assert not (out.regrown & out.pruned).any() and not (out.regrown & before_mask).any()
+    w = layer.weight.detach()
+    assert (w[out.pruned] == 0).all()
+    assert (w[out.regrown].abs() <= 1 / math.sqrt(4 * 9)).all()
+    keep = before_mask & ~out.pruned
+    assert torch.equal(w[keep], before_w[keep])
+    state = opt.state[layer.weight]
+    changed = out.pruned | out.regrown
+    for name in ("exp_avg", "exp_avg_sq"):
+        assert (state[name][changed] == 0).all() and (state[name][keep] != 0).any()
+    assert layer.coactivation.abs().sum() == 0  # reset
+
+
+def test_coactivation_regrowth_takes_the_strongest():
+    layer = _layer(prune_fraction=0.5, prune_dims=())
+    with torch.no_grad():
+        layer.mask.zero_()
+        layer.mask.view(-1)[:10] = True
+        layer.coactivation.copy_(torch.arange(layer.weight.numel(), dtype=torch.float32).view_as(layer.weight))
+    out = layer.prune_regrow()
+    flat = out.regrown.view(-1)
+    assert flat[-5:].all() and flat.sum() == 5  # the 5 highest counts among the inactive ones
+    assert out.pruned.view(-1)[:5].all() and out.pruned.sum() == 5  # the 5 lowest among the kept ones
+
+
+def test_gradient_never_reaches_masked_weights():
+    torch.manual_seed(0)
+    layer = _layer()
+    layer.prune_regrow()
+    layer(torch.randn(2, 4, 5, 5)).sum().backward()
+    assert (layer.weight.grad[~layer.mask] == 0).all() and layer.weight.grad[layer.mask].abs().sum() > 0
+
+
+def test_prune_regrow_compiles_fullgraph():
+    """No host sync in prune_regrow: a fullgraph compile of it traces (a .item() or a data-dependent shape
+    would break the graph) and gives the eager result."""
+    torch.manual_seed(0)
+    a, b = _layer(score="count"), _layer(score="count")
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(2, 4, 5, 5)
+    a(x), b(x)
+    want = a.prune_regrow()
+    got = torch.compile(b.prune_regrow, fullgraph=True)()
+    assert torch.equal(got.mask, want.mask) and torch.equal(b.mask, a.mask)
+
+
+# ---------------------------------------------------------------------------------------------- schedule
+def test_schedule_cosine_every_and_end():
+    torch.manual_seed(0)
+    model = nn.Sequential(_layer(prune_fraction=0.4), nn.ReLU(), DynamicSparseConv2d(6, 6, 3, prune_fraction=0.4))
+    sched = convzoo.PruneRegrowSchedule(model, every=2, end=8)
+    calls = []
+    for layer in sched.layers:
+        real = layer.prune_regrow
+        layer.prune_regrow = (lambda *a, _r=real, **k: calls.append(a[1]) or _r(*a, **k))
+    did = [sched.step() for _ in range(10)]
+    assert did == [False, True, False, True, False, True, False, False, False, False]
+    fractions = [0.4 * 0.5 * (1 + math.cos(math.pi * t / 8)) for t in (2, 4, 6)]
+    assert calls == pytest.approx([f for f in fractions for _ in range(2)])
+    assert sched.state_dict() == {"steps": 10}
+
+
+# ---------------------------------------------------------------------------------------------- compile
+def test_compiled_training_step_matches_eager():
+    """fullgraph, dynamic: the statistics schedule runs through torch.cond on the tensor counter, so neither the
+    counter nor the batch size recompiles."""
+    torch.manual_seed(0)
+    eager = nn.Sequential(_layer(update_every=2), nn.ReLU(), DynamicSparseConv2d(6, 3, 3, update_every=2))
+    comp = nn.Sequential(_layer(update_every=2), nn.ReLU(), DynamicSparseConv2d(6, 3, 3, update_every=2))
+    comp.load_state_dict(eager.state_dict())
+    cnt = torch._dynamo.testing.CompileCounterWithBackend("inductor")
+    step = torch.compile(lambda m, x: m(x).square().mean(), backend=cnt, fullgraph=True, dynamic=True)
+    frames = []
+    for n in (2, 3, 4, 2, 5):
+        x = torch.randn(n, 4, 6, 6)
+        eager(x).square().mean().backward()
+        step(comp, x).backward()
+        frames.append(cnt.frame_count)
+    for a, b in zip(eager.modules(), comp.modules()):
+        if isinstance(a, DynamicSparseConv2d):
+            torch.testing.assert_close(b.coactivation, a.coactivation, atol=0, rtol=0)
+            torch.testing.assert_close(b.weight.grad, a.weight.grad)
+            assert b.calls.item() == 5
+    # no recompile after the first call; one graph with the model in it (the first call's analysis restarts
+    # once, which hands the backend an empty graph first)
+    assert frames == [frames[0]] * 5
+    assert sum("coactivation" in g.code for g in cnt.graphs) == 1
+
+
+# ---------------------------------------------------------------------------------------------- distributed
+def _model():
+    torch.manual_seed(0)
+    return nn.Sequential(_layer(prune_fraction=0.25), nn.ReLU(), DynamicSparseConv2d(6, 3, 3, prune_fraction=0.25))
+
+
+def _batches():
+    g = torch.Generator().manual_seed(1)
+    return [torch.randn(4, 4, 6, 6, generator=g) for _ in range(4)]
+
+
+def _train(model, batches, rank=None, world=1):
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    sched = convzoo.PruneRegrowSchedule(model, opt, every=2)
+    for x in batches:
+        if rank is not None:
+            x = x.chunk(world)[rank]
+        model(x).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+        sched.step()
+    return model
+
+
+def _ddp_worker(rank, world, out_dir):
+    # a file rendezvous (no port to race for) and a timeout: a lost peer fails the test instead of hanging it
+    dist.init_process_group("gloo", init_method=f"file://{os.path.join(out_dir, 'store')}", rank=rank,
+                            world_size=world, timeout=datetime.timedelta(seconds=120))
+    try:
+        model = _model()
+        ddp = nn.parallel.DistributedDataParallel(model)
+        _train(ddp, _batches(), rank, world)
+        torch.save({k: v.detach() for k, v in model.state_dict().items()}, os.path.join(out_dir, f"{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_match_one_process_on_the_concatenated_batch(tmp_path):
+    """gloo, 2 CPU processes, 4 steps with 2 prune/regrow steps: both ranks end with identical masks, weights
+    and statistics, equal to one process training on the whole batch (DDP averages the gradients; the counts
+    are all-reduced)."""
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"{r}.pt") for r in (0, 1))
+    single = _train(_model(), _batches()).state_dict()
+    for k in r0:
+        assert torch.equal(r0[k], r1[k]), k
+        torch.testing.assert_close(r0[k], single[k], atol=1e-5, rtol=1e-5, msg=k)
+    assert not r0["0.mask"].all()
+
+
+# ---------------------------------------------------------------------------------------------- layers / errors
+def test_1d_and_3d_layers_collect_and_prune():
+    torch.manual_seed(0)
+    for layer, x in ((DynamicSparseConv1d(3, 5, 3), torch.randn(2, 3, 9)),
+                     (DynamicSparseConv3d(3, 5, 2), torch.randn(2, 3, 4, 4, 4))):
+        layer(x)
+        assert layer.coactivation.sum() > 0
+        before = layer.mask.flatten(1).sum(1)
+        layer.prune_regrow()
+        assert torch.equal(layer.mask.flatten(1).sum(1), before)
+
+
+@pytest.mark.parametrize(("kwargs", "exc", "name"), [
+    ({"update_every": 0}, ValueError, "update_every"),
+    ({"score": "hebb"}, ValueError, "score"),
+    ({"regrow": "best"}, ValueError, "regrow"),
+    ({"prune_fraction": 1.5}, ValueError, "prune_fraction"),
+    ({"prune_fraction": "0.1"}, TypeError, "prune_fraction"),
+    ({"ema": -0.1}, ValueError, "ema"),
+    ({"x_threshold": None}, TypeError, "x_threshold"),
+    ({"prune_dims": (4,)}, ValueError, "dims"),
+    ({"prune_dims": 0}, TypeError, "prune_dims"),
+    ({"padding_mode": "reflect"}, ValueError, "padding_mode"),
+])
+def test_bad_arguments(kwargs, exc, name):
+    with pytest.raises(exc, match=name):
+        _layer(**kwargs)
+
+
+def test_schedule_bad_arguments():
+    with pytest.raises(ValueError, match="every"):
+        convzoo.PruneRegrowSchedule(nn.Sequential(_layer()), every=0)
+    with pytest.raises(ValueError, match="no DynamicSparseConv"):
+        convzoo.PruneRegrowSchedule(nn.Conv2d(1, 1, 1))
+    with pytest.raises(ValueError, match="fraction"):
+        convzoo.PruneRegrowSchedule(nn.Sequential(_layer()), fraction=2.0)
