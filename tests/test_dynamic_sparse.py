@@ -203,25 +203,32 @@ def _train(model, batches, rank=None, world=1):
     return model
 
 
-def _ddp_worker(rank, world, out_dir):
+def _worker(rank, world, out_dir, wrap):
     # a file rendezvous (no port to race for) and a timeout: a lost peer fails the test instead of hanging it
     dist.init_process_group("gloo", init_method=f"file://{os.path.join(out_dir, 'store')}", rank=rank,
                             world_size=world, timeout=datetime.timedelta(seconds=120))
     try:
         model = _model()
-        ddp = nn.parallel.DistributedDataParallel(model)
-        _train(ddp, _batches(), rank, world)
-        torch.save({k: v.detach() for k, v in model.state_dict().items()}, os.path.join(out_dir, f"{rank}.pt"))
+        if wrap == "ddp":
+            _train(nn.parallel.DistributedDataParallel(model), _batches(), rank, world)
+        else:  # FSDP2: the parameters become sharded DTensors
+            from torch.distributed.fsdp import fully_shard
+
+            _train(fully_shard(model), _batches(), rank, world)
+        state = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach()
+                 for k, v in model.state_dict().items()}
+        torch.save(state, os.path.join(out_dir, f"{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
 @pytest.mark.slow
-def test_ddp_two_processes_match_one_process_on_the_concatenated_batch(tmp_path):
-    """gloo, 2 CPU processes, 4 steps with 2 prune/regrow steps: both ranks end with identical masks, weights
-    and statistics, equal to one process training on the whole batch (DDP averages the gradients; the counts
-    are all-reduced)."""
-    mp.spawn(_ddp_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
+@pytest.mark.parametrize("wrap", ["ddp", "fully_shard"])
+def test_distributed_two_processes_match_one_process_on_the_concatenated_batch(tmp_path, wrap):
+    """gloo, 2 CPU processes, 4 steps with 2 prune/regrow steps, under DistributedDataParallel and under FSDP2's
+    fully_shard (sharded DTensor weights): both ranks end with identical masks, weights and statistics, equal to
+    one process training on the whole batch (the gradients are averaged; the counts are all-reduced)."""
+    mp.spawn(_worker, args=(2, str(tmp_path), wrap), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"{r}.pt") for r in (0, 1))
     single = _train(_model(), _batches()).state_dict()
     for k in r0:

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from convzoo import functional as cf
 from convzoo import sparsity
@@ -27,6 +28,13 @@ def _real(value, name: str, lo: float, hi: float | None) -> float:
     if not (lo <= value and (hi is None or value <= hi)):  # NaN fails too
         raise ValueError(f"{name} must be in [{lo}, {'inf' if hi is None else hi}], got {value}")
     return value
+
+
+def _like(t: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """``t`` (a full tensor) placed as ``ref`` is: sharded the same way when ``ref`` is a DTensor (FSDP)."""
+    if isinstance(ref, DTensor):
+        return distribute_tensor(t, ref.device_mesh, ref.placements)
+    return t
 
 
 class _DynamicSparseConvNd:
@@ -168,8 +176,11 @@ class _DynamicSparseConvNd:
         distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size(process_group) > 1
         if distributed and self.collects:
             dist.all_reduce(self._coactivation, group=process_group)
-        stat = self._coactivation.to(self.weight.dtype if self.weight.is_floating_point() else torch.float32)
-        prune_score = self.weight.abs() if self.score_mode == "magnitude" else stat
+        # under FSDP (fully_shard) the weight is a sharded DTensor: work on the full weight, write the shards back
+        sharded = isinstance(self.weight, DTensor)
+        current = self.weight.full_tensor() if sharded else self.weight
+        stat = self._coactivation.to(current.dtype)
+        prune_score = current.abs() if self.score_mode == "magnitude" else stat
         if self.regrow_mode == "random":
             regrow_score = torch.rand(self.weight.shape, generator=generator, device=self.weight.device)
         else:
@@ -178,20 +189,20 @@ class _DynamicSparseConvNd:
                                     dims=self.prune_dims)
         fan_in = self.weight.shape[1] * math.prod(self.weight.shape[2:])
         bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0.0
-        fresh = torch.empty_like(self.weight).uniform_(-bound, bound, generator=generator)
-        weight = torch.where(out.regrown, fresh, torch.where(out.pruned, 0, self.weight))
+        fresh = torch.empty_like(current).uniform_(-bound, bound, generator=generator)
+        weight = torch.where(out.regrown, fresh, torch.where(out.pruned, 0, current))
         mask = out.mask
         if distributed:
             src = dist.get_global_rank(process_group, 0) if process_group is not None else 0
             dist.broadcast(mask, src, group=process_group)
             dist.broadcast(weight, src, group=process_group)
-        self.weight.copy_(weight)
+        self.weight.copy_(_like(weight, self.weight))
         self.mask.copy_(mask)
         if optimizer is not None:
             changed = out.pruned | out.regrown
             for state in (optimizer.state.get(self.weight) or {}).values():
                 if isinstance(state, torch.Tensor) and state.shape == self.weight.shape:
-                    state.masked_fill_(changed, 0)
+                    state.masked_fill_(_like(changed, state), 0)
         self._coactivation.zero_()
         return out
 
