@@ -40,6 +40,8 @@ FIXED_TILES = {name: (lambda dims: {"BLOCK_O": dims["BO"], "BLOCK_K": dims["BK"]
                for name in ("masked_conv_fwd", "masked_conv_grad_weight", "masked_conv_grad_input")}
 # pointer arguments that are not of the data's dtype (masked_conv's tile lists, the grad-weight's byte mask)
 INT_PTRS = {"count_ptr": "*i32", "index_ptr": "*i32", "mask_ptr": "*u8"}
+# runtime arguments that are floats (the grad-weight kernel's coactivation thresholds)
+FLOAT_ARGS = {"x_threshold": "fp32", "y_threshold": "fp32"}
 # a 2-d 3×3 geometry (leading unit depth), stride (2, 1), dilation (1, 2), padding 1
 GEOMETRY = {"KD": 1, "KH": 3, "KW": 3, "SD": 1, "SH": 2, "SW": 1, "PD": 0, "PH": 1, "PW": 1, "QD": 0, "QH": 1,
             "QW": 1, "DD": 1, "DH": 1, "DW": 2}
@@ -48,7 +50,7 @@ GEOMETRY = {"KD": 1, "KH": 3, "KW": 3, "SD": 1, "SH": 2, "SW": 1, "PD": 0, "PH":
 def constexprs(fn, dtype, mode, cfg, fixed, has_bias=True):
     fp64 = dtype == torch.float64
     values = {**GEOMETRY, "MODE": mode, "NCD": 1, "NCH": 3 if mode else 1, "NCW": 3 if mode else 1,
-              "HAS_BIAS": has_bias, "HAS_MASK": True, "TRANSPOSED": mode == 2, "READ_OUT": True,
+              "HAS_BIAS": has_bias, "HAS_MASK": True, "BINARIZE": False, "TRANSPOSED": mode == 2, "READ_OUT": True,
               "FP64": fp64, "PRECISION": "tf32" if dtype == torch.float32 else "ieee",
               "UPCAST": False,  # bf16 reaches the tensor cores on a GPU (only the interpreter upcasts)
               "ACC_DTYPE": tl.float64 if fp64 else tl.float32, **cfg.meta, **fixed}
@@ -59,7 +61,8 @@ def compile_one(spec, dtype, cfg, mode, arch, fixed):
     fn = spec.kernel
     const = constexprs(fn, dtype, mode, cfg, fixed)
     sig = {p.name: "constexpr" if p.name in const else
-           (INT_PTRS.get(p.name, f"*{TL[dtype]}") if p.name.endswith("_ptr") else "i32") for p in fn.params}
+           (INT_PTRS.get(p.name, f"*{TL[dtype]}") if p.name.endswith("_ptr") else FLOAT_ARGS.get(p.name, "i32"))
+           for p in fn.params}
     src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in const.items()})
     k = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                        options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})

@@ -162,32 +162,35 @@ def binarized_conv_weight(x, y, w_shape, stride, padding, dilation, groups, padd
 
 # ---------------------------------------------------------------------------------------------- count
 @pytest.mark.parametrize("key", SMALL)
-def test_count_matches_the_seed_brute_force(key):
+def test_count_matches_the_seed_brute_force(key, path):
+    """Both paths: the fused-threshold grad-weight kernel (CUDA, or the interpreter) and the plain-torch path."""
     x, y, ws, geom = _case(key)
-    got = cf.coactivation(x, y, ws, **geom)
+    got = cf.coactivation(x.to(path), y.to(path), ws, **geom).cpu()
     assert got.dtype == torch.float32 and got.shape == ws
     assert torch.equal(got, seed_f3(x, y, ws, **geom))
 
 
 @pytest.mark.parametrize("key", list(CASES))
 @pytest.mark.parametrize("thresholds", [(0.0, 0.0), (0.3, -0.2), (-0.5, 0.7)], ids=["t0", "tpos", "tneg"])
-def test_count_is_the_weight_gradient_of_the_binarized_tensors(key, thresholds):
+def test_count_is_the_weight_gradient_of_the_binarized_tensors(key, thresholds, path):
     x, y, ws, geom = _case(key, torch.float32)
     tx, ty = thresholds
-    got = cf.coactivation(x, y, ws, **geom, x_threshold=tx, y_threshold=ty)
+    got = cf.coactivation(x.to(path), y.to(path), ws, **geom, x_threshold=tx, y_threshold=ty).cpu()
     assert torch.equal(got, binarized_conv_weight(x, y, ws, **geom, x_threshold=tx, y_threshold=ty))
 
 
-def test_negative_x_threshold_keeps_zero_padding_inactive():
+def test_negative_x_threshold_keeps_zero_padding_inactive(path):
     """θ_x < 0: a padded 0 would be 'active' if the padded input were binarized; it is not read at all. The
     naive order (pad, then binarize) gives another count here, so the test can tell them apart."""
     x, y, ws, geom = _case("2d_P1_G2")
+    x, y = x.to(path), y.to(path)
     got = cf.coactivation(x, y, ws, **geom, x_threshold=-0.5)
     assert torch.equal(got, seed_f3(x, y, ws, **geom, x_threshold=-0.5))
     naive = torch.nn.grad.conv2d_weight((F.pad(x, [1, 1, 1, 1]) > -0.5).float(), ws, (y > 0).float(), 1, 0, 1, 2)
+    got, naive = got.cpu(), naive.cpu()
     assert not torch.equal(got, naive)
     # every input active: the count is the number of (sample, position) pairs whose tap reads a real pixel
-    every = cf.coactivation(x, y, ws, **geom, x_threshold=-math.inf, y_threshold=-math.inf)
+    every = cf.coactivation(x, y, ws, **geom, x_threshold=-math.inf, y_threshold=-math.inf).cpu()
     assert every[0, 0, 1, 1] == 2 * 6 * 7 and every[0, 0, 0, 0] == 2 * 5 * 6
 
 

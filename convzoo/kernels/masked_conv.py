@@ -376,6 +376,8 @@ def masked_conv_grad_weight_kernel(
     dy_ptr, x_ptr, mask_ptr, count_ptr, index_ptr,
     # runtime sizes: M = N·L positions, OG = CO/G and CG = C/G channels per group, K = CG·∏kernel
     M, L, OG, CG, K, TO, TK, ROWS, ID, IH, IW, OH, OW,
+    # BINARIZE only (coactivation counts): a value is 1 when above its threshold, else 0
+    x_threshold, y_threshold,
     stride_dn, stride_dc, stride_dd, stride_dh, stride_dw,
     stride_xn, stride_xc, stride_xd, stride_xh, stride_xw,
     stride_mo, stride_mc, stride_mt,
@@ -386,8 +388,8 @@ def masked_conv_grad_weight_kernel(
     PD: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
     DD: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
     MODE: tl.constexpr,
-    HAS_MASK: tl.constexpr, FP64: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    ACC_DTYPE: tl.constexpr,
+    HAS_MASK: tl.constexpr, BINARIZE: tl.constexpr,
+    FP64: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, ACC_DTYPE: tl.constexpr,
     # tiles: BLOCK_O × BLOCK_K is the tile lists' block; BLOCK_M (the reduction step) and SPLIT are free
     BLOCK_M: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr,
 ):
@@ -468,8 +470,20 @@ def masked_conv_grad_weight_kernel(
         off, ok = _patch_columns(r[:, None], l[None, :], ID, IH, IW, OH, OW,
                                  stride_xc, stride_xd, stride_xh, stride_xw,
                                  KD, KH, KW, SD, SH, SW, PD, PH, PW, DD, DH, DW, MODE, False)
-        pt = tl.load(x_g + n[None, :] * stride_xn + off, mask=(k_ok[:, None] & m_ok[None, :]) & ok, other=0)
-        acc = _mma(dy, tl.trans(pt), acc, FP64, PRECISION, UPCAST)
+        p_ok = (k_ok[:, None] & m_ok[None, :]) & ok
+        pt = tl.load(x_g + n[None, :] * stride_xn + off, mask=p_ok, other=0)
+        if BINARIZE:
+            # the coactivation count: 0/1 operands (a padded tap is absent, so 0 whatever the threshold; NaN is
+            # never above one), compared in the accumulator's dtype; 0/1 products and their sums are exact in fp32
+            # below 2^24, so fp16 operands on the tensor cores count exactly
+            yb = tl.where(_widen(dy, ACC_DTYPE, UPCAST) > y_threshold, 1.0, 0.0)
+            xb = tl.where(p_ok & (_widen(pt, ACC_DTYPE, UPCAST) > x_threshold), 1.0, 0.0)
+            if FP64:
+                acc = _mma(yb.to(tl.float64), tl.trans(xb.to(tl.float64)), acc, True, PRECISION, False)
+            else:
+                acc = _mma(yb.to(tl.float16), tl.trans(xb.to(tl.float16)), acc, False, "ieee", False)
+        else:
+            acc = _mma(dy, tl.trans(pt), acc, FP64, PRECISION, UPCAST)
         m0 += BLOCK_M
 
     # epilogue: the mask's zeros as exact zeros (where, not a product: 0·NaN is NaN), masked store
@@ -603,7 +617,8 @@ GRAD_WEIGHT_SPEC = autotune.register(KernelSpec(
 def masked_conv_grad_weight(grad: torch.Tensor, x: torch.Tensor, mask: torch.Tensor | None, count: torch.Tensor,
                             index: torch.Tensor, weight_size: list[int], kernel_size: list[int],
                             dilation: list[int], padding: list[int], stride: list[int], padding_mode: str,
-                            groups: int, block, config: Config | None = None) -> torch.Tensor:
+                            groups: int, block, config: Config | None = None,
+                            thresholds: tuple[float, float] | None = None) -> torch.Tensor:
     """The weight gradient of :func:`masked_conv`: ``dW`` of shape ``weight_size`` ``[C_out, C_in/groups,
     *kernel_size]`` (contiguous, ``x``'s dtype) from ``grad`` = dY ``[N, C_out, *out]`` and ``x`` ``[N, C_in,
     *spatial]`` (both any strides), computed only in the ``block = (BO, BK)`` tiles that ``count`` / ``index``
@@ -618,6 +633,10 @@ def masked_conv_grad_weight(grad: torch.Tensor, x: torch.Tensor, mask: torch.Ten
     zeros through it (no memset), so an entry no slot names would be left unwritten; it is not checked (that
     would sync with the device). ``config`` overrides the autotune lookup (BLOCK_M, SPLIT, warps, stages; the
     block is the lists'). Deterministic: the split's partials are summed in a fixed order, no atomics.
+
+    ``thresholds = (θ_x, θ_y)``: the coactivation count instead (:func:`convzoo.functional.coactivation`), the
+    gradient of the binarized tensors ``x > θ_x`` and ``dY > θ_y`` (compared in fp32, fp64 for fp64; a padded
+    tap is absent, inactive whatever ``θ_x``), fused into the loads, as float32 (exact below 2^24).
 
     Raises:
         TypeError: a non-tensor or non-floating ``input`` / ``grad``, dtypes that differ, ``mask`` not a bool
@@ -663,13 +682,14 @@ def masked_conv_grad_weight(grad: torch.Tensor, x: torch.Tensor, mask: torch.Ten
     _check_device(x)
     # (2) allocate; nothing to launch for an empty result (C_out = 0 or C_in = 0), nor for an empty reduction
     # (N = 0 or an empty output: no position, dW = 0)
-    dw = x.new_empty(size)
+    dw = x.new_empty(size, dtype=torch.float32 if thresholds is not None else x.dtype)
     if dw.numel() == 0:
         return dw
     L = g.num_blocks
     M = n * L
     if M == 0:
         return dw.zero_()
+    xt, yt = (0.0, 0.0) if thresholds is None else (float(thresholds[0]), float(thresholds[1]))
     # (3) look up config and launch
     cfg = config or autotune.lookup("masked_conv_grad_weight", x.device, x.dtype, M=M, O=co, K=k, BO=bo, BK=bk)
     split = cfg.meta["SPLIT"]
@@ -689,11 +709,11 @@ def masked_conv_grad_weight(grad: torch.Tensor, x: torch.Tensor, mask: torch.Ten
     with _device(x):
         masked_conv_grad_weight_kernel[grid](
             out, dys, xs, x if m3 is None else m3, count, index,  # x as the mask pointer: never read
-            M, L, og, cg, k, to, tk, rows, *a["in"], a["out"][1], a["out"][2],
+            M, L, og, cg, k, to, tk, rows, *a["in"], a["out"][1], a["out"][2], xt, yt,
             *dys.stride(), *xs.stride(), *(m3.stride() if m3 is not None else (0, 0, 0)), *out.stride(),
             *a["k"], *a["s"], *a["lo"], *a["d"],
             _shapes.PADDING_MODE_CODES[g.padding_mode],
-            m3 is not None, **_math_args(x.dtype, masked_conv_grad_weight_kernel),
+            m3 is not None, thresholds is not None, **_math_args(x.dtype, masked_conv_grad_weight_kernel),
             BLOCK_O=bo, BLOCK_K=bk, **cfg.launch_kwargs(),
         )
     if split == 1:

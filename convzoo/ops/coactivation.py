@@ -6,10 +6,12 @@ Arguments are already resolved by :mod:`convzoo.functional`: ``weight_shape`` a 
 ``padding`` the flat ``[lo_0, hi_0, ...]`` list, thresholds Python floats, ``x`` and ``y`` detached. Neither op
 is differentiable (a statistic of the activations).
 
-Every device runs the plain-torch path for now (:func:`convzoo.reference.coactivation`: ``mode='count'`` is
-``torch.nn.grad.convNd_weight`` of the binarized tensors, ``mode='correlation'`` per-position GEMMs of the
-batch-normalised tensors, chunked); a Triton kernel with the thresholds fused into its loads joins behind the
-same schema.
+``mode='count'`` on CUDA (and under the interpreter) is the masked-conv weight-gradient kernel with the thresholds
+fused into its loads (:func:`convzoo.kernels.masked_conv.masked_conv_grad_weight` with ``thresholds``; every tile
+listed): no binarized copy of ``x`` or ``y``, extra memory O(weight). Elsewhere, and for ``mode='correlation'`` or
+``x`` and ``y`` of different dtypes, the plain-torch path (:func:`convzoo.reference.coactivation`:
+``torch.nn.grad.convNd_weight`` of the binarized tensors; per-position GEMMs of the batch-normalised tensors,
+chunked).
 """
 
 from __future__ import annotations
@@ -19,13 +21,32 @@ from torch import Tensor
 
 from convzoo import _shapes, reference
 from convzoo.ops import _autograd
-from convzoo.ops._dispatch import own
+from convzoo.ops._dispatch import own, use_triton
 
 __all__ = ["coactivation", "coactivation_"]
 
 
+def _kernel_count(x, y, weight_shape, stride, padding, dilation, groups, padding_mode, x_threshold, y_threshold):
+    """The count through the fused-threshold weight-gradient kernel, or None where it does not apply."""
+    if not (use_triton(x) and x.dtype == y.dtype):
+        return None
+    from convzoo.kernels import masked_conv as kernels
+    from convzoo.ops.masked_conv import _tile_lists
+
+    _shapes.coactivation_geometry(x, y, weight_shape, stride, padding, dilation, groups, padding_mode)
+    lists = _tile_lists(None, weight_shape, groups, x.device)
+    return kernels.masked_conv_grad_weight(y, x, None, lists.count, lists.index, list(weight_shape),
+                                           list(weight_shape[2:]), dilation, padding, stride, padding_mode, groups,
+                                           lists.block, thresholds=(x_threshold, y_threshold))
+
+
 def _impl(x: Tensor, y: Tensor, weight_shape: list[int], stride: list[int], padding: list[int], dilation: list[int],
           groups: int, padding_mode: str, x_threshold: float, y_threshold: float, score: str) -> Tensor:
+    if score == "count":
+        h = _kernel_count(x, y, weight_shape, stride, padding, dilation, groups, padding_mode, x_threshold,
+                          y_threshold)
+        if h is not None:
+            return own(h)
     return own(reference.coactivation(x, y, weight_shape, stride, padding, dilation, groups, padding_mode,
                                       x_threshold, y_threshold, score))
 
@@ -50,6 +71,12 @@ def _inplace_impl(out: Tensor, x: Tensor, y: Tensor, weight_shape: list[int], st
     # here, on real tensors (a traced functional sees fakes without addresses; a compiled graph's
     # functionalised out is a fresh buffer anyway)
     _shapes.check_out_memory(out, x=x, y=y)
+    if score == "count":
+        h = _kernel_count(x, y, weight_shape, stride, padding, dilation, groups, padding_mode, x_threshold,
+                          y_threshold)
+        if h is not None:
+            out.add_(h)
+            return
     reference.coactivation(x, y, weight_shape, stride, padding, dilation, groups, padding_mode, x_threshold,
                            y_threshold, score, out)
 
