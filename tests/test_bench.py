@@ -83,8 +83,9 @@ def test_tiny_run_prints_every_provider_and_writes_results(capsys, no_interprete
     assert "plain-torch paths" in out and "measured: copy" in out and "timer: torch.utils.benchmark" in out
     assert f"# results: {tmp_path} (--out)" in out
     assert "[  1/" in out  # progress: one line per row while timing
-    assert out.count(harness.SPEEDUP_LEGEND) == 5  # one legend under each op's table
+    assert out.count(harness.SPEEDUP_LEGEND) == 6  # one legend under each op's table
     assert out.count(ops.NOTES["masked_conv"]) == 1  # and masked_conv's note under its own
+    assert out.count(ops.NOTES["coactivation"]) == 1
     unfold_2d, fold_3d, local_2d = "N2 C3 8×8 k3 p1 s1", "N1 C2 4×4×4 k2 p0 s1", "N2 C3→4 6×6 k3 p1 s1"
     expected = {("unfold", unfold_2d, p) for p in ("convzoo", "F.unfold", "unfoldNd")}
     expected |= {("fold", fold_3d, p) for p in ("convzoo", "unfoldNd")}
@@ -98,12 +99,15 @@ def test_tiny_run_prints_every_provider_and_writes_results(capsys, no_interprete
     expected |= {("masked_conv", f"{masked_2d} d1 dense", p) for p in ("convzoo (CPU path)", "F.conv2d(x, w*mask)")}
     expected |= {("masked_conv", f"{masked_3d} d0.1 unstructured", p)
                  for p in ("convzoo (CPU path)", "F.conv3d(x, w*mask)")}
+    expected |= {("coactivation", "N2 C4→8 8×8 k3 p1 s1", p)
+                 for p in ("convzoo (CPU path)", "conv_weight(x>0, y>0)", ops.SEED_F2)}
     (csv_path,) = tmp_path.glob("*.csv")
     rows = harness.read_csv(csv_path)
     assert list(rows[0]) == harness.Row.columns()
     assert expected <= {(r["op"], r["shape"], r["provider"]) for r in rows}
     assert {r["mode"] for r in rows} == {"fwd", "fwd+bwd"}  # --tiny: no overhead rows
     assert {r["mode"] for r in rows if r["op"] == "patch_covariance"} == {"fwd"}  # a statistic: no backward
+    assert {r["mode"] for r in rows if r["op"] == "coactivation"} == {"fwd"}  # a statistic too
     assert not any(r["provider"] == "curvlinops" and "×4×" in r["shape"] for r in rows)  # curvlinops: 2-d only
     assert not any("compile" in r["provider"] for r in rows)  # --full only
     masked = [r for r in rows if r["op"] == "masked_conv"]
@@ -124,8 +128,9 @@ def test_tiny_run_prints_every_provider_and_writes_results(capsys, no_interprete
         if r["provider"] in ("convzoo", "convzoo (CPU path)"):
             assert float(r["speedup"]) == 1.0
     md = csv_path.with_suffix(".md").read_text()
-    assert md.count(f"| {local_2d} |") == 8 and "Measured limits" in md and md.count(harness.SPEEDUP_LEGEND) == 5
+    assert md.count(f"| {local_2d} |") == 8 and "Measured limits" in md and md.count(harness.SPEEDUP_LEGEND) == 6
     assert md.count(ops.NOTES["masked_conv"]) == 1 and "### masked_conv (FLOPs matter" in md
+    assert md.count(ops.NOTES["coactivation"]) == 1 and "### coactivation (FLOPs matter" in md
     assert "### unfold (data movement" in md and "### local_conv (FLOPs matter" in md
     assert "### patch_covariance (FLOPs matter" in md
     # a second run appends rows under the same header
@@ -337,9 +342,11 @@ def test_overhead_rows(no_interpreter, capsys):
                                                   ("local_conv", "unfold+einsum"), ("patch_covariance", "convzoo"),
                                                   ("patch_covariance", "unfold+matmul"),
                                                   ("masked_conv", "convzoo (CPU path)"),
-                                                  ("masked_conv", "F.conv2d(x, w*mask)")}
+                                                  ("masked_conv", "F.conv2d(x, w*mask)"),
+                                                  ("coactivation", "convzoo (CPU path)"),
+                                                  ("coactivation", "conv_weight(x>0, y>0)")}
     assert {r.mode for r in rows} == {"call", "call+grad"} and all(r.shape.startswith("N2 C3") for r in rows)
-    assert {r.mode for r in rows if r.op == "patch_covariance"} == {"call"}  # its input never requires grad
+    assert {r.mode for r in rows if r.op in ("patch_covariance", "coactivation")} == {"call"}  # no grad
     assert all(r.timer.startswith("torch.utils.benchmark") for r in rows)
     assert f"{rows[0].ms_p50 * 1e3:.1f}" in section  # printed in µs
     # --quick carries the overhead rows too
@@ -653,3 +660,55 @@ def test_a_provider_renamed_on_cpu_is_still_the_speedup_base(no_interpreter):
                        torch.float32, harness.Limits(1e10, 1e11, "float32"), rounds=2, timer=timer,
                        load=FakeLoad(0.0), memory=False, progress=None)
     assert {r.provider: r.speedup for r in rows} == {"convzoo (CPU path)": 1.0, "F.conv2d(x, w*mask)": 3.0}
+
+
+@pytest.mark.parametrize("shape", [("2d_tiny", 2, 4, 8, (8, 8), 3, 1, 1), ("strided", 3, 3, 5, (7, 9), 3, 2, 1),
+                                   ("unpadded", 2, 2, 3, (6, 5), 2, 1, 0)])
+def test_coactivation_bench_rows_count_what_the_op_counts(shape, no_interpreter):
+    """Every provider, the transcribed seed f2 included (its stacked grouped conv, the H[connection_indxs]
+    unpacking, stride and padding), gives the count of the binarized weight gradient, exactly (float64); the
+    FLOPs are that GEMM's; the rows are fwd only."""
+    cpu = torch.device("cpu")
+    p = ops._coactivation_problem(*shape)
+    x, y, a = p.make(cpu, torch.float64, False)
+    want = torch.nn.grad.conv2d_weight((x > 0).double(), a["weight_shape"], (y > 0).double(), a["stride"],
+                                       a["padding"])
+    assert a["weight_shape"] == (shape[3], shape[2], shape[5], shape[5]) and want.sum() > 0
+    provs = [v for v in ops.providers()["coactivation"] if v.runs(p, cpu, full=False)]
+    assert [v.label(cpu) for v in provs] == ["convzoo (CPU path)", "conv_weight(x>0, y>0)", ops.SEED_F2]
+    for v in provs:
+        torch.testing.assert_close(v.fn(x, y, a).double(), want, rtol=0, atol=0)
+    n, L = x.shape[0], y[0, 0].numel()
+    assert p.flops("fwd") == 2 * n * L * want.numel() and not p.differentiable
+    assert [m for _, m, _ in harness.jobs([p], ops.providers(), list(harness.MODES), cpu)] == ["fwd"]
+
+
+def test_seed_f2_is_skipped_where_it_would_not_fit(no_interpreter, monkeypatch, capsys):
+    """The seed's method holds (X + 4·Y)·C_in·∏k elements (the profiler measures that, plus its result); where
+    that exceeds 2 GiB (the --full set's batch-128 shapes) it is not run, the run prints why and the note lists
+    those shapes; batch 32 runs it."""
+    from convzoo.tools.bench.memory import peak_bytes
+
+    cpu = torch.device("cpu")
+    shape = ("small", 4, 8, 8, (16, 16), 3, 1, 1)
+    p = ops._coactivation_problem(*shape)
+    x, y, a = p.make(cpu, torch.float32, False)
+    extra = peak_bytes(lambda: ops._coactivation_seed_f2(x, y, a)) - ops._seed_f2_bytes(*shape[1:])
+    assert 0 <= extra <= 2 * 4 * math.prod(a["weight_shape"])  # beside the stacked tensors: the [C_out, R] sums
+    full = {q.label: q for q in ops.problems("full", ["coactivation"])}
+    seed = next(v for v in ops.providers()["coactivation"] if v.name == ops.SEED_F2)
+    big, fits = full["N128 C16→16 32×32 k3 p1 s1"], full["N32 C16→16 32×32 k3 p1 s1"]
+    assert not seed.runs(big, cpu, full=True) and "5.6 GiB" in big.skip[ops.SEED_F2]
+    assert seed.runs(fits, cpu, full=True) and not fits.skip
+    assert "--full N128 C16→16 32×32 k3 p1 s1 (5.6 GiB)" in ops.NOTES["coactivation"]
+    assert "N32" not in ops.NOTES["coactivation"]
+    # a run says which provider it leaves out and why, once per shape, and times the others
+    monkeypatch.setattr(ops, "SEED_F2_LIMIT", 1024)
+    tiny = ops.problems("tiny", ["coactivation"])
+    lines = []
+    rows = harness.run(tiny, ops.providers(), ["fwd"], cpu, torch.float32, harness.Limits(1e10, 1e11, "float32"),
+                       rounds=2, timer=FakeTimer(), load=FakeLoad(0.0), memory=False, progress=lines.append)
+    assert [ln for ln in lines if ln.startswith("#")] == [
+        f"# {ops.SEED_F2} not run on coactivation N2 C4→8 8×8 k3 p1 s1: its stacked tensors would take 0.0 GiB "
+        "(fp32) > 0 GiB"]
+    assert {r.provider for r in rows} == {"convzoo (CPU path)", "conv_weight(x>0, y>0)"}

@@ -26,12 +26,14 @@ EPILOG = f"""\
 sizes: --tiny (smoke test), --quick (a few layer shapes, fwd and fwd+bwd, plus the host-overhead rows; the
 default), --full (real layer shapes, every mode, torch.compile peers, overhead rows), --overhead (only the
 host-overhead rows: µs per eager call on tiny shapes, against F.unfold / F.fold / unfold+einsum /
-unfold+matmul / F.conv2d(x, w*mask)).
+unfold+matmul / F.conv2d(x, w*mask) / conv_weight(x>0, y>0)).
 
 columns: p20/p50/p80 of the timer's samples; GB/s and % of the measured copy bandwidth for every op;
-TFLOP/s and % of the measured matmul peak where the op does FLOPs (local_conv, patch_covariance, masked_conv;
-patch_covariance timed in fwd only: a statistic, not differentiable; masked_conv's FLOPs are the dense
-convolution's at every mask density, and on a CPU its convzoo rows are labelled "convzoo (CPU path)");
+TFLOP/s and % of the measured matmul peak where the op does FLOPs (local_conv, patch_covariance, masked_conv,
+coactivation; patch_covariance and coactivation timed in fwd only: statistics, not differentiable; masked_conv's
+FLOPs are the dense convolution's at every mask density; on a CPU the convzoo rows of masked_conv and
+coactivation are labelled "convzoo (CPU path)"; coactivation's seed peer is not run where it would hold over
+2 GiB, and the run says so);
 speedup = peer time / convzoo time, from the same interleaved pass (> 1: convzoo is faster).
 A row is noisy when p80/p20 > {timing.SPREAD_BOUND} or other processes kept more than max(0.5, cores/10) CPUs
 busy while it was timed.

@@ -47,6 +47,8 @@ class Problem:
     ``flops`` map a mode to what that mode must at least move / compute (no FLOPs: pure data
     movement). ``overhead`` problems time eager calls in :data:`OVERHEAD_MODES`. A problem that is not
     ``differentiable`` (a statistic such as a KFAC factor) is timed in ``fwd`` (and ``call``) only.
+    ``skip`` maps the name of a provider that must not run this problem (one that would not fit in memory)
+    to the reason, which :func:`run` prints.
     """
 
     op: str
@@ -58,6 +60,7 @@ class Problem:
     label: str = ""
     overhead: bool = False
     differentiable: bool = True
+    skip: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self):
         self.label = self.label or self.name
@@ -94,7 +97,8 @@ class Provider:
 
     def runs(self, problem: Problem, device: torch.device, full: bool) -> bool:
         return problem.ndim in self.ndims and not (self.full_only and not full) and \
-            not (self.cuda_only and device.type != "cuda") and (self.overhead or not problem.overhead)
+            not (self.cuda_only and device.type != "cuda") and (self.overhead or not problem.overhead) and \
+            self.name not in problem.skip
 
 
 @dataclass
@@ -254,11 +258,18 @@ def run(problems: Sequence[Problem], providers: dict[str, Sequence[Provider]], m
     e = torch.empty((), dtype=dtype).element_size()
     todo = jobs(problems, providers, modes, device, full)
     n_rows, rows, t0 = sum(len(p) for *_, p in todo), [], time.perf_counter()
+    told = set()
     for problem, mode, provs in todo:
         if max_minutes is not None and rows and time.perf_counter() - t0 > 60 * max_minutes:
             if progress:
                 progress(f"# --max-minutes {max_minutes:g} reached: {n_rows - len(rows)} rows not timed")
             break
+        if progress and id(problem) not in told:  # once per problem, not per mode
+            told.add(id(problem))
+            names = {p.name for p in providers[problem.op]}
+            for name, why in problem.skip.items():
+                if name in names:
+                    progress(f"# {name} not run on {problem.op} {problem.label}: {why}")
         fns = [call(problem, p, mode, device, dtype) for p in provs]
         clock = overhead_timer if problem.overhead else timer
         samples = [[] for _ in provs]

@@ -321,6 +321,87 @@ def _masked_conv_providers() -> list[Provider]:
     return provs
 
 
+# ---------------------------------------------------------------------------------------------- coactivation
+SEED_F2 = "seed f2 (stacked grouped conv)"
+SEED_F2_LIMIT = 2 << 30  # bytes: the seed's method is not run on a shape where it would hold more
+
+
+def _seed_f2_bytes(n, c, o, size, k, s, p, e=4) -> int:
+    """What the seed's ``f2`` holds at its peak, in bytes: the repeated input, the stacked output, its sigmoid,
+    the repeated output sigmoid and their product, ``(X + 4·Y)·R`` elements (``R = C_in·∏k`` copies; measured
+    equal on CPU by the profiler)."""
+    r = c * k ** len(size)
+    return (n * c * math.prod(size) + 4 * n * o * math.prod(_out(size, k, s, p))) * r * e
+
+
+def _coactivation_problem(name, n, c, o, size, k, s, p, overhead=False) -> Problem:
+    """``mode='count'`` statistics of a conv's input x and output y (both randn: about half of each active).
+    Inputs: x, y, the geometry (with the seed's one-hot stacked weight where the seed's method runs). Not
+    differentiable: timed in fwd only. The seed's method is skipped where it would hold over ``SEED_F2_LIMIT``."""
+    nd = len(size)
+    out = _out(size, k, s, p)
+    wshape = (o, c, *(k,) * nd)
+    L, R = math.prod(out), c * k ** nd
+    W, X, Y = o * R, n * c * math.prod(size), n * o * L
+    seed_bytes = _seed_f2_bytes(n, c, o, size, k, s, p)
+    skip = {} if seed_bytes <= SEED_F2_LIMIT else {
+        SEED_F2: f"its stacked tensors would take {seed_bytes / 2**30:.1f} GiB (fp32) > {SEED_F2_LIMIT >> 30} GiB"}
+    geom = dict(weight_shape=wshape, stride=s, padding=p)
+
+    def make(device, dtype, requires_grad):
+        x = torch.randn(n, c, *size, device=device, dtype=dtype)
+        y = torch.randn(n, o, *out, device=device, dtype=dtype)
+        # the notebook builds its one-hot weight once, at layer init: outside the timed call here too
+        seed = {"seed_weight": _seed_f2_weight(wshape, device, dtype)} if not skip and nd == 2 else {}
+        return x, y, dict(geom, **seed)
+
+    # the least data movement: read x and y, write the counts; FLOPs: the weight gradient's GEMM
+    return Problem("coactivation", name, nd, make, lambda mode, e: (X + Y + W) * e, lambda mode: 2 * n * L * W,
+                   label=_label(n, c, size, k, s, p, c_out=o), overhead=overhead, differentiable=False, skip=skip)
+
+
+def _seed_f2_weight(wshape, device, dtype) -> torch.Tensor:
+    """The seed's ``stacked_conv.weight``: for each tap ``r = (c, j, h)`` of a filter (row-major), the weight
+    that is 1 at ``[:, c, j, h]`` and 0 elsewhere, concatenated along dim 0: ``[R·C_out, C_in/G, kh, kw]``."""
+    o, r = wshape[0], math.prod(wshape[1:])
+    one_hot = torch.eye(r, device=device, dtype=dtype).view(r, 1, *wshape[1:])
+    return one_hot.expand(r, o, *wshape[1:]).reshape(r * o, *wshape[1:])
+
+
+def _coactivation_seed_f2(x, y, a):
+    """The Sparse-CNN notebook's ``f2`` / ``DSConv2d.update_connections_tensor`` (groups 1), transcribed: the input
+    repeated ``R`` times through one grouped conv of one-hot filters puts each connection's input value at its
+    output's position; ``sigmoid(·) > 0.5`` on both sides, their product summed over batch and positions. The
+    notebook's conv has no padding and builds the stacked conv without it; here the geometry's padding is passed
+    (zero padding: ``sigmoid(0) = 0.5``, inactive, as in ours)."""
+    w, o = a["seed_weight"], y.shape[1]
+    r = w.shape[0] // o
+    stacked_input = x.repeat((1, r, 1, 1))
+    stacked_output = F.conv2d(stacked_input, w, None, a["stride"], a["padding"], 1, r)
+    s1 = torch.sigmoid(stacked_output).gt_(0.5)
+    s2 = torch.sigmoid(y).gt_(0.5).repeat((1, r, 1, 1))
+    h = torch.sum(s2.mul(s1), (0, 2, 3))
+    return h.view(r, o).T.reshape(a["weight_shape"])  # the notebook's H[connection_indxs] = H_
+
+
+_CONV_WEIGHT = {1: torch.nn.grad.conv1d_weight, 2: torch.nn.grad.conv2d_weight, 3: torch.nn.grad.conv3d_weight}
+
+
+def _coactivation_conv_weight(x, y, a):
+    """``torch.nn.grad.convNd_weight`` of binarized fp copies: the count as a weight gradient, unfused."""
+    return _CONV_WEIGHT[x.dim() - 2]((x > 0).to(x.dtype), a["weight_shape"], (y > 0).to(y.dtype), a["stride"],
+                                     a["padding"])
+
+
+def _coactivation_providers() -> list[Provider]:
+    """convzoo (``mode='count'``; labelled ``convzoo (CPU path)`` on CPU rows: there it is the conv_weight peer's
+    own work), ``conv_weight(x>0, y>0)`` and the seed's method (2-d, where it fits)."""
+    return [Provider("convzoo", lambda x, y, a: cf.coactivation(x, y, a["weight_shape"], a["stride"], a["padding"]),
+                     overhead=True, cpu_name="convzoo (CPU path)"),
+            Provider("conv_weight(x>0, y>0)", _coactivation_conv_weight, overhead=True),
+            Provider(SEED_F2, _coactivation_seed_f2, ndims=(2,))]
+
+
 # ---------------------------------------------------------------------------------------------- sets
 # (name, N, C, spatial, kernel, stride, padding) for unfold/fold; local conv adds C_out after C
 # and, optionally, the weight layout (default "module")
@@ -366,8 +447,33 @@ _MASKED = {
              ("2d_resnet_14", 32, 256, 256, (14, 14), 3, 1, 1), ("2d_strided", 32, 64, 128, (56, 56), 3, 2, 1),
              ("3d_video", 4, 32, 32, (16, 32, 32), 3, 1, 1)],
 }
+# (name, N, C_in, C_out, spatial, kernel, stride, padding) for coactivation: CIFAR-ResNet's 3×3 layers (16, 32, 64
+# channels at 32², 16², 8²) and a strided stage entry
+_COACT = {
+    "tiny": [("2d_tiny", 2, 4, 8, (8, 8), 3, 1, 1)],
+    "quick": [("2d_c16", 8, 16, 16, (32, 32), 3, 1, 1), ("2d_c32", 8, 32, 32, (16, 16), 3, 1, 1),
+              ("2d_c64", 8, 64, 64, (8, 8), 3, 1, 1), ("2d_strided", 8, 16, 32, (32, 32), 3, 2, 1)],
+    # batch 128 (the seed's method skipped: ~6 GiB each) and batch 32, where it fits
+    "full": [("2d_c16", 128, 16, 16, (32, 32), 3, 1, 1), ("2d_c32", 128, 32, 32, (16, 16), 3, 1, 1),
+             ("2d_c64", 128, 64, 64, (8, 8), 3, 1, 1), ("2d_strided", 128, 16, 32, (32, 32), 3, 2, 1),
+             ("2d_c16_n32", 32, 16, 16, (32, 32), 3, 1, 1), ("2d_c32_n32", 32, 32, 32, (16, 16), 3, 1, 1),
+             ("2d_c64_n32", 32, 64, 64, (8, 8), 3, 1, 1)],
+}
+
+
+def _seed_f2_skipped() -> str:
+    """The coactivation shapes, per size, that the seed's method is not run on, with what it would hold."""
+    out = []
+    for size, shapes in _COACT.items():
+        for _, *shape in shapes:
+            if (nbytes := _seed_f2_bytes(*shape)) > SEED_F2_LIMIT:
+                n, c, o, spatial, k, s, p = shape
+                out.append(f"--{size} {_label(n, c, spatial, k, s, p, c_out=o)} ({nbytes / 2**30:.1f} GiB)")
+    return "; ".join(out)
+
+
 KFAC_MODES = ("expand", "reduce")
-OPS = ("unfold", "fold", "local_conv", "patch_covariance", "masked_conv")
+OPS = ("unfold", "fold", "local_conv", "patch_covariance", "masked_conv", "coactivation")
 SIZES = ("tiny", "quick", "full")
 # a line under an op's table (printed and in the markdown): what its rows mean beyond the shape
 NOTES = {
@@ -378,6 +484,15 @@ NOTES = {
         "probability ρ (both seeded; the kept fraction in parentheses where it differs from ρ). On a CPU convzoo "
         "runs its CPU path, labelled `convzoo (CPU path)`: F.convNd of the masked weight, the dense peer's "
         "work, no tile skipped."),
+    "coactivation": (
+        "coactivation: mode='count' of a conv's input and output (both randn, about half active), timed in fwd only "
+        "(a statistic); TFLOP/s counts the weight gradient's GEMM, 2·N·L·C_out·C_in·∏k. `conv_weight(x>0, y>0)` is "
+        "torch.nn.grad.convNd_weight of binarized fp copies; on a CPU convzoo runs its CPU path, labelled "
+        "`convzoo (CPU path)`, which is that same computation. `seed f2` is the Sparse-CNN notebook's method "
+        "(the input repeated C_in·∏k times through a grouped conv of one-hot filters, sigmoid > 0.5 on both "
+        "sides, product summed; its one-hot weight built outside the timed call, as the notebook builds it at "
+        "layer init); it holds (X + 4·Y)·C_in·∏k elements (X, Y: the input's and output's sizes) and is not run "
+        f"where that exceeds {SEED_F2_LIMIT >> 30} GiB: {_seed_f2_skipped()}."),
 }
 
 
@@ -391,6 +506,8 @@ def overhead_problems(ops=OPS) -> list[Problem]:
             out.append(_kfac_problem("overhead", 2, 3, (8, 8), 3, 1, 1, "expand", overhead=True))
         elif op == "masked_conv":
             out.append(_masked_conv_problem("overhead", 2, 3, 4, (8, 8), 3, 1, 1, overhead=True))
+        elif op == "coactivation":
+            out.append(_coactivation_problem("overhead", 2, 3, 4, (8, 8), 3, 1, 1, overhead=True))
         else:
             out.append(_local_conv_problem("overhead", 2, 3, 4, (8, 8), 3, 1, 1, overhead=True))
     return out
@@ -411,6 +528,8 @@ def problems(size: str, ops=OPS) -> list[Problem]:
         elif op == "masked_conv":
             out += [_masked_conv_problem(f"{shape[0]}_d{d:g}_{kind}", *shape[1:], d, kind) for shape in _MASKED[size]
                     for d, kind in MASK_DENSITIES]
+        elif op == "coactivation":
+            out += [_coactivation_problem(*shape) for shape in _COACT[size]]
         else:
             raise ValueError(f"unknown op {op!r}; choose from {OPS}")
     return out
@@ -432,4 +551,4 @@ def for_size(size: str, ops=OPS) -> list[Problem]:
 def providers() -> dict[str, list[Provider]]:
     return {"unfold": _unfold_providers("unfold"), "fold": _unfold_providers("fold"),
             "local_conv": _local_conv_providers(), "patch_covariance": _kfac_providers(),
-            "masked_conv": _masked_conv_providers()}
+            "masked_conv": _masked_conv_providers(), "coactivation": _coactivation_providers()}

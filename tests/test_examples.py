@@ -1,0 +1,47 @@
+"""The runnable examples run: ``examples/dynamic_sparse_digits.py`` with tiny settings, in a subprocess on the
+plain-torch path (TRITON_INTERPRET=0), as a user runs it."""
+
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+DIGITS = ROOT / "examples" / "dynamic_sparse_digits.py"
+
+
+def _example_module():
+    spec = importlib.util.spec_from_file_location("dynamic_sparse_digits", DIGITS)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow  # ~8 s on a loaded 2-core box, most of it the subprocess importing torch
+def test_dynamic_sparse_digits_prints_accuracy_and_keeps_the_density():
+    """Two tiny epochs with a prune/regrow every 2 steps: one line per epoch with both accuracies, connections
+    regrown, and exactly the initial count of kept weights every epoch: round(density·fan-in) per output channel
+    of each conv (MaskedConv's initial mask), never drifting through the prune/regrow steps."""
+    density = 0.5
+    env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH",
+                                                                                                        "")]))
+    run = subprocess.run([sys.executable, str(DIGITS), "--epochs", "2", "--samples", "300", "--every", "2",
+                          "--density", str(density), "--seed", "3"], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    convs = [m for m in _example_module().make_net(torch.nn.Conv2d).modules() if isinstance(m, torch.nn.Conv2d)]
+    total = sum(m.weight.numel() for m in convs)
+    kept = sum(m.out_channels * round(density * m.weight[0].numel()) for m in convs)
+    assert f"{kept} of {total} weights kept" in run.stdout
+    epochs = re.findall(r"^ +(\d+) +([\d.]+) +([\d.]+) +([\d.]+) +(\d+) +(\d+)$", run.stdout, re.MULTILINE)
+    assert [int(e[0]) for e in epochs] == [1, 2], run.stdout
+    for _, dense_acc, sparse_acc, dens, k, _ in epochs:
+        assert 0 <= float(dense_acc) <= 1 and 0 <= float(sparse_acc) <= 1
+        assert int(k) == kept and float(dens) == round(kept / total, 4)
+    assert int(epochs[0][5]) > 0  # the masks did change: the count held through real prune/regrow steps
+    assert "240 train / 60 test images" in run.stdout and "done in" in run.stdout
