@@ -357,3 +357,33 @@ def test_tile_lists_of_inference_tensors_are_not_cached(kernel_device, monkeypat
             torch.testing.assert_close(cf.masked_conv(x, w, mask, b, **geom), _oracle(x, w, mask, b, **geom),
                                        atol=1e-5, rtol=1e-5)
     assert len(calls) == 2
+
+
+WRITES_TORCH_DOES_NOT_VERSION = {
+    "data_fill": lambda m: m.data.fill_(True),  # .data has a version counter of its own
+    "data_index": lambda m: m.data.__setitem__((slice(None), 0), True),
+    "storage_fill": lambda m: m.untyped_storage().fill_(1),
+    "dlpack": lambda m: torch.from_dlpack(m).fill_(True),
+    "numpy": lambda m: m.numpy().fill(True),
+}
+
+
+@pytest.mark.parametrize("write", list(WRITES_TORCH_DOES_NOT_VERSION))
+def test_a_mask_write_that_bypasses_the_version_counter_is_never_a_wrong_result(write, kernel_device):
+    """Writes through ``.data``, the storage or DLPack/numpy views change the mask without bumping its version:
+    the cached lists then omit the newly kept tiles. The ops notice on the device (no host sync) and visit every
+    tile until the lists are rebuilt: forward and both gradients still match the oracle (slower, never wrong)."""
+    x = torch.randn(2, 8, 5, 5, dtype=torch.float64, device=kernel_device, requires_grad=True)
+    w = torch.randn(20, 4, 3, 3, dtype=torch.float64, device=kernel_device, requires_grad=True)
+    mask = torch.zeros(20, 4, 3, 3, dtype=torch.bool, device=kernel_device)
+    mask[:2] = True  # groups 2: group 0's tiles are listed, group 1's are all empty
+    cf.masked_conv(x, w, mask, padding=1, groups=2).sum().backward()
+    if write == "numpy" and kernel_device != "cpu":
+        pytest.skip("numpy views CPU tensors only")
+    WRITES_TORCH_DOES_NOT_VERSION[write](mask)
+    gy = torch.randn(2, 20, 5, 5, dtype=torch.float64, device=kernel_device)
+    got = cf.masked_conv(x, w, mask, padding=1, groups=2)
+    want = _oracle(x, w, mask, None, 1, 1, 1, 2, "zeros")
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    for a, b in zip(torch.autograd.grad(got, (x, w), gy), torch.autograd.grad(want, (x, w), gy)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
