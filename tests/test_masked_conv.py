@@ -276,6 +276,40 @@ def test_initial_masks_keep_exactly_the_density():
     assert torch.equal(blocked.mask.movedim(1, -1).flatten(1), occ)
 
 
+# id: (input shape, weight shape, padding); every one has an empty operand but a well-defined result
+EMPTY_CASES = {
+    "Cin0": ((2, 0, 5, 5), (3, 0, 3, 3), 1),  # K = 0: y = bias
+    "Cout0": ((2, 4, 5, 5), (0, 4, 3, 3), 1),  # no output channel: dx = 0
+    "H0_padded": ((2, 4, 0, 5), (3, 4, 1, 3), (1, 1)),  # the output reads only padding: y = bias, dW = 0
+    "Cin0_unbatched": ((0, 5, 5), (3, 0, 3, 3), 0),
+}
+
+
+@pytest.mark.parametrize("key", list(EMPTY_CASES))
+def test_empty_operands_give_the_shapes_and_values_of_the_math_on_both_paths(key, path):
+    """A convolution with an empty reduction (C_in = 0, or an input that is all padding) is the bias; one
+    without outputs has a zero input gradient. F.convNd returns ``[N, 0, ...]`` for C_in = 0 and refuses the
+    other two: the plain-torch path must not follow it (the kernel path and the fake give ``[N, C_out, *out]``)."""
+    xs, ws, padding = EMPTY_CASES[key]
+    x = torch.randn(xs, dtype=torch.float64, device=path, requires_grad=True)
+    w = torch.randn(ws, dtype=torch.float64, device=path, requires_grad=True)
+    b = torch.randn(ws[0], dtype=torch.float64, device=path, requires_grad=True)
+    mask = torch.rand(ws, device=path) < 0.5
+    y = cf.masked_conv(x, w, mask, b, padding=padding)
+    pad = (padding,) * 2 if isinstance(padding, int) else padding
+    out = [n + 2 * p - k + 1 for n, p, k in zip(xs[-2:], pad, ws[2:])]
+    assert y.shape == (*xs[:-3], ws[0], *out)
+    torch.testing.assert_close(y, b[:, None, None].expand(y.shape), rtol=0, atol=0)
+    meta = cf.masked_conv(x.detach().to("meta"), w.detach().to("meta"), mask.to("meta"), b.detach().to("meta"),
+                          padding=padding)
+    assert meta.shape == y.shape
+    gy = torch.randn_like(y)
+    gx, gw, gb = torch.autograd.grad(y, (x, w, b), gy)
+    assert gx.shape == x.shape and gw.shape == w.shape and not gx.any() and not gw.any()
+    torch.testing.assert_close(gb, gy.sum([d for d in range(gy.dim()) if d != gy.dim() - 3]))
+    assert cf.masked_conv(x, w, mask, None, padding=padding).count_nonzero() == 0
+
+
 def test_meta_empty_autocast_and_weight_layouts(path):
     """Meta tensors give the shape; an empty batch gives an empty result; autocast computes in its dtype as
     F.conv2d does; a channels-last weight (the layout torch's own conv layers may hold) reads the same."""
