@@ -310,6 +310,28 @@ def test_empty_operands_give_the_shapes_and_values_of_the_math_on_both_paths(key
     assert cf.masked_conv(x, w, mask, None, padding=padding).count_nonzero() == 0
 
 
+@pytest.mark.parametrize("arg", ["weight", "mask", "bias"])
+def test_an_operand_on_another_device_is_refused(arg, path):
+    """One meta operand beside real ones makes the dispatcher pick the op's Meta kernel, the fake: it must refuse
+    (it returned ``x.new_empty``, an uninitialised real tensor: garbage presented as a result)."""
+    x, w, mask, b, geom = _case("2d_P1_G2", torch.float32)
+    args = {"input": x.to(path), "weight": w.to(path), "mask": mask.to(path), "bias": b.to(path)}
+    args[arg] = args[arg].to("meta")
+    with pytest.raises(ValueError, match=f"{arg} is on meta but input is on"):
+        cf.masked_conv(**args, **geom)
+
+
+def test_a_backward_op_operand_on_another_device_is_refused(path):
+    """The same for the two backward ops called directly: their fakes returned ``grad.new_empty``."""
+    grad = torch.randn(2, 6, 3, 3, device=path)
+    geom = ([1, 1], [0, 0, 0, 0], [1, 1], 1, "zeros")
+    with pytest.raises(ValueError, match="weight is on meta but grad is on"):
+        torch.ops.convzoo.masked_conv_grad_input(grad, torch.randn(6, 4, 3, 3, device="meta"), None, [5, 5], *geom)
+    with pytest.raises(ValueError, match="input is on meta but grad is on"):
+        torch.ops.convzoo.masked_conv_grad_weight(grad, torch.randn(2, 4, 5, 5, device="meta"), None, [6, 4, 3, 3],
+                                                  *geom)
+
+
 def test_meta_empty_autocast_and_weight_layouts(path):
     """Meta tensors give the shape; an empty batch gives an empty result; autocast computes in its dtype as
     F.conv2d does; a channels-last weight (the layout torch's own conv layers may hold) reads the same."""

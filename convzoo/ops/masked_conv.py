@@ -138,6 +138,14 @@ def _(x, weight, mask, bias, stride, padding, dilation, groups, padding_mode):
     return x.new_empty(_shapes.masked_conv_out_shape(x, weight, g))
 
 
+def _same_device(grad: Tensor, **others) -> None:
+    """A fake's device check: one meta operand among real ones sends a call to the fake, whose ``new_empty``
+    would be an uninitialised real tensor (masked_conv's own fake checks in its geometry)."""
+    for name, t in others.items():
+        _shapes.check(t is None or t.device == grad.device,
+                      lambda name=name, t=t: f"{name} is on {t.device} but grad is on {grad.device}")
+
+
 def _grad_input_impl(grad: Tensor, weight: Tensor, mask: Tensor | None, input_size: list[int], stride: list[int],
                      padding: list[int], dilation: list[int], groups: int, padding_mode: str) -> Tensor:
     if use_triton(grad):
@@ -156,6 +164,7 @@ _grad_input = torch.library.custom_op("convzoo::masked_conv_grad_input", mutates
 
 @_grad_input.register_fake
 def _(grad, weight, mask, input_size, stride, padding, dilation, groups, padding_mode):
+    _same_device(grad, weight=weight, mask=mask)
     _shapes.geometry(tuple(input_size), tuple(weight.shape[2:]), dilation, padding, stride, padding_mode)
     return grad.new_empty((grad.shape[0], weight.shape[1] * groups, *input_size))
 
@@ -178,6 +187,7 @@ _grad_weight = torch.library.custom_op("convzoo::masked_conv_grad_weight", mutat
 
 @_grad_weight.register_fake
 def _(grad, x, mask, weight_size, stride, padding, dilation, groups, padding_mode):
+    _same_device(grad, input=x, mask=mask)
     _shapes.geometry(tuple(x.shape[2:]), tuple(weight_size[2:]), dilation, padding, stride, padding_mode)
     return x.new_empty(weight_size)
 
