@@ -687,13 +687,19 @@ def masked_conv_geometry(x: torch.Tensor, weight: torch.Tensor, mask: torch.Tens
     """Checks for ``masked_conv(x, weight, mask, bias, ...)`` with resolved geometry arguments.
 
     Raises:
-        ValueError / TypeError: shapes or dtypes that do not match (naming the argument), or a bad geometry.
+        ValueError / TypeError: shapes, dtypes or devices that do not match (naming the argument), or a bad
+            geometry.
     """
     nd = weight.dim() - 2
     check(x.dim() == nd + 2, lambda: f"input must be [N, C_in, *spatial] with {nd} spatial dims (the weight's "
           f"kernel dims), got shape {tuple(x.shape)}")
     check_masked_conv_channels(x.shape, weight.shape, groups)
     _check_masked_weight(weight, mask)
+    # one meta operand among real ones sends the call to the fake (the Meta kernel), which would return an
+    # uninitialised real tensor: refuse every device mix here, where both the fake and the torch path look
+    for name, t in (("weight", weight), ("mask", mask), ("bias", bias)):
+        check(t is None or t.device == x.device,
+              lambda name=name, t=t: f"{name} is on {t.device} but input is on {x.device}")
     check(x.dtype == weight.dtype, lambda: f"input and weight must have the same dtype, got {x.dtype} and "
           f"{weight.dtype}", TypeError)
     if bias is not None:

@@ -539,6 +539,11 @@ def masked_conv(x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor | None
     """``F.convNd(x, weight·mask, bias, ...)``, the padding modes read by :func:`_pad` (zeros and symmetric
     padding go straight to ``F.convNd``'s own)."""
     g = _shapes.masked_conv_geometry(x, weight, mask, bias, stride, padding, dilation, groups, padding_mode)
+    if x.numel() == 0 or weight.numel() == 0:
+        # an empty sum (C_in = 0, or an input of zero size that only padding is read from) or no output channel:
+        # F.convNd returns [N, 0, ...] for the first and refuses the others; the result is the bias
+        y = x.new_zeros(_shapes.masked_conv_out_shape(x, weight, g))
+        return y if bias is None else y + bias.view(-1, *[1] * g.ndim)
     w = masked_weight(weight, mask)
     if padding_mode == "zeros" and g.pad_lo == g.pad_hi:
         return _CONV[g.ndim](x, w, bias, g.stride, g.pad_lo, g.dilation, groups)
@@ -553,6 +558,8 @@ def masked_conv_grad_input(grad: torch.Tensor, weight: torch.Tensor, mask: torch
     g = _shapes.geometry(tuple(input_size), tuple(weight.shape[2:]), dilation, padding, stride, padding_mode)
     padded = [n + lo + hi for n, lo, hi in zip(g.in_size, g.pad_lo, g.pad_hi)]
     shape = [grad.shape[0], weight.shape[1] * groups, *padded]
+    if grad.numel() == 0 or weight.numel() == 0 or 0 in g.in_size:  # nothing to sum, or nothing to sum into:
+        return grad.new_zeros([*shape[:2], *g.in_size])  # torch.nn.grad refuses some of these shapes
     dxp = _CONV_INPUT[g.ndim](shape, masked_weight(weight, mask), grad, g.stride, 0, g.dilation, groups)
     return _unpad_adjoint(dxp, g).contiguous()
 
@@ -563,6 +570,8 @@ def masked_conv_grad_weight(grad: torch.Tensor, x: torch.Tensor, mask: torch.Ten
     """The weight gradient of :func:`masked_conv`: the weight gradient of the dense convolution, exactly zero
     where the mask is."""
     g = _shapes.geometry(tuple(x.shape[2:]), tuple(weight_size[2:]), dilation, padding, stride, padding_mode)
+    if x.numel() == 0 or grad.numel() == 0 or math.prod(weight_size) == 0:  # an empty sum (an empty input is
+        return x.new_zeros(list(weight_size))  # only zero padding) or an empty dW: torch.nn.grad refuses some
     dw = _CONV_WEIGHT[g.ndim](_pad(x, g), list(weight_size), grad, g.stride, 0, g.dilation, groups)
     return masked_weight(dw, mask)
 

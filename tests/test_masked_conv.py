@@ -276,6 +276,62 @@ def test_initial_masks_keep_exactly_the_density():
     assert torch.equal(blocked.mask.movedim(1, -1).flatten(1), occ)
 
 
+# id: (input shape, weight shape, padding); every one has an empty operand but a well-defined result
+EMPTY_CASES = {
+    "Cin0": ((2, 0, 5, 5), (3, 0, 3, 3), 1),  # K = 0: y = bias
+    "Cout0": ((2, 4, 5, 5), (0, 4, 3, 3), 1),  # no output channel: dx = 0
+    "H0_padded": ((2, 4, 0, 5), (3, 4, 1, 3), (1, 1)),  # the output reads only padding: y = bias, dW = 0
+    "Cin0_unbatched": ((0, 5, 5), (3, 0, 3, 3), 0),
+}
+
+
+@pytest.mark.parametrize("key", list(EMPTY_CASES))
+def test_empty_operands_give_the_shapes_and_values_of_the_math_on_both_paths(key, path):
+    """A convolution with an empty reduction (C_in = 0, or an input that is all padding) is the bias; one
+    without outputs has a zero input gradient. F.convNd returns ``[N, 0, ...]`` for C_in = 0 and refuses the
+    other two: the plain-torch path must not follow it (the kernel path and the fake give ``[N, C_out, *out]``)."""
+    xs, ws, padding = EMPTY_CASES[key]
+    x = torch.randn(xs, dtype=torch.float64, device=path, requires_grad=True)
+    w = torch.randn(ws, dtype=torch.float64, device=path, requires_grad=True)
+    b = torch.randn(ws[0], dtype=torch.float64, device=path, requires_grad=True)
+    mask = torch.rand(ws, device=path) < 0.5
+    y = cf.masked_conv(x, w, mask, b, padding=padding)
+    pad = (padding,) * 2 if isinstance(padding, int) else padding
+    out = [n + 2 * p - k + 1 for n, p, k in zip(xs[-2:], pad, ws[2:])]
+    assert y.shape == (*xs[:-3], ws[0], *out)
+    torch.testing.assert_close(y, b[:, None, None].expand(y.shape), rtol=0, atol=0)
+    meta = cf.masked_conv(x.detach().to("meta"), w.detach().to("meta"), mask.to("meta"), b.detach().to("meta"),
+                          padding=padding)
+    assert meta.shape == y.shape
+    gy = torch.randn_like(y)
+    gx, gw, gb = torch.autograd.grad(y, (x, w, b), gy)
+    assert gx.shape == x.shape and gw.shape == w.shape and not gx.any() and not gw.any()
+    torch.testing.assert_close(gb, gy.sum([d for d in range(gy.dim()) if d != gy.dim() - 3]))
+    assert cf.masked_conv(x, w, mask, None, padding=padding).count_nonzero() == 0
+
+
+@pytest.mark.parametrize("arg", ["weight", "mask", "bias"])
+def test_an_operand_on_another_device_is_refused(arg, path):
+    """One meta operand beside real ones makes the dispatcher pick the op's Meta kernel, the fake: it must refuse
+    (it returned ``x.new_empty``, an uninitialised real tensor: garbage presented as a result)."""
+    x, w, mask, b, geom = _case("2d_P1_G2", torch.float32)
+    args = {"input": x.to(path), "weight": w.to(path), "mask": mask.to(path), "bias": b.to(path)}
+    args[arg] = args[arg].to("meta")
+    with pytest.raises(ValueError, match=f"{arg} is on meta but input is on"):
+        cf.masked_conv(**args, **geom)
+
+
+def test_a_backward_op_operand_on_another_device_is_refused(path):
+    """The same for the two backward ops called directly: their fakes returned ``grad.new_empty``."""
+    grad = torch.randn(2, 6, 3, 3, device=path)
+    geom = ([1, 1], [0, 0, 0, 0], [1, 1], 1, "zeros")
+    with pytest.raises(ValueError, match="weight is on meta but grad is on"):
+        torch.ops.convzoo.masked_conv_grad_input(grad, torch.randn(6, 4, 3, 3, device="meta"), None, [5, 5], *geom)
+    with pytest.raises(ValueError, match="input is on meta but grad is on"):
+        torch.ops.convzoo.masked_conv_grad_weight(grad, torch.randn(2, 4, 5, 5, device="meta"), None, [6, 4, 3, 3],
+                                                  *geom)
+
+
 def test_meta_empty_autocast_and_weight_layouts(path):
     """Meta tensors give the shape; an empty batch gives an empty result; autocast computes in its dtype as
     F.conv2d does; a channels-last weight (the layout torch's own conv layers may hold) reads the same."""
@@ -357,3 +413,33 @@ def test_tile_lists_of_inference_tensors_are_not_cached(kernel_device, monkeypat
             torch.testing.assert_close(cf.masked_conv(x, w, mask, b, **geom), _oracle(x, w, mask, b, **geom),
                                        atol=1e-5, rtol=1e-5)
     assert len(calls) == 2
+
+
+WRITES_TORCH_DOES_NOT_VERSION = {
+    "data_fill": lambda m: m.data.fill_(True),  # .data has a version counter of its own
+    "data_index": lambda m: m.data.__setitem__((slice(None), 0), True),
+    "storage_fill": lambda m: m.untyped_storage().fill_(1),
+    "dlpack": lambda m: torch.from_dlpack(m).fill_(True),
+    "numpy": lambda m: m.numpy().fill(True),
+}
+
+
+@pytest.mark.parametrize("write", list(WRITES_TORCH_DOES_NOT_VERSION))
+def test_a_mask_write_that_bypasses_the_version_counter_is_never_a_wrong_result(write, kernel_device):
+    """Writes through ``.data``, the storage or DLPack/numpy views change the mask without bumping its version:
+    the cached lists then omit the newly kept tiles. The ops notice on the device (no host sync) and visit every
+    tile until the lists are rebuilt: forward and both gradients still match the oracle (slower, never wrong)."""
+    x = torch.randn(2, 8, 5, 5, dtype=torch.float64, device=kernel_device, requires_grad=True)
+    w = torch.randn(20, 4, 3, 3, dtype=torch.float64, device=kernel_device, requires_grad=True)
+    mask = torch.zeros(20, 4, 3, 3, dtype=torch.bool, device=kernel_device)
+    mask[:2] = True  # groups 2: group 0's tiles are listed, group 1's are all empty
+    cf.masked_conv(x, w, mask, padding=1, groups=2).sum().backward()
+    if write == "numpy" and kernel_device != "cpu":
+        pytest.skip("numpy views CPU tensors only")
+    WRITES_TORCH_DOES_NOT_VERSION[write](mask)
+    gy = torch.randn(2, 20, 5, 5, dtype=torch.float64, device=kernel_device)
+    got = cf.masked_conv(x, w, mask, padding=1, groups=2)
+    want = _oracle(x, w, mask, None, 1, 1, 1, 2, "zeros")
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    for a, b in zip(torch.autograd.grad(got, (x, w), gy), torch.autograd.grad(want, (x, w), gy)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)

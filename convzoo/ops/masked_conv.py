@@ -19,12 +19,16 @@ The kernels iterate over the mask's tile lists (:func:`convzoo.sparsity.tile_lis
 device from the mask and cached per mask tensor (:func:`_tile_lists`): rebuilt only when the mask changes, which
 its version counter tells (every in-place torch op on it bumps the counter: ``copy_``, ``set_mask``,
 ``load_state_dict``, an optimizer's or a collective's in-place write, ``mask[...] = ...``) or when its storage
-changes (``mask.data = ...``). Writes that bypass torch (through a ``numpy()`` view or ``data_ptr``) are not
-seen: call :func:`clear_tile_cache` after such a write.
+changes (``mask.data = ...``). Writes that bypass the version counter (an in-place op on ``mask.data``, a write
+through the storage, a DLPack or ``numpy()`` view) leave the key as it was; each call therefore also checks, on
+the device and without a host sync, that the mask keeps no entry the cached lists' mask dropped, and where it
+does the kernels visit every tile (right, at dense speed) until the version changes or :func:`clear_tile_cache`
+is called.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -40,15 +44,17 @@ __all__ = ["clear_tile_cache", "masked_conv", "masked_conv_grad_input", "masked_
 
 
 # ---------------------------------------------------------------------------------------------- tile lists
-# mask tensor (weakly, by identity) -> (key, the mask's storage, TileLists). The entry holds the storage it was
-# built from, so that storage cannot be freed and its address reused by another while the entry lives: a key
-# with the same storage address and version is then the same memory at the same version.
+# mask tensor (weakly, by identity) -> (key, the mask's storage, TileLists, the complement of the mask they were
+# built from). The entry holds the storage it was built from, so that storage cannot be freed and its address
+# reused by another while the entry lives: a key with the same storage address and version is then the same
+# memory at the same version (or a write torch did not version, which _unless_grown catches).
 _LISTS: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
 def clear_tile_cache() -> None:
-    """Forget every cached tile list (needed only after a write to a mask that bypassed torch, e.g. through a
-    ``numpy()`` view; in-place torch ops are seen by the cache)."""
+    """Forget every cached tile list. Never needed for a right result; after a write that bypassed the mask's
+    version counter (``mask.data[...] = ...``, a ``numpy()`` view) it brings back the tile skipping that the
+    ops' on-device staleness check turned off (see the module docstring)."""
     _LISTS.clear()
     _dense_lists.cache_clear()
 
@@ -80,10 +86,22 @@ def _tile_lists(mask: Tensor | None, weight_shape, groups: int, device: torch.de
     key = (version, storage._cdata, mask.storage_offset(), tuple(mask.shape), mask.stride(), groups, block)
     hit = _LISTS.get(mask)
     if hit is not None and hit[0] == key:
-        return hit[2]
+        return _unless_grown(mask, hit[2], hit[3])
     lists = sparsity.tile_lists(mask, groups, block)
-    _LISTS[mask] = (key, storage, lists)
+    _LISTS[mask] = (key, storage, lists, ~mask)
     return lists
+
+
+def _unless_grown(mask: Tensor, lists: sparsity.TileLists, dropped: Tensor) -> sparsity.TileLists:
+    """``lists`` (cached), or, where ``mask`` now keeps an entry that the mask they were built from dropped
+    (``dropped``: its complement), the same lists with every row's count at its full length: the kernels then
+    visit every tile (each index row is a permutation of all of them), which is right for any mask, only slower.
+    A write that bypasses the version counter (``mask.data[...] = ...``, the storage, a DLPack or numpy view)
+    leaves the key unchanged; this check, on the device and without a host sync, keeps it from dropping the
+    newly kept tiles. A mask that only lost entries keeps its (still covering) lists."""
+    grown = (mask & dropped).any()
+    return dataclasses.replace(lists, count=lists.count.masked_fill(grown, lists.index.shape[-1]),
+                               t_count=lists.t_count.masked_fill(grown, lists.t_index.shape[-1]))
 
 
 def _masked_weight(weight: Tensor, mask: Tensor | None) -> Tensor:
@@ -120,6 +138,14 @@ def _(x, weight, mask, bias, stride, padding, dilation, groups, padding_mode):
     return x.new_empty(_shapes.masked_conv_out_shape(x, weight, g))
 
 
+def _same_device(grad: Tensor, **others) -> None:
+    """A fake's device check: one meta operand among real ones sends a call to the fake, whose ``new_empty``
+    would be an uninitialised real tensor (masked_conv's own fake checks in its geometry)."""
+    for name, t in others.items():
+        _shapes.check(t is None or t.device == grad.device,
+                      lambda name=name, t=t: f"{name} is on {t.device} but grad is on {grad.device}")
+
+
 def _grad_input_impl(grad: Tensor, weight: Tensor, mask: Tensor | None, input_size: list[int], stride: list[int],
                      padding: list[int], dilation: list[int], groups: int, padding_mode: str) -> Tensor:
     if use_triton(grad):
@@ -138,6 +164,7 @@ _grad_input = torch.library.custom_op("convzoo::masked_conv_grad_input", mutates
 
 @_grad_input.register_fake
 def _(grad, weight, mask, input_size, stride, padding, dilation, groups, padding_mode):
+    _same_device(grad, weight=weight, mask=mask)
     _shapes.geometry(tuple(input_size), tuple(weight.shape[2:]), dilation, padding, stride, padding_mode)
     return grad.new_empty((grad.shape[0], weight.shape[1] * groups, *input_size))
 
@@ -160,6 +187,7 @@ _grad_weight = torch.library.custom_op("convzoo::masked_conv_grad_weight", mutat
 
 @_grad_weight.register_fake
 def _(grad, x, mask, weight_size, stride, padding, dilation, groups, padding_mode):
+    _same_device(grad, input=x, mask=mask)
     _shapes.geometry(tuple(x.shape[2:]), tuple(weight_size[2:]), dilation, padding, stride, padding_mode)
     return x.new_empty(weight_size)
 
