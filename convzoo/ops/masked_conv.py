@@ -206,9 +206,31 @@ def _setup(ctx, inputs, output):
     ctx.geom = geom
 
 
+def _fused_backward(ctx, grad, x, weight, mask):
+    """On the plain-torch path, a first-order eager backward that needs both gradients: one
+    ``aten.convolution_backward`` call for dx, dW (then masked) and the bias (as autograd of ``F.convNd`` makes),
+    not two ops; None where that does not apply (the kernels, a graph being recorded for double backward or by a
+    tracer, a padding ``F.convNd`` cannot take)."""
+    stride, padding, dilation, groups, padding_mode = ctx.geom
+    lo, hi = padding[0::2], padding[1::2]
+    if (torch.is_grad_enabled() or padding_mode != "zeros" or lo != hi or use_triton(grad)
+            or 0 in (grad.numel(), x.numel(), weight.numel()) or not _autograd.plain_eager((grad, x, weight, mask))):
+        return None
+    want_b = ctx.has_bias and ctx.needs_input_grad[3]
+    dx, dw, db = torch.ops.aten.convolution_backward(
+        grad, x, _masked_weight(weight, mask), [weight.shape[0]] if want_b else None, stride, lo, dilation, False,
+        [0] * len(stride), groups, [True, True, want_b])
+    return dx, reference.masked_weight(dw, mask), db
+
+
 def _backward(ctx, grad):
     x, weight, mask = ctx.saved_tensors
     dx = dw = db = None
+    if ctx.needs_input_grad[0] and ctx.needs_input_grad[1]:
+        fused = _fused_backward(ctx, grad, x, weight, mask)
+        if fused is not None:
+            dx, dw, db = fused
+            return dx, dw, None, db, None, None, None, None, None
     if ctx.needs_input_grad[0]:
         dx = masked_conv_grad_input(grad, weight, mask, list(x.shape[2:]), *ctx.geom)
     if ctx.needs_input_grad[1]:
