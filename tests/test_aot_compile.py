@@ -26,9 +26,10 @@ def test_kernels_compile_for_nvidia_targets():
     kernels = {r["kernel"] for r in rows}
     assert {"unfold", "fold", "local_conv_fwd", "local_conv_grad_input", "local_conv_grad_weight",
             "unfold_transpose", "unfold_transpose_backward", "patch_covariance",
-            "extract_patches", "masked_conv_fwd", "masked_conv_grad_weight", "masked_conv_grad_input"} <= kernels
+            "extract_patches", "masked_conv_fwd", "masked_conv_grad_weight", "masked_conv_grad_input",
+            "coactivation_correlation"} <= kernels
     assert {r["dtype"] for r in rows} == {"torch.float16", "torch.bfloat16", "torch.float32", "torch.float64"}
-    for name in ("masked_conv_fwd", "masked_conv_grad_weight", "masked_conv_grad_input"):
+    for name in ("masked_conv_fwd", "masked_conv_grad_weight", "masked_conv_grad_input", "coactivation_correlation"):
         masked = [r for r in rows if r["kernel"] == name and r["dot"]]
         assert {r["arch"] for r in masked} == {80, 90} and all(r["mma"] for r in masked), name  # every block
     for r in rows:

@@ -18,6 +18,7 @@ from problems import TOL
 
 import convzoo.functional as cf
 from convzoo import reference
+from convzoo.ops import coactivation as ops_coactivation
 from convzoo.tools.bench.memory import peak_bytes
 
 CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -301,15 +302,23 @@ def test_correlation_fewer_than_two_samples_is_zero():
 
 
 def test_correlation_chunks_give_the_same_scores(monkeypatch):
-    """One position per chunk (the smallest chunk) sums to the same scores as one chunk."""
+    """One position per chunk (the smallest chunk) sums to the same scores as one chunk (under the interpreter:
+    as the kernel, which has no chunks)."""
     x, y, ws, geom = _case("3d_S2_P1_G2", n=3)
     want = cf.coactivation(x, y, ws, **geom, mode="correlation")
+    _plain_torch_correlation(monkeypatch)
     monkeypatch.setattr(reference, "_CHUNK_BYTES", 1)
     torch.testing.assert_close(cf.coactivation(x, y, ws, **geom, mode="correlation"), want, rtol=1e-12, atol=1e-12)
 
 
+def _plain_torch_correlation(monkeypatch):
+    """The op's correlation on the plain-torch path even where the kernel would run (the interpreter)."""
+    monkeypatch.setattr(ops_coactivation, "_kernel_correlation", lambda *args, **kwargs: None)
+
+
 def test_correlation_memory_is_not_the_seeds_tensor(monkeypatch):
     """The seed forms [N, C_out·C_in·∏K, L]; the CPU path holds the normalised copies and one chunk."""
+    _plain_torch_correlation(monkeypatch)  # the kernel's interpreted loop over 576 positions takes ~40 s
     monkeypatch.setattr(reference, "_CHUNK_BYTES", 1 << 18)
     x = torch.randn(4, 16, 24, 24)
     ws = (16, 16, 3, 3)

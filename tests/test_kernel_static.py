@@ -266,7 +266,8 @@ def test_every_load_and_store_is_masked(name, spec):
 def test_every_kernel_family_is_checked():
     names = {"unfold", "fold", "local_conv_fwd", "local_conv_grad_weight", "local_conv_grad_input",
              "unfold_transpose", "unfold_transpose_backward", "patch_covariance",
-             "extract_patches", "masked_conv_fwd", "masked_conv_grad_weight", "masked_conv_grad_input"}
+             "extract_patches", "masked_conv_fwd", "masked_conv_grad_weight", "masked_conv_grad_input",
+             "coactivation_correlation"}
     assert names <= dict(KERNELS).keys()
 
 

@@ -45,7 +45,8 @@ _KERNEL_MARKERS = (("convzoo.kernels.unfold", "unfold_kernel"), ("convzoo.kernel
                    ("convzoo.kernels.unfold_transpose", "unfold_transpose_backward_kernel"),
                    ("convzoo.kernels.patch_covariance", "patch_covariance_kernel"),
                    ("convzoo.kernels.patches", "extract_patches_kernel"),
-                   ("convzoo.kernels.masked_conv", "masked_conv_fwd_kernel"))
+                   ("convzoo.kernels.masked_conv", "masked_conv_fwd_kernel"),
+                   ("convzoo.kernels.coactivation", "coactivation_correlation_kernel"))
 
 
 def _is_interpreted(kernel) -> bool:

@@ -8,7 +8,9 @@ is differentiable (a statistic of the activations).
 
 ``mode='count'`` on CUDA (and under the interpreter) is the masked-conv weight-gradient kernel with the thresholds
 fused into its loads (:func:`convzoo.kernels.masked_conv.masked_conv_grad_weight` with ``thresholds``; every tile
-listed): no binarized copy of ``x`` or ``y``, extra memory O(weight). Elsewhere, and for ``mode='correlation'`` or
+listed): no binarized copy of ``x`` or ``y``, extra memory O(weight). ``mode='correlation'`` there is
+:func:`convzoo.kernels.coactivation.coactivation_correlation`: the batch-normalised tensors made in torch, then one
+launch that reduces the per-position correlations inside the kernel (extra memory O(x) + O(y)). Elsewhere, and for
 ``x`` and ``y`` of different dtypes, the plain-torch path (:func:`convzoo.reference.coactivation`:
 ``torch.nn.grad.convNd_weight`` of the binarized tensors; per-position GEMMs of the batch-normalised tensors,
 chunked).
@@ -40,11 +42,26 @@ def _kernel_count(x, y, weight_shape, stride, padding, dilation, groups, padding
                                            lists.block, thresholds=(x_threshold, y_threshold))
 
 
+def _kernel_correlation(x, y, weight_shape, stride, padding, dilation, groups, padding_mode, out=None):
+    """The correlation scores through the correlation kernel (into ``out`` when given), or None where it does
+    not apply."""
+    if not (use_triton(x) and x.dtype == y.dtype):
+        return None
+    from convzoo.kernels import coactivation as kernels
+
+    return kernels.coactivation_correlation(x, y, list(weight_shape), stride, padding, dilation, groups,
+                                            padding_mode, out=out)
+
+
 def _impl(x: Tensor, y: Tensor, weight_shape: list[int], stride: list[int], padding: list[int], dilation: list[int],
           groups: int, padding_mode: str, x_threshold: float, y_threshold: float, score: str) -> Tensor:
     if score == "count":
         h = _kernel_count(x, y, weight_shape, stride, padding, dilation, groups, padding_mode, x_threshold,
                           y_threshold)
+        if h is not None:
+            return own(h)
+    else:
+        h = _kernel_correlation(x, y, weight_shape, stride, padding, dilation, groups, padding_mode)
         if h is not None:
             return own(h)
     return own(reference.coactivation(x, y, weight_shape, stride, padding, dilation, groups, padding_mode,
@@ -77,6 +94,8 @@ def _inplace_impl(out: Tensor, x: Tensor, y: Tensor, weight_shape: list[int], st
         if h is not None:
             out.add_(h)
             return
+    elif _kernel_correlation(x, y, weight_shape, stride, padding, dilation, groups, padding_mode, out) is not None:
+        return
     reference.coactivation(x, y, weight_shape, stride, padding, dilation, groups, padding_mode, x_threshold,
                            y_threshold, score, out)
 

@@ -71,6 +71,11 @@ KEY_LEGEND = {
                                  "BK": "the tile lists' block columns (K side), sets BLOCK_K"},
                                 "the block's BO x BK dW tile per program (listed tiles only), BLOCK_M reduction "
                                 "step, SPLIT programs per tile"),
+    "coactivation_correlation": ({"N": "batch (the correlations' reduction)", "L": "output positions prod(out)",
+                                  "O": "output channels per group C_out/groups",
+                                  "K": "weight columns per group C_in/groups*prod(K)"},
+                                 "BLOCK_O x BLOCK_K score tile per program, BLOCK_N batch step, SPLIT shares of "
+                                 "the positions"),
     "masked_conv_grad_input": ({"M": "input positions N*prod(input size) (samples x positions)",
                                 "C": "input channels C_in", "K": "reduction per group C_out/groups*prod(K)",
                                 "BO": "the tile lists' block rows (C_out side), sets BLOCK_O",
