@@ -746,7 +746,9 @@ def _grad_input_blocks(acc, g_cols, w_ptr, idx_row, count, g, c, c_ok, pd, ph, p
         t = e // TO
         to = e % TO
         o = to * BLOCK_O + tl.arange(0, BLOCK_O)
-        o_ok = (o < OG) & e_ok
+        # (!= 0: the newest Triton's interpreter makes a block bool & a scalar bool int64, which a load mask
+        # refuses; a no-op when compiled)
+        o_ok = ((o < OG) & e_ok) != 0
         co = g * OG + o
         # the weight block: W[co, c, t] at tap-major column t·CG + c
         w = tl.load(w_ptr + co[:, None] * stride_wo + (t * CG + c)[None, :] * stride_wk,
