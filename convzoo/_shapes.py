@@ -574,16 +574,16 @@ def covariance_shape(channels: int, groups: int, kernel_numel: int, bias: bool, 
     return (1 if group_mean else groups, d, d)
 
 
-def check_covariance_out(out: torch.Tensor, shape: tuple, dtype: torch.dtype, device: torch.device) -> None:
-    """``out`` must be the factor's buffer: a tensor of exactly ``shape``, ``dtype`` and ``device``.
+def check_out_buffer(out, shape: tuple, dtype: torch.dtype, device: torch.device, dtype_why: str) -> None:
+    """``out`` must be the result's buffer: a tensor of exactly ``shape``, ``dtype`` (``dtype_why`` says why that
+    one, in the message) and ``device`` (the input's).
 
     Raises:
         TypeError: ``out`` is not a tensor, or has another dtype.
         ValueError: ``out`` has another shape or device.
     """
     check(isinstance(out, torch.Tensor), lambda: f"out must be a tensor, got {type(out).__name__}", TypeError)
-    check(out.dtype == dtype, lambda: f"out must be {dtype} (the factor's accumulation dtype for this input), "
-          f"got {out.dtype}", TypeError)
+    check(out.dtype == dtype, lambda: f"out must be {dtype} ({dtype_why}), got {out.dtype}", TypeError)
     check(tuple(out.shape) == tuple(shape), lambda: f"out must have shape {tuple(shape)}, got {tuple(out.shape)}")
     check(out.device == device, lambda: f"out must be on the input's device {device}, got {out.device}")
 
@@ -639,22 +639,22 @@ def _self_overlapping(t: torch.Tensor) -> bool:
     return False
 
 
-def check_covariance_out_memory(out: torch.Tensor, input: torch.Tensor) -> None:
+def check_out_memory(out: torch.Tensor, **inputs: torch.Tensor) -> None:
     """``out`` must be distinct memory: no two of its elements at one address (an expanded buffer), none
-    inside ``input``. The kernel stores each tile and its mirror while other programs still gather
-    ``input``, so either would race into a wrong factor without a word.
+    inside one of ``inputs`` (named by keyword). An in-place accumulation would otherwise read what it wrote.
 
     Raises:
-        ValueError: ``out`` has elements that share memory, or shares memory with ``input``.
+        ValueError: ``out`` has elements that share memory, or shares memory with an input (named).
     """
     if out.numel() == 0 or out.device.type == "meta":
         return
     check(not _self_overlapping(out), lambda: f"out has elements that share memory (strides {out.stride()} for "
           f"shape {tuple(out.shape)}, an expanded view?): pass a buffer of distinct elements")
-    if input.numel():
-        (a0, a1), (b0, b1) = _span(out), _span(input)
-        check(a1 < b0 or b1 < a0, "out shares memory with input: the factor cannot be written over the input it "
-              "is computed from; pass a separate buffer")
+    for name, t in inputs.items():
+        if t.numel():
+            (a0, a1), (b0, b1) = _span(out), _span(t)
+            check(a1 < b0 or b1 < a0, lambda name=name: f"out shares memory with {name}: it cannot accumulate "
+                  f"over a tensor it is computed from; pass a separate buffer")
 
 
 # ---------------------------------------------------------------------------------------------- masked_conv
@@ -797,36 +797,3 @@ def coactivation_geometry(x: torch.Tensor, y: torch.Tensor, weight_shape, stride
 def coactivation_dtype(x: torch.Tensor, mode: str) -> torch.dtype:
     """The result's dtype: float32 for ``'count'``, ``x``'s for ``'correlation'``."""
     return torch.float32 if mode == "count" else x.dtype
-
-
-def check_coactivation_out(out, shape: tuple, dtype: torch.dtype, device: torch.device) -> None:
-    """``out`` must be the scores' buffer: a tensor of exactly ``shape``, ``dtype`` and ``device``.
-
-    Raises:
-        TypeError: ``out`` is not a tensor, or has another dtype.
-        ValueError: ``out`` has another shape or device.
-    """
-    check(isinstance(out, torch.Tensor), lambda: f"out must be a tensor, got {type(out).__name__}", TypeError)
-    check(out.dtype == dtype, lambda: f"out must be {dtype} (the result's dtype for this mode and x), got "
-          f"{out.dtype}", TypeError)
-    check(tuple(out.shape) == tuple(shape), lambda: f"out must have shape {tuple(shape)} (weight_shape), got "
-          f"{tuple(out.shape)}")
-    check(out.device == device, lambda: f"out must be on x's device {device}, got {out.device}")
-
-
-def check_out_memory(out: torch.Tensor, **inputs: torch.Tensor) -> None:
-    """``out`` must be distinct memory: no two of its elements at one address (an expanded buffer), none
-    inside one of ``inputs`` (named by keyword). An in-place accumulation would otherwise read what it wrote.
-
-    Raises:
-        ValueError: ``out`` has elements that share memory, or shares memory with an input (named).
-    """
-    if out.numel() == 0 or out.device.type == "meta":
-        return
-    check(not _self_overlapping(out), lambda: f"out has elements that share memory (strides {out.stride()} for "
-          f"shape {tuple(out.shape)}, an expanded view?): pass a buffer of distinct elements")
-    for name, t in inputs.items():
-        if t.numel():
-            (a0, a1), (b0, b1) = _span(out), _span(t)
-            check(a1 < b0 or b1 < a0, lambda name=name: f"out shares memory with {name}: it cannot accumulate "
-                  f"over a tensor it is computed from; pass a separate buffer")

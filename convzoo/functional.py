@@ -469,7 +469,8 @@ def patch_covariance(input: torch.Tensor, kernel_size, stride=1, padding=0, dila
     dtype = torch.float64 if input.dtype == torch.float64 else torch.float32
     kernel_numel = math.prod(geom[0])
     shape = _shapes.covariance_shape(input.shape[1], groups, kernel_numel, bias, group_reduction == "mean")
-    _shapes.check_covariance_out(out, shape[1:] if group_reduction == "mean" else shape, dtype, input.device)
+    _shapes.check_out_buffer(out, shape[1:] if group_reduction == "mean" else shape, dtype, input.device,
+                             "the factor's accumulation dtype for this input")
     if out.requires_grad and torch.is_grad_enabled():  # torch refuses in-place ops on such leaves; a statistic too
         raise ValueError("out requires grad, but patch_covariance writes it in place, outside autograd: pass a buffer "
                          "that does not require grad (or call it under torch.no_grad())")
@@ -804,7 +805,8 @@ def coactivation(x: torch.Tensor, y: torch.Tensor, weight_shape, stride=1, paddi
     if out is None:
         return _coactivation_ops.coactivation(x, y, list(weight_shape), *_as_lists(args), x_threshold, y_threshold,
                                               mode)
-    _shapes.check_coactivation_out(out, weight_shape, _shapes.coactivation_dtype(x, mode), x.device)
+    _shapes.check_out_buffer(out, weight_shape, _shapes.coactivation_dtype(x, mode), x.device,
+                             "the result's dtype for this mode and x")
     if out.requires_grad and torch.is_grad_enabled():  # torch refuses in-place ops on such leaves; a statistic too
         raise ValueError("out requires grad, but coactivation adds into it in place, outside autograd: pass a buffer "
                          "that does not require grad (or call it under torch.no_grad())")

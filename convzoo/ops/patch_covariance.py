@@ -105,7 +105,8 @@ def _inplace_impl(out: Tensor, x: Tensor, kernel_size: list[int], stride: list[i
                   reduce: bool, bias: bool, group_mean: bool, per_sample: bool, alpha: float, coef: float) -> None:
     # here, on real tensors (a traced functional sees fakes without addresses; a compiled graph's
     # functionalised out is a fresh buffer anyway)
-    _shapes.check_covariance_out_memory(out, x)
+    # the kernel stores each tile and its mirror while other programs still gather x: an overlap would race
+    _shapes.check_out_memory(out, input=x)
     _compute(x, kernel_size, stride, padding, output_padding, dilation, padding_mode, groups, transposed, reduce,
              bias, group_mean, per_sample, out, alpha, coef)
 
