@@ -159,3 +159,17 @@ def make_input(case: Case, dtype, device, layout="contiguous", integer=False) ->
 
 def integer_like(t: torch.Tensor) -> torch.Tensor:
     return torch.randint(-8, 9, t.shape, device=t.device).to(t.dtype)
+
+
+def assert_tune_problems_match(kernel: str, device, layers: int | None = 1) -> None:
+    """The first ``layers`` (None: all) of the tuner's small grid, as ``kernel``'s TuneProblem builds them: the
+    launch with the interpreter's default config equals the problem's own reference (fp32)."""
+    from convzoo import autotune
+    from convzoo.autotune.grids import GRIDS
+
+    spec = autotune.get_spec(kernel)
+    for layer in GRIDS["small"][:layers]:
+        problem = spec.problem(layer, torch.float32, torch.device(device))
+        fn, ref = problem.setup()
+        torch.testing.assert_close(fn(spec.default_config(problem.dims, torch.float32, True)).double(),
+                                   ref().double(), atol=1e-5, rtol=1e-5)

@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from problems import TOL
+from problems import TOL, assert_tune_problems_match
 
 from convzoo import autotune, sparsity
 from convzoo.autotune import Config
@@ -382,14 +382,7 @@ def test_force_config_sets_block_m_only(kernel_device):
 
 
 def test_tune_problem_runs_and_matches(kernel_device):
-    from convzoo.autotune.grids import GRIDS
-
-    spec = autotune.get_spec(SPEC)
-    for layer in GRIDS["small"]:
-        problem = spec.problem(layer, torch.float32, torch.device(kernel_device))
-        fn, ref = problem.setup()
-        torch.testing.assert_close(fn(spec.default_config(problem.dims, torch.float32, True)).double(),
-                                   ref().double(), atol=1e-5, rtol=1e-5)
+    assert_tune_problems_match(SPEC, kernel_device, layers=None)  # every layer of the small grid
 
 
 # ---------------------------------------------------------------------------------------------- bad input

@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from problems import TOL
+from problems import TOL, assert_tune_problems_match
 
 from convzoo import autotune
 from convzoo.autotune import Config
@@ -287,13 +287,7 @@ def test_force_config_sets_block_m_only(kernel_device):
 
 
 def test_tune_problem_runs_and_matches(kernel_device):
-    from convzoo.autotune.grids import GRIDS
-
-    spec = autotune.get_spec("masked_conv_fwd")
-    problem = spec.problem(GRIDS["small"][0], torch.float32, torch.device(kernel_device))
-    fn, ref = problem.setup()
-    torch.testing.assert_close(fn(spec.default_config(problem.dims, torch.float32, True)).double(), ref().double(),
-                               atol=1e-5, rtol=1e-5)
+    assert_tune_problems_match("masked_conv_fwd", kernel_device)
 
 
 # ---------------------------------------------------------------------------------------------- bad input
