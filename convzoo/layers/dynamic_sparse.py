@@ -4,7 +4,6 @@ layer's own coactivation statistics (:func:`convzoo.functional.coactivation`) or
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Sequence
 
 import torch
@@ -19,15 +18,6 @@ __all__ = ["DynamicSparseConv1d", "DynamicSparseConv2d", "DynamicSparseConv3d", 
 
 SCORES = ("count", "correlation", "magnitude")
 REGROWS = ("coactivation", "random")
-
-
-def _real(value, name: str, lo: float, hi: float | None) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {value!r}")
-    value = float(value)
-    if not (lo <= value and (hi is None or value <= hi)):  # NaN fails too
-        raise ValueError(f"{name} must be in [{lo}, {'inf' if hi is None else hi}], got {value}")
-    return value
 
 
 def _like(t: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
@@ -48,10 +38,10 @@ class _DynamicSparseConvNd:
             raise ValueError(f"score must be one of {SCORES}, got {score!r}")
         if regrow not in REGROWS:
             raise ValueError(f"regrow must be one of {REGROWS}, got {regrow!r}")
-        self.prune_fraction = _real(prune_fraction, "prune_fraction", 0.0, 1.0)
-        self.ema = None if ema is None else _real(ema, "ema", 0.0, 1.0)
-        self.x_threshold = _real(x_threshold, "x_threshold", -math.inf, None)
-        self.y_threshold = _real(y_threshold, "y_threshold", -math.inf, None)
+        self.prune_fraction = sparsity._check_density(prune_fraction, "prune_fraction")
+        self.ema = None if ema is None else sparsity._check_density(ema, "ema")
+        self.x_threshold = cf._threshold(x_threshold, "x_threshold")
+        self.y_threshold = cf._threshold(y_threshold, "y_threshold")
         if not isinstance(prune_dims, Sequence) or isinstance(prune_dims, str):
             raise TypeError(f"prune_dims must be a sequence of ints, got {prune_dims!r}")
         sparsity._check_dims(prune_dims, self.weight.dim())  # raises on a bad entry
@@ -172,7 +162,7 @@ class _DynamicSparseConvNd:
         Returns:
             The :class:`convzoo.sparsity.PruneRegrow` of this step (new mask, pruned, regrown).
         """
-        fraction = self.prune_fraction if fraction is None else _real(fraction, "fraction", 0.0, 1.0)
+        fraction = self.prune_fraction if fraction is None else sparsity._check_density(fraction, "fraction")
         distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size(process_group) > 1
         if distributed and self.collects:
             dist.all_reduce(self._coactivation, group=process_group)
@@ -275,7 +265,7 @@ class PruneRegrowSchedule:
             raise ValueError(f"every must be a positive int, got {every!r}")
         if end is not None and (isinstance(end, bool) or not isinstance(end, int) or end < 1):
             raise ValueError(f"end must be None or a positive int, got {end!r}")
-        self.fraction = None if fraction is None else _real(fraction, "fraction", 0.0, 1.0)
+        self.fraction = None if fraction is None else sparsity._check_density(fraction, "fraction")
         self.layers = [m for m in model.modules() if isinstance(m, _DynamicSparseConvNd)]
         if not self.layers:
             raise ValueError("model has no DynamicSparseConv1d/2d/3d layer to update")

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import numbers
-
 import torch
 from torch import nn
 
@@ -28,15 +26,14 @@ class _MaskedConvNd:
     mask: torch.Tensor
 
     def _init_mask(self, density, block) -> None:
-        if isinstance(density, bool) or not isinstance(density, numbers.Real):
-            raise TypeError(f"density must be a real number, got {density!r}")
-        if not 0.0 <= float(density) <= 1.0:
-            raise ValueError(f"density must be in [0, 1], got {density}")
+        from convzoo import sparsity
+
+        density = sparsity._check_density(density)
         shape, device = self.weight.shape, self.weight.device
         if density == 1.0 and block is None:
             mask = torch.ones(shape, dtype=torch.bool, device=device)
         else:
-            mask = _initial_mask(shape, float(density), block, self.groups, device)
+            mask = _initial_mask(shape, density, block, self.groups, device)
         self.register_buffer("mask", mask)
 
     def _conv_forward(self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
