@@ -257,6 +257,7 @@ def test_1d_and_3d_layers_collect_and_prune():
     ({"prune_fraction": "0.1"}, TypeError, "prune_fraction"),
     ({"ema": -0.1}, ValueError, "ema"),
     ({"x_threshold": None}, TypeError, "x_threshold"),
+    ({"score": "correlation", "y_threshold": 0.5}, ValueError, "threshold"),
     ({"prune_dims": (4,)}, ValueError, "dims"),
     ({"prune_dims": 0}, TypeError, "prune_dims"),
     ({"padding_mode": "reflect"}, ValueError, "padding_mode"),

@@ -50,6 +50,10 @@ class _DynamicSparseConvNd:
         # what the statistics count: the score's own mode; 'magnitude' with coactivation regrowth counts
         self.statistic = "correlation" if score == "correlation" else "count"
         self.collects = score != "magnitude" or regrow == "coactivation"
+        if self.statistic == "correlation" and (self.x_threshold != 0.0 or self.y_threshold != 0.0):
+            # as the functional refuses it; the compiled path, which shifts by the thresholds, would not notice
+            raise ValueError("score='correlation' takes no thresholds (a correlation is shift-invariant): leave "
+                             "x_threshold and y_threshold at 0")
         if self.collects and self.padding_mode != "zeros":
             raise ValueError(f"coactivation statistics count padded positions as inactive, which only zero padding "
                              f"defines: padding_mode={self.padding_mode!r} needs score='magnitude' and "
@@ -129,11 +133,11 @@ class _DynamicSparseConvNd:
                            (self._shift(x, self.x_threshold), self._shift(yb, self.y_threshold)))
             with torch.no_grad():
                 self._coactivation.copy_(torch.where(run, self._blend(self._coactivation, h), self._coactivation))
-        elif self._calls % self.update_every == 0:
-            with torch.no_grad():
-                h = self._statistics(x.detach(), yb.detach(), self.x_threshold, self.y_threshold)
-                self._coactivation.copy_(self._blend(self._coactivation, h))
-        if not torch.compiler.is_compiling():
+        else:
+            if self._calls % self.update_every == 0:
+                with torch.no_grad():
+                    h = self._statistics(x.detach(), yb.detach(), self.x_threshold, self.y_threshold)
+                    self._coactivation.copy_(self._blend(self._coactivation, h))
             self._calls += 1
         with torch.no_grad():
             self.calls.add_(1)
