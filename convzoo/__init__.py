@@ -4,6 +4,7 @@ Public names only; nothing here touches a device at import.
 """
 
 from convzoo import functional, sparsity
+from convzoo._compat import debug_info
 from convzoo.curvature import KFACFactors
 from convzoo.layers import (
     DynamicSparseConv1d,
@@ -24,6 +25,6 @@ from convzoo.layers import (
 __all__ = [
     "DynamicSparseConv1d", "DynamicSparseConv2d", "DynamicSparseConv3d", "Fold", "KFACFactors", "LocalConv1d",
     "LocalConv2d", "LocalConv3d", "MaskedConv1d", "MaskedConv2d", "MaskedConv3d", "PruneRegrowSchedule", "Unfold",
-    "UnfoldTranspose", "functional", "sparsity"
+    "UnfoldTranspose", "debug_info", "functional", "sparsity"
 ]
 __version__ = "0.1.0"

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from convzoo import _compat
+
 PADDING_MODES = ("zeros", "circular", "reflect", "replicate")
 # Integer codes passed to kernels as constexprs.
 PADDING_MODE_CODES = {mode: i for i, mode in enumerate(PADDING_MODES)}
@@ -101,7 +103,7 @@ def resolve_padding(padding, in_size: Sequence, kernel_size: Sequence, dilation:
         flat = []
         for n, k, d, s in zip(in_size, kernel_size, dilation, stride):
             out = (n + s - 1) // s
-            total = torch.sym_max((out - 1) * s + d * (k - 1) + 1 - n, 0)
+            total = _compat.sym_max((out - 1) * s + d * (k - 1) + 1 - n, 0)
             flat += [total // 2, total - total // 2]
         return flat
     if isinstance(padding, Sequence) and any(isinstance(p, Sequence) for p in padding):
@@ -157,7 +159,8 @@ def geometry(in_size: Sequence, kernel_size: Sequence, dilation: Sequence, paddi
 
     Checked and computed once per distinct set of Python-int arguments (the fake, the reference and the
     launcher of one call all ask, and so does every later call of the same signature); ``SymInt`` and
-    other integer types take the uncached path.
+    other integer types take the uncached path, and so does a call under ``torch.compile`` (Dynamo traces
+    through an ``lru_cache`` wrapper, and says so in a warning on torch 2.11).
 
     Raises:
         ValueError: wrong lengths, non-positive kernel_size/stride/dilation, negative padding,
@@ -165,7 +168,8 @@ def geometry(in_size: Sequence, kernel_size: Sequence, dilation: Sequence, paddi
             larger than the padded input.
     """
     key = (tuple(in_size), tuple(kernel_size), tuple(dilation), tuple(padding), tuple(stride))
-    if type(padding_mode) is str and all(type(e) is int for part in key for e in part):
+    if (type(padding_mode) is str and all(type(e) is int for part in key for e in part)
+            and not torch.compiler.is_compiling()):
         return _cached_geometry(*key, padding_mode)
     return _geometry(in_size, kernel_size, dilation, padding, stride, padding_mode)
 

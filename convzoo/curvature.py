@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from collections.abc import Iterable
 
 import torch
 from torch import nn
 
-from convzoo import _shapes
+from convzoo import _compat, _shapes
 from convzoo.functional import patch_covariance
 
 __all__ = ["KFACFactors"]
@@ -106,6 +107,9 @@ class KFACFactors:
         # torch.compile each distinct value is a guard, and a bool flips once (one recompile), a count each step
         self._started: dict[str, bool] = {}
         self._handles = []
+        if _compat.in_backward() is None:
+            warnings.warn("this torch has no torch._C._current_graph_task_id (see convzoo.debug_info()): forwards "
+                          "recomputed by activation checkpointing will be counted in the factors again", stacklevel=2)
         for name, layer in self._chosen(model, modules):
             if isinstance(layer, nn.modules.lazy.LazyModuleMixin) and layer.has_uninitialized_params():
                 raise ValueError(f"model: {name!r} is a lazy layer whose shapes are not known yet (run one forward "
@@ -208,7 +212,7 @@ class KFACFactors:
     # Under torch.compile(dynamic=True) dynamo turns a float read from an attribute into a SymFloat, which
     # patch_covariance's check of beta (math.isfinite) cannot trace with fullgraph=True. beta is fixed at
     # construction (read-only), so a constant the trace may bake in without a guard is exact.
-    @torch._dynamo.assume_constant_result
+    @torch.compiler.assume_constant_result
     def _decay(self) -> float:
         return self._beta
 
@@ -292,4 +296,4 @@ def _in_backward() -> bool:
     """A forward running inside autograd's backward: activation checkpointing (``torch.utils.checkpoint``,
     reentrant or not) recomputing it, with the input the real forward already counted. A compiled graph's
     recompute runs no hooks (and dynamo cannot trace this query), so it is skipped there."""
-    return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
+    return not torch.compiler.is_compiling() and bool(_compat.in_backward())

@@ -14,7 +14,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from convzoo import _shapes
+from convzoo import _compat, _shapes
 
 __all__ = ["conv_matrix", "fold", "group_mean", "local_conv", "local_conv_grad_input", "local_conv_grad_weight",
            "masked_conv", "masked_conv_grad_input", "masked_conv_grad_weight", "masked_weight", "patch_covariance",
@@ -462,7 +462,7 @@ def _window_tap_sums(y: torch.Tensor, g: _shapes.Geometry, dim: int) -> torch.Te
         first = o0 + max(0, -(o0 // s)) * s  # the first of them inside the input (ceil(-o0 / s) positions on)
         # the last position reads below n + hi - d·(K-1-k) (the padded input's end for this tap): clip to n
         end = n + min(0, hi - d * (k_size - 1 - k))
-        tap = y.narrow(ax, first, torch.sym_max(0, end - first))
+        tap = y.narrow(ax, first, _compat.sym_max(0, end - first))
         sums.append(tap[(slice(None),) * ax + (slice(None, None, s),)].sum(ax))
     return torch.stack(sums, ax)
 

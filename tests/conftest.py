@@ -44,3 +44,34 @@ def kernel_device():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def function_applies(monkeypatch):
+    """The names of the autograd.Functions applied through ``torch.autograd.Function.apply`` (the public route,
+    with its Python preamble on torch ≤ 2.13; torch ≥ 2.14 made it the C++ ``apply`` itself). convzoo's fast path
+    enters the C++ ``apply`` without looking ``Function.apply`` up, so it is never counted here."""
+    calls = []
+    original = torch.autograd.Function.__dict__["apply"]  # a classmethod, or (torch >= 2.14) a C method descriptor
+
+    def counting(cls, *args, **kwargs):
+        calls.append(cls.__name__)
+        return original.__get__(None, cls)(*args, **kwargs)
+
+    monkeypatch.setattr(torch.autograd.Function, "apply", classmethod(counting))
+    return calls
+
+
+@pytest.fixture
+def op_calls(monkeypatch):
+    """The names of the convzoo custom ops called through ``torch.library.CustomOpDef.__call__``: the entry points'
+    only road into the dispatcher."""
+    calls = []
+    original = torch.library.CustomOpDef.__call__
+
+    def counting(self, *args, **kwargs):
+        calls.append(self._name)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.library.CustomOpDef, "__call__", counting)
+    return calls

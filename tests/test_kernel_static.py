@@ -21,9 +21,8 @@ import textwrap
 import pytest
 import triton
 import triton.language as tl
-from triton.runtime.interpreter import InterpretedFunction
 
-from convzoo import autotune, kernels
+from convzoo import _compat, autotune, kernels
 
 kernels.load_all()  # registers every kernel's autotune spec
 
@@ -41,7 +40,7 @@ def _pyfunc(fn):
 
 
 def _is_jit(obj) -> bool:
-    return isinstance(obj, (triton.runtime.JITFunction, InterpretedFunction))
+    return isinstance(obj, triton.runtime.JITFunction) or _compat.interpreted(obj)
 
 
 class Int64Check:

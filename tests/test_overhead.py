@@ -7,7 +7,6 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
-from torch._library.custom_ops import CustomOpDef
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -25,35 +24,6 @@ def device(request, monkeypatch, kernel_device):
         monkeypatch.setenv("TRITON_INTERPRET", "0")
         return "cpu"
     return kernel_device
-
-
-@pytest.fixture
-def op_calls(monkeypatch):
-    """The names of the convzoo custom ops called through ``CustomOpDef.__call__``: the entry points'
-    only road into the dispatcher."""
-    calls = []
-    original = CustomOpDef.__call__
-
-    def counting(self, *args, **kwargs):
-        calls.append(self._name)
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(CustomOpDef, "__call__", counting)
-    return calls
-
-
-@pytest.fixture
-def function_applies(monkeypatch):
-    """The autograd.Functions applied through ``Function.apply``'s Python preamble."""
-    calls = []
-    original = torch.autograd.Function.apply.__func__
-
-    def counting(cls, *args, **kwargs):
-        calls.append(cls.__name__)
-        return original(cls, *args, **kwargs)
-
-    monkeypatch.setattr(torch.autograd.Function, "apply", classmethod(counting))
-    return calls
 
 
 class _SeenOps(TorchDispatchMode):

@@ -302,18 +302,11 @@ def test_raw_op_with_tangent_raises_instead_of_dropping_it(path):
         f(primal)  # without a tangent the raw op works
 
 
-def test_eager_call_without_autograd_skips_the_function(path, monkeypatch):
+def test_eager_call_without_autograd_skips_the_function(path, function_applies):
     """No autograd.Function on the plain inference path (host overhead), and the numbers are the same."""
     case = CASES[0]
     x = _x(case, path)
-    applied = []
-    orig = torch.autograd.Function.apply.__func__
-
-    def spy(cls, *args, **kwargs):
-        applied.append(cls.__name__)
-        return orig(cls, *args, **kwargs)
-
-    monkeypatch.setattr(torch.autograd.Function, "apply", classmethod(spy))
+    applied = function_applies
     y = cf.unfold(x, **case.kwargs())
     assert applied == []
     y2 = cf.unfold(x.requires_grad_(), **case.kwargs())

@@ -13,9 +13,8 @@ import contextlib
 import torch
 import triton
 import triton.language as tl
-from triton.runtime.interpreter import InterpretedFunction
 
-from convzoo import _shapes, autotune
+from convzoo import _compat, _shapes, autotune
 from convzoo.autotune import Config, ConfigSpace
 
 
@@ -236,7 +235,7 @@ def _interpreted(kernel) -> bool:
     """True when ``kernel`` was decorated under ``TRITON_INTERPRET=1`` and so runs on Triton's CPU
     interpreter: the kernels are fixed as interpreted or compiled at import, not by the variable's
     value at call time."""
-    return isinstance(kernel, InterpretedFunction)
+    return _compat.interpreted(kernel)
 
 
 def _upcast(dtype: torch.dtype, kernel) -> bool:

@@ -20,58 +20,20 @@ arguments. :func:`plain_eager` says when; in every other case the call is the cu
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor
-from torch._library.autograd import make_autograd_impl
+
+from convzoo import _compat
 
 _LIB = torch.library.Library("convzoo", "FRAGMENT")
-
-
-def _keyset(*keys) -> int:
-    out = torch._C.DispatchKeySet(keys[0])
-    for k in keys[1:]:
-        out = out | torch._C.DispatchKeySet(k)
-    return out.raw_repr()
-
-
-_K = torch._C.DispatchKey
-# The dispatch keys of a plain dense CPU or CUDA tensor, and nothing else: no functorch wrapper (batched,
-# grad), no functional tensor, no negative/conjugate view or zero tensor (the dispatcher materialises
-# those before a kernel sees them), no sparse, meta or other backend.
-_PLAIN_KEYSETS = frozenset((_keyset(_K.CPU, _K.ADInplaceOrView, _K.AutogradCPU, _K.AutocastCPU),
-                            _keyset(_K.CUDA, _K.ADInplaceOrView, _K.AutogradCUDA, _K.AutocastCUDA)))
-# Parameter is Tensor with torch-function handling disabled: the op sees a Parameter as a Tensor
-_PLAIN_TYPES = (Tensor, torch.nn.Parameter)
-_PYTHON_DISPATCHER = _K.PythonDispatcher
-
-
-def plain_eager(tensors) -> bool:
-    """Whether the dispatcher, given these tensors now, would go straight to the op's implementation: every
-    tensor a plain dense CPU/CUDA ``Tensor`` (exact type: no subclass, no FakeTensor), and no
-    TorchDispatchMode (FakeTensorMode, make_fx, FlopCounterMode, ...), torch-function mode, Python
-    dispatcher, ``torch.func`` transform or forward-AD level active, no profiler running (its trace
-    shows the dispatcher's ``convzoo::*`` events) and no ``torch.jit.trace`` recording (its graph must hold
-    the ``convzoo::*`` node, not what one call of it ran). Not for a call under ``torch.compile`` (the caller checks
-    that first: Dynamo must see the custom op)."""
-    if (torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled()
-            or torch._C._are_functorch_transforms_active() or fwAD._current_level >= 0
-            or torch._C._dispatch_tls_is_dispatch_key_included(_PYTHON_DISPATCHER)
-            or torch._C._autograd._profiler_enabled() or torch._C._get_tracing_state() is not None):
-        return False
-    for t in tensors:
-        if t is not None and (type(t) not in _PLAIN_TYPES
-                              or torch._C._dispatch_keys(t).raw_repr() not in _PLAIN_KEYSETS):
-            return False
-    return True
+plain_eager = _compat.plain_eager
 
 
 def needs_function(tensors) -> bool:
     """Whether an eager call must go through the full ``autograd.Function``: a ``torch.func``
     transform is active, a forward-AD level is open, or an input requires grad."""
-    if torch._C._are_functorch_transforms_active() or fwAD._current_level >= 0:
+    if fwAD._current_level >= 0 or _compat.transforms_active():
         return True
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
@@ -135,16 +97,10 @@ def differentiable(op, impl, num_tensors: int, setup_context, backward, jvp):
     return entry
 
 
-_C_APPLY = torch._C._FunctionBase.__dict__["apply"]  # what Function.apply ends in, outside torch.func
-
-
 def apply(function, tensors, *args):
     """``function.apply(*args)``, straight into its C++ ``apply`` when :func:`plain_eager` holds for
-    ``tensors``: the Python preamble of ``Function.apply`` binds default arguments (``inspect.signature``;
-    these forwards take none) and unwraps dead ``torch.func`` wrappers (plain tensors are none), each call."""
-    if plain_eager(tensors):
-        return _C_APPLY.__get__(None, function)(*args)
-    return function.apply(*args)
+    ``tensors`` (:func:`convzoo._compat.function_apply`)."""
+    return _compat.function_apply(function, plain_eager(tensors), *args)
 
 
 _TRANSFORMS_HINT = (
@@ -175,26 +131,26 @@ def nondifferentiable(op, impl, num_tensors: int):
 def _forbid_forward_ad(op, name: str, hint: str = _TRANSFORMS_HINT) -> None:
     """Make a direct ``torch.ops.convzoo.<name>`` call raise when an input carries a forward-mode
     tangent (the custom op's autograd kernel would drop it without a word): the custom op's own
-    autograd kernel, behind a check."""
-    autograd_impl = make_autograd_impl(op._opoverload, op)
+    autograd kernel, behind a check (where the running torch allows: :mod:`convzoo._compat`)."""
 
-    def guarded(keyset, *args):
-        if fwAD._current_level >= 0 or torch._C._are_functorch_transforms_active():
-            for a in args:
-                if isinstance(a, Tensor) and fwAD.unpack_dual(a).tangent is not None:
-                    raise RuntimeError(f"torch.ops.convzoo.{name} got a forward-mode AD tangent, which the custom op "
-                                       f"cannot carry. {hint}")
-        try:
-            return autograd_impl(keyset, *args)
-        except RuntimeError as e:  # torch.func.grad & co. refuse the custom op's own autograd.Function
-            if "setup_context" not in str(e):
-                raise
-            raise RuntimeError(f"torch.ops.convzoo.{name} cannot run under a torch.func transform by itself. "
-                               f"{_TRANSFORMS_HINT}") from e
+    def make_guard(autograd_impl):
+        def guarded(keyset, *args):
+            if fwAD._current_level >= 0 or _compat.transforms_active():
+                for a in args:
+                    if isinstance(a, Tensor) and fwAD.unpack_dual(a).tangent is not None:
+                        raise RuntimeError(f"torch.ops.convzoo.{name} got a forward-mode AD tangent, which the custom "
+                                           f"op cannot carry. {hint}")
+            try:
+                return autograd_impl(keyset, *args)
+            except RuntimeError as e:  # torch.func.grad & co. refuse the custom op's own autograd.Function
+                if "setup_context" not in str(e):
+                    raise
+                raise RuntimeError(f"torch.ops.convzoo.{name} cannot run under a torch.func transform by itself. "
+                                   f"{_TRANSFORMS_HINT}") from e
 
-    with warnings.catch_warnings():  # "overriding a previously registered kernel": that is the point
-        warnings.simplefilter("ignore")
-        _LIB.impl(name, guarded, "Autograd", with_keyset=True)
+        return guarded
+
+    _compat.override_autograd_kernel(_LIB, op, name, make_guard)
 
 
 # ---------------------------------------------------------------------------------------------- jvp glue

@@ -18,7 +18,7 @@ import math
 import torch
 from torch import Tensor
 
-from convzoo import _shapes
+from convzoo import _compat, _shapes
 
 _WIDE = (torch.float32, torch.float64)
 # column-matrix elements below which ATen's call wins on a CPU core; crossovers measured (2-core x86,
@@ -28,7 +28,7 @@ _SMALL_FOLD = 1 << 17
 
 
 def _covered(t: Tensor, padding, padding_mode: str) -> bool:
-    return (t.device.type == "cpu" and padding_mode == "zeros" and t.numel() > 0
+    return (_compat.im2col is not None and t.device.type == "cpu" and padding_mode == "zeros" and t.numel() > 0
             and len(padding) in (2, 4) and padding[0::2] == padding[1::2])
 
 
@@ -40,7 +40,8 @@ def _as_2d(kernel_size, dilation, padding, stride) -> tuple[list, list, list, li
 
 
 def unfold(x: Tensor, kernel_size, dilation, padding, stride, padding_mode: str) -> Tensor | None:
-    """``reference.unfold(x, ...)`` through ``torch._C._nn.im2col``, or None where that does not apply.
+    """``reference.unfold(x, ...)`` through torch's im2col (:data:`convzoo._compat.im2col`), or None where that
+    does not apply.
 
     Raises:
         ValueError, TypeError: as :func:`convzoo._shapes.unfold_geometry` (the same checks, first).
@@ -49,11 +50,12 @@ def unfold(x: Tensor, kernel_size, dilation, padding, stride, padding_mode: str)
         return None
     _shapes.unfold_geometry(x, kernel_size, dilation, padding, stride, padding_mode)
     ks, dil, pad, st = _as_2d(kernel_size, dilation, padding, stride)
-    return torch._C._nn.im2col(x if x.dim() == 4 else x.unsqueeze(2), ks, dil, pad, st)
+    return _compat.im2col(x if x.dim() == 4 else x.unsqueeze(2), ks, dil, pad, st)
 
 
 def fold(cols: Tensor, output_size, kernel_size, dilation, padding, stride, padding_mode: str) -> Tensor | None:
-    """``reference.fold(cols, ...)`` through ``torch._C._nn.col2im``, or None where that does not apply.
+    """``reference.fold(cols, ...)`` through torch's col2im (:data:`convzoo._compat.col2im`), or None where that
+    does not apply.
 
     Raises:
         ValueError, TypeError: as :func:`convzoo._shapes.fold_geometry` (the same checks, first).
@@ -64,7 +66,7 @@ def fold(cols: Tensor, output_size, kernel_size, dilation, padding, stride, padd
     ks, dil, pad, st = _as_2d(kernel_size, dilation, padding, stride)
     size = list(output_size) if len(output_size) == 2 else [1, output_size[0]]
     wide = cols if cols.dtype in _WIDE else cols.float()
-    out = torch._C._nn.col2im(wide, size, ks, dil, pad, st).to(cols.dtype)
+    out = _compat.col2im(wide, size, ks, dil, pad, st).to(cols.dtype)
     return out if len(output_size) == 2 else out.squeeze(2)
 
 
@@ -82,7 +84,7 @@ def _small_patches(x: Tensor, kernel_size) -> bool:
 
 def _patches_by_position(x: Tensor, kernel_size, dilation, padding, stride) -> Tensor:
     ks, dil, pad, st = _as_2d(kernel_size, dilation, padding, stride)
-    cols = torch._C._nn.im2col(x if x.dim() == 4 else x.unsqueeze(2), ks, dil, pad, st)
+    cols = _compat.im2col(x if x.dim() == 4 else x.unsqueeze(2), ks, dil, pad, st)
     return cols.permute(2, 0, 1).contiguous()
 
 
@@ -160,7 +162,7 @@ def patch_covariance(x: Tensor, kernel_size, stride, padding, dilation, padding_
     _shapes.unfold_geometry(x, kernel_size, dilation, padding, stride, padding_mode)
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     ks, dil, pad, st = _as_2d(kernel_size, dilation, padding, stride)
-    cols = torch._C._nn.im2col(x if x.dim() == 4 else x.unsqueeze(2), ks, dil, pad, st)  # [N, C·K, L]
+    cols = _compat.im2col(x if x.dim() == 4 else x.unsqueeze(2), ks, dil, pad, st)  # [N, C·K, L]
     n, rows, num = cols.shape
     d = rows // groups
     p = cols.new_ones((groups, d + bias, n, num), dtype=dtype) if bias else cols.new_empty((groups, d, n, num),

@@ -125,7 +125,7 @@ def _capture(command: list[str], cwd: Path | None = None) -> str:
 
 def collect_env() -> dict:
     """The machine and software a run is on, for ``env.json``; CUDA questions only when CUDA is there."""
-    env = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ"),
+    env = {"date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M:%SZ"),
            "torch": torch.__version__, "cuda_runtime": torch.version.cuda or "", "triton": triton_version(),
            "python": platform.python_version(), "platform": platform.platform(),
            "convzoo": str(Path(convzoo.__file__).resolve().parent),
@@ -439,7 +439,7 @@ def main(argv=None) -> int:
         return 1
     env = collect_env()
     env["command"] = shlex.join(["convzoo-gpu-check", *(sys.argv[1:] if argv is None else argv)])
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     folder = (args.out or default_folder(device_slug(env["gpu"] or "no-gpu"), now)).expanduser().resolve()
     tests = args.tests or default_tests()
     tests = tests.expanduser().resolve() if tests is not None else None

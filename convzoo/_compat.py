@@ -1,0 +1,300 @@
+"""Every private torch and Triton API convzoo touches, in one place: each probed once at import (and again by
+:func:`probe`), each with a public fallback that is slower, never wrong, and never an import error.
+
+=================  ==================================================  =============================================
+fast path          private API                                         fallback when it is missing or differs
+=================  ==================================================  =============================================
+``plain_eager``    ``torch._C`` dispatch-key sets and the TLS queries  every call goes through the dispatcher (the
+                   for modes, transforms, Python dispatcher, profiler  custom op), as under any mode
+``c_apply``        ``torch._C._FunctionBase.apply``                    ``Function.apply`` (its Python preamble)
+``forward_ad_      ``torch._library.autograd.make_autograd_impl`` and  not installed: a direct
+guard``            ``Library.impl(..., allow_override=True)``          ``torch.ops.convzoo.*`` call is not checked
+                                                                       for forward-mode tangents (the entry points
+                                                                       in ``convzoo.functional`` still carry them)
+``aten_im2col``    ``torch._C._nn.im2col`` / ``col2im``                :mod:`convzoo.reference` (same bits)
+``graph_task``     ``torch._C._current_graph_task_id``                 forwards recomputed by activation
+                                                                       checkpointing cannot be told apart:
+                                                                       ``KFACFactors`` warns once that they count
+``interpreted``    ``triton.runtime.interpreter.InterpretedFunction``  "not a ``triton.runtime.JITFunction``"
+=================  ==================================================  =============================================
+
+:func:`convzoo.debug_info` reports which fast paths are active on the running torch and Triton. Each probe does
+more than look the name up: it checks the API behaves as convzoo relies on (a plain tensor's dispatch keys are
+the set it expects, im2col gives the reference's bits), so a torch that changed one falls back instead of
+running it wrongly.
+
+Also here, as the one home of version differences: :func:`sym_max` (torch 2.11's Dynamo cannot trace
+``torch.sym_max`` of two plain ints under ``fullgraph=True``; newer ones fold it).
+"""
+
+from __future__ import annotations
+
+import inspect
+import sys
+import warnings
+
+import torch
+import torch.autograd.forward_ad as fwAD
+
+# the fast paths' state: name -> active (set by probe())
+FAST_PATHS: dict[str, bool] = {}
+# why a fast path is inactive: name -> reason
+WHY_NOT: dict[str, str] = {}
+
+# the private objects the fast paths use (None when inactive)
+im2col = None
+col2im = None
+_c_apply = None
+_make_autograd_impl = None
+_graph_task_id = None
+_interpreted_type = None
+_plain_keysets: frozenset = frozenset()
+_dispatch_keys = _stack_len = _function_mode = _transforms = _tls_included = _python_dispatcher = _profiling = None
+_tracing_state = None
+
+
+def _keyset(K, *keys) -> int:
+    out = torch._C.DispatchKeySet(keys[0])
+    for k in keys[1:]:
+        out = out | torch._C.DispatchKeySet(k)
+    return out.raw_repr()
+
+
+def _probe_plain_eager() -> None:
+    global _plain_keysets, _dispatch_keys, _stack_len, _function_mode, _transforms, _tls_included
+    global _python_dispatcher, _profiling, _tracing_state
+    C = torch._C
+    K = C.DispatchKey
+    # The dispatch keys of a plain dense CPU or CUDA tensor, and nothing else: no functorch wrapper (batched,
+    # grad), no functional tensor, no negative/conjugate view or zero tensor (the dispatcher materialises
+    # those before a kernel sees them), no sparse, meta or other backend.
+    _plain_keysets = frozenset((_keyset(K, K.CPU, K.ADInplaceOrView, K.AutogradCPU, K.AutocastCPU),
+                                _keyset(K, K.CUDA, K.ADInplaceOrView, K.AutogradCUDA, K.AutocastCUDA)))
+    _stack_len, _function_mode = C._len_torch_dispatch_stack, C._is_torch_function_mode_enabled
+    _transforms, _tls_included, _python_dispatcher = (C._are_functorch_transforms_active,
+                                                      C._dispatch_tls_is_dispatch_key_included, K.PythonDispatcher)
+    _profiling, _tracing_state, _dispatch_keys = C._autograd._profiler_enabled, C._get_tracing_state, C._dispatch_keys
+    # a plain tensor must have exactly the expected keys, and nothing may be active at import
+    if _dispatch_keys(torch.empty(1)).raw_repr() not in _plain_keysets:
+        raise RuntimeError(f"a plain CPU tensor's dispatch keys are {_dispatch_keys(torch.empty(1))}, not the "
+                           f"set convzoo's bypass was written for")
+
+
+def _probe_c_apply() -> None:
+    global _c_apply
+    apply = torch._C._FunctionBase.__dict__["apply"]
+
+    class _Probe(torch.autograd.Function):
+        @staticmethod
+        def forward(t):
+            return t * 2
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            pass
+
+        @staticmethod
+        def backward(ctx, g):
+            return g * 2
+
+    t = torch.ones(1, requires_grad=True)
+    out = apply.__get__(None, _Probe)(t)
+    out.backward()
+    if out.item() != 2.0 or t.grad.item() != 2.0 or type(out.grad_fn).__name__ != "_ProbeBackward":
+        raise RuntimeError("torch._C._FunctionBase.apply does not apply the Function")
+    _c_apply = apply
+
+
+def _probe_forward_ad_guard() -> None:
+    global _make_autograd_impl
+    from torch._library.autograd import make_autograd_impl
+
+    if "allow_override" not in inspect.signature(torch.library.Library.impl).parameters:
+        raise RuntimeError("torch.library.Library.impl takes no allow_override")
+    _make_autograd_impl = make_autograd_impl
+
+
+def _probe_aten_im2col() -> None:
+    global im2col, col2im
+    cols, fold = torch._C._nn.im2col, torch._C._nn.col2im
+    x = torch.arange(2 * 3 * 4, dtype=torch.float32).reshape(1, 2, 3, 4)
+    got = cols(x, [2, 2], [1, 1], [1, 0], [1, 1])
+    want = torch.nn.functional.unfold(x, (2, 2), padding=(1, 0))
+    if not torch.equal(got, want):
+        raise RuntimeError("torch._C._nn.im2col differs from F.unfold")
+    if not torch.equal(fold(want, [3, 4], [2, 2], [1, 1], [1, 0], [1, 1]),
+                       torch.nn.functional.fold(want, (3, 4), (2, 2), padding=(1, 0))):
+        raise RuntimeError("torch._C._nn.col2im differs from F.fold")
+    im2col, col2im = cols, fold
+
+
+def _probe_graph_task() -> None:
+    global _graph_task_id
+    task = torch._C._current_graph_task_id
+    if task() != -1:
+        raise RuntimeError("torch._C._current_graph_task_id() is not -1 outside a backward")
+    seen = []
+
+    class _Probe(torch.autograd.Function):
+        @staticmethod
+        def forward(t):
+            return t.clone()
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            pass
+
+        @staticmethod
+        def backward(ctx, g):
+            seen.append(task())
+            return g
+
+    _Probe.apply(torch.ones(1, requires_grad=True)).sum().backward()
+    if seen != [seen[0]] or seen[0] == -1:
+        raise RuntimeError("torch._C._current_graph_task_id() is -1 inside a backward")
+    _graph_task_id = task
+
+
+def _probe_interpreted() -> None:
+    global _interpreted_type
+    from triton.runtime.interpreter import InterpretedFunction
+
+    _interpreted_type = InterpretedFunction
+
+
+_PROBES = {"plain_eager": _probe_plain_eager, "c_apply": _probe_c_apply, "forward_ad_guard": _probe_forward_ad_guard,
+           "aten_im2col": _probe_aten_im2col, "graph_task": _probe_graph_task, "interpreted": _probe_interpreted}
+_RESET = {"plain_eager": ("_plain_keysets", frozenset()), "c_apply": ("_c_apply", None),
+          "forward_ad_guard": ("_make_autograd_impl", None), "aten_im2col": ("im2col", None),
+          "graph_task": ("_graph_task_id", None), "interpreted": ("_interpreted_type", None)}
+
+
+def probe() -> dict[str, bool]:
+    """(Re)probe every private API; returns :data:`FAST_PATHS`. Run at import; the tests run it again with an
+    API taken away, to check its fallback."""
+    global col2im
+    module = sys.modules[__name__]
+    WHY_NOT.clear()
+    for name, check in _PROBES.items():
+        attr, off = _RESET[name]
+        setattr(module, attr, off)
+        if name == "aten_im2col":
+            col2im = None
+        try:
+            check()
+        except Exception as e:  # any failure (missing name, changed behaviour): the public route
+            setattr(module, attr, off)
+            if name == "aten_im2col":
+                col2im = None
+            WHY_NOT[name] = f"{type(e).__name__}: {e}"
+            FAST_PATHS[name] = False
+        else:
+            FAST_PATHS[name] = True
+    return dict(FAST_PATHS)
+
+
+# ---------------------------------------------------------------------------------------------- the fast paths
+def plain_eager(tensors) -> bool:
+    """Whether the dispatcher, given these tensors now, would go straight to the op's implementation: every
+    tensor a plain dense CPU/CUDA ``Tensor`` (exact type: no subclass, no FakeTensor), and no
+    TorchDispatchMode (FakeTensorMode, make_fx, FlopCounterMode, ...), torch-function mode, Python
+    dispatcher, ``torch.func`` transform or forward-AD level active, no profiler running (its trace
+    shows the dispatcher's ``convzoo::*`` events) and no ``torch.jit.trace`` recording (its graph must hold
+    the ``convzoo::*`` node, not what one call of it ran). Always False where the probe failed. Not for a call
+    under ``torch.compile`` (the caller checks that first: Dynamo must see the custom op)."""
+    keysets = _plain_keysets
+    if (not keysets or fwAD._current_level >= 0 or _stack_len() or _function_mode() or _transforms()
+            or _tls_included(_python_dispatcher) or _profiling() or _tracing_state() is not None):
+        return False
+    keys = _dispatch_keys
+    for t in tensors:
+        if t is not None and (type(t) not in _PLAIN_TYPES or keys(t).raw_repr() not in keysets):
+            return False
+    return True
+
+
+# Parameter is Tensor with torch-function handling disabled: the op sees a Parameter as a Tensor
+_PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
+def transforms_active() -> bool:
+    """A ``torch.func`` transform is active (public route: none; without the private query, assume one may be,
+    which sends the call through the complete ``autograd.Function``: slower, still right)."""
+    try:
+        return torch._C._are_functorch_transforms_active()
+    except AttributeError:
+        return True
+
+
+def function_apply(function, plain: bool, *args):
+    """``function.apply(*args)``; straight into its C++ ``apply`` when ``plain`` (:func:`plain_eager` held for its
+    tensors) and the probe found it: the Python preamble of ``Function.apply`` binds default arguments
+    (``inspect.signature``) and unwraps dead ``torch.func`` wrappers (plain tensors are none), each call."""
+    if plain and _c_apply is not None:
+        return _c_apply.__get__(None, function)(*args)
+    return function.apply(*args)
+
+
+def override_autograd_kernel(lib: torch.library.Library, op, name: str, make_guard) -> bool:
+    """Register ``make_guard(autograd_impl)`` as custom op ``op``'s Autograd kernel in ``lib``, replacing the one
+    ``register_autograd`` installed (``autograd_impl``, which the guard calls). Returns whether it was installed
+    (False where the probe failed: the custom op keeps its own kernel)."""
+    if _make_autograd_impl is None:
+        return False
+    guard = make_guard(_make_autograd_impl(op._opoverload, op))
+    with warnings.catch_warnings():
+        # the dispatcher's note that this very kernel replaces another is the point; any other warning shows
+        warnings.filterwarnings("ignore", category=UserWarning, message=(
+            rf"(?s)Warning only once for all operators.*Overriding a previously registered kernel.*"
+            rf"operator: {lib.ns}::{name}\(.*dispatch key: Autograd\n"))
+        lib.impl(name, guard, "Autograd", with_keyset=True, allow_override=True)
+    return True
+
+
+def in_backward() -> bool | None:
+    """Whether this runs inside autograd's backward (a forward recomputed by activation checkpointing); None where
+    the probe failed (cannot tell)."""
+    return None if _graph_task_id is None else _graph_task_id() != -1
+
+
+def interpreted(kernel) -> bool:
+    """Whether Triton kernel ``kernel`` was decorated under ``TRITON_INTERPRET=1`` (runs on the interpreter)."""
+    if _interpreted_type is not None:
+        return isinstance(kernel, _interpreted_type)
+    import triton
+
+    while isinstance(kernel, (triton.runtime.Autotuner, triton.runtime.Heuristics)):
+        kernel = kernel.fn
+    return isinstance(kernel, triton.runtime.KernelInterface) and not isinstance(kernel, triton.runtime.JITFunction)
+
+
+def sym_max(a, b):
+    """``max(a, b)`` for ints or SymInts: the builtin on two ints (torch 2.11's Dynamo refuses ``torch.sym_max``
+    of plain ints under ``fullgraph=True``), ``torch.sym_max`` otherwise."""
+    if type(a) is int and type(b) is int:
+        return max(a, b)
+    return torch.sym_max(a, b)
+
+
+def debug_info() -> dict:
+    """The versions convzoo runs with and which of its fast paths (private APIs) are active, with the reason
+    for each inactive one."""
+    import os
+    import platform
+
+    import numpy
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return {"convzoo": sys.modules["convzoo"].__version__ if "convzoo" in sys.modules else None,
+            "python": platform.python_version(), "torch": torch.__version__, "triton": triton_version,
+            "numpy": numpy.__version__, "cuda": torch.version.cuda, "cuda_available": torch.cuda.is_available(),
+            "TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET"), "fast_paths": dict(FAST_PATHS),
+            "inactive_because": dict(WHY_NOT)}
+
+
+probe()
