@@ -274,3 +274,38 @@ def test_schedule_bad_arguments():
         convzoo.PruneRegrowSchedule(nn.Conv2d(1, 1, 1))
     with pytest.raises(ValueError, match="fraction"):
         convzoo.PruneRegrowSchedule(nn.Sequential(_layer()), fraction=2.0)
+
+
+# ---------------------------------------------------------------------------------------------- state
+def test_meta_construction_to_empty_and_reset_parameters_give_a_valid_layer():
+    """to_empty from 'meta' works (the statistics too), and reset_parameters makes every piece of state valid: the
+    mask drawn again (exact counts), the statistics zero, both counters zero (the collect schedule restarts)."""
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        layer = DynamicSparseConv2d(16, 32, 3, density=0.1, update_every=2)
+    layer.to_empty(device="cpu")
+    with torch.no_grad():  # what uninitialised memory may hold
+        layer.mask.fill_(True)
+        layer.calls.fill_(12345)
+        layer.coactivation.fill_(float("nan"))
+    layer._calls = 7
+    layer.reset_parameters()
+    assert layer.coactivation.device.type == "cpu" and layer.coactivation.dtype == torch.float32
+    assert (layer.coactivation == 0).all() and layer.calls.item() == 0 and layer._calls == 0
+    assert (layer.mask.flatten(1).sum(1) == round(0.1 * 16 * 9)).all()
+    x = torch.randn(2, 16, 5, 5)
+    want = cf.coactivation(x, layer(x).detach(), tuple(layer.weight.shape), mode="count")
+    layer(x)  # call 1: not collected (update_every=2)
+    torch.testing.assert_close(layer.coactivation, want, atol=0, rtol=0)
+    assert layer.calls.item() == 2
+
+
+def test_reset_parameters_resets_the_statistics_and_counters():
+    torch.manual_seed(0)
+    layer = _layer(update_every=2)
+    for _ in range(3):
+        layer(torch.randn(2, 4, 5, 5))
+    assert layer.coactivation.sum() > 0 and layer.calls.item() == 3
+    layer.reset_parameters()
+    assert (layer.coactivation == 0).all() and layer.calls.item() == 0 and layer._calls == 0
+    assert (layer.mask.flatten(1).sum(1) == round(0.5 * 36)).all()

@@ -284,6 +284,28 @@ def test_layers_load_dense_checkpoints_and_convert(cls, dense, shape):
     assert torch.equal(again.mask, mask)
 
 
+@pytest.mark.parametrize("density, block", [(0.3, None), (1.0, None), (0.25, (16, 16))])
+def test_reset_parameters_redraws_the_mask_after_meta_construction(density, block):
+    """Built on 'meta', materialised by to_empty (uninitialised memory), then reset_parameters: the mask is drawn
+    again with the construction's rule (exact count per output channel, or whole tiles), not left as garbage."""
+    torch.manual_seed(0)
+    want = convzoo.MaskedConv2d(64, 64, 3, density=density, block=block)
+    with torch.device("meta"):
+        layer = convzoo.MaskedConv2d(64, 64, 3, density=density, block=block)
+    layer.to_empty(device="cpu")
+    with torch.no_grad():
+        layer.mask.fill_(True).view(-1)[::7] = False  # what uninitialised memory may hold
+    layer.reset_parameters()
+    assert layer.mask.dtype == torch.bool and layer.mask.device.type == "cpu"
+    assert layer.mask.sum() == want.mask.sum()
+    if block is None:
+        assert torch.equal(layer.mask.flatten(1).sum(1), want.mask.flatten(1).sum(1))
+    if density == 1.0:
+        assert layer.mask.all()
+    if block:  # whole 16 × 16 tiles of the tap-major matrix, as the construction's
+        assert torch.equal(convzoo.sparsity.block_mask(layer.mask, block), layer.mask)
+
+
 def _dense_with(conv, mask):
     out = type(conv)(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
                      conv.groups, conv.bias is not None, conv.padding_mode)

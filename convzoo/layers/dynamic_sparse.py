@@ -75,8 +75,23 @@ class _DynamicSparseConvNd:
 
     def _apply(self, fn, recurse=True):
         out = super()._apply(fn, recurse)
-        self._coactivation = self._coactivation.to(self.weight.device)  # the device only: counts stay fp32
+        device = self.weight.device
+        if self._coactivation.is_meta and device.type != "meta":
+            # to_empty from 'meta': no values to move; zero statistics (reset_parameters zeroes them too)
+            self._coactivation = torch.zeros_like(self._coactivation, device=device)
+        else:
+            self._coactivation = self._coactivation.to(device)  # the device only: counts stay fp32
         return out
+
+    def reset_parameters(self) -> None:
+        """The masked layer's re-initialisation (weight, bias, a new mask), and the statistics and both call
+        counters back to zero (after ``to_empty`` they are uninitialised memory)."""
+        super().reset_parameters()
+        if "calls" in self._buffers:  # (the base constructors call this before the statistics exist)
+            with torch.no_grad():
+                self._coactivation.zero_()
+                self.calls.zero_()
+            self._calls = 0
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)

@@ -28,13 +28,25 @@ class _MaskedConvNd:
     def _init_mask(self, density, block) -> None:
         from convzoo import sparsity
 
-        density = sparsity._check_density(density)
+        # kept to draw the mask again in reset_parameters (after to_empty the buffer is uninitialised memory)
+        self._mask_density, self._mask_block = sparsity._check_density(density), block
+        self.register_buffer("mask", self._draw_mask())
+
+    def _draw_mask(self) -> torch.Tensor:
+        """A fresh mask by the construction's rule (``density``, ``block``) on the weight's device."""
+        density, block = self._mask_density, self._mask_block
         shape, device = self.weight.shape, self.weight.device
         if density == 1.0 and block is None:
-            mask = torch.ones(shape, dtype=torch.bool, device=device)
-        else:
-            mask = _initial_mask(shape, density, block, self.groups, device)
-        self.register_buffer("mask", mask)
+            return torch.ones(shape, dtype=torch.bool, device=device)
+        return _initial_mask(shape, density, block, self.groups, device)
+
+    def reset_parameters(self) -> None:
+        """``nn.ConvNd``'s re-initialisation of the weight and bias, and a new random mask drawn as at
+        construction (same density and ``block``: the same kept counts)."""
+        super().reset_parameters()
+        if "mask" in self._buffers:  # (nn.ConvNd's constructor calls this before the mask exists)
+            with torch.no_grad():
+                self.mask.copy_(self._draw_mask())
 
     def _conv_forward(self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return cf.masked_conv(input, weight, self.mask, bias, self.stride, self.padding, self.dilation, self.groups,
