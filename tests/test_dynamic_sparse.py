@@ -309,3 +309,19 @@ def test_reset_parameters_resets_the_statistics_and_counters():
     layer.reset_parameters()
     assert (layer.coactivation == 0).all() and layer.calls.item() == 0 and layer._calls == 0
     assert (layer.mask.flatten(1).sum(1) == round(0.5 * 36)).all()
+
+
+@pytest.mark.parametrize("cls", [convzoo.MaskedConv2d, DynamicSparseConv2d])
+def test_a_checkpoint_without_a_mask_reports_it_missing_and_keeps_the_mask(cls):
+    """A dense nn.Conv2d checkpoint has no mask: strict=False lists it in missing_keys and keeps the layer's own
+    (it does not silently become dense); strict loading refuses it."""
+    torch.manual_seed(0)
+    layer = cls(16, 32, 3, density=0.1)
+    before = layer.mask.clone()
+    dense = nn.Conv2d(16, 32, 3)
+    result = layer.load_state_dict(dense.state_dict(), strict=False)
+    assert "mask" in result.missing_keys
+    assert torch.equal(layer.mask, before) and layer.density == pytest.approx(before.float().mean().item())
+    assert torch.equal(layer.weight, dense.weight)
+    with pytest.raises(RuntimeError, match=r"Missing key.*mask"):
+        layer.load_state_dict(dense.state_dict())

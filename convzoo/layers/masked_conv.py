@@ -81,9 +81,8 @@ class _MaskedConvNd:
         out = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
                   conv.groups, conv.bias is not None, conv.padding_mode, device=conv.weight.device,
                   dtype=conv.weight.dtype)
-        out.load_state_dict(conv.state_dict(), strict=False)
-        if mask is not None:
-            out.set_mask(mask)
+        out.load_state_dict(conv.state_dict(), strict=False)  # reports the mask missing: it is set here
+        out.set_mask(torch.ones_like(out.mask) if mask is None else mask)
         return out
 
     def to_dense(self) -> nn.Module:
@@ -97,13 +96,6 @@ class _MaskedConvNd:
                 dense.bias.copy_(self.bias)
         return dense
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
-        # a dense nn.ConvNd checkpoint has no mask: it loads as all ones (load_state_dict passes a copy)
-        state_dict.setdefault(prefix + "mask", torch.ones_like(self.mask))
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
-
     def extra_repr(self) -> str:
         return super().extra_repr() + f", mask={tuple(self.mask.shape)}"
 
@@ -113,8 +105,9 @@ _DOC = """``nn.Conv{n}d`` with a bool ``mask`` buffer of the weight's shape: ``f
 zero where the mask is). The same constructor as ``nn.Conv{n}d`` plus ``density`` (the initial random mask keeps
 exactly ``round(density·numel)`` entries of each output channel's filter; 1.0: all) and ``block`` (``(BO, BK)``:
 the initial mask keeps whole tiles of the kernels' tiling instead, see :func:`convzoo.sparsity.block_mask`). The
-``state_dict`` has ``nn.Conv{n}d``'s keys plus ``mask``, and a dense checkpoint loads with the mask all ones;
-:meth:`from_dense` / :meth:`to_dense` convert both ways, :meth:`set_mask` replaces the mask.
+``state_dict`` has ``nn.Conv{n}d``'s keys plus ``mask``; a dense checkpoint (no ``mask``) loads only with
+``strict=False``, which lists ``mask`` in ``missing_keys`` and keeps the layer's mask; :meth:`from_dense` /
+:meth:`to_dense` convert both ways, :meth:`set_mask` replaces the mask.
 
 Raises:
     TypeError, ValueError: ``nn.Conv{n}d``'s own errors, or ``density`` not a real number in [0, 1].
