@@ -167,7 +167,8 @@ class _DynamicSparseConvNd:
 
         Weakest: lowest ``|weight|`` (``score='magnitude'``) or lowest accumulated coactivation (``'count'``,
         ``'correlation'``). Regrown: highest coactivation (``regrow='coactivation'``; never one pruned in this
-        step) or uniformly at random (``'random'``, drawn from ``generator``). Regrown weights are re-initialised
+        step) or uniformly at random (``'random'``, drawn from ``generator``); equal scores in a random order
+        (from ``generator``), never by position. Regrown weights are re-initialised
         as ``nn.ConvNd`` initialises (uniform in ``±1/√fan_in``, from ``generator``) and pruned ones zeroed;
         their entries of every weight-shaped optimizer state (Adam's moments, SGD's momentum) are zeroed.
         The statistics are reset afterwards.
@@ -194,8 +195,9 @@ class _DynamicSparseConvNd:
             regrow_score = torch.rand(self.weight.shape, generator=generator, device=self.weight.device)
         else:
             regrow_score = stat
+        # ties (integer counts make many) broken at random: by position they would drift to low-index channels
         out = sparsity.prune_regrow(self.mask, prune_score.float(), regrow_score.float(), fraction,
-                                    dims=self.prune_dims)
+                                    dims=self.prune_dims, ties="random", generator=generator)
         fan_in = self.weight.shape[1] * math.prod(self.weight.shape[2:])
         bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0.0
         fresh = torch.empty_like(current).uniform_(-bound, bound, generator=generator)
