@@ -350,3 +350,23 @@ def test_tied_coactivation_scores_break_ties_at_random_so_the_mask_does_not_drif
     again.load_state_dict(layer.state_dict())
     gen_a, gen_b = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
     assert torch.equal(layer.prune_regrow(generator=gen_a).mask, again.prune_regrow(generator=gen_b).mask)
+
+
+@pytest.mark.parametrize("prune_dims", [(0,), (0, 1), (), (1,)])
+def test_the_initial_mask_keeps_prune_regrows_exact_count_per_slice(prune_dims):
+    """The initial mask follows prune_dims as prune_regrow does: per filter ((0, 1)) every filter keeps
+    round(density·∏kernel) taps, none starts (and stays) empty; also after reset_parameters."""
+    torch.manual_seed(0)
+    layer = DynamicSparseConv2d(16, 32, 3, density=0.3, prune_dims=prune_dims)
+    rest = [d for d in range(4) if d not in prune_dims]
+    n = math.prod(layer.weight.shape[d] for d in rest)
+
+    def per_slice(m):
+        return m.permute(*prune_dims, *rest).reshape(-1, n).sum(1)
+
+    assert (per_slice(layer.mask) == round(0.3 * n)).all()
+    layer.reset_parameters()
+    assert (per_slice(layer.mask) == round(0.3 * n)).all()
+    layer(torch.randn(2, 16, 5, 5))
+    layer.prune_regrow()
+    assert (per_slice(layer.mask) == round(0.3 * n)).all()

@@ -47,6 +47,9 @@ class _DynamicSparseConvNd:
         sparsity._check_dims(prune_dims, self.weight.dim())  # raises on a bad entry
         self.prune_dims = tuple(int(d) for d in prune_dims)
         self.update_every, self.score_mode, self.regrow_mode = update_every, score, regrow
+        if self.prune_dims != (0,) and self._mask_block is None and self._mask_density != 1.0:
+            with torch.no_grad():
+                self.mask.copy_(self._draw_mask())
         # what the statistics count: the score's own mode; 'magnitude' with coactivation regrowth counts
         self.statistic = "correlation" if score == "correlation" else "count"
         self.collects = score != "magnitude" or regrow == "coactivation"
@@ -67,6 +70,11 @@ class _DynamicSparseConvNd:
         # as a Python int (eager reads it without a host sync)
         self.register_buffer("calls", torch.zeros((), dtype=torch.int64, device=self.weight.device))
         self._calls = 0
+
+    def _mask_dims(self) -> tuple[int, ...]:
+        # the initial mask has prune_regrow's exact count per slice (while the base constructor draws it,
+        # prune_dims is not set yet: _init_dynamic draws it again where the slices differ)
+        return getattr(self, "prune_dims", (0,))
 
     @property
     def coactivation(self) -> torch.Tensor:
@@ -233,8 +241,8 @@ Args (besides ``nn.Conv{n}d``'s and ``MaskedConv{n}d``'s ``density`` — default
         (``|weight|``; statistics are then collected only for ``regrow='coactivation'``, as counts).
     prune_fraction: the fraction of each slice's kept connections replaced per :meth:`prune_regrow`.
     regrow: ``'coactivation'`` (highest statistic first) or ``'random'``.
-    prune_dims: the dims whose every index is one slice with its own exact count: ``(0,)`` per output channel,
-        ``(0, 1)`` per filter (DSConv's), ``()`` the whole weight.
+    prune_dims: the dims whose every index is one slice with its own exact count (in the initial mask too):
+        ``(0,)`` per output channel, ``(0, 1)`` per filter (DSConv's), ``()`` the whole weight.
     ema: None (sum the statistics between prune steps) or the EMA factor in [0, 1].
     x_threshold, y_threshold: an input / output value counts as active when it is above its threshold.
 

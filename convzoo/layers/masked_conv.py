@@ -10,13 +10,14 @@ from convzoo import functional as cf
 __all__ = ["MaskedConv1d", "MaskedConv2d", "MaskedConv3d"]
 
 
-def _initial_mask(shape, density: float, block, groups: int, device) -> torch.Tensor:
-    """A random mask keeping exactly ``round(density·n)`` of the ``n`` entries of each output channel, or
-    (``block`` given) whole ``block`` tiles, ``round(density·tiles)`` of them, chosen at random."""
+def _initial_mask(shape, density: float, block, groups: int, device, dims=(0,)) -> torch.Tensor:
+    """A random mask keeping exactly ``round(density·n)`` of the ``n`` entries of each slice along ``dims``
+    (default: each output channel), or (``block`` given) whole ``block`` tiles, ``round(density·tiles)`` of them,
+    chosen at random."""
     from convzoo import sparsity
 
     if block is None:
-        return sparsity.random_mask(shape, density, device=device)
+        return sparsity.random_mask(shape, density, device=device, dims=dims)
     return sparsity.block_mask(torch.rand(shape, device=device), block=block, density=density, groups=groups)
 
 
@@ -38,7 +39,11 @@ class _MaskedConvNd:
         shape, device = self.weight.shape, self.weight.device
         if density == 1.0 and block is None:
             return torch.ones(shape, dtype=torch.bool, device=device)
-        return _initial_mask(shape, density, block, self.groups, device)
+        return _initial_mask(shape, density, block, self.groups, device, self._mask_dims())
+
+    def _mask_dims(self) -> tuple[int, ...]:
+        """The dims whose every index is one slice of the initial mask with its own exact count."""
+        return (0,)
 
     def reset_parameters(self) -> None:
         """``nn.ConvNd``'s re-initialisation of the weight and bias, and a new random mask drawn as at
