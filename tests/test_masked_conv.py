@@ -331,6 +331,21 @@ def test_set_mask_validates_and_keeps_the_buffer():
         convzoo.MaskedConv2d(2, 3, 3, density=1.5)
 
 
+def test_load_state_dict_checks_the_mask_as_set_mask_does():
+    """A float mask of 0.5s is no keep/drop mask: set_mask refuses it and so does load_state_dict (copy_ into
+    the bool buffer would read every 0.5 as True); a float 0/1 mask loads as its bool version."""
+    torch.manual_seed(0)
+    layer = convzoo.MaskedConv2d(2, 3, 3, density=0.5)
+    before = layer.mask.clone()
+    with pytest.raises(ValueError, match=r"state_dict\['mask'\] must hold only 0 and 1"):
+        layer.load_state_dict({**layer.state_dict(), "mask": torch.full((3, 2, 3, 3), 0.5)})
+    with pytest.raises(TypeError, match=r"state_dict\['mask'\] must be bool or floating"):
+        layer.load_state_dict({**layer.state_dict(), "mask": torch.ones(3, 2, 3, 3, dtype=torch.int64)})
+    assert torch.equal(layer.mask, before)
+    layer.load_state_dict({**layer.state_dict(), "mask": (~before).double()})
+    assert layer.mask.dtype == torch.bool and torch.equal(layer.mask, ~before)
+
+
 # ---------------------------------------------------------------------------------------------- bad input
 @pytest.mark.parametrize("change, exc, match", [
     (lambda a: {**a, "mask": torch.ones(6, 2, 3, 2, dtype=torch.bool)}, ValueError, "mask must have the weight"),

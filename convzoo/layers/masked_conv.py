@@ -101,6 +101,19 @@ class _MaskedConvNd:
                 dense.bias.copy_(self.bias)
         return dense
 
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # the mask read as set_mask reads it: a bool, or a floating 0/1 (copy_ into the bool buffer would read
+        # any nonzero, 0.5 included, as True)
+        from convzoo import sparsity
+
+        key = prefix + "mask"
+        value = state_dict.get(key)
+        if isinstance(value, torch.Tensor) and value.dtype != torch.bool:
+            state_dict = {**state_dict, key: sparsity._as_bool_mask(value, f"state_dict[{key!r}]")}
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
     def extra_repr(self) -> str:
         return super().extra_repr() + f", mask={tuple(self.mask.shape)}"
 
@@ -112,10 +125,13 @@ exactly ``round(density·numel)`` entries of each output channel's filter; 1.0: 
 the initial mask keeps whole tiles of the kernels' tiling instead, see :func:`convzoo.sparsity.block_mask`). The
 ``state_dict`` has ``nn.Conv{n}d``'s keys plus ``mask``; a dense checkpoint (no ``mask``) loads only with
 ``strict=False``, which lists ``mask`` in ``missing_keys`` and keeps the layer's mask; :meth:`from_dense` /
-:meth:`to_dense` convert both ways, :meth:`set_mask` replaces the mask.
+:meth:`to_dense` convert both ways, :meth:`set_mask` replaces the mask. A loaded ``mask`` is checked as
+:meth:`set_mask` checks it (bool, or floating 0/1).
 
 Raises:
-    TypeError, ValueError: ``nn.Conv{n}d``'s own errors, or ``density`` not a real number in [0, 1].
+    TypeError, ValueError: ``nn.Conv{n}d``'s own errors, or ``density`` not a real number in [0, 1]; from
+        ``load_state_dict``, a ``mask`` neither bool nor floating (TypeError) or with values other than 0 and 1
+        (ValueError).
 """
 
 
