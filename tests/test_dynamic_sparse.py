@@ -370,3 +370,26 @@ def test_the_initial_mask_keeps_prune_regrows_exact_count_per_slice(prune_dims):
     layer(torch.randn(2, 16, 5, 5))
     layer.prune_regrow()
     assert (per_slice(layer.mask) == round(0.3 * n)).all()
+
+
+def test_load_state_dict_restores_the_update_every_phase():
+    """The eager schedule's counter follows the loaded `calls`: a restored layer collects on the same calls as the
+    one it was saved from. A state_dict without `calls` (an older or a MaskedConv one) still loads strictly, the
+    counters left as they were."""
+    torch.manual_seed(0)
+    a = _layer(update_every=3)
+    for _ in range(4):
+        a(torch.randn(2, 4, 5, 5))
+    b = _layer(update_every=3)
+    b.load_state_dict(a.state_dict())
+    assert b.calls.item() == 4 and b._calls == 4
+    for _ in range(3):
+        x = torch.randn(2, 4, 5, 5)
+        a(x), b(x)
+        torch.testing.assert_close(b.coactivation, a.coactivation, atol=0, rtol=0)
+    old = {k: v for k, v in a.state_dict().items() if k != "calls"}
+    c = _layer(update_every=3)
+    c(torch.randn(2, 4, 5, 5))
+    result = c.load_state_dict(old)
+    assert result.missing_keys == [] and c.calls.item() == 1 and c._calls == 1
+    assert torch.equal(c.mask, a.mask) and torch.equal(c.coactivation, a.coactivation)

@@ -119,8 +119,16 @@ class _DynamicSparseConvNd:
         elif strict:
             missing_keys.append(key)
         rest = {k: v for k, v in state_dict.items() if k != key}
+        calls = prefix + "calls"
         super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
+        if calls not in state_dict:
+            # an older state_dict (or a MaskedConv's) without the counter: it loads, the counters stay as they are
+            if calls in missing_keys:
+                missing_keys.remove(calls)
+        elif not self.calls.is_meta:
+            # the eager schedule's Python counter follows the loaded tensor one (one host read, at load time)
+            self._calls = int(self.calls)
 
     def _statistics(self, x: torch.Tensor, y: torch.Tensor, x_threshold: float, y_threshold: float) -> torch.Tensor:
         return cf.coactivation(x, y, tuple(self.weight.shape), self.stride, self.padding, self.dilation, self.groups,
