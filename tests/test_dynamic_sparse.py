@@ -393,3 +393,20 @@ def test_load_state_dict_restores_the_update_every_phase():
     result = c.load_state_dict(old)
     assert result.missing_keys == [] and c.calls.item() == 1 and c._calls == 1
     assert torch.equal(c.mask, a.mask) and torch.equal(c.coactivation, a.coactivation)
+
+
+@pytest.mark.parametrize("use_reentrant", [True, False])
+def test_activation_checkpointing_counts_each_forward_once(use_reentrant):
+    """torch.utils.checkpoint recomputes the forward inside backward: that recomputation sees the input the real
+    forward already counted, so neither the statistics nor the counters may take it again."""
+    torch.manual_seed(0)
+    a, b = _layer(update_every=2), _layer(update_every=2)
+    b.load_state_dict(a.state_dict())
+    for _ in range(3):
+        x = torch.randn(2, 4, 5, 5)
+        a(x).square().sum().backward()
+        y = torch.utils.checkpoint.checkpoint(b, x.clone().requires_grad_(), use_reentrant=use_reentrant)
+        y.square().sum().backward()
+    torch.testing.assert_close(b.coactivation, a.coactivation, atol=0, rtol=0)
+    assert b.calls.item() == a.calls.item() == 3 and b._calls == 3
+    torch.testing.assert_close(b.weight.grad, a.weight.grad)

@@ -12,6 +12,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 from convzoo import functional as cf
 from convzoo import sparsity
+from convzoo.curvature import _in_backward
 from convzoo.layers.masked_conv import MaskedConv1d, MaskedConv2d, MaskedConv3d
 
 __all__ = ["DynamicSparseConv1d", "DynamicSparseConv2d", "DynamicSparseConv3d", "PruneRegrowSchedule"]
@@ -150,7 +151,8 @@ class _DynamicSparseConvNd:
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         y = super().forward(input)
-        if not (self.training and self.collects):
+        if not (self.training and self.collects) or _in_backward():
+            # (in backward: activation checkpointing recomputing a forward whose input was counted already)
             return y
         x = input if input.dim() == self.weight.dim() else input[None]
         yb = y if input.dim() == self.weight.dim() else y[None]
