@@ -410,3 +410,18 @@ def test_activation_checkpointing_counts_each_forward_once(use_reentrant):
     torch.testing.assert_close(b.coactivation, a.coactivation, atol=0, rtol=0)
     assert b.calls.item() == a.calls.item() == 3 and b._calls == 3
     torch.testing.assert_close(b.weight.grad, a.weight.grad)
+
+
+def test_from_dense_and_to_dense_convert_to_the_plain_conv():
+    conv = nn.Conv2d(4, 6, 3, padding=1)
+    layer = DynamicSparseConv2d.from_dense(conv)
+    assert type(layer) is DynamicSparseConv2d and layer.mask.all() and torch.equal(layer.weight, conv.weight)
+    mask = torch.rand(layer.weight.shape) < 0.3
+    layer = DynamicSparseConv2d.from_dense(conv, mask, score="magnitude")
+    assert torch.equal(layer.mask, mask) and layer.score_mode == "magnitude"
+    back = layer.to_dense()
+    assert type(back) is nn.Conv2d
+    x = torch.randn(2, 4, 5, 5)
+    torch.testing.assert_close(back(x), layer(x))
+    with pytest.raises(TypeError, match="conv must be an Conv2d, got Conv1d"):
+        DynamicSparseConv2d.from_dense(nn.Conv1d(4, 6, 3))

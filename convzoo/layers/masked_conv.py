@@ -73,28 +73,34 @@ class _MaskedConvNd:
         return self.mask.float().mean().item() if self.mask.numel() else 1.0
 
     @classmethod
-    def from_dense(cls, conv: nn.Module, mask: torch.Tensor | None = None):
+    def _dense_class(cls) -> type:
+        """The ``nn.Conv1d/2d/3d`` this class extends (found in the MRO: a subclass adds classes before it)."""
+        return next(c for c in cls.__mro__ if c in (nn.Conv1d, nn.Conv2d, nn.Conv3d))
+
+    @classmethod
+    def from_dense(cls, conv: nn.Module, mask: torch.Tensor | None = None, **kwargs):
         """A masked copy of ``conv`` (an ``nn.Conv{1,2,3}d`` of the same rank): its configuration, weight and
-        bias (copied), and ``mask`` (default all ones).
+        bias (copied), and ``mask`` (default all ones); ``kwargs`` go to the constructor (e.g. a
+        ``DynamicSparseConv``'s ``score``).
 
         Raises:
             TypeError: ``conv`` is not the matching ``nn.ConvNd``.
         """
-        dense = cls.__mro__[2]  # nn.Conv1d/2d/3d
+        dense = cls._dense_class()
         if not isinstance(conv, dense):
             raise TypeError(f"conv must be an {dense.__name__}, got {type(conv).__name__}")
         out = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
                   conv.groups, conv.bias is not None, conv.padding_mode, device=conv.weight.device,
-                  dtype=conv.weight.dtype)
+                  dtype=conv.weight.dtype, **kwargs)
         out.load_state_dict(conv.state_dict(), strict=False)  # reports the mask missing: it is set here
         out.set_mask(torch.ones_like(out.mask) if mask is None else mask)
         return out
 
     def to_dense(self) -> nn.Module:
         """An ``nn.ConvNd`` of the same configuration whose weight is ``weight·mask`` (masked entries zero)."""
-        dense = type(self).__mro__[2](self.in_channels, self.out_channels, self.kernel_size, self.stride,
-                                      self.padding, self.dilation, self.groups, self.bias is not None,
-                                      self.padding_mode, device=self.weight.device, dtype=self.weight.dtype)
+        dense = self._dense_class()(self.in_channels, self.out_channels, self.kernel_size, self.stride,
+                                    self.padding, self.dilation, self.groups, self.bias is not None,
+                                    self.padding_mode, device=self.weight.device, dtype=self.weight.dtype)
         with torch.no_grad():
             dense.weight.copy_(torch.where(self.mask, self.weight, 0))
             if self.bias is not None:
