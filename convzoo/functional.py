@@ -10,6 +10,7 @@ from collections.abc import Sequence
 import torch
 
 from convzoo import _shapes, reference
+from convzoo.ops import _autograd
 from convzoo.ops import coactivation as _coactivation_ops
 from convzoo.ops import local_conv as _local_conv_ops
 from convzoo.ops import masked_conv as _masked_conv_ops
@@ -630,7 +631,9 @@ def masked_conv(input: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor | 
         weight: ``[C_out, C_in/groups, *kernel]``, the input's dtype.
         mask: None (a dense convolution through the same ops), a bool tensor of the weight's shape, or 0/1
             values of the weight's dtype (checked, which reads the mask: pass a bool mask in a hot loop; not
-            checked under ``torch.compile``).
+            checked under ``torch.compile``). A floating mask that requires grad (e.g. from a straight-through
+            estimator) gets the gradient autograd of ``F.convNd(input, weight·mask)`` gives it, ``dL/dW_eff ⊙ weight``
+            (0 at a masked non-finite weight); such a call runs dense, as that needs ``dL/dW_eff`` everywhere.
         bias: ``[C_out]`` or None.
         stride, dilation: int or one int per spatial dim; positive.
         padding: int, per-dim ints, per-dim ``(lo, hi)`` pairs, ``'valid'`` or ``'same'`` (stride 1 only, as torch).
@@ -657,6 +660,13 @@ def masked_conv(input: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor | 
     if input.dim() == nd + 1:  # unbatched, as F.convNd reads it
         return masked_conv(input[None], weight, mask, bias, stride, padding, dilation, groups,
                            padding_mode=padding_mode)[0]
+    if _mask_is_differentiated(mask):
+        # dL/dmask = dL/dW_eff ⊙ W needs the dense weight gradient, also where the mask is 0: the op runs
+        # unmasked on W_eff, which has the derivatives of weight·mask (every order) and where(mask, weight, 0)'s
+        # value (a masked NaN/Inf stays invisible; its mask gradient is 0), and whose weight gradient is
+        # g·mask (exactly zero where masked for a finite g)
+        keep = _bool_mask(mask, weight)
+        weight, mask = mask * torch.where(keep, weight, weight.nan_to_num(0.0, 0.0, 0.0)), None
     mask = _bool_mask(mask, weight)
     # shapes and geometry, resolved once per call signature; the op checks dtypes, the mask and the bias
     args = _resolved(_masked_conv_args, _cached_masked_conv_args, input.shape, weight.shape, stride, padding,
@@ -682,6 +692,16 @@ def _masked_conv_args(x_shape, w_shape, stride, padding, dilation, groups, paddi
 
 
 _cached_masked_conv_args = functools.lru_cache(maxsize=1024)(_masked_conv_args)
+
+
+def _mask_is_differentiated(mask) -> bool:
+    """Whether ``mask`` is a floating tensor a gradient or tangent is asked of (``requires_grad`` with grad mode
+    on, a ``torch.func`` transform or a forward-AD level active)."""
+    if not isinstance(mask, torch.Tensor) or not mask.is_floating_point():
+        return False
+    if torch.compiler.is_compiling():
+        return mask.requires_grad
+    return _autograd.needs_function((mask,))
 
 
 def _bool_mask(mask, weight: torch.Tensor) -> torch.Tensor | None:

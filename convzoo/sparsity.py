@@ -393,17 +393,23 @@ def _check_score(t, name: str, mask: torch.Tensor) -> None:
     check(t.device == mask.device, lambda: f"{name} is on {t.device} but mask is on {mask.device}")
 
 
-def _rank(first: torch.Tensor, key: torch.Tensor, descending: bool) -> torch.Tensor:
+def _rank(first: torch.Tensor, key: torch.Tensor, descending: bool, shuffle: torch.Tensor | None) -> torch.Tensor:
     """Per row of ``[S, n]``: each entry's position in the order "``first`` entries before the others, then by
-    ``key`` (ascending or descending), then by index" (two stable sorts, no host sync)."""
-    order = torch.sort(key, dim=1, descending=descending, stable=True).indices
+    ``key`` (ascending or descending), then by index" (two stable sorts, no host sync); with ``shuffle`` (a
+    permutation of each row), ties of ``key`` come in ``shuffle``'s order instead of by index (a gather first)."""
+    if shuffle is None:
+        order = torch.sort(key, dim=1, descending=descending, stable=True).indices
+    else:
+        order = shuffle.gather(1, torch.sort(key.gather(1, shuffle), dim=1, descending=descending,
+                                             stable=True).indices)
     order = order.gather(1, torch.sort((~first.gather(1, order)).to(torch.uint8), dim=1, stable=True).indices)
     ranks = torch.empty_like(order)
     return ranks.scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
 
 
 def prune_regrow(mask: torch.Tensor, prune_score: torch.Tensor, regrow_score: torch.Tensor, fraction: float, *,
-                 dims: Sequence[int] = (0,), regrow_pruned: bool = False) -> PruneRegrow:
+                 dims: Sequence[int] = (0,), regrow_pruned: bool = False, ties: str = "index",
+                 generator: torch.Generator | None = None) -> PruneRegrow:
     """One dynamic-sparse-training step of a mask: per slice, drop the weakest kept entries and keep as many
     dropped ones instead, so every slice keeps exactly its count of kept entries.
 
@@ -416,8 +422,11 @@ def prune_regrow(mask: torch.Tensor, prune_score: torch.Tensor, regrow_score: to
       pruned first);
     - regrown: the ``k`` candidates with the highest ``regrow_score`` (NaN counts as lowest).
 
-    Equal scores are ranked by position in the slice (row-major over the other dims), lowest first. ``round`` is
-    half to even, as Python's. Everything is vectorised on the mask's device with no host synchronisation (two
+    Equal scores are ranked by position in the slice (row-major over the other dims), lowest first
+    (``ties='index'``), or in a random order drawn per call from ``generator`` on the mask's device
+    (``ties='random'``: integer scores such as coactivation counts tie a lot, and breaking those ties by position
+    would move the kept entries towards the low positions step after step). ``round`` is half to even, as
+    Python's. Everything is vectorised on the mask's device with no host synchronisation (two
     stable sorts per ranking), so it can run inside a training step or under ``torch.compile``.
 
     Args:
@@ -429,15 +438,17 @@ def prune_regrow(mask: torch.Tensor, prune_score: torch.Tensor, regrow_score: to
         fraction: the fraction of each slice's kept entries to replace, a real number in ``[0, 1]``.
         dims: the dims that index the slices (distinct, in ``[-mask.dim(), mask.dim())``).
         regrow_pruned: whether an entry pruned in this step may be regrown in it.
+        ties: ``'index'`` (equal scores by position) or ``'random'``.
+        generator: the ``torch.Generator`` of ``ties='random'`` (``None``: the global one); on the mask's device.
 
     Returns:
         A :class:`PruneRegrow` of bool tensors of ``mask``'s shape.
 
     Raises:
         TypeError: ``mask`` is not a bool tensor; a score is not a floating tensor; ``fraction`` is not a real
-            number; ``dims`` is not a sequence of ints.
+            number; ``dims`` is not a sequence of ints; ``generator`` is not a ``torch.Generator``.
         ValueError: a score of another shape or device than ``mask``; ``fraction`` NaN or outside ``[0, 1]``;
-            ``dims`` out of range or repeated.
+            ``dims`` out of range or repeated; ``ties`` neither ``'index'`` nor ``'random'``.
     """
     check(isinstance(mask, torch.Tensor) and mask.dtype == torch.bool,
           lambda: f"mask must be a bool tensor, got {getattr(mask, 'dtype', type(mask).__name__)}", TypeError)
@@ -446,6 +457,9 @@ def prune_regrow(mask: torch.Tensor, prune_score: torch.Tensor, regrow_score: to
     _check_score(regrow_score, "regrow_score", mask)
     fraction = _check_density(fraction, "fraction")
     dims = _check_dims(dims, mask.dim())
+    check(ties in ("index", "random"), lambda: f"ties must be 'index' or 'random', got {ties!r}")
+    check(generator is None or isinstance(generator, torch.Generator),
+          lambda: f"generator must be a torch.Generator or None, got {type(generator).__name__}", TypeError)
     rest = tuple([d for d in range(mask.dim()) if d not in dims])
     perm = dims + rest
     n_slices = math.prod([mask.shape[d] for d in dims])
@@ -459,11 +473,16 @@ def prune_regrow(mask: torch.Tensor, prune_score: torch.Tensor, regrow_score: to
     candidates = kept.shape[1] - kept_count + (k if regrow_pruned else 0)
     k = torch.minimum(k, candidates)[:, None]
     low = torch.tensor(float("-inf"), device=mask.device)
+    # one random order per slice serves both rankings (their candidates are disjoint unless regrow_pruned, and
+    # then a pruned entry's place among the regrowth candidates is still uniform)
+    shuffle = None
+    if ties == "random":
+        shuffle = torch.rand(kept.shape, generator=generator, device=mask.device).argsort(dim=1)
     p = rows(prune_score)
-    pruned = kept & (_rank(kept, torch.where(p.isnan(), low.to(p.dtype), p), descending=False) < k)
+    pruned = kept & (_rank(kept, torch.where(p.isnan(), low.to(p.dtype), p), False, shuffle) < k)
     r = rows(regrow_score)
     pool = ~kept | pruned if regrow_pruned else ~kept
-    regrown = pool & (_rank(pool, torch.where(r.isnan(), low.to(r.dtype), r), descending=True) < k)
+    regrown = pool & (_rank(pool, torch.where(r.isnan(), low.to(r.dtype), r), True, shuffle) < k)
     new = (kept & ~pruned) | regrown
 
     inverse = sorted(range(mask.dim()), key=perm.__getitem__)

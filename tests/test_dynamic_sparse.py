@@ -12,6 +12,7 @@ import os
 import pytest
 import torch
 import torch._dynamo.testing
+import torch._inductor.config
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
@@ -123,6 +124,7 @@ def test_gradient_never_reaches_masked_weights():
     assert (layer.weight.grad[~layer.mask] == 0).all() and layer.weight.grad[layer.mask].abs().sum() > 0
 
 
+@torch._inductor.config.patch(fallback_random=True)  # the compiled draws (random ties, re-init) are eager's
 def test_prune_regrow_compiles_fullgraph():
     """No host sync in prune_regrow: a fullgraph compile of it traces (a .item() or a data-dependent shape
     would break the graph) and gives the eager result."""
@@ -131,8 +133,11 @@ def test_prune_regrow_compiles_fullgraph():
     b.load_state_dict(a.state_dict())
     x = torch.randn(2, 4, 5, 5)
     a(x), b(x)
+    torch.manual_seed(1)
     want = a.prune_regrow()
-    got = torch.compile(b.prune_regrow, fullgraph=True)()
+    compiled = torch.compile(b.prune_regrow, fullgraph=True)
+    torch.manual_seed(1)
+    got = compiled()
     assert torch.equal(got.mask, want.mask) and torch.equal(b.mask, a.mask)
 
 
@@ -274,3 +279,149 @@ def test_schedule_bad_arguments():
         convzoo.PruneRegrowSchedule(nn.Conv2d(1, 1, 1))
     with pytest.raises(ValueError, match="fraction"):
         convzoo.PruneRegrowSchedule(nn.Sequential(_layer()), fraction=2.0)
+
+
+# ---------------------------------------------------------------------------------------------- state
+def test_meta_construction_to_empty_and_reset_parameters_give_a_valid_layer():
+    """to_empty from 'meta' works (the statistics too), and reset_parameters makes every piece of state valid: the
+    mask drawn again (exact counts), the statistics zero, both counters zero (the collect schedule restarts)."""
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        layer = DynamicSparseConv2d(16, 32, 3, density=0.1, update_every=2)
+    layer.to_empty(device="cpu")
+    with torch.no_grad():  # what uninitialised memory may hold
+        layer.mask.fill_(True)
+        layer.calls.fill_(12345)
+        layer.coactivation.fill_(float("nan"))
+    layer._calls = 7
+    layer.reset_parameters()
+    assert layer.coactivation.device.type == "cpu" and layer.coactivation.dtype == torch.float32
+    assert (layer.coactivation == 0).all() and layer.calls.item() == 0 and layer._calls == 0
+    assert (layer.mask.flatten(1).sum(1) == round(0.1 * 16 * 9)).all()
+    x = torch.randn(2, 16, 5, 5)
+    want = cf.coactivation(x, layer(x).detach(), tuple(layer.weight.shape), mode="count")
+    layer(x)  # call 1: not collected (update_every=2)
+    torch.testing.assert_close(layer.coactivation, want, atol=0, rtol=0)
+    assert layer.calls.item() == 2
+
+
+def test_reset_parameters_resets_the_statistics_and_counters():
+    torch.manual_seed(0)
+    layer = _layer(update_every=2)
+    for _ in range(3):
+        layer(torch.randn(2, 4, 5, 5))
+    assert layer.coactivation.sum() > 0 and layer.calls.item() == 3
+    layer.reset_parameters()
+    assert (layer.coactivation == 0).all() and layer.calls.item() == 0 and layer._calls == 0
+    assert (layer.mask.flatten(1).sum(1) == round(0.5 * 36)).all()
+
+
+@pytest.mark.parametrize("cls", [convzoo.MaskedConv2d, DynamicSparseConv2d])
+def test_a_checkpoint_without_a_mask_reports_it_missing_and_keeps_the_mask(cls):
+    """A dense nn.Conv2d checkpoint has no mask: strict=False lists it in missing_keys and keeps the layer's own
+    (it does not silently become dense); strict loading refuses it."""
+    torch.manual_seed(0)
+    layer = cls(16, 32, 3, density=0.1)
+    before = layer.mask.clone()
+    dense = nn.Conv2d(16, 32, 3)
+    result = layer.load_state_dict(dense.state_dict(), strict=False)
+    assert "mask" in result.missing_keys
+    assert torch.equal(layer.mask, before) and layer.density == pytest.approx(before.float().mean().item())
+    assert torch.equal(layer.weight, dense.weight)
+    with pytest.raises(RuntimeError, match=r"Missing key.*mask"):
+        layer.load_state_dict(dense.state_dict())
+
+
+def test_tied_coactivation_scores_break_ties_at_random_so_the_mask_does_not_drift():
+    """Integer counts tie a lot (here all of them: no statistics collected). Ties broken by position would move
+    the kept connections to the low-index input channels update after update; broken at random (from the
+    generator) the kept connections stay spread evenly over the input channels."""
+    torch.manual_seed(0)
+    layer = DynamicSparseConv2d(16, 32, 3, density=0.1, prune_fraction=0.3)
+    gen = torch.Generator().manual_seed(0)
+    per_channel = torch.zeros(16)
+    for _ in range(40):
+        layer.prune_regrow(generator=gen)
+        per_channel += layer.mask.sum((0, 2, 3))
+    mean = per_channel.mean()
+    assert (per_channel - mean).abs().max() < 0.2 * mean, per_channel
+    assert (layer.mask.flatten(1).sum(1) == round(0.1 * 144)).all()
+    again = DynamicSparseConv2d(16, 32, 3, density=0.1, prune_fraction=0.3)
+    again.load_state_dict(layer.state_dict())
+    gen_a, gen_b = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    assert torch.equal(layer.prune_regrow(generator=gen_a).mask, again.prune_regrow(generator=gen_b).mask)
+
+
+@pytest.mark.parametrize("prune_dims", [(0,), (0, 1), (), (1,)])
+def test_the_initial_mask_keeps_prune_regrows_exact_count_per_slice(prune_dims):
+    """The initial mask follows prune_dims as prune_regrow does: per filter ((0, 1)) every filter keeps
+    round(density·∏kernel) taps, none starts (and stays) empty; also after reset_parameters."""
+    torch.manual_seed(0)
+    layer = DynamicSparseConv2d(16, 32, 3, density=0.3, prune_dims=prune_dims)
+    rest = [d for d in range(4) if d not in prune_dims]
+    n = math.prod(layer.weight.shape[d] for d in rest)
+
+    def per_slice(m):
+        return m.permute(*prune_dims, *rest).reshape(-1, n).sum(1)
+
+    assert (per_slice(layer.mask) == round(0.3 * n)).all()
+    layer.reset_parameters()
+    assert (per_slice(layer.mask) == round(0.3 * n)).all()
+    layer(torch.randn(2, 16, 5, 5))
+    layer.prune_regrow()
+    assert (per_slice(layer.mask) == round(0.3 * n)).all()
+
+
+def test_load_state_dict_restores_the_update_every_phase():
+    """The eager schedule's counter follows the loaded `calls`: a restored layer collects on the same calls as the
+    one it was saved from. A state_dict without `calls` (an older or a MaskedConv one) still loads strictly, the
+    counters left as they were."""
+    torch.manual_seed(0)
+    a = _layer(update_every=3)
+    for _ in range(4):
+        a(torch.randn(2, 4, 5, 5))
+    b = _layer(update_every=3)
+    b.load_state_dict(a.state_dict())
+    assert b.calls.item() == 4 and b._calls == 4
+    for _ in range(3):
+        x = torch.randn(2, 4, 5, 5)
+        a(x), b(x)
+        torch.testing.assert_close(b.coactivation, a.coactivation, atol=0, rtol=0)
+    old = {k: v for k, v in a.state_dict().items() if k != "calls"}
+    c = _layer(update_every=3)
+    c(torch.randn(2, 4, 5, 5))
+    result = c.load_state_dict(old)
+    assert result.missing_keys == [] and c.calls.item() == 1 and c._calls == 1
+    assert torch.equal(c.mask, a.mask) and torch.equal(c.coactivation, a.coactivation)
+
+
+@pytest.mark.parametrize("use_reentrant", [True, False])
+def test_activation_checkpointing_counts_each_forward_once(use_reentrant):
+    """torch.utils.checkpoint recomputes the forward inside backward: that recomputation sees the input the real
+    forward already counted, so neither the statistics nor the counters may take it again."""
+    torch.manual_seed(0)
+    a, b = _layer(update_every=2), _layer(update_every=2)
+    b.load_state_dict(a.state_dict())
+    for _ in range(3):
+        x = torch.randn(2, 4, 5, 5)
+        a(x).square().sum().backward()
+        y = torch.utils.checkpoint.checkpoint(b, x.clone().requires_grad_(), use_reentrant=use_reentrant)
+        y.square().sum().backward()
+    torch.testing.assert_close(b.coactivation, a.coactivation, atol=0, rtol=0)
+    assert b.calls.item() == a.calls.item() == 3 and b._calls == 3
+    torch.testing.assert_close(b.weight.grad, a.weight.grad)
+
+
+def test_from_dense_and_to_dense_convert_to_the_plain_conv():
+    conv = nn.Conv2d(4, 6, 3, padding=1)
+    layer = DynamicSparseConv2d.from_dense(conv)
+    assert type(layer) is DynamicSparseConv2d and layer.mask.all() and torch.equal(layer.weight, conv.weight)
+    mask = torch.rand(layer.weight.shape) < 0.3
+    layer = DynamicSparseConv2d.from_dense(conv, mask, score="magnitude")
+    assert torch.equal(layer.mask, mask) and layer.score_mode == "magnitude"
+    back = layer.to_dense()
+    assert type(back) is nn.Conv2d
+    x = torch.randn(2, 4, 5, 5)
+    torch.testing.assert_close(back(x), layer(x))
+    with pytest.raises(TypeError, match="conv must be an Conv2d, got Conv1d"):
+        DynamicSparseConv2d.from_dense(nn.Conv1d(4, 6, 3))

@@ -115,6 +115,80 @@ def test_a_masked_nan_never_contributes():
     assert torch.isfinite(gx).all() and (gw[~mask] == 0).all()
 
 
+class _STE(torch.autograd.Function):
+    """A straight-through estimator: a 0/1 mask from scores, the gradient passed through unchanged."""
+
+    @staticmethod
+    def forward(scores):
+        return (scores > 0).to(scores.dtype)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, g):
+        return g
+
+    @staticmethod
+    def jvp(ctx, t):
+        return t
+
+
+@pytest.mark.parametrize("key", ["2d_P1_G2", "1d_D2_G2_lohi_reflect", "3d_S2_P1_G2"])
+def test_a_float_mask_that_requires_grad_gets_the_gradient_of_the_masked_product(key, path):
+    """dL/dmask = dL/dW_eff ⊙ W (dense dL/dW_eff, also where the mask is 0), as autograd of F.convNd(x, w·mask):
+    a straight-through mask trains its scores; the weight's gradient stays exactly zero where masked."""
+    x, w, _, b, geom = _case(key)
+    scores = torch.randn(w.shape, dtype=w.dtype)
+    args = [t.to(path).requires_grad_() for t in (x, w, b, scores)]
+    x, w, b, scores = args
+    y = cf.masked_conv(x, w, _STE.apply(scores), b, **geom)
+    mask = _STE.apply(scores)
+    want = _oracle(x, w, mask, b, **geom)
+    torch.testing.assert_close(y, want, rtol=1e-12, atol=1e-12)
+    gy = torch.randn_like(y)
+    got = torch.autograd.grad(y, args, gy)
+    exp = torch.autograd.grad(want, args, gy)
+    for name, a, e in zip(["x", "w", "b", "scores"], got, exp):
+        torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12, msg=name)
+    keep = mask.detach() != 0
+    assert (got[1][~keep] == 0).all() and got[3][~keep].abs().sum() > 0  # pruned entries learn to come back
+
+
+def test_a_float_mask_that_requires_grad_under_transforms_and_double_backward():
+    x, w, mask, b, geom = _case("2d_P1_G2")
+    m = mask.double().requires_grad_()
+    args = (x.requires_grad_(), w.requires_grad_(), m)
+
+    def f(x, w, m):
+        return cf.masked_conv(x, w, m, b, **geom)
+
+    def oracle(x, w, m):
+        return _oracle(x, w, m, b, **geom)
+
+    # second order (gradgradcheck cannot perturb a 0/1 mask): the Hessian-vector products of the oracle's
+    gy = torch.randn_like(f(*args))
+    got = torch.autograd.grad(f(*args), args, gy, create_graph=True)
+    exp = torch.autograd.grad(oracle(*args), args, gy, create_graph=True)
+    vs = [torch.randn_like(t) for t in args]
+    hv = torch.autograd.grad(got, args, vs)
+    hv_want = torch.autograd.grad(exp, args, vs)
+    for a, e in zip((*got, *hv), (*exp, *hv_want)):
+        torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
+    g_m = grad(lambda m: f(x, w, m).square().sum())(m)
+    torch.testing.assert_close(g_m, grad(lambda m: oracle(x, w, m).square().sum())(m))
+    mt = torch.randn_like(m)
+    torch.testing.assert_close(jvp(lambda m: f(x, w, m), (m,), (mt,))[1], jvp(lambda m: oracle(x, w, m), (m,),
+                                                                               (mt,))[1])
+    w_nan = w.detach().clone()
+    w_nan[~mask] = float("nan")  # a masked NaN stays invisible, its mask gradient 0
+    y = f(x, w_nan.requires_grad_(), m)
+    assert torch.isfinite(y).all()
+    gw, gm = torch.autograd.grad(y.sum(), (w_nan, m))
+    assert (gw[~mask] == 0).all() and torch.isfinite(gm).all()
+
+
 # ---------------------------------------------------------------------------------------------- the ops
 def test_opcheck():
     x, w, mask, b, _ = _case("2d_P1_G2", torch.float32)
@@ -194,7 +268,8 @@ def test_compiled_training_step_of_masked_layers():
 def test_layers_load_dense_checkpoints_and_convert(cls, dense, shape):
     conv = dense(4, 6, 3, padding=1, groups=2, padding_mode="circular")
     masked = cls(4, 6, 3, padding=1, groups=2, padding_mode="circular")
-    masked.load_state_dict(conv.state_dict())  # a dense checkpoint: mask all ones, strict loading passes
+    result = masked.load_state_dict(conv.state_dict(), strict=False)  # a dense checkpoint: the mask is kept
+    assert result.missing_keys == ["mask"]
     assert masked.mask.dtype == torch.bool and masked.mask.all()
     x = torch.randn(shape)
     torch.testing.assert_close(masked(x), conv(x))
@@ -208,6 +283,28 @@ def test_layers_load_dense_checkpoints_and_convert(cls, dense, shape):
     again = cls(4, 6, 3, padding=1, groups=2, padding_mode="circular")
     again.load_state_dict(converted.state_dict())
     assert torch.equal(again.mask, mask)
+
+
+@pytest.mark.parametrize("density, block", [(0.3, None), (1.0, None), (0.25, (16, 16))])
+def test_reset_parameters_redraws_the_mask_after_meta_construction(density, block):
+    """Built on 'meta', materialised by to_empty (uninitialised memory), then reset_parameters: the mask is drawn
+    again with the construction's rule (exact count per output channel, or whole tiles), not left as garbage."""
+    torch.manual_seed(0)
+    want = convzoo.MaskedConv2d(64, 64, 3, density=density, block=block)
+    with torch.device("meta"):
+        layer = convzoo.MaskedConv2d(64, 64, 3, density=density, block=block)
+    layer.to_empty(device="cpu")
+    with torch.no_grad():
+        layer.mask.fill_(True).view(-1)[::7] = False  # what uninitialised memory may hold
+    layer.reset_parameters()
+    assert layer.mask.dtype == torch.bool and layer.mask.device.type == "cpu"
+    assert layer.mask.sum() == want.mask.sum()
+    if block is None:
+        assert torch.equal(layer.mask.flatten(1).sum(1), want.mask.flatten(1).sum(1))
+    if density == 1.0:
+        assert layer.mask.all()
+    if block:  # whole 16 × 16 tiles of the tap-major matrix, as the construction's
+        assert torch.equal(convzoo.sparsity.block_mask(layer.mask, block), layer.mask)
 
 
 def _dense_with(conv, mask):
@@ -232,6 +329,21 @@ def test_set_mask_validates_and_keeps_the_buffer():
         convzoo.MaskedConv2d.from_dense(nn.Conv1d(2, 3, 3))
     with pytest.raises(ValueError, match="density"):
         convzoo.MaskedConv2d(2, 3, 3, density=1.5)
+
+
+def test_load_state_dict_checks_the_mask_as_set_mask_does():
+    """A float mask of 0.5s is no keep/drop mask: set_mask refuses it and so does load_state_dict (copy_ into
+    the bool buffer would read every 0.5 as True); a float 0/1 mask loads as its bool version."""
+    torch.manual_seed(0)
+    layer = convzoo.MaskedConv2d(2, 3, 3, density=0.5)
+    before = layer.mask.clone()
+    with pytest.raises(ValueError, match=r"state_dict\['mask'\] must hold only 0 and 1"):
+        layer.load_state_dict({**layer.state_dict(), "mask": torch.full((3, 2, 3, 3), 0.5)})
+    with pytest.raises(TypeError, match=r"state_dict\['mask'\] must be bool or floating"):
+        layer.load_state_dict({**layer.state_dict(), "mask": torch.ones(3, 2, 3, 3, dtype=torch.int64)})
+    assert torch.equal(layer.mask, before)
+    layer.load_state_dict({**layer.state_dict(), "mask": (~before).double()})
+    assert layer.mask.dtype == torch.bool and torch.equal(layer.mask, ~before)
 
 
 # ---------------------------------------------------------------------------------------------- bad input

@@ -490,6 +490,33 @@ def test_prune_regrow_matches_brute_force(density, fraction, dims, regrow_pruned
         assert not (got.regrown & mask).any() and not (got.regrown & got.pruned).any()
 
 
+def test_prune_regrow_random_ties_keep_the_score_order_and_follow_the_generator():
+    """ties='random': scores still decide (every pruned entry scores at most every kept survivor, every regrown one
+    at least every candidate left out), only equal scores are ordered by the generator: the same seed gives the
+    same step, and the ties are not broken by position (the index order is not what comes out)."""
+    gen = torch.Generator().manual_seed(0)
+    shape = (8, 6, 3, 3)
+    mask = torch.rand(shape, generator=gen) < 0.3
+    ps = torch.randint(0, 3, shape, generator=gen).float()
+    rs = torch.randint(0, 3, shape, generator=gen).float()
+
+    def step(seed):
+        return sparsity.prune_regrow(mask, ps, rs, 0.5, dims=(0,), ties="random",
+                                     generator=torch.Generator().manual_seed(seed))
+
+    out = step(1)
+    by_index = sparsity.prune_regrow(mask, ps, rs, 0.5, dims=(0,))
+    assert torch.equal(out.mask.flatten(1).sum(1), mask.flatten(1).sum(1))
+    assert torch.equal(out.pruned.flatten(1).sum(1), by_index.pruned.flatten(1).sum(1))
+    for o in range(shape[0]):
+        kept, pruned, regrown = mask[o], out.pruned[o], out.regrown[o]
+        assert ps[o][pruned].max() <= ps[o][kept & ~pruned].min()
+        assert rs[o][regrown].min() >= rs[o][~kept & ~regrown].max()
+    again = step(1)
+    assert torch.equal(again.mask, out.mask) and torch.equal(again.regrown, out.regrown)
+    assert not torch.equal(out.mask, by_index.mask) and not torch.equal(step(2).mask, out.mask)
+
+
 def test_prune_regrow_compiles_fullgraph_without_host_sync():
     """No .item()/nonzero(): a fullgraph compile succeeds and agrees with eager."""
     mask = torch.rand(6, 4, 3) < 0.5
@@ -513,6 +540,8 @@ def test_prune_regrow_compiles_fullgraph_without_host_sync():
     ({"dims": (2,)}, ValueError, "dims"),
     ({"dims": (0, 0)}, ValueError, "dims"),
     ({"dims": 0}, TypeError, "dims"),
+    ({"ties": "first"}, ValueError, "ties"),
+    ({"generator": 1}, TypeError, "generator"),
 ])
 def test_prune_regrow_bad_input(kwargs, exc, name):
     args = {"mask": torch.ones(2, 3, dtype=torch.bool), "prune_score": torch.ones(2, 3),

@@ -12,6 +12,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 from convzoo import functional as cf
 from convzoo import sparsity
+from convzoo.curvature import _in_backward
 from convzoo.layers.masked_conv import MaskedConv1d, MaskedConv2d, MaskedConv3d
 
 __all__ = ["DynamicSparseConv1d", "DynamicSparseConv2d", "DynamicSparseConv3d", "PruneRegrowSchedule"]
@@ -47,6 +48,9 @@ class _DynamicSparseConvNd:
         sparsity._check_dims(prune_dims, self.weight.dim())  # raises on a bad entry
         self.prune_dims = tuple(int(d) for d in prune_dims)
         self.update_every, self.score_mode, self.regrow_mode = update_every, score, regrow
+        if self.prune_dims != (0,) and self._mask_block is None and self._mask_density != 1.0:
+            with torch.no_grad():
+                self.mask.copy_(self._draw_mask())
         # what the statistics count: the score's own mode; 'magnitude' with coactivation regrowth counts
         self.statistic = "correlation" if score == "correlation" else "count"
         self.collects = score != "magnitude" or regrow == "coactivation"
@@ -68,6 +72,11 @@ class _DynamicSparseConvNd:
         self.register_buffer("calls", torch.zeros((), dtype=torch.int64, device=self.weight.device))
         self._calls = 0
 
+    def _mask_dims(self) -> tuple[int, ...]:
+        # the initial mask has prune_regrow's exact count per slice (while the base constructor draws it,
+        # prune_dims is not set yet: _init_dynamic draws it again where the slices differ)
+        return getattr(self, "prune_dims", (0,))
+
     @property
     def coactivation(self) -> torch.Tensor:
         """The statistics accumulated since the last :meth:`prune_regrow` (this process's only, under DDP)."""
@@ -75,8 +84,23 @@ class _DynamicSparseConvNd:
 
     def _apply(self, fn, recurse=True):
         out = super()._apply(fn, recurse)
-        self._coactivation = self._coactivation.to(self.weight.device)  # the device only: counts stay fp32
+        device = self.weight.device
+        if self._coactivation.is_meta and device.type != "meta":
+            # to_empty from 'meta': no values to move; zero statistics (reset_parameters zeroes them too)
+            self._coactivation = torch.zeros_like(self._coactivation, device=device)
+        else:
+            self._coactivation = self._coactivation.to(device)  # the device only: counts stay fp32
         return out
+
+    def reset_parameters(self) -> None:
+        """The masked layer's re-initialisation (weight, bias, a new mask), and the statistics and both call
+        counters back to zero (after ``to_empty`` they are uninitialised memory)."""
+        super().reset_parameters()
+        if "calls" in self._buffers:  # (the base constructors call this before the statistics exist)
+            with torch.no_grad():
+                self._coactivation.zero_()
+                self.calls.zero_()
+            self._calls = 0
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
@@ -96,8 +120,16 @@ class _DynamicSparseConvNd:
         elif strict:
             missing_keys.append(key)
         rest = {k: v for k, v in state_dict.items() if k != key}
+        calls = prefix + "calls"
         super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
+        if calls not in state_dict:
+            # an older state_dict (or a MaskedConv's) without the counter: it loads, the counters stay as they are
+            if calls in missing_keys:
+                missing_keys.remove(calls)
+        elif not self.calls.is_meta:
+            # the eager schedule's Python counter follows the loaded tensor one (one host read, at load time)
+            self._calls = int(self.calls)
 
     def _statistics(self, x: torch.Tensor, y: torch.Tensor, x_threshold: float, y_threshold: float) -> torch.Tensor:
         return cf.coactivation(x, y, tuple(self.weight.shape), self.stride, self.padding, self.dilation, self.groups,
@@ -119,7 +151,8 @@ class _DynamicSparseConvNd:
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         y = super().forward(input)
-        if not (self.training and self.collects):
+        if not (self.training and self.collects) or _in_backward():
+            # (in backward: activation checkpointing recomputing a forward whose input was counted already)
             return y
         x = input if input.dim() == self.weight.dim() else input[None]
         yb = y if input.dim() == self.weight.dim() else y[None]
@@ -152,7 +185,8 @@ class _DynamicSparseConvNd:
 
         Weakest: lowest ``|weight|`` (``score='magnitude'``) or lowest accumulated coactivation (``'count'``,
         ``'correlation'``). Regrown: highest coactivation (``regrow='coactivation'``; never one pruned in this
-        step) or uniformly at random (``'random'``, drawn from ``generator``). Regrown weights are re-initialised
+        step) or uniformly at random (``'random'``, drawn from ``generator``); equal scores in a random order
+        (from ``generator``), never by position. Regrown weights are re-initialised
         as ``nn.ConvNd`` initialises (uniform in ``±1/√fan_in``, from ``generator``) and pruned ones zeroed;
         their entries of every weight-shaped optimizer state (Adam's moments, SGD's momentum) are zeroed.
         The statistics are reset afterwards.
@@ -179,8 +213,9 @@ class _DynamicSparseConvNd:
             regrow_score = torch.rand(self.weight.shape, generator=generator, device=self.weight.device)
         else:
             regrow_score = stat
+        # ties (integer counts make many) broken at random: by position they would drift to low-index channels
         out = sparsity.prune_regrow(self.mask, prune_score.float(), regrow_score.float(), fraction,
-                                    dims=self.prune_dims)
+                                    dims=self.prune_dims, ties="random", generator=generator)
         fan_in = self.weight.shape[1] * math.prod(self.weight.shape[2:])
         bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0.0
         fresh = torch.empty_like(current).uniform_(-bound, bound, generator=generator)
@@ -216,8 +251,8 @@ Args (besides ``nn.Conv{n}d``'s and ``MaskedConv{n}d``'s ``density`` — default
         (``|weight|``; statistics are then collected only for ``regrow='coactivation'``, as counts).
     prune_fraction: the fraction of each slice's kept connections replaced per :meth:`prune_regrow`.
     regrow: ``'coactivation'`` (highest statistic first) or ``'random'``.
-    prune_dims: the dims whose every index is one slice with its own exact count: ``(0,)`` per output channel,
-        ``(0, 1)`` per filter (DSConv's), ``()`` the whole weight.
+    prune_dims: the dims whose every index is one slice with its own exact count (in the initial mask too):
+        ``(0,)`` per output channel, ``(0, 1)`` per filter (DSConv's), ``()`` the whole weight.
     ema: None (sum the statistics between prune steps) or the EMA factor in [0, 1].
     x_threshold, y_threshold: an input / output value counts as active when it is above its threshold.
 

@@ -10,13 +10,14 @@ from convzoo import functional as cf
 __all__ = ["MaskedConv1d", "MaskedConv2d", "MaskedConv3d"]
 
 
-def _initial_mask(shape, density: float, block, groups: int, device) -> torch.Tensor:
-    """A random mask keeping exactly ``round(density·n)`` of the ``n`` entries of each output channel, or
-    (``block`` given) whole ``block`` tiles, ``round(density·tiles)`` of them, chosen at random."""
+def _initial_mask(shape, density: float, block, groups: int, device, dims=(0,)) -> torch.Tensor:
+    """A random mask keeping exactly ``round(density·n)`` of the ``n`` entries of each slice along ``dims``
+    (default: each output channel), or (``block`` given) whole ``block`` tiles, ``round(density·tiles)`` of them,
+    chosen at random."""
     from convzoo import sparsity
 
     if block is None:
-        return sparsity.random_mask(shape, density, device=device)
+        return sparsity.random_mask(shape, density, device=device, dims=dims)
     return sparsity.block_mask(torch.rand(shape, device=device), block=block, density=density, groups=groups)
 
 
@@ -28,13 +29,29 @@ class _MaskedConvNd:
     def _init_mask(self, density, block) -> None:
         from convzoo import sparsity
 
-        density = sparsity._check_density(density)
+        # kept to draw the mask again in reset_parameters (after to_empty the buffer is uninitialised memory)
+        self._mask_density, self._mask_block = sparsity._check_density(density), block
+        self.register_buffer("mask", self._draw_mask())
+
+    def _draw_mask(self) -> torch.Tensor:
+        """A fresh mask by the construction's rule (``density``, ``block``) on the weight's device."""
+        density, block = self._mask_density, self._mask_block
         shape, device = self.weight.shape, self.weight.device
         if density == 1.0 and block is None:
-            mask = torch.ones(shape, dtype=torch.bool, device=device)
-        else:
-            mask = _initial_mask(shape, density, block, self.groups, device)
-        self.register_buffer("mask", mask)
+            return torch.ones(shape, dtype=torch.bool, device=device)
+        return _initial_mask(shape, density, block, self.groups, device, self._mask_dims())
+
+    def _mask_dims(self) -> tuple[int, ...]:
+        """The dims whose every index is one slice of the initial mask with its own exact count."""
+        return (0,)
+
+    def reset_parameters(self) -> None:
+        """``nn.ConvNd``'s re-initialisation of the weight and bias, and a new random mask drawn as at
+        construction (same density and ``block``: the same kept counts)."""
+        super().reset_parameters()
+        if "mask" in self._buffers:  # (nn.ConvNd's constructor calls this before the mask exists)
+            with torch.no_grad():
+                self.mask.copy_(self._draw_mask())
 
     def _conv_forward(self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return cf.masked_conv(input, weight, self.mask, bias, self.stride, self.padding, self.dilation, self.groups,
@@ -56,29 +73,34 @@ class _MaskedConvNd:
         return self.mask.float().mean().item() if self.mask.numel() else 1.0
 
     @classmethod
-    def from_dense(cls, conv: nn.Module, mask: torch.Tensor | None = None):
+    def _dense_class(cls) -> type:
+        """The ``nn.Conv1d/2d/3d`` this class extends (found in the MRO: a subclass adds classes before it)."""
+        return next(c for c in cls.__mro__ if c in (nn.Conv1d, nn.Conv2d, nn.Conv3d))
+
+    @classmethod
+    def from_dense(cls, conv: nn.Module, mask: torch.Tensor | None = None, **kwargs):
         """A masked copy of ``conv`` (an ``nn.Conv{1,2,3}d`` of the same rank): its configuration, weight and
-        bias (copied), and ``mask`` (default all ones).
+        bias (copied), and ``mask`` (default all ones); ``kwargs`` go to the constructor (e.g. a
+        ``DynamicSparseConv``'s ``score``).
 
         Raises:
             TypeError: ``conv`` is not the matching ``nn.ConvNd``.
         """
-        dense = cls.__mro__[2]  # nn.Conv1d/2d/3d
+        dense = cls._dense_class()
         if not isinstance(conv, dense):
             raise TypeError(f"conv must be an {dense.__name__}, got {type(conv).__name__}")
         out = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
                   conv.groups, conv.bias is not None, conv.padding_mode, device=conv.weight.device,
-                  dtype=conv.weight.dtype)
-        out.load_state_dict(conv.state_dict(), strict=False)
-        if mask is not None:
-            out.set_mask(mask)
+                  dtype=conv.weight.dtype, **kwargs)
+        out.load_state_dict(conv.state_dict(), strict=False)  # reports the mask missing: it is set here
+        out.set_mask(torch.ones_like(out.mask) if mask is None else mask)
         return out
 
     def to_dense(self) -> nn.Module:
         """An ``nn.ConvNd`` of the same configuration whose weight is ``weight·mask`` (masked entries zero)."""
-        dense = type(self).__mro__[2](self.in_channels, self.out_channels, self.kernel_size, self.stride,
-                                      self.padding, self.dilation, self.groups, self.bias is not None,
-                                      self.padding_mode, device=self.weight.device, dtype=self.weight.dtype)
+        dense = self._dense_class()(self.in_channels, self.out_channels, self.kernel_size, self.stride,
+                                    self.padding, self.dilation, self.groups, self.bias is not None,
+                                    self.padding_mode, device=self.weight.device, dtype=self.weight.dtype)
         with torch.no_grad():
             dense.weight.copy_(torch.where(self.mask, self.weight, 0))
             if self.bias is not None:
@@ -87,8 +109,14 @@ class _MaskedConvNd:
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
-        # a dense nn.ConvNd checkpoint has no mask: it loads as all ones (load_state_dict passes a copy)
-        state_dict.setdefault(prefix + "mask", torch.ones_like(self.mask))
+        # the mask read as set_mask reads it: a bool, or a floating 0/1 (copy_ into the bool buffer would read
+        # any nonzero, 0.5 included, as True)
+        from convzoo import sparsity
+
+        key = prefix + "mask"
+        value = state_dict.get(key)
+        if isinstance(value, torch.Tensor) and value.dtype != torch.bool:
+            state_dict = {**state_dict, key: sparsity._as_bool_mask(value, f"state_dict[{key!r}]")}
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
 
@@ -101,11 +129,15 @@ _DOC = """``nn.Conv{n}d`` with a bool ``mask`` buffer of the weight's shape: ``f
 zero where the mask is). The same constructor as ``nn.Conv{n}d`` plus ``density`` (the initial random mask keeps
 exactly ``round(density·numel)`` entries of each output channel's filter; 1.0: all) and ``block`` (``(BO, BK)``:
 the initial mask keeps whole tiles of the kernels' tiling instead, see :func:`convzoo.sparsity.block_mask`). The
-``state_dict`` has ``nn.Conv{n}d``'s keys plus ``mask``, and a dense checkpoint loads with the mask all ones;
-:meth:`from_dense` / :meth:`to_dense` convert both ways, :meth:`set_mask` replaces the mask.
+``state_dict`` has ``nn.Conv{n}d``'s keys plus ``mask``; a dense checkpoint (no ``mask``) loads only with
+``strict=False``, which lists ``mask`` in ``missing_keys`` and keeps the layer's mask; :meth:`from_dense` /
+:meth:`to_dense` convert both ways, :meth:`set_mask` replaces the mask. A loaded ``mask`` is checked as
+:meth:`set_mask` checks it (bool, or floating 0/1).
 
 Raises:
-    TypeError, ValueError: ``nn.Conv{n}d``'s own errors, or ``density`` not a real number in [0, 1].
+    TypeError, ValueError: ``nn.Conv{n}d``'s own errors, or ``density`` not a real number in [0, 1]; from
+        ``load_state_dict``, a ``mask`` neither bool nor floating (TypeError) or with values other than 0 and 1
+        (ValueError).
 """
 
 
