@@ -257,6 +257,21 @@ def in_backward() -> bool | None:
     return None if _graph_task_id is None else _graph_task_id() != -1
 
 
+def recomputed_forward() -> bool:
+    """A forward running inside autograd's backward: activation checkpointing (``torch.utils.checkpoint``,
+    reentrant or not) recomputing it, with the input the real forward already saw (statistics hooks skip it).
+    A compiled graph's recompute runs no hooks (and Dynamo cannot trace this query), so it is False there; False
+    too where the probe failed (see :func:`in_backward`)."""
+    return not torch.compiler.is_compiling() and bool(in_backward())
+
+
+def warn_if_blind_to_recompute(who: str) -> None:
+    """Warn (at a statistics hook's construction) where :func:`in_backward` cannot tell a recomputed forward."""
+    if in_backward() is None:
+        warnings.warn(f"{who}: this torch has no torch._C._current_graph_task_id (see convzoo.debug_info()): forwards "
+                      f"recomputed by activation checkpointing will be counted in the statistics again", stacklevel=3)
+
+
 def interpreted(kernel) -> bool:
     """Whether Triton kernel ``kernel`` was decorated under ``TRITON_INTERPRET=1`` (runs on the interpreter)."""
     if _interpreted_type is not None:

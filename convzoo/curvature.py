@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import warnings
 from collections.abc import Iterable
 
 import torch
@@ -107,9 +106,7 @@ class KFACFactors:
         # torch.compile each distinct value is a guard, and a bool flips once (one recompile), a count each step
         self._started: dict[str, bool] = {}
         self._handles = []
-        if _compat.in_backward() is None:
-            warnings.warn("this torch has no torch._C._current_graph_task_id (see convzoo.debug_info()): forwards "
-                          "recomputed by activation checkpointing will be counted in the factors again", stacklevel=2)
+        _compat.warn_if_blind_to_recompute("KFACFactors")
         for name, layer in self._chosen(model, modules):
             if isinstance(layer, nn.modules.lazy.LazyModuleMixin) and layer.has_uninitialized_params():
                 raise ValueError(f"model: {name!r} is a lazy layer whose shapes are not known yet (run one forward "
@@ -229,7 +226,7 @@ class KFACFactors:
         return buf, beta
 
     def _conv_hook(self, name: str, layer: nn.Module, args: tuple, kwargs: dict) -> None:
-        if not layer.training or _in_backward():
+        if not layer.training or _compat.recomputed_forward():
             return
         x = args[0].detach()
         buf, beta = self._buffer(name, x)
@@ -248,7 +245,7 @@ class KFACFactors:
                              padding_mode=layer.padding_mode, **common)
 
     def _linear_hook(self, name: str, layer: nn.Linear, args: tuple, kwargs: dict) -> None:
-        if not layer.training or _in_backward():
+        if not layer.training or _compat.recomputed_forward():
             return
         x = args[0].detach()
         if x.dim() == 1:  # unbatched: one sample
@@ -290,10 +287,3 @@ class _InertHook:
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict, output) -> None:
         return None
-
-
-def _in_backward() -> bool:
-    """A forward running inside autograd's backward: activation checkpointing (``torch.utils.checkpoint``,
-    reentrant or not) recomputing it, with the input the real forward already counted. A compiled graph's
-    recompute runs no hooks (and dynamo cannot trace this query), so it is skipped there."""
-    return not torch.compiler.is_compiling() and bool(_compat.in_backward())

@@ -171,7 +171,7 @@ def test_graph_task_fallback_warns_and_counts_the_same(torch_path, without):
     assert _compat.in_backward() is False
     without(torch._C, "_current_graph_task_id", "graph_task")
     assert _compat.in_backward() is None
-    with pytest.warns(UserWarning, match="activation checkpointing will be counted"):
+    with pytest.warns(UserWarning, match="KFACFactors: .*activation checkpointing will be counted"):
         slow = _kfac_factors()
     _same(fast, slow)
 
@@ -216,3 +216,9 @@ def test_import_raises_no_warning():
     out = subprocess.run([sys.executable, "-W", "error", "-c", code], env=env, capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
+
+
+def test_graph_task_fallback_warns_at_dynamic_sparse_construction(without):
+    without(torch._C, "_current_graph_task_id", "graph_task")
+    with pytest.warns(UserWarning, match="DynamicSparseConv2d: .*activation checkpointing will be counted"):
+        convzoo.DynamicSparseConv2d(2, 3, 3, density=0.5)

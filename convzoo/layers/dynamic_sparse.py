@@ -10,9 +10,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from convzoo import _compat, sparsity
 from convzoo import functional as cf
-from convzoo import sparsity
-from convzoo.curvature import _in_backward
 from convzoo.layers.masked_conv import MaskedConv1d, MaskedConv2d, MaskedConv3d
 
 __all__ = ["DynamicSparseConv1d", "DynamicSparseConv2d", "DynamicSparseConv3d", "PruneRegrowSchedule"]
@@ -33,6 +32,7 @@ class _DynamicSparseConvNd:
 
     def _init_dynamic(self, update_every, score, prune_fraction, regrow, prune_dims, ema, x_threshold,
                       y_threshold) -> None:
+        _compat.warn_if_blind_to_recompute(type(self).__name__)
         if isinstance(update_every, bool) or not isinstance(update_every, int) or update_every < 1:
             raise ValueError(f"update_every must be a positive int, got {update_every!r}")
         if score not in SCORES:
@@ -151,7 +151,7 @@ class _DynamicSparseConvNd:
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         y = super().forward(input)
-        if not (self.training and self.collects) or _in_backward():
+        if not (self.training and self.collects) or _compat.recomputed_forward():
             # (in backward: activation checkpointing recomputing a forward whose input was counted already)
             return y
         x = input if input.dim() == self.weight.dim() else input[None]
