@@ -8,13 +8,15 @@ fast path          private API                                         fallback 
                    for modes, transforms, Python dispatcher, profiler  custom op), as under any mode
 ``c_apply``        ``torch._C._FunctionBase.apply``                    ``Function.apply`` (its Python preamble)
 ``forward_ad_      ``torch._library.autograd.make_autograd_impl`` and  not installed: a direct
-guard``            ``Library.impl(..., allow_override=True)``          ``torch.ops.convzoo.*`` call is not checked
-                                                                       for forward-mode tangents (the entry points
-                                                                       in ``convzoo.functional`` still carry them)
+guard``            ``Library.impl(..., allow_override=True)``          ``torch.ops.convzoo.*`` call drops a forward-
+                                                                       mode tangent, and the import warns once (the
+                                                                       entry points in ``convzoo.functional`` still
+                                                                       carry them)
 ``aten_im2col``    ``torch._C._nn.im2col`` / ``col2im``                :mod:`convzoo.reference` (same bits)
 ``graph_task``     ``torch._C._current_graph_task_id``                 forwards recomputed by activation
                                                                        checkpointing cannot be told apart:
-                                                                       ``KFACFactors`` warns once that they count
+                                                                       ``KFACFactors`` and ``DynamicSparseConv``
+                                                                       warn at construction that they count
 ``interpreted``    ``triton.runtime.interpreter.InterpretedFunction``  "not a ``triton.runtime.JITFunction``"
 =================  ==================================================  =============================================
 
@@ -41,47 +43,64 @@ FAST_PATHS: dict[str, bool] = {}
 # why a fast path is inactive: name -> reason
 WHY_NOT: dict[str, str] = {}
 
-# the private objects the fast paths use (None when inactive)
-im2col = None
-col2im = None
-_c_apply = None
-_make_autograd_impl = None
-_graph_task_id = None
-_interpreted_type = None
+# The private objects the fast paths use, as probe() leaves them; each probe returns its names' values, and
+# _OFF holds what each name is where its probe failed.
+_OFF = {"plain_eager": {"_plain_keysets": frozenset(), "_dispatch_keys": None, "_stack_len": None,
+                        "_function_mode": None, "_tls_included": None, "_python_dispatcher": None,
+                        "_profiling": None, "_tracing_state": None},
+        "c_apply": {"_c_apply": None},
+        "forward_ad_guard": {"_make_autograd_impl": None},
+        "aten_im2col": {"im2col": None, "col2im": None},
+        "graph_task": {"_graph_task_id": None},
+        "interpreted": {"_interpreted_type": None}}
+# queried by every path, fast or not: a torch.func transform / a forward-AD level may be active (the public
+# reading where the private query is gone: assume one may be, so the call takes the complete autograd.Function)
+_transforms = None
+_has_forward_level = False
+# (each _OFF name, declared; probe() sets them)
 _plain_keysets: frozenset = frozenset()
-_dispatch_keys = _stack_len = _function_mode = _transforms = _tls_included = _python_dispatcher = _profiling = None
-_tracing_state = None
+_dispatch_keys = _stack_len = _function_mode = _tls_included = _python_dispatcher = _profiling = None
+_tracing_state = _c_apply = _make_autograd_impl = _graph_task_id = _interpreted_type = None
+im2col = col2im = None
 
 
-def _keyset(K, *keys) -> int:
+def _keyset(*keys) -> int:
     out = torch._C.DispatchKeySet(keys[0])
     for k in keys[1:]:
         out = out | torch._C.DispatchKeySet(k)
     return out.raw_repr()
 
 
-def _probe_plain_eager() -> None:
-    global _plain_keysets, _dispatch_keys, _stack_len, _function_mode, _transforms, _tls_included
-    global _python_dispatcher, _profiling, _tracing_state
+def _probe_plain_eager() -> dict:
     C = torch._C
     K = C.DispatchKey
     # The dispatch keys of a plain dense CPU or CUDA tensor, and nothing else: no functorch wrapper (batched,
     # grad), no functional tensor, no negative/conjugate view or zero tensor (the dispatcher materialises
     # those before a kernel sees them), no sparse, meta or other backend.
-    _plain_keysets = frozenset((_keyset(K, K.CPU, K.ADInplaceOrView, K.AutogradCPU, K.AutocastCPU),
-                                _keyset(K, K.CUDA, K.ADInplaceOrView, K.AutogradCUDA, K.AutocastCUDA)))
-    _stack_len, _function_mode = C._len_torch_dispatch_stack, C._is_torch_function_mode_enabled
-    _transforms, _tls_included, _python_dispatcher = (C._are_functorch_transforms_active,
-                                                      C._dispatch_tls_is_dispatch_key_included, K.PythonDispatcher)
-    _profiling, _tracing_state, _dispatch_keys = C._autograd._profiler_enabled, C._get_tracing_state, C._dispatch_keys
-    # a plain tensor must have exactly the expected keys, and nothing may be active at import
-    if _dispatch_keys(torch.empty(1)).raw_repr() not in _plain_keysets:
-        raise RuntimeError(f"a plain CPU tensor's dispatch keys are {_dispatch_keys(torch.empty(1))}, not the "
-                           f"set convzoo's bypass was written for")
+    found = {"_plain_keysets": frozenset((_keyset(K.CPU, K.ADInplaceOrView, K.AutogradCPU, K.AutocastCPU),
+                                          _keyset(K.CUDA, K.ADInplaceOrView, K.AutogradCUDA, K.AutocastCUDA))),
+             "_stack_len": C._len_torch_dispatch_stack, "_function_mode": C._is_torch_function_mode_enabled,
+             "_tls_included": C._dispatch_tls_is_dispatch_key_included, "_python_dispatcher": K.PythonDispatcher,
+             "_profiling": C._autograd._profiler_enabled, "_tracing_state": C._get_tracing_state,
+             "_dispatch_keys": C._dispatch_keys}
+    if not _has_forward_level or _transforms is None:
+        raise RuntimeError("torch.autograd.forward_ad._current_level or "
+                           "torch._C._are_functorch_transforms_active is missing")
+    # every query takes these arguments and answers with the type plain_eager reads (an import under a mode
+    # may see a mode active: its values are not checked)
+    queries = (found["_stack_len"](), found["_function_mode"](), _transforms(),
+               found["_tls_included"](found["_python_dispatcher"]), found["_profiling"]())
+    found["_tracing_state"]()
+    if [type(q) for q in queries] != [int, bool, bool, bool, bool]:
+        raise RuntimeError(f"the mode/transform/profiler queries answer {queries}, not an int and four bools")
+    keys = found["_dispatch_keys"](torch.empty(1, device="cpu"))
+    if keys.raw_repr() not in found["_plain_keysets"]:
+        raise RuntimeError(f"a plain CPU tensor's dispatch keys are {keys}, not the set convzoo's bypass was "
+                           f"written for")
+    return found
 
 
-def _probe_c_apply() -> None:
-    global _c_apply
+def _probe_c_apply() -> dict:
     apply = torch._C._FunctionBase.__dict__["apply"]
 
     class _Probe(torch.autograd.Function):
@@ -102,20 +121,18 @@ def _probe_c_apply() -> None:
     out.backward()
     if out.item() != 2.0 or t.grad.item() != 2.0 or type(out.grad_fn).__name__ != "_ProbeBackward":
         raise RuntimeError("torch._C._FunctionBase.apply does not apply the Function")
-    _c_apply = apply
+    return {"_c_apply": apply}
 
 
-def _probe_forward_ad_guard() -> None:
-    global _make_autograd_impl
+def _probe_forward_ad_guard() -> dict:
     from torch._library.autograd import make_autograd_impl
 
     if "allow_override" not in inspect.signature(torch.library.Library.impl).parameters:
         raise RuntimeError("torch.library.Library.impl takes no allow_override")
-    _make_autograd_impl = make_autograd_impl
+    return {"_make_autograd_impl": make_autograd_impl}
 
 
-def _probe_aten_im2col() -> None:
-    global im2col, col2im
+def _probe_aten_im2col() -> dict:
     cols, fold = torch._C._nn.im2col, torch._C._nn.col2im
     x = torch.arange(2 * 3 * 4, dtype=torch.float32).reshape(1, 2, 3, 4)
     got = cols(x, [2, 2], [1, 1], [1, 0], [1, 1])
@@ -125,11 +142,10 @@ def _probe_aten_im2col() -> None:
     if not torch.equal(fold(want, [3, 4], [2, 2], [1, 1], [1, 0], [1, 1]),
                        torch.nn.functional.fold(want, (3, 4), (2, 2), padding=(1, 0))):
         raise RuntimeError("torch._C._nn.col2im differs from F.fold")
-    im2col, col2im = cols, fold
+    return {"im2col": cols, "col2im": fold}
 
 
-def _probe_graph_task() -> None:
-    global _graph_task_id
+def _probe_graph_task() -> dict:
     task = torch._C._current_graph_task_id
     if task() != -1:
         raise RuntimeError("torch._C._current_graph_task_id() is not -1 outside a backward")
@@ -150,46 +166,45 @@ def _probe_graph_task() -> None:
             return g
 
     _Probe.apply(torch.ones(1, requires_grad=True)).sum().backward()
-    if seen != [seen[0]] or seen[0] == -1:
+    if len(seen) != 1 or seen[0] == -1:
         raise RuntimeError("torch._C._current_graph_task_id() is -1 inside a backward")
-    _graph_task_id = task
+    return {"_graph_task_id": task}
 
 
-def _probe_interpreted() -> None:
-    global _interpreted_type
+def _probe_interpreted() -> dict:
     from triton.runtime.interpreter import InterpretedFunction
 
-    _interpreted_type = InterpretedFunction
+    return {"_interpreted_type": InterpretedFunction}
 
 
 _PROBES = {"plain_eager": _probe_plain_eager, "c_apply": _probe_c_apply, "forward_ad_guard": _probe_forward_ad_guard,
            "aten_im2col": _probe_aten_im2col, "graph_task": _probe_graph_task, "interpreted": _probe_interpreted}
-_RESET = {"plain_eager": ("_plain_keysets", frozenset()), "c_apply": ("_c_apply", None),
-          "forward_ad_guard": ("_make_autograd_impl", None), "aten_im2col": ("im2col", None),
-          "graph_task": ("_graph_task_id", None), "interpreted": ("_interpreted_type", None)}
 
 
 def probe() -> dict[str, bool]:
     """(Re)probe every private API; returns :data:`FAST_PATHS`. Run at import; the tests run it again with an
-    API taken away, to check its fallback."""
-    global col2im
+    API taken away, to check its fallback. The probes run in a neutral context (CPU default device, grad mode on,
+    no inference mode), whatever the importer's, and the results are assigned together at the end."""
+    global _transforms, _has_forward_level
     module = sys.modules[__name__]
+    _transforms = getattr(torch._C, "_are_functorch_transforms_active", None)
+    _has_forward_level = isinstance(getattr(fwAD, "_current_level", None), int)
+    values, active, why = {}, {}, {}
+    with torch.device("cpu"), torch.inference_mode(False), torch.enable_grad():
+        for name, check in _PROBES.items():
+            try:
+                values.update(check())
+            except Exception as e:  # any failure (missing name, changed behaviour): the public route
+                values.update(_OFF[name])
+                why[name], active[name] = f"{type(e).__name__}: {e}", False
+            else:
+                active[name] = True
+    for attr, value in values.items():
+        setattr(module, attr, value)
     WHY_NOT.clear()
-    for name, check in _PROBES.items():
-        attr, off = _RESET[name]
-        setattr(module, attr, off)
-        if name == "aten_im2col":
-            col2im = None
-        try:
-            check()
-        except Exception as e:  # any failure (missing name, changed behaviour): the public route
-            setattr(module, attr, off)
-            if name == "aten_im2col":
-                col2im = None
-            WHY_NOT[name] = f"{type(e).__name__}: {e}"
-            FAST_PATHS[name] = False
-        else:
-            FAST_PATHS[name] = True
+    WHY_NOT.update(why)
+    FAST_PATHS.clear()
+    FAST_PATHS.update(active)
     return dict(FAST_PATHS)
 
 
@@ -217,13 +232,12 @@ def plain_eager(tensors) -> bool:
 _PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
 
 
-def transforms_active() -> bool:
-    """A ``torch.func`` transform is active (public route: none; without the private query, assume one may be,
-    which sends the call through the complete ``autograd.Function``: slower, still right)."""
-    try:
-        return torch._C._are_functorch_transforms_active()
-    except AttributeError:
+def differentiating() -> bool:
+    """A ``torch.func`` transform or a forward-AD level is active. Where the running torch lacks either private
+    query, assume one may be: the call then takes the complete ``autograd.Function`` (slower, still right)."""
+    if _transforms is None or not _has_forward_level:
         return True
+    return fwAD._current_level >= 0 or _transforms()
 
 
 def function_apply(function, plain: bool, *args):
@@ -235,20 +249,50 @@ def function_apply(function, plain: bool, *args):
     return function.apply(*args)
 
 
+_GUARD_OFF = ("direct torch.ops.convzoo.* calls drop forward-mode tangents on this torch (the guard that makes "
+              "them raise could not be installed: see convzoo.debug_info()); convzoo.functional and the layers carry "
+              "them")
+
+
 def override_autograd_kernel(lib: torch.library.Library, op, name: str, make_guard) -> bool:
     """Register ``make_guard(autograd_impl)`` as custom op ``op``'s Autograd kernel in ``lib``, replacing the one
-    ``register_autograd`` installed (``autograd_impl``, which the guard calls). Returns whether it was installed
-    (False where the probe failed: the custom op keeps its own kernel)."""
-    if _make_autograd_impl is None:
-        return False
-    guard = make_guard(_make_autograd_impl(op._opoverload, op))
-    with warnings.catch_warnings():
-        # the dispatcher's note that this very kernel replaces another is the point; any other warning shows
-        warnings.filterwarnings("ignore", category=UserWarning, message=(
-            rf"(?s)Warning only once for all operators.*Overriding a previously registered kernel.*"
-            rf"operator: {lib.ns}::{name}\(.*dispatch key: Autograd\n"))
-        lib.impl(name, guard, "Autograd", with_keyset=True, allow_override=True)
-    return True
+    ``register_autograd`` installed (``autograd_impl``, which the guard calls). Returns whether it was installed.
+    Where the probe failed, or the override itself raises, the custom op keeps its own kernel, the fast path is
+    reported off, and a warning says what that means (once)."""
+    if _make_autograd_impl is not None:
+        try:
+            guard = make_guard(_make_autograd_impl(op._opoverload, op))
+            with warnings.catch_warnings():
+                # the dispatcher's note that this very kernel replaces another is the point; any other warning shows
+                warnings.filterwarnings("ignore", category=UserWarning, message=(
+                    rf"(?s)Warning only once for all operators.*Overriding a previously registered kernel.*"
+                    rf"operator: {lib.ns}::{name}\(.*dispatch key: Autograd\n"))
+                lib.impl(name, guard, "Autograd", with_keyset=True, allow_override=True)
+            return True
+        except Exception as e:  # the custom op's own kernel stays (impl raises before registering)
+            FAST_PATHS["forward_ad_guard"] = False
+            WHY_NOT["forward_ad_guard"] = f"overriding {lib.ns}::{name}: {type(e).__name__}: {e}"
+    global _guard_warned
+    if not _guard_warned:
+        _guard_warned = True
+        warnings.warn(_GUARD_OFF, stacklevel=2)
+    return False
+
+
+_guard_warned = False
+
+
+def op_name(op) -> str:
+    """The name (without namespace) of custom op ``op``, a ``torch.library.CustomOpDef``, which has no public
+    attribute for it: the first of its private spellings the running torch has."""
+    for read in (lambda: op._name, lambda: op._qualname.split("::")[-1], lambda: op._opoverload._opname):
+        try:
+            name = read()
+        except AttributeError:
+            continue
+        if isinstance(name, str) and name:
+            return name
+    raise TypeError(f"cannot read the name of custom op {op!r} on torch {torch.__version__}")
 
 
 def in_backward() -> bool | None:
@@ -273,13 +317,14 @@ def warn_if_blind_to_recompute(who: str) -> None:
 
 
 def interpreted(kernel) -> bool:
-    """Whether Triton kernel ``kernel`` was decorated under ``TRITON_INTERPRET=1`` (runs on the interpreter)."""
-    if _interpreted_type is not None:
-        return isinstance(kernel, _interpreted_type)
+    """Whether Triton kernel ``kernel`` (bare, or wrapped by ``triton.autotune`` / ``triton.heuristics``) was
+    decorated under ``TRITON_INTERPRET=1`` (runs on the interpreter)."""
     import triton
 
     while isinstance(kernel, (triton.runtime.Autotuner, triton.runtime.Heuristics)):
         kernel = kernel.fn
+    if _interpreted_type is not None:
+        return isinstance(kernel, _interpreted_type)
     return isinstance(kernel, triton.runtime.KernelInterface) and not isinstance(kernel, triton.runtime.JITFunction)
 
 

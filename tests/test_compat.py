@@ -121,19 +121,52 @@ def test_c_apply_fallback_uses_function_apply(torch_path, without, function_appl
     assert all(_compat.FAST_PATHS.values()), _compat.WHY_NOT
 
 
-def test_forward_ad_guard_fallback_leaves_the_custom_op_its_kernel(without):
-    """Without the private autograd-kernel factory nothing is overridden (no import error), and the entry points'
-    forward-mode results are the same as with it."""
-    x, _, w, b = _inputs(False)
-    tangents = (torch.randn_like(x), torch.randn_like(w), torch.randn_like(b))
-    fast = torch.func.jvp(lambda *a: cf.local_conv(*a, kernel_size=3, padding=1), (x, w, b), tangents)
-    without(torch._library.autograd, "make_autograd_impl", "forward_ad_guard")
-    made = []
-    lib = torch.library.Library("convzoo", "FRAGMENT")
-    assert _compat.override_autograd_kernel(lib, None, "unfold", made.append) is False
-    assert made == []
-    slow = torch.func.jvp(lambda *a: cf.local_conv(*a, kernel_size=3, padding=1), (x, w, b), tangents)
-    _same(fast, slow)
+def _run(code: str) -> str:
+    """``code`` in a fresh interpreter (convzoo imported there after ``code``'s own set-up), its stdout."""
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
+_GUARD_CHECK = """
+import warnings
+import torch
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    import convzoo, convzoo.functional as cf
+from convzoo import _compat
+assert _compat.FAST_PATHS["forward_ad_guard"] is False, _compat.FAST_PATHS
+assert all(v for k, v in _compat.FAST_PATHS.items() if k != "forward_ad_guard"), _compat.FAST_PATHS
+messages = [str(w.message) for w in caught]
+assert [m for m in messages if "drop forward-mode tangents" in m], messages
+x, t = torch.randn(1, 2, 5, 6, dtype=torch.float64), torch.randn(1, 2, 5, 6, dtype=torch.float64)
+y, y_t = torch.func.jvp(lambda a: cf.unfold(a, 3, padding=1), (x,), (t,))  # the entry point: linear, so op(t)
+assert torch.equal(y, cf.unfold(x, 3, padding=1)) and torch.equal(y_t, cf.unfold(t, 3, padding=1))
+print(_compat.WHY_NOT["forward_ad_guard"])
+"""
+
+
+def test_forward_ad_guard_fallback_where_library_impl_cannot_override():
+    """A torch whose ``Library.impl`` takes no ``allow_override``: convzoo imports, reports the guard off, says
+    once what that means, and its entry points still carry tangents."""
+    why = _run("import inspect, torch\n"
+               "sig = inspect.signature(torch.library.Library.impl)\n"
+               "torch.library.Library.impl.__signature__ = sig.replace(parameters=[p for p in sig.parameters.values() "
+               "if p.name != 'allow_override'])\n" + _GUARD_CHECK)
+    assert "allow_override" in why
+
+
+def test_forward_ad_guard_fallback_where_the_override_raises():
+    """The override itself failing (as torch 2.11's refusal did) is no import error either."""
+    why = _run("import torch\n"
+               "impl = torch.library.Library.impl\n"
+               "def refusing(self, name, fn, key='', *, with_keyset=False, allow_override=False):\n"
+               "    if allow_override:\n"
+               "        raise RuntimeError('This is not allowed')\n"
+               "    return impl(self, name, fn, key, with_keyset=with_keyset)\n"
+               "torch.library.Library.impl = refusing\n" + _GUARD_CHECK)
+    assert "overriding convzoo::" in why and "This is not allowed" in why
 
 
 def test_forward_ad_guard_is_installed():
@@ -180,13 +213,14 @@ def test_interpreted_fallback_tells_the_same(without, kernel_device):
     from convzoo.kernels import local_conv as local_kernels
     from convzoo.kernels import unfold as unfold_kernels
 
-    kernels = [unfold_kernels.unfold_kernel, local_kernels.local_conv_fwd_kernel]
+    kernels = [unfold_kernels.unfold_kernel, local_kernels.local_conv_fwd_kernel,
+               triton.heuristics({"EXTRA": lambda args: 1})(unfold_kernels.unfold_kernel)]  # a wrapped one
 
     def plain(x):
         return x
 
     fast = [_compat.interpreted(k) for k in kernels] + [_compat.interpreted(plain)]
-    assert fast == [kernel_device == "cpu"] * 2 + [False]
+    assert fast == [kernel_device == "cpu"] * 3 + [False]
     x = torch.randn(1, 2, 5, 6, device=kernel_device)
     want = cf.unfold(x, 3, padding=1)
     without(triton.runtime.interpreter, "InterpretedFunction", "interpreted")
@@ -222,3 +256,13 @@ def test_graph_task_fallback_warns_at_dynamic_sparse_construction(without):
     without(torch._C, "_current_graph_task_id", "graph_task")
     with pytest.warns(UserWarning, match="DynamicSparseConv2d: .*activation checkpointing will be counted"):
         convzoo.DynamicSparseConv2d(2, 3, 3, density=0.5)
+
+
+def test_probe_ignores_the_importers_context():
+    """An import under inference mode, no_grad or a meta default device probes the same as a plain one."""
+    out = _run("import torch\n"
+               "with torch.inference_mode(), torch.no_grad(), torch.device('meta'):\n"
+               "    import convzoo\n"
+               "from convzoo import _compat\n"
+               "print(all(_compat.FAST_PATHS.values()), _compat.WHY_NOT)")
+    assert out.startswith("True {}"), out

@@ -33,7 +33,7 @@ plain_eager = _compat.plain_eager
 def needs_function(tensors) -> bool:
     """Whether an eager call must go through the full ``autograd.Function``: a ``torch.func``
     transform is active, a forward-AD level is open, or an input requires grad."""
-    if fwAD._current_level >= 0 or _compat.transforms_active():
+    if _compat.differentiating():
         return True
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
@@ -79,7 +79,7 @@ def differentiable(op, impl, num_tensors: int, setup_context, backward, jvp):
     def fn_jvp(ctx, *tangents):
         return jvp(ctx, *tangents[:num_tensors])
 
-    name = op._opoverload._opname
+    name = _compat.op_name(op)
     function = type(f"_{name}_function", (torch.autograd.Function,), {
         "generate_vmap_rule": True, "forward": staticmethod(forward),
         "setup_context": staticmethod(fn_setup_context), "backward": staticmethod(fn_backward),
@@ -116,7 +116,7 @@ def nondifferentiable(op, impl, num_tensors: int):
     it (torch's own error: no autograd formula was registered). An eager call on plain tensors that nothing
     differentiates runs ``impl`` directly (:func:`plain_eager`: no dispatcher round trip); any other call,
     and every call under ``torch.compile``, is the custom op."""
-    _forbid_forward_ad(op, op._opoverload._opname, "It has no derivative (a statistic): differentiate around it, "
+    _forbid_forward_ad(op, _compat.op_name(op), "It has no derivative (a statistic): differentiate around it, "
                        "or pass its input detached.")
 
     def entry(*args):
@@ -135,7 +135,7 @@ def _forbid_forward_ad(op, name: str, hint: str = _TRANSFORMS_HINT) -> None:
 
     def make_guard(autograd_impl):
         def guarded(keyset, *args):
-            if fwAD._current_level >= 0 or _compat.transforms_active():
+            if _compat.differentiating():
                 for a in args:
                     if isinstance(a, Tensor) and fwAD.unpack_dual(a).tangent is not None:
                         raise RuntimeError(f"torch.ops.convzoo.{name} got a forward-mode AD tangent, which the custom "
