@@ -159,12 +159,13 @@ def test_forward_ad_guard_fallback_where_library_impl_cannot_override():
 
 def test_forward_ad_guard_fallback_where_the_override_raises():
     """The override itself failing (as torch 2.11's refusal did) is no import error either."""
-    why = _run("import torch\n"
+    why = _run("import inspect, torch\n"
                "impl = torch.library.Library.impl\n"
-               "def refusing(self, name, fn, key='', *, with_keyset=False, allow_override=False):\n"
-               "    if allow_override:\n"
+               "def refusing(self, *args, **kwargs):\n"  # convzoo's override of an Autograd kernel only
+               "    if self.ns == 'convzoo' and kwargs.get('allow_override') and 'Autograd' in args:\n"
                "        raise RuntimeError('This is not allowed')\n"
-               "    return impl(self, name, fn, key, with_keyset=with_keyset)\n"
+               "    return impl(self, *args, **kwargs)\n"
+               "refusing.__signature__ = inspect.signature(impl)\n"
                "torch.library.Library.impl = refusing\n" + _GUARD_CHECK)
     assert "overriding convzoo::" in why and "This is not allowed" in why
 
