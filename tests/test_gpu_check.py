@@ -402,7 +402,8 @@ def test_a_failing_step_does_not_stop_the_others(tmp_path, fake_gpu, monkeypatch
         assert not interpret and guard == step and cache
     records = json.loads((folder / "run.json").read_text())["steps"]
     assert [(r["name"], r["status"]) for r in records] == [
-        ("tests", "failed (exit 1)"), ("tune", f"stopped at its timeout ({plan[1].timeout_s:.0f} s)"), ("bench", "ok")]
+        ("tests", "failed (exit 1)"), ("tune", f"stopped at its timeout ({calls[1][1]:.0f} s)"), ("bench", "ok")]
+    assert [r["timeout_s"] for r in records] == [round(c[1]) for c in calls]  # what each was given
     summary = (folder / "summary.md").read_text()
     assert "| bench | ok |" in summary and "| F.unfold | 3x |" in summary and "5 table keys" in summary
     assert _assert_fits(folder) == ["bench.csv", "bench.md", "logs.tar.gz", "run.json", "summary.md", "tables.json",
@@ -424,7 +425,9 @@ def test_all_steps_ok_exit_0_skipped_and_cut_steps_are_not_failures(tmp_path, fa
     folder = tmp_path / "run"
     folder.mkdir()
     (folder / "bench.csv").write_text("an earlier run's\n")  # ours: replaced, or removed when not written again
+    (folder / ".summary.md.tmp").write_text("a write that was stopped\n")
     assert gc.main(["--out", str(folder)]) == 0
+    assert not (folder / ".summary.md.tmp").exists()
     records = json.loads((folder / "run.json").read_text())["steps"]
     assert [r["status"] for r in records] == ["skipped", "ok", "ok, cut at its deadline"]
     assert "Skipped: no tests folder at" in (folder / "summary.md").read_text()
@@ -530,22 +533,25 @@ def test_after_the_deadline():
 def test_the_pytest_plugin_orders_stops_at_the_deadline_and_reports_progress(tmp_path):
     (tmp_path / "pytest.ini").write_text("[pytest]\nmarkers =\n    gpu: needs a GPU\n")
     (tmp_path / "test_some.py").write_text(PLUGIN_TESTS)
-    (tmp_path / "test_kernels_x.py").write_text("def test_in_a_kernel_file():\n    pass\n")
+    (tmp_path / "test_x_kernels.py").write_text("def test_in_a_kernel_file():\n    pass\n")
+    (tmp_path / "test_kernel_static.py").write_text("def test_static():\n    pass\n")  # not a kernel run
     progress, junit = tmp_path / "progress.tsv", tmp_path / "junit.xml"
     run = subprocess.run([PY, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "convzoo.tools.pytest_deadline",
                           "--convzoo-kernel-tests-first", "--convzoo-deadline", "1e12", "--convzoo-progress",
-                          str(progress), "--junitxml", str(junit), "test_some.py", "test_kernels_x.py"],
+                          str(progress), "--junitxml", str(junit), "test_kernel_static.py", "test_some.py",
+                          "test_x_kernels.py"],
                          cwd=tmp_path, capture_output=True, text=True, timeout=300,
                          env={k: v for k, v in os.environ.items() if not k.startswith("PYTEST")})
     assert run.returncode == 1, run.stdout + run.stderr  # test_fails
     lines = [line.split("\t") for line in progress.read_text().splitlines()]
-    assert lines[0] == ["collected", "9"]
+    assert lines[0] == ["collected", "10"]
     assert [(o, n.split("::")[1]) for o, n in lines[1:]] == [
         ("passed", "test_on_gpu"), ("passed", "test_path[triton]"), ("passed", "test_kernel"),
-        ("passed", "test_in_a_kernel_file"), ("passed", "test_plain"), ("passed", "test_path[torch]"),
+        ("passed", "test_in_a_kernel_file"), ("passed", "test_static"), ("passed", "test_plain"),
+        ("passed", "test_path[torch]"),
         ("failed", "test_fails"), ("passed", "test_stops_the_clock"), ("notrun", "test_after_the_deadline")]
     c = gc.junit_counts(junit)
-    assert (c["passed"], c["failed"], c["not_run"], dict(c["not_run_files"])) == (7, 1, 1, {"test_some.py": 1})
+    assert (c["passed"], c["failed"], c["not_run"], dict(c["not_run_files"])) == (8, 1, 1, {"test_some.py": 1})
     p = gc.progress_counts(progress)  # the same counts from either file
     assert all(p[k] == c[k] for k in ("passed", "failed", "errors", "skipped", "not_run")) and p["unreported"] == 0
 

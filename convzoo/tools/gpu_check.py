@@ -334,11 +334,11 @@ def child_env(step: Step) -> dict:
     return env
 
 
-def step_status(step: Step, work: Path, rc: int | None, stopped: bool) -> str:
+def step_status(step: Step, work: Path, rc: int | None, stopped: bool, timeout_s: float) -> str:
     """``ok``, ``ok, cut at its deadline`` (it stopped itself there: tests left not run, tuning or bench rows
-    left), ``stopped at its timeout (N s)`` or ``failed (exit N)``."""
+    left), ``stopped at its timeout (N s)`` (``timeout_s``: the time it was given) or ``failed (exit N)``."""
     if stopped:
-        return f"stopped at its timeout ({step.timeout_s:.0f} s)"
+        return f"stopped at its timeout ({timeout_s:.0f} s)"
     if rc != 0:
         return f"failed (exit {rc})"
     try:
@@ -689,7 +689,8 @@ def check_out_folder(out: Path) -> None:
         return
     if not out.is_dir():
         raise ValueError(f"{out} is not a folder")
-    other = sorted(p.name for p in out.iterdir() if p.name not in OUTPUTS and not p.name.startswith(".convzoo-"))
+    ours = {*OUTPUTS, *(f".{n}.tmp" for n in OUTPUTS)}  # with the temporary files of a write that was stopped
+    other = sorted(p.name for p in out.iterdir() if p.name not in ours and not p.name.startswith(".convzoo-"))
     if other:
         raise ValueError(f"{out} holds other files ({', '.join(other[:5])}{', ...' if len(other) > 5 else ''}); "
                          f"the results go into an empty folder or one of an earlier run")
@@ -789,7 +790,10 @@ def _run(args, env: dict, folder: Path, work: Path, tests: Path | None, t0: floa
     seeded = seed_tables(folder, work)
     for name in OUTPUTS:  # an earlier run's results must not stand for this one's
         (folder / name).unlink(missing_ok=True)
+        (folder / f".{name}.tmp").unlink(missing_ok=True)
     _write_atomic(work / ENV_FILE, json.dumps(env, indent=1) + "\n")
+    # timeout_s: the planned one until the step starts, then the time it is given (more when the steps before
+    # it ended early)
     records = [{"name": s.name, "status": "pending", "log": s.log, "timeout_s": round(s.timeout_s)} for s in plan]
     if seeded:
         records[0]["note"] = f"{seeded} tables of the earlier run in this folder seeded the tuning."
@@ -802,7 +806,7 @@ def _run(args, env: dict, folder: Path, work: Path, tests: Path | None, t0: floa
             rec.update(status="skipped", note=f"Skipped: {step.skip or 'no time left in the budget'}.")
         else:
             command = step.command(start, t0_epoch)
-            rec.update(status="running", command=command)
+            rec.update(status="running", command=command, timeout_s=round(left))
             print(f"[{i}/{len(plan)}] {step.name} ({left:.0f} s at most): {shlex.join(command)}", flush=True)
             write_steps(work, records)
             publish(work, folder)
@@ -818,7 +822,7 @@ def _run(args, env: dict, folder: Path, work: Path, tests: Path | None, t0: floa
                 print(f"interrupted; summary: {folder / SUMMARY}", file=sys.stderr)
                 return 130
             else:
-                rec.update(exit_code=rc, status=step_status(step, work, rc, stopped))
+                rec.update(exit_code=rc, status=step_status(step, work, rc, stopped, left))
             rec["seconds"] = time.monotonic() - t0 - start
         print(f"[{i}/{len(plan)}] {step.name}: {rec['status']}", flush=True)
         write_steps(work, records)

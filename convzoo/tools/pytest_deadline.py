@@ -8,7 +8,7 @@ workers read the same options):
   ends within one test's time of the deadline).
 - ``--convzoo-kernel-tests-first``: run the tests in three tiers, collection order kept within each: the ``gpu``
   marker's, then the kernel-vs-reference tests (those taking the ``kernel_device`` fixture, the ``path`` fixture's
-  ``triton`` case, or in a ``*kernel*`` test file), then the rest.
+  ``triton`` case, or in a ``test_*_kernel.py`` / ``test_*_kernels.py`` file), then the rest.
 - ``--convzoo-progress PATH``: one line per test outcome, appended as it is reported (``outcome<TAB>nodeid``;
   outcome ``passed``, ``failed``, ``error``, ``skipped`` or ``notrun``), after a ``collected<TAB>N`` line; what
   a step that was stopped before pytest could write its junit report still tells.
@@ -16,6 +16,7 @@ workers read the same options):
 
 from __future__ import annotations
 
+import re
 import time
 
 import pytest
@@ -39,7 +40,7 @@ def tier(item) -> int:
         return 0
     params = getattr(getattr(item, "callspec", None), "params", {})
     if "kernel_device" in getattr(item, "fixturenames", ()) or params.get("path") == "triton" \
-            or "kernel" in item.path.name:
+            or re.fullmatch(r"test_\w+_kernels?\.py", item.path.name):
         return 1
     return 2
 
