@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 import warnings
 
 import pytest
@@ -344,3 +345,60 @@ def test_help_text_shows_the_legend(capsys):
     out = capsys.readouterr().out
     assert "Table keys: 'dtype|DIM=bucket|...'" in out and "CONVZOO_CONFIG=" in out
     assert "  local_conv_grad_input: C = input channels C_in; N = batch; O = output channels" in out
+
+
+# ---------------------------------------------------------------------------------------------- budgets and grids
+def test_plan_gives_each_kernel_its_turn_and_honours_a_layers_kernels():
+    """Jobs alternate between kernels (a budget cut leaves every kernel its first keys), and a layer that names
+    its kernels gives the others no job."""
+    specs = [autotune.get_spec(k) for k in ("unfold", "fold", "local_conv_fwd")]
+    layers = [*GRIDS["small"], Layer("only_fold", 2, 4, (32, 32), 3, 1, 1, 8, kernels=("fold",))]
+    jobs = tuner.plan(specs, layers, [torch.float32], torch.device("cpu"))
+    names = [j.spec.name for j in jobs]
+    assert names[:9] == ["unfold", "fold", "local_conv_fwd"] * 3 and names[9:] == ["fold"]
+    assert [j.layer.name for j in jobs if j.layer.name == "only_fold"] == ["only_fold"]
+
+
+def test_the_deadline_stops_a_job_in_flight_and_writes_nothing_of_it(cache, capsys):
+    """Past the budget a job stops before its next timing: its timings are dropped, the table is not written."""
+    spec = autotune.get_spec("unfold")
+    jobs = tuner.plan([spec], GRIDS["small"], [torch.float32], torch.device("cpu"))
+    calls, lines = [], []
+
+    def slow(fn, cfg, stage):
+        calls.append(cfg)
+        time.sleep(0.05)
+        return fake_timer(fn, cfg, stage)
+
+    results = tuner.tune(jobs, torch.device("cpu"), [cache / SLUG], "x", timer=slow, max_minutes=0.12 / 60,
+                         progress=False, log=lines.append)
+    assert results == [] and 1 <= len(calls) < len(tuner.candidates(jobs[0]))
+    assert lines == [f"--max-minutes reached: stopping during unfold {jobs[0].layer.name} float32 "
+                     "(its timings are dropped)"]
+    assert not (cache / SLUG / "unfold.json").exists()
+
+
+def test_bench_grids_are_the_bench_shapes_with_their_ops_kernels(cache, capsys):
+    from convzoo.tools.bench import ops
+
+    cli._import_kernels()
+    assert set(ops.OP_KERNELS) == set(ops.OPS)
+    assert {k for ks in ops.OP_KERNELS.values() for k in ks} <= set(autotune.registered())
+    layers = cli.grid_layers("bench-quick")
+    by_geom = {(la.n, la.c, la.size, la.kernel, la.stride, la.padding, la.c_out): la for la in layers}
+    assert len(by_geom) == len(layers)  # one layer per geometry
+    for n, c, size, k, s, p in [shape[1:] for shape in ops._UNFOLD["quick"]]:
+        assert {"unfold", "fold"} <= set(by_geom[n, c, size, k, s, p, None].kernels)
+    for _, n, c, o, size, k, s, p in ops._MASKED["quick"]:
+        assert set(ops.OP_KERNELS["masked_conv"]) <= set(by_geom[n, c, size, k, s, p, o].kernels)
+    with pytest.raises(ValueError, match="unknown size 'huge'"):
+        ops.tune_layers("huge")
+    with pytest.raises(ValueError, match="unknown op 'conv9d'"):
+        ops.tune_layers("quick", ["conv9d"])
+    assert cli.main(["--grid", "bench-tiny", "--dtype", "float32", "--dry-run"], timer=fake_timer) == 0
+    out = capsys.readouterr().out
+    assert f"# grid: bench-tiny ({len(cli.grid_layers('bench-tiny'))} layers)" in out
+    listed = [line.split()[:2] for line in out.splitlines() if not line.startswith("#")]
+    assert listed and all(kernel in next(la.kernels for la in cli.grid_layers("bench-tiny") if la.name == layer)
+                          for kernel, layer in listed)
+    assert ["local_conv_fwd", "local_conv_2d_tiny"] in listed and ["unfold", "local_conv_2d_tiny"] not in listed

@@ -10,7 +10,8 @@ from convzoo import _shapes
 
 @dataclass(frozen=True)
 class Layer:
-    """One convolution-like layer: batch, channels in/out, spatial size and sliding-window geometry."""
+    """One convolution-like layer: batch, channels in/out, spatial size and sliding-window geometry;
+    ``kernels`` names the kernels to tune on it (None: every registered kernel)."""
 
     name: str
     n: int
@@ -20,6 +21,7 @@ class Layer:
     stride: int = 1
     padding: int = 0
     c_out: int | None = None
+    kernels: tuple[str, ...] | None = None
 
     @property
     def ndim(self) -> int:

@@ -99,19 +99,25 @@ class Result:
 
 def plan(specs: Iterable[KernelSpec], layers: Sequence[Layer], dtypes: Sequence[torch.dtype],
          device: torch.device) -> list[Job]:
-    """One job per (kernel, dtype, table key), the first layer of each key standing for it."""
-    jobs, seen = [], set()
+    """One job per (kernel, dtype, table key), the first layer of each key standing for it (a layer whose
+    ``kernels`` leaves a kernel out gives it no job). The kernels take turns: each kernel's first job, then
+    each kernel's second, ..., so a run stopped by its budget has tuned every kernel's first keys."""
+    per_kernel: list[list[Job]] = []
     for spec in specs:
         if spec.problem is None:
             continue
+        jobs, seen = [], set()
         for dtype in dtypes:
             for layer in layers:
+                if layer.kernels is not None and spec.name not in layer.kernels:
+                    continue
                 dims = dict(spec.problem(layer, dtype, device).dims)
                 key = bucket_key(dtype, dims)
-                if (spec.name, key) not in seen:
-                    seen.add((spec.name, key))
+                if key not in seen:
+                    seen.add(key)
                     jobs.append(Job(spec, layer, dtype, dims, key))
-    return jobs
+        per_kernel.append(jobs)
+    return [jobs[i] for i in range(max(map(len, per_kernel), default=0)) for jobs in per_kernel if i < len(jobs)]
 
 
 def candidates(job: Job) -> list[Config]:
@@ -163,8 +169,18 @@ def _matches(got, ref, dtype, exact: bool) -> bool:
     return True
 
 
+class DeadlineReached(Exception):
+    """:func:`tune_job` passed its ``stop_at``: the job's timings so far are dropped, nothing is written."""
+
+
 def tune_job(job: Job, device: torch.device, timer: Timer, abort_ratio: float = 2.0,
-             finalists: int = FINALISTS) -> Result:
+             finalists: int = FINALISTS, stop_at: float | None = None) -> Result:
+    """Time ``job``'s candidates and pick the winner (see the module docstring).
+
+    Raises:
+        DeadlineReached: ``time.monotonic()`` passed ``stop_at`` before a timing; checked before each one,
+            so a job overruns it by one timing at most.
+    """
     problem = job.spec.problem(job.layer, job.dtype, device)
     run, reference = problem.setup()
     cands = candidates(job)
@@ -173,7 +189,13 @@ def tune_job(job: Job, device: torch.device, timer: Timer, abort_ratio: float = 
     best = float("inf")
     dropped = failed = 0
     notes = []
+
+    def check_deadline():
+        if stop_at is not None and time.monotonic() > stop_at:
+            raise DeadlineReached(job.key)
+
     for cfg in cands:
+        check_deadline()
         try:
             ms = timer(lambda cfg=cfg: run(cfg), cfg, "first")
         except Exception as e:  # out of shared memory / registers, or an invalid launch
@@ -187,7 +209,10 @@ def tune_job(job: Job, device: torch.device, timer: Timer, abort_ratio: float = 
         first[cfg] = ms
         best = min(best, ms)
     ranked = sorted(first, key=first.get)[:finalists]
-    final = {cfg: timer(lambda cfg=cfg: run(cfg), cfg, "final") for cfg in ranked}
+    final = {}
+    for cfg in ranked:
+        check_deadline()
+        final[cfg] = timer(lambda cfg=cfg: run(cfg), cfg, "final")
     default_ms = final.get(default) or timer(lambda: run(default), default, "final")
     expected = reference()
     for cfg in sorted(final, key=final.get):
@@ -240,8 +265,9 @@ def tune(jobs: Sequence[Job], device: torch.device, tables: Sequence[Path], devi
     """Tune ``jobs`` and merge each winner into every table folder of ``tables`` (``<root>/<kernel>.json``).
 
     Keys already in the first table (the user cache) are not re-timed unless ``force``: their entry
-    is copied to the other tables, so ``--out`` after an earlier run still ships everything. Stops
-    starting new jobs after ``max_minutes``; what finished is written.
+    is copied to the other tables, so ``--out`` after an earlier run still ships everything. Stops at
+    ``max_minutes``: no new job starts, and a job in flight stops before its next timing (its timings are
+    dropped); what finished is written.
     """
     results = []
     deadline = None if max_minutes is None else time.monotonic() + 60 * max_minutes
@@ -258,7 +284,11 @@ def tune(jobs: Sequence[Job], device: torch.device, tables: Sequence[Path], devi
                     merge_entry(root / f"{job.spec.name}.json", job.spec, job.key, cached, device_name)
                 bar.step(label + " (tuned already)")
                 continue
-            result = tune_job(job, device, timer)
+            try:
+                result = tune_job(job, device, timer, stop_at=deadline)
+            except DeadlineReached:
+                log(f"--max-minutes reached: stopping during {label} (its timings are dropped)")
+                break
             for root in tables:
                 merge_entry(root / f"{job.spec.name}.json", job.spec, job.key, result.best, device_name)
             results.append(result)

@@ -62,10 +62,10 @@ def user_path(text: str) -> Path:
     return Path(text).expanduser()
 
 
-def check_minutes(ap: argparse.ArgumentParser, minutes: float | None) -> None:
-    """``--max-minutes``: None (no budget) or positive and finite."""
+def check_minutes(ap: argparse.ArgumentParser, minutes: float | None, flag: str = "--max-minutes") -> None:
+    """``flag`` (``--max-minutes``): None (no budget) or positive and finite."""
     if minutes is not None and not (math.isfinite(minutes) and minutes > 0):
-        ap.error(f"--max-minutes must be positive and finite, got {minutes}")
+        ap.error(f"{flag} must be positive and finite, got {minutes}")
 
 
 def checkout_root() -> Path | None:

@@ -13,7 +13,7 @@ import sys
 import torch
 
 from convzoo.autotune import interpret_mode, registered, user_cache_dir
-from convzoo.autotune.grids import GRIDS
+from convzoo.autotune.grids import GRIDS, Layer
 from convzoo.autotune.lookup import device_slug
 from convzoo.autotune.tune import (
     BENCH_MS,
@@ -85,6 +85,19 @@ KEY_LEGEND = {
 }
 
 
+BENCH_GRIDS = ("bench-tiny", "bench-quick", "bench-full")  # the shapes a convzoo-bench size times
+
+
+def grid_layers(name: str) -> list[Layer]:
+    """The layers of ``--grid name``: a named grid of :data:`convzoo.autotune.grids.GRIDS`, or ``bench-<size>``,
+    the shapes ``convzoo-bench --<size>`` times, each with the kernels its ops launch."""
+    if name in BENCH_GRIDS:
+        from convzoo.tools.bench import ops
+
+        return ops.tune_layers(name.removeprefix("bench-"))
+    return GRIDS[name]
+
+
 def _import_kernels() -> None:
     from convzoo import kernels
 
@@ -125,7 +138,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="convzoo-autotune", description=__doc__.split("\n\n")[0],
                                  epilog=_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--kernels", default=",".join(names), help=f"comma-separated subset of {','.join(names)}")
-    ap.add_argument("--grid", default="all", choices=sorted(GRIDS), help="named shape grid (default: all)")
+    ap.add_argument("--grid", default="all", choices=[*sorted(GRIDS), *BENCH_GRIDS],
+                    help="named shape grid (default: all); bench-SIZE: the shapes convzoo-bench --SIZE times")
     ap.add_argument("--dtype", default="float16,bfloat16,float32",
                     help="comma-separated dtypes to tune (default: float16,bfloat16,float32)")
     ap.add_argument("--out", type=user_path, default=None, help="also write the tables to OUT/<gpu>/ (to ship them)")
@@ -166,7 +180,8 @@ def main(argv=None, timer=None) -> int:
               "tables you want, or pass --dry-run to list what would be tuned.", file=sys.stderr)
         return 1
     specs = [registered()[k] for k in args.kernels]
-    jobs = plan(specs, GRIDS[args.grid], args.dtypes, device)
+    layers = grid_layers(args.grid)
+    jobs = plan(specs, layers, args.dtypes, device)
     tables = [user_cache_dir() / slug] + ([args.out / slug] if args.out else [])
     if args.dry_run:
         rows, total, todo = [], 0.0, 0
@@ -180,7 +195,7 @@ def main(argv=None, timer=None) -> int:
                 total, todo = total + est, todo + 1
                 state = f"{n} configs, ~{_minutes(est)}"
             rows.append(f"{job.spec.name:<24} {job.layer.name:<14} {job.key:<40} {state}")
-        print(f"# device: {device_name}\n# grid: {args.grid} ({len(GRIDS[args.grid])} layers)\n"
+        print(f"# device: {device_name}\n# grid: {args.grid} ({len(layers)} layers)\n"
               f"# dtypes: {','.join(str(d).removeprefix('torch.') for d in args.dtypes)}\n"
               f"# kernels: {','.join(args.kernels)}\n# tables: " + ", ".join(map(str, tables)))
         budget = f"; --max-minutes {args.max_minutes:g} stops starting jobs after that" if args.max_minutes else ""

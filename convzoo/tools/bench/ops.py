@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import convzoo.functional as cf
+from convzoo.autotune.grids import Layer
 from convzoo.tools.bench.harness import Problem, Provider
 
 try:
@@ -533,6 +534,37 @@ def problems(size: str, ops=OPS) -> list[Problem]:
         else:
             raise ValueError(f"unknown op {op!r}; choose from {OPS}")
     return out
+
+
+# the kernels each op's rows launch (fwd and its gradients): what tuning for the bench tunes
+OP_KERNELS = {"unfold": ("unfold", "fold"), "fold": ("fold", "unfold"),
+              "local_conv": ("local_conv_fwd", "local_conv_grad_input", "local_conv_grad_weight"),
+              "patch_covariance": ("patch_covariance",),
+              "masked_conv": ("masked_conv_fwd", "masked_conv_grad_input", "masked_conv_grad_weight"),
+              "coactivation": ("masked_conv_grad_weight",)}  # mode='count': grad-weight with fused thresholds
+
+
+def tune_layers(size: str, ops=OPS) -> list[Layer]:
+    """The shapes one bench size times, as tuning layers (``convzoo-autotune --grid bench-<size>``): one
+    layer per distinct geometry, holding the kernels of every op timed on it (:data:`OP_KERNELS`)."""
+    if size not in SIZES:
+        raise ValueError(f"unknown size {size!r}; choose from {SIZES}")
+    shapes: dict[tuple, list] = {}  # (n, c, size, k, s, p, c_out) -> [name, kernels]
+    for op in ops:
+        if op not in OP_KERNELS:
+            raise ValueError(f"unknown op {op!r}; choose from {OPS}")
+        if op in ("unfold", "fold"):
+            geoms = [(name, n, c, sz, k, s, p, None) for name, n, c, sz, k, s, p in _UNFOLD[size]]
+        elif op == "patch_covariance":
+            geoms = [(name, n, c, sz, k, s, p, None) for name, n, c, sz, k, s, p in _KFAC[size]]
+        else:
+            table = {"local_conv": _LOCAL, "masked_conv": _MASKED, "coactivation": _COACT}[op][size]
+            geoms = [(name, n, c, sz, k, s, p, o) for name, n, c, o, sz, k, s, p, *_ in table]
+        for name, *geom in geoms:
+            entry = shapes.setdefault(tuple(geom), [f"{op}_{name}", []])
+            entry[1] += [k for k in OP_KERNELS[op] if k not in entry[1]]
+    return [Layer(name, n, c, tuple(sz), k, s, p, o, tuple(kernels))
+            for (n, c, sz, k, s, p, o), (name, kernels) in shapes.items()]
 
 
 def default_modes(size: str) -> tuple[str, ...]:
