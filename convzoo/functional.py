@@ -10,6 +10,7 @@ from collections.abc import Sequence
 import torch
 
 from convzoo import _shapes, reference
+from convzoo import sparsity as _sparsity
 from convzoo.ops import _autograd
 from convzoo.ops import coactivation as _coactivation_ops
 from convzoo.ops import local_conv as _local_conv_ops
@@ -617,7 +618,8 @@ def extract_averaged_patches(input: torch.Tensor, kernel_size, stride=1, padding
 
 
 def masked_conv(input: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor | None, bias: torch.Tensor | None = None,
-                stride=1, padding=0, dilation=1, groups=1, *, padding_mode: str = "zeros") -> torch.Tensor:
+                stride=1, padding=0, dilation=1, groups=1, *, padding_mode: str = "zeros",
+                block=None) -> torch.Tensor:
     """A convolution whose weight is multiplied by a 0/1 mask: ``F.convNd(input, weight·mask, bias, ...)``, with
     the weight gradient exactly zero where the mask is.
 
@@ -640,6 +642,10 @@ def masked_conv(input: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor | 
         groups: divides both C_in and C_out.
         padding_mode: ``'zeros'``, ``'reflect'``, ``'replicate'`` or ``'circular'``, as ``nn.Conv2d``'s: the
             input padded by ``F.pad(input, padding, mode)`` then convolved without padding.
+        block: None, or the mask's block ``(BO, BK)`` (powers of two ≥ 16; a ``MaskedConv``'s ``block``): the
+            kernels then tile the weight matrix in that block (capped at 128 per side and at the matrix's size),
+            so a mask that keeps or drops whole blocks is skipped block for block. None: the kernels' default
+            tile for the layer's size. Never changes the result, only which tiles the kernels visit.
 
     Returns:
         ``[N, C_out, *out]`` (``[C_out, *out]`` for an unbatched input). Under ``torch.autocast`` it computes in
@@ -650,8 +656,11 @@ def masked_conv(input: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor | 
             weight's dtype.
         ValueError: a weight that is not 3-5-d, a mask of another shape or with values other than 0 and 1,
             groups not dividing the channels, an input whose channels or rank do not match the weight,
-            a bias that is not ``[C_out]``, an invalid geometry (see :func:`unfold`).
+            a bias that is not ``[C_out]``, an invalid geometry (see :func:`unfold`), a ``block`` entry that is
+            not a power of two ≥ 16 (TypeError: ``block`` not a pair of ints).
     """
+    if block is not None:
+        block = list(_sparsity._check_block(block))
     _shapes.check_float_tensor(input, "input")
     _shapes.check_float_tensor(weight, "weight")
     if bias is not None:
@@ -659,7 +668,7 @@ def masked_conv(input: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor | 
     nd = _shapes.conv_weight_ndim(weight)
     if input.dim() == nd + 1:  # unbatched, as F.convNd reads it
         return masked_conv(input[None], weight, mask, bias, stride, padding, dilation, groups,
-                           padding_mode=padding_mode)[0]
+                           padding_mode=padding_mode, block=block)[0]
     if _mask_is_differentiated(mask):
         # dL/dmask = dL/dW_eff ⊙ W needs the dense weight gradient, also where the mask is 0: the op runs
         # unmasked on W_eff, which has the derivatives of weight·mask (every order) and where(mask, weight, 0)'s
@@ -672,7 +681,7 @@ def masked_conv(input: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor | 
     args = _resolved(_masked_conv_args, _cached_masked_conv_args, input.shape, weight.shape, stride, padding,
                      dilation, groups, padding_mode)
     input, weight, bias = _autocast(input, weight, bias)
-    return _masked_conv_ops.masked_conv(input, weight, mask, bias, *_as_lists(args))
+    return _masked_conv_ops.masked_conv(input, weight, mask, bias, *_as_lists(args), block)
 
 
 def _masked_conv_args(x_shape, w_shape, stride, padding, dilation, groups, padding_mode) -> tuple:

@@ -29,7 +29,8 @@ import torch.nn.functional as F
 
 from convzoo._shapes import _is_int, check
 
-__all__ = ["PruneRegrow", "TileLists", "block_mask", "prune_regrow", "random_mask", "tile_lists", "weight_matrix"]
+__all__ = ["PruneRegrow", "TileLists", "block_mask", "prune_regrow", "random_mask", "tile_fraction",
+           "tile_lists", "weight_matrix"]
 
 MIN_BLOCK = 16  # tl.dot needs every tile dim ≥ 16; tl.arange needs powers of two
 
@@ -235,6 +236,12 @@ def tile_lists(mask: torch.Tensor, groups: int = 1, block: Sequence[int] = (32, 
                      block=block, groups=groups, shape=tuple(mask.shape))
 
 
+def tile_fraction(lists: TileLists) -> torch.Tensor:
+    """The fraction of tiles the kernels visit with ``lists`` (listed tiles / all tiles), a 0-d float tensor on
+    the lists' device (no host sync; ``float(...)`` it to read it)."""
+    return lists.count.sum(dtype=torch.float64) / max(lists.occupancy.numel(), 1)
+
+
 # ---------------------------------------------------------------------------------------------- block masks
 def block_mask(mask_or_scores: torch.Tensor, block: Sequence[int] = (32, 32), density: float | None = None,
                groups: int = 1) -> torch.Tensor:
@@ -407,9 +414,50 @@ def _rank(first: torch.Tensor, key: torch.Tensor, descending: bool, shuffle: tor
     return ranks.scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
 
 
+POOLS = ("mean", "sum")
+
+
+def _pooled(t: torch.Tensor, groups: int, block: tuple[int, int], how: str) -> torch.Tensor:
+    """A weight-shaped score pooled per ``block`` tile: ``[G, TO, TK]``, the sum (``'sum'``) or the mean over the
+    tile's entries inside the matrix (``'mean'``: a partial edge tile is not penalised for its padding), in at
+    least fp32. A NaN anywhere in a tile makes its score NaN."""
+    acc = torch.promote_types(t.dtype, torch.float32)
+    total = _tiled(t.to(acc), groups, block).sum(dim=(2, 4))
+    if how == "sum":
+        return total
+    return total / _tiled(torch.ones(t.shape, dtype=acc, device=t.device), groups, block).sum(dim=(2, 4))
+
+
+def _check_pool(pool) -> tuple[str, str]:
+    pools = (pool, pool) if isinstance(pool, str) else pool
+    check(isinstance(pools, Sequence) and len(pools) == 2 and all(isinstance(p, str) and p in POOLS for p in pools),
+          lambda: f"pool must be one of {POOLS} or a pair of them (prune, regrow), got {pool!r}")
+    return tuple(pools)
+
+
+def _block_prune_regrow(mask, prune_score, regrow_score, fraction, dims, regrow_pruned, ties, generator, block,
+                        groups, pool) -> PruneRegrow:
+    """:func:`prune_regrow` on whole ``block`` tiles: the same step on the tile map, expanded back."""
+    groups = _check_weight_shaped(mask, "mask", groups)
+    block = _check_block(block)
+    check(dims in ((), (0,)), lambda: f"dims must be (0,) (per row of tiles) or () (all tiles) with block, got "
+          f"{dims}")
+    pools = _check_pool(pool)
+    kept = _tiled(mask, groups, block).any(dim=4).any(dim=2)  # [G, TO, TK]
+    out = prune_regrow(kept, _pooled(prune_score, groups, block, pools[0]),
+                       _pooled(regrow_score, groups, block, pools[1]), fraction, dims=(0, 1) if dims else (),
+                       regrow_pruned=regrow_pruned, ties=ties, generator=generator)
+    shape = tuple(mask.shape)
+    new = _untiled(out.mask, shape, groups, block)
+    gone = _untiled(out.pruned, shape, groups, block)
+    # a kept tile is kept whole: its entries the old mask had off are regrown (re-initialised) too
+    return PruneRegrow(mask=new, pruned=mask & gone, regrown=new & (~mask | gone))
+
+
 def prune_regrow(mask: torch.Tensor, prune_score: torch.Tensor, regrow_score: torch.Tensor, fraction: float, *,
                  dims: Sequence[int] = (0,), regrow_pruned: bool = False, ties: str = "index",
-                 generator: torch.Generator | None = None) -> PruneRegrow:
+                 generator: torch.Generator | None = None, block: Sequence[int] | None = None, groups: int = 1,
+                 pool: str | Sequence[str] = "mean") -> PruneRegrow:
     """One dynamic-sparse-training step of a mask: per slice, drop the weakest kept entries and keep as many
     dropped ones instead, so every slice keeps exactly its count of kept entries.
 
@@ -429,6 +477,15 @@ def prune_regrow(mask: torch.Tensor, prune_score: torch.Tensor, regrow_score: to
     Python's. Everything is vectorised on the mask's device with no host synchronisation (two
     stable sorts per ranking), so it can run inside a training step or under ``torch.compile``.
 
+    With ``block`` (a conv weight-shaped ``mask``): the step works on whole ``BO × BK`` tiles of each group's
+    weight matrix (the tiling of :func:`tile_lists`), so a mask of whole tiles stays one and the fraction of tiles
+    the kernels visit stays what it was. A tile is kept iff it holds a kept entry; both scores are pooled per
+    tile (``pool``: ``'mean'`` or ``'sum'`` over the tile's entries, or a pair ``(prune, regrow)``, e.g.
+    ``('mean', 'sum')`` for mean ``|w|`` and a summed statistic); the slices are the rows of tiles (``dims=(0,)``:
+    each ``BO``-wide band of output channels of a group keeps its count of tiles) or all tiles (``dims=()``);
+    ``fraction`` counts tiles. The new mask keeps kept tiles whole: the entries the old mask had off inside a
+    kept tile count as regrown.
+
     Args:
         mask: bool tensor (any shape with at least one dim).
         prune_score: floating, ``mask``'s shape; e.g. ``weight.abs()`` (magnitude pruning) or a coactivation
@@ -440,6 +497,9 @@ def prune_regrow(mask: torch.Tensor, prune_score: torch.Tensor, regrow_score: to
         regrow_pruned: whether an entry pruned in this step may be regrown in it.
         ties: ``'index'`` (equal scores by position) or ``'random'``.
         generator: the ``torch.Generator`` of ``ties='random'`` (``None``: the global one); on the mask's device.
+        block: None (entry by entry), or ``(BO, BK)`` (powers of two ≥ 16): whole tiles, as above.
+        groups: the convolution's groups (with ``block``), dividing ``C_out``.
+        pool: with ``block``, how the scores are pooled per tile (see above).
 
     Returns:
         A :class:`PruneRegrow` of bool tensors of ``mask``'s shape.
@@ -448,7 +508,9 @@ def prune_regrow(mask: torch.Tensor, prune_score: torch.Tensor, regrow_score: to
         TypeError: ``mask`` is not a bool tensor; a score is not a floating tensor; ``fraction`` is not a real
             number; ``dims`` is not a sequence of ints; ``generator`` is not a ``torch.Generator``.
         ValueError: a score of another shape or device than ``mask``; ``fraction`` NaN or outside ``[0, 1]``;
-            ``dims`` out of range or repeated; ``ties`` neither ``'index'`` nor ``'random'``.
+            ``dims`` out of range or repeated; ``ties`` neither ``'index'`` nor ``'random'``; with ``block``: a
+            ``block`` entry not a power of two ≥ 16 (TypeError: not a pair of ints), ``dims`` other than ``(0,)``
+            or ``()``, ``mask`` not a conv weight's shape, ``groups`` not dividing ``C_out``, an unknown ``pool``.
     """
     check(isinstance(mask, torch.Tensor) and mask.dtype == torch.bool,
           lambda: f"mask must be a bool tensor, got {getattr(mask, 'dtype', type(mask).__name__)}", TypeError)
@@ -460,6 +522,9 @@ def prune_regrow(mask: torch.Tensor, prune_score: torch.Tensor, regrow_score: to
     check(ties in ("index", "random"), lambda: f"ties must be 'index' or 'random', got {ties!r}")
     check(generator is None or isinstance(generator, torch.Generator),
           lambda: f"generator must be a torch.Generator or None, got {type(generator).__name__}", TypeError)
+    if block is not None:
+        return _block_prune_regrow(mask, prune_score, regrow_score, fraction, dims, regrow_pruned, ties, generator,
+                                   block, groups, pool)
     rest = tuple([d for d in range(mask.dim()) if d not in dims])
     perm = dims + rest
     n_slices = math.prod([mask.shape[d] for d in dims])

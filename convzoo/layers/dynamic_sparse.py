@@ -47,6 +47,9 @@ class _DynamicSparseConvNd:
             raise TypeError(f"prune_dims must be a sequence of ints, got {prune_dims!r}")
         sparsity._check_dims(prune_dims, self.weight.dim())  # raises on a bad entry
         self.prune_dims = tuple(int(d) for d in prune_dims)
+        if self._mask_block is not None and sparsity._check_dims(prune_dims, self.weight.dim()) not in ((), (0,)):
+            raise ValueError(f"prune_dims must be (0,) (per row of blocks) or () with block={self._mask_block}, got "
+                             f"{self.prune_dims}")
         self.update_every, self.score_mode, self.regrow_mode = update_every, score, regrow
         if self.prune_dims != (0,) and self._mask_block is None and self._mask_density != 1.0:
             with torch.no_grad():
@@ -181,7 +184,10 @@ class _DynamicSparseConvNd:
                      generator: torch.Generator | None = None, process_group=None) -> sparsity.PruneRegrow:
         """One prune-and-regrow step of the mask (see :func:`convzoo.sparsity.prune_regrow`): per slice of
         ``prune_dims``, the weakest ``fraction`` (default ``prune_fraction``) of the kept connections are dropped
-        and as many dropped ones kept instead, so every slice keeps its count.
+        and as many dropped ones kept instead, so every slice keeps its count. With ``block``, whole blocks are
+        pruned and regrown (scores pooled per block: mean ``|weight|``, summed statistic), per row of blocks
+        (``prune_dims=(0,)``) or over all of them (``()``): the fraction of tiles the kernels visit stays the
+        density.
 
         Weakest: lowest ``|weight|`` (``score='magnitude'``) or lowest accumulated coactivation (``'count'``,
         ``'correlation'``). Regrown: highest coactivation (``regrow='coactivation'``; never one pruned in this
@@ -214,8 +220,12 @@ class _DynamicSparseConvNd:
         else:
             regrow_score = stat
         # ties (integer counts make many) broken at random: by position they would drift to low-index channels
+        # with a block: whole blocks, mean |w| or a summed statistic per block, so every dropped block stays a
+        # skipped tile
+        pool = ("mean" if self.score_mode == "magnitude" else "sum", "mean" if self.regrow_mode == "random" else "sum")
         out = sparsity.prune_regrow(self.mask, prune_score.float(), regrow_score.float(), fraction,
-                                    dims=self.prune_dims, ties="random", generator=generator)
+                                    dims=self.prune_dims, ties="random", generator=generator, block=self._mask_block,
+                                    groups=self.groups, pool=pool)
         fan_in = self.weight.shape[1] * math.prod(self.weight.shape[2:])
         bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0.0
         fresh = torch.empty_like(current).uniform_(-bound, bound, generator=generator)
@@ -252,7 +262,8 @@ Args (besides ``nn.Conv{n}d``'s and ``MaskedConv{n}d``'s ``density`` — default
     prune_fraction: the fraction of each slice's kept connections replaced per :meth:`prune_regrow`.
     regrow: ``'coactivation'`` (highest statistic first) or ``'random'``.
     prune_dims: the dims whose every index is one slice with its own exact count (in the initial mask too):
-        ``(0,)`` per output channel, ``(0, 1)`` per filter (DSConv's), ``()`` the whole weight.
+        ``(0,)`` per output channel, ``(0, 1)`` per filter (DSConv's), ``()`` the whole weight. With ``block``:
+        ``(0,)`` per row of blocks, ``()`` all blocks; :meth:`prune_regrow` then keeps whole blocks.
     ema: None (sum the statistics between prune steps) or the EMA factor in [0, 1].
     x_threshold, y_threshold: an input / output value counts as active when it is above its threshold.
 

@@ -30,7 +30,8 @@ class _MaskedConvNd:
         from convzoo import sparsity
 
         # kept to draw the mask again in reset_parameters (after to_empty the buffer is uninitialised memory)
-        self._mask_density, self._mask_block = sparsity._check_density(density), block
+        self._mask_density = sparsity._check_density(density)
+        self._mask_block = None if block is None else sparsity._check_block(block)
         self.register_buffer("mask", self._draw_mask())
 
     def _draw_mask(self) -> torch.Tensor:
@@ -54,8 +55,9 @@ class _MaskedConvNd:
                 self.mask.copy_(self._draw_mask())
 
     def _conv_forward(self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        # the mask's block is the kernels' tile: a dropped block is a skipped tile
         return cf.masked_conv(input, weight, self.mask, bias, self.stride, self.padding, self.dilation, self.groups,
-                              padding_mode=self.padding_mode)
+                              padding_mode=self.padding_mode, block=self._mask_block)
 
     @torch.no_grad()
     def set_mask(self, mask: torch.Tensor) -> None:
@@ -66,6 +68,14 @@ class _MaskedConvNd:
             ValueError: another shape than the weight's, or values other than 0 and 1.
         """
         self.mask.copy_(cf._bool_mask(mask, self.weight))
+
+    def tile_lists(self):
+        """The :class:`convzoo.sparsity.TileLists` the kernels iterate over for the current mask: built in the
+        layer's ``block`` (capped at the kernels' 128 and at the weight matrix's size; the kernels' default tile
+        without a block). ``convzoo.sparsity.tile_fraction(layer.tile_lists())`` is the fraction of tiles visited."""
+        from convzoo.ops import masked_conv as ops
+
+        return ops._tile_lists(self.mask, self.weight.shape, self.groups, self.mask.device, self._mask_block)
 
     @property
     def density(self) -> float:

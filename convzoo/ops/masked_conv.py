@@ -59,10 +59,20 @@ def clear_tile_cache() -> None:
     _dense_lists.cache_clear()
 
 
-def _block(weight_shape, groups: int) -> tuple[int, int]:
+def _block(weight_shape, groups: int, block=None) -> tuple[int, int]:
+    """The kernels' tile ``(BO, BK)``: the default for the layer's size (``block=None``), else the mask's own
+    block (the layer's ``block``, whose whole tiles its masks keep or drop) capped at the kernels' largest tile
+    (128) and, for a small matrix, at the one power-of-two tile that covers it. Each side then divides the
+    mask's block (all are powers of two), so a kept block is whole kernel tiles and a dropped one is skipped:
+    the fraction of tiles visited is the fraction of blocks kept (exactly where the block's sides are ≤ 128)."""
+    from convzoo.autotune import bucket
     from convzoo.kernels import masked_conv as kernels
 
-    return kernels.default_block(weight_shape[0] // groups, math.prod(weight_shape[1:]))
+    og, k = weight_shape[0] // groups, math.prod(weight_shape[1:])
+    if block is None:
+        return kernels.default_block(og, k)
+    top = kernels.BLOCK_SIZES[-1]
+    return tuple(min(int(b), top, max(kernels.BLOCK_SIZES[0], bucket(n))) for b, n in zip(block, (og, k)))
 
 
 @functools.lru_cache(maxsize=64)
@@ -71,11 +81,12 @@ def _dense_lists(weight_shape: tuple, groups: int, block: tuple, device: torch.d
     return sparsity.tile_lists(torch.ones(weight_shape, dtype=torch.bool, device=device), groups, block)
 
 
-def _tile_lists(mask: Tensor | None, weight_shape, groups: int, device: torch.device) -> sparsity.TileLists:
-    """``mask``'s tile lists for the default block, cached per mask tensor and rebuilt when its version,
-    storage, offset, shape or strides, ``groups`` or the block change (see the module docstring); for
-    ``mask=None`` the dense lists of a weight of ``weight_shape`` on ``device``."""
-    block = _block(weight_shape, groups)
+def _tile_lists(mask: Tensor | None, weight_shape, groups: int, device: torch.device,
+                block=None) -> sparsity.TileLists:
+    """``mask``'s tile lists for :func:`_block`'s tile (the mask's ``block``, or the default), cached per mask
+    tensor and rebuilt when its version, storage, offset, shape or strides, ``groups`` or the block change (see
+    the module docstring); for ``mask=None`` the dense lists of a weight of ``weight_shape`` on ``device``."""
+    block = _block(weight_shape, groups, block)
     if mask is None:
         return _dense_lists(tuple(weight_shape), groups, block, device)
     try:
@@ -114,17 +125,18 @@ def _masked_weight(weight: Tensor, mask: Tensor | None) -> Tensor:
 
 
 def _masked_conv_impl(x: Tensor, weight: Tensor, mask: Tensor | None, bias: Tensor | None, stride: list[int],
-                      padding: list[int], dilation: list[int], groups: int, padding_mode: str) -> Tensor:
+                      padding: list[int], dilation: list[int], groups: int, padding_mode: str,
+                      block: list[int] | None = None) -> Tensor:
     if use_triton(x):
-        return own(_kernel_forward(x, weight, mask, bias, stride, padding, dilation, groups, padding_mode))
+        return own(_kernel_forward(x, weight, mask, bias, stride, padding, dilation, groups, padding_mode, block))
     return own(reference.masked_conv(x, weight, mask, bias, stride, padding, dilation, groups, padding_mode))
 
 
-def _kernel_forward(x, weight, mask, bias, stride, padding, dilation, groups, padding_mode) -> Tensor:
+def _kernel_forward(x, weight, mask, bias, stride, padding, dilation, groups, padding_mode, block=None) -> Tensor:
     """The tile-skipping kernel on the mask's (cached) tile lists and the masked weight."""
     from convzoo.kernels import masked_conv as kernels
 
-    lists = _tile_lists(mask, weight.shape, groups, x.device)
+    lists = _tile_lists(mask, weight.shape, groups, x.device, block)
     return kernels.masked_conv(x, _masked_weight(weight, mask), lists.count, lists.index, bias,
                                list(weight.shape[2:]), dilation, padding, stride, padding_mode, groups, lists.block)
 
@@ -133,7 +145,7 @@ _masked_conv = torch.library.custom_op("convzoo::masked_conv", mutates_args=())(
 
 
 @_masked_conv.register_fake
-def _(x, weight, mask, bias, stride, padding, dilation, groups, padding_mode):
+def _(x, weight, mask, bias, stride, padding, dilation, groups, padding_mode, block=None):
     g = _shapes.masked_conv_geometry(x, weight, mask, bias, stride, padding, dilation, groups, padding_mode)
     return x.new_empty(_shapes.masked_conv_out_shape(x, weight, g))
 
@@ -147,11 +159,12 @@ def _same_device(grad: Tensor, **others) -> None:
 
 
 def _grad_input_impl(grad: Tensor, weight: Tensor, mask: Tensor | None, input_size: list[int], stride: list[int],
-                     padding: list[int], dilation: list[int], groups: int, padding_mode: str) -> Tensor:
+                     padding: list[int], dilation: list[int], groups: int, padding_mode: str,
+                     block: list[int] | None = None) -> Tensor:
     if use_triton(grad):
         from convzoo.kernels import masked_conv as kernels
 
-        lists = _tile_lists(mask, weight.shape, groups, grad.device)
+        lists = _tile_lists(mask, weight.shape, groups, grad.device, block)
         return own(kernels.masked_conv_grad_input(grad, _masked_weight(weight, mask), lists.t_count, lists.t_index,
                                                   list(input_size), list(weight.shape[2:]), dilation, padding, stride,
                                                   padding_mode, groups, lists.block))
@@ -163,18 +176,19 @@ _grad_input = torch.library.custom_op("convzoo::masked_conv_grad_input", mutates
 
 
 @_grad_input.register_fake
-def _(grad, weight, mask, input_size, stride, padding, dilation, groups, padding_mode):
+def _(grad, weight, mask, input_size, stride, padding, dilation, groups, padding_mode, block=None):
     _same_device(grad, weight=weight, mask=mask)
     _shapes.geometry(tuple(input_size), tuple(weight.shape[2:]), dilation, padding, stride, padding_mode)
     return grad.new_empty((grad.shape[0], weight.shape[1] * groups, *input_size))
 
 
 def _grad_weight_impl(grad: Tensor, x: Tensor, mask: Tensor | None, weight_size: list[int], stride: list[int],
-                      padding: list[int], dilation: list[int], groups: int, padding_mode: str) -> Tensor:
+                      padding: list[int], dilation: list[int], groups: int, padding_mode: str,
+                      block: list[int] | None = None) -> Tensor:
     if use_triton(grad):
         from convzoo.kernels import masked_conv as kernels
 
-        lists = _tile_lists(mask, weight_size, groups, grad.device)
+        lists = _tile_lists(mask, weight_size, groups, grad.device, block)
         return own(kernels.masked_conv_grad_weight(grad, x, mask, lists.count, lists.index, list(weight_size),
                                                    list(weight_size[2:]), dilation, padding, stride, padding_mode,
                                                    groups, lists.block))
@@ -186,7 +200,7 @@ _grad_weight = torch.library.custom_op("convzoo::masked_conv_grad_weight", mutat
 
 
 @_grad_weight.register_fake
-def _(grad, x, mask, weight_size, stride, padding, dilation, groups, padding_mode):
+def _(grad, x, mask, weight_size, stride, padding, dilation, groups, padding_mode, block=None):
     _same_device(grad, input=x, mask=mask)
     _shapes.geometry(tuple(x.shape[2:]), tuple(weight_size[2:]), dilation, padding, stride, padding_mode)
     return x.new_empty(weight_size)
@@ -211,7 +225,7 @@ def _fused_backward(ctx, grad, x, weight, mask):
     ``aten.convolution_backward`` call for dx, dW (then masked) and the bias (as autograd of ``F.convNd`` makes),
     not two ops; None where that does not apply (the kernels, a graph being recorded for double backward or by a
     tracer, a padding ``F.convNd`` cannot take)."""
-    stride, padding, dilation, groups, padding_mode = ctx.geom
+    stride, padding, dilation, groups, padding_mode = ctx.geom[:5]
     lo, hi = padding[0::2], padding[1::2]
     if (torch.is_grad_enabled() or padding_mode != "zeros" or lo != hi or use_triton(grad)
             or 0 in (grad.numel(), x.numel(), weight.numel()) or not _autograd.plain_eager((grad, x, weight, mask))):
@@ -230,14 +244,14 @@ def _backward(ctx, grad):
         fused = _fused_backward(ctx, grad, x, weight, mask)
         if fused is not None:
             dx, dw, db = fused
-            return dx, dw, None, db, None, None, None, None, None
+            return dx, dw, None, db, None, None, None, None, None, None
     if ctx.needs_input_grad[0]:
         dx = masked_conv_grad_input(grad, weight, mask, list(x.shape[2:]), *ctx.geom)
     if ctx.needs_input_grad[1]:
         dw = masked_conv_grad_weight(grad, x, mask, list(weight.shape), *ctx.geom)
     if ctx.has_bias and ctx.needs_input_grad[3]:
         db = grad.sum([0, *range(2, grad.dim())])
-    return dx, dw, None, db, None, None, None, None, None
+    return dx, dw, None, db, None, None, None, None, None, None
 
 
 def _jvp(ctx, x_t, w_t, mask_t, b_t):
@@ -264,7 +278,7 @@ def _grad_input_backward(ctx, u):
         d_grad = masked_conv(u, weight, mask, None, *ctx.geom)
     if ctx.needs_input_grad[1]:
         d_weight = masked_conv_grad_weight(grad, u, mask, list(weight.shape), *ctx.geom)
-    return d_grad, d_weight, None, None, None, None, None, None, None
+    return d_grad, d_weight, None, None, None, None, None, None, None, None
 
 
 def _grad_input_jvp(ctx, grad_t, w_t, mask_t):
@@ -290,7 +304,7 @@ def _grad_weight_backward(ctx, u):
         d_grad = masked_conv(x, u, mask, None, *ctx.geom)
     if ctx.needs_input_grad[1]:
         d_x = masked_conv_grad_input(grad, u, mask, list(x.shape[2:]), *ctx.geom)
-    return d_grad, d_x, None, None, None, None, None, None, None
+    return d_grad, d_x, None, None, None, None, None, None, None, None
 
 
 def _grad_weight_jvp(ctx, grad_t, x_t, mask_t):

@@ -1,0 +1,148 @@
+"""Structure that turns into skipped tiles: the layer's ``block`` is the kernels' tile, block masks stay block
+masks through prune/regrow (issue 24, "The speed contradiction"); tested on the tile lists, not timings."""
+
+import pytest
+import torch
+
+import convzoo
+from convzoo import sparsity
+
+
+def _fraction(layer) -> float:
+    return float(sparsity.tile_fraction(layer.tile_lists()))
+
+
+def test_readme_block_example_visits_density_of_tiles():
+    torch.manual_seed(0)
+    conv = convzoo.MaskedConv2d(64, 128, 3, padding=1, density=0.25, block=(32, 32))
+    lists = conv.tile_lists()
+    assert lists.block == (32, 32)
+    assert _fraction(conv) == pytest.approx(0.25, abs=1 / lists.occupancy.numel())
+    # the old lists (always the default 64 × 64) visited most tiles of the same mask
+    assert float(sparsity.tile_fraction(sparsity.tile_lists(conv.mask, 1, (64, 64)))) > 0.5
+
+
+def test_forward_builds_the_lists_in_the_layer_block():
+    # the kernels (interpreter) use the layer's block: the cached lists after a forward are the layer's
+    from convzoo.ops import masked_conv as ops
+
+    torch.manual_seed(1)
+    conv = convzoo.MaskedConv2d(32, 64, 3, padding=1, density=0.25, block=(16, 32))
+    x = torch.randn(2, 32, 6, 6, requires_grad=True)
+    y = conv(x)
+    y.sum().backward()
+    ref = torch.nn.functional.conv2d(x.detach(), conv.weight.detach() * conv.mask, conv.bias.detach(), padding=1)
+    torch.testing.assert_close(y.detach(), ref, atol=1e-5, rtol=1e-5)
+    if convzoo.ops._dispatch.use_triton(x):
+        assert ops._LISTS[conv.mask][2].block == (16, 32)
+
+
+@pytest.mark.parametrize("block, og, k, want", [
+    ((32, 32), 128, 576, (32, 32)),
+    ((256, 16), 512, 64, (128, 16)),   # capped at the kernels' largest tile, which divides the block
+    ((64, 64), 16, 27, (16, 32)),      # a small matrix: the one tile that covers it
+])
+def test_kernel_tile_divides_the_layer_block(block, og, k, want):
+    from convzoo.ops import masked_conv as ops
+
+    got = ops._block((og, k), 1, block)
+    assert got == want and all(b % g == 0 for b, g in zip(block, got))
+
+
+@pytest.mark.parametrize("score, regrow", [("magnitude", "coactivation"), ("count", "coactivation"),
+                                           ("magnitude", "random")])
+@pytest.mark.parametrize("prune_dims", [(0,), ()])
+def test_prune_regrow_keeps_whole_blocks(score, regrow, prune_dims):
+    torch.manual_seed(2)
+    g = torch.Generator().manual_seed(3)
+    layer = convzoo.DynamicSparseConv2d(64, 128, 3, padding=1, density=0.25, block=(64, 64), score=score,
+                                        regrow=regrow, prune_fraction=0.5, prune_dims=prune_dims)
+    start = layer.tile_lists()
+    total = start.occupancy.numel()
+    assert _fraction(layer) == pytest.approx(round(0.25 * total) / total)
+    changed = 0
+    for _ in range(4):
+        layer(torch.randn(2, 64, 8, 8).relu())
+        out = layer.prune_regrow(generator=g)
+        changed += int(out.regrown.any())
+        assert torch.equal(sparsity.block_mask(layer.mask, (64, 64)), layer.mask)  # whole blocks
+        lists = layer.tile_lists()
+        assert _fraction(layer) == pytest.approx(round(0.25 * total) / total)
+        assert torch.equal(lists.count, start.count) if prune_dims else int(lists.count.sum()) == int(
+            start.count.sum())
+        # pruned entries' weights zeroed, the mask's entries are exactly those of the kept tiles
+        assert not (layer.weight[out.pruned] != 0).any()
+    assert changed  # the mask moved
+
+
+def test_unblocked_prune_regrow_fills_every_tile():
+    # the contradiction itself: without a block the same step scatters the kept entries over every tile
+    torch.manual_seed(4)
+    layer = convzoo.DynamicSparseConv2d(64, 128, 3, padding=1, density=0.25, score="magnitude", regrow="random")
+    layer.prune_regrow(generator=torch.Generator().manual_seed(0))
+    assert _fraction(layer) == 1.0
+
+
+def test_schedule_keeps_the_tile_fraction():
+    torch.manual_seed(5)
+    model = torch.nn.Sequential(convzoo.DynamicSparseConv2d(16, 64, 3, padding=1, density=0.5, block=(16, 16)),
+                                torch.nn.ReLU(),
+                                convzoo.DynamicSparseConv2d(64, 64, 3, padding=1, density=0.25, block=(32, 32),
+                                                            score="magnitude"))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    schedule = convzoo.PruneRegrowSchedule(model, opt, every=1, fraction=0.3, generator=torch.Generator())
+    want = [_fraction(m) for m in schedule.layers]
+    for _ in range(3):
+        model(torch.randn(2, 16, 6, 6)).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+        assert schedule.step()
+        assert [_fraction(m) for m in schedule.layers] == want
+
+
+def test_block_prune_regrow_function_pools_per_tile():
+    # one 32 × 32 group matrix of four 16 × 16 tiles: tile (0, 0) kept with the weakest mean |w|, tile (1, 1)
+    # the highest regrowth sum: one swap moves the tile
+    mask = torch.zeros(32, 32, 1, 1, dtype=torch.bool)
+    mask[:16, :16] = True
+    mask[16:, 16:] = True
+    w = torch.ones(32, 32, 1, 1)
+    w[:16, :16] = 0.1
+    r = torch.zeros(32, 32, 1, 1)
+    r[:16, 16:] = 1.0
+    out = sparsity.prune_regrow(mask, w.abs(), r, 0.5, dims=(), block=(16, 16), pool=("mean", "sum"))
+    want = torch.zeros_like(mask)
+    want[:16, 16:] = True
+    want[16:, 16:] = True
+    assert torch.equal(out.mask, want)
+    assert torch.equal(out.pruned, mask & ~want) and torch.equal(out.regrown, want & ~mask)
+
+
+@pytest.mark.parametrize("kwargs, exc, word", [
+    (dict(block=(48, 32)), ValueError, "block"),
+    (dict(block=(32,)), ValueError, "block"),
+    (dict(block="32"), TypeError, "block"),
+    (dict(block=(32, 32), dims=(1,)), ValueError, "dims"),
+    (dict(block=(16, 16), pool="max"), ValueError, "pool"),
+    (dict(block=(16, 16), groups=3), ValueError, "groups"),
+])
+def test_block_prune_regrow_bad_arguments(kwargs, exc, word):
+    mask = torch.ones(32, 32, 1, 1, dtype=torch.bool)
+    with pytest.raises(exc, match=word):
+        sparsity.prune_regrow(mask, torch.rand(mask.shape), torch.rand(mask.shape), 0.1, **kwargs)
+
+
+@pytest.mark.parametrize("kwargs, exc, word", [
+    (dict(block=(24, 32)), ValueError, "block"),
+    (dict(block=(32, True)), TypeError, "block"),
+    (dict(block=(32, 32), prune_dims=(0, 1)), ValueError, "prune_dims"),
+])
+def test_layer_bad_block_arguments(kwargs, exc, word):
+    with pytest.raises(exc, match=word):
+        convzoo.DynamicSparseConv2d(32, 32, 3, density=0.5, **kwargs)
+
+
+def test_functional_bad_block():
+    x, w = torch.randn(1, 16, 5, 5), torch.randn(16, 16, 3, 3)
+    with pytest.raises(ValueError, match="block"):
+        convzoo.functional.masked_conv(x, w, None, block=(16, 20))
