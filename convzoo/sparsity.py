@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from convzoo._shapes import _is_int, check
 
-__all__ = ["PruneRegrow", "TileLists", "block_mask", "prune_regrow", "random_mask", "tile_fraction",
+__all__ = ["PruneRegrow", "TileLists", "block_mask", "nm_mask", "prune_regrow", "random_mask", "tile_fraction",
            "tile_lists", "weight_matrix"]
 
 MIN_BLOCK = 16  # tl.dot needs every tile dim ≥ 16; tl.arange needs powers of two
@@ -314,6 +314,46 @@ def block_mask(mask_or_scores: torch.Tensor, block: Sequence[int] = (32, 32), de
     return _untiled(keep, tuple(x.shape), groups, block)
 
 
+# ---------------------------------------------------------------------------------------------- N:M masks
+def _check_nm(nm, cg: int) -> tuple[int, int]:
+    """``nm`` as ``(N, M)`` Python ints, ``0 ≤ N ≤ M``, ``M`` dividing ``C_in/groups`` (``cg``) so that every group
+    of ``M`` consecutive reduction entries is ``M`` channels of one tap.
+
+    Raises:
+        TypeError: ``nm`` is not a pair of ints (bools refused).
+        ValueError: not two entries, ``M < 1``, ``N`` outside ``[0, M]``, or ``M`` not dividing ``cg``.
+    """
+    check(isinstance(nm, Sequence) and not isinstance(nm, str) and all(_is_int(v) for v in nm),
+          lambda: f"nm must be a pair of ints (N, M), got {nm!r}", TypeError)
+    check(len(nm) == 2, lambda: f"nm must have two entries (N, M), got {tuple(nm)}")
+    n, m = (int(v) for v in nm)
+    check(m >= 1 and 0 <= n <= m, lambda: f"nm must be (N, M) with 0 <= N <= M and M >= 1, got {(n, m)}")
+    check(cg % m == 0, lambda: f"nm=({n}, {m}): M must divide C_in/groups = {cg} (each group of M consecutive "
+          f"reduction entries is M input channels of one tap)")
+    return n, m
+
+
+def nm_mask(scores: torch.Tensor, nm: Sequence[int] = (2, 4), groups: int = 1) -> torch.Tensor:
+    """An N:M mask: in each group of ``M`` consecutive entries of the reduction dim (``M`` input channels of one
+    tap: columns ``k = t·C_in/G + c`` of each group's weight matrix :func:`weight_matrix`, ``c`` from a multiple of
+    ``M``), the ``N`` entries of highest ``|scores|`` are kept (equal ones by position, lowest first; NaN counts
+    as highest). Density ``N/M`` exactly, per output channel and per group. ``scores=torch.rand(...)`` draws a
+    random N:M mask, ``scores=weight`` prunes by magnitude. Vectorised, no host sync.
+
+    Raises:
+        TypeError: ``scores`` not a floating tensor; ``nm`` not a pair of ints; ``groups`` not an int.
+        ValueError: ``scores`` not a conv weight's shape; ``nm`` out of range or ``M`` not dividing
+            ``C_in/groups``; ``groups`` not dividing ``C_out``.
+    """
+    groups = _check_weight_shaped(scores, "scores", groups)
+    check(scores.is_floating_point(), lambda: f"scores must be floating, got dtype {scores.dtype}", TypeError)
+    n, m = _check_nm(nm, scores.shape[1])
+    s = weight_matrix(scores.abs(), groups)
+    order = torch.sort(s.reshape(-1, m), dim=1, descending=True, stable=True).indices
+    keep = torch.zeros(order.shape, dtype=torch.bool, device=scores.device).scatter_(1, order[:, :n], True)
+    return weight_from_matrix(keep.view(s.shape), tuple(scores.shape)).contiguous()
+
+
 # ---------------------------------------------------------------------------------------------- random masks
 def random_mask(shape: Sequence[int], density: float, *, generator: torch.Generator | None = None,
                 device: torch.device | str | None = None, dims: Sequence[int] = (0,)) -> torch.Tensor:
@@ -454,10 +494,54 @@ def _block_prune_regrow(mask, prune_score, regrow_score, fraction, dims, regrow_
     return PruneRegrow(mask=new, pruned=mask & gone, regrown=new & (~mask | gone))
 
 
+def _nm_prune_regrow(mask, prune_score, regrow_score, fraction, dims, regrow_pruned, ties, generator, nm,
+                     groups) -> PruneRegrow:
+    """:func:`prune_regrow` that keeps every N:M group's count: only a group's ``M - N`` weakest kept entries may
+    go (so its candidates can replace them), the slice's weakest of those go, each group regrows as many."""
+    groups = _check_weight_shaped(mask, "mask", groups)
+    _, m = _check_nm(nm, mask.shape[1])
+    check(dims in ((), (0,)), lambda: f"dims must be (0,) (per output channel) or () with nm, got {dims}")
+    low = torch.tensor(float("-inf"), device=mask.device)
+
+    def rows(t):  # [S, L]: per output channel (or one row), tap-major, so M consecutive entries are one group
+        wm = weight_matrix(t, groups)
+        return wm.reshape(-1, wm.shape[-1]) if dims else wm.reshape(1, -1)
+
+    def score(t):
+        t = rows(t)
+        return torch.where(t.isnan(), low.to(t.dtype), t)
+
+    kept, p, r = rows(mask), score(prune_score), score(regrow_score)
+    s, length = kept.shape
+    shuffle = shuffle_g = None
+    if ties == "random":
+        shuffle = torch.rand(kept.shape, generator=generator, device=mask.device).argsort(dim=1)
+        shuffle_g = torch.rand((s * length // m, m), generator=generator, device=mask.device).argsort(dim=1)
+    grouped = kept.reshape(-1, m)
+    kept_g = grouped.sum(1, keepdim=True)
+    cap = m - kept_g + (kept_g if regrow_pruned else 0)  # the group's candidates for regrowth
+    prunable = (grouped & (_rank(grouped, p.reshape(-1, m), False, shuffle_g) < cap)).view(s, length)
+    k = torch.round(kept.sum(1, dtype=torch.int64).double() * fraction).long()
+    k = torch.minimum(k, prunable.sum(1))[:, None]
+    pruned = prunable & (_rank(prunable, p, False, shuffle) < k)
+    pool = ~kept | pruned if regrow_pruned else ~kept
+    per_group = pruned.reshape(-1, m).sum(1, keepdim=True)
+    regrown = pool & (_rank(pool.reshape(-1, m), r.reshape(-1, m), True, shuffle_g) < per_group).view(s, length)
+    new = (kept & ~pruned) | regrown
+
+    shape = tuple(mask.shape)
+    matrix = (groups, mask.shape[0] // groups, math.prod(shape[1:]))
+
+    def back(t):
+        return weight_from_matrix(t.reshape(matrix), shape).contiguous()
+
+    return PruneRegrow(mask=back(new), pruned=back(pruned), regrown=back(regrown))
+
+
 def prune_regrow(mask: torch.Tensor, prune_score: torch.Tensor, regrow_score: torch.Tensor, fraction: float, *,
                  dims: Sequence[int] = (0,), regrow_pruned: bool = False, ties: str = "index",
                  generator: torch.Generator | None = None, block: Sequence[int] | None = None, groups: int = 1,
-                 pool: str | Sequence[str] = "mean") -> PruneRegrow:
+                 pool: str | Sequence[str] = "mean", nm: Sequence[int] | None = None) -> PruneRegrow:
     """One dynamic-sparse-training step of a mask: per slice, drop the weakest kept entries and keep as many
     dropped ones instead, so every slice keeps exactly its count of kept entries.
 
@@ -486,6 +570,11 @@ def prune_regrow(mask: torch.Tensor, prune_score: torch.Tensor, regrow_score: to
     ``fraction`` counts tiles. The new mask keeps kept tiles whole: the entries the old mask had off inside a
     kept tile count as regrown.
 
+    With ``nm=(N, M)`` (a conv weight-shaped N:M mask, see :func:`nm_mask`): every group of ``M`` consecutive
+    reduction entries keeps its count (``N``): only a group's ``M - N`` weakest kept entries are candidates for
+    pruning, the slice's ``k`` weakest of those are pruned, and each group regrows, among its dropped entries, as
+    many as it lost (highest ``regrow_score``); slices are output channels (``dims=(0,)``) or all (``()``).
+
     Args:
         mask: bool tensor (any shape with at least one dim).
         prune_score: floating, ``mask``'s shape; e.g. ``weight.abs()`` (magnitude pruning) or a coactivation
@@ -500,6 +589,7 @@ def prune_regrow(mask: torch.Tensor, prune_score: torch.Tensor, regrow_score: to
         block: None (entry by entry), or ``(BO, BK)`` (powers of two ≥ 16): whole tiles, as above.
         groups: the convolution's groups (with ``block``), dividing ``C_out``.
         pool: with ``block``, how the scores are pooled per tile (see above).
+        nm: None, or ``(N, M)``: keep the N:M structure (see above); not with ``block``.
 
     Returns:
         A :class:`PruneRegrow` of bool tensors of ``mask``'s shape.
@@ -510,7 +600,9 @@ def prune_regrow(mask: torch.Tensor, prune_score: torch.Tensor, regrow_score: to
         ValueError: a score of another shape or device than ``mask``; ``fraction`` NaN or outside ``[0, 1]``;
             ``dims`` out of range or repeated; ``ties`` neither ``'index'`` nor ``'random'``; with ``block``: a
             ``block`` entry not a power of two ≥ 16 (TypeError: not a pair of ints), ``dims`` other than ``(0,)``
-            or ``()``, ``mask`` not a conv weight's shape, ``groups`` not dividing ``C_out``, an unknown ``pool``.
+            or ``()``, ``mask`` not a conv weight's shape, ``groups`` not dividing ``C_out``, an unknown ``pool``;
+            with ``nm``: as :func:`nm_mask` (TypeError: not a pair of ints), ``dims`` other than ``(0,)`` or ``()``,
+            ``nm`` and ``block`` both given.
     """
     check(isinstance(mask, torch.Tensor) and mask.dtype == torch.bool,
           lambda: f"mask must be a bool tensor, got {getattr(mask, 'dtype', type(mask).__name__)}", TypeError)
@@ -522,6 +614,10 @@ def prune_regrow(mask: torch.Tensor, prune_score: torch.Tensor, regrow_score: to
     check(ties in ("index", "random"), lambda: f"ties must be 'index' or 'random', got {ties!r}")
     check(generator is None or isinstance(generator, torch.Generator),
           lambda: f"generator must be a torch.Generator or None, got {type(generator).__name__}", TypeError)
+    check(nm is None or block is None, lambda: "nm and block are exclusive: pass one of them")
+    if nm is not None:
+        return _nm_prune_regrow(mask, prune_score, regrow_score, fraction, dims, regrow_pruned, ties, generator, nm,
+                                groups)
     if block is not None:
         return _block_prune_regrow(mask, prune_score, regrow_score, fraction, dims, regrow_pruned, ties, generator,
                                    block, groups, pool)

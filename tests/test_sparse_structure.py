@@ -146,3 +146,77 @@ def test_functional_bad_block():
     x, w = torch.randn(1, 16, 5, 5), torch.randn(16, 16, 3, 3)
     with pytest.raises(ValueError, match="block"):
         convzoo.functional.masked_conv(x, w, None, block=(16, 20))
+
+
+# ---------------------------------------------------------------------------------------------- N:M
+def _nm_counts(mask: torch.Tensor, m: int, groups: int = 1) -> torch.Tensor:
+    """Kept entries per group of m consecutive reduction (tap-major) entries."""
+    return sparsity.weight_matrix(mask, groups).reshape(-1, m).sum(1)
+
+
+def test_nm_mask_keeps_n_of_every_m_by_magnitude():
+    w = torch.randn(8, 16, 3, 3)
+    mask = sparsity.nm_mask(w, (2, 4))
+    assert torch.equal(_nm_counts(mask, 4), torch.full((8 * 16 * 9 // 4,), 2))
+    groups = sparsity.weight_matrix(w.abs(), 1).reshape(-1, 4)
+    kept = sparsity.weight_matrix(mask, 1).reshape(-1, 4)
+    # every kept entry is at least as large as every dropped one of its group
+    assert (groups.masked_fill(~kept, float("inf")).amin(1) >= groups.masked_fill(kept, -1).amax(1)).all()
+
+
+@pytest.mark.parametrize("score, regrow", [("count", "coactivation"), ("magnitude", "random")])
+@pytest.mark.parametrize("prune_dims, groups", [((0,), 1), ((), 1), ((0,), 2)])
+def test_prune_regrow_keeps_two_of_four(score, regrow, prune_dims, groups):
+    torch.manual_seed(6)
+    g = torch.Generator().manual_seed(7)
+    layer = convzoo.DynamicSparseConv2d(16, 32, 3, padding=1, nm=(2, 4), score=score, regrow=regrow,
+                                        prune_fraction=0.3, prune_dims=prune_dims, groups=groups)
+    want = torch.full_like(_nm_counts(layer.mask, 4, groups), 2)
+    assert torch.equal(_nm_counts(layer.mask, 4, groups), want)
+    assert layer.density == 0.5
+    moved = 0
+    for _ in range(3):
+        layer(torch.randn(2, 16, 6, 6).relu())
+        before = layer.mask.clone()
+        out = layer.prune_regrow(generator=g)
+        moved += int((layer.mask != before).sum())
+        assert torch.equal(_nm_counts(layer.mask, 4, groups), want)
+        assert torch.equal(out.mask, (before & ~out.pruned) | out.regrown)
+        assert int(out.pruned.sum()) == int(out.regrown.sum())
+    assert moved
+
+
+def test_nm_masked_conv_matches_reference_and_reset_keeps_structure():
+    torch.manual_seed(8)
+    conv = convzoo.MaskedConv2d(8, 16, 3, padding=1, nm=(2, 4))
+    assert torch.equal(_nm_counts(conv.mask, 4), torch.full_like(_nm_counts(conv.mask, 4), 2))
+    x = torch.randn(2, 8, 5, 5)
+    ref = torch.nn.functional.conv2d(x, conv.weight * conv.mask, conv.bias, padding=1)
+    torch.testing.assert_close(conv(x), ref, atol=1e-5, rtol=1e-5)
+    conv.reset_parameters()
+    assert torch.equal(_nm_counts(conv.mask, 4), torch.full_like(_nm_counts(conv.mask, 4), 2))
+
+
+@pytest.mark.parametrize("kwargs, exc, word", [
+    (dict(nm=(2, 3)), ValueError, "nm"),           # M does not divide C_in = 8
+    (dict(nm=(5, 4)), ValueError, "nm"),
+    (dict(nm=(2,)), ValueError, "nm"),
+    (dict(nm=(2.0, 4)), TypeError, "nm"),
+    (dict(nm=(2, 4), density=0.25), ValueError, "density"),
+    (dict(nm=(2, 4), block=(16, 16)), ValueError, "nm and block"),
+    (dict(nm=(2, 4), prune_dims=(0, 1)), ValueError, "prune_dims"),
+])
+def test_nm_bad_arguments(kwargs, exc, word):
+    with pytest.raises(exc, match=word):
+        convzoo.DynamicSparseConv2d(8, 16, 3, **kwargs)
+
+
+def test_nm_prune_regrow_function_bad_arguments():
+    mask = sparsity.nm_mask(torch.rand(4, 8, 1, 1))
+    s = torch.rand(mask.shape)
+    with pytest.raises(ValueError, match="nm and block"):
+        sparsity.prune_regrow(mask, s, s, 0.5, nm=(2, 4), block=(16, 16))
+    with pytest.raises(ValueError, match="dims"):
+        sparsity.prune_regrow(mask, s, s, 0.5, nm=(2, 4), dims=(1,))
+    with pytest.raises(TypeError, match="nm"):
+        sparsity.prune_regrow(mask, s, s, 0.5, nm="2:4")

@@ -47,11 +47,12 @@ class _DynamicSparseConvNd:
             raise TypeError(f"prune_dims must be a sequence of ints, got {prune_dims!r}")
         sparsity._check_dims(prune_dims, self.weight.dim())  # raises on a bad entry
         self.prune_dims = tuple(int(d) for d in prune_dims)
-        if self._mask_block is not None and sparsity._check_dims(prune_dims, self.weight.dim()) not in ((), (0,)):
-            raise ValueError(f"prune_dims must be (0,) (per row of blocks) or () with block={self._mask_block}, got "
-                             f"{self.prune_dims}")
+        structure = (f"block={self._mask_block}" if self._mask_block is not None
+                     else f"nm={self._mask_nm}" if self._mask_nm is not None else None)
+        if structure and sparsity._check_dims(prune_dims, self.weight.dim()) not in ((), (0,)):
+            raise ValueError(f"prune_dims must be (0,) or () with {structure}, got {self.prune_dims}")
         self.update_every, self.score_mode, self.regrow_mode = update_every, score, regrow
-        if self.prune_dims != (0,) and self._mask_block is None and self._mask_density != 1.0:
+        if self.prune_dims != (0,) and structure is None and self._mask_density != 1.0:
             with torch.no_grad():
                 self.mask.copy_(self._draw_mask())
         # what the statistics count: the score's own mode; 'magnitude' with coactivation regrowth counts
@@ -187,7 +188,7 @@ class _DynamicSparseConvNd:
         and as many dropped ones kept instead, so every slice keeps its count. With ``block``, whole blocks are
         pruned and regrown (scores pooled per block: mean ``|weight|``, summed statistic), per row of blocks
         (``prune_dims=(0,)``) or over all of them (``()``): the fraction of tiles the kernels visit stays the
-        density.
+        density. With ``nm``, every group of M consecutive input channels of a tap keeps its N.
 
         Weakest: lowest ``|weight|`` (``score='magnitude'``) or lowest accumulated coactivation (``'count'``,
         ``'correlation'``). Regrown: highest coactivation (``regrow='coactivation'``; never one pruned in this
@@ -225,7 +226,7 @@ class _DynamicSparseConvNd:
         pool = ("mean" if self.score_mode == "magnitude" else "sum", "mean" if self.regrow_mode == "random" else "sum")
         out = sparsity.prune_regrow(self.mask, prune_score.float(), regrow_score.float(), fraction,
                                     dims=self.prune_dims, ties="random", generator=generator, block=self._mask_block,
-                                    groups=self.groups, pool=pool)
+                                    groups=self.groups, pool=pool, nm=self._mask_nm)
         fan_in = self.weight.shape[1] * math.prod(self.weight.shape[2:])
         bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0.0
         fresh = torch.empty_like(current).uniform_(-bound, bound, generator=generator)
@@ -255,7 +256,8 @@ _DOC = """A :class:`convzoo.MaskedConv{n}d` whose mask is trained: in training m
 (:func:`convzoo.functional.coactivation`, thresholds ``x_threshold`` / ``y_threshold``; summed, or an EMA with
 factor ``ema``) into the ``coactivation`` buffer, and :meth:`prune_regrow` replaces the weakest connections.
 
-Args (besides ``nn.Conv{n}d``'s and ``MaskedConv{n}d``'s ``density`` — default 0.5 here — and ``block``):
+Args (besides ``nn.Conv{n}d``'s and ``MaskedConv{n}d``'s ``density`` — default 0.5 here —, ``block`` and ``nm``,
+which :meth:`prune_regrow` keeps: whole blocks, N of every M):
     update_every: collect the statistics on every this-many training forward calls.
     score: ``'count'`` (coactivation counts), ``'correlation'`` (the seed's |Pearson| score) or ``'magnitude'``
         (``|weight|``; statistics are then collected only for ``regrow='coactivation'``, as counts).
@@ -273,10 +275,12 @@ Raises:
 
 
 def _make(base, n):
-    def __init__(self, *args, density: float = 0.5, block=None, update_every: int = 1, score: str = "count",
+    def __init__(self, *args, density: float | None = None, block=None, nm=None, update_every: int = 1,
+                 score: str = "count",
                  prune_fraction: float = 0.1, regrow: str = "coactivation", prune_dims=(0,), ema=None,
                  x_threshold: float = 0.0, y_threshold: float = 0.0, **kwargs):
-        base.__init__(self, *args, density=density, block=block, **kwargs)
+        base.__init__(self, *args, **kwargs)  # the mask below: the default density differs
+        self._init_mask(density, block, nm, default_density=0.5)
         self._init_dynamic(update_every, score, prune_fraction, regrow, prune_dims, ema, x_threshold, y_threshold)
 
     return type(f"DynamicSparseConv{n}d", (_DynamicSparseConvNd, base),

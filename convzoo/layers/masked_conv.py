@@ -26,18 +26,31 @@ class _MaskedConvNd:
 
     mask: torch.Tensor
 
-    def _init_mask(self, density, block) -> None:
+    def _init_mask(self, density, block, nm=None, default_density: float = 1.0) -> None:
         from convzoo import sparsity
 
         # kept to draw the mask again in reset_parameters (after to_empty the buffer is uninitialised memory)
-        self._mask_density = sparsity._check_density(density)
         self._mask_block = None if block is None else sparsity._check_block(block)
+        self._mask_nm = None
+        if nm is not None:
+            if block is not None:
+                raise ValueError(f"nm and block are exclusive: got nm={nm!r} and block={block!r}")
+            self._mask_nm = sparsity._check_nm(nm, self.weight.shape[1])
+            n, m = self._mask_nm
+            if density is not None and sparsity._check_density(density) != n / m:
+                raise ValueError(f"density must be N/M = {n / m} (or left out) with nm={self._mask_nm}, got {density}")
+            density = n / m
+        self._mask_density = sparsity._check_density(default_density if density is None else density)
         self.register_buffer("mask", self._draw_mask())
 
     def _draw_mask(self) -> torch.Tensor:
         """A fresh mask by the construction's rule (``density``, ``block``) on the weight's device."""
         density, block = self._mask_density, self._mask_block
         shape, device = self.weight.shape, self.weight.device
+        if self._mask_nm is not None:
+            from convzoo import sparsity
+
+            return sparsity.nm_mask(torch.rand(shape, device=device), self._mask_nm, self.groups)
         if density == 1.0 and block is None:
             return torch.ones(shape, dtype=torch.bool, device=device)
         return _initial_mask(shape, density, block, self.groups, device, self._mask_dims())
@@ -138,14 +151,18 @@ _DOC = """``nn.Conv{n}d`` with a bool ``mask`` buffer of the weight's shape: ``f
 :func:`convzoo.functional.masked_conv` (``F.conv{n}d(x, weight·mask, bias, ...)``; the weight gradient is exactly
 zero where the mask is). The same constructor as ``nn.Conv{n}d`` plus ``density`` (the initial random mask keeps
 exactly ``round(density·numel)`` entries of each output channel's filter; 1.0: all) and ``block`` (``(BO, BK)``:
-the initial mask keeps whole tiles of the kernels' tiling instead, see :func:`convzoo.sparsity.block_mask`). The
+the initial mask keeps whole tiles of the kernels' tiling instead, see :func:`convzoo.sparsity.block_mask`; the
+kernels then tile in that block, so a dropped block is a skipped tile) or ``nm`` (``(N, M)``, e.g. ``(2, 4)``: an
+N:M mask, N kept of every M consecutive input channels of a tap, :func:`convzoo.sparsity.nm_mask`; density N/M;
+``M`` must divide ``C_in/groups``; not with ``block``). The
 ``state_dict`` has ``nn.Conv{n}d``'s keys plus ``mask``; a dense checkpoint (no ``mask``) loads only with
 ``strict=False``, which lists ``mask`` in ``missing_keys`` and keeps the layer's mask; :meth:`from_dense` /
 :meth:`to_dense` convert both ways, :meth:`set_mask` replaces the mask. A loaded ``mask`` is checked as
 :meth:`set_mask` checks it (bool, or floating 0/1).
 
 Raises:
-    TypeError, ValueError: ``nn.Conv{n}d``'s own errors, or ``density`` not a real number in [0, 1]; from
+    TypeError, ValueError: ``nn.Conv{n}d``'s own errors, or ``density`` not a real number in [0, 1] (or not N/M
+        with ``nm``), a bad ``block`` or ``nm`` (named in the message); from
         ``load_state_dict``, a ``mask`` neither bool nor floating (TypeError) or with values other than 0 and 1
         (ValueError).
 """
@@ -154,22 +171,22 @@ Raises:
 class MaskedConv1d(_MaskedConvNd, nn.Conv1d):
     __doc__ = _DOC.format(n=1)
 
-    def __init__(self, *args, density: float = 1.0, block=None, **kwargs):
+    def __init__(self, *args, density: float | None = None, block=None, nm=None, **kwargs):
         super().__init__(*args, **kwargs)
-        self._init_mask(density, block)
+        self._init_mask(density, block, nm)
 
 
 class MaskedConv2d(_MaskedConvNd, nn.Conv2d):
     __doc__ = _DOC.format(n=2)
 
-    def __init__(self, *args, density: float = 1.0, block=None, **kwargs):
+    def __init__(self, *args, density: float | None = None, block=None, nm=None, **kwargs):
         super().__init__(*args, **kwargs)
-        self._init_mask(density, block)
+        self._init_mask(density, block, nm)
 
 
 class MaskedConv3d(_MaskedConvNd, nn.Conv3d):
     __doc__ = _DOC.format(n=3)
 
-    def __init__(self, *args, density: float = 1.0, block=None, **kwargs):
+    def __init__(self, *args, density: float | None = None, block=None, nm=None, **kwargs):
         super().__init__(*args, **kwargs)
-        self._init_mask(density, block)
+        self._init_mask(density, block, nm)
