@@ -327,7 +327,8 @@ def test_a_checkpoint_without_a_mask_reports_it_missing_and_keeps_the_mask(cls):
     result = layer.load_state_dict(dense.state_dict(), strict=False)
     assert "mask" in result.missing_keys
     assert torch.equal(layer.mask, before) and layer.density == pytest.approx(before.float().mean().item())
-    assert torch.equal(layer.weight, dense.weight)
+    # the stored weight is the sparse weight (issue 24, item 3): the checkpoint's, zero where the mask is off
+    assert torch.equal(layer.weight, torch.where(layer.mask, dense.weight, 0))
     with pytest.raises(RuntimeError, match=r"Missing key.*mask"):
         layer.load_state_dict(dense.state_dict())
 

@@ -220,3 +220,101 @@ def test_nm_prune_regrow_function_bad_arguments():
         sparsity.prune_regrow(mask, s, s, 0.5, nm=(2, 4), dims=(1,))
     with pytest.raises(TypeError, match="nm"):
         sparsity.prune_regrow(mask, s, s, 0.5, nm="2:4")
+
+
+# ---------------------------------------------------------------------------------------------- stored weights
+def _sparse(layer) -> bool:
+    return not (layer.weight[~layer.mask] != 0).any()
+
+
+@pytest.mark.parametrize("make", [
+    lambda: convzoo.MaskedConv2d(16, 32, 3, padding=1, density=0.25),
+    lambda: convzoo.MaskedConv2d(16, 32, 3, padding=1, density=0.5, block=(16, 16)),
+    lambda: convzoo.DynamicSparseConv2d(16, 32, 3, padding=1, density=0.1, prune_dims=(0, 1)),
+    lambda: convzoo.DynamicSparseConv2d(16, 32, 3, padding=1, nm=(2, 4)),
+], ids=["masked", "masked_block", "dynamic_per_filter", "dynamic_nm"])
+def test_stored_weight_is_zero_where_masked(make):
+    torch.manual_seed(9)
+    layer = make()
+    assert _sparse(layer)
+    assert float((layer.weight != 0).float().mean()) == pytest.approx(layer.density)
+    layer.reset_parameters()
+    assert _sparse(layer)
+    layer.set_mask(torch.rand(layer.weight.shape) < 0.3)
+    assert _sparse(layer)
+    # a dense checkpoint loaded into the masked layer: its weight zeroed where the layer's mask is off
+    dense = torch.nn.Conv2d(16, 32, 3, padding=1)
+    layer.load_state_dict(dense.state_dict(), strict=False)
+    assert _sparse(layer)
+    # and a plain nn.Conv2d loading the masked layer's state_dict is the sparse model
+    plain = torch.nn.Conv2d(16, 32, 3, padding=1)
+    plain.load_state_dict(layer.state_dict(), strict=False)
+    x = torch.randn(2, 16, 6, 6)
+    torch.testing.assert_close(plain(x), layer(x), atol=1e-5, rtol=1e-5)
+
+
+def test_meta_construction_then_to_empty_is_sparse():
+    with torch.device("meta"):
+        layer = convzoo.MaskedConv2d(16, 32, 3, density=0.25)
+    layer.to_empty(device="cpu")
+    layer.reset_parameters()
+    assert _sparse(layer)
+
+
+@pytest.mark.parametrize("opt", [
+    lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=1e-2),
+    lambda p: torch.optim.Adam(p, lr=1e-2, weight_decay=1e-2),
+    lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=1e-1),
+], ids=["sgd_momentum_wd", "adam_l2", "adamw"])
+def test_training_keeps_the_weight_sparse(opt):
+    # masked entries get an exactly zero gradient, so no optimizer step moves them off zero: no pass per step
+    torch.manual_seed(10)
+    model = torch.nn.Sequential(convzoo.DynamicSparseConv2d(8, 16, 3, padding=1, density=0.3, score="magnitude"),
+                                torch.nn.ReLU(),
+                                convzoo.DynamicSparseConv2d(16, 16, 3, padding=1, density=0.25, block=(16, 16)))
+    optimizer = opt(model.parameters())
+    schedule = convzoo.PruneRegrowSchedule(model, optimizer, every=2, fraction=0.3, generator=torch.Generator())
+    for _ in range(4):
+        model(torch.randn(2, 8, 5, 5)).square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        schedule.step()
+        assert all(_sparse(layer) for layer in schedule.layers)
+
+
+# ---------------------------------------------------------------------------------------------- the op's block
+def test_opcheck_with_block():
+    torch.manual_seed(11)
+    x, w = torch.randn(2, 32, 5, 6), torch.randn(32, 16, 3, 3)
+    mask = sparsity.block_mask(torch.rand(w.shape), (16, 16), density=0.5, groups=2)
+    geom = ([1, 1], [1, 1, 1, 1], [1, 1], 2, "zeros", [16, 16])
+    torch.library.opcheck(torch.ops.convzoo.masked_conv, (x, w, mask, None, *geom))
+    torch.library.opcheck(torch.ops.convzoo.masked_conv, (x.requires_grad_(), w.requires_grad_(), mask, None, *geom))
+    gy = torch.randn(2, 32, 5, 6)
+    torch.library.opcheck(torch.ops.convzoo.masked_conv_grad_input, (gy, w.detach(), mask, [5, 6], *geom))
+    torch.library.opcheck(torch.ops.convzoo.masked_conv_grad_weight, (gy, x.detach(), mask, list(w.shape), *geom))
+
+
+@torch.fx.experimental._config.patch(use_duck_shape=False)
+@torch._dynamo.config.patch(error_on_recompile=True)
+def test_block_layer_training_step_compiles():
+    # the block is a constant op argument: one graph for two batch sizes, the same gradients as eager
+    torch.manual_seed(12)
+    conv = convzoo.MaskedConv2d(16, 32, 3, padding=1, density=0.5, block=(16, 16))
+    params = list(conv.parameters())
+
+    def step(x):
+        return torch.autograd.grad(conv(x).square().mean(), params)
+
+    torch._dynamo.reset()
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(step, fullgraph=True, dynamic=True, backend=counter)
+    with torch._dynamo.config.patch(trace_autograd_ops=True):
+        for n in (2, 3):
+            x = torch.randn(n, 16, 5, 5)
+            got = compiled(x)
+            for a, e in zip(got, step(x)):
+                torch.testing.assert_close(a, e)
+            assert not (got[0][~conv.mask] != 0).any()
+    assert counter.frame_count == 1
+    torch._dynamo.reset()

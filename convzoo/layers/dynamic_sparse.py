@@ -55,6 +55,7 @@ class _DynamicSparseConvNd:
         if self.prune_dims != (0,) and structure is None and self._mask_density != 1.0:
             with torch.no_grad():
                 self.mask.copy_(self._draw_mask())
+        self._zero_masked_weight()  # the stored weight is the sparse weight
         # what the statistics count: the score's own mode; 'magnitude' with coactivation regrowth counts
         self.statistic = "correlation" if score == "correlation" else "count"
         self.collects = score != "magnitude" or regrow == "coactivation"
@@ -280,7 +281,7 @@ def _make(base, n):
                  prune_fraction: float = 0.1, regrow: str = "coactivation", prune_dims=(0,), ema=None,
                  x_threshold: float = 0.0, y_threshold: float = 0.0, **kwargs):
         base.__init__(self, *args, **kwargs)  # the mask below: the default density differs
-        self._init_mask(density, block, nm, default_density=0.5)
+        self._init_mask(density, block, nm, default_density=0.5, zero=False)
         self._init_dynamic(update_every, score, prune_fraction, regrow, prune_dims, ema, x_threshold, y_threshold)
 
     return type(f"DynamicSparseConv{n}d", (_DynamicSparseConvNd, base),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from convzoo import functional as cf
 
@@ -26,7 +27,7 @@ class _MaskedConvNd:
 
     mask: torch.Tensor
 
-    def _init_mask(self, density, block, nm=None, default_density: float = 1.0) -> None:
+    def _init_mask(self, density, block, nm=None, default_density: float = 1.0, zero: bool = True) -> None:
         from convzoo import sparsity
 
         # kept to draw the mask again in reset_parameters (after to_empty the buffer is uninitialised memory)
@@ -42,6 +43,8 @@ class _MaskedConvNd:
             density = n / m
         self._mask_density = sparsity._check_density(default_density if density is None else density)
         self.register_buffer("mask", self._draw_mask())
+        if zero:  # (a DynamicSparseConv may draw the mask again: it zeroes once it has its final mask)
+            self._zero_masked_weight()
 
     def _draw_mask(self) -> torch.Tensor:
         """A fresh mask by the construction's rule (``density``, ``block``) on the weight's device."""
@@ -66,6 +69,22 @@ class _MaskedConvNd:
         if "mask" in self._buffers:  # (nn.ConvNd's constructor calls this before the mask exists)
             with torch.no_grad():
                 self.mask.copy_(self._draw_mask())
+            self._zero_masked_weight()
+
+    @torch.no_grad()
+    def _zero_masked_weight(self) -> None:
+        """The stored weight set to zero where the mask is off, so it *is* the sparse weight (``(w != 0)`` is the
+        mask, a plain ``nn.ConvNd`` loading the state_dict is the sparse model). Done where the mask changes
+        (construction, ``reset_parameters``, :meth:`set_mask`, ``load_state_dict``; ``prune_regrow`` zeroes what it
+        prunes): the weight gradient is exactly zero where the mask is, so optimizer steps (SGD with momentum or
+        weight decay, Adam, AdamW) keep those entries at zero without a pass per step."""
+        w, mask = self.weight, self.mask
+        if w.is_meta or mask.is_meta or mask.shape != w.shape:
+            return
+        off = ~mask
+        if isinstance(w, DTensor):  # FSDP: the weight is sharded, the mask buffer is not
+            off = distribute_tensor(off, w.device_mesh, w.placements)
+        w.masked_fill_(off, 0)
 
     def _conv_forward(self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         # the mask's block is the kernels' tile: a dropped block is a skipped tile
@@ -81,6 +100,7 @@ class _MaskedConvNd:
             ValueError: another shape than the weight's, or values other than 0 and 1.
         """
         self.mask.copy_(cf._bool_mask(mask, self.weight))
+        self._zero_masked_weight()
 
     def tile_lists(self):
         """The :class:`convzoo.sparsity.TileLists` the kernels iterate over for the current mask: built in the
@@ -102,9 +122,9 @@ class _MaskedConvNd:
 
     @classmethod
     def from_dense(cls, conv: nn.Module, mask: torch.Tensor | None = None, **kwargs):
-        """A masked copy of ``conv`` (an ``nn.Conv{1,2,3}d`` of the same rank): its configuration, weight and
-        bias (copied), and ``mask`` (default all ones); ``kwargs`` go to the constructor (e.g. a
-        ``DynamicSparseConv``'s ``score``).
+        """A masked copy of ``conv`` (an ``nn.Conv{1,2,3}d`` of the same rank): its configuration, weight (copied,
+        zero where ``mask`` is off) and bias (copied), and ``mask`` (default all ones); ``kwargs`` go to the
+        constructor (e.g. a ``DynamicSparseConv``'s ``score``).
 
         Raises:
             TypeError: ``conv`` is not the matching ``nn.ConvNd``.
@@ -115,8 +135,9 @@ class _MaskedConvNd:
         out = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
                   conv.groups, conv.bias is not None, conv.padding_mode, device=conv.weight.device,
                   dtype=conv.weight.dtype, **kwargs)
-        out.load_state_dict(conv.state_dict(), strict=False)  # reports the mask missing: it is set here
+        # the mask first: loading zeroes the weight where the mask is off (the constructor's random one would cut)
         out.set_mask(torch.ones_like(out.mask) if mask is None else mask)
+        out.load_state_dict(conv.state_dict(), strict=False)  # reports the mask missing: it is set above
         return out
 
     def to_dense(self) -> nn.Module:
@@ -142,6 +163,8 @@ class _MaskedConvNd:
             state_dict = {**state_dict, key: sparsity._as_bool_mask(value, f"state_dict[{key!r}]")}
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
+        if not error_msgs:
+            self._zero_masked_weight()  # a dense checkpoint's weight, or a masked one's stale entries
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", mask={tuple(self.mask.shape)}"
