@@ -738,7 +738,13 @@ def parse_args(argv=None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
                     help="the same plan on this machine's CPU: kernels under Triton's interpreter, the bench's tiny "
                          "shapes on the CPU paths, the same deadlines and files (no GPU needed)")
     ap.add_argument("--dry-run", action="store_true", help="print the plan: steps, timeouts, commands; run nothing")
+    ap.add_argument("--static", action="store_true",
+                    help="instead of the run: the static sm_90 report of every kernel (static.csv, static.md in "
+                         "--out), compiled and read on this machine, no GPU needed (convzoo.tools.static_report)")
+    ap.add_argument("--quick", action="store_true", help="with --static: fp16 and fp32 on one problem per kernel")
     args = ap.parse_args(argv)
+    if args.quick and not args.static:
+        ap.error("--quick goes with --static")
     args.steps = check_names(ap, "--steps", args.steps, STEPS, "step")
     check_minutes(ap, args.minutes, "--minutes")
     if args.minutes < MIN_MINUTES:
@@ -752,6 +758,12 @@ def parse_args(argv=None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
 def main(argv=None) -> int:
     t0, t0_epoch = time.monotonic(), time.time()
     ap, args = parse_args(argv)
+    if args.static:
+        from convzoo.tools import static_report
+
+        folder = (args.out or default_folder("static-sm90", datetime.datetime.now(datetime.UTC))).expanduser()
+        print(f"# static report -> {folder}")
+        return static_report.main(["--out", str(folder), *(["--quick"] if args.quick else [])])
     cuda = torch.cuda.is_available() and not args.rehearse
     if not cuda and not (args.dry_run or args.rehearse):
         print("convzoo-gpu-check: no CUDA GPU here, and it checks one. Run it on the GPU machine, pass --rehearse "
