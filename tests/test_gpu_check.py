@@ -568,6 +568,7 @@ def test_the_plugin_is_off_unless_asked(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- the rehearsal
+@pytest.mark.slow
 @pytest.mark.skipif(bool(os.environ.get(gc.GUARD)), reason="a rehearsal's own tests step: no rehearsal inside it")
 def test_the_rehearsal_runs_the_whole_plan_within_its_budget(tmp_path):
     """``--rehearse --minutes 2`` on this CPU, as CI runs it: it ends within the budget (+ 30 s for Python's own

@@ -201,6 +201,7 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.convzoo.masked_conv_grad_weight, (gy, x.detach(), mask, list(w.shape), *geom))
 
 
+@pytest.mark.slow
 def test_gradcheck_and_gradgradcheck():
     x, w, mask, b, geom = _case("1d_D2_G2_lohi_reflect")
     args = tuple(t.requires_grad_() for t in (x, w, b))

@@ -106,7 +106,6 @@ def test_static_flag_needs_its_partner():
     assert out.returncode == 2 and "--quick goes with --static" in out.stderr
 
 
-@pytest.mark.slow
 def test_static_report_gates_every_kernel(tmp_path):
     """The CI gate: every registered kernel with a tuning problem, fp16 and fp32, default config, compiled for
     sm_90a through its launcher; any break of the rules that EXCEPTIONS does not list fails here."""
