@@ -231,17 +231,10 @@ def _device(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
-def _interpreted(kernel) -> bool:
-    """True when ``kernel`` was decorated under ``TRITON_INTERPRET=1`` and so runs on Triton's CPU
-    interpreter: the kernels are fixed as interpreted or compiled at import, not by the variable's
-    value at call time."""
-    return _compat.interpreted(kernel)
-
-
 def _upcast(dtype: torch.dtype, kernel) -> bool:
     """The kernels' ``UPCAST`` flag: bf16 on an interpreted kernel, whose bf16 arithmetic (``tl.dot``
     included) and bf16 → fp32 cast are wrong; see ``_widen``."""
-    return dtype == torch.bfloat16 and _interpreted(kernel)
+    return dtype == torch.bfloat16 and _compat.interpreted(kernel)  # fixed when decorated, not by the variable now
 
 
 def _launch_buffer(out: torch.Tensor, kernel) -> torch.Tensor:

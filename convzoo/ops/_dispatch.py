@@ -6,6 +6,7 @@ import sys
 
 import torch
 
+from convzoo import _compat
 from convzoo.autotune import interpret_mode
 
 
@@ -31,7 +32,7 @@ def use_triton(t: torch.Tensor) -> bool:
         return False
     for module, kernel in _KERNEL_MARKERS:  # the kernel modules imported so far: how were they decorated?
         loaded = sys.modules.get(module)
-        if loaded is not None and _is_interpreted(getattr(loaded, kernel)) != interpret:
+        if loaded is not None and _compat.interpreted(getattr(loaded, kernel)) != interpret:
             raise RuntimeError(
                 f"TRITON_INTERPRET is {'set' if interpret else 'unset'} now but was "
                 f"{'unset' if interpret else 'set'} when convzoo's Triton kernels were imported; Triton reads it "
@@ -47,7 +48,3 @@ _KERNEL_MARKERS = (("convzoo.kernels.unfold", "unfold_kernel"), ("convzoo.kernel
                    ("convzoo.kernels.patches", "extract_patches_kernel"),
                    ("convzoo.kernels.masked_conv", "masked_conv_fwd_kernel"),
                    ("convzoo.kernels.coactivation", "coactivation_correlation_kernel"))
-
-
-def _is_interpreted(kernel) -> bool:
-    return sys.modules["convzoo.kernels._common"]._interpreted(kernel)  # loaded whenever a kernel module is
