@@ -10,6 +10,7 @@ from convzoo.layers import (
     DynamicSparseConv1d,
     DynamicSparseConv2d,
     DynamicSparseConv3d,
+    DynamicSparseLinear,
     Fold,
     LocalConv1d,
     LocalConv2d,
@@ -17,14 +18,16 @@ from convzoo.layers import (
     MaskedConv1d,
     MaskedConv2d,
     MaskedConv3d,
+    MaskedLinear,
     PruneRegrowSchedule,
     Unfold,
     UnfoldTranspose,
 )
 
 __all__ = [
-    "DynamicSparseConv1d", "DynamicSparseConv2d", "DynamicSparseConv3d", "Fold", "KFACFactors", "LocalConv1d",
-    "LocalConv2d", "LocalConv3d", "MaskedConv1d", "MaskedConv2d", "MaskedConv3d", "PruneRegrowSchedule", "Unfold",
-    "UnfoldTranspose", "debug_info", "functional", "sparsity"
+    "DynamicSparseConv1d", "DynamicSparseConv2d", "DynamicSparseConv3d", "DynamicSparseLinear", "Fold",
+    "KFACFactors", "LocalConv1d", "LocalConv2d", "LocalConv3d", "MaskedConv1d", "MaskedConv2d", "MaskedConv3d",
+    "MaskedLinear", "PruneRegrowSchedule", "Unfold", "UnfoldTranspose", "debug_info", "desparsify", "functional",
+    "sparsify", "sparsity"
 ]
 __version__ = "0.1.0"

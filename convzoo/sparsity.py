@@ -88,16 +88,17 @@ def _check_block(block) -> tuple[int, int]:
 
 
 def _check_weight_shaped(t, name: str, groups) -> int:
-    """Checks ``t`` has a conv weight's shape ``[C_out, C_in/G, *kernel]`` (1-3 kernel dims) with ``groups``
-    dividing ``C_out``; returns ``groups`` as an int.
+    """Checks ``t`` has a conv weight's shape ``[C_out, C_in/G, *kernel]`` (0-3 kernel dims: a 2-d
+    ``[out_features, in_features]`` is a linear layer's weight, a 1-tap convolution's) with ``groups`` dividing
+    ``C_out``; returns ``groups`` as an int.
 
     Raises:
         TypeError: ``t`` is not a tensor; ``groups`` is not an int (bools refused).
-        ValueError: ``t`` is not 3-5-d; ``groups`` is not positive or does not divide ``C_out``.
+        ValueError: ``t`` is not 2-5-d; ``groups`` is not positive or does not divide ``C_out``.
     """
     check(isinstance(t, torch.Tensor), lambda: f"{name} must be a tensor, got {type(t).__name__}", TypeError)
-    check(3 <= t.dim() <= 5, lambda: f"{name} must have a conv weight's shape [C_out, C_in/groups, *kernel] with "
-          f"1-3 kernel dims, got shape {tuple(t.shape)}")
+    check(2 <= t.dim() <= 5, lambda: f"{name} must have a conv weight's shape [C_out, C_in/groups, *kernel] with "
+          f"0-3 kernel dims (2-d: a linear layer's), got shape {tuple(t.shape)}")
     check(_is_int(groups), lambda: f"groups must be an int, got {groups!r}", TypeError)
     groups = int(groups)
     check(groups > 0, lambda: f"groups must be positive, got {groups}")
@@ -211,8 +212,8 @@ def tile_lists(mask: torch.Tensor, groups: int = 1, block: Sequence[int] = (32, 
     layout and the padding convention of ``index`` / ``t_index``.
 
     Args:
-        mask: bool or floating 0/1 tensor of the conv weight's shape ``[C_out, C_in/G, *kernel]`` (1-3 kernel
-            dims); an entry is kept iff it is nonzero.
+        mask: bool or floating 0/1 tensor of the conv weight's shape ``[C_out, C_in/G, *kernel]`` (0-3 kernel
+            dims; 2-d: a linear layer's ``[out, in]``); an entry is kept iff it is nonzero.
         groups: ``G``, the convolution's groups; must divide ``C_out``.
         block: ``(BO, BK)``, the kernels' tile sizes along ``C_out/G`` and ``K``, powers of two ≥ 16 (the
             kernels' ``tl.arange`` and ``tl.dot`` tiles).
@@ -223,7 +224,7 @@ def tile_lists(mask: torch.Tensor, groups: int = 1, block: Sequence[int] = (32, 
     Raises:
         TypeError: ``mask`` is not a tensor or is neither bool nor floating; ``groups`` is not an int; ``block``
             is not a pair of ints.
-        ValueError: ``mask`` is not 3-5-d, or (floating) holds a value other than 0 and 1; ``groups`` is not
+        ValueError: ``mask`` is not 2-5-d, or (floating) holds a value other than 0 and 1; ``groups`` is not
             positive or does not divide ``C_out``; a ``block`` entry is not a power of two ≥ 16.
     """
     groups = _check_weight_shaped(mask, "mask", groups)
@@ -269,7 +270,7 @@ def block_mask(mask_or_scores: torch.Tensor, block: Sequence[int] = (32, 32), de
     projection onto that constraint (keep the most important tiles whole).
 
     Args:
-        mask_or_scores: a conv weight-shaped ``[C_out, C_in/G, *kernel]`` (1-3 kernel dims) bool mask, or a
+        mask_or_scores: a conv weight-shaped ``[C_out, C_in/G, *kernel]`` (0-3 kernel dims) bool mask, or a
             floating tensor: with ``density=None`` a 0/1 mask, with ``density`` per-weight scores (any real
             values, e.g. ``weight`` itself for magnitude pruning).
         block: ``(BO, BK)``, powers of two ≥ 16, as in :func:`tile_lists`.
@@ -283,7 +284,7 @@ def block_mask(mask_or_scores: torch.Tensor, block: Sequence[int] = (32, 32), de
     Raises:
         TypeError: ``mask_or_scores`` is not a tensor or is neither bool nor floating; ``block`` is not a pair
             of ints; ``density`` is not ``None`` or a real number (bools refused); ``groups`` is not an int.
-        ValueError: ``mask_or_scores`` is not 3-5-d, or is floating with values other than 0/1 and no
+        ValueError: ``mask_or_scores`` is not 2-5-d, or is floating with values other than 0/1 and no
             ``density``; ``density`` is NaN or outside ``[0, 1]``; ``groups`` is not positive or does not
             divide ``C_out``; a ``block`` entry is not a power of two ≥ 16.
     """

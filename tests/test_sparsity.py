@@ -205,7 +205,7 @@ BAD_TILE_ARGS = [
     ("float_nan", lambda: (torch.full((16, 2, 3), float("nan")), 1, (16, 16)), ValueError, "mask"),
     ("int_dtype", lambda: (torch.ones(16, 2, 3, dtype=torch.int64), 1, (16, 16)), TypeError, "mask"),
     ("not_tensor", lambda: ([[[1]]], 1, (16, 16)), TypeError, "mask"),
-    ("ndim_2", lambda: (torch.ones(16, 2, dtype=torch.bool), 1, (16, 16)), ValueError, "mask"),
+    ("ndim_1", lambda: (torch.ones(16, dtype=torch.bool), 1, (16, 16)), ValueError, "mask"),
     ("ndim_6", lambda: (torch.ones(2, 2, 2, 2, 2, 2, dtype=torch.bool), 1, (16, 16)), ValueError, "mask"),
     ("groups_not_dividing", lambda: (torch.ones(10, 2, 3, dtype=torch.bool), 3, (16, 16)), ValueError, "groups"),
     ("groups_zero", lambda: (torch.ones(10, 2, 3, dtype=torch.bool), 0, (16, 16)), ValueError, "groups"),
@@ -350,7 +350,7 @@ BAD_BLOCK_MASK = [
     ("density_str", lambda: (torch.randn(16, 2, 3), "0.5", 1), TypeError, "density"),
     ("scores_without_density", lambda: (torch.randn(16, 2, 3), None, 1), ValueError, "mask_or_scores"),
     ("int_dtype", lambda: (torch.ones(16, 2, 3, dtype=torch.int32), 0.5, 1), TypeError, "mask_or_scores"),
-    ("ndim_2", lambda: (torch.randn(16, 6), 0.5, 1), ValueError, "mask_or_scores"),
+    ("ndim_1", lambda: (torch.randn(16), 0.5, 1), ValueError, "mask_or_scores"),
     ("groups_not_dividing", lambda: (torch.randn(16, 2, 3), 0.5, 3), ValueError, "groups"),
 ]
 

@@ -8,10 +8,11 @@ from convzoo.layers.dynamic_sparse import (
 )
 from convzoo.layers.local_conv import LocalConv1d, LocalConv2d, LocalConv3d
 from convzoo.layers.masked_conv import MaskedConv1d, MaskedConv2d, MaskedConv3d
+from convzoo.layers.masked_linear import DynamicSparseLinear, MaskedLinear
 from convzoo.layers.unfold import Fold, Unfold, UnfoldTranspose
 
 __all__ = [
-    "DynamicSparseConv1d", "DynamicSparseConv2d", "DynamicSparseConv3d", "Fold", "LocalConv1d", "LocalConv2d",
-    "LocalConv3d", "MaskedConv1d", "MaskedConv2d", "MaskedConv3d", "PruneRegrowSchedule", "Unfold",
-    "UnfoldTranspose"
+    "DynamicSparseConv1d", "DynamicSparseConv2d", "DynamicSparseConv3d", "DynamicSparseLinear", "Fold",
+    "LocalConv1d", "LocalConv2d", "LocalConv3d", "MaskedConv1d", "MaskedConv2d", "MaskedConv3d", "MaskedLinear",
+    "PruneRegrowSchedule", "Unfold", "UnfoldTranspose"
 ]

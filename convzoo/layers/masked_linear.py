@@ -1,0 +1,148 @@
+"""``MaskedLinear`` and ``DynamicSparseLinear``: ``nn.Linear`` with a bool ``mask`` buffer, run as a 1-tap
+convolution on the masked-conv op and kernels (``[*, in] → [N, in, 1]``), with everything the masked and
+dynamic-sparse conv layers have (the same mixins)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from convzoo import _shapes
+from convzoo import functional as cf
+from convzoo.layers.dynamic_sparse import _DynamicSparseConvNd
+from convzoo.layers.masked_conv import _MaskedConvNd
+
+__all__ = ["DynamicSparseLinear", "MaskedLinear"]
+
+
+class MaskedLinear(_MaskedConvNd, nn.Linear):
+    """``nn.Linear`` with a bool ``mask`` buffer of the weight's shape ``[out_features, in_features]``: ``forward``
+    is ``F.linear(input, weight·mask, bias)`` computed by :func:`convzoo.functional.masked_conv` as a 1-tap
+    convolution (``input [*, in]`` viewed as ``[N, in, 1]``, the weight as ``[out, in, 1]``), so the tile-skipping
+    kernels run it on CUDA (and under the Triton interpreter) and the weight gradient is exactly zero where the
+    mask is. Any leading dims, an unbatched ``[in]`` input and an empty batch work as with ``nn.Linear``.
+
+    The same constructor as ``nn.Linear`` plus ``density`` (the initial random mask keeps exactly
+    ``round(density·in_features)`` entries of each output row; 1.0, the default: all), ``block`` (``(BO, BK)``: the
+    initial mask keeps whole ``BO × BK`` tiles of the ``[out, in]`` matrix, :func:`convzoo.sparsity.block_mask`,
+    and the kernels tile in that block, so a dropped block is a skipped tile) or ``nm`` (``(N, M)``: N kept of
+    every M consecutive inputs, :func:`convzoo.sparsity.nm_mask`; ``M`` must divide ``in_features``; not with
+    ``block``). As :class:`convzoo.MaskedConv2d`: :meth:`set_mask`, :meth:`tile_lists`, :attr:`density`,
+    :meth:`from_dense` / :meth:`to_dense` (``nn.Linear`` both ways), the stored weight zero where the mask is off,
+    ``reset_parameters`` (also after meta-device construction and ``to_empty``: a new mask of the same density).
+    The ``state_dict`` has ``nn.Linear``'s keys plus ``mask``; an ``nn.Linear`` checkpoint loads with
+    ``strict=False`` (``mask`` listed in ``missing_keys``, the layer's mask kept, the weight zeroed where it is off).
+
+    Raises:
+        TypeError, ValueError: ``nn.Linear``'s own errors, or a bad ``density``, ``block`` or ``nm`` (named in the
+            message); in ``forward``, an input that is not a floating tensor (TypeError) or is 0-d or whose last
+            dim is not ``in_features`` (ValueError).
+    """
+
+    # the geometry of a 1-tap convolution, which is what the mixins and the op read
+    stride, padding, dilation, groups, padding_mode = (1,), (0,), (1,), 1, "zeros"
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None, *,
+                 density: float | None = None, block=None, nm=None):
+        super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
+        self._init_mask(density, block, nm)
+
+    def _conv_mask(self) -> torch.Tensor:
+        """The mask as the 1-tap conv weight's ``[out, in, 1]`` view, the same view object while the buffer is the
+        same (the op caches the tile lists per mask tensor; the view shares the buffer's version counter, so an
+        in-place write to the mask rebuilds them)."""
+        mask = self.mask
+        if torch.compiler.is_compiling():
+            return mask.unsqueeze(-1)
+        cached = self.__dict__.get("_conv_mask_view")
+        if cached is None or cached[0] is not mask:
+            cached = (mask, mask.unsqueeze(-1))
+            self.__dict__["_conv_mask_view"] = cached
+        return cached[1]
+
+    def _check_input(self, input: torch.Tensor) -> None:
+        _shapes.check_float_tensor(input, "input")
+        _shapes.check(input.dim() >= 1 and input.shape[-1] == self.in_features,
+                      lambda: f"input must be [*, in_features={self.in_features}], got shape {tuple(input.shape)}")
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        self._check_input(input)
+        lead = input.shape[:-1]
+        x = (input.flatten(0, -2) if input.dim() > 1 else input[None]).unsqueeze(-1)  # [N, in, 1]
+        y = cf.masked_conv(x, self.weight.unsqueeze(-1), self._conv_mask(), self.bias, 1, 0, 1, 1,
+                           block=self._mask_block)
+        return y.view(*lead, self.out_features)
+
+    def tile_lists(self):
+        """The :class:`convzoo.sparsity.TileLists` the kernels iterate over for the current mask (those of the
+        ``[out, in, 1]`` conv weight, the same tiling as the ``[out, in]`` matrix), in the layer's ``block`` (capped
+        at the kernels' 128 and the matrix's size; the kernels' default tile without one).
+        ``convzoo.sparsity.tile_fraction(layer.tile_lists())`` is the fraction of tiles visited."""
+        from convzoo.ops import masked_conv as ops
+
+        return ops._tile_lists(self._conv_mask(), (*self.weight.shape, 1), 1, self.mask.device, self._mask_block)
+
+    @classmethod
+    def _dense_class(cls) -> type:
+        return nn.Linear
+
+    @classmethod
+    def from_dense(cls, linear: nn.Module, mask: torch.Tensor | None = None, **kwargs):
+        """A masked copy of ``linear`` (an ``nn.Linear``): its sizes, weight (copied, zero where ``mask`` is off),
+        bias (copied), device and dtype, and ``mask`` (default all ones); ``kwargs`` go to the constructor.
+
+        Raises:
+            TypeError: ``linear`` is not an ``nn.Linear``.
+        """
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        out = cls(linear.in_features, linear.out_features, linear.bias is not None, device=linear.weight.device,
+                  dtype=linear.weight.dtype, **kwargs)
+        out.set_mask(torch.ones_like(out.mask) if mask is None else mask)
+        out.load_state_dict(linear.state_dict(), strict=False)  # reports the mask missing: it is set above
+        return out
+
+    def to_dense(self) -> nn.Linear:
+        """An ``nn.Linear`` of the same sizes, device and dtype whose weight is ``weight·mask``."""
+        dense = nn.Linear(self.in_features, self.out_features, self.bias is not None, device=self.weight.device,
+                          dtype=self.weight.dtype)
+        with torch.no_grad():
+            dense.weight.copy_(torch.where(self.mask, self.weight, 0))
+            if self.bias is not None:
+                dense.bias.copy_(self.bias)
+        return dense
+
+
+class DynamicSparseLinear(_DynamicSparseConvNd, MaskedLinear):
+    """A :class:`MaskedLinear` whose mask is trained, as :class:`convzoo.DynamicSparseConv1d`'s is (the same
+    mixin): in training mode it accumulates, every ``update_every`` forward calls, the coactivation statistics of
+    its input and output (the 1-tap convolution's, so row ``o``, column ``i`` counts the samples — every leading
+    index of the input — where input ``i`` and output ``o`` are both active) into ``coactivation``, and
+    :meth:`prune_regrow` replaces the weakest connections (whole blocks with ``block``, N of every M with ``nm``);
+    :class:`convzoo.PruneRegrowSchedule` finds and drives it. :meth:`to_dense` gives an ``nn.Linear``.
+
+    Args: ``nn.Linear``'s, ``MaskedLinear``'s ``density`` (default 0.5 here), ``block`` and ``nm``, and
+    ``DynamicSparseConv1d``'s ``update_every``, ``score``, ``prune_fraction``, ``regrow``, ``prune_dims``
+    (``(0,)`` per output row, ``(0, 1)`` per entry, ``()`` the whole weight), ``ema``, ``x_threshold``,
+    ``y_threshold``, with the same meaning and defaults.
+
+    Raises:
+        TypeError, ValueError: as :class:`MaskedLinear` and :class:`convzoo.DynamicSparseConv1d`.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None, *,
+                 density: float | None = None, block=None, nm=None, update_every: int = 1, score: str = "count",
+                 prune_fraction: float = 0.1, regrow: str = "coactivation", prune_dims=(0,), ema=None,
+                 x_threshold: float = 0.0, y_threshold: float = 0.0):
+        nn.Linear.__init__(self, in_features, out_features, bias, device=device, dtype=dtype)
+        self._init_mask(density, block, nm, default_density=0.5, zero=False)
+        self._init_dynamic(update_every, score, prune_fraction, regrow, prune_dims, ema, x_threshold, y_threshold)
+
+    def _statistics(self, x: torch.Tensor, y: torch.Tensor, x_threshold: float, y_threshold: float) -> torch.Tensor:
+        # the mixin hands the input and output with one leading dim at least ([*, in], [*, out]): every leading
+        # index is one sample of the 1-tap convolution
+        out, inp = self.weight.shape
+        h = cf.coactivation(x.flatten(0, -2).unsqueeze(-1), y.flatten(0, -2).unsqueeze(-1), (out, inp, 1),
+                            (1,), (0,), (1,), 1, x_threshold=x_threshold, y_threshold=y_threshold,
+                            mode=self.statistic)
+        return h.view(out, inp)
