@@ -22,6 +22,8 @@ from convzoo.layers import (
     PruneRegrowSchedule,
     Unfold,
     UnfoldTranspose,
+    desparsify,
+    sparsify,
 )
 
 __all__ = [

@@ -328,6 +328,29 @@ def interpreted(kernel) -> bool:
     return isinstance(kernel, triton.runtime.KernelInterface) and not isinstance(kernel, triton.runtime.JITFunction)
 
 
+# nn.Module's hook registries (private attributes; each an OrderedDict a RemovableHandle points into)
+_MODULE_HOOKS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
+                 "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks", "_is_full_backward_hook",
+                 "_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks",
+                 "_load_state_dict_post_hooks")
+
+
+def move_module_hooks(src: torch.nn.Module, dst: torch.nn.Module) -> None:
+    """``dst`` takes over ``src``'s module hooks (forward, pre-forward, backward, state-dict ones): the same
+    registry objects, so a handle ``src.register_*_hook`` returned removes the hook from ``dst``.
+
+    Raises:
+        RuntimeError: ``src`` holds hooks in a registry of another name (a newer torch's): dropping them silently
+            would change what the model does.
+    """
+    for name in _MODULE_HOOKS:
+        if name in vars(src):
+            setattr(dst, name, getattr(src, name))
+    unknown = [k for k, v in vars(src).items() if "hook" in k and k not in _MODULE_HOOKS and v]
+    if unknown:
+        raise RuntimeError(f"{type(src).__name__} holds hooks in registries convzoo does not know: {unknown}")
+
+
 def sym_max(a, b):
     """``max(a, b)`` for ints or SymInts: the builtin on two ints (torch 2.11's Dynamo refuses ``torch.sym_max``
     of plain ints under ``fullgraph=True``), ``torch.sym_max`` otherwise."""
