@@ -49,16 +49,18 @@ class MaskedLinear(_MaskedConvNd, nn.Linear):
 
     def _conv_mask(self) -> torch.Tensor:
         """The mask as the 1-tap conv weight's ``[out, in, 1]`` view, the same view object while the buffer is the
-        same (the op caches the tile lists per mask tensor; the view shares the buffer's version counter, so an
-        in-place write to the mask rebuilds them)."""
+        same tensor on the same memory (the op caches the tile lists per mask tensor; the view shares the buffer's
+        version counter, so an in-place write to the mask rebuilds them; a ``mask.data = ...`` swap, a device move
+        or a new buffer makes a new view)."""
         mask = self.mask
         if torch.compiler.is_compiling():
             return mask.unsqueeze(-1)
+        key = (mask.data_ptr(), mask.storage_offset(), tuple(mask.shape), mask.stride(), mask.device)
         cached = self.__dict__.get("_conv_mask_view")
-        if cached is None or cached[0] is not mask:
-            cached = (mask, mask.unsqueeze(-1))
+        if cached is None or cached[0] is not mask or cached[1] != key:
+            cached = (mask, key, mask.unsqueeze(-1))
             self.__dict__["_conv_mask_view"] = cached
-        return cached[1]
+        return cached[2]
 
     def _check_input(self, input: torch.Tensor) -> None:
         _shapes.check_float_tensor(input, "input")
