@@ -139,7 +139,7 @@ def test_from_dense_to_dense_and_nn_linear_state_dicts(cls):
     again = cls(12, 7)
     again.load_state_dict(converted.state_dict())
     assert torch.equal(again.mask, mask)
-    with pytest.raises(TypeError, match="nn.Linear"):
+    with pytest.raises(TypeError, match=r"nn\.Linear"):
         cls.from_dense(nn.Conv1d(12, 7, 1))
     assert "mask=(7, 12)" in repr(converted) and "in_features=12" in repr(converted)
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import numbers
 from collections.abc import Sequence
 
 import torch
@@ -301,7 +300,7 @@ def sparsify(model: nn.Module, density: float = 0.1, *, distribution: str = "erk
     else:
         counts = [None] * len(chosen)
     swap = {}
-    for (name, m), layer, k, size in zip(chosen, new, counts, sizes):
+    for (_, m), layer, k, size in zip(chosen, new, counts, sizes):
         groups = getattr(m, "groups", 1)
         if block is not None:  # whole tiles: the layer's exact count rounded to its tiles
             k = round(k * _tile_count(m.weight.shape, groups, block) / size) if size else 0
