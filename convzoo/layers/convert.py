@@ -94,10 +94,14 @@ def _top(scores: torch.Tensor, k: int, generator) -> torch.Tensor:
     """A bool tensor of ``scores``' shape keeping exactly its ``k`` highest entries (NaN highest: a NaN weight stays
     visible), equal scores in a random order from ``generator``."""
     flat = scores.flatten()
-    perm = _random((flat.numel(),), generator, flat.device).argsort()
-    order = perm[torch.sort(flat[perm], descending=True, stable=True).indices]
+    dev = generator.device if generator is not None else flat.device
+    perm = torch.randperm(flat.numel(), generator=generator, device=dev).to(flat.device)
+    shuffled = flat[perm]
     keep = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
-    return keep.index_fill_(0, order[:k], True).view(scores.shape)
+    if 2 * k <= flat.numel():  # (a partial selection: cheaper than a sort of the whole layer)
+        return keep.index_fill_(0, perm[torch.topk(shuffled, k, sorted=False).indices], True).view(scores.shape)
+    drop = perm[torch.topk(shuffled, flat.numel() - k, largest=False, sorted=False).indices]
+    return keep.fill_(True).index_fill_(0, drop, False).view(scores.shape)
 
 
 def _tile_count(shape, groups: int, block) -> int:

@@ -5,10 +5,12 @@ dynamic-sparse conv layers have (the same mixins)."""
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from convzoo import _shapes
 from convzoo import functional as cf
+from convzoo.autotune import interpret_mode
 from convzoo.layers.dynamic_sparse import _DynamicSparseConvNd
 from convzoo.layers.masked_conv import _MaskedConvNd
 
@@ -17,10 +19,12 @@ __all__ = ["DynamicSparseLinear", "MaskedLinear"]
 
 class MaskedLinear(_MaskedConvNd, nn.Linear):
     """``nn.Linear`` with a bool ``mask`` buffer of the weight's shape ``[out_features, in_features]``: ``forward``
-    is ``F.linear(input, weight·mask, bias)`` computed by :func:`convzoo.functional.masked_conv` as a 1-tap
-    convolution (``input [*, in]`` viewed as ``[N, in, 1]``, the weight as ``[out, in, 1]``), so the tile-skipping
-    kernels run it on CUDA (and under the Triton interpreter) and the weight gradient is exactly zero where the
-    mask is. Any leading dims, an unbatched ``[in]`` input and an empty batch work as with ``nn.Linear``.
+    is ``F.linear(input, weight·mask, bias)``, computed on CUDA (and under the Triton interpreter) by
+    :func:`convzoo.functional.masked_conv` as a 1-tap convolution (``input [*, in]`` viewed as ``[N, in, 1]``, the
+    weight as ``[out, in, 1]``), so the tile-skipping kernels run it; elsewhere (the plain-torch path) by
+    ``F.linear(input, where(mask, weight, 0), bias)``, the same math as the op's own plain path (a 1-tap
+    ``F.conv1d``) at ``F.linear``'s speed. The weight gradient is exactly zero where the mask is. Any leading dims,
+    an unbatched ``[in]`` input and an empty batch work as with ``nn.Linear``.
 
     The same constructor as ``nn.Linear`` plus ``density`` (the initial random mask keeps exactly
     ``round(density·in_features)`` entries of each output row; 1.0, the default: all), ``block`` (``(BO, BK)``: the
@@ -69,11 +73,16 @@ class MaskedLinear(_MaskedConvNd, nn.Linear):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         self._check_input(input)
+        if not (input.is_cuda or (input.device.type == "cpu" and interpret_mode())):
+            # the plain-torch path: the op's own (F.conv1d of the masked weight) is the same math, but a 1-tap
+            # F.conv1d is several times slower than F.linear on a CPU; where(), not a product: a masked NaN stays
+            # invisible, and the weight gradient is exactly zero where the mask is
+            return F.linear(input, torch.where(self.mask, self.weight, 0), self.bias)
         lead = input.shape[:-1]
         x = (input.flatten(0, -2) if input.dim() > 1 else input[None]).unsqueeze(-1)  # [N, in, 1]
         y = cf.masked_conv(x, self.weight.unsqueeze(-1), self._conv_mask(), self.bias, 1, 0, 1, 1,
                            block=self._mask_block)
-        return y.view(*lead, self.out_features)
+        return y.reshape(*lead, self.out_features)
 
     def tile_lists(self):
         """The :class:`convzoo.sparsity.TileLists` the kernels iterate over for the current mask (those of the
