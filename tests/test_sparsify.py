@@ -156,6 +156,8 @@ def test_parameters_hooks_mode_and_shared_modules_are_kept():
     seen = []
     handle = model[6].register_forward_hook(lambda m, i, o: seen.append(o.shape))
     model[6].register_forward_pre_hook(lambda m, i: seen.append("pre"))
+    grads = []
+    model[6].register_full_backward_hook(lambda m, gi, go: grads.append(go[0].shape))
     state_before = {k: v.clone() for k, v in model.state_dict().items()}
     opt = torch.optim.SGD(model.parameters(), lr=0.1)  # built before: the same parameter objects
     assert convzoo.sparsify(model, 0.5, exclude=("first",)) is model
@@ -171,6 +173,7 @@ def test_parameters_hooks_mode_and_shared_modules_are_kept():
         assert (layer.weight[~layer.mask] == 0).all()
         assert layer.weight.device == state_before["6.weight"].device
     model(x).sum().backward()
+    assert grads == [(2, 10)]
     opt.step()
     assert all((m.weight[~m.mask] == 0).all() for m in _sparse_layers(model))
 
@@ -243,6 +246,33 @@ def test_layers_the_swap_cannot_carry_are_refused():
     tied[7].weight = tied[6].weight
     with pytest.raises(ValueError, match="share"):
         convzoo.sparsify(tied, 0.5, exclude=())
+    lm = nn.ModuleDict({"embed": nn.Embedding(10, 16), "head": nn.Linear(16, 10, bias=False)})
+    lm.head.weight = lm.embed.weight  # a tied language-model head: the mask would zero embedding rows
+    with pytest.raises(ValueError, match="embed"):
+        convzoo.sparsify(lm, 0.5, exclude=())
+    spectral = _net()
+    spectral[6] = nn.utils.spectral_norm(nn.Linear(16, 10))  # weight is an attribute, weight_orig the parameter
+    with pytest.raises(ValueError, match="'6'"):
+        convzoo.sparsify(spectral, 0.5, exclude=())
+
+
+def test_the_schedule_keeps_the_exact_total_eagerly():
+    model = _net()
+    convzoo.sparsify(model, 0.2, kind="dynamic", exclude=(), prune_fraction=0.5, score="magnitude",
+                     regrow="random")
+    kept = _kept(model)
+    assert sum(kept) == round(0.2 * 1528)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    sched = convzoo.PruneRegrowSchedule(model, opt, every=1, generator=torch.Generator().manual_seed(0))
+    assert len(sched.layers) == 3
+    first = [m.mask.clone() for m in _sparse_layers(model)]
+    for _ in range(3):
+        model(torch.randn(4, 3, 6, 6)).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+        sched.step()
+        assert _kept(model) == kept
+    assert all(not torch.equal(a, m.mask) for a, m in zip(first, _sparse_layers(model)))
 
 
 # ---------------------------------------------------------------------------------------------- done when

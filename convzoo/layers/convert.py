@@ -226,7 +226,7 @@ def sparsify(model: nn.Module, density: float = 0.1, *, distribution: str = "erk
             ``kind`` or ``init``; ``exclude`` naming no module of ``model``; ``block`` and ``nm`` both given, or
             ``nm`` with a distribution other than ``'uniform'``; a layer the constructor refuses (its error, with
             the layer's name: e.g. an N:M ``M`` not dividing its ``C_in/groups``), a layer whose weight is not a
-            plain parameter, or weights shared between two layers; no layer to swap.
+            plain parameter, a layer sharing a parameter with another module (tied weights); no layer to swap.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -272,12 +272,19 @@ def sparsify(model: nn.Module, density: float = 0.1, *, distribution: str = "erk
         chosen.append((name, m))
     if not chosen:
         raise ValueError(f"model has no {layers} layer to sparsify (after exclude={tuple(exclude)!r})")
-    owners: dict[int, str] = {}
+    # a parameter held by another module too (tied weights: an embedding and the output layer) would see the mask
+    holders: dict[int, list[str]] = {}
+    for holder_name, holder in names.items():
+        for p in holder._parameters.values():
+            if p is not None:
+                holders.setdefault(id(p), []).append(holder_name)
     for name, m in chosen:
         _check_plain(name, m)
         for p in (m.weight, m.bias):
-            if p is not None and owners.setdefault(id(p), name) != name:
-                raise ValueError(f"layers {owners[id(p)]!r} and {name!r} share a parameter; exclude one of them")
+            others = [h for h in holders.get(id(p), []) if h != name] if p is not None else []
+            if others:
+                raise ValueError(f"layer {name!r} shares a parameter with {others[0]!r} (tied weights): the mask "
+                                 f"would change both; exclude it")
 
     # every new layer built (and every constructor check passed) before the model changes
     new = []
