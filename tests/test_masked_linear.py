@@ -193,7 +193,8 @@ def test_the_tile_list_cache_follows_every_kind_of_mask_write(kernel_device):
     check()
 
 
-def test_compiled_training_step():
+def test_compiled_training_step(path):
+    """Both routes: the masked-conv op (the interpreter's kernels) and the plain path's F.linear."""
     torch.manual_seed(0)
     model = nn.Sequential(convzoo.MaskedLinear(12, 16, density=0.5), nn.ReLU(),
                           convzoo.MaskedLinear(16, 4, density=0.25, block=(16, 16)))
