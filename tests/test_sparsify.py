@@ -101,6 +101,10 @@ def test_exclude_layers_and_kinds():
     outer = nn.Sequential(_net(), nn.Linear(10, 4))
     convzoo.sparsify(outer, 0.3, exclude=("0",))  # a container's name excludes everything in it
     assert type(outer[1]) is convzoo.MaskedLinear and not _sparse_layers(outer[0])
+    shared = nn.Linear(4, 4)
+    twice = nn.Sequential(nn.Linear(4, 4), shared, nn.ReLU(), shared, nn.Linear(4, 4))
+    convzoo.sparsify(twice, 0.5, exclude=("3",))  # excluded under its second name: excluded
+    assert type(twice[1]) is nn.Linear and twice[1] is twice[3] and _sparse_layers(twice) == [twice[0], twice[4]]
 
 
 def test_block_counts_are_whole_tiles_per_layer():

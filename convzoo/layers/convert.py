@@ -259,15 +259,18 @@ def sparsify(model: nn.Module, density: float = 0.1, *, distribution: str = "erk
         raise TypeError(f"layer_kwargs {sorted(layer_kwargs)} are for kind='dynamic' (the masked layers take none)")
 
     names = dict(model.named_modules())
-    for e in exclude:
-        if e not in ("first", "last") and e not in names:
+    every = list(model.named_modules(remove_duplicate=False))  # (a module registered twice under both names)
+    excluded_names = [e for e in exclude if e not in ("first", "last")]
+    for e in excluded_names:
+        if not any(name == e for name, _ in every):
             raise ValueError(f"exclude names no module of model: {e!r}")
+    # by identity: a module excluded under one of its names is excluded
+    excluded = {id(m) for name, m in every
+                if any(name == e or e == "" or name.startswith(e + ".") for e in excluded_names)}
     found = [(name, m) for name, m in names.items() if type(m) in LAYERS[layers]]
     chosen = []
     for i, (name, m) in enumerate(found):
-        if ("first" in exclude and i == 0) or ("last" in exclude and i == len(found) - 1):
-            continue
-        if any(name == e or e == "" or name.startswith(e + ".") for e in exclude if e not in ("first", "last")):
+        if ("first" in exclude and i == 0) or ("last" in exclude and i == len(found) - 1) or id(m) in excluded:
             continue
         chosen.append((name, m))
     if not chosen:
