@@ -182,6 +182,24 @@ def test_parameters_hooks_mode_and_shared_modules_are_kept():
     assert all((m.weight[~m.mask] == 0).all() for m in _sparse_layers(model))
 
 
+def test_reset_parameters_keeps_each_layers_density_and_meta_is_refused():
+    model = _net()
+    convzoo.sparsify(model, 0.2, exclude=())
+    kept = _kept(model)
+    for layer in _sparse_layers(model):
+        layer.reset_parameters()
+    for layer, k in zip(_sparse_layers(model), kept):  # per-row exact counts: within a row's rounding of k
+        assert abs(int(layer.mask.sum()) - k) <= layer.weight.shape[0] / 2
+    model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64))
+    convzoo.sparsify(model, 0.25, exclude=(), block=(16, 16))
+    model[0].reset_parameters()
+    assert float(sparsity.tile_fraction(model[0].tile_lists())) == 0.25
+    with torch.device("meta"):
+        meta = _net()
+    with pytest.raises(ValueError, match="meta"):
+        convzoo.sparsify(meta, 0.2)
+
+
 def test_dtype_and_a_bare_layer():
     layer = nn.Linear(32, 8, dtype=torch.float64)
     out = convzoo.sparsify(layer, 0.25, exclude=())

@@ -200,6 +200,9 @@ def sparsify(model: nn.Module, density: float = 0.1, *, distribution: str = "erk
     remove them); train / eval mode; a module registered in several places is one swapped module in all of them.
     Build the optimizer after ``sparsify`` (or before its first step): state it already holds for a weight (Adam's
     moments) would move the masked entries off zero. Other attributes set on a layer by hand are not carried.
+    A swapped layer's ``reset_parameters`` draws a new random mask at its own density (per output channel; in
+    whole tiles with ``block``). The weights must have values: sparsify a model after materialising it, not on
+    the meta device.
 
     Args:
         model: the module to change in place (a bare layer is swapped too, but then only the return value is it).
@@ -226,7 +229,8 @@ def sparsify(model: nn.Module, density: float = 0.1, *, distribution: str = "erk
             ``kind`` or ``init``; ``exclude`` naming no module of ``model``; ``block`` and ``nm`` both given, or
             ``nm`` with a distribution other than ``'uniform'``; a layer the constructor refuses (its error, with
             the layer's name: e.g. an N:M ``M`` not dividing its ``C_in/groups``), a layer whose weight is not a
-            plain parameter, a layer sharing a parameter with another module (tied weights); no layer to swap.
+            plain parameter or is on the meta device, a layer sharing a parameter with another module (tied weights);
+            no layer to swap.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -283,6 +287,9 @@ def sparsify(model: nn.Module, density: float = 0.1, *, distribution: str = "erk
                 holders.setdefault(id(p), []).append(holder_name)
     for name, m in chosen:
         _check_plain(name, m)
+        if m.weight.is_meta:
+            raise ValueError(f"layer {name!r}: its weight is on the meta device (no values to rank, and a later "
+                             f"to_empty would lose the masks): materialise the model first, then sparsify it")
         for p in (m.weight, m.bias):
             others = [h for h in holders.get(id(p), []) if h != name] if p is not None else []
             if others:
@@ -317,7 +324,13 @@ def sparsify(model: nn.Module, density: float = 0.1, *, distribution: str = "erk
     for (_, m), layer, k, size in zip(chosen, new, counts, sizes):
         groups = getattr(m, "groups", 1)
         if block is not None:  # whole tiles: the layer's exact count rounded to its tiles
-            k = round(k * _tile_count(m.weight.shape, groups, block) / size) if size else 0
+            tiles = _tile_count(m.weight.shape, groups, block)
+            k = round(k * tiles / size) if size else 0
+            layer._mask_density = k / tiles if tiles else 1.0
+        elif nm is None:
+            layer._mask_density = k / size if size else 1.0
+        # (the construction's rule, which reset_parameters draws a new mask by: the layer's own density, in whole
+        # tiles with block, exact per output channel without)
         mask = _initial_mask(m.weight, k, groups, block, nm, init, generator)
         layer.weight = m.weight
         layer.bias = m.bias
