@@ -142,7 +142,10 @@ def test_magnitude_and_random_initial_masks():
     masks = []
     for _ in range(2):
         model = _net()
-        convzoo.sparsify(model, 0.2, exclude=("first",), init="random", generator=torch.Generator().manual_seed(3))
+        state = torch.get_rng_state()
+        convzoo.sparsify(model, 0.2, exclude=("first",), init="random", generator=torch.Generator().manual_seed(3),
+                         kind="dynamic")
+        assert torch.equal(torch.get_rng_state(), state)  # the global RNG untouched (the constructors' draws too)
         masks.append([m.mask.clone() for m in _sparse_layers(model)])
     assert all(torch.equal(a, b) for a, b in zip(*masks))  # the generator's draw
     assert _kept(model) == [int(m.sum()) for m in masks[0]]
