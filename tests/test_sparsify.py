@@ -203,6 +203,28 @@ def test_reset_parameters_keeps_each_layers_density_and_meta_is_refused():
         convzoo.sparsify(meta, 0.2)
 
 
+def test_1d_3d_grouped_convs_and_a_layer_the_constructor_refuses():
+    model = nn.Sequential(nn.Conv1d(4, 8, 3, groups=2), nn.Flatten(0, 0), nn.Conv3d(2, 4, 2, padding_mode="reflect",
+                                                                                    padding=1))
+    convzoo.sparsify(model, 0.4, kind="masked", exclude=())
+    assert [type(m) for m in _sparse_layers(model)] == [convzoo.MaskedConv1d, convzoo.MaskedConv3d]
+    assert model[0].groups == 2 and model[2].padding_mode == "reflect"
+    shapes = [(8, 2, 3), (4, 2, 2, 2, 2)]  # ERK reads C_in per group: raw (8 + 2 + 3)/48 and (4 + 2 + 6)/64
+    assert sum(_kept(model)) == round(0.4 * (48 + 64))
+    assert layer_densities(shapes, 0.4, "erk")[0] / layer_densities(shapes, 0.4, "erk")[1] == pytest.approx(
+        (13 / 48) / (12 / 64))
+    x = torch.randn(2, 4, 9)
+    torch.testing.assert_close(model[0](x), nn.functional.conv1d(x, model[0].weight * model[0].mask,
+                                                                 model[0].bias, groups=2))
+    with pytest.raises(ValueError, match=r"'2'.*padding_mode"):  # coactivation statistics need zero padding
+        convzoo.sparsify(nn.Sequential(nn.Conv1d(4, 8, 3), nn.ReLU(), nn.Conv3d(2, 4, 2, padding_mode="reflect",
+                                                                                  padding=1)),
+                         0.4, kind="dynamic", exclude=())
+    convzoo.sparsify(model := nn.Sequential(nn.Conv3d(2, 4, 2, padding_mode="reflect", padding=1)), 0.4,
+                     kind="dynamic", exclude=(), score="magnitude", regrow="random")
+    assert type(model[0]) is convzoo.DynamicSparseConv3d
+
+
 def test_dtype_and_a_bare_layer():
     layer = nn.Linear(32, 8, dtype=torch.float64)
     out = convzoo.sparsify(layer, 0.25, exclude=())
