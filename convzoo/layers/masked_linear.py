@@ -16,6 +16,8 @@ from convzoo.layers.masked_conv import _MaskedConvNd
 
 __all__ = ["DynamicSparseLinear", "MaskedLinear"]
 
+_REGROWS = ("coactivation", "random")  # the regrowths DynamicSparseLinear supports
+
 
 class MaskedLinear(_MaskedConvNd, nn.Linear):
     """``nn.Linear`` with a bool ``mask`` buffer of the weight's shape ``[out_features, in_features]``: ``forward``
@@ -145,6 +147,10 @@ class DynamicSparseLinear(_DynamicSparseConvNd, MaskedLinear):
                  density: float | None = None, block=None, nm=None, update_every: int = 1, score: str = "count",
                  prune_fraction: float = 0.1, regrow: str = "coactivation", prune_dims=(0,), ema=None,
                  x_threshold: float = 0.0, y_threshold: float = 0.0):
+        if regrow not in _REGROWS:
+            # only the regrowths whose scores the mixin computes from this layer's own forward output and
+            # statistics: a mode that hooks the conv layers' _conv_forward would not see this forward
+            raise ValueError(f"regrow must be one of {_REGROWS} for DynamicSparseLinear, got {regrow!r}")
         nn.Linear.__init__(self, in_features, out_features, bias, device=device, dtype=dtype)
         self._init_mask(density, block, nm, default_density=0.5, zero=False)
         self._init_dynamic(update_every, score, prune_fraction, regrow, prune_dims, ema, x_threshold, y_threshold)
