@@ -135,9 +135,9 @@ class DynamicSparseLinear(_DynamicSparseConvNd, MaskedLinear):
     :class:`convzoo.PruneRegrowSchedule` finds and drives it. :meth:`to_dense` gives an ``nn.Linear``.
 
     Args: ``nn.Linear``'s, ``MaskedLinear``'s ``density`` (default 0.5 here), ``block`` and ``nm``, and
-    ``DynamicSparseConv1d``'s ``update_every``, ``score``, ``prune_fraction``, ``regrow``, ``prune_dims``
-    (``(0,)`` per output row, ``(0, 1)`` per entry, ``()`` the whole weight), ``ema``, ``x_threshold``,
-    ``y_threshold``, with the same meaning and defaults.
+    ``DynamicSparseConv1d``'s ``update_every``, ``score``, ``prune_fraction``, ``regrow`` (``'coactivation'`` or
+    ``'random'``), ``prune_dims`` (``(0,)`` per output row, ``(0, 1)`` per entry, ``()`` the whole weight),
+    ``ema``, ``x_threshold``, ``y_threshold``, with the same meaning and defaults.
 
     Raises:
         TypeError, ValueError: as :class:`MaskedLinear` and :class:`convzoo.DynamicSparseConv1d`.
