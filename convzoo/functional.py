@@ -686,8 +686,9 @@ def _ekfac_linear(x, grad, q_a, q_g, stride, padding, dilation, groups, bias, ba
     dp = d_in + int(bias)
     _check_basis(q_a, (dp, dp), "q_a", "[in_features (+1 with bias), same]")
     _check_basis(q_g, (d_out, d_out), "q_g", "[out_features, out_features]")
-    xs = x.reshape(n, -1, d_in).transpose(1, 2)  # [N, in, positions]
-    gs = grad.reshape(n, -1, d_out).transpose(1, 2)
+    positions = math.prod(x.shape[1:-1])  # not -1: ambiguous for an empty batch
+    xs = x.reshape(n, positions, d_in).transpose(1, 2)  # [N, in, positions]
+    gs = grad.reshape(n, positions, d_out).transpose(1, 2)
     out = _ekfac_ops.ekfac_eigenvalues(xs, gs, q_a[None], q_g[None], [1], [1], [0, 0], [0], [1], "zeros", 1,
                                        False, bias, batch_scale, coef)
     return out[0]
