@@ -118,7 +118,8 @@ def ekfac_kernel(
     o_ok = (ro < CO)[None, :]
 
     total = tl.zeros([BLOCK_J, BLOCK_O], dtype=ACC_DTYPE)
-    for n in range(n0, n1):
+    for step in range(0, n1 - n0):
+        n = n0 + step  # int64, as n0
         # sample n's rotated gradient tile, transposed: Σ_l Â[j, l]·Ĝ[i, l]
         acc = tl.zeros([BLOCK_J, BLOCK_O], dtype=ACC_DTYPE)
         for ls in range(0, l_steps):
@@ -164,32 +165,35 @@ def _split(dims, block_j: int, block_o: int, interpret: bool) -> int:
 
 
 def _default(dims, dtype, interpret: bool) -> Config:
-    """BLOCK_J 64 (the M of both ``tl.dot``s: a warpgroup's wgmma), BLOCK_O up to 64 (one row tile for most
-    layers: the patch projection is recomputed per row tile), BLOCK_L 64 positions, BLOCK_K 32 patch rows per
-    projection step; fp64 is a broadcast-sum: small tiles. The interpreter pays per program and per step: the
-    largest tiles."""
+    """16-bit: BLOCK_J 64 (the M of both ``tl.dot``s: a warpgroup's wgmma), BLOCK_O up to 64 (one row tile for
+    most layers: the patch projection is recomputed per row tile), BLOCK_L 64 positions, BLOCK_K 32 patch rows
+    per projection step, 8 warps (0 spills in the static sm_90 report; 4 warps spill). fp32: 32-wide tiles (no
+    spills). fp64 is a broadcast-sum: small tiles. The interpreter pays per program and per step: the largest
+    tiles."""
     if interpret:
         bj, bo, bl, bk = _fit(dims["D"], 16, 64), _fit(dims["O"], 16, 64), _fit(dims["L"], 16, 64), \
             _fit(dims["D"], 16, 64)
         warps, stages = 4, 1
     elif dtype == torch.float64:
         bj, bo, bl, bk, warps, stages = 16, 16, 16, 16, 4, 1
-    else:
+    elif dtype == torch.float32:  # CUDA cores unless TF32 is allowed: 64-wide tiles spill there
+        bj, bo, bl, bk, warps, stages = 32, _fit(dims["O"], 16, 32), 32, 16, 4, 1
+    else:  # 8 warps: the three fp32 tiles (two accumulators and the projected patches) fit without spilling
         bj, bo, bl, bk = 64, _fit(dims["O"], 16, 64), 64, 32
-        warps, stages = 4, 2
+        warps, stages = 8, 2
     return Config({"BLOCK_J": bj, "BLOCK_O": bo, "BLOCK_L": bl, "BLOCK_K": bk,
                    "SPLIT": _split(dims, bj, bo, interpret)}, num_warps=warps, num_stages=stages)
 
 
 def _keep(cfg: Config, dtype) -> bool:
     """Validity: tiles ≥ 16 for ``tl.dot``; the two accumulators and the projected tile fit in registers
-    (≤ 96 fp32 values per thread), the operand tiles too (≤ 64); fp64 (broadcast-sum) keeps each product's
-    cube small."""
+    (≤ 48 fp32 values per thread: 96 spill at 4 warps), the operand tiles too (≤ 64); fp64 (broadcast-sum)
+    keeps each product's cube small."""
     j, o, lt, k = (cfg.meta[n] for n in ("BLOCK_J", "BLOCK_O", "BLOCK_L", "BLOCK_K"))
     threads = 32 * cfg.num_warps
     if dtype == torch.float64:
         return j * k * lt <= 8192 and j * lt * o <= 8192 and cfg.num_stages == 1
-    return min(j, o, lt, k) >= 16 and 2 * j * o + j * lt <= 96 * threads and k * (j + lt) + lt * o <= 64 * threads
+    return min(j, o, lt, k) >= 16 and 2 * j * o + j * lt <= 48 * threads and k * (j + lt) + lt * o <= 64 * threads
 
 
 def _candidates(dims, dtype):
