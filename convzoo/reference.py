@@ -708,9 +708,11 @@ def ekfac_eigenvalues(x: torch.Tensor, grad: torch.Tensor, q_a: torch.Tensor, q_
     if n * num == 0 or out.numel() == 0:
         return out
     qa, qg_t = q_a.to(dtype), q_g.to(dtype).transpose(1, 2)
-    # per sample: its patches (in x's dtype and in dtype) and three [G, co, dp] products
-    per_sample = groups * (dp * num * 2 + co * num + 3 * co * dp) * torch.finfo(dtype).bits // 8
+    # per sample: its patches (in x's dtype, in dtype, projected) and three [G, co, dp] products
+    per_sample = groups * (dp * num * 3 + co * num * 2 + 3 * co * dp) * torch.finfo(dtype).bits // 8
     samples = max(1, min(n, _CHUNK_BYTES // max(per_sample, 1)))
+    # the cheaper contraction order per sample (FLOPs/2): gradient first, or both projections first
+    project_first = dp * dp * num + co * co * num + co * dp * num < co * dp * num + co * co * dp + co * dp * dp
     for n0 in range(0, n, samples):
         xs = x[n0:n0 + samples]
         nb = xs.shape[0]
@@ -722,6 +724,12 @@ def ekfac_eigenvalues(x: torch.Tensor, grad: torch.Tensor, q_a: torch.Tensor, q_
         if bias:
             p = torch.cat([p, p.new_ones(nb, groups, 1, num)], 2)
         gs = grad[n0:n0 + nb].reshape(nb, groups, co, num).to(dtype)
-        rotated = torch.matmul(torch.matmul(qg_t, torch.matmul(gs, p.transpose(2, 3))), qa)  # [nb, G, co, dp]
-        out += rotated.square_().sum(0)
+        if project_first:  # (Q_Gᵀ G_n)(P_nᵀ Q_A), P_nᵀ Q_A as one [nb·L, dp] @ [dp, dp] product per group
+            right = torch.matmul(p.permute(1, 0, 3, 2).reshape(groups, nb * num, dp), qa)
+            rotated = torch.matmul(torch.matmul(qg_t, gs), right.view(groups, nb, num, dp).transpose(0, 1))
+            out += rotated.square_().sum(0)
+        else:  # Q_Gᵀ (G_n P_nᵀ) Q_A, the right factor as one [nb·co, dp] @ [dp, dp] product per group
+            left = torch.matmul(qg_t, torch.matmul(gs, p.transpose(2, 3)))  # [nb, G, co, dp]
+            rotated = torch.matmul(left.transpose(0, 1).reshape(groups, nb * co, dp), qa)
+            out += rotated.view(groups, nb, co, dp).square_().sum(1)
     return out.mul_(coef)
