@@ -152,7 +152,7 @@ def test_linear_matches_per_sample_gradients(shape, bias, path):
 
 def test_default_scale_is_the_batch_size(path):
     make, shape, _ = CONV_CASES["2d_K3_S2_P1_G2"]
-    layer, x, grad = _layer_case(make, shape, torch.float32)
+    _, x, grad = _layer_case(make, shape, torch.float32)
     x, grad = x.float().to(path), grad.float().to(path)
     q_a, q_g = _bases(2, 19, 3, torch.float32, path)
     args = (x, grad, q_a, q_g, 3, 2, 1, 1, 2)
@@ -316,7 +316,8 @@ def test_unbatched_channels_last_and_strided_inputs(path):
     grad = torch.randn(2, 4, 6, 5, device=path, dtype=dtype)
     q_a, q_g = _bases(1, 28, 4, dtype, path)
     want = cf.ekfac_eigenvalues(x, grad, q_a, q_g, 3, padding=1, bias=True)
-    got = cf.ekfac_eigenvalues(x.to(memory_format=torch.channels_last), grad.transpose(2, 3).contiguous().transpose(2, 3),
+    strided_grad = grad.transpose(2, 3).contiguous().transpose(2, 3)
+    got = cf.ekfac_eigenvalues(x.to(memory_format=torch.channels_last), strided_grad,
                                q_a.transpose(1, 2).contiguous().transpose(1, 2), q_g, 3, padding=1, bias=True)
     _close(got.cpu(), want.cpu().double(), dtype)
     one = cf.ekfac_eigenvalues(x[0], grad[0], q_a, q_g, (3, 3), padding=1, bias=True)
@@ -348,6 +349,22 @@ def test_low_precision_inputs_accumulate_in_fp32(dtype, path):
     want = _brute(layer, xl.double(), gl.double(), q_a, q_g)
     # the CPU path is exact up to fp32 summation; the kernel rounds its operands to 16 bits
     _close(got.cpu(), want, dtype if torch.device(path).type == "cuda" else torch.float32)
+
+
+def test_autocast_and_mixed_dtypes_keep_the_fp32_statistic(path):
+    """Under autocast the op's matmuls are not lowered to bf16 (a custom op is not autocast-aware); an fp16
+    grad_output with an fp32 input (what autocast's backward gives) is upcast, not the input downcast."""
+    x, grad = torch.randn(2, 4, 7, 6, device=path), torch.randn(2, 6, 7, 6, device=path)
+    q_a, q_g = _bases(2, 19, 3, torch.float32, path)
+    args = (3, 1, 1, 1, 2)
+    want = cf.ekfac_eigenvalues(x.double(), grad.double(), q_a.double(), q_g.double(), *args, bias=True)
+    with torch.autocast(torch.device(path).type, dtype=torch.bfloat16):
+        got = cf.ekfac_eigenvalues(x, grad, q_a, q_g, *args, bias=True)
+    assert got.dtype == torch.float32
+    _close(got.cpu(), want.cpu(), torch.float32)
+    half = grad.half()
+    want = cf.ekfac_eigenvalues(x.double(), half.double(), q_a.double(), q_g.double(), *args, bias=True)
+    _close(cf.ekfac_eigenvalues(x, half, q_a, q_g, *args, bias=True).cpu(), want.cpu(), torch.float32)
 
 
 _Q2 = torch.eye(19).expand(2, 19, 19)

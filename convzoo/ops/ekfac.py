@@ -32,11 +32,14 @@ def _impl(x: Tensor, grad_output: Tensor, q_a: Tensor, q_g: Tensor, kernel_size:
         coef = coef * x.shape[0]
     args = (x, grad_output, q_a, q_g, kernel_size, stride, padding, output_padding, dilation, padding_mode, groups,
             transposed, bias, coef)
-    if use_triton(x):
-        from convzoo.kernels import ekfac as kernels
+    # a custom op is not autocast-aware: its matmuls (the CPU path's, the launcher's projection of the gradients)
+    # would otherwise run in the autocast dtype, silently far less precise than the fp32 statistic
+    with reference._no_autocast(x.device.type):
+        if use_triton(x):
+            from convzoo.kernels import ekfac as kernels
 
-        return kernels.ekfac_eigenvalues(*args)
-    return reference.ekfac_eigenvalues(*args)
+            return kernels.ekfac_eigenvalues(*args)
+        return reference.ekfac_eigenvalues(*args)
 
 
 _ekfac_eigenvalues = torch.library.custom_op("convzoo::ekfac_eigenvalues", mutates_args=())(_impl)
