@@ -23,26 +23,49 @@ import triton.language as tl
 
 from convzoo import _shapes, autotune, reference
 from convzoo.autotune import Config, ConfigSpace, KernelSpec, TuneProblem
-from convzoo.kernels._common import _check_device, _device, _math_args, _mma, _pad3, _patch_columns, _widen
+from convzoo.kernels._common import (
+    _block_index,
+    _check_device,
+    _device,
+    _math_args,
+    _mma,
+    _pad3,
+    _source_index,
+    _widen,
+)
 
 __all__ = ["ekfac_eigenvalues"]
 
 
 @triton.jit
-def _patch_rows(x_ptr, r, l, n, D, L, ID, IH, IW, OH, OW,
+def _patch_rows(x_ptr, r, od, oh, ow, l_ok, n, D, ID, IH, IW,
                 stride_xn, stride_xc, stride_xd, stride_xh, stride_xw,
                 KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
                 SD: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
                 PD: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
                 DD: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
                 MODE: tl.constexpr, TRANSPOSED: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """Sample ``n``'s patch-matrix tile ``P[r, l]`` (rows ``r`` ``[BLOCK_K, 1]``, positions ``l`` ``[1, BLOCK_L]``)
-    of one channel group (``x_ptr`` at its first channel): 0 outside ``r < D``, ``l < L`` and where padding
-    reads nothing; row ``D`` is the constant 1 when ``HAS_BIAS``."""
-    off, ok = _patch_columns(r, l, ID, IH, IW, OH, OW, stride_xc, stride_xd, stride_xh, stride_xw,
-                             KD, KH, KW, SD, SH, SW, PD, PH, PW, DD, DH, DW, MODE, TRANSPOSED)
-    l_ok = l < L
-    v = tl.load(x_ptr + n * stride_xn + off, mask=ok & (r < D) & l_ok, other=0)
+    """Sample ``n``'s patch-matrix tile ``P[r, l]`` (rows ``r`` ``[BLOCK_K, 1]``, int64; positions given by their
+    output coordinates ``od, oh, ow`` ``[1, BLOCK_L]``, int32, and ``l_ok``) of one channel group (``x_ptr`` at its
+    first channel): 0 outside ``r < D``, ``l < L`` and where padding reads nothing; row ``D`` is the constant 1
+    when ``HAS_BIAS``. The positions' coordinates come from the caller, computed once per position step (three
+    divisions by runtime sizes), not per patch-row step; the taps' from ``r`` by constexprs."""
+    k = r % (KD * KH * KW)
+    c = r // (KD * KH * KW)
+    kw = (k % KW).to(tl.int32)
+    kh = ((k // KW) % KH).to(tl.int32)
+    kd = (k // (KW * KH)).to(tl.int32)
+    if TRANSPOSED:
+        i_d, ok_d = _block_index(od, PD, kd, ID, SD, DD)
+        i_h, ok_h = _block_index(oh, PH, kh, IH, SH, DH)
+        i_w, ok_w = _block_index(ow, PW, kw, IW, SW, DW)
+    else:
+        i_d, ok_d = _source_index(od * SD - PD + kd * DD, ID, MODE)
+        i_h, ok_h = _source_index(oh * SH - PH + kh * DH, IH, MODE)
+        i_w, ok_w = _source_index(ow * SW - PW + kw * DW, IW, MODE)
+    off = (c * stride_xc + i_d.to(tl.int64) * stride_xd + i_h.to(tl.int64) * stride_xh
+           + i_w.to(tl.int64) * stride_xw)
+    v = tl.load(x_ptr + n * stride_xn + off, mask=ok_d & ok_h & ok_w & (r < D) & l_ok, other=0)
     if HAS_BIAS:
         one = tl.full(v.shape, 1, v.dtype)
         v = tl.where((r == D) & l_ok, one, v)
@@ -123,14 +146,20 @@ def ekfac_kernel(
         # sample n's rotated gradient tile, transposed: Σ_l Â[j, l]·Ĝ[i, l]
         acc = tl.zeros([BLOCK_J, BLOCK_O], dtype=ACC_DTYPE)
         for ls in range(0, l_steps):
-            l = (ls * BLOCK_L + tl.arange(0, BLOCK_L)).to(tl.int64)
+            # the positions' output coordinates, int32 (the launcher checks L < 2^31), once per step
+            l32 = ls * BLOCK_L + tl.arange(0, BLOCK_L)
+            ow = (l32 % OW)[None, :]
+            oh = ((l32 // OW) % OH)[None, :]
+            od = (l32 // OW // OH)[None, :]  # not l // (OW * OH): an int32 product of two sizes
+            l = l32.to(tl.int64)
+            l_ok = (l32 < L)[None, :]
             # Â tile [BLOCK_J, BLOCK_L] = Q_A[:, j]ᵀ P[:, l], fp32 (fp64) accumulation
             ahat = tl.zeros([BLOCK_J, BLOCK_L], dtype=ACC_DTYPE)
             for ds in range(0, d_steps):
                 d = (ds * BLOCK_K + tl.arange(0, BLOCK_K)).to(tl.int64)
                 q = tl.load(q_g + d[None, :] * stride_qd + rj[:, None] * stride_qj,
                             mask=j_ok & (d < DP)[None, :], other=0)
-                p = _patch_rows(x_g, d[:, None], l[None, :], n, D, L, ID, IH, IW, OH, OW,
+                p = _patch_rows(x_g, d[:, None], od, oh, ow, l_ok, n, D, ID, IH, IW,
                                 stride_xn, stride_xc, stride_xd, stride_xh, stride_xw,
                                 KD, KH, KW, SD, SH, SW, PD, PH, PW, DD, DH, DW, MODE, TRANSPOSED, HAS_BIAS)
                 ahat = _mma(q, p, ahat, FP64, PRECISION, UPCAST)
@@ -167,8 +196,8 @@ def _split(dims, block_j: int, block_o: int, interpret: bool) -> int:
 def _default(dims, dtype, interpret: bool) -> Config:
     """16-bit: BLOCK_J 64 (the M of both ``tl.dot``s: a warpgroup's wgmma), BLOCK_O up to 64 (one row tile for
     most layers: the patch projection is recomputed per row tile), BLOCK_L 64 positions, BLOCK_K 32 patch rows
-    per projection step, 8 warps (0 spills in the static sm_90 report; 4 warps spill). fp32: 32-wide tiles (no
-    spills). fp64 is a broadcast-sum: small tiles. The interpreter pays per program and per step: the largest
+    per projection step, 8 warps (0 spills in the static sm_90 report; 4 warps spill). fp32: 32-wide tiles, 8
+    warps (no spills). fp64 is a broadcast-sum: small tiles. The interpreter pays per program and per step: the largest
     tiles."""
     if interpret:
         bj, bo, bl, bk = _fit(dims["D"], 16, 64), _fit(dims["O"], 16, 64), _fit(dims["L"], 16, 64), \
@@ -176,8 +205,8 @@ def _default(dims, dtype, interpret: bool) -> Config:
         warps, stages = 4, 1
     elif dtype == torch.float64:
         bj, bo, bl, bk, warps, stages = 16, 16, 16, 16, 4, 1
-    elif dtype == torch.float32:  # CUDA cores unless TF32 is allowed: 64-wide tiles spill there
-        bj, bo, bl, bk, warps, stages = 32, _fit(dims["O"], 16, 32), 32, 16, 4, 1
+    elif dtype == torch.float32:  # CUDA cores unless TF32 is allowed: 64-wide tiles (and 4 warps) spill there
+        bj, bo, bl, bk, warps, stages = 32, _fit(dims["O"], 16, 32), 32, 16, 8, 1
     else:  # 8 warps: the three fp32 tiles (two accumulators and the projected patches) fit without spilling
         bj, bo, bl, bk = 64, _fit(dims["O"], 16, 64), 64, 32
         warps, stages = 8, 2
@@ -292,6 +321,8 @@ def ekfac_eigenvalues(x: torch.Tensor, grad: torch.Tensor, q_a: torch.Tensor, q_
         return out
     if n * num == 0:
         return out.zero_()
+    if num >= 2**31:
+        raise ValueError(f"the kernel indexes a sample's output positions in int32: {num} positions are too many")
     # the output gradients in G's eigenbasis, [N, G·CO, L]: the size of grad (the patches, ∏K times more, are
     # projected in the kernel)
     gh = torch.matmul(q_g.to(acc_dtype).transpose(1, 2), grad.reshape(n, groups, co, num).to(acc_dtype))
