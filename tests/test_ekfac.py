@@ -260,16 +260,20 @@ def test_compile_fullgraph_dynamic_no_recompile(kernel_device):
     size (the default scale N is applied in the op, not baked into the graph)."""
     torch._dynamo.reset()
     q_a, q_g = _bases(2, 19, 3, torch.float32, kernel_device)
+    ql_a, ql_g = (q[0] for q in _bases(1, 6, 4, torch.float32, kernel_device))
 
-    def f(x, grad):
-        return cf.ekfac_eigenvalues(x, grad, q_a, q_g, 3, 2, 1, groups=2, bias=True) * 2
+    def f(x, grad, xl, gl):  # a conv's and a Linear's statistic
+        return (cf.ekfac_eigenvalues(x, grad, q_a, q_g, 3, 2, 1, groups=2, bias=True) * 2,
+                cf.ekfac_eigenvalues(xl, gl, ql_a, ql_g, bias=True))
 
     counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
     compiled = torch.compile(f, fullgraph=True, dynamic=True, backend=counter)
-    for shape, out in [((2, 4, 6, 7), (3, 4)), ((3, 4, 5, 9), (3, 5))]:
+    for shape, out, positions in [((2, 4, 6, 7), (3, 4), 3), ((3, 4, 5, 9), (3, 5), 2)]:
         x = torch.randn(shape, device=kernel_device)
         grad = torch.randn(shape[0], 6, *out, device=kernel_device)
-        torch.testing.assert_close(compiled(x, grad), f(x, grad))
+        xl, gl = torch.randn(shape[0], positions, 5, device=kernel_device), torch.randn(shape[0], positions, 4,
+                                                                                          device=kernel_device)
+        torch.testing.assert_close(compiled(x, grad, xl, gl), f(x, grad, xl, gl))
     assert counter.frame_count == 1
     torch._dynamo.reset()
 
