@@ -202,9 +202,9 @@ def test_matches_curvlinops_ekfac_for_a_mean_reduced_loss(path):
 
 # ---------------------------------------------------------------------------------------------- the kernel
 def test_every_tile_and_split_of_the_kernel(kernel_device):
-    """Partial tiles on every side (D' = 19 over BLOCK_J/BLOCK_K 16: two tiles; C_out/G = 3 in BLOCK_O 16; L = 12
-    over BLOCK_L 16... and 42 positions over 16: three steps), the split-N workspace (SPLIT 4 over 3 samples
-    leaves a share empty), against the CPU path."""
+    """Partial tiles on every side (D' = 19 over BLOCK_J / BLOCK_K 16: two tiles and two projection steps;
+    C_out/G = 3 in BLOCK_O 16; L = 7·6 = 42 positions over BLOCK_L 16: three steps, the last partial), the split-N
+    workspace (SPLIT 4 over 3 samples leaves a share empty), against the CPU path in fp64."""
     x = torch.randn(3, 4, 7, 12)
     grad = torch.randn(3, 6, 7, 6)
     q_a, q_g = _bases(2, 19, 3, torch.float32)
