@@ -552,8 +552,9 @@ def ekfac_eigenvalues(input: torch.Tensor, grad_output: torch.Tensor, q_a: torch
     Per sample, the patches and output gradients are projected into the eigenbases (``Â = Q_Aᵀ P_n``,
     ``Ĝ = Q_Gᵀ G_n``) and contracted over the positions, the result squared and summed over the samples. On
     CUDA one fused Triton kernel: patch tiles gathered from ``input`` in the kernel (never written), both
-    products ``tl.dot`` with fp32 accumulation (16-bit inputs: 16-bit operands, ``Q_A`` rounded to the input's
-    dtype; TF32 for fp32 only where ``torch.get_float32_matmul_precision()`` allows it); ``Ĝ`` is one batched
+    products ``tl.dot`` with fp32 accumulation (16-bit inputs: 16-bit operands, ``Q_A`` and the projected patches
+    rounded to the input's dtype — in fp16 a projected patch entry, at most the patch's norm, must stay below
+    65504; TF32 for fp32 only where ``torch.get_float32_matmul_precision()`` allows it); ``Ĝ`` is one batched
     matmul beforehand, the size of ``grad_output``. On the CPU, chunks of whole samples (≤ 32 MiB of patches
     and rotated gradients, at least one sample): the extra memory is one chunk.
 
