@@ -1,5 +1,7 @@
-"""``DynamicSparseConv1d/2d/3d``: masked convolutions whose mask is trained (prune and regrow), scored by the
-layer's own coactivation statistics (:func:`convzoo.functional.coactivation`) or by weight magnitude."""
+"""``DynamicSparseConv1d/2d/3d``: masked convolutions whose mask is trained (prune and regrow), pruned by the
+layer's own coactivation statistics (:func:`convzoo.functional.coactivation`) or by weight magnitude, regrown by
+the statistics, the dense gradient (RigL, tapped from the backward that runs anyway) or at random (SET); and
+:class:`PruneRegrowSchedule`, per layer or global."""
 
 from __future__ import annotations
 
