@@ -60,11 +60,14 @@ def test_gradient_regrowth_matches_the_brute_force_dense_gradient(nd, groups, pr
     layer = LAYER[nd](4, 6, 3, padding=1, groups=groups, density=0.4, score="magnitude", regrow="gradient",
                       update_every=3, prune_dims=prune_dims, device=path)
     size = {1: (9,), 2: (5, 6), 3: (4, 3, 5)}[nd]
-    xs = [torch.randn(3, 4, *size, device=path) for _ in range(4)]
+    # x requires grad: the plain-torch path's backward is then one fused convolution_backward (dx and the dense dW)
+    xs = [torch.randn(3, 4, *size, device=path, requires_grad=True) for _ in range(4)]
     for i, x in enumerate(xs[:3]):  # the third forward (calls 0, 1, 2) is the update step
         layer.zero_grad()
         _loss(layer(x)).backward()
+        dx, x.grad = x.grad, None
         want = _dense_grad(layer, x)
+        torch.testing.assert_close(dx, x.grad, rtol=1e-5, atol=1e-6)
         # the weight's gradient is exactly the masked one on every step
         torch.testing.assert_close(layer.weight.grad, want * layer.mask, rtol=1e-5, atol=1e-6)
         if i < 2:
@@ -82,6 +85,32 @@ def test_gradient_regrowth_matches_the_brute_force_dense_gradient(nd, groups, pr
     # the next forwards (calls 3, 4) are not update steps
     _loss(layer(xs[3])).backward()
     assert layer.dense_grad is None
+
+
+@pytest.mark.parametrize("run", [True, False])
+def test_dense_grad_tap_op_both_steps_and_opcheck(run, path):
+    """The autograd rule on both kinds of step (the compiled schedule runs both through it): ``weight`` gets the
+    masked gradient exactly, the tap the dense one off the mask or exactly 0; a block mask with partial tiles
+    (entries off the mask inside a listed tile are computed, then dropped). And opcheck of the tap's op."""
+    from convzoo.ops import masked_conv as ops
+
+    torch.manual_seed(9)
+    w = torch.randn(32, 16, 3, 3, device=path, requires_grad=True)
+    mask = sparsity.block_mask(torch.rand(32, 16, 3, 3, device=path), block=(16, 16), density=0.5)
+    mask &= torch.rand(mask.shape, device=path) < 0.7  # partial tiles
+    x = torch.randn(2, 16, 5, 5, device=path)
+    probe = torch.zeros_like(w, requires_grad=True)
+    geom = ([1, 1], [1, 1, 1, 1], [1, 1], 1, "zeros", [16, 16])
+    y = ops.masked_conv_dense_grad(x, w, probe, mask, torch.tensor(run, device=path), None, *geom)
+    _loss(y).backward()
+    wd = (w.detach() * mask).requires_grad_()
+    _loss(F.conv2d(x, wd, None, 1, 1)).backward()
+    torch.testing.assert_close(w.grad, wd.grad * mask, rtol=1e-5, atol=1e-6)
+    assert torch.equal(w.grad[~mask], torch.zeros_like(w.grad[~mask]))
+    torch.testing.assert_close(probe.grad, wd.grad * ~mask if run else torch.zeros_like(w), rtol=1e-5, atol=1e-6)
+    g = torch.randn_like(y)
+    torch.library.opcheck(torch.ops.convzoo.masked_conv_grad_weight_tap,
+                          (g, x, mask, torch.tensor(run, device=path), [32, 16, 3, 3], *geom))
 
 
 def test_gradient_regrowth_with_blocks_pools_summed_abs_grad(path):

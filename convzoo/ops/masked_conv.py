@@ -353,6 +353,37 @@ def _(info, in_dims, grad, x, mask, *args):
 
 
 # ---------------------------------------------------------------------------------------------- dense-gradient tap
+def _grad_weight_tap_impl(grad: Tensor, x: Tensor, mask: Tensor, run: Tensor, weight_size: list[int],
+                          stride: list[int], padding: list[int], dilation: list[int], groups: int, padding_mode: str,
+                          block: list[int] | None = None) -> Tensor:
+    """The unmasked weight gradient in every tile where the 0-d bool ``run`` is True, else in the mask's tiles
+    (zeros elsewhere; entries the mask drops inside a listed tile are computed too: the caller selects). On the
+    kernels: the grad-weight kernel on the mask's cached tile lists with every row's count set to its full length
+    where ``run`` (each index row is a permutation of all tiles), no tile list rebuilt per step; on the plain-torch
+    path the dense weight gradient."""
+    if use_triton(grad):
+        from convzoo.kernels import masked_conv as kernels
+
+        lists = _tile_lists(mask, weight_size, groups, grad.device, block)
+        count = lists.count.masked_fill(run, lists.index.shape[-1])
+        return own(kernels.masked_conv_grad_weight(grad, x, None, count, lists.index, list(weight_size),
+                                                   list(weight_size[2:]), dilation, padding, stride, padding_mode,
+                                                   groups, lists.block))
+    return own(reference.masked_conv_grad_weight(grad, x, None, weight_size, stride, padding, dilation, groups,
+                                                 padding_mode))
+
+
+_grad_weight_tap = torch.library.custom_op("convzoo::masked_conv_grad_weight_tap",
+                                           mutates_args=())(_grad_weight_tap_impl)
+
+
+@_grad_weight_tap.register_fake
+def _(grad, x, mask, run, weight_size, stride, padding, dilation, groups, padding_mode, block=None):
+    _same_device(grad, input=x, mask=mask, run=run)
+    _shapes.geometry(tuple(x.shape[2:]), tuple(weight_size[2:]), dilation, padding, stride, padding_mode)
+    return x.new_empty(weight_size)
+
+
 class _DenseGradTap(torch.autograd.Function):
     """``masked_conv(x, weight, mask, bias)`` whose backward also hands the *dense* weight gradient at the masked
     entries to ``probe`` (RigL's regrowth score), on the steps where ``run`` (a 0-d bool tensor) is True: the
@@ -360,7 +391,9 @@ class _DenseGradTap(torch.autograd.Function):
     kernels, the grad-weight kernel on the full tile lists; on the plain-torch path the same
     ``aten.convolution_backward`` call, its dense result kept), then split: ``weight`` gets it where ``mask`` is
     (exactly the masked gradient), ``probe`` where it is not (exactly 0 on the other steps). ``probe``'s value is
-    never read. First order, reverse mode only (the layer takes this path only for a plain training step)."""
+    never read. On the kernels the first-order weight gradient is ``convzoo::masked_conv_grad_weight_tap``: the
+    grad-weight kernel on the mask's cached lists, every tile listed where ``run``. Reverse mode (the layer takes
+    this path only for a plain training step; a ``create_graph`` backward takes the differentiable ops)."""
 
     @staticmethod
     def forward(x, weight, probe, mask, run, bias, stride, padding, dilation, groups, padding_mode, block):
@@ -389,15 +422,17 @@ class _DenseGradTap(torch.autograd.Function):
         else:
             if want_x:
                 dx = masked_conv_grad_input(grad, weight, mask, list(x.shape[2:]), *ctx.geom)
-            if want_w or want_p:
+            if (want_w or want_p) and torch.is_grad_enabled():  # create_graph: the differentiable op
                 dwe = masked_conv_grad_weight(grad, x, wide, list(weight.shape), *ctx.geom)
+            elif want_w or want_p:  # (entries off the mask inside listed tiles too: the wheres below select)
+                dwe = _grad_weight_tap(grad, x, mask, run, list(weight.shape), *ctx.geom)
             if want_b:
                 db = grad.sum([0, *range(2, grad.dim())])
         dw = dp = None
         if dwe is not None:
             zero = dwe.new_zeros(())
             dw = torch.where(mask, dwe, zero) if want_w else None
-            dp = torch.where(mask, zero, dwe).to(ctx.probe_dtype) if want_p else None
+            dp = torch.where(run & ~mask, dwe, zero).to(ctx.probe_dtype) if want_p else None
         return dx, dw, dp, None, None, db, None, None, None, None, None, None
 
 
@@ -407,6 +442,7 @@ def masked_conv_dense_grad(x: Tensor, weight: Tensor, probe: Tensor, mask: Tenso
     """``masked_conv(x, weight, mask, bias, ...)`` (resolved arguments, a bool ``mask``) whose backward also
     writes, where the 0-d bool tensor ``run`` is True, the dense weight gradient ``∂L/∂W`` at the entries the mask
     drops into ``probe``'s gradient (a weight-shaped tensor that requires grad; its value is not read), with no
-    second backward (see :class:`_DenseGradTap`). ``weight`` gets exactly the masked gradient."""
+    second backward (see :class:`_DenseGradTap`). ``weight`` gets exactly the masked gradient. On the kernels the
+    weight gradient is the grad-weight kernel on the mask's cached tile lists, every tile listed where ``run``."""
     return _DenseGradTap.apply(x, weight, probe, mask, run, bias, stride, padding, dilation, groups, padding_mode,
                                block)
