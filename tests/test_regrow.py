@@ -164,6 +164,11 @@ def test_regrow_init_and_bad_arguments():
     fresh = layer.weight[out.regrown]
     assert (fresh != 0).all() and (fresh.abs() <= bound).all()
     assert "regrow_init='init'" in repr(layer)
+    # no update step's backward yet: every |grad| is 0, the tie order (random) picks; counts still exact
+    idle = convzoo.DynamicSparseConv2d(4, 8, 3, density=0.5, regrow="gradient", score="magnitude")
+    before = idle.mask.sum((1, 2, 3))
+    out = idle.prune_regrow(fraction=0.5)
+    assert out.regrown.any() and torch.equal(idle.mask.sum((1, 2, 3)), before)
     with pytest.raises(ValueError, match="regrow_init"):
         convzoo.DynamicSparseConv2d(4, 4, 3, regrow_init="normal")
     with pytest.raises(ValueError, match="regrow must"):

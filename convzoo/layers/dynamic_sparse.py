@@ -277,7 +277,8 @@ class _DynamicSparseConvNd:
             dist.all_reduce(self._coactivation, group=process_group)
         grad = self.dense_grad
         if self.regrow_mode == "gradient":
-            grad = torch.zeros_like(self.weight) if grad is None else grad.detach().clone()
+            grad = (torch.zeros(self.mask.shape, device=self.mask.device) if grad is None
+                    else grad.detach().clone())
             if distributed:
                 dist.all_reduce(grad, group=process_group)
         # under FSDP (fully_shard) the weight is a sharded DTensor: work on the full weight, write the shards back
