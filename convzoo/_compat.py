@@ -20,7 +20,7 @@ guard``            ``Library.impl(..., allow_override=True)``          ``torch.o
 ``interpreted``    ``triton.runtime.interpreter.InterpretedFunction``  "not a ``triton.runtime.JITFunction``"
 ``int8_mm``        ``torch._int_mm`` (int8 × int8 → int32, CPU)        the coactivation count's CPU path runs its
                                                                        fp32 weight-gradient convolution (same
-                                                                       counts, about 3× slower)
+                                                                       counts, 2-3× slower)
 =================  ==================================================  =============================================
 
 :func:`convzoo.debug_info` reports which fast paths are active on the running torch and Triton. Each probe does

@@ -654,8 +654,8 @@ def _count_int8(xa: torch.Tensor, ya: torch.Tensor, weight_shape, g: _shapes.Geo
     through :mod:`convzoo._compat`): per group, the patch matrix of the 0/1 input as bytes, ``[C_in/G·∏K, N·L]``
     (the bool tensor read as int8, padded and windowed as :func:`_windows` does, then one copy), times the 0/1
     output ``[N·L, C_out/G]``; batch chunks of at most ``_COUNT_CHUNK_BYTES`` of patches. The same integers as
-    the fp32 weight-gradient convolution of the binarized copies (both exact: a count is at most ``N·L``), about
-    3× faster on a CPU with int8 dot products, and its copies are bytes, not fp32. None where it does not apply
+    the fp32 weight-gradient convolution of the binarized copies (both exact: a count is at most ``N·L``), 2-3×
+    faster on a CPU with int8 dot products, and its copies are bytes, not fp32. None where it does not apply
     (not a CPU tensor, the fast path inactive, an empty operand, many groups): the caller takes the fp32 path."""
     mm = _compat.int8_mm
     if (mm is None or xa.device.type != "cpu" or groups > _COUNT_MAX_GROUPS or xa.numel() == 0 or ya.numel() == 0
