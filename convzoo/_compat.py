@@ -18,6 +18,9 @@ guard``            ``Library.impl(..., allow_override=True)``          ``torch.o
                                                                        ``KFACFactors`` and ``DynamicSparseConv``
                                                                        warn at construction that they count
 ``interpreted``    ``triton.runtime.interpreter.InterpretedFunction``  "not a ``triton.runtime.JITFunction``"
+``int8_mm``        ``torch._int_mm`` (int8 × int8 → int32, CPU)        the coactivation count's CPU path runs its
+                                                                       fp32 weight-gradient convolution (same
+                                                                       counts, 2-3× slower)
 =================  ==================================================  =============================================
 
 :func:`convzoo.debug_info` reports which fast paths are active on the running torch and Triton. Each probe does
@@ -52,7 +55,8 @@ _OFF = {"plain_eager": {"_plain_keysets": frozenset(), "_dispatch_keys": None, "
         "forward_ad_guard": {"_make_autograd_impl": None},
         "aten_im2col": {"im2col": None, "col2im": None},
         "graph_task": {"_graph_task_id": None},
-        "interpreted": {"_interpreted_type": None}}
+        "interpreted": {"_interpreted_type": None},
+        "int8_mm": {"int8_mm": None}}
 # queried by every path, fast or not: a torch.func transform / a forward-AD level may be active (the public
 # reading where the private query is gone: assume one may be, so the call takes the complete autograd.Function)
 _transforms = None
@@ -61,6 +65,7 @@ _has_forward_level = False
 _plain_keysets: frozenset = frozenset()
 _dispatch_keys = _stack_len = _function_mode = _tls_included = _python_dispatcher = _profiling = None
 _tracing_state = _c_apply = _make_autograd_impl = _graph_task_id = _interpreted_type = None
+int8_mm = None
 im2col = col2im = None
 
 
@@ -177,8 +182,19 @@ def _probe_interpreted() -> dict:
     return {"_interpreted_type": InterpretedFunction}
 
 
+def _probe_int8_mm() -> dict:
+    mm = torch._int_mm
+    a = torch.tensor([[1, 0, 1], [1, 1, 1]], dtype=torch.int8)
+    b = torch.tensor([[1, 1], [0, 1], [1, 0]], dtype=torch.int8)
+    got = mm(a, b.t().contiguous().t())  # a transposed (column-major) right operand, as the count passes it
+    if got.dtype != torch.int32 or not torch.equal(got, torch.tensor([[2, 1], [2, 2]], dtype=torch.int32)):
+        raise RuntimeError("torch._int_mm is not the exact int8 matmul into int32")
+    return {"int8_mm": mm}
+
+
 _PROBES = {"plain_eager": _probe_plain_eager, "c_apply": _probe_c_apply, "forward_ad_guard": _probe_forward_ad_guard,
-           "aten_im2col": _probe_aten_im2col, "graph_task": _probe_graph_task, "interpreted": _probe_interpreted}
+           "aten_im2col": _probe_aten_im2col, "graph_task": _probe_graph_task, "interpreted": _probe_interpreted,
+           "int8_mm": _probe_int8_mm}
 
 
 def probe() -> dict[str, bool]:

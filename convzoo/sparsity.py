@@ -542,7 +542,8 @@ def _nm_prune_regrow(mask, prune_score, regrow_score, fraction, dims, regrow_pru
 def prune_regrow(mask: torch.Tensor, prune_score: torch.Tensor, regrow_score: torch.Tensor, fraction: float, *,
                  dims: Sequence[int] = (0,), regrow_pruned: bool = False, ties: str = "index",
                  generator: torch.Generator | None = None, block: Sequence[int] | None = None, groups: int = 1,
-                 pool: str | Sequence[str] = "mean", nm: Sequence[int] | None = None) -> PruneRegrow:
+                 pool: str | Sequence[str] = "mean", nm: Sequence[int] | None = None,
+                 count: torch.Tensor | None = None) -> PruneRegrow:
     """One dynamic-sparse-training step of a mask: per slice, drop the weakest kept entries and keep as many
     dropped ones instead, so every slice keeps exactly its count of kept entries.
 
@@ -591,6 +592,10 @@ def prune_regrow(mask: torch.Tensor, prune_score: torch.Tensor, regrow_score: to
         groups: the convolution's groups (with ``block``), dividing ``C_out``.
         pool: with ``block``, how the scores are pooled per tile (see above).
         nm: None, or ``(N, M)``: keep the N:M structure (see above); not with ``block``.
+        count: None, or an integer tensor on the mask's device, one entry per slice (or a 0-d one for all):
+            the number of entries to change in each slice instead of ``round(fraction · a)`` (still capped at
+            the candidates); ``fraction`` is then not read. A global schedule passes the counts it chose across
+            layers this way, without a host synchronisation. Not with ``block`` or ``nm``.
 
     Returns:
         A :class:`PruneRegrow` of bool tensors of ``mask``'s shape.
@@ -616,6 +621,12 @@ def prune_regrow(mask: torch.Tensor, prune_score: torch.Tensor, regrow_score: to
     check(generator is None or isinstance(generator, torch.Generator),
           lambda: f"generator must be a torch.Generator or None, got {type(generator).__name__}", TypeError)
     check(nm is None or block is None, lambda: "nm and block are exclusive: pass one of them")
+    check(count is None or (isinstance(count, torch.Tensor) and not count.is_floating_point()
+                            and not count.is_complex() and count.dtype != torch.bool),
+          lambda: f"count must be None or an integer tensor, got {getattr(count, 'dtype', type(count).__name__)}",
+          TypeError)
+    check(count is None or (block is None and nm is None), lambda: "count is for unstructured masks: not with "
+          "block or nm")
     if nm is not None:
         return _nm_prune_regrow(mask, prune_score, regrow_score, fraction, dims, regrow_pruned, ties, generator, nm,
                                 groups)
@@ -631,7 +642,13 @@ def prune_regrow(mask: torch.Tensor, prune_score: torch.Tensor, regrow_score: to
 
     kept = rows(mask)
     kept_count = kept.sum(1, dtype=torch.int64)
-    k = torch.round(kept_count.double() * fraction).long()
+    if count is None:
+        k = torch.round(kept_count.double() * fraction).long()
+    else:
+        check(count.device == mask.device, lambda: f"count is on {count.device} but mask is on {mask.device}")
+        check(count.numel() in (1, n_slices), lambda: f"count must have one entry per slice ({n_slices}) or one, "
+              f"got {count.numel()}")
+        k = torch.minimum(count.reshape(-1).long().clamp(min=0), kept_count).expand(n_slices)
     candidates = kept.shape[1] - kept_count + (k if regrow_pruned else 0)
     k = torch.minimum(k, candidates)[:, None]
     low = torch.tensor(float("-inf"), device=mask.device)

@@ -205,6 +205,27 @@ def test_count_with_padding_modes_reads_the_copied_values(key, padding_mode):
     assert torch.equal(got, binarized_conv_weight(x, y, ws, **geom, x_threshold=-0.1))
 
 
+@pytest.mark.parametrize("key", ["1d_D2_G2_lohi", "2d_S3_depthwise", "2d_S2_D2_lohi", "3d_S2_P1_G2"])
+def test_count_cpu_int8_path_in_chunks_and_its_fp32_fallback(key, monkeypatch):
+    """The CPU path counts with exact int8 matmuls (taken here: spied), in batch chunks (one sample at a time
+    below) or, without ``torch._int_mm``, with the fp32 weight-gradient conv: the same counts every way."""
+    from convzoo import _compat
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the plain-torch (CPU) path
+    x, y, ws, geom = _case(key, torch.float32)
+    want = binarized_conv_weight(x, y, ws, **geom, x_threshold=0.1, y_threshold=-0.1)
+    calls = []
+    mm = _compat.int8_mm
+    monkeypatch.setattr(_compat, "int8_mm", lambda a, b: calls.append(a.shape) or mm(a, b))
+    assert torch.equal(cf.coactivation(x, y, ws, **geom, x_threshold=0.1, y_threshold=-0.1), want) and calls
+    monkeypatch.setattr(reference, "_COUNT_CHUNK_BYTES", 1)
+    calls.clear()
+    assert torch.equal(cf.coactivation(x, y, ws, **geom, x_threshold=0.1, y_threshold=-0.1), want)
+    assert len(calls) == x.shape[0] * geom.get("groups", 1)  # one sample per chunk
+    monkeypatch.setattr(_compat, "int8_mm", None)
+    assert torch.equal(cf.coactivation(x, y, ws, **geom, x_threshold=0.1, y_threshold=-0.1), want)
+
+
 def test_count_ignores_nan_and_reads_any_dtype_and_layout():
     """NaN is never active; fp16/bf16 inputs (and y in another dtype, as under autocast) give the same count
     as their fp32 values; a channels-last / permuted x reads the same."""

@@ -19,7 +19,7 @@ import convzoo.functional as cf
 from convzoo import _compat
 from convzoo.ops import _native
 
-_FAST_PATHS = ("plain_eager", "c_apply", "forward_ad_guard", "aten_im2col", "graph_task", "interpreted")
+_FAST_PATHS = ("plain_eager", "c_apply", "forward_ad_guard", "aten_im2col", "graph_task", "interpreted", "int8_mm")
 
 
 @pytest.fixture

@@ -185,9 +185,13 @@ def test_compiled_training_step_matches_eager():
 
 
 # ---------------------------------------------------------------------------------------------- distributed
-def _model():
+def _model(wrap="ddp"):
     torch.manual_seed(0)
-    return nn.Sequential(_layer(prune_fraction=0.25), nn.ReLU(), DynamicSparseConv2d(6, 3, 3, prune_fraction=0.25))
+    # rigl: magnitude pruning, regrowth by the dense gradient, which prune_regrow all-reduces (a sum of the ranks'
+    # mean gradients: the single process's ranking, scaled)
+    kw = {"score": "magnitude", "regrow": "gradient", "update_every": 2} if wrap == "ddp_rigl" else {}
+    return nn.Sequential(_layer(prune_fraction=0.25, **kw), nn.ReLU(),
+                         DynamicSparseConv2d(6, 3, 3, prune_fraction=0.25, **kw))
 
 
 def _batches():
@@ -213,8 +217,8 @@ def _worker(rank, world, out_dir, wrap):
     dist.init_process_group("gloo", init_method=f"file://{os.path.join(out_dir, 'store')}", rank=rank,
                             world_size=world, timeout=datetime.timedelta(seconds=120))
     try:
-        model = _model()
-        if wrap == "ddp":
+        model = _model(wrap)
+        if wrap in ("ddp", "ddp_rigl"):
             _train(nn.parallel.DistributedDataParallel(model), _batches(), rank, world)
         else:  # FSDP2: the parameters become sharded DTensors
             from torch.distributed.fsdp import fully_shard
@@ -228,14 +232,14 @@ def _worker(rank, world, out_dir, wrap):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("wrap", ["ddp", "fully_shard"])
+@pytest.mark.parametrize("wrap", ["ddp", "fully_shard", "ddp_rigl"])
 def test_distributed_two_processes_match_one_process_on_the_concatenated_batch(tmp_path, wrap):
     """gloo, 2 CPU processes, 4 steps with 2 prune/regrow steps, under DistributedDataParallel and under FSDP2's
     fully_shard (sharded DTensor weights): both ranks end with identical masks, weights and statistics, equal to
     one process training on the whole batch (the gradients are averaged; the counts are all-reduced)."""
     mp.spawn(_worker, args=(2, str(tmp_path), wrap), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"{r}.pt") for r in (0, 1))
-    single = _train(_model(), _batches()).state_dict()
+    single = _train(_model(wrap), _batches()).state_dict()
     for k in r0:
         assert torch.equal(r0[k], r1[k]), k
         torch.testing.assert_close(r0[k], single[k], atol=1e-5, rtol=1e-5, msg=k)

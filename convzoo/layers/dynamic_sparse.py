@@ -1,5 +1,7 @@
-"""``DynamicSparseConv1d/2d/3d``: masked convolutions whose mask is trained (prune and regrow), scored by the
-layer's own coactivation statistics (:func:`convzoo.functional.coactivation`) or by weight magnitude."""
+"""``DynamicSparseConv1d/2d/3d``: masked convolutions whose mask is trained (prune and regrow), pruned by the
+layer's own coactivation statistics (:func:`convzoo.functional.coactivation`) or by weight magnitude, regrown by
+the statistics, the dense gradient (RigL, tapped from the backward that runs anyway) or at random (SET); and
+:class:`PruneRegrowSchedule`, per layer or global."""
 
 from __future__ import annotations
 
@@ -17,7 +19,9 @@ from convzoo.layers.masked_conv import MaskedConv1d, MaskedConv2d, MaskedConv3d
 __all__ = ["DynamicSparseConv1d", "DynamicSparseConv2d", "DynamicSparseConv3d", "PruneRegrowSchedule"]
 
 SCORES = ("count", "correlation", "magnitude")
-REGROWS = ("coactivation", "random")
+REGROWS = ("coactivation", "random", "gradient")
+REGROW_INITS = ("init", "zeros")
+SCOPES = ("layer", "global")
 
 
 def _like(t: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
@@ -31,7 +35,7 @@ class _DynamicSparseConvNd:
     """The statistics and the prune / regrow step shared by the three classes (mixed in before MaskedConvNd)."""
 
     def _init_dynamic(self, update_every, score, prune_fraction, regrow, prune_dims, ema, x_threshold,
-                      y_threshold) -> None:
+                      y_threshold, regrow_init=None) -> None:
         _compat.warn_if_blind_to_recompute(type(self).__name__)
         if isinstance(update_every, bool) or not isinstance(update_every, int) or update_every < 1:
             raise ValueError(f"update_every must be a positive int, got {update_every!r}")
@@ -39,6 +43,11 @@ class _DynamicSparseConvNd:
             raise ValueError(f"score must be one of {SCORES}, got {score!r}")
         if regrow not in REGROWS:
             raise ValueError(f"regrow must be one of {REGROWS}, got {regrow!r}")
+        if regrow_init is None:
+            regrow_init = "zeros" if regrow == "gradient" else "init"
+        if regrow_init not in REGROW_INITS:
+            raise ValueError(f"regrow_init must be None or one of {REGROW_INITS}, got {regrow_init!r}")
+        self.regrow_init = regrow_init
         self.prune_fraction = sparsity._check_density(prune_fraction, "prune_fraction")
         self.ema = None if ema is None else sparsity._check_density(ema, "ema")
         self.x_threshold = cf._threshold(x_threshold, "x_threshold")
@@ -76,6 +85,13 @@ class _DynamicSparseConvNd:
         # as a Python int (eager reads it without a host sync)
         self.register_buffer("calls", torch.zeros((), dtype=torch.int64, device=self.weight.device))
         self._calls = 0
+        # regrow='gradient': the dense-gradient tap, a weight-shaped leaf whose .grad the backward of an update
+        # step fills with ∂L/∂W at the masked entries (its value is never read; not a parameter: no optimizer
+        # steps it, zero_grad leaves it); prune_regrow reads and clears its gradient
+        self._grad_tap = None
+        if regrow == "gradient":
+            self._grad_tap = torch.zeros(self.weight.shape, dtype=self.weight.dtype, device=self.weight.device,
+                                         requires_grad=True)
 
     def _mask_dims(self) -> tuple[int, ...]:
         # the initial mask has prune_regrow's exact count per slice (while the base constructor draws it,
@@ -95,7 +111,48 @@ class _DynamicSparseConvNd:
             self._coactivation = torch.zeros_like(self._coactivation, device=device)
         else:
             self._coactivation = self._coactivation.to(device)  # the device only: counts stay fp32
+        tap = self._grad_tap
+        if tap is not None and (tap.device != device or tap.dtype != self.weight.dtype or tap.is_meta):
+            # a fresh leaf on the new device / dtype (a gradient collected before the move is dropped)
+            self._grad_tap = torch.zeros(self.weight.shape, dtype=self.weight.dtype, device=device,
+                                         requires_grad=True)
         return out
+
+    @property
+    def dense_grad(self) -> torch.Tensor | None:
+        """``regrow='gradient'``: the dense weight gradient ``∂L/∂W`` at the entries the mask drops, summed over
+        the update steps since the last :meth:`prune_regrow` (zero where the mask keeps; None before any update
+        step's backward, or for another ``regrow``)."""
+        return None if self._grad_tap is None else self._grad_tap.grad
+
+    def _taps_gradient(self, input: torch.Tensor) -> bool:
+        """Whether this forward may tap the dense gradient: ``regrow='gradient'``, a training step that
+        differentiates the weight (not under a ``torch.func`` transform, not a recomputed forward)."""
+        return (self._grad_tap is not None and self.training and torch.is_grad_enabled()
+                and self.weight.requires_grad and (torch.compiler.is_compiling() or not _compat.differentiating())
+                and not _compat.recomputed_forward())
+
+    def _conv_forward(self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if not self._taps_gradient(input):
+            return super()._conv_forward(input, weight, bias)
+        # an update step: the update_every-th training forward (calls counts the ones before this), as a tensor
+        # under compile (no recompile per step), a Python int in eager (no host sync; off-steps take the plain op)
+        if torch.compiler.is_compiling():
+            run = (self.calls + 1) % self.update_every == 0
+        elif (self._calls + 1) % self.update_every:
+            return super()._conv_forward(input, weight, bias)
+        else:
+            run = torch.ones((), dtype=torch.bool, device=self.mask.device)
+        from convzoo.ops import masked_conv as ops
+
+        unbatched = input.dim() == self.weight.dim() - 1
+        x = input[None] if unbatched else input
+        args = cf._resolved(cf._masked_conv_args, cf._cached_masked_conv_args, x.shape, weight.shape, self.stride,
+                            self.padding, self.dilation, self.groups, self.padding_mode)
+        x, w, b = cf._autocast(x, weight, bias)
+        block = None if self._mask_block is None else list(self._mask_block)
+        y = ops.masked_conv_dense_grad(x, w, self._grad_tap, self.mask, run, b, *cf._as_lists(args), block)
+        return y[0] if unbatched else y
 
     def reset_parameters(self) -> None:
         """The masked layer's re-initialisation (weight, bias, a new mask), and the statistics and both call
@@ -156,12 +213,14 @@ class _DynamicSparseConvNd:
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         y = super().forward(input)
-        if not (self.training and self.collects) or _compat.recomputed_forward():
+        if not (self.training and (self.collects or self._grad_tap is not None)) or _compat.recomputed_forward():
             # (in backward: activation checkpointing recomputing a forward whose input was counted already)
             return y
         x = input if input.dim() == self.weight.dim() else input[None]
         yb = y if input.dim() == self.weight.dim() else y[None]
-        if torch.compiler.is_compiling():
+        if not self.collects:  # regrow='gradient' with magnitude pruning: only the counters
+            pass
+        elif torch.compiler.is_compiling():
             # the schedule from the tensor counter through torch.cond (a Python counter would be a guard that
             # recompiles on every value); the blend outside the branch, taken only where the branch ran
             run = self.calls % self.update_every == 0
@@ -171,11 +230,11 @@ class _DynamicSparseConvNd:
                            (self._shift(x, self.x_threshold), self._shift(yb, self.y_threshold)))
             with torch.no_grad():
                 self._coactivation.copy_(torch.where(run, self._blend(self._coactivation, h), self._coactivation))
-        else:
-            if self._calls % self.update_every == 0:
-                with torch.no_grad():
-                    h = self._statistics(x.detach(), yb.detach(), self.x_threshold, self.y_threshold)
-                    self._coactivation.copy_(self._blend(self._coactivation, h))
+        elif self._calls % self.update_every == 0:
+            with torch.no_grad():
+                h = self._statistics(x.detach(), yb.detach(), self.x_threshold, self.y_threshold)
+                self._coactivation.copy_(self._blend(self._coactivation, h))
+        if not torch.compiler.is_compiling():
             self._calls += 1
         with torch.no_grad():
             self.calls.add_(1)
@@ -183,7 +242,8 @@ class _DynamicSparseConvNd:
 
     @torch.no_grad()
     def prune_regrow(self, optimizer: torch.optim.Optimizer | None = None, fraction: float | None = None,
-                     generator: torch.Generator | None = None, process_group=None) -> sparsity.PruneRegrow:
+                     generator: torch.Generator | None = None, process_group=None, *,
+                     _pruned: torch.Tensor | None = None) -> sparsity.PruneRegrow:
         """One prune-and-regrow step of the mask (see :func:`convzoo.sparsity.prune_regrow`): per slice of
         ``prune_dims``, the weakest ``fraction`` (default ``prune_fraction``) of the kept connections are dropped
         and as many dropped ones kept instead, so every slice keeps its count. With ``block``, whole blocks are
@@ -192,16 +252,19 @@ class _DynamicSparseConvNd:
         density. With ``nm``, every group of M consecutive input channels of a tap keeps its N.
 
         Weakest: lowest ``|weight|`` (``score='magnitude'``) or lowest accumulated coactivation (``'count'``,
-        ``'correlation'``). Regrown: highest coactivation (``regrow='coactivation'``; never one pruned in this
-        step) or uniformly at random (``'random'``, drawn from ``generator``); equal scores in a random order
-        (from ``generator``), never by position. Regrown weights are re-initialised
-        as ``nn.ConvNd`` initialises (uniform in ``±1/√fan_in``, from ``generator``) and pruned ones zeroed;
+        ``'correlation'``). Regrown (never one pruned in this step): highest coactivation
+        (``regrow='coactivation'``), highest ``|∂L/∂W|`` of the dense gradient (``'gradient'``, RigL: summed over
+        the update steps since the last call, see :attr:`dense_grad`; ``|·|`` summed per block with ``block``),
+        or uniformly at random among the dropped ones (``'random'``, SET, drawn from ``generator``); equal scores
+        in a random order (from ``generator``), never by position. Regrown weights are zero
+        (``regrow_init='zeros'``, RigL's; the default with ``'gradient'``) or re-initialised as ``nn.ConvNd``
+        initialises (``'init'``: uniform in ``±1/√fan_in``, from ``generator``), and pruned ones zeroed;
         their entries of every weight-shaped optimizer state (Adam's moments, SGD's momentum) are zeroed.
         The statistics are reset afterwards.
 
         Under ``torch.distributed`` (initialised, more than one process in ``process_group``): the statistics are
-        summed over the processes first (``all_reduce``), and the new mask and weight are broadcast from the
-        group's first rank, so every rank keeps identical masks and weights whatever its generator.
+        summed over the processes first (``all_reduce``, the dense gradient too), and the new mask and weight are
+        broadcast from the group's first rank, so every rank keeps identical masks and weights whatever its generator.
 
         No host synchronisation: everything stays on the weight's device.
 
@@ -212,6 +275,12 @@ class _DynamicSparseConvNd:
         distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size(process_group) > 1
         if distributed and self.collects:
             dist.all_reduce(self._coactivation, group=process_group)
+        grad = self.dense_grad
+        if self.regrow_mode == "gradient":
+            grad = (torch.zeros(self.mask.shape, device=self.mask.device) if grad is None
+                    else grad.detach().clone())
+            if distributed:
+                dist.all_reduce(grad, group=process_group)
         # under FSDP (fully_shard) the weight is a sharded DTensor: work on the full weight, write the shards back
         sharded = isinstance(self.weight, DTensor)
         current = self.weight.full_tensor() if sharded else self.weight
@@ -219,18 +288,27 @@ class _DynamicSparseConvNd:
         prune_score = current.abs() if self.score_mode == "magnitude" else stat
         if self.regrow_mode == "random":
             regrow_score = torch.rand(self.weight.shape, generator=generator, device=self.weight.device)
+        elif self.regrow_mode == "gradient":
+            regrow_score = grad.abs()
         else:
             regrow_score = stat
         # ties (integer counts make many) broken at random: by position they would drift to low-index channels
         # with a block: whole blocks, mean |w| or a summed statistic per block, so every dropped block stays a
         # skipped tile
         pool = ("mean" if self.score_mode == "magnitude" else "sum", "mean" if self.regrow_mode == "random" else "sum")
-        out = sparsity.prune_regrow(self.mask, prune_score.float(), regrow_score.float(), fraction,
-                                    dims=self.prune_dims, ties="random", generator=generator, block=self._mask_block,
-                                    groups=self.groups, pool=pool, nm=self._mask_nm)
-        fan_in = self.weight.shape[1] * math.prod(self.weight.shape[2:])
-        bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0.0
-        fresh = torch.empty_like(current).uniform_(-bound, bound, generator=generator)
+        if _pruned is None:
+            out = sparsity.prune_regrow(self.mask, prune_score.float(), regrow_score.float(), fraction,
+                                        dims=self.prune_dims, ties="random", generator=generator,
+                                        block=self._mask_block, groups=self.groups, pool=pool, nm=self._mask_nm)
+        else:  # a global schedule chose which to prune: exactly those go, as many regrow over the whole layer
+            out = sparsity.prune_regrow(self.mask, (~_pruned).float(), regrow_score.float(), 0.0, dims=(),
+                                        ties="random", generator=generator, count=_pruned.sum())
+        if self.regrow_init == "zeros":
+            fresh = torch.zeros_like(current)
+        else:
+            fan_in = self.weight.shape[1] * math.prod(self.weight.shape[2:])
+            bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+            fresh = torch.empty_like(current).uniform_(-bound, bound, generator=generator)
         weight = torch.where(out.regrown, fresh, torch.where(out.pruned, 0, current))
         mask = out.mask
         if distributed:
@@ -245,10 +323,13 @@ class _DynamicSparseConvNd:
                 if isinstance(state, torch.Tensor) and state.shape == self.weight.shape:
                     state.masked_fill_(_like(changed, state), 0)
         self._coactivation.zero_()
+        if self._grad_tap is not None:
+            self._grad_tap.grad = None
         return out
 
     def extra_repr(self) -> str:
         return (super().extra_repr() + f", score={self.score_mode!r}, regrow={self.regrow_mode!r}, "
+                f"regrow_init={self.regrow_init!r}, "
                 f"prune_fraction={self.prune_fraction}, update_every={self.update_every}")
 
 
@@ -263,12 +344,18 @@ which :meth:`prune_regrow` keeps: whole blocks, N of every M):
     score: ``'count'`` (coactivation counts), ``'correlation'`` (the seed's |Pearson| score) or ``'magnitude'``
         (``|weight|``; statistics are then collected only for ``regrow='coactivation'``, as counts).
     prune_fraction: the fraction of each slice's kept connections replaced per :meth:`prune_regrow`.
-    regrow: ``'coactivation'`` (highest statistic first) or ``'random'``.
+    regrow: ``'coactivation'`` (highest statistic first), ``'gradient'`` (RigL: highest ``|∂L/∂W|`` of the dense
+        gradient, which the backward of every ``update_every``-th training forward also produces at the masked
+        entries, no second backward; set ``update_every`` to the schedule's ``every`` for RigL's "gradient of the
+        step before the update") or ``'random'`` (SET: uniform among the dropped connections). With
+        ``score='magnitude'`` any of them prunes by ``|weight|`` (RigL, SET).
     prune_dims: the dims whose every index is one slice with its own exact count (in the initial mask too):
         ``(0,)`` per output channel, ``(0, 1)`` per filter (DSConv's), ``()`` the whole weight. With ``block``:
         ``(0,)`` per row of blocks, ``()`` all blocks; :meth:`prune_regrow` then keeps whole blocks.
     ema: None (sum the statistics between prune steps) or the EMA factor in [0, 1].
     x_threshold, y_threshold: an input / output value counts as active when it is above its threshold.
+    regrow_init: how regrown weights start: ``'zeros'`` (RigL's) or ``'init'`` (``nn.Conv{n}d``'s uniform
+        initialisation); None: ``'zeros'`` for ``regrow='gradient'``, else ``'init'``.
 
 Raises:
     TypeError, ValueError: ``nn.Conv{n}d``'s own errors, or an argument above of the wrong type or out of range.
@@ -279,10 +366,11 @@ def _make(base, n):
     def __init__(self, *args, density: float | None = None, block=None, nm=None, update_every: int = 1,
                  score: str = "count",
                  prune_fraction: float = 0.1, regrow: str = "coactivation", prune_dims=(0,), ema=None,
-                 x_threshold: float = 0.0, y_threshold: float = 0.0, **kwargs):
+                 x_threshold: float = 0.0, y_threshold: float = 0.0, regrow_init: str | None = None, **kwargs):
         base.__init__(self, *args, **kwargs)  # the mask below: the default density differs
         self._init_mask(density, block, nm, default_density=0.5, zero=False)
-        self._init_dynamic(update_every, score, prune_fraction, regrow, prune_dims, ema, x_threshold, y_threshold)
+        self._init_dynamic(update_every, score, prune_fraction, regrow, prune_dims, ema, x_threshold, y_threshold,
+                           regrow_init)
 
     return type(f"DynamicSparseConv{n}d", (_DynamicSparseConvNd, base),
                 {"__init__": __init__, "__doc__": _DOC.format(n=n), "__module__": __name__})
@@ -307,15 +395,23 @@ class PruneRegrowSchedule:
         fraction: the initial fraction in [0, 1], or None.
         generator: the ``torch.Generator`` for random regrowth and re-initialisation.
         process_group: the ``torch.distributed`` group (see ``prune_regrow``).
+        scope: ``'layer'`` (each layer prunes its own fraction, per slice of its ``prune_dims``) or ``'global'``:
+            the ``round(f_t · A)`` active connections of smallest ``|weight|`` across all layers go (``A`` the
+            total active count; equal magnitudes in a random order from ``generator``, NaN first), and each layer
+            regrows, by its own ``regrow`` rule over its whole weight, as many as it lost, so every layer keeps
+            its count and the total density is exact at every step. ``'global'`` needs every layer unstructured
+            (no ``block`` / ``nm``) with ``score='magnitude'``, and one fraction (``fraction``, or equal
+            ``prune_fraction`` s).
 
     Raises:
         TypeError, ValueError: ``every`` not a positive int, ``end`` not None or a positive int, ``fraction`` not
-            None or a real number in [0, 1], or ``model`` without dynamic-sparse layers.
+            None or a real number in [0, 1], ``model`` without dynamic-sparse layers, an unknown ``scope``, or
+            ``scope='global'`` with a layer it cannot take (named).
     """
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None, *, every: int = 100,
                  end: int | None = None, fraction: float | None = None, generator: torch.Generator | None = None,
-                 process_group=None):
+                 process_group=None, scope: str = "layer"):
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"every must be a positive int, got {every!r}")
         if end is not None and (isinstance(end, bool) or not isinstance(end, int) or end < 1):
@@ -324,8 +420,19 @@ class PruneRegrowSchedule:
         self.layers = [m for m in model.modules() if isinstance(m, _DynamicSparseConvNd)]
         if not self.layers:
             raise ValueError("model has no DynamicSparseConv1d/2d/3d layer to update")
+        if scope not in SCOPES:
+            raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
+        if scope == "global":
+            for name, m in model.named_modules():
+                if isinstance(m, _DynamicSparseConvNd) and (m._mask_block is not None or m._mask_nm is not None
+                                                            or m.score_mode != "magnitude"):
+                    raise ValueError(f"scope='global' prunes unstructured layers by |weight|: layer {name!r} has "
+                                     f"block={m._mask_block}, nm={m._mask_nm}, score={m.score_mode!r}")
+            if self.fraction is None and len({m.prune_fraction for m in self.layers}) > 1:
+                raise ValueError("scope='global' prunes one fraction across layers: pass fraction (the layers' "
+                                 "prune_fraction differ)")
         self.optimizer, self.every, self.end = optimizer, every, end
-        self.generator, self.process_group = generator, process_group
+        self.generator, self.process_group, self.scope = generator, process_group, scope
         self.steps = 0
 
     def decay(self, t: int) -> float:
@@ -337,10 +444,36 @@ class PruneRegrowSchedule:
         self.steps += 1
         if self.steps % self.every or (self.end is not None and self.steps >= self.end):
             return False
+        if self.scope == "global":
+            f = self.layers[0].prune_fraction if self.fraction is None else self.fraction
+            self.global_prune_regrow(f * self.decay(self.steps))
+            return True
         for layer in self.layers:
             f = layer.prune_fraction if self.fraction is None else self.fraction
             layer.prune_regrow(self.optimizer, f * self.decay(self.steps), self.generator, self.process_group)
         return True
+
+    @torch.no_grad()
+    def global_prune_regrow(self, fraction: float) -> list[sparsity.PruneRegrow]:
+        """One global step (``scope='global'``, see the class): the ``round(fraction · A)`` smallest-``|weight|``
+        active connections over all layers pruned, each layer regrowing as many. On the weights' device, no host
+        synchronisation. Returns each layer's :class:`convzoo.sparsity.PruneRegrow`, in :attr:`layers`' order."""
+        fraction = sparsity._check_density(fraction, "fraction")
+        weights = [m.weight.full_tensor() if isinstance(m.weight, DTensor) else m.weight for m in self.layers]
+        kept = torch.cat([m.mask.reshape(-1) for m in self.layers])
+        mag = torch.cat([w.detach().abs().reshape(-1).float() for w in weights])
+        mag = torch.where(mag.isnan(), float("-inf"), mag)
+        k = torch.round(kept.sum(dtype=torch.int64).double() * fraction).long()
+        shuffle = torch.rand(kept.shape, generator=self.generator, device=kept.device).argsort()[None]
+        pruned = kept & (sparsity._rank(kept[None], mag[None], False, shuffle)[0] < k)
+        out, start = [], 0
+        for m in self.layers:
+            n = m.mask.numel()
+            mine = pruned[start:start + n].view(m.mask.shape)
+            start += n
+            out.append(m.prune_regrow(self.optimizer, generator=self.generator, process_group=self.process_group,
+                                      _pruned=mine))
+        return out
 
     def state_dict(self) -> dict:
         return {"steps": self.steps}

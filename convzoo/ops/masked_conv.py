@@ -40,7 +40,8 @@ from convzoo import _shapes, reference, sparsity
 from convzoo.ops import _autograd
 from convzoo.ops._dispatch import own, use_triton
 
-__all__ = ["clear_tile_cache", "masked_conv", "masked_conv_grad_input", "masked_conv_grad_weight"]
+__all__ = ["clear_tile_cache", "masked_conv", "masked_conv_dense_grad", "masked_conv_grad_input",
+           "masked_conv_grad_weight"]
 
 
 # ---------------------------------------------------------------------------------------------- tile lists
@@ -220,7 +221,7 @@ def _setup(ctx, inputs, output):
     ctx.geom = geom
 
 
-def _fused_backward(ctx, grad, x, weight, mask):
+def _fused_backward(ctx, grad, x, weight, mask, want_b=None, grad_mask=None):
     """On the plain-torch path, a first-order eager backward that needs both gradients: one
     ``aten.convolution_backward`` call for dx, dW (then masked) and the bias (as autograd of ``F.convNd`` makes),
     not two ops; None where that does not apply (the kernels, a graph being recorded for double backward or by a
@@ -230,11 +231,12 @@ def _fused_backward(ctx, grad, x, weight, mask):
     if (torch.is_grad_enabled() or padding_mode != "zeros" or lo != hi or use_triton(grad)
             or 0 in (grad.numel(), x.numel(), weight.numel()) or not _autograd.plain_eager((grad, x, weight, mask))):
         return None
-    want_b = ctx.has_bias and ctx.needs_input_grad[3]
+    if want_b is None:
+        want_b = ctx.has_bias and ctx.needs_input_grad[3]
     dx, dw, db = torch.ops.aten.convolution_backward(
         grad, x, _masked_weight(weight, mask), [weight.shape[0]] if want_b else None, stride, lo, dilation, False,
         [0] * len(stride), groups, [True, True, want_b])
-    return dx, reference.masked_weight(dw, mask), db
+    return dx, reference.masked_weight(dw, mask if grad_mask is None else grad_mask), db
 
 
 def _backward(ctx, grad):
@@ -348,3 +350,99 @@ def _(info, in_dims, grad, weight, mask, *args):
 @_grad_weight.register_vmap
 def _(info, in_dims, grad, x, mask, *args):
     return _autograd.loop_vmap(_grad_weight, info.batch_size, in_dims, (grad, x, mask, *args))
+
+
+# ---------------------------------------------------------------------------------------------- dense-gradient tap
+def _grad_weight_tap_impl(grad: Tensor, x: Tensor, mask: Tensor, run: Tensor, weight_size: list[int],
+                          stride: list[int], padding: list[int], dilation: list[int], groups: int, padding_mode: str,
+                          block: list[int] | None = None) -> Tensor:
+    """The unmasked weight gradient in every tile where the 0-d bool ``run`` is True, else in the mask's tiles
+    (zeros elsewhere; entries the mask drops inside a listed tile are computed too: the caller selects). On the
+    kernels: the grad-weight kernel on the mask's cached tile lists with every row's count set to its full length
+    where ``run`` (each index row is a permutation of all tiles), no tile list rebuilt per step; on the plain-torch
+    path the dense weight gradient."""
+    if use_triton(grad):
+        from convzoo.kernels import masked_conv as kernels
+
+        lists = _tile_lists(mask, weight_size, groups, grad.device, block)
+        count = lists.count.masked_fill(run, lists.index.shape[-1])
+        return own(kernels.masked_conv_grad_weight(grad, x, None, count, lists.index, list(weight_size),
+                                                   list(weight_size[2:]), dilation, padding, stride, padding_mode,
+                                                   groups, lists.block))
+    return own(reference.masked_conv_grad_weight(grad, x, None, weight_size, stride, padding, dilation, groups,
+                                                 padding_mode))
+
+
+_grad_weight_tap = torch.library.custom_op("convzoo::masked_conv_grad_weight_tap",
+                                           mutates_args=())(_grad_weight_tap_impl)
+
+
+@_grad_weight_tap.register_fake
+def _(grad, x, mask, run, weight_size, stride, padding, dilation, groups, padding_mode, block=None):
+    _same_device(grad, input=x, mask=mask, run=run)
+    _shapes.geometry(tuple(x.shape[2:]), tuple(weight_size[2:]), dilation, padding, stride, padding_mode)
+    return x.new_empty(weight_size)
+
+
+class _DenseGradTap(torch.autograd.Function):
+    """``masked_conv(x, weight, mask, bias)`` whose backward also hands the *dense* weight gradient at the masked
+    entries to ``probe`` (RigL's regrowth score), on the steps where ``run`` (a 0-d bool tensor) is True: the
+    backward's one weight gradient is taken under the mask ``mask | run`` (all entries on those steps: on the
+    kernels, the grad-weight kernel on the full tile lists; on the plain-torch path the same
+    ``aten.convolution_backward`` call, its dense result kept), then split: ``weight`` gets it where ``mask`` is
+    (exactly the masked gradient), ``probe`` where it is not (exactly 0 on the other steps). ``probe``'s value is
+    never read. On the kernels the first-order weight gradient is ``convzoo::masked_conv_grad_weight_tap``: the
+    grad-weight kernel on the mask's cached lists, every tile listed where ``run``. Reverse mode (the layer takes
+    this path only for a plain training step; a ``create_graph`` backward takes the differentiable ops)."""
+
+    @staticmethod
+    def forward(x, weight, probe, mask, run, bias, stride, padding, dilation, groups, padding_mode, block):
+        return masked_conv(x, weight, mask, bias, stride, padding, dilation, groups, padding_mode, block)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, probe, mask, run, bias, *geom = inputs
+        ctx.save_for_backward(x, weight, mask, run)
+        ctx.has_bias = bias is not None
+        ctx.probe_dtype = probe.dtype
+        ctx.geom = geom
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, mask, run = ctx.saved_tensors
+        wide = mask | run  # every entry on a step that taps the dense gradient, else the mask
+        want_x, want_w, want_p = ctx.needs_input_grad[:3]
+        want_b = ctx.has_bias and ctx.needs_input_grad[5]
+        dx = dwe = db = None
+        fused = None
+        if want_x and (want_w or want_p):
+            fused = _fused_backward(ctx, grad, x, weight, mask, want_b=want_b, grad_mask=wide)
+        if fused is not None:
+            dx, dwe, db = fused
+        else:
+            if want_x:
+                dx = masked_conv_grad_input(grad, weight, mask, list(x.shape[2:]), *ctx.geom)
+            if (want_w or want_p) and torch.is_grad_enabled():  # create_graph: the differentiable op
+                dwe = masked_conv_grad_weight(grad, x, wide, list(weight.shape), *ctx.geom)
+            elif want_w or want_p:  # (entries off the mask inside listed tiles too: the wheres below select)
+                dwe = _grad_weight_tap(grad, x, mask, run, list(weight.shape), *ctx.geom)
+            if want_b:
+                db = grad.sum([0, *range(2, grad.dim())])
+        dw = dp = None
+        if dwe is not None:
+            zero = dwe.new_zeros(())
+            dw = torch.where(mask, dwe, zero) if want_w else None
+            dp = torch.where(run & ~mask, dwe, zero).to(ctx.probe_dtype) if want_p else None
+        return dx, dw, dp, None, None, db, None, None, None, None, None, None
+
+
+def masked_conv_dense_grad(x: Tensor, weight: Tensor, probe: Tensor, mask: Tensor, run: Tensor, bias: Tensor | None,
+                           stride: list[int], padding: list[int], dilation: list[int], groups: int, padding_mode: str,
+                           block: list[int] | None = None) -> Tensor:
+    """``masked_conv(x, weight, mask, bias, ...)`` (resolved arguments, a bool ``mask``) whose backward also
+    writes, where the 0-d bool tensor ``run`` is True, the dense weight gradient ``∂L/∂W`` at the entries the mask
+    drops into ``probe``'s gradient (a weight-shaped tensor that requires grad; its value is not read), with no
+    second backward (see :class:`_DenseGradTap`). ``weight`` gets exactly the masked gradient. On the kernels the
+    weight gradient is the grad-weight kernel on the mask's cached tile lists, every tile listed where ``run``."""
+    return _DenseGradTap.apply(x, weight, probe, mask, run, bias, stride, padding, dilation, groups, padding_mode,
+                               block)

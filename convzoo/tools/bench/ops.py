@@ -403,6 +403,73 @@ def _coactivation_providers() -> list[Provider]:
             Provider(SEED_F2, _coactivation_seed_f2, ndims=(2,))]
 
 
+# ---------------------------------------------------------------------------------------------- dynamic_sparse
+DYNAMIC_DENSITY = 0.1
+# the training-step providers: (column, layer kind, statistics every this many steps)
+_DYNAMIC_KINDS = (("nn.Conv2d (dense)", "dense", None), (f"MaskedConv2d d{DYNAMIC_DENSITY:g}", "masked", None),
+                  (f"DynamicSparseConv2d d{DYNAMIC_DENSITY:g} stats every step", "dynamic", 1),
+                  (f"DynamicSparseConv2d d{DYNAMIC_DENSITY:g} stats every 100", "dynamic", 100))
+
+
+def _dynamic_cnn(kind: str, every, c_in: int, c: int, device, dtype) -> torch.nn.Module:
+    """The issue's 3-conv CNN (``c_in → c → c → c``, 3×3, padding 1, ReLU after each) of ``kind`` layers."""
+    import convzoo
+
+    def conv(i, o):
+        if kind == "dense":
+            return torch.nn.Conv2d(i, o, 3, padding=1, device=device, dtype=dtype)
+        if kind == "masked":
+            return convzoo.MaskedConv2d(i, o, 3, padding=1, density=DYNAMIC_DENSITY, device=device, dtype=dtype)
+        return convzoo.DynamicSparseConv2d(i, o, 3, padding=1, density=DYNAMIC_DENSITY, update_every=every,
+                                           device=device, dtype=dtype)
+
+    return torch.nn.Sequential(conv(c_in, c), torch.nn.ReLU(), conv(c, c), torch.nn.ReLU(), conv(c, c),
+                               torch.nn.ReLU())
+
+
+def _dynamic_sparse_problem(name, n, c_in, c, size) -> Problem:
+    """One SGD training step (forward, ``mean(y²)`` backward, ``optimizer.step()``) of the 3-conv CNN per provider
+    (each builds its own model on its first, untimed call). Inputs: x and the provider's state. Timed in fwd
+    only (the step is the whole call); FLOPs: the dense step's (forward, grad-input of the last two layers,
+    grad-weight of all three), so TFLOP/s is the dense-equivalent rate at every density."""
+    L = math.prod(size)
+    fwd = 2 * n * L * 9 * c * (c_in + 2 * c)
+    flops = fwd + 2 * n * L * 9 * c * 2 * c + fwd
+
+    def make(device, dtype, requires_grad):
+        return torch.randn(n, c_in, *size, device=device, dtype=dtype), {"c_in": c_in, "c": c}
+
+    act = n * L * c * 4  # the activations written and read (a floor, not a roofline)
+    return Problem("dynamic_sparse", name, 2, make, lambda mode, e: act * e, lambda mode: flops,
+                   label=f"3×conv N{n} C{c_in}→{c}→{c}→{c} {'×'.join(map(str, size))} k3 p1", differentiable=False)
+
+
+def _dynamic_step(kind: str, every):
+    def step(x, state):
+        if "model" not in state:  # built on the first (untimed) call, one model per provider
+            state["model"] = _dynamic_cnn(kind, every, state["c_in"], state["c"], x.device, x.dtype)
+            state["opt"] = torch.optim.SGD(state["model"].parameters(), lr=1e-3)
+        model, opt = state["model"], state["opt"]
+        opt.zero_grad(set_to_none=True)
+        y = model(x)
+        y.square().mean().backward()
+        opt.step()
+        return y.detach()
+
+    return step
+
+
+def _dynamic_sparse_providers() -> list[Provider]:
+    """The dense layer, the masked one and the dynamic one with statistics every step (``convzoo``: the speedup
+    column's base) and every 100 steps."""
+    out = []
+    for label, kind, every in _DYNAMIC_KINDS:
+        base = kind == "dynamic" and every == 1
+        out.append(Provider("convzoo" if base else label, _dynamic_step(kind, every), ndims=(2,),
+                            cpu_name=label if base else ""))
+    return out
+
+
 # ---------------------------------------------------------------------------------------------- sets
 # (name, N, C, spatial, kernel, stride, padding) for unfold/fold; local conv adds C_out after C
 # and, optionally, the weight layout (default "module")
@@ -448,6 +515,10 @@ _MASKED = {
              ("2d_resnet_14", 32, 256, 256, (14, 14), 3, 1, 1), ("2d_strided", 32, 64, 128, (56, 56), 3, 2, 1),
              ("3d_video", 4, 32, 32, (16, 32, 32), 3, 1, 1)],
 }
+# (name, N, C_in, C, spatial) for dynamic_sparse: the issue's 3-conv CNN (32 → 128 channels, batch 32 at 32×32)
+_DYNAMIC = {"tiny": [("cnn3_tiny", 2, 4, 16, (8, 8))],
+            "quick": [("cnn3", 32, 32, 128, (32, 32))],
+            "full": [("cnn3", 32, 32, 128, (32, 32)), ("cnn3_n64", 64, 32, 128, (32, 32))]}
 # (name, N, C_in, C_out, spatial, kernel, stride, padding) for coactivation: CIFAR-ResNet's 3×3 layers (16, 32, 64
 # channels at 32², 16², 8²) and a strided stage entry
 _COACT = {
@@ -474,7 +545,7 @@ def _seed_f2_skipped() -> str:
 
 
 KFAC_MODES = ("expand", "reduce")
-OPS = ("unfold", "fold", "local_conv", "patch_covariance", "masked_conv", "coactivation")
+OPS = ("unfold", "fold", "local_conv", "patch_covariance", "masked_conv", "coactivation", "dynamic_sparse")
 SIZES = ("tiny", "quick", "full")
 # a line under an op's table (printed and in the markdown): what its rows mean beyond the shape
 NOTES = {
@@ -489,11 +560,19 @@ NOTES = {
         "coactivation: mode='count' of a conv's input and output (both randn, about half active), timed in fwd only "
         "(a statistic); TFLOP/s counts the weight gradient's GEMM, 2·N·L·C_out·C_in·∏k. `conv_weight(x>0, y>0)` is "
         "torch.nn.grad.convNd_weight of binarized fp copies; on a CPU convzoo runs its CPU path, labelled "
-        "`convzoo (CPU path)`, which is that same computation. `seed f2` is the Sparse-CNN notebook's method "
+        "`convzoo (CPU path)`: the same counts as exact int8 matmuls (torch._int_mm) of the 0/1 tensors read as "
+        "bytes. `seed f2` is the Sparse-CNN notebook's method "
         "(the input repeated C_in·∏k times through a grouped conv of one-hot filters, sigmoid > 0.5 on both "
         "sides, product summed; its one-hot weight built outside the timed call, as the notebook builds it at "
         "layer init); it holds (X + 4·Y)·C_in·∏k elements (X, Y: the input's and output's sizes) and is not run "
         f"where that exceeds {SEED_F2_LIMIT >> 30} GiB: {_seed_f2_skipped()}."),
+    "dynamic_sparse": (
+        "dynamic_sparse: one SGD training step (forward, backward of mean(y²), optimizer.step) of a 3-conv CNN "
+        "(3×3, ReLU after each) built of nn.Conv2d, MaskedConv2d or DynamicSparseConv2d (density "
+        f"{DYNAMIC_DENSITY:g}, score='count': the coactivation statistics of every layer on every step, or every "
+        "100th; no prune_regrow in the timed step). The speedup column's base is the every-step row: a dense row "
+        "of 0.70x means every-step statistics cost 1/0.70 = 1.43× the dense step. TFLOP/s counts the dense "
+        "step's work."),
 }
 
 
@@ -509,6 +588,8 @@ def overhead_problems(ops=OPS) -> list[Problem]:
             out.append(_masked_conv_problem("overhead", 2, 3, 4, (8, 8), 3, 1, 1, overhead=True))
         elif op == "coactivation":
             out.append(_coactivation_problem("overhead", 2, 3, 4, (8, 8), 3, 1, 1, overhead=True))
+        elif op == "dynamic_sparse":  # a training step of layers: the masked_conv rows hold its per-call overhead
+            continue
         else:
             out.append(_local_conv_problem("overhead", 2, 3, 4, (8, 8), 3, 1, 1, overhead=True))
     return out
@@ -531,6 +612,8 @@ def problems(size: str, ops=OPS) -> list[Problem]:
                     for d, kind in MASK_DENSITIES]
         elif op == "coactivation":
             out += [_coactivation_problem(*shape) for shape in _COACT[size]]
+        elif op == "dynamic_sparse":
+            out += [_dynamic_sparse_problem(*shape) for shape in _DYNAMIC[size]]
         else:
             raise ValueError(f"unknown op {op!r}; choose from {OPS}")
     return out
@@ -541,7 +624,8 @@ OP_KERNELS = {"unfold": ("unfold", "fold"), "fold": ("fold", "unfold"),
               "local_conv": ("local_conv_fwd", "local_conv_grad_input", "local_conv_grad_weight"),
               "patch_covariance": ("patch_covariance",),
               "masked_conv": ("masked_conv_fwd", "masked_conv_grad_input", "masked_conv_grad_weight"),
-              "coactivation": ("masked_conv_grad_weight",)}  # mode='count': grad-weight with fused thresholds
+              "coactivation": ("masked_conv_grad_weight",),  # mode='count': grad-weight with fused thresholds
+              "dynamic_sparse": ("masked_conv_fwd", "masked_conv_grad_input", "masked_conv_grad_weight")}
 
 
 def tune_layers(size: str, ops=OPS) -> list[Layer]:
@@ -557,6 +641,9 @@ def tune_layers(size: str, ops=OPS) -> list[Layer]:
             geoms = [(name, n, c, sz, k, s, p, None) for name, n, c, sz, k, s, p in _UNFOLD[size]]
         elif op == "patch_covariance":
             geoms = [(name, n, c, sz, k, s, p, None) for name, n, c, sz, k, s, p in _KFAC[size]]
+        elif op == "dynamic_sparse":  # the CNN's two distinct layers
+            geoms = [g for name, n, ci, c, sz in _DYNAMIC[size]
+                     for g in ((f"{name}_l1", n, ci, sz, 3, 1, 1, c), (f"{name}_l2", n, c, sz, 3, 1, 1, c))]
         else:
             table = {"local_conv": _LOCAL, "masked_conv": _MASKED, "coactivation": _COACT}[op][size]
             geoms = [(name, n, c, sz, k, s, p, o) for name, n, c, o, sz, k, s, p, *_ in table]
@@ -583,4 +670,5 @@ def for_size(size: str, ops=OPS) -> list[Problem]:
 def providers() -> dict[str, list[Provider]]:
     return {"unfold": _unfold_providers("unfold"), "fold": _unfold_providers("fold"),
             "local_conv": _local_conv_providers(), "patch_covariance": _kfac_providers(),
-            "masked_conv": _masked_conv_providers(), "coactivation": _coactivation_providers()}
+            "masked_conv": _masked_conv_providers(), "coactivation": _coactivation_providers(),
+            "dynamic_sparse": _dynamic_sparse_providers()}
