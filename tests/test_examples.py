@@ -45,3 +45,33 @@ def test_dynamic_sparse_digits_prints_accuracy_and_keeps_the_density():
         assert int(k) == kept and float(dens) == round(kept / total, 4)
     assert int(epochs[0][5]) > 0  # the masks did change: the count held through real prune/regrow steps
     assert "240 train / 60 test images" in run.stdout and "done in" in run.stdout
+
+
+METHODS = ROOT / "examples" / "sparse_methods_digits.py"
+
+
+@pytest.mark.slow  # ~15 s: five networks, the subprocess importing torch
+def test_sparse_methods_digits_compares_every_method_at_the_same_exact_density():
+    """Two tiny epochs, prune/regrow every 2 steps, 16×16 tiles: the final table has a row per method, every sparse
+    method keeps exactly round(density·P) weights (the same count for all: sparsify's exact total) and, with whole
+    tiles, visits exactly that fraction of the tiles (the example's layers have no partial edge tiles)."""
+    env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH",
+                                                                                                        "")]))
+    run = subprocess.run([sys.executable, str(METHODS), "--epochs", "2", "--samples", "300", "--every", "2",
+                          "--block", "16", "--seed", "1"], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr
+    kept = re.search(r"(\d+) of (\d+) weights kept", run.stdout)
+    assert kept, run.stdout
+    assert int(kept.group(1)) == round(0.1 * int(kept.group(2)))
+    rows = dict((m, (float(a), float(d), float(t))) for m, a, d, t in
+                re.findall(r"^(\w+) +([\d.]+) +([\d.]+) +([\d.]+)$", run.stdout, re.MULTILINE))
+    assert set(rows) == {"dense", "static", "SET", "RigL", "Hebbian"}, run.stdout
+    assert rows["dense"][1:] == (1.0, 1.0)
+    for method in ("static", "SET", "RigL", "Hebbian"):
+        acc, dens, tiles = rows[method]
+        assert 0 <= acc <= 1
+        assert dens == round(int(kept.group(1)) / int(kept.group(2)), 4)
+        assert tiles == round(dens, 3)
+    epochs = re.findall(r"^ +(\d+)(?: +[\d.]+){5}$", run.stdout, re.MULTILINE)
+    assert epochs == ["1", "2"], run.stdout
