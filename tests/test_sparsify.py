@@ -185,6 +185,23 @@ def test_parameters_hooks_mode_and_shared_modules_are_kept():
     assert all((m.weight[~m.mask] == 0).all() for m in _sparse_layers(model))
 
 
+def test_load_state_dict_pre_hooks_see_the_swapped_layer():
+    # register_load_state_dict_pre_hook binds the module it was registered on (a weak reference): after the swap
+    # it must be handed the new layer, not the dropped one (dead: an error; alive: a silent read of a stale layer)
+    for convert, make in ((convzoo.sparsify, _net), (convzoo.desparsify, lambda: convzoo.sparsify(_net(), 0.5))):
+        model = make()
+        old = model[2]
+        seen = []
+        old.register_load_state_dict_pre_hook(lambda module, *args: seen.append(module))
+        state = model.state_dict()
+        convert(model, 0.5) if convert is convzoo.sparsify else convert(model)
+        model.load_state_dict(state, strict=False)
+        assert seen == [model[2]] and model[2] is not old
+        del old, seen[:]
+        model.load_state_dict(state, strict=False)  # the dropped layer gone: still the live one
+        assert seen == [model[2]]
+
+
 def test_reset_parameters_keeps_each_layers_density_and_meta_is_refused():
     model = _net()
     convzoo.sparsify(model, 0.2, exclude=())
