@@ -192,7 +192,7 @@ def test_load_state_dict_pre_hooks_see_the_swapped_layer():
         model = make()
         old = model[2]
         seen = []
-        old.register_load_state_dict_pre_hook(lambda module, *args: seen.append(module))
+        old.register_load_state_dict_pre_hook(lambda module, *args, seen=seen: seen.append(module))
         state = model.state_dict()
         convert(model, 0.5) if convert is convzoo.sparsify else convert(model)
         model.load_state_dict(state, strict=False)
