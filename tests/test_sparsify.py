@@ -270,6 +270,26 @@ def test_desparsify_round_trip(kind):
     torch.testing.assert_close(model(x), sparse_out)
 
 
+def test_desparsify_leaves_subclasses_alone():
+    # a user's subclass of a masked layer (an extra module, its own forward) is not one desparsify knows how to
+    # turn dense: swapping it for the plain layer would drop what it adds (a silently different output)
+    class Scaled(convzoo.MaskedLinear):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.scale = nn.Parameter(torch.full((1,), 3.0))
+
+        def forward(self, input):
+            return super().forward(input) * self.scale
+
+    torch.manual_seed(0)
+    model = nn.Sequential(Scaled(6, 4, density=0.5), nn.ReLU(), convzoo.MaskedLinear(4, 2, density=0.5))
+    x = torch.randn(3, 6)
+    want = model(x)
+    assert convzoo.desparsify(model) is model
+    assert type(model[0]) is Scaled and type(model[2]) is nn.Linear
+    torch.testing.assert_close(model(x), want)
+
+
 @pytest.mark.parametrize("kwargs, exc, word", [
     (dict(density=1.5), ValueError, "density"),
     (dict(density="0.1"), TypeError, "density"),
