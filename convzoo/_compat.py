@@ -359,9 +359,18 @@ def move_module_hooks(src: torch.nn.Module, dst: torch.nn.Module) -> None:
         RuntimeError: ``src`` holds hooks in a registry of another name (a newer torch's): dropping them silently
             would change what the model does.
     """
+    import weakref
+
+    from torch.nn.modules.module import _WrappedHook
+
     for name in _MODULE_HOOKS:
         if name in vars(src):
             setattr(dst, name, getattr(src, name))
+    # register_load_state_dict_pre_hook binds its module (a weak reference, passed to the hook when it runs): bind
+    # ``dst``, or the hook would be handed ``src`` (a stale module) or fail once ``src`` is gone
+    for hook in getattr(dst, "_load_state_dict_pre_hooks", {}).values():
+        if isinstance(hook, _WrappedHook) and getattr(hook, "with_module", False) and hook.module() is src:
+            hook.module = weakref.ref(dst)
     unknown = [k for k, v in vars(src).items() if "hook" in k and k not in _MODULE_HOOKS and v]
     if unknown:
         raise RuntimeError(f"{type(src).__name__} holds hooks in registries convzoo does not know: {unknown}")

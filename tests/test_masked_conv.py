@@ -279,6 +279,19 @@ def test_layers_load_dense_checkpoints_and_convert(cls, dense, shape):
     assert torch.equal(again.mask, mask)
 
 
+@pytest.mark.parametrize("source", [convzoo.MaskedConv2d, convzoo.DynamicSparseConv2d])
+def test_from_dense_of_a_masked_layer_takes_the_mask_argument(source):
+    # a masked conv is an nn.Conv2d too: its state_dict's mask must not override from_dense's (default all ones)
+    torch.manual_seed(0)
+    src = source(4, 6, 3, padding=1, density=0.5)
+    x = torch.randn(2, 4, 5, 5)
+    assert convzoo.MaskedConv2d.from_dense(src).mask.all()
+    mask = torch.rand(src.weight.shape) < 0.4
+    converted = convzoo.MaskedConv2d.from_dense(src, mask)
+    assert torch.equal(converted.mask, mask)
+    torch.testing.assert_close(converted(x), F.conv2d(x, src.weight * src.mask * mask, src.bias, padding=1))
+
+
 @pytest.mark.parametrize("density, block", [(0.3, None), (1.0, None), (0.25, (16, 16))])
 def test_reset_parameters_redraws_the_mask_after_meta_construction(density, block):
     """Built on 'meta', materialised by to_empty (uninitialised memory), then reset_parameters: the mask is drawn

@@ -145,6 +145,38 @@ def test_from_dense_to_dense_and_nn_linear_state_dicts(cls):
 
 
 @pytest.mark.parametrize("cls", CLASSES, ids=lambda c: c.__name__)
+@pytest.mark.parametrize("source", CLASSES, ids=lambda c: c.__name__)
+def test_from_dense_of_a_masked_layer_takes_the_mask_argument(cls, source):
+    # a masked layer is an nn.Linear too: its state_dict's mask must not override from_dense's mask (default all
+    # ones); the weight taken is what it computes with (weight·mask)
+    torch.manual_seed(0)
+    src = source(12, 7, density=0.5)
+    x = torch.randn(3, 12)
+    assert cls.from_dense(src).mask.all()
+    mask = torch.rand(7, 12) < 0.4
+    converted = cls.from_dense(src, mask)
+    assert torch.equal(converted.mask, mask)
+    torch.testing.assert_close(converted(x), F.linear(x, src.weight * src.mask * mask, src.bias))
+
+
+@pytest.mark.parametrize("cls", CLASSES, ids=lambda c: c.__name__)
+def test_meta_construction_then_load_state_dict_with_assign(cls):
+    # the big-model path: build on 'meta', load_state_dict(..., assign=True); every tensor the layer computes with
+    # (the statistics of a dynamic layer too) must come off 'meta', with the checkpoint's values
+    torch.manual_seed(0)
+    src = cls(8, 4, density=0.5)
+    x = torch.randn(3, 8)
+    src(x)  # (a dynamic layer's statistics and counter now nonzero)
+    with torch.device("meta"):
+        layer = cls(8, 4, density=0.5)
+    assert not layer.load_state_dict({k: v.clone() for k, v in src.state_dict().items()}, assign=True).missing_keys
+    assert torch.equal(layer.mask, src.mask) and torch.equal(layer.weight, src.weight)
+    torch.testing.assert_close(layer(x), src(x))
+    if cls is convzoo.DynamicSparseLinear:
+        assert torch.equal(layer.coactivation, src.coactivation) and layer.calls.item() == src.calls.item()
+
+
+@pytest.mark.parametrize("cls", CLASSES, ids=lambda c: c.__name__)
 @pytest.mark.parametrize("kwargs", [dict(density=0.3), dict(density=0.25, block=(16, 16))])
 def test_meta_construction_to_empty_and_reset_parameters(cls, kwargs):
     with torch.device("meta"):

@@ -185,6 +185,23 @@ def test_parameters_hooks_mode_and_shared_modules_are_kept():
     assert all((m.weight[~m.mask] == 0).all() for m in _sparse_layers(model))
 
 
+def test_load_state_dict_pre_hooks_see_the_swapped_layer():
+    # register_load_state_dict_pre_hook binds the module it was registered on (a weak reference): after the swap
+    # it must be handed the new layer, not the dropped one (dead: an error; alive: a silent read of a stale layer)
+    for convert, make in ((convzoo.sparsify, _net), (convzoo.desparsify, lambda: convzoo.sparsify(_net(), 0.5))):
+        model = make()
+        old = model[2]
+        seen = []
+        old.register_load_state_dict_pre_hook(lambda module, *args, seen=seen: seen.append(module))
+        state = model.state_dict()
+        convert(model, 0.5) if convert is convzoo.sparsify else convert(model)
+        model.load_state_dict(state, strict=False)
+        assert seen == [model[2]] and model[2] is not old
+        del old, seen[:]
+        model.load_state_dict(state, strict=False)  # the dropped layer gone: still the live one
+        assert seen == [model[2]]
+
+
 def test_reset_parameters_keeps_each_layers_density_and_meta_is_refused():
     model = _net()
     convzoo.sparsify(model, 0.2, exclude=())
@@ -251,6 +268,26 @@ def test_desparsify_round_trip(kind):
     convzoo.desparsify(model)
     assert not _sparse_layers(model) and all(a is b for a, b in zip(params, model.parameters()))
     torch.testing.assert_close(model(x), sparse_out)
+
+
+def test_desparsify_leaves_subclasses_alone():
+    # a user's subclass of a masked layer (an extra module, its own forward) is not one desparsify knows how to
+    # turn dense: swapping it for the plain layer would drop what it adds (a silently different output)
+    class Scaled(convzoo.MaskedLinear):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.scale = nn.Parameter(torch.full((1,), 3.0))
+
+        def forward(self, input):
+            return super().forward(input) * self.scale
+
+    torch.manual_seed(0)
+    model = nn.Sequential(Scaled(6, 4, density=0.5), nn.ReLU(), convzoo.MaskedLinear(4, 2, density=0.5))
+    x = torch.randn(3, 6)
+    want = model(x)
+    assert convzoo.desparsify(model) is model
+    assert type(model[0]) is Scaled and type(model[2]) is nn.Linear
+    torch.testing.assert_close(model(x), want)
 
 
 @pytest.mark.parametrize("kwargs, exc, word", [

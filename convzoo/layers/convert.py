@@ -13,7 +13,7 @@ from torch import nn
 
 from convzoo import _compat, sparsity
 from convzoo.layers.dynamic_sparse import DynamicSparseConv1d, DynamicSparseConv2d, DynamicSparseConv3d
-from convzoo.layers.masked_conv import MaskedConv1d, MaskedConv2d, MaskedConv3d, _MaskedConvNd
+from convzoo.layers.masked_conv import MaskedConv1d, MaskedConv2d, MaskedConv3d
 from convzoo.layers.masked_linear import DynamicSparseLinear, MaskedLinear
 
 __all__ = ["desparsify", "sparsify"]
@@ -349,7 +349,8 @@ def desparsify(model: nn.Module) -> nn.Module:
     ``DynamicSparseConv1d/2d/3d``, ``MaskedLinear``, ``DynamicSparseLinear``) back to its ``nn.Conv1d/2d/3d`` /
     ``nn.Linear`` with the masked weight: the same ``nn.Parameter`` objects, set to zero where the mask is off (so
     the dense layer computes what the masked one did), hooks and train / eval mode kept. The mask and any
-    statistics are dropped.
+    statistics are dropped. Subclasses of those (which may add parameters, modules or their own ``forward``) are
+    left alone, as :func:`sparsify` leaves subclasses of the dense layers.
 
     Returns:
         ``model`` (the dense layer when ``model`` itself is a masked one).
@@ -360,8 +361,9 @@ def desparsify(model: nn.Module) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     swap = {}
+    known = {c for kinds in _CLASSES.values() for c in kinds.values()}
     for m in model.modules():
-        if not isinstance(m, _MaskedConvNd) or id(m) in swap:
+        if type(m) not in known or id(m) in swap:  # (a subclass may add modules or its own forward: left alone)
             continue
         dense_cls = m._dense_class()
         if dense_cls is nn.Linear:

@@ -178,13 +178,19 @@ class _DynamicSparseConvNd:
                                   f"shape in current model is {tuple(self._coactivation.shape)}.")
             else:
                 with torch.no_grad():
-                    self._coactivation.copy_(value)
+                    if self._coactivation.is_meta or local_metadata.get("assign_to_params_buffers", False):
+                        # (load_state_dict(assign=True), or a layer on 'meta', where a copy would keep no values)
+                        self._coactivation = value.detach().to(self._coactivation.dtype)
+                    else:
+                        self._coactivation.copy_(value)
         elif strict:
             missing_keys.append(key)
         rest = {k: v for k, v in state_dict.items() if k != key}
         calls = prefix + "calls"
         super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
+        if self._coactivation.is_meta and not self.weight.is_meta:  # (assigned weights, no statistics loaded)
+            self._coactivation = torch.zeros_like(self._coactivation, device=self.weight.device)
         if calls not in state_dict:
             # an older state_dict (or a MaskedConv's) without the counter: it loads, the counters stay as they are
             if calls in missing_keys:

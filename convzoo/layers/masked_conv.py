@@ -22,6 +22,18 @@ def _initial_mask(shape, density: float, block, groups: int, device, dims=(0,)) 
     return sparsity.block_mask(torch.rand(shape, device=device), block=block, density=density, groups=groups)
 
 
+def _dense_state(layer: nn.Module) -> dict[str, torch.Tensor]:
+    """``layer``'s weight and bias as a dense checkpoint for ``from_dense``: a masked layer (an ``nn.ConvNd`` /
+    ``nn.Linear`` too) gives ``weight·mask`` and no ``mask`` (its own would override ``from_dense``'s) nor
+    statistics."""
+    state = {"weight": layer.weight.detach()}
+    if isinstance(layer, _MaskedConvNd):
+        state["weight"] = torch.where(layer.mask, state["weight"], 0)
+    if layer.bias is not None:
+        state["bias"] = layer.bias.detach()
+    return state
+
+
 class _MaskedConvNd:
     """The mask handling shared by the three classes (mixed in before ``nn.ConvNd``)."""
 
@@ -123,7 +135,8 @@ class _MaskedConvNd:
     @classmethod
     def from_dense(cls, conv: nn.Module, mask: torch.Tensor | None = None, **kwargs):
         """A masked copy of ``conv`` (an ``nn.Conv{1,2,3}d`` of the same rank): its configuration, weight (copied,
-        zero where ``mask`` is off) and bias (copied), and ``mask`` (default all ones); ``kwargs`` go to the
+        zero where ``mask`` is off; a masked layer's is its ``weight·mask``, its own mask not taken) and bias
+        (copied), and ``mask`` (default all ones); ``kwargs`` go to the
         constructor (e.g. a ``DynamicSparseConv``'s ``score``).
 
         Raises:
@@ -137,7 +150,7 @@ class _MaskedConvNd:
                   dtype=conv.weight.dtype, **kwargs)
         # the mask first: loading zeroes the weight where the mask is off (the constructor's random one would cut)
         out.set_mask(torch.ones_like(out.mask) if mask is None else mask)
-        out.load_state_dict(conv.state_dict(), strict=False)  # reports the mask missing: it is set above
+        out.load_state_dict(_dense_state(conv), strict=False)  # reports the mask missing: it is set above
         return out
 
     def to_dense(self) -> nn.Module:

@@ -12,7 +12,7 @@ from convzoo import _shapes
 from convzoo import functional as cf
 from convzoo.autotune import interpret_mode
 from convzoo.layers.dynamic_sparse import _DynamicSparseConvNd
-from convzoo.layers.masked_conv import _MaskedConvNd
+from convzoo.layers.masked_conv import _dense_state, _MaskedConvNd
 
 __all__ = ["DynamicSparseLinear", "MaskedLinear"]
 
@@ -101,8 +101,9 @@ class MaskedLinear(_MaskedConvNd, nn.Linear):
 
     @classmethod
     def from_dense(cls, linear: nn.Module, mask: torch.Tensor | None = None, **kwargs):
-        """A masked copy of ``linear`` (an ``nn.Linear``): its sizes, weight (copied, zero where ``mask`` is off),
-        bias (copied), device and dtype, and ``mask`` (default all ones); ``kwargs`` go to the constructor.
+        """A masked copy of ``linear`` (an ``nn.Linear``): its sizes, weight (copied, zero where ``mask`` is off; a
+        masked layer's is its ``weight·mask``, its own mask not taken), bias (copied), device and dtype, and
+        ``mask`` (default all ones); ``kwargs`` go to the constructor.
 
         Raises:
             TypeError: ``linear`` is not an ``nn.Linear``.
@@ -112,7 +113,7 @@ class MaskedLinear(_MaskedConvNd, nn.Linear):
         out = cls(linear.in_features, linear.out_features, linear.bias is not None, device=linear.weight.device,
                   dtype=linear.weight.dtype, **kwargs)
         out.set_mask(torch.ones_like(out.mask) if mask is None else mask)
-        out.load_state_dict(linear.state_dict(), strict=False)  # reports the mask missing: it is set above
+        out.load_state_dict(_dense_state(linear), strict=False)  # reports the mask missing: it is set above
         return out
 
     def to_dense(self) -> nn.Linear:
