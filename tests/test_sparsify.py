@@ -123,6 +123,17 @@ def test_block_counts_are_whole_tiles_per_layer():
         assert layer._mask_block == (16, 16)
 
 
+def test_block_rounding_that_would_empty_a_layer_is_refused_and_changes_nothing():
+    """Rounded to whole tiles layer by layer, a small layer's share can become 0 tiles (its output a constant):
+    refused, naming the layer, before any weight is touched."""
+    model = nn.Sequential(nn.Linear(8, 32), nn.Linear(32, 16), nn.Linear(16, 4))
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=r"layer '1' \(Linear\).*rounds to 0 of its 2 tiles"):
+        convzoo.sparsify(model, 0.3, exclude=(), block=(16, 16))
+    assert all(type(m) is nn.Linear for m in model)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+
 def test_nm_masks():
     model = _net()
     convzoo.sparsify(model, 0.5, distribution="uniform", nm=(2, 4), exclude=("first",))

@@ -230,6 +230,7 @@ def sparsify(model: nn.Module, density: float = 0.1, *, distribution: str = "erk
             ``nm`` with a distribution other than ``'uniform'``; a layer the constructor refuses (its error, with
             the layer's name: e.g. an N:M ``M`` not dividing its ``C_in/groups``), a layer whose weight is not a
             plain parameter or is on the meta device, a layer sharing a parameter with another module (tied weights);
+            with ``block``, a layer whose share of the weights (> 0) rounds to no tile (named; nothing changed);
             no layer to swap.
     """
     if not isinstance(model, nn.Module):
@@ -320,13 +321,19 @@ def sparsify(model: nn.Module, density: float = 0.1, *, distribution: str = "erk
         counts = kept_counts(sizes, layer_densities(shapes, density, distribution), round(density * sum(sizes)))
     else:
         counts = [None] * len(chosen)
+    if block is not None:  # whole tiles: each layer's exact count rounded to its tiles (checked before any change)
+        tiles = [_tile_count(m.weight.shape, getattr(m, "groups", 1), block) for _, m in chosen]
+        exact, counts = counts, [round(k * t / n) if n else 0 for k, t, n in zip(counts, tiles, sizes)]
+        for (name, m), k, e, t in zip(chosen, counts, exact, tiles):
+            if e > 0 and k == 0:  # a layer with weights to keep would lose them all: its output a constant
+                raise ValueError(f"layer {name!r} ({type(m).__name__}): its share of density={density:g} is {e} "
+                                 f"weights, which rounds to 0 of its {t} tiles of block={block}: use a smaller "
+                                 f"block, a larger density, or exclude the layer")
     swap = {}
-    for (_, m), layer, k, size in zip(chosen, new, counts, sizes):
+    for i, ((_, m), layer, k, size) in enumerate(zip(chosen, new, counts, sizes)):
         groups = getattr(m, "groups", 1)
-        if block is not None:  # whole tiles: the layer's exact count rounded to its tiles
-            tiles = _tile_count(m.weight.shape, groups, block)
-            k = round(k * tiles / size) if size else 0
-            layer._mask_density = k / tiles if tiles else 1.0
+        if block is not None:
+            layer._mask_density = k / tiles[i] if tiles[i] else 1.0
         elif nm is None:
             layer._mask_density = k / size if size else 1.0
         # (the construction's rule, which reset_parameters draws a new mask by: the layer's own density, in whole
