@@ -151,8 +151,8 @@ class KFACFactors:
             self.factors[name] = self._new_factor(layer)
             self._started[name] = False
             if gradients:
-                self.gradient_factors[name] = self._new_gradient_factor(layer)
-                self._g_started[name] = False
+                self.gradient_factors[name] = g = self._new_gradient_factor(layer)
+                self._g_started[name] = g.new_zeros(())
             self._handles.append(layer.register_forward_hook(_Hook(self._forward_hook, name), with_kwargs=True))
 
     # ------------------------------------------------------------------------------------------ public
@@ -183,12 +183,12 @@ class KFACFactors:
             self._started[name] = False
         for name, factor in self.gradient_factors.items():
             factor.zero_()
-            self._g_started[name] = False
+            self._g_started[name].zero_()
 
     def started(self, name: str) -> bool:
         """Whether layer ``name``'s factors (``A``, and ``G`` when kept) have had an update since construction
         or :meth:`reset`."""
-        return self._started[name] and (not self.gradients or self._g_started[name])
+        return self._started[name] and (not self.gradients or bool(self._g_started[name]))
 
     def state_dict(self) -> dict:
         """The factors and whether each has started its average, for a checkpoint (tensors are the live
@@ -196,7 +196,8 @@ class KFACFactors:
         ``'gradient_factors'`` and ``'gradient_started'``."""
         state = {"factors": dict(self.factors), "started": dict(self._started)}
         if self.gradients:
-            state.update(gradient_factors=dict(self.gradient_factors), gradient_started=dict(self._g_started))
+            state.update(gradient_factors=dict(self.gradient_factors),
+                         gradient_started={k: bool(v) for k, v in self._g_started.items()})
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -223,7 +224,10 @@ class KFACFactors:
         for factors, started, mine, mine_started in pairs:
             for name, value in factors.items():
                 mine[name].copy_(value)
-                mine_started[name] = bool(started[name])
+                if isinstance(mine_started[name], torch.Tensor):
+                    mine_started[name].fill_(float(bool(started[name])))
+                else:
+                    mine_started[name] = bool(started[name])
 
     # ------------------------------------------------------------------------------------------ internals
     @staticmethod
@@ -297,15 +301,16 @@ class KFACFactors:
         self._started[name] = True
         return buf, beta
 
-    def _gradient_buffer(self, name: str, g: torch.Tensor) -> tuple[torch.Tensor, float]:
-        """As :meth:`_buffer`, for ``G``."""
-        buf = self.gradient_factors[name]
-        dtype = self._dtype_of(g)
-        if buf.device != g.device or buf.dtype != dtype:
-            buf = self.gradient_factors[name] = buf.to(g.device, dtype)
-        beta = self._decay() if self._g_started[name] else 0.0
-        self._g_started[name] = True
-        return buf, beta
+    def _gradient_buffer(self, name: str, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``G`` and its started flag (a 0-dim tensor, 0 or 1) on ``like``'s device and in its factor dtype,
+        converted here, in the forward: the backward's tensor hook may mutate tensors but not Python state
+        (Dynamo refuses a side effect there), so the hook's "is this the first update" is a tensor too."""
+        buf, started = self.gradient_factors[name], self._g_started[name]
+        dtype = self._dtype_of(like)
+        if buf.device != like.device or buf.dtype != dtype:
+            buf = self.gradient_factors[name] = buf.to(like.device, dtype)
+            started = self._g_started[name] = started.to(like.device, dtype)
+        return buf, started
 
     def _forward_hook(self, name: str, layer: nn.Module, args: tuple, kwargs: dict, output) -> None:
         if not layer.training:
@@ -323,7 +328,8 @@ class KFACFactors:
         # in-place activation after the layer and compiles). Reentrant checkpointing runs the real forward without
         # grad and this hook in its recompute, so the recompute is not skipped here.
         if self.gradients and isinstance(output, torch.Tensor) and output.requires_grad:
-            output.register_hook(_GradientHook(self, name, layer, unbatched))
+            buf, started = self._gradient_buffer(name, output)
+            output.register_hook(_GradientHook(self, layer, unbatched, buf, started, self._decay()))
 
     def _conv_update(self, name: str, layer: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict, output,
                      unbatched: bool) -> None:
@@ -361,32 +367,34 @@ class KFACFactors:
         # addmm ignores buf (NaN included) at beta = 0
         buf.addmm_(a.T, a, beta=beta, alpha=(1.0 - beta) / rows)
 
-    def _gradient_update(self, name: str, layer: nn.Module, unbatched: bool, grad: torch.Tensor) -> None:
+    def _gradient_update(self, layer: nn.Module, unbatched: bool, buf: torch.Tensor, started: torch.Tensor,
+                         beta: float, grad: torch.Tensor) -> None:
         if not self.record_gradients:
             return
         g = grad.detach()
         if unbatched:
             g = g[None]
         n = g.shape[0]
-        if n == 0:
+        if g.numel() == 0:
             return
-        buf, beta = self._gradient_buffer(name, g)
         if isinstance(layer, nn.Linear):
             rows = g.reshape(n, -1, layer.out_features)
         else:
             # [N, C_out, *spatial] → [N, L, C_out] (a view for a channels-last gradient)
             rows = g.reshape(n, g.shape[1], -1).transpose(1, 2)
         rows = rows.sum(1) if self.mode == "reduce" else rows.reshape(-1, rows.shape[-1])
-        # scale N (curvlinops' correction for a mean-reduced loss), folded into one operand
         rows = rows.to(buf.dtype)
-        scaled = rows * n
+        scaled = rows * n  # N: curvlinops' correction for a mean-reduced loss, folded into one operand
         if buf.dim() == 2:
-            buf.addmm_(scaled.T, rows, beta=beta, alpha=1.0 - beta)
+            new = scaled.T @ rows
         else:
             groups = buf.shape[0]
             rows = rows.view(rows.shape[0], groups, -1).transpose(0, 1)  # [G, R, C_out/G]
             scaled = scaled.view(scaled.shape[0], groups, -1).transpose(0, 1)
-            buf.baddbmm_(scaled.transpose(1, 2), rows, beta=beta, alpha=1.0 - beta)
+            new = torch.bmm(scaled.transpose(1, 2), rows)
+        # G ← G + w·(new − G), w = 1 − beta·started: new itself at the first update (started = 0)
+        buf.lerp_(new, 1.0 - beta * started)
+        started.fill_(1.0)
 
 
 class _Hook:
@@ -422,8 +430,10 @@ class _GradientHook:
     """The tensor hook on one forward's output of a layer: blends its gradient into the layer's ``G``; returns
     nothing, so the gradient flows on unchanged."""
 
-    def __init__(self, owner: KFACFactors, name: str, layer: nn.Module, unbatched: bool):
-        self.owner, self.name, self.layer, self.unbatched = owner, name, layer, unbatched
+    def __init__(self, owner: KFACFactors, layer: nn.Module, unbatched: bool, buf: torch.Tensor,
+                 started: torch.Tensor, beta: float):
+        self.owner, self.layer, self.unbatched = owner, layer, unbatched
+        self.buf, self.started, self.beta = buf, started, beta
 
     def __call__(self, grad: torch.Tensor) -> None:
-        self.owner._gradient_update(self.name, self.layer, self.unbatched, grad)
+        self.owner._gradient_update(self.layer, self.unbatched, self.buf, self.started, self.beta, grad)
