@@ -6,6 +6,7 @@ Public names only; nothing here touches a device at import.
 from convzoo import functional, sparsity
 from convzoo._compat import debug_info
 from convzoo.curvature import KFACFactors
+from convzoo.kfac import KFAC
 from convzoo.layers import (
     DynamicSparseConv1d,
     DynamicSparseConv2d,
@@ -23,7 +24,7 @@ from convzoo.layers import (
 )
 
 __all__ = [
-    "DynamicSparseConv1d", "DynamicSparseConv2d", "DynamicSparseConv3d", "Fold", "KFACFactors", "LocalConv1d",
+    "DynamicSparseConv1d", "DynamicSparseConv2d", "DynamicSparseConv3d", "Fold", "KFAC", "KFACFactors", "LocalConv1d",
     "LocalConv2d", "LocalConv3d", "MaskedConv1d", "MaskedConv2d", "MaskedConv3d", "PruneRegrowSchedule", "Unfold",
     "UnfoldTranspose", "debug_info", "functional", "sparsity"
 ]
