@@ -379,6 +379,7 @@ def test_unbatched_and_no_grad_forwards():
 # autograd.grad inside the compiled step needs trace_autograd_ops; H != W, and no duck sizing either
 @torch._dynamo.config.patch(trace_autograd_ops=True)
 @torch.fx.experimental._config.patch(use_duck_shape=False)
+@pytest.mark.slow  # ~10 s: two compiles
 def test_compiled_training_step_with_gradient_factors():
     """A fullgraph, dynamic compiled step (forward with A hooks, backward with G hooks, SGD update) over two
     batch sizes: the eager run's A and G, with the one recompile of the first update."""
