@@ -377,21 +377,26 @@ class KFACFactors:
         n = g.shape[0]
         if g.numel() == 0:
             return
-        if isinstance(layer, nn.Linear):
+        groups = buf.shape[0] if buf.dim() == 3 else 1
+        g = g.to(buf.dtype)
+        if isinstance(layer, nn.Linear):  # [N, *, out]: rows are the last dim (a view)
             rows = g.reshape(n, -1, layer.out_features)
-        else:
-            # [N, C_out, *spatial] → [N, L, C_out] (a view for a channels-last gradient)
-            rows = g.reshape(n, g.shape[1], -1).transpose(1, 2)
-        rows = rows.sum(1) if self.mode == "reduce" else rows.reshape(-1, rows.shape[-1])
-        rows = rows.to(buf.dtype)
-        scaled = rows * n  # N: curvlinops' correction for a mean-reduced loss, folded into one operand
-        if buf.dim() == 2:
-            new = scaled.T @ rows
-        else:
-            groups = buf.shape[0]
-            rows = rows.view(rows.shape[0], groups, -1).transpose(0, 1)  # [G, R, C_out/G]
-            scaled = scaled.view(scaled.shape[0], groups, -1).transpose(0, 1)
-            new = torch.bmm(scaled.transpose(1, 2), rows)
+            rows = rows.sum(1) if self.mode == "reduce" else rows.reshape(-1, layer.out_features)
+            new = rows.T @ rows
+        elif self.mode == "reduce":
+            rows = g.reshape(n, g.shape[1], -1).sum(2)  # [N, C_out]
+            rows = rows.view(n, groups, -1).transpose(0, 1)  # [G, N, C_out/G]
+            new = torch.bmm(rows.transpose(1, 2), rows)
+        elif g.is_contiguous():  # [N, C_out, L]: one [C_out/G, L] @ [L, C_out/G] per sample and group, no copy
+            per = g.reshape(n * groups, g.shape[1] // groups, -1)
+            new = torch.bmm(per, per.transpose(1, 2)).view(n, groups, per.shape[1], per.shape[1]).sum(0)
+        else:  # channels-last (or other strides): [N·L, C_out] rows, a view for channels-last
+            rows = g.movedim(1, -1).reshape(-1, g.shape[1])
+            rows = rows.view(rows.shape[0], groups, -1).transpose(0, 1)  # [G, N·L, C_out/G]
+            new = torch.bmm(rows.transpose(1, 2), rows)
+        if buf.dim() == 2 and new.dim() == 3:
+            new = new[0]
+        new = new * n  # N: curvlinops' correction for a mean-reduced loss
         # G ← G + w·(new − G), w = 1 − beta·started: new itself at the first update (started = 0)
         buf.lerp_(new, 1.0 - beta * started)
         started.fill_(1.0)

@@ -470,3 +470,35 @@ def test_factors_bad_arguments():
     mc = convzoo.KFAC(nn.Sequential(nn.Linear(2, 2)), fisher="mc")
     with pytest.raises(ValueError, match="output must be"):
         mc.mc_backward(torch.randn(2, 2))
+
+
+# ---------------------------------------------------------------------------------------------- A's CPU GEMM
+@pytest.mark.parametrize("d", [5, 600], ids=["one_block", "triangle"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_gram_into_is_the_blend_of_the_gram_matrix(d, bias):
+    """``reference.gram_into`` (A's CPU GEMM: the bias row from row sums, the upper block-triangle from
+    ``_TRIANGLE_ROWS`` rows on, mirrored) over 2 chunks: ``alpha·out + coef·[[PPᵀ, P1], [1ᵀPᵀ, m]]`` in fp64;
+    ``alpha = 0`` ignores a NaN ``out``."""
+    from convzoo import reference
+
+    gen = torch.Generator().manual_seed(0)
+    p = torch.randn(2, d, 7, generator=gen, dtype=torch.float64)
+    full = torch.cat([p, p.new_ones(2, 1, 7)], 1) if bias else p
+    gram = full @ full.transpose(1, 2)
+    prior = torch.randn(gram.shape, generator=gen, dtype=torch.float64)
+    out = reference.gram_into(prior.clone(), [p[..., :4], p[..., 4:]], bias, 0.25, 0.5)
+    torch.testing.assert_close(out, 0.25 * prior + 0.5 * gram, **F64)
+    nan = torch.full(gram.shape, float("nan"), dtype=torch.float64)
+    torch.testing.assert_close(reference.gram_into(nan, [p], bias, 0.0, 2.0), 2 * gram, **F64)
+
+
+def test_patch_covariance_with_many_rows_matches_unfold():
+    """A layer with ``C·k² ≥ _TRIANGLE_ROWS`` through the public op (chunked CPU path and its mirror), bias."""
+    from test_curvature import _factor
+
+    torch.manual_seed(0)
+    layer = nn.Conv2d(64, 2, 3, padding=1).double()
+    kfac = KFACFactors(layer, beta=0.0)
+    x = torch.randn(2, 64, 4, 5, dtype=torch.float64)
+    layer(x)
+    torch.testing.assert_close(kfac[""], _factor(layer, x, "expand", True), **F64)
