@@ -24,7 +24,7 @@ from convzoo.layers import (
 )
 
 __all__ = [
-    "DynamicSparseConv1d", "DynamicSparseConv2d", "DynamicSparseConv3d", "Fold", "KFAC", "KFACFactors", "LocalConv1d",
+    "KFAC", "DynamicSparseConv1d", "DynamicSparseConv2d", "DynamicSparseConv3d", "Fold", "KFACFactors", "LocalConv1d",
     "LocalConv2d", "LocalConv3d", "MaskedConv1d", "MaskedConv2d", "MaskedConv3d", "PruneRegrowSchedule", "Unfold",
     "UnfoldTranspose", "debug_info", "functional", "sparsity"
 ]

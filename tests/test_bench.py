@@ -83,9 +83,10 @@ def test_tiny_run_prints_every_provider_and_writes_results(capsys, no_interprete
     assert "plain-torch paths" in out and "measured: copy" in out and "timer: torch.utils.benchmark" in out
     assert f"# results: {tmp_path} (--out)" in out
     assert "[  1/" in out  # progress: one line per row while timing
-    assert out.count(harness.SPEEDUP_LEGEND) == 6  # one legend under each op's table
+    assert out.count(harness.SPEEDUP_LEGEND) == 7  # one legend under each op's table
     assert out.count(ops.NOTES["masked_conv"]) == 1  # and masked_conv's note under its own
     assert out.count(ops.NOTES["coactivation"]) == 1
+    assert out.count(ops.NOTES["kfac"]) == 1
     unfold_2d, fold_3d, local_2d = "N2 C3 8×8 k3 p1 s1", "N1 C2 4×4×4 k2 p0 s1", "N2 C3→4 6×6 k3 p1 s1"
     expected = {("unfold", unfold_2d, p) for p in ("convzoo", "F.unfold", "unfoldNd")}
     expected |= {("fold", fold_3d, p) for p in ("convzoo", "unfoldNd")}
@@ -101,6 +102,8 @@ def test_tiny_run_prints_every_provider_and_writes_results(capsys, no_interprete
                  for p in ("convzoo (CPU path)", "F.conv3d(x, w*mask)")}
     expected |= {("coactivation", "N2 C4→8 8×8 k3 p1 s1", p)
                  for p in ("convzoo (CPU path)", "conv_weight(x>0, y>0)", ops.SEED_F2)}
+    expected |= {("kfac", "cnn_tiny N2 2 convs 4→8 8×8", p)
+                 for p in ("convzoo", "convzoo A only", "plain step", "curvlinops")}
     (csv_path,) = tmp_path.glob("*.csv")
     rows = harness.read_csv(csv_path)
     assert list(rows[0]) == harness.Row.columns()
@@ -108,6 +111,7 @@ def test_tiny_run_prints_every_provider_and_writes_results(capsys, no_interprete
     assert {r["mode"] for r in rows} == {"fwd", "fwd+bwd"}  # --tiny: no overhead rows
     assert {r["mode"] for r in rows if r["op"] == "patch_covariance"} == {"fwd"}  # a statistic: no backward
     assert {r["mode"] for r in rows if r["op"] == "coactivation"} == {"fwd"}  # a statistic too
+    assert {r["mode"] for r in rows if r["op"] == "kfac"} == {"fwd"}  # its own forward and backward inside
     assert not any(r["provider"] == "curvlinops" and "×4×" in r["shape"] for r in rows)  # curvlinops: 2-d only
     assert not any("compile" in r["provider"] for r in rows)  # --full only
     masked = [r for r in rows if r["op"] == "masked_conv"]
@@ -128,7 +132,7 @@ def test_tiny_run_prints_every_provider_and_writes_results(capsys, no_interprete
         if r["provider"] in ("convzoo", "convzoo (CPU path)"):
             assert float(r["speedup"]) == 1.0
     md = csv_path.with_suffix(".md").read_text()
-    assert md.count(f"| {local_2d} |") == 8 and "Measured limits" in md and md.count(harness.SPEEDUP_LEGEND) == 6
+    assert md.count(f"| {local_2d} |") == 8 and "Measured limits" in md and md.count(harness.SPEEDUP_LEGEND) == 7
     assert md.count(ops.NOTES["masked_conv"]) == 1 and "### masked_conv (FLOPs matter" in md
     assert md.count(ops.NOTES["coactivation"]) == 1 and "### coactivation (FLOPs matter" in md
     assert "### unfold (data movement" in md and "### local_conv (FLOPs matter" in md
