@@ -13,6 +13,7 @@ from convzoo import _shapes, reference
 from convzoo import sparsity as _sparsity
 from convzoo.ops import _autograd
 from convzoo.ops import coactivation as _coactivation_ops
+from convzoo.ops import ekfac as _ekfac_ops
 from convzoo.ops import local_conv as _local_conv_ops
 from convzoo.ops import masked_conv as _masked_conv_ops
 from convzoo.ops import patch_covariance as _patch_covariance_ops
@@ -20,8 +21,8 @@ from convzoo.ops import patches as _patches_ops
 from convzoo.ops import unfold as _unfold_ops
 from convzoo.ops import unfold_transpose as _unfold_transpose_ops
 
-__all__ = ["coactivation", "conv_matrix", "extract_averaged_patches", "extract_patches", "fold", "local_conv",
-           "masked_conv", "patch_covariance", "unfold", "unfold_transpose"]
+__all__ = ["coactivation", "conv_matrix", "ekfac_eigenvalues", "extract_averaged_patches", "extract_patches", "fold",
+           "local_conv", "masked_conv", "patch_covariance", "unfold", "unfold_transpose"]
 
 # device types torch.autocast knows (torch.is_autocast_enabled raises for others, e.g. 'meta')
 _AUTOCAST_DEVICE_TYPES = frozenset(d for d in ("cpu", "cuda", "xpu", "mps", "hpu", "xla", "ipu", "mtia", "maia")
@@ -530,6 +531,167 @@ def _covariance_transposed_args(shape, kernel_size, stride, padding, output_padd
     op = _shapes.as_tuple(output_padding, ndim, "output_padding")
     _shapes.transpose_geometry(shape[2:], ks, st, pad, op, dil)  # the geometry's errors, before any launch
     return True, (list(ks), list(st), list(pad), list(op), list(dil), "zeros")
+
+
+# ----------------------------------------------------------------------------------------------
+# EKFAC: the eigenvalue correction of a K-FAC block
+def ekfac_eigenvalues(input: torch.Tensor, grad_output: torch.Tensor, q_a: torch.Tensor, q_g: torch.Tensor,
+                      kernel_size=None, stride=1, padding=0, dilation=1, groups=1, *, bias: bool = False, scale=None,
+                      transposed: bool = False, output_padding=0, padding_mode: str = "zeros") -> torch.Tensor:
+    """EKFAC's eigenvalue correction (George et al. 2018) of a convolution or Linear layer: the second moment of
+    the per-sample weight gradients in the Kronecker factors' eigenbasis, without forming those gradients.
+
+    ``s[g, i, j] = scale · Σ_n (Q_G[g]ᵀ dW_n[g] Q_A[g])²_{ij}`` with ``dW_n[g] = Σ_l g_{n,l} a_{n,l}ᵀ``: ``a_{n,l}``
+    the patch of sample ``n`` at output position ``l`` in channel group ``g`` (a column of :func:`unfold`, or of
+    :func:`unfold_transpose` when ``transposed``, with a constant 1 appended when ``bias``: the rows of
+    :class:`convzoo.KFACFactors`' ``[G, D, D]`` factor A, whose eigenvectors ``Q_A`` are), ``g_{n,l}`` the layer's
+    output gradient there (channels of group ``g``: the rows of the ``[G, C_out/G, C_out/G]`` gradient factor
+    whose eigenvectors ``Q_G`` are). For a ``Linear`` layer (``kernel_size=None``) ``a_{n,l}`` is row ``l`` of
+    sample ``n``'s input (``[N, *, in]``; the positions ``*`` share the weight, as in KFAC-expand).
+
+    Per sample, the patches and output gradients are projected into the eigenbases (``Â = Q_Aᵀ P_n``,
+    ``Ĝ = Q_Gᵀ G_n``) and contracted over the positions, the result squared and summed over the samples. On
+    CUDA one fused Triton kernel: patch tiles gathered from ``input`` in the kernel (never written), both
+    products ``tl.dot`` with fp32 accumulation (16-bit inputs: 16-bit operands, ``Q_A`` rounded to the input's
+    dtype; TF32 for fp32 only where ``torch.get_float32_matmul_precision()`` allows it); ``Ĝ`` is one batched
+    matmul beforehand, the size of ``grad_output``. On the CPU, chunks of whole samples (≤ 32 MiB of patches
+    and rotated gradients, at least one sample): the extra memory is one chunk.
+
+    Scale: ``scale=None`` is ``N`` (the batch size), the convention for ``grad_output`` of a **mean-reduced**
+    loss over the batch (``loss = (1/N)·Σ_n ℓ_n``, one loss term per sample): then ``s`` is
+    ``(1/N)·Σ_n (Q_Gᵀ ∇_W ℓ_n Q_A)²``, the mean over samples of the per-sample losses' rotated gradients
+    squared — what curvlinops' ``EKFACLinearOperator`` stores as its corrected eigenvalues for that batch
+    (``loss_func`` with ``reduction='mean'``, ``separate_weight_and_bias=False``). For a sum-reduced loss pass
+    ``scale=1`` (curvlinops' convention for ``reduction='sum'``; ``1/N`` gives the mean over samples); for a
+    mean over ``N·T`` loss terms (sequence outputs) curvlinops uses ``N·T``.
+
+    Args:
+        input: the layer's input, ``[N, C_in, *spatial]`` with 1-3 spatial dims (or unbatched ``[C_in,
+            *spatial]`` when a tuple argument tells the rank, N = 1); for a Linear ``[N, *, in]`` (or ``[in]``).
+            Floating dtype, any strides.
+        grad_output: the gradient of the loss w.r.t. the layer's output, ``[N, C_out, *out]`` (Linear:
+            ``[N, *, out]``, the same ``*``), floating, same device; converted to the accumulator dtype to project.
+        q_a: ``[G, D', D']`` (Linear: ``[D', D']``), ``D' = C_in/G·∏kernel_size (+1 with bias)``: the eigenvectors
+            (columns) of A, as ``torch.linalg.eigh(A).eigenvectors``. Any orthogonal basis works; nothing checks
+            orthogonality.
+        q_g: ``[G, C_out/G, C_out/G]`` (Linear: ``[out, out]``): the eigenvectors of the gradient factor G.
+        kernel_size: int or one int per spatial dim; ``None`` for a ``Linear`` layer (then the geometry
+            arguments must keep their defaults).
+        stride, dilation: int or one int per spatial dim; positive.
+        padding: as in :func:`unfold` (int, per-dim, ``(lo, hi)`` pairs, ``'same'``, ``'valid'``); for a
+            transposed layer an int or one int per dim, as ``nn.ConvTranspose`` takes it.
+        groups: the layer's channel groups; must divide C_in and C_out.
+        bias: append the bias column (the layer has a bias and A carries its column).
+        scale: a finite real number, or None for ``N`` (see Scale).
+        transposed: the statistic of a ``ConvTranspose`` layer (patches of :func:`unfold_transpose`); then
+            ``output_padding`` applies and ``padding_mode`` must be ``'zeros'``.
+        output_padding: see ``transposed``; must be 0 otherwise.
+        padding_mode: ``'zeros'``, ``'circular'``, ``'reflect'`` or ``'replicate'``, read in place.
+
+    Returns:
+        ``[G, C_out/G, D']`` for a convolution (one block per group, like KFACFactors' A), ``[out, D']`` for a
+        Linear; fp32 (fp64 for an fp64 input), non-negative. Zeros for an empty batch.
+
+    Not differentiable (a statistic): inputs that require grad are refused.
+
+    Raises:
+        TypeError: a tensor argument that is not a floating tensor, ``bias``/``transposed`` not bools,
+            ``groups`` not an int, ``scale`` not a real number.
+        ValueError: an invalid geometry (see :func:`unfold` / :func:`unfold_transpose`), ``groups`` not dividing
+            C_in or C_out, shapes of ``grad_output`` / ``q_a`` / ``q_g`` that do not fit the layer (named), tensors
+            on different devices, a tensor that requires grad, a non-finite ``scale``, geometry arguments with
+            ``kernel_size=None``, ``output_padding`` without ``transposed``.
+    """
+    tensors = (("input", input), ("grad_output", grad_output), ("q_a", q_a), ("q_g", q_g))
+    for name, t in tensors:
+        _shapes.check_float_tensor(t, name)
+    for name, flag in (("bias", bias), ("transposed", transposed)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool, got {flag!r}")
+    for name, t in tensors:
+        if t.requires_grad and torch.is_grad_enabled():
+            raise ValueError(f"{name} requires grad, but ekfac_eigenvalues is a statistic and not differentiable: "
+                             f"pass {name}.detach() (or call it under torch.no_grad())")
+        if t.device != input.device:
+            raise ValueError(f"{name} must be on the input's device {input.device}, got {t.device}")
+    batch_scale = scale is None
+    coef = 1.0 if batch_scale else _real(scale, "scale")
+    if kernel_size is None:
+        return _ekfac_linear(input, grad_output, q_a, q_g, stride, padding, dilation, groups, bias, batch_scale,
+                             coef, transposed, output_padding, padding_mode)
+    if transposed:
+        batched, geom = _covariance_transposed_args(input.shape, kernel_size, stride, padding, output_padding,
+                                                    dilation, padding_mode)
+    else:
+        if not _all_zero(output_padding):
+            raise ValueError(f"output_padding={output_padding!r} applies only with transposed=True")
+        batched, args = _resolved(_unfold_args, _cached_unfold_args, input.shape, kernel_size, dilation, padding,
+                                  stride, padding_mode)
+        ks, dil, pad, st, pm = _as_lists(args) if batched else ([], [], [], [], padding_mode)
+        geom = (ks, st, pad, [0] * len(ks), dil, pm)
+    if not batched:
+        if grad_output.dim() != input.dim():
+            raise ValueError(f"grad_output must be unbatched [C_out, *out] like input {tuple(input.shape)}, got shape "
+                             f"{tuple(grad_output.shape)}")
+        return ekfac_eigenvalues(input[None], grad_output[None], q_a, q_g, kernel_size, stride, padding, dilation,
+                                 groups, bias=bias, scale=scale, transposed=transposed, output_padding=output_padding,
+                                 padding_mode=padding_mode)
+    groups = _shapes.check_groups(groups, input.shape[1])
+    ks, st, pad, op, dil, pm = geom
+    if transposed:
+        out_size = _shapes.transpose_geometry(list(input.shape[2:]), ks, st, pad, op, dil).out_size
+    else:
+        out_size = _shapes.geometry(list(input.shape[2:]), ks, dil, pad, st, pm).out_size
+    want = (input.shape[0], "C_out", *out_size)
+    _shapes.check(grad_output.dim() == input.dim() and grad_output.shape[0] == input.shape[0]
+                  and tuple(grad_output.shape[2:]) == tuple(out_size),
+                  lambda: f"grad_output must be [N, C_out, *out] = {want} for this input and geometry, got shape "
+                          f"{tuple(grad_output.shape)}")
+    _shapes.check(grad_output.shape[1] % groups == 0,
+                  lambda: f"groups={groups} must divide the output channels C_out={grad_output.shape[1]} "
+                          f"(grad_output.shape[1])")
+    dp = input.shape[1] // groups * math.prod(ks) + int(bias)
+    co = grad_output.shape[1] // groups
+    _check_basis(q_a, (groups, dp, dp), "q_a", "[G, C_in/G*prod(kernel_size) (+1 with bias), same]")
+    _check_basis(q_g, (groups, co, co), "q_g", "[G, C_out/G, C_out/G]")
+    return _ekfac_ops.ekfac_eigenvalues(input, grad_output, q_a, q_g, *geom, groups, transposed, bias, batch_scale,
+                                        coef)
+
+
+def _check_basis(q: torch.Tensor, shape: tuple, name: str, layout: str) -> None:
+    _shapes.check(tuple(q.shape) == tuple(shape),
+                  lambda: f"{name} must be {layout} = {tuple(shape)} for this layer, got shape {tuple(q.shape)}")
+
+
+def _ekfac_linear(x, grad, q_a, q_g, stride, padding, dilation, groups, bias, batch_scale, coef, transposed,
+                  output_padding, padding_mode) -> torch.Tensor:
+    """A Linear layer's statistic: a 1-d convolution with kernel 1 over the positions ``*`` of ``[N, *, in]``."""
+    defaults = {"stride": (stride, 1), "padding": (padding, 0), "dilation": (dilation, 1), "groups": (groups, 1),
+                "transposed": (transposed, False), "output_padding": (output_padding, 0),
+                "padding_mode": (padding_mode, "zeros")}
+    for name, (value, default) in defaults.items():
+        if not (type(value) is type(default) and value == default):
+            raise ValueError(f"{name}={value!r} applies to a convolution only: kernel_size=None is a Linear layer")
+    if x.dim() == 0:
+        raise ValueError("input must be [N, *, in_features] (or [in_features]) for a Linear layer, got a scalar")
+    if x.dim() == 1:  # unbatched: one sample
+        if grad.dim() != 1:
+            raise ValueError(f"grad_output must be [out_features] like the unbatched input, got shape "
+                             f"{tuple(grad.shape)}")
+        x, grad = x[None], grad[None]
+    _shapes.check(grad.dim() == x.dim() and tuple(grad.shape[:-1]) == tuple(x.shape[:-1]),
+                  lambda: f"grad_output must be [N, *, out_features] with input's leading dims "
+                          f"{tuple(x.shape[:-1])}, got shape {tuple(grad.shape)}")
+    n, d_in, d_out = x.shape[0], x.shape[-1], grad.shape[-1]
+    dp = d_in + int(bias)
+    _check_basis(q_a, (dp, dp), "q_a", "[in_features (+1 with bias), same]")
+    _check_basis(q_g, (d_out, d_out), "q_g", "[out_features, out_features]")
+    positions = math.prod(x.shape[1:-1])  # not -1: ambiguous for an empty batch
+    xs = x.reshape(n, positions, d_in).transpose(1, 2)  # [N, in, positions]
+    gs = grad.reshape(n, positions, d_out).transpose(1, 2)
+    out = _ekfac_ops.ekfac_eigenvalues(xs, gs, q_a[None], q_g[None], [1], [1], [0, 0], [0], [1], "zeros", 1,
+                                       False, bias, batch_scale, coef)
+    return out[0]
 # ----------------------------------------------------------------------------------------------
 # KFAC patch statistics: the patches of a convolution's input in curvlinops' layout
 def extract_patches(input: torch.Tensor, kernel_size, stride=1, padding=0, dilation=1, groups=1, *,

@@ -725,3 +725,55 @@ def _correlation(x: torch.Tensor, y: torch.Tensor, weight_shape, g: _shapes.Geom
         yc = yn[l0:l0 + lc].view(lc * groups, og, n)
         acc += torch.bmm(yc, xc).view(lc, groups, og, p).abs_().sum(0)
     return acc.mul_((n - 1) / (n * num)).view(weight_shape)
+
+
+# ----------------------------------------------------------------------------------------------
+# ekfac_eigenvalues: EKFAC's eigenvalue correction, over chunks of samples
+def ekfac_eigenvalues(x: torch.Tensor, grad: torch.Tensor, q_a: torch.Tensor, q_g: torch.Tensor,
+                      kernel_size: list[int], stride: list[int], padding: list[int], output_padding: list[int],
+                      dilation: list[int], padding_mode: str, groups: int, transposed: bool, bias: bool,
+                      coef: float = 1.0) -> torch.Tensor:
+    """``coef·s``, ``s[g] = Σ_n (Q_G[g]ᵀ dW_n[g] Q_A[g])²`` (elementwise), ``dW_n[g] = G_n[g] P_n[g]ᵀ`` the
+    per-sample gradient of group ``g`` in KFACFactors' layout (``P_n[g]`` its ``[D (+1), L]`` patches as
+    :func:`unfold`, or :func:`unfold_transpose` when ``transposed``, a row of ones appended with ``bias``;
+    ``G_n[g]`` the ``[C_out/G, L]`` output gradients). A new ``[G, C_out/G, D (+1)]`` tensor, fp32 (fp64 for
+    fp64 input).
+
+    Computed over chunks of whole samples whose patches and rotated gradients take at most ``_CHUNK_BYTES``
+    (at least one sample): the peak extra memory is one chunk, never every sample's patches or gradients. The
+    arguments are the launcher's (:func:`convzoo.kernels.ekfac.ekfac_eigenvalues`)."""
+    g, num = _covariance_geometry(x, kernel_size, stride, padding, output_padding, dilation, padding_mode,
+                                  transposed)
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    n, c = x.shape[:2]
+    d = c // groups * g.kernel_numel
+    dp, co = d + bias, grad.shape[1] // groups
+    out = x.new_zeros((groups, co, dp), dtype=dtype)
+    if n * num == 0 or out.numel() == 0:
+        return out
+    qa, qg_t = q_a.to(dtype), q_g.to(dtype).transpose(1, 2)
+    # per sample: its patches (in x's dtype, in dtype, projected) and three [G, co, dp] products
+    per_sample = groups * (dp * num * 3 + co * num * 2 + 3 * co * dp) * torch.finfo(dtype).bits // 8
+    samples = max(1, min(n, _CHUNK_BYTES // max(per_sample, 1)))
+    # the cheaper contraction order per sample (FLOPs/2): gradient first, or both projections first
+    project_first = dp * dp * num + co * co * num + co * dp * num < co * dp * num + co * co * dp + co * dp * dp
+    for n0 in range(0, n, samples):
+        xs = x[n0:n0 + samples]
+        nb = xs.shape[0]
+        if transposed:
+            cols = unfold_transpose(xs, *_transpose_args(g))
+        else:
+            cols = unfold(xs, kernel_size, dilation, padding, stride, padding_mode)
+        p = cols.view(nb, groups, d, num).to(dtype)  # [nb, G, D, L]
+        if bias:
+            p = torch.cat([p, p.new_ones(nb, groups, 1, num)], 2)
+        gs = grad[n0:n0 + nb].reshape(nb, groups, co, num).to(dtype)
+        if project_first:  # (Q_Gᵀ G_n)(P_nᵀ Q_A), P_nᵀ Q_A as one [nb·L, dp] @ [dp, dp] product per group
+            right = torch.matmul(p.permute(1, 0, 3, 2).reshape(groups, nb * num, dp), qa)
+            rotated = torch.matmul(torch.matmul(qg_t, gs), right.view(groups, nb, num, dp).transpose(0, 1))
+            out += rotated.square_().sum(0)
+        else:  # Q_Gᵀ (G_n P_nᵀ) Q_A, the right factor as one [nb·co, dp] @ [dp, dp] product per group
+            left = torch.matmul(qg_t, torch.matmul(gs, p.transpose(2, 3)))  # [nb, G, co, dp]
+            rotated = torch.matmul(left.transpose(0, 1).reshape(groups, nb * co, dp), qa)
+            out += rotated.view(groups, nb, co, dp).square_().sum(1)
+    return out.mul_(coef)

@@ -25,7 +25,8 @@ kernels.load_all()  # registers every kernel's autotune spec
 
 TL = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
 DOT_KERNELS = {"local_conv_fwd", "local_conv_grad_weight", "local_conv_grad_input", "patch_covariance",
-               "masked_conv_fwd", "masked_conv_grad_weight", "masked_conv_grad_input", "coactivation_correlation"}
+               "masked_conv_fwd", "masked_conv_grad_weight", "masked_conv_grad_input", "coactivation_correlation",
+               "ekfac"}
 # lookup dims per kernel (default: 256 each). masked_conv's BLOCK_O × BLOCK_K is the tile lists' block, a
 # lookup dim (BO, BK), not a config entry: compiled for a small, the tuner's and the largest block
 # (the grad-weight's M 4096: its default then splits, SPLIT > 1)
@@ -84,7 +85,7 @@ def main():
                 # and unfold_transpose's mode 2 compiles their transposed gathers (TRANSPOSED = mode == 2)
                 modes = (0, 2) if name in ("fold", "local_conv_grad_input", "patch_covariance", "masked_conv_fwd",
                                            "masked_conv_grad_weight", "masked_conv_grad_input",
-                                           "unfold_transpose", "coactivation_correlation") else (0,)
+                                           "unfold_transpose", "coactivation_correlation", "ekfac") else (0,)
                 for i, cfg in enumerate(configs):
                     for arch in (90, 80) if i == 0 and dtype == torch.float16 else (90,):
                         for mode in modes:

@@ -7,7 +7,8 @@ needs a kernel, so that the CPU path works where Triton is absent.
 import importlib
 
 # every kernel module; importing one decorates its kernels and registers their autotune specs
-MODULES = ("coactivation", "local_conv", "masked_conv", "patch_covariance", "patches", "unfold", "unfold_transpose")
+MODULES = ("coactivation", "ekfac", "local_conv", "masked_conv", "patch_covariance", "patches", "unfold",
+           "unfold_transpose")
 
 
 def load_all() -> None:

@@ -47,4 +47,5 @@ _KERNEL_MARKERS = (("convzoo.kernels.unfold", "unfold_kernel"), ("convzoo.kernel
                    ("convzoo.kernels.patch_covariance", "patch_covariance_kernel"),
                    ("convzoo.kernels.patches", "extract_patches_kernel"),
                    ("convzoo.kernels.masked_conv", "masked_conv_fwd_kernel"),
-                   ("convzoo.kernels.coactivation", "coactivation_correlation_kernel"))
+                   ("convzoo.kernels.coactivation", "coactivation_correlation_kernel"),
+                   ("convzoo.kernels.ekfac", "ekfac_kernel"))

@@ -56,6 +56,11 @@ KEY_LEGEND = {
     "patch_covariance": ({"D": "factor side C/groups*prod(K) (+1 with bias)", "G": "channel groups (factor blocks)",
                           "M": "reduction N*L (samples x positions)"},
                          "BLOCK_D x BLOCK_D factor tile, BLOCK_M reduction step, SPLIT programs per tile"),
+    "ekfac": ({"O": "output channels per group C_out/groups", "D": "A side C_in/groups*prod(K) (+1 with bias)",
+               "L": "output positions prod(out)", "N": "batch (the reduction of the squares)",
+               "G": "channel groups (blocks)"},
+              "BLOCK_J x BLOCK_O statistic tile, BLOCK_L position step, BLOCK_K patch-projection step, SPLIT "
+              "shares of the samples"),
     "extract_patches": ({"D": "entries per patch = C/groups*prod(K)",
                          "R": "rows of the [N*L, D] patch matrix = N*L (L output positions)"},
                         "BLOCK_R x BLOCK_D output tile (contiguous along D)"),

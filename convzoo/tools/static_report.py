@@ -44,7 +44,8 @@ TC_FLOP_PER_CLOCK = {"f16": 4096, "tf32": 2048, "f64": 128}
 H100 = {"regs": 65536, "smem": 228 * 1024, "smem_block": 227 * 1024, "smem_reserved": 1024, "warps": 64,
         "blocks": 32, "sms": 132, "clock_ghz": 1.755, "hbm_tbs": 3.35}
 DOT_KERNELS = {"local_conv_fwd", "local_conv_grad_weight", "local_conv_grad_input", "patch_covariance",
-               "masked_conv_fwd", "masked_conv_grad_weight", "masked_conv_grad_input", "coactivation_correlation"}
+               "masked_conv_fwd", "masked_conv_grad_weight", "masked_conv_grad_input", "coactivation_correlation",
+               "ekfac"}
 # The known breaks of the gate's rules, (kernel, rule) -> reason; rule in spills / no_tensor_cores / low_warps.
 # Issue "No spills, Hopper tensor cores fed" rewrites these loops; each entry goes when its kernel is fixed.
 _HOT_LOOP = "per-element gather index math in the hot loop (issue: No spills, Hopper tensor cores fed)"
