@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from convzoo.curvature import _TRANSPOSED, KFACFactors
+from convzoo.functional import ekfac_eigenvalues
 
 __all__ = ["KFAC"]
 
@@ -76,6 +77,16 @@ class KFAC:
     backward then leaves ``G`` alone. Call ``kfac.mc_backward(output)`` after the forward and before
     ``loss.backward()``: it costs one more backward through the model (the graph is kept for the training one).
 
+    EKFAC (``ekfac=True``, George et al. 2018): the eigenvalues ``λ_G λ_Aᵀ`` of ``G ⊗ A`` are replaced by the
+    corrected ones, ``s = E_n[(Q_Gᵀ dW_n Q_A)²]`` (the per-sample gradients' second moment in the Kronecker
+    eigenbasis, :func:`convzoo.functional.ekfac_eigenvalues`: computed in each backward from the layer's input
+    and output gradient without forming per-sample gradients, blended with the factors' ``beta``), and the step
+    is ``Q_G [(Q_Gᵀ ∇W Q_A) / (s + λ)] Q_Aᵀ`` with the one damping ``λ`` (``damping_split`` does not apply).
+    ``s`` needs an eigenbasis: it is collected from the backward after each eigendecomposition on, and a step
+    without one in the current basis (the first, and each refresh, whose backward ran in the old basis) uses
+    KFAC's ``λ_G λ_Aᵀ``. So ``inverse_every`` must be ≥ 2. ``kfac.corrected_eigenvalues[name]`` is ``s``
+    (``[G, C_out/G, D]`` for a conv, ``[out, D]`` for a Linear). Blocks only (``group_reduction='blocks'``).
+
     Distributed: when ``torch.distributed`` is initialised with more than one process, every factor is
     all-reduced (averaged over the ranks, in place) before each eigendecomposition, so all ranks precondition
     identically (the gradients themselves are DDP's to average).
@@ -99,9 +110,12 @@ class KFAC:
             factor's dtype).
         min_damping: the floor of the π-split dampings.
         generator: the ``torch.Generator`` that draws the MC labels (``None``: the global one).
+        ekfac: precondition with EKFAC's corrected eigenvalues (see above).
 
     Attributes:
         factors: the :class:`convzoo.KFACFactors` (``factors.input_factors`` / ``factors.gradient_factors``).
+        corrected_eigenvalues: ``dict`` layer name → EKFAC's ``s`` in the current eigenbasis (``ekfac=True``;
+            a layer is missing until its first backward after an eigendecomposition).
         steps: how many :meth:`step` calls so far.
 
     Raises:
@@ -114,7 +128,7 @@ class KFAC:
                  fisher: str = "empirical", loss: str = "cross_entropy", mode: str = "expand", beta: float = 0.95,
                  group_reduction: str = "blocks", modules: Iterable[str | nn.Module] | None = None,
                  inverse_dtype: torch.dtype | None = None, min_damping: float = 1e-8,
-                 generator: torch.Generator | None = None):
+                 generator: torch.Generator | None = None, ekfac: bool = False):
         for name, value, choices in (("damping_split", damping_split, DAMPING_SPLITS), ("fisher", fisher, FISHERS),
                                      ("loss", loss, LOSSES)):
             if not isinstance(value, str) or value not in choices:
@@ -143,6 +157,16 @@ class KFAC:
         min_damping = _positive_real(min_damping, "min_damping", allow_zero=True)
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+        if not isinstance(ekfac, bool):
+            raise TypeError(f"ekfac must be a bool, got {ekfac!r}")
+        if ekfac:
+            if isinstance(damping, tuple):
+                raise ValueError("ekfac=True takes one damping λ (added to the corrected eigenvalues), not a pair")
+            if inverse_every < 2:
+                raise ValueError("ekfac=True needs inverse_every ≥ 2: the corrected eigenvalues of a basis come from "
+                                 "the backwards after it is computed")
+            if group_reduction != "blocks":
+                raise ValueError("ekfac=True needs group_reduction='blocks' (one eigenbasis per channel group)")
         self.factors = KFACFactors(model, mode=mode, beta=beta, bias=True, group_reduction=group_reduction,
                                    modules=modules, gradients=True, scale="curvlinops")
         self.damping, self.damping_split, self.inverse_every = damping, damping_split, inverse_every
@@ -152,12 +176,24 @@ class KFAC:
         self._layers = {name: layer for name, layer in model.named_modules() if name in self.factors.factors}
         # per layer: (Q_A, eigenvalues of A + λ_A, Q_G, eigenvalues of G + λ_G), batched over groups
         self._eigen: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._lambdas: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.steps = 0
+        self.ekfac = ekfac
+        self.corrected_eigenvalues: dict[str, torch.Tensor] = {}
+        self._handles = []
+        if ekfac:
+            from convzoo.curvature import _Hook
+
+            for name, layer in self._layers.items():
+                self._handles.append(layer.register_forward_hook(_Hook(self._ekfac_forward, name), with_kwargs=True))
 
     # ------------------------------------------------------------------------------------------ public
     def remove(self) -> None:
         """Remove the factors' hooks (:meth:`step` keeps working on the last factors)."""
         self.factors.remove()
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
 
     @torch.no_grad()
     def step(self) -> None:
@@ -183,6 +219,7 @@ class KFAC:
                                    f"{hint}")
             if refresh or name not in self._eigen:
                 self._eigen[name] = self._decompose(name)
+                self.corrected_eigenvalues.pop(name, None)  # s of the old basis
             grad = self._grad_matrix(layer)
             pending.append((layer, grad, self._precondition(name, grad)))
         nu = self._kl_scale(pending) if self.kl_clip is not None else None
@@ -226,7 +263,9 @@ class KFAC:
     def state_dict(self) -> dict:
         """The factors (:meth:`KFACFactors.state_dict`), the step count and the current eigendecompositions."""
         return {"factors": self.factors.state_dict(), "steps": self.steps,
-                "eigen": {name: tuple(t for t in value) for name, value in self._eigen.items()}}
+                "eigen": {name: tuple(t for t in value) for name, value in self._eigen.items()},
+                "lambdas": {name: tuple(value) for name, value in self._lambdas.items()},
+                "corrected_eigenvalues": dict(self.corrected_eigenvalues)}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore :meth:`state_dict` (eigendecompositions copied to each factor's device).
@@ -234,8 +273,9 @@ class KFAC:
         Raises:
             ValueError: ``state`` is not a ``KFAC.state_dict()`` of the same layers.
         """
-        if not isinstance(state, dict) or set(state) != {"factors", "steps", "eigen"}:
-            raise ValueError("state must be a KFAC.state_dict(): a dict with 'factors', 'steps' and 'eigen'")
+        keys = {"factors", "steps", "eigen", "lambdas", "corrected_eigenvalues"}
+        if not isinstance(state, dict) or set(state) != keys:
+            raise ValueError(f"state must be a KFAC.state_dict(): a dict with the keys {sorted(keys)}")
         eigen = state["eigen"]
         if not isinstance(eigen, dict) or not set(eigen) <= set(self._layers):
             raise ValueError(f"state's eigendecompositions are for layers {sorted(eigen)}, not all of "
@@ -245,6 +285,8 @@ class KFAC:
         self.factors.load_state_dict(state["factors"])
         device = {name: f.device for name, f in self.factors.factors.items()}
         self._eigen = {name: tuple(t.to(device[name]) for t in value) for name, value in eigen.items()}
+        self._lambdas = {name: tuple(t.to(device[name]) for t in value) for name, value in state["lambdas"].items()}
+        self.corrected_eigenvalues = {name: t.to(device[name]) for name, t in state["corrected_eigenvalues"].items()}
         self.steps = state["steps"]
 
     # ------------------------------------------------------------------------------------------ internals
@@ -281,6 +323,7 @@ class KFAC:
             lam_g = (root / pi).clamp(min=self.min_damping)
         eig_a, q_a = torch.linalg.eigh(a)
         eig_g, q_g = torch.linalg.eigh(g)
+        self._lambdas[name] = (lam_a, lam_g)
         return q_a, eig_a + lam_a, q_g, eig_g + lam_g
 
     def _precondition(self, name: str, grad: torch.Tensor) -> torch.Tensor:
@@ -288,8 +331,48 @@ class KFAC:
         q_a, eig_a, q_g, eig_g = self._eigen[name]
         m = grad.to(q_a.dtype)
         inner = q_g.transpose(1, 2) @ m @ q_a
-        inner = inner / (eig_g[:, :, None] * eig_a[:, None, :])
+        s = self.corrected_eigenvalues.get(name)
+        if s is not None:
+            inner = inner / (s.reshape(inner.shape).to(inner.dtype) + self.damping)
+        elif self.ekfac:  # no s in this basis yet: KFAC's eigenvalues, damped as EKFAC damps
+            undamped_a, undamped_g = eig_a - self._lambdas[name][0], eig_g - self._lambdas[name][1]
+            inner = inner / (undamped_g[:, :, None] * undamped_a[:, None, :] + self.damping)
+        else:
+            inner = inner / (eig_g[:, :, None] * eig_a[:, None, :])
         return (q_g @ inner @ q_a.transpose(1, 2)).to(grad.dtype)
+
+    def _ekfac_forward(self, name: str, layer: nn.Module, args: tuple, kwargs: dict, output) -> None:
+        """EKFAC: keep this forward's input for its backward, where the statistic is taken in the basis of then."""
+        if not layer.training or not isinstance(output, torch.Tensor) or not output.requires_grad:
+            return
+        x = args[0].detach()
+        if x.numel() == 0:
+            return
+        output_size = args[1] if len(args) > 1 else kwargs.get("output_size")
+        output.register_hook(lambda grad: self._ekfac_update(name, layer, x, output_size, grad))
+
+    @torch.no_grad()
+    def _ekfac_update(self, name: str, layer: nn.Module, x: torch.Tensor, output_size, grad: torch.Tensor) -> None:
+        if not self.factors.record_gradients or name not in self._eigen or grad.numel() == 0:
+            return
+        q_a, _, q_g, _ = self._eigen[name]
+        dtype = self.factors.input_factors[name].dtype  # the statistic's (x's accumulator) dtype
+        q_a, q_g = q_a.to(x.device, dtype), q_g.to(x.device, dtype)
+        bias = layer.bias is not None
+        if isinstance(layer, nn.Linear):
+            new = ekfac_eigenvalues(x, grad.detach(), q_a[0], q_g[0], bias=bias)
+        elif isinstance(layer, _TRANSPOSED):
+            output_padding = layer._output_padding(x, output_size, layer.stride, layer.padding, layer.kernel_size,
+                                                   len(layer.kernel_size), layer.dilation)
+            new = ekfac_eigenvalues(x, grad.detach(), q_a, q_g, layer.kernel_size, layer.stride, layer.padding,
+                                    layer.dilation, layer.groups, bias=bias, transposed=True,
+                                    output_padding=tuple(output_padding))
+        else:
+            new = ekfac_eigenvalues(x, grad.detach(), q_a, q_g, layer.kernel_size, layer.stride, layer.padding,
+                                    layer.dilation, layer.groups, bias=bias, padding_mode=layer.padding_mode)
+        old = self.corrected_eigenvalues.get(name)
+        beta = self.factors.beta
+        self.corrected_eigenvalues[name] = new if old is None else old.mul_(beta).add_(new, alpha=1.0 - beta)
 
     def _kl_scale(self, pending) -> torch.Tensor:
         if not pending:

@@ -264,7 +264,8 @@ def test_kl_clip_scales_as_kfac_pytorch():
             torch.testing.assert_close(p.grad, nu * expected, **F64)
 
 
-def test_state_dict_round_trip_resumes_identically(tmp_path):
+@pytest.mark.parametrize("ekfac", [False, True], ids=["kfac", "ekfac"])
+def test_state_dict_round_trip_resumes_identically(tmp_path, ekfac):
     def run(steps, kfac=None, model=None):
         for i in steps:
             gen = torch.Generator().manual_seed(i)
@@ -277,7 +278,7 @@ def test_state_dict_round_trip_resumes_identically(tmp_path):
     def make():
         torch.manual_seed(0)
         model = nn.Sequential(nn.Conv2d(2, 3, 3, groups=1), nn.Flatten(), nn.Linear(27, 3))
-        return model, convzoo.KFAC(model, inverse_every=3, beta=0.5)
+        return model, convzoo.KFAC(model, inverse_every=3, beta=0.5, ekfac=ekfac)
 
     model, kfac = make()
     whole = run(range(5), kfac, model)
@@ -290,6 +291,7 @@ def test_state_dict_round_trip_resumes_identically(tmp_path):
     resumed = run([4], kfac3, model3)
     for a, b in zip(whole, resumed):
         torch.testing.assert_close(a, b)
+    assert set(kfac3.corrected_eigenvalues) == ({"0", "2"} if ekfac else set())
     with pytest.raises(ValueError, match=r"KFAC\.state_dict"):
         kfac3.load_state_dict({"factors": {}})
 
@@ -502,3 +504,70 @@ def test_patch_covariance_with_many_rows_matches_unfold():
     x = torch.randn(2, 64, 4, 5, dtype=torch.float64)
     layer(x)
     torch.testing.assert_close(kfac[""], _factor(layer, x, "expand", True), **F64)
+
+
+# ---------------------------------------------------------------------------------------------- EKFAC
+def test_ekfac_matches_curvlinops():
+    """``ekfac=True``: the first step (no corrected eigenvalues yet) computes the eigenbases; the backward after it
+    (the same batch, weights unchanged) collects ``s``, which equals curvlinops' ``EKFACLinearOperator``
+    corrected eigenvalues, and the second step equals ``KFACInverseLinearOperator(EKFACLinearOperator, damping)``
+    applied to the gradient (fp64; Linear and Conv2d)."""
+    model = _cl_model()
+    x, y = _cl_data()
+    params = list(model.parameters())
+    kfac = convzoo.KFAC(model, beta=0.0, damping=1e-2, ekfac=True, inverse_every=100)
+    for _ in range(2):
+        model.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        grads = [p.grad.clone() for p in params]
+        kfac.step()
+    kfac.remove()
+    op = curvlinops.EKFACLinearOperator(model, nn.CrossEntropyLoss(), params, [(x, y)], fisher_type="empirical",
+                                        separate_weight_and_bias=False, check_deterministic=False)
+    op.compute_eigenvalue_correction()
+    assert set(kfac.corrected_eigenvalues) == set(op._corrected_eigenvalues)
+    for name, s in kfac.corrected_eigenvalues.items():
+        want = op._corrected_eigenvalues[name]
+        if isinstance(want, dict):  # a layer without bias: one entry per parameter, the weight's alone
+            (want,) = want.values()
+        torch.testing.assert_close(s.squeeze(0), want, **F64)
+    inverse = curvlinops.KFACInverseLinearOperator(op, damping=1e-2, use_exact_damping=True)  # EKFAC: (s + λ)⁻¹
+    for p, expected in zip(params, inverse @ grads):
+        torch.testing.assert_close(p.grad, expected, **F64)
+
+
+@pytest.mark.parametrize("case", LAYERS, ids=[c[0] for c in LAYERS])
+def test_ekfac_step_is_the_corrected_solve(case):
+    """Every layer kind: after an eigendecomposition, ``s = Σ_n (Q_Gᵀ dW_n Q_A)² · N`` from brute-force
+    per-sample gradients (unfoldNd patches), and ``step()`` = ``Q_G [(Q_Gᵀ M Q_A) / (s + λ)] Q_Aᵀ``."""
+    _, make, shape, kwargs = case
+    layer = make().double()
+    kfac = convzoo.KFAC(nn.Sequential(layer), beta=0.0, damping=0.1, ekfac=True, inverse_every=100)
+    _run(layer, shape, kwargs)
+    kfac.step()
+    layer.zero_grad()
+    batch = _run(layer, shape, kwargs)
+    q_a, _, q_g, _ = kfac._eigen["0"]
+    pe, ge, n, _ = _rows(layer, *batch, "expand", kwargs.get("output_size"))
+    positions = pe.shape[1] // n
+    pn = pe.view(pe.shape[0], n, positions, -1)
+    gn = ge.view(ge.shape[0], n, positions, -1)
+    per_sample = torch.einsum("gnli,gnlj->gnij", gn, pn)  # [G, N, C', D]
+    s = n * (q_g.transpose(1, 2)[:, None] @ per_sample @ q_a[:, None]).square().sum(1)
+    torch.testing.assert_close(kfac.corrected_eigenvalues["0"].reshape(s.shape), s, **F64)
+    _, _, m = _reference(layer, *batch, "expand", kwargs.get("output_size"))
+    expected = q_g @ ((q_g.transpose(1, 2) @ m @ q_a) / (s + 0.1)) @ q_a.transpose(1, 2)
+    kfac.step()
+    torch.testing.assert_close(kfac._grad_matrix(layer), expected, **F64)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"damping": (1e-3, 1e-3), "damping_split": "none"}, "ekfac=True takes one damping"),
+    ({"inverse_every": 1}, "inverse_every ≥ 2"),
+    ({"group_reduction": "mean"}, "group_reduction='blocks'"),
+])
+def test_ekfac_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        convzoo.KFAC(nn.Sequential(nn.Linear(2, 2)), ekfac=True, **kwargs)
+    with pytest.raises(TypeError, match="ekfac must be a bool"):
+        convzoo.KFAC(nn.Sequential(nn.Linear(2, 2)), ekfac=1)
