@@ -387,13 +387,12 @@ class KFACFactors:
             rows = g.reshape(n, g.shape[1], -1).sum(2)  # [N, C_out]
             rows = rows.view(n, groups, -1).transpose(0, 1)  # [G, N, C_out/G]
             new = torch.bmm(rows.transpose(1, 2), rows)
-        elif g.is_contiguous():  # [N, C_out, L]: one [C_out/G, L] @ [L, C_out/G] per sample and group, no copy
+        else:
+            # [N, C_out, L]: one [C_out/G, L] @ [L, C_out/G] per sample and group, no copy for a contiguous
+            # gradient (a channels-last one is copied by the reshape; no branch on its strides: Dynamo cannot
+            # trace a hook that reads the gradient's layout)
             per = g.reshape(n * groups, g.shape[1] // groups, -1)
             new = torch.bmm(per, per.transpose(1, 2)).view(n, groups, per.shape[1], per.shape[1]).sum(0)
-        else:  # channels-last (or other strides): [N·L, C_out] rows, a view for channels-last
-            rows = g.movedim(1, -1).reshape(-1, g.shape[1])
-            rows = rows.view(rows.shape[0], groups, -1).transpose(0, 1)  # [G, N·L, C_out/G]
-            new = torch.bmm(rows.transpose(1, 2), rows)
         if buf.dim() == 2 and new.dim() == 3:
             new = new[0]
         new = new * n  # N: curvlinops' correction for a mean-reduced loss

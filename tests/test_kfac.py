@@ -18,7 +18,11 @@ from torch import nn
 import convzoo
 from convzoo.curvature import KFACFactors
 
-curvlinops = pytest.importorskip("curvlinops")
+try:  # the curvlinops comparisons only; the brute-force references need nothing
+    import curvlinops
+except ImportError:
+    curvlinops = None
+needs_curvlinops = pytest.mark.skipif(curvlinops is None, reason="curvlinops is not installed")
 F64 = dict(atol=1e-10, rtol=1e-10)
 
 
@@ -131,6 +135,7 @@ def _cl_operator(model, x, y, approx, fisher="empirical"):
                                          check_deterministic=False)
 
 
+@needs_curvlinops
 @pytest.mark.parametrize("approx", ["expand", "reduce"])
 def test_factors_match_curvlinops(approx):
     """Each factor equals curvlinops' ``input_covariances`` / ``gradient_covariances`` (fp64, 1e-10), hence
@@ -151,6 +156,7 @@ def test_factors_match_curvlinops(approx):
                                                                 op._input_covariances[name]), **F64)
 
 
+@needs_curvlinops
 @pytest.mark.parametrize("approx", ["expand", "reduce"])
 @pytest.mark.parametrize("damping, split, heuristic", [((1e-2, 3e-3), "none", False), (1e-2, "none", False),
                                                        (1e-2, "pi", True)], ids=["pair", "scalar", "pi"])
@@ -171,6 +177,7 @@ def test_step_matches_curvlinops_inverse(approx, damping, split, heuristic):
         torch.testing.assert_close(p.grad, expected, **F64)
 
 
+@needs_curvlinops
 def test_mc_fisher_matches_curvlinops_with_the_same_generator():
     """``fisher='mc'``: labels drawn as curvlinops draws them (its seed, its ``multinomial``), so ``G`` is
     curvlinops' MC ``gradient_covariances`` exactly; the training backward leaves G alone."""
@@ -384,7 +391,10 @@ def test_unbatched_and_no_grad_forwards():
 @pytest.mark.slow  # ~10 s: two compiles
 def test_compiled_training_step_with_gradient_factors():
     """A fullgraph, dynamic compiled step (forward with A hooks, backward with G hooks, SGD update) over two
-    batch sizes: the eager run's A and G, with the one recompile of the first update."""
+    batch sizes: the eager run's A and G, with the one recompile of the first update. torch 2.11's Dynamo fails
+    on the output's tensor hook with dynamic shapes ("autograd_function_apply referenced nonexistent value"): there
+    the step compiles static (one more graph for the new batch size)."""
+    dynamic = torch.__version__ >= "2.12"
     def train(compiled):
         torch.manual_seed(0)
         model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.ConvTranspose2d(3, 2, 2, stride=2),
@@ -403,7 +413,7 @@ def test_compiled_training_step_with_gradient_factors():
         counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
         if compiled:
             torch._dynamo.reset()
-            step = torch.compile(step, fullgraph=True, dynamic=True, backend=counter)
+            step = torch.compile(step, fullgraph=True, dynamic=dynamic, backend=counter)
         gen = torch.Generator().manual_seed(1)
         for n in (2, 2, 3):
             step(torch.randn(n, 2, 5, 6, generator=gen), torch.randn(n, 4, generator=gen))
@@ -416,7 +426,7 @@ def test_compiled_training_step_with_gradient_factors():
         assert comp.gradient_factors[name].abs().sum() > 0
         torch.testing.assert_close(comp.gradient_factors[name], eager.gradient_factors[name], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(comp.input_factors[name], eager.input_factors[name], atol=1e-5, rtol=1e-5)
-    assert frames == 2
+    assert frames == (2 if dynamic else 3)
 
 
 def test_kfac_trains_with_any_optimizer():
@@ -507,6 +517,7 @@ def test_patch_covariance_with_many_rows_matches_unfold():
 
 
 # ---------------------------------------------------------------------------------------------- EKFAC
+@needs_curvlinops
 def test_ekfac_matches_curvlinops():
     """``ekfac=True``: the first step (no corrected eigenvalues yet) computes the eigenbases; the backward after it
     (the same batch, weights unchanged) collects ``s``, which equals curvlinops' ``EKFACLinearOperator``
