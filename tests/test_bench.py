@@ -102,7 +102,7 @@ def test_tiny_run_prints_every_provider_and_writes_results(capsys, no_interprete
                  for p in ("convzoo (CPU path)", "F.conv3d(x, w*mask)")}
     expected |= {("coactivation", "N2 C4→8 8×8 k3 p1 s1", p)
                  for p in ("convzoo (CPU path)", "conv_weight(x>0, y>0)", ops.SEED_F2)}
-    expected |= {("kfac", "cnn_tiny N2 2 convs 4→8 8×8", p)
+    expected |= {("kfac", "N2 C3→8 8×8 2 convs (cnn_tiny)", p)
                  for p in ("convzoo", "convzoo A only", "plain step", "curvlinops")}
     (csv_path,) = tmp_path.glob("*.csv")
     rows = harness.read_csv(csv_path)
@@ -348,7 +348,8 @@ def test_overhead_rows(no_interpreter, capsys):
                                                   ("masked_conv", "convzoo (CPU path)"),
                                                   ("masked_conv", "F.conv2d(x, w*mask)"),
                                                   ("coactivation", "convzoo (CPU path)"),
-                                                  ("coactivation", "conv_weight(x>0, y>0)")}
+                                                  ("coactivation", "conv_weight(x>0, y>0)"),
+                                                  ("kfac", "convzoo"), ("kfac", "plain step")}
     assert {r.mode for r in rows} == {"call", "call+grad"} and all(r.shape.startswith("N2 C3") for r in rows)
     assert {r.mode for r in rows if r.op in ("patch_covariance", "coactivation")} == {"call"}  # no grad
     assert all(r.timer.startswith("torch.utils.benchmark") for r in rows)

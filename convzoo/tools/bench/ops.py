@@ -263,7 +263,7 @@ def _kfac_update_problem(name, n, convs, size, overhead=False) -> Problem:
         x = torch.randn(n, convs[0][0], *size, device=device, dtype=dtype)
         return (_kfac_model(convs, device, dtype), x, torch.randint(0, 10, (n,), device=device))
 
-    label = f"{name} N{n} {len(convs)} convs {convs[0][1]}→{convs[-1][1]} {'×'.join(map(str, size))}"
+    label = f"N{n} C{convs[0][0]}→{convs[-1][1]} {'×'.join(map(str, size))} {len(convs)} convs ({name})"
     return Problem("kfac", name, 2, make, lambda mode_, e: n * convs[0][0] * math.prod(size) * e,
                    lambda mode_: flops, label=label, overhead=overhead, differentiable=False)
 
@@ -300,7 +300,7 @@ def _kfac_update_providers() -> list[Provider]:
     provs = [Provider("convzoo", _kfac_update_hooked(True), overhead=True),
              Provider("convzoo A only", _kfac_update_hooked(False)),
              Provider("plain step", _step, overhead=True)]
-    if KFACLinearOperator is not None:
+    if extract_patches is not None:  # curvlinops is installed (KFACLinearOperator comes from the same import)
         provs.append(Provider("curvlinops", _kfac_update_curvlinops))
     return provs
 
