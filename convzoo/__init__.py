@@ -6,6 +6,7 @@ Public names only; nothing here touches a device at import.
 from convzoo import functional, sparsity
 from convzoo._compat import debug_info
 from convzoo.curvature import KFACFactors
+from convzoo.kfac import KFAC
 from convzoo.layers import (
     DynamicSparseConv1d,
     DynamicSparseConv2d,
@@ -27,7 +28,7 @@ from convzoo.layers import (
 )
 
 __all__ = [
-    "DynamicSparseConv1d", "DynamicSparseConv2d", "DynamicSparseConv3d", "DynamicSparseLinear", "Fold",
+    "KFAC", "DynamicSparseConv1d", "DynamicSparseConv2d", "DynamicSparseConv3d", "DynamicSparseLinear", "Fold",
     "KFACFactors", "LocalConv1d", "LocalConv2d", "LocalConv3d", "MaskedConv1d", "MaskedConv2d", "MaskedConv3d",
     "MaskedLinear", "PruneRegrowSchedule", "Unfold", "UnfoldTranspose", "debug_info", "desparsify", "functional",
     "sparsify", "sparsity"

@@ -382,12 +382,56 @@ def patch_covariance(x: torch.Tensor, kernel_size: list[int], stride: list[int],
     read_out = out is not None and alpha != 0.0
     if out is None:
         out = x.new_empty((groups, dp, dp), dtype=dtype)
-    beta = alpha if read_out else 0.0  # baddbmm ignores out (NaN included) at beta = 0
     if x.shape[0] * num == 0 or out.numel() == 0:
         return out.mul_(alpha) if read_out else out.zero_()
-    for cols in _patch_chunks(x, g, groups, bias, transposed, dtype):
-        out.baddbmm_(cols, cols.transpose(1, 2), beta=beta, alpha=coef)
-        beta = 1.0
+    # no patch rows (C = 0) but a bias: the factor is the column count alone
+    chunks = [x.new_empty((groups, 0, x.shape[0] * num), dtype=dtype)] if dp == bias else \
+        _patch_chunks(x, g, groups, False, transposed, dtype)
+    return gram_into(out, chunks, bias, alpha if read_out else 0.0, coef)
+
+
+# from this many rows on, the Gram matrix's GEMM is its upper block-triangle (two row blocks), 3/4 of the work
+_TRIANGLE_ROWS = 512
+
+
+def gram_into(out: torch.Tensor, chunks, bias: bool, alpha: float, coef: float) -> torch.Tensor:
+    """``out ← alpha·out + coef·[[P Pᵀ, P·1], [1ᵀPᵀ, m]]`` per group (``alpha = 0``: ``out`` not read, NaN
+    included), ``P`` ``[G, d, m]`` the patch matrix given as column chunks (at least one), the bias row and
+    column (with ``bias``) from the row sums and the column count instead of a row of ones in the GEMM.
+
+    Why: a ones row makes the GEMM's size odd (``C·9 + 1``), which MKL runs markedly slower on the CPU (1153
+    rows: 87 ms against 57 ms for 1152, one thread); and from ``_TRIANGLE_ROWS`` rows on only the upper
+    block-triangle of the two row halves is multiplied (``P_1 Pᵀ`` and ``P_2 P_2ᵀ``), the lower-left block
+    mirrored from the upper-right: the same products, so the same factor up to each entry's summation order."""
+    acc = sums = None
+    count = 0
+    for cols in chunks:
+        groups, d = cols.shape[:2]
+        split = d // 2 if d >= _TRIANGLE_ROWS else d
+        beta = 0.0 if acc is None else 1.0
+        if acc is None:
+            acc = cols.new_empty((groups, d, d))
+        acc[:, :split].baddbmm_(cols[:, :split], cols.transpose(1, 2), beta=beta)
+        if split < d:
+            low = cols[:, split:]
+            acc[:, split:, split:].baddbmm_(low, low.transpose(1, 2), beta=beta)
+        if bias:
+            sums = cols.sum(2) if sums is None else sums.add_(cols.sum(2))
+            count += cols.shape[2]
+    if split < d:
+        acc[:, split:, :split] = acc[:, :split, split:].transpose(1, 2)
+    read_out = alpha != 0.0
+    body = out[:, :d, :d]
+    if read_out:
+        body.mul_(alpha).add_(acc, alpha=coef)
+    else:
+        body.copy_(acc.mul_(coef))
+    if bias:
+        edge = sums.mul_(coef)
+        for view in (out[:, :d, d], out[:, d, :d]):
+            view.mul_(alpha).add_(edge) if read_out else view.copy_(edge)
+        corner = out[:, d, d]
+        corner.mul_(alpha).add_(coef * count) if read_out else corner.fill_(coef * count)
     return out
 # ----------------------------------------------------------------------------------------------
 # extract_patches: unfold's patches as [N, L, C/groups·∏K], the channel groups averaged (curvlinops' layout)

@@ -83,10 +83,11 @@ def test_tiny_run_prints_every_provider_and_writes_results(capsys, no_interprete
     assert "plain-torch paths" in out and "measured: copy" in out and "timer: torch.utils.benchmark" in out
     assert f"# results: {tmp_path} (--out)" in out
     assert "[  1/" in out  # progress: one line per row while timing
-    assert out.count(harness.SPEEDUP_LEGEND) == 7  # one legend under each op's table
+    assert out.count(harness.SPEEDUP_LEGEND) == 8  # one legend under each op's table
     assert out.count(ops.NOTES["masked_conv"]) == 1  # and masked_conv's note under its own
     assert out.count(ops.NOTES["coactivation"]) == 1
     assert out.count(ops.NOTES["dynamic_sparse"]) == 1
+    assert out.count(ops.NOTES["kfac"]) == 1
     unfold_2d, fold_3d, local_2d = "N2 C3 8×8 k3 p1 s1", "N1 C2 4×4×4 k2 p0 s1", "N2 C3→4 6×6 k3 p1 s1"
     expected = {("unfold", unfold_2d, p) for p in ("convzoo", "F.unfold", "unfoldNd")}
     expected |= {("fold", fold_3d, p) for p in ("convzoo", "unfoldNd")}
@@ -103,6 +104,8 @@ def test_tiny_run_prints_every_provider_and_writes_results(capsys, no_interprete
     expected |= {("coactivation", "N2 C4→8 8×8 k3 p1 s1", p)
                  for p in ("convzoo (CPU path)", "conv_weight(x>0, y>0)", ops.SEED_F2)}
     expected |= {("dynamic_sparse", "3×conv N2 C4→16→16→16 8×8 k3 p1", label) for label, *_ in ops._DYNAMIC_KINDS}
+    expected |= {("kfac", "N2 C3→8 8×8 2 convs (cnn_tiny)", p)
+                 for p in ("convzoo", "convzoo A only", "plain step", "curvlinops")}
     (csv_path,) = tmp_path.glob("*.csv")
     rows = harness.read_csv(csv_path)
     assert list(rows[0]) == harness.Row.columns()
@@ -111,6 +114,7 @@ def test_tiny_run_prints_every_provider_and_writes_results(capsys, no_interprete
     assert {r["mode"] for r in rows if r["op"] == "patch_covariance"} == {"fwd"}  # a statistic: no backward
     assert {r["mode"] for r in rows if r["op"] == "coactivation"} == {"fwd"}  # a statistic too
     assert {r["mode"] for r in rows if r["op"] == "dynamic_sparse"} == {"fwd"}  # the call is the training step
+    assert {r["mode"] for r in rows if r["op"] == "kfac"} == {"fwd"}  # its own forward and backward inside
     assert not any(r["provider"] == "curvlinops" and "×4×" in r["shape"] for r in rows)  # curvlinops: 2-d only
     assert not any("compile" in r["provider"] for r in rows)  # --full only
     masked = [r for r in rows if r["op"] == "masked_conv"]
@@ -131,7 +135,7 @@ def test_tiny_run_prints_every_provider_and_writes_results(capsys, no_interprete
         if r["provider"] in ("convzoo", "convzoo (CPU path)"):
             assert float(r["speedup"]) == 1.0
     md = csv_path.with_suffix(".md").read_text()
-    assert md.count(f"| {local_2d} |") == 8 and "Measured limits" in md and md.count(harness.SPEEDUP_LEGEND) == 7
+    assert md.count(f"| {local_2d} |") == 8 and "Measured limits" in md and md.count(harness.SPEEDUP_LEGEND) == 8
     assert md.count(ops.NOTES["masked_conv"]) == 1 and "### masked_conv (FLOPs matter" in md
     assert md.count(ops.NOTES["coactivation"]) == 1 and "### coactivation (FLOPs matter" in md
     assert md.count(ops.NOTES["dynamic_sparse"]) == 1 and "### dynamic_sparse (FLOPs matter" in md
@@ -348,7 +352,8 @@ def test_overhead_rows(no_interpreter, capsys):
                                                   ("masked_conv", "convzoo (CPU path)"),
                                                   ("masked_conv", "F.conv2d(x, w*mask)"),
                                                   ("coactivation", "convzoo (CPU path)"),
-                                                  ("coactivation", "conv_weight(x>0, y>0)")}
+                                                  ("coactivation", "conv_weight(x>0, y>0)"),
+                                                  ("kfac", "convzoo"), ("kfac", "plain step")}
     assert {r.mode for r in rows} == {"call", "call+grad"} and all(r.shape.startswith("N2 C3") for r in rows)
     assert {r.mode for r in rows if r.op in ("patch_covariance", "coactivation")} == {"call"}  # no grad
     assert all(r.timer.startswith("torch.utils.benchmark") for r in rows)

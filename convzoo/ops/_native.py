@@ -18,7 +18,7 @@ import math
 import torch
 from torch import Tensor
 
-from convzoo import _compat, _shapes
+from convzoo import _compat, _shapes, reference
 
 _WIDE = (torch.float32, torch.float64)
 # column-matrix elements below which ATen's call wins on a CPU core; crossovers measured (2-core x86,
@@ -165,11 +165,9 @@ def patch_covariance(x: Tensor, kernel_size, stride, padding, dilation, padding_
     cols = _compat.im2col(x if x.dim() == 4 else x.unsqueeze(2), ks, dil, pad, st)  # [N, C·K, L]
     n, rows, num = cols.shape
     d = rows // groups
-    p = cols.new_ones((groups, d + bias, n, num), dtype=dtype) if bias else cols.new_empty((groups, d, n, num),
-                                                                                           dtype=dtype)
-    p[:, :d].copy_(cols.view(n, groups, d, num).permute(1, 2, 0, 3))
-    p = p.view(groups, d + bias, n * num)
+    p = cols.new_empty((groups, d, n, num), dtype=dtype)
+    p.copy_(cols.view(n, groups, d, num).permute(1, 2, 0, 3))
     read_out = out is not None and alpha != 0.0
     if out is None:
         out = x.new_empty((groups, d + bias, d + bias), dtype=dtype)
-    return out.baddbmm_(p, p.transpose(1, 2), beta=alpha if read_out else 0.0, alpha=coef)
+    return reference.gram_into(out, [p.view(groups, d, n * num)], bias, alpha if read_out else 0.0, coef)

@@ -23,9 +23,10 @@ try:  # the KFAC peers, bench-only too
 except ImportError:
     convNd_kfc = convNd_kfac_reduce = None
 try:
+    from curvlinops import KFACLinearOperator
     from curvlinops.kfac_utils import extract_averaged_patches, extract_patches
 except ImportError:
-    extract_patches = extract_averaged_patches = None
+    extract_patches = extract_averaged_patches = KFACLinearOperator = None
 
 
 def _out(size, k, s, p):
@@ -47,7 +48,7 @@ def missing_peers() -> list[str]:
     if convNd_kfc is None:
         out.append("einconv is not installed: its patch_covariance column is dropped (pip install einconv)")
     if extract_patches is None:
-        out.append("curvlinops is not installed: its patch_covariance column is dropped "
+        out.append("curvlinops is not installed: its patch_covariance and kfac columns are dropped "
                    "(pip install curvlinops-for-pytorch)")
     return out
 
@@ -220,6 +221,87 @@ def _kfac_providers() -> list[Provider]:
         provs.append(Provider("einconv", _kfac_einconv))
     if extract_patches is not None:
         provs.append(Provider("curvlinops", _kfac_curvlinops, ndims=(2,)))
+    return provs
+
+
+# ---------------------------------------------------------------------------------------------- kfac
+# (name, N, [(C_in, C_out, stride), ...] of the 3×3 convs (each + BatchNorm + ReLU), spatial) of the K-FAC
+# factor-update problems; a global average pool and a Linear to 10 classes close each model
+_KFAC_MODELS = {
+    "tiny": [("cnn_tiny", 2, [(3, 4, 1), (4, 8, 2)], (8, 8))],
+    # the CIFAR-like CNN of issue 25: 7 convs 32→128 with BatchNorm, batch 32 at 32×32
+    "quick": [("cifar_cnn", 32, [(3, 32, 1), (32, 32, 1), (32, 64, 2), (64, 64, 1), (64, 128, 2), (128, 128, 1),
+                                 (128, 128, 1)], (32, 32))],
+    # ResNet-18's conv widths and strides (the stem and the 16 3×3 convs of its 4 stages; no shortcuts)
+    "full": [("resnet18_convs", 32, [(3, 64, 1)] + [(64, 64, 1)] * 4 + [(64, 128, 2)] + [(128, 128, 1)] * 3 +
+              [(128, 256, 2)] + [(256, 256, 1)] * 3 + [(256, 512, 2)] + [(512, 512, 1)] * 3, (32, 32))],
+}
+
+
+def _kfac_model(convs, device, dtype) -> torch.nn.Module:
+    torch.manual_seed(0)
+    layers = []
+    for c_in, c_out, stride in convs:
+        layers += [torch.nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1), torch.nn.BatchNorm2d(c_out),
+                   torch.nn.ReLU()]
+    layers += [torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(convs[-1][1], 10)]
+    return torch.nn.Sequential(*layers).to(device, dtype)
+
+
+def _kfac_update_problem(name, n, convs, size, overhead=False) -> Problem:
+    """One K-FAC factor update of a whole CNN: inputs ``(model, x, y)``, a model of its own per provider.
+    Not differentiable (each provider runs its own forward and backward): timed in fwd only."""
+    L = 0
+    hw = size
+    flops = 0
+    for c_in, c_out, stride in convs:
+        hw = tuple((d + 2 - 3) // stride + 1 for d in hw)
+        L = math.prod(hw)
+        flops += 3 * 2 * n * L * c_out * c_in * 9  # the training step's forward and its two backward GEMMs
+
+    def make(device, dtype, requires_grad):
+        x = torch.randn(n, convs[0][0], *size, device=device, dtype=dtype)
+        return (_kfac_model(convs, device, dtype), x, torch.randint(0, 10, (n,), device=device))
+
+    label = f"N{n} C{convs[0][0]}→{convs[-1][1]} {'×'.join(map(str, size))} {len(convs)} convs ({name})"
+    return Problem("kfac", name, 2, make, lambda mode_, e: n * convs[0][0] * math.prod(size) * e,
+                   lambda mode_: flops, label=label, overhead=overhead, differentiable=False)
+
+
+def _step(model, x, y):
+    model.zero_grad(set_to_none=True)
+    F.cross_entropy(model(x), y).backward()
+
+
+def _kfac_update_hooked(gradients: bool):
+    """A training step (forward, cross entropy, backward) with KFACFactors on the model (A, or A and G)."""
+    def fn(model, x, y):
+        if not hasattr(model, "_bench_kfac"):  # hooked once per model (each provider gets its own)
+            from convzoo.curvature import KFACFactors
+
+            model._bench_kfac = KFACFactors(model, gradients=gradients, scale="curvlinops")
+        _step(model, x, y)
+    return fn
+
+
+def _kfac_update_curvlinops(model, x, y):
+    """curvlinops' ``KFACLinearOperator.compute_kronecker_factors()`` (A and G, its own forward and backward;
+    empirical Fisher, expand, ``separate_weight_and_bias=False``): the operator built once per model."""
+    if not hasattr(model, "_bench_curvlinops"):  # its layers' parameters (it refuses BatchNorm's)
+        params = [p for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))
+                  for p in m.parameters()]
+        model._bench_curvlinops = KFACLinearOperator(model, torch.nn.CrossEntropyLoss(), params,
+                                                     [(x, y)], fisher_type="empirical", kfac_approx="expand",
+                                                     separate_weight_and_bias=False, check_deterministic=False)
+    model._bench_curvlinops.compute_kronecker_factors()
+
+
+def _kfac_update_providers() -> list[Provider]:
+    provs = [Provider("convzoo", _kfac_update_hooked(True), overhead=True),
+             Provider("convzoo A only", _kfac_update_hooked(False)),
+             Provider("plain step", _step, overhead=True)]
+    if extract_patches is not None:  # curvlinops is installed (KFACLinearOperator comes from the same import)
+        provs.append(Provider("curvlinops", _kfac_update_curvlinops))
     return provs
 
 
@@ -545,10 +627,18 @@ def _seed_f2_skipped() -> str:
 
 
 KFAC_MODES = ("expand", "reduce")
-OPS = ("unfold", "fold", "local_conv", "patch_covariance", "masked_conv", "coactivation", "dynamic_sparse")
+OPS = ("unfold", "fold", "local_conv", "patch_covariance", "masked_conv", "coactivation", "dynamic_sparse",
+       "kfac")
 SIZES = ("tiny", "quick", "full")
 # a line under an op's table (printed and in the markdown): what its rows mean beyond the shape
 NOTES = {
+    "kfac": (
+        "kfac: one training step of the whole CNN (forward, cross entropy, backward; batch-norm in training mode) "
+        "per row, timed in fwd only: `convzoo` with KFACFactors(gradients=True, scale='curvlinops') hooked (A and G "
+        "of every conv and the Linear, expand), `convzoo A only` without G, `plain step` with no hooks, and "
+        "curvlinops' KFACLinearOperator.compute_kronecker_factors() (A and G with its own forward and backward; "
+        "empirical, expand). The factor update's own cost is `convzoo` − `plain step`; TFLOP/s counts the "
+        "training step's three conv GEMMs, not the factors'."),
     "masked_conv": (
         "masked_conv: TFLOP/s and % matmul count the dense-equivalent work (2·N·L·C_out·C_in/G·∏k, ×2 more for "
         f"bwd) at every density, so they compare across densities. `dρ block` keeps whole {MASK_TILE}×{MASK_TILE} "
@@ -590,6 +680,8 @@ def overhead_problems(ops=OPS) -> list[Problem]:
             out.append(_coactivation_problem("overhead", 2, 3, 4, (8, 8), 3, 1, 1, overhead=True))
         elif op == "dynamic_sparse":  # a training step of layers: the masked_conv rows hold its per-call overhead
             continue
+        elif op == "kfac":
+            out.append(_kfac_update_problem("overhead", *_KFAC_MODELS["tiny"][0][1:], overhead=True))
         else:
             out.append(_local_conv_problem("overhead", 2, 3, 4, (8, 8), 3, 1, 1, overhead=True))
     return out
@@ -614,6 +706,8 @@ def problems(size: str, ops=OPS) -> list[Problem]:
             out += [_coactivation_problem(*shape) for shape in _COACT[size]]
         elif op == "dynamic_sparse":
             out += [_dynamic_sparse_problem(*shape) for shape in _DYNAMIC[size]]
+        elif op == "kfac":
+            out += [_kfac_update_problem(*shape) for shape in _KFAC_MODELS[size]]
         else:
             raise ValueError(f"unknown op {op!r}; choose from {OPS}")
     return out
@@ -625,7 +719,8 @@ OP_KERNELS = {"unfold": ("unfold", "fold"), "fold": ("fold", "unfold"),
               "patch_covariance": ("patch_covariance",),
               "masked_conv": ("masked_conv_fwd", "masked_conv_grad_input", "masked_conv_grad_weight"),
               "coactivation": ("masked_conv_grad_weight",),  # mode='count': grad-weight with fused thresholds
-              "dynamic_sparse": ("masked_conv_fwd", "masked_conv_grad_input", "masked_conv_grad_weight")}
+              "dynamic_sparse": ("masked_conv_fwd", "masked_conv_grad_input", "masked_conv_grad_weight"),
+              "kfac": ("patch_covariance",)}
 
 
 def tune_layers(size: str, ops=OPS) -> list[Layer]:
@@ -644,6 +739,12 @@ def tune_layers(size: str, ops=OPS) -> list[Layer]:
         elif op == "dynamic_sparse":  # the CNN's two distinct layers
             geoms = [g for name, n, ci, c, sz in _DYNAMIC[size]
                      for g in ((f"{name}_l1", n, ci, sz, 3, 1, 1, c), (f"{name}_l2", n, c, sz, 3, 1, 1, c))]
+        elif op == "kfac":  # each conv's input: the factor's geometry
+            geoms = []
+            for name, n, convs, sz in _KFAC_MODELS[size]:
+                for i, (c_in, _, stride) in enumerate(convs):
+                    geoms.append((f"{name}_{i}", n, c_in, sz, 3, stride, 1, None))
+                    sz = tuple((d - 1) // stride + 1 for d in sz)
         else:
             table = {"local_conv": _LOCAL, "masked_conv": _MASKED, "coactivation": _COACT}[op][size]
             geoms = [(name, n, c, sz, k, s, p, o) for name, n, c, o, sz, k, s, p, *_ in table]
@@ -671,4 +772,5 @@ def providers() -> dict[str, list[Provider]]:
     return {"unfold": _unfold_providers("unfold"), "fold": _unfold_providers("fold"),
             "local_conv": _local_conv_providers(), "patch_covariance": _kfac_providers(),
             "masked_conv": _masked_conv_providers(), "coactivation": _coactivation_providers(),
-            "dynamic_sparse": _dynamic_sparse_providers()}
+            "dynamic_sparse": _dynamic_sparse_providers(),
+            "kfac": _kfac_update_providers()}
