@@ -41,6 +41,7 @@ from convzoo.kernels._common import (
     _num_candidates,
     _padded_candidate,
     _patch_columns,
+    _source_index,
     _widen,
 )
 
@@ -71,8 +72,12 @@ def masked_conv_fwd_kernel(
     MODE: tl.constexpr,
     HAS_BIAS: tl.constexpr, FP64: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
-    # tiles: BLOCK_O × BLOCK_K is the tile lists' block; BLOCK_M is free
-    BLOCK_M: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr,
+    # tiles: BLOCK_O × BLOCK_K is the tile lists' block; BLOCK_M is free. SUB (see _tap_tile): the k-tile is
+    # walked as BLOCK_K / SUB sub-tiles of one tap each (0: CG too small or odd, the per-element gather);
+    # NARROW: the in-loop channel and weight deltas (SUB - 1)·stride fit int32 (the launcher proved it);
+    # POS32: M + BLOCK_M < 2^31 and CO·L < 2^31, so position indices and y's channel offsets are int32
+    BLOCK_M: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr, SUB: tl.constexpr, NARROW: tl.constexpr,
+    POS32: tl.constexpr,
 ):
     """``y[n, g·OG + o, l] = Σ_k P_g[n·L + l, k] · W_g[o, k] + b[g·OG + o]``: one (position tile,
     o-tile row ``(g, to)``) per program, the K loop over the row's ``count`` listed k-tiles only.
@@ -105,12 +110,14 @@ def masked_conv_fwd_kernel(
     # offsets and masks: positions m = n·L + l, the row's output channels o (co in all of y)
     m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = m < M
+    if POS32:  # M + BLOCK_M < 2^31 (the launcher checked): int32 division, not the 64-bit subroutine
+        m = m.to(tl.int32)
     n = m // L
     l = m % L
     o = to * BLOCK_O + tl.arange(0, BLOCK_O)
     o_ok = o < OG
     co = g * OG + o
-    x_cols = x_ptr + g * CG * stride_xc + n * stride_xn  # group g's first channel, sample n
+    x_cols = x_ptr + g * CG * stride_xc + n.to(tl.int64) * stride_xn  # group g's first channel, sample n
     w_cols = w_ptr + co * stride_wo
     # the row's listed k-tiles; a count past TK (a malformed list) is clamped so that index is never read
     # past its row. The masks are always true (one scalar each) and only satisfy the every-load-masked rule.
@@ -120,26 +127,110 @@ def masked_conv_fwd_kernel(
 
     # loop over the listed k-tiles only, fp32 (fp64) accumulation
     acc = tl.zeros([BLOCK_M, BLOCK_O], dtype=ACC_DTYPE)
-    for j in range(0, count):
-        kt = tl.load(idx_row + j, mask=j < TK, other=0).to(tl.int64)
-        k = kt * BLOCK_K + tl.arange(0, BLOCK_K)
-        # k < 0 only from a malformed list: masked, so such a list can give a wrong sum but never a wild read
-        k_ok = (k >= 0) & (k < K)
-        # tap-major k = t·CG + c as _patch_columns' unfold-order row c·∏kernel + t
-        r = (k % CG) * (KD * KH * KW) + k // CG
-        off, ok = _patch_columns(r[:, None], l[None, :], ID, IH, IW, OH, OW,
-                                 stride_xc, stride_xd, stride_xh, stride_xw,
-                                 KD, KH, KW, SD, SH, SW, PD, PH, PW, DD, DH, DW, MODE, False)
-        pt = tl.load(x_cols[None, :] + off, mask=(k_ok[:, None] & m_ok[None, :]) & ok, other=0)
-        w = tl.load(w_cols[None, :] + k[:, None] * stride_wk, mask=k_ok[:, None] & o_ok[None, :], other=0)
-        acc = _mma(tl.trans(pt), w, acc, FP64, PRECISION, UPCAST)
+    if SUB > 0:
+        # the tap walk (SUB divides CG, so a sub-tile of SUB columns k = t·CG + c0 + i is one tap t, channels
+        # c0 .. c0 + SUB - 1). Per program, once: each position's window corner and, for 'zeros', its address
+        # and a bit per tap saying whether the tap reads x (up to 31 taps); per sub-tile, scalars (tap, channel,
+        # their offset) and one validity bit per position; per element only the invariant channel delta
+        # (int32 when NARROW) — no div/mod, no bounds test per element. For channels-last x (stride_xc = 1,
+        # what the launcher passes) the sub-tile is SUB contiguous channels per position: 16-byte cp.async.
+        ow = l % OW
+        oh = (l // OW) % OH
+        od = l // OW // OH
+        i_d0 = (od * SD - PD).to(tl.int32)
+        i_h0 = (oh * SH - PH).to(tl.int32)
+        i_w0 = (ow * SW - PW).to(tl.int32)
+        if MODE == 0:
+            x_pos = x_cols + i_d0.to(tl.int64) * stride_xd + i_h0.to(tl.int64) * stride_xh \
+                + i_w0.to(tl.int64) * stride_xw
+            if KD * KH * KW <= 31:
+                # bit t: tap t = (kd, kh, kw) of this position reads inside x (0 for a position past M);
+                # 0 <= i < n as one unsigned compare
+                bits = tl.zeros_like(i_w0)
+                for tap in tl.static_range(KD * KH * KW):
+                    v = (m_ok & ((i_d0 + (tap // (KW * KH)) * DD).to(tl.uint32, bitcast=True) < ID)
+                         & ((i_h0 + (tap // KW % KH) * DH).to(tl.uint32, bitcast=True) < IH)
+                         & ((i_w0 + (tap % KW) * DW).to(tl.uint32, bitcast=True) < IW))
+                    bits = bits | (v.to(tl.int32) << tap)
+        ch = tl.arange(0, SUB).to(tl.int64) * stride_xc
+        wk = tl.arange(0, SUB).to(tl.int64) * stride_wk
+        if NARROW:
+            ch = ch.to(tl.int32)
+            wk = wk.to(tl.int32)
+        for j in range(0, count):
+            kt = tl.load(idx_row + j, mask=j < TK, other=0)
+            # kt outside [0, TK) only from a malformed list: masked (and clamped, so the int32 tap math below
+            # cannot wrap), so a wrong sum but never a wild read
+            kt_ok = (kt >= 0) & (kt < TK)
+            kt = tl.where(kt_ok, kt, 0)
+            # int32 scalars: k0 < TK·BLOCK_K < K + BLOCK_K, and K is an int32 argument; one division per k-tile,
+            # the next sub-tile's (tap, channel) follows by one step (SUB <= CG: at most one tap boundary)
+            k0 = kt * BLOCK_K
+            t = k0 // CG
+            # not k0 % CG: Triton keeps the difference's divisibility (16-byte vector loads); t·CG <= k0, so the
+            # int64 product narrows exactly
+            c0 = k0 - (t.to(tl.int64) * CG).to(tl.int32)
+            for s in tl.static_range(BLOCK_K // SUB):
+                if s > 0:
+                    c0 += SUB
+                    wrap = c0 >= CG
+                    c0 = tl.where(wrap, c0 - CG, c0)
+                    t = tl.where(wrap, t + 1, t)
+                # K is a multiple of SUB: a sub-tile is all in K or all past it (the last k-tile's tail)
+                s_ok = kt_ok & (k0 + s * SUB < K)
+                kw = t % KW
+                kh = (t // KW) % KH
+                kd = t // (KW * KH)
+                if MODE == 0:
+                    if KD * KH * KW <= 31:
+                        # bit 31 is never set: a sub-tile past K (or of a malformed entry) reads nothing
+                        ok = ((bits >> tl.where(s_ok, t, 31)) & 1) != 0
+                    else:
+                        ok = (m_ok & s_ok & ((i_d0 + kd * DD).to(tl.uint32, bitcast=True) < ID)
+                              & ((i_h0 + kh * DH).to(tl.uint32, bitcast=True) < IH)
+                              & ((i_w0 + kw * DW).to(tl.uint32, bitcast=True) < IW))
+                    src = x_pos + (c0.to(tl.int64) * stride_xc + (kd * DD).to(tl.int64) * stride_xd
+                                   + (kh * DH).to(tl.int64) * stride_xh + (kw * DW).to(tl.int64) * stride_xw)
+                else:
+                    s_d, ok_d = _source_index(i_d0 + kd * DD, ID, MODE)
+                    s_h, ok_h = _source_index(i_h0 + kh * DH, IH, MODE)
+                    s_w, ok_w = _source_index(i_w0 + kw * DW, IW, MODE)
+                    ok = m_ok & s_ok & ok_d & ok_h & ok_w
+                    src = x_cols + c0.to(tl.int64) * stride_xc + s_d.to(tl.int64) * stride_xd \
+                        + s_h.to(tl.int64) * stride_xh + s_w.to(tl.int64) * stride_xw
+                # [BLOCK_M, SUB], positions first: with channels-first x (no contiguous dim in the tile) each
+                # thread then holds few positions and many channels, so the per-position terms stay few
+                pt = tl.load(src[:, None] + ch[None, :], mask=ok[:, None], other=0)
+                w = tl.load((w_cols + (k0 + s * SUB).to(tl.int64) * stride_wk)[None, :] + wk[:, None],
+                            mask=o_ok[None, :] & s_ok, other=0)
+                acc = _mma(pt, w, acc, FP64, PRECISION, UPCAST)
+    else:
+        # the per-element gather (CG has no power-of-two divisor ≥ 16: the stem's 3 channels, depthwise)
+        for j in range(0, count):
+            kt = tl.load(idx_row + j, mask=j < TK, other=0).to(tl.int64)
+            k = kt * BLOCK_K + tl.arange(0, BLOCK_K)
+            # k < 0 only from a malformed list: masked, so such a list can give a wrong sum but never a wild read
+            k_ok = (k >= 0) & (k < K)
+            # tap-major k = t·CG + c as _patch_columns' unfold-order row c·∏kernel + t
+            r = (k % CG) * (KD * KH * KW) + k // CG
+            off, ok = _patch_columns(r[:, None], l.to(tl.int64)[None, :], ID, IH, IW, OH, OW,
+                                     stride_xc, stride_xd, stride_xh, stride_xw,
+                                     KD, KH, KW, SD, SH, SW, PD, PH, PW, DD, DH, DW, MODE, False)
+            pt = tl.load(x_cols[None, :] + off, mask=(k_ok[:, None] & m_ok[None, :]) & ok, other=0)
+            w = tl.load(w_cols[None, :] + k[:, None] * stride_wk, mask=k_ok[:, None] & o_ok[None, :], other=0)
+            acc = _mma(tl.trans(pt), w, acc, FP64, PRECISION, UPCAST)
     if HAS_BIAS:
         b = tl.load(b_ptr + co * stride_b, mask=o_ok, other=0)
         acc += _widen(b, ACC_DTYPE, UPCAST)[None, :]
 
-    # masked store, positions last (contiguous runs of y)
-    y = y_ptr + n[None, :] * CO * L + co[:, None] * L + l[None, :]
-    tl.store(y, tl.trans(acc).to(y_ptr.dtype.element_ty), mask=o_ok[:, None] & m_ok[None, :])
+    # masked store as [BLOCK_M, BLOCK_O], positions first (contiguous runs of y); without a provable run
+    # (L not a multiple of the vector) Triton then gives each thread few positions and many channels, so the
+    # per-position address terms stay few
+    y_co = co * L
+    if POS32:
+        y_co = y_co.to(tl.int32)
+    y = y_ptr + (n.to(tl.int64) * CO * L + l)[:, None] + y_co[None, :]
+    tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & o_ok[None, :])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -281,6 +372,29 @@ def _check_list(t, name: str, shape: tuple, x: torch.Tensor) -> None:
     _shapes.check(t.device == x.device, lambda: f"{name} is on {t.device} but input is on {x.device}")
 
 
+def _tap_tile(cg: int, bk: int, *strides: int) -> dict:
+    """The kernels' tap walk: ``SUB``, the largest power of two dividing both ``cg`` (channels per group) and
+    ``bk`` (the k side of the lists' block), when it is ≥ 16 (``tl.dot``'s smallest side), else 0; a sub-tile
+    of ``SUB`` tap-major columns then lies in one tap. ``NARROW``: every in-loop delta ``i·stride`` (``i <
+    SUB``, each of ``strides``) fits int32, so the kernel adds int32 offsets to its int64 bases."""
+    sub = math.gcd(cg, bk) if cg > 0 else 0
+    sub = sub if sub >= 16 else 0
+    narrow = all((max(sub, 1) - 1) * abs(st) < 2**31 for st in strides)
+    return {"SUB": sub, "NARROW": narrow}
+
+
+def _channels_last(t: torch.Tensor) -> torch.Tensor:
+    """``t`` ``[N, C, D, H, W]`` with the channels innermost (stride 1): ``t`` itself when they are (or C ≤ 1),
+    else a channels-last copy (one read and one write of ``t``, and its size in memory while the kernel runs).
+    The copy buys the tap walk's vector loads: a channels-first gather is one 16-bit load, with its own
+    64-bit address, per element, which caps the hot loop at ~0.37 of the tensor cores' peak (the static
+    report, fp16 conv3_x), against ≥ 0.6 for the vector gather. Pass channels-last input
+    (``torch.channels_last`` / ``channels_last_3d``) to skip it."""
+    if t.shape[1] <= 1 or t.stride(1) == 1:
+        return t
+    return t.permute(0, 2, 3, 4, 1).contiguous().permute(0, 4, 1, 2, 3)
+
+
 def masked_conv(x: torch.Tensor, weight: torch.Tensor, count: torch.Tensor, index: torch.Tensor,
                 bias: torch.Tensor | None, kernel_size: list[int], dilation: list[int], padding: list[int],
                 stride: list[int], padding_mode: str, groups: int, block, config: Config | None = None
@@ -344,8 +458,11 @@ def masked_conv(x: torch.Tensor, weight: torch.Tensor, count: torch.Tensor, inde
     M = n * L
     cfg = config or autotune.lookup("masked_conv_fwd", x.device, x.dtype, M=M, O=co, K=k, BO=bo, BK=bk)
     a = _as_3d(g)
-    xs = _as_5d(x, g.ndim)
     w2 = weight.movedim(1, -1).reshape(co, k)  # tap-major: a view for channels-last weights, else a copy
+    tap = _tap_tile(cg, bk, 1, w2.stride(1))
+    # the tap walk reads SUB contiguous channels per position from channels-last x; other layouts are copied
+    # once (see _channels_last)
+    xs = _channels_last(_as_5d(x, g.ndim)) if tap["SUB"] else _as_5d(x, g.ndim)
     count, index = count.contiguous(), index.contiguous()
     b = weight if bias is None else bias  # never read without bias
     rows = groups * to
@@ -358,7 +475,7 @@ def masked_conv(x: torch.Tensor, weight: torch.Tensor, count: torch.Tensor, inde
             *a["k"], *a["s"], *a["lo"], *a["d"],
             _shapes.PADDING_MODE_CODES[g.padding_mode],
             bias is not None, **_math_args(x.dtype, masked_conv_fwd_kernel),
-            BLOCK_O=bo, BLOCK_K=bk, **cfg.launch_kwargs(),
+            BLOCK_O=bo, BLOCK_K=bk, **tap, POS32=M + cfg.meta["BLOCK_M"] < 2**31 and co * L < 2**31, **cfg.launch_kwargs(),
         )
     return _finish(y, buf)
 
