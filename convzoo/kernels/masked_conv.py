@@ -475,7 +475,8 @@ def masked_conv(x: torch.Tensor, weight: torch.Tensor, count: torch.Tensor, inde
             *a["k"], *a["s"], *a["lo"], *a["d"],
             _shapes.PADDING_MODE_CODES[g.padding_mode],
             bias is not None, **_math_args(x.dtype, masked_conv_fwd_kernel),
-            BLOCK_O=bo, BLOCK_K=bk, **tap, POS32=M + cfg.meta["BLOCK_M"] < 2**31 and co * L < 2**31, **cfg.launch_kwargs(),
+            BLOCK_O=bo, BLOCK_K=bk, **tap, POS32=M + cfg.meta["BLOCK_M"] < 2**31 and co * L < 2**31,
+            **cfg.launch_kwargs(),
         )
     return _finish(y, buf)
 
