@@ -50,6 +50,7 @@ __all__ = ["BLOCK_SIZES", "masked_conv", "masked_conv_grad_input", "masked_conv_
 # the tile sides a tile list may be built for: tl.dot needs ≥ 16 on NVIDIA, tl.arange a power of two,
 # and a 128 × 128 fp32 weight tile per pipeline stage is already 64 KiB of shared memory
 BLOCK_SIZES = (16, 32, 64, 128)
+_SMS = 132  # the heuristics' GPU: an H100 SXM (tuned tables pick tiles and SPLIT for other GPUs)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -253,10 +254,22 @@ def _default(dims, dtype, interpret: bool) -> Config:
     if interpret:
         return Config({"BLOCK_M": _fit(dims["M"], 16, 256)}, num_warps=4, num_stages=1)
     if dtype == torch.float64:
-        return Config({"BLOCK_M": max(1, min(16, 8192 // (bo * bk)))}, num_warps=4, num_stages=1)
-    bm = _fit(dims["M"], 16, 128)
-    warps = 8 if bm * bo > 64 * 128 else 4
-    stages = 3 if dtype in (torch.float16, torch.bfloat16) else 2
+        # 8 warps once the product passes 4096 values (32 fp64 per thread at 4 warps spill a few bytes)
+        bm = max(1, min(16, 8192 // (bo * bk)))
+        return Config({"BLOCK_M": bm}, num_warps=8 if bm * bo * bk > 4096 else 4, num_stages=1)
+    if "O" in dims:  # the forward's dims: its o-tile rows (bucketed, as every dim the heuristic reads)
+        dims = {**dims, "rows": max(1, autotune.bucket(dims["O"]) // bo)}
+    half = dtype in (torch.float16, torch.bfloat16)
+    # a narrow block (BO <= 32) gets 256 positions: the tap walk's per-position and per-tap work is then
+    # spread over twice the MMA (the static report: fp16 local_2d_b256, BO = 32, 0.48 -> 0.7 of peak)
+    bm = _fit(dims["M"], 64 if half else 16, 256 if half and bo <= 32 else 128)
+    # enough programs for the H100's 132 SMs, down to 64 positions (one wgmma's M per warpgroup)
+    rows = dims.get("rows", 1)
+    while bm > 64 and -(-dims["M"] // bm) * rows < _SMS:
+        bm //= 2
+    # fp32's FMA product (no tensor cores under IEEE) holds its operand tiles in registers too: 8 warps
+    warps = 8 if bm * bo > 64 * 128 or (not half and bm * bo > 64 * 64) else 4
+    stages = 3 if half else 2
     while stages > 1 and not _fits(bm, bo, bk, warps, stages, dtype):
         stages -= 1
     while bm > 16 and not _fits(bm, bo, bk, warps, stages, dtype):
@@ -284,8 +297,11 @@ def _fits(bm: int, bo: int, bk: int, warps: int, stages: int, dtype) -> bool:
 
 
 def _candidates(dims, dtype):
+    """The tuning grid: :func:`_keep` and :func:`_fits`, and for the tensor-core dtypes (16-bit) ≥ 64 positions
+    (wgmma's M per warpgroup; smaller tiles fall back to mma.sync)."""
     bo, bk = dims["BO"], dims["BK"]
-    for bm in (1, 2, 4, 8, 16, 32, 64, 128, 256):
+    lo = 64 if dtype in (torch.float16, torch.bfloat16) else 1
+    for bm in (b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256) if b >= lo):
         for warps in (4, 8):
             for stages in (1, 2, 3, 4):
                 cfg = Config({"BLOCK_M": bm}, num_warps=warps, num_stages=stages)
@@ -617,7 +633,6 @@ def masked_conv_grad_weight_kernel(
 # ----------------------------------------------------------------------------------------------
 # grad-weight configs. As in the forward, BLOCK_O × BLOCK_K is the tile lists' block (lookup dims BO, BK); a
 # config holds the reduction step BLOCK_M, the split SPLIT, num_warps and num_stages.
-_SMS = 132  # the heuristic's GPU: an H100 SXM (tuned tables pick SPLIT for other GPUs)
 
 
 def _gw_split(dims, bm: int) -> int:
