@@ -415,3 +415,20 @@ def test_masked_conv_tap_walk_offsets_past_int32(tmp_path, kernel_device):
                                [1, 1], [1], "zeros", 1, (16, 16))
     want = torch.nn.functional.conv1d(x.double(), w3.double(), None, 1, 1)
     torch.testing.assert_close(y.double(), want, atol=1e-5, rtol=1e-5)
+
+
+def test_masked_conv_grad_input_offsets_past_int32(tmp_path, kernel_device):
+    """masked_conv's input gradient: channels-last dY whose output position l sits at l · HUGE (read in place:
+    the int64 position base), and a channels-last weight whose output channel o sits at o · HUGE (its [C_out, K]
+    view keeps the stride, so the in-loop weight offsets are int64, not NARROW's int32)."""
+    from convzoo.kernels import masked_conv as mc_kernels
+
+    gy = torch.randint(-4, 5, (1, 16, 5)).float().to(kernel_device)  # integers: exact sums in fp32
+    w = torch.randint(-4, 5, (16, 4, 3)).float().to(kernel_device)
+    gh = huge_view(gy, (16, 1, HUGE), tmp_path, "gy")
+    wh = huge_view(w, (HUGE, 1, 4), tmp_path, "w")
+    assert wh.movedim(1, -1).reshape(16, 12).stride() == (HUGE, 1)
+    count, index = mc_kernels.dense_grad_input_lists(w, 1, (16, 16))
+    dx = mc_kernels.masked_conv_grad_input(gh, wh, count, index, [5], [3], [1], [1, 1], [1], "zeros", 1, (16, 16))
+    want = torch.nn.grad.conv1d_input([1, 4, 5], w.double(), gy.double(), 1, 1)
+    torch.testing.assert_close(dx.double(), want, atol=1e-5, rtol=1e-5)

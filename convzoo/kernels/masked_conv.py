@@ -31,7 +31,6 @@ from convzoo.autotune import Config, ConfigSpace, KernelSpec, TuneProblem
 from convzoo.kernels._common import (
     _as_3d,
     _as_5d,
-    _block_index,
     _check_device,
     _device,
     _finish,
@@ -860,40 +859,84 @@ def masked_conv_grad_weight(grad: torch.Tensor, x: torch.Tensor, mask: torch.Ten
 # ==============================================================================================
 # grad-input: dX = dY ⋆ (W ⊙ mask)ᵀ, a gather over the grad-input tile lists (t_count / t_index)
 @triton.jit
-def _grad_input_blocks(acc, g_cols, w_ptr, idx_row, count, g, c, c_ok, pd, ph, pw, cand,
-                       E, TO, OG, CG, OD, OH, OW, stride_go, stride_gd, stride_gh, stride_gw, stride_wo, stride_wk,
-                       KH: tl.constexpr, KW: tl.constexpr,
-                       SD: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
-                       PD: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
-                       DD: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
-                       FP64: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_O: tl.constexpr):
-    """``acc`` plus, over the row's ``count`` listed entries ``e = t·TO + to``, ``Aᵀ·W``: ``W [BLOCK_O, BLOCK_K]``
-    the weight block ``W[g·OG + to·BO + o, c, t]``, ``A [BLOCK_O, BLOCK_M]`` the output gradient at the output
-    positions whose tap ``t`` reads the padded positions ``(pd, ph, pw)`` (0 where there is none: the stride
-    does not divide, or off the output grid; or where ``cand`` is false)."""
+def _grad_input_taps(acc, g_n, w_ptr, idx_row, count, g, c0, c_ok, pd, ph, pw, cand,
+                     E, TO, OG, CG, OD, OH, OW, stride_go, stride_gd, stride_gh, stride_gw, stride_wo, stride_wk,
+                     KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+                     SD: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
+                     PD: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
+                     DD: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
+                     FP64: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                     BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr, NARROW: tl.constexpr):
+    """``acc`` plus, over the row's ``count`` listed entries ``e = t·TO + to``, ``A·W``: ``W [BLOCK_O, BLOCK_K]``
+    the weight block ``W[g·OG + to·BO + o, c0 + c, t]``, ``A [BLOCK_M, BLOCK_O]`` the output gradient at the
+    output positions whose tap ``t`` reads the padded positions ``(pd, ph, pw)`` (0 where there is none: the
+    stride does not divide, or off the output grid; or where ``cand`` is false).
+
+    The tap walk: each entry is one tap and BLOCK_O consecutive output channels (contiguous in channels-last
+    dY: vector loads). Per call, once: the positions' ``p + P`` (``num``: an output index times S plus the
+    tap's k·D) and, up to 31 taps, a bit per tap saying whether it reads dY; for stride 1 also each position's
+    dY address (the tap then only subtracts a scalar). Per entry: int32 scalar tap math, one validity bit
+    per position, the invariant channel deltas (int32 when NARROW)."""
+    nd = pd + PD
+    nh = ph + PH
+    nw = pw + PW
+    if KD * KH * KW <= 31:
+        bits = tl.zeros_like(nw)
+        for tap in tl.static_range(KD * KH * KW):
+            ad = nd - (tap // (KW * KH)) * DD
+            ah = nh - (tap // KW % KH) * DH
+            aw = nw - (tap % KW) * DW
+            v = (cand & (ad >= 0) & (ad % SD == 0) & (ad // SD < OD) & (ah >= 0) & (ah % SH == 0) & (ah // SH < OH)
+                 & (aw >= 0) & (aw % SW == 0) & (aw // SW < OW))
+            bits = bits | (v.to(tl.int32) << tap)
+    if SD * SH * SW == 1:
+        g_pos = g_n + nd.to(tl.int64) * stride_gd + nh.to(tl.int64) * stride_gh + nw.to(tl.int64) * stride_gw
+    go = tl.arange(0, BLOCK_O).to(tl.int64) * stride_go
+    wo = tl.arange(0, BLOCK_O).to(tl.int64) * stride_wo
+    wc = tl.arange(0, BLOCK_K).to(tl.int64) * stride_wk
+    if NARROW:
+        go = go.to(tl.int32)
+        wo = wo.to(tl.int32)
+        wc = wc.to(tl.int32)
     for j in range(0, count):
-        e = tl.load(idx_row + j, mask=j < E, other=0).to(tl.int64)
-        # an entry outside [0, E) only comes from a malformed list: its loads are masked, so such a list
-        # can give a wrong sum but never a wild read
+        e = tl.load(idx_row + j, mask=j < E, other=0)
+        # an entry outside [0, E) only comes from a malformed list: masked (and clamped, so the int32 tap math
+        # cannot wrap), so such a list can give a wrong sum but never a wild read
         e_ok = (e >= 0) & (e < E)
+        e = tl.where(e_ok, e, 0)
         t = e // TO
-        to = e % TO
-        o = to * BLOCK_O + tl.arange(0, BLOCK_O)
+        o0 = (e - (t.to(tl.int64) * TO).to(tl.int32)) * BLOCK_O  # t·TO <= e: the int64 product narrows exactly
+        kw = t % KW
+        kh = (t // KW) % KH
+        kd = t // (KW * KH)
         # (!= 0: the newest Triton's interpreter makes a block bool & a scalar bool int64, which a load mask
         # refuses; a no-op when compiled)
-        o_ok = ((o < OG) & e_ok) != 0
-        co = g * OG + o
+        o_ok = (((o0 + tl.arange(0, BLOCK_O)) < OG) & e_ok) != 0
+        co0 = g * OG + o0
+        if KD * KH * KW <= 31:
+            ok = ((bits >> tl.where(e_ok, t, 31)) & 1) != 0
+        else:
+            ad = nd - kd * DD
+            ah = nh - kh * DH
+            aw = nw - kw * DW
+            ok = (cand & (ad >= 0) & (ad % SD == 0) & (ad // SD < OD) & (ah >= 0) & (ah % SH == 0)
+                  & (ah // SH < OH) & (aw >= 0) & (aw % SW == 0) & (aw // SW < OW))
+        if SD * SH * SW == 1:
+            g_off = co0 * stride_go - (kd * DD).to(tl.int64) * stride_gd - (kh * DH).to(tl.int64) * stride_gh \
+                - (kw * DW).to(tl.int64) * stride_gw
+            if NARROW:  # the launcher bounded it: int32 scalar math
+                g_off = g_off.to(tl.int32)
+            src = g_pos + g_off
+        else:
+            src = g_n + co0 * stride_go + ((nd - kd * DD) // SD).to(tl.int64) * stride_gd \
+                + ((nh - kh * DH) // SH).to(tl.int64) * stride_gh + ((nw - kw * DW) // SW).to(tl.int64) * stride_gw
+        a = tl.load(src[:, None] + go[None, :], mask=ok[:, None] & o_ok[None, :], other=0)
         # the weight block: W[co, c, t] at tap-major column t·CG + c
-        w = tl.load(w_ptr + co[:, None] * stride_wo + (t * CG + c)[None, :] * stride_wk,
-                    mask=o_ok[:, None] & c_ok[None, :], other=0)
-        # the output positions q whose tap t = (kd, kh, kw) reads p, per dim
-        qd, ok_d = _block_index(pd, PD, t // (KW * KH), OD, SD, DD)
-        qh, ok_h = _block_index(ph, PH, (t // KW) % KH, OH, SH, DH)
-        qw, ok_w = _block_index(pw, PW, t % KW, OW, SW, DW)
-        ok = cand & ok_d & ok_h & ok_w
-        q = qd * stride_gd + qh * stride_gh + qw * stride_gw
-        a = tl.load(g_cols[None, :] + co[:, None] * stride_go + q[None, :], mask=o_ok[:, None] & ok[None, :], other=0)
-        acc = _mma(tl.trans(a), w, acc, FP64, PRECISION, UPCAST)
+        w_off = co0 * stride_wo + (t.to(tl.int64) * CG + c0) * stride_wk
+        if NARROW:
+            w_off = w_off.to(tl.int32)
+        w = tl.load(w_ptr + w_off + wo[:, None] + wc[None, :], mask=o_ok[:, None] & c_ok[None, :], other=0)
+        acc = _mma(a, w, acc, FP64, PRECISION, UPCAST)
     return acc
 
 
@@ -919,8 +962,9 @@ def masked_conv_grad_input_kernel(
     # padded positions that can read one input index, per dim (1 for 'zeros')
     NCD: tl.constexpr, NCH: tl.constexpr, NCW: tl.constexpr,
     FP64: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, ACC_DTYPE: tl.constexpr,
-    # tiles: BLOCK_O × BLOCK_K is the tile lists' block; BLOCK_M is free
-    BLOCK_M: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr,
+    # tiles: BLOCK_O × BLOCK_K is the tile lists' block; BLOCK_M is free. NARROW: the in-loop channel deltas
+    # (BLOCK - 1)·stride fit int32; POS32: M + BLOCK_M < 2^31 and C·P < 2^31 (int32 position math)
+    BLOCK_M: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr, NARROW: tl.constexpr, POS32: tl.constexpr,
 ):
     """``dx[n, g·CG + c, i] = Σ_t Σ_o dY[n, g·OG + o, q(i, t)] · W[g·OG + o, c, t]``, summed over every
     padded position ``p`` that reads input index ``i`` (only ``i`` itself for 'zeros'; the padding's
@@ -960,14 +1004,17 @@ def masked_conv_grad_input_kernel(
     # offsets and masks: positions m = n·P + i, the row's input channels c (g·CG + c in all of dx)
     m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = m < M
+    if POS32:  # int32 division, not the 64-bit subroutine
+        m = m.to(tl.int32)
     n = m // P
     pix = m % P
     iw = pix % IW
     ih = (pix // IW) % IH
     i_d = pix // IW // IH  # not pix // (IW * IH): an int32 product of two sizes
-    c = tc * BLOCK_K + tl.arange(0, BLOCK_K)
+    c0 = tc * BLOCK_K
+    c = c0 + tl.arange(0, BLOCK_K)
     c_ok = c < CG
-    g_cols = g_ptr + n * stride_gn  # sample n's dY
+    g_n = g_ptr + n.to(tl.int64) * stride_gn  # sample n's dY
     # the row's listed (tap, o-tile) entries; a count past E (a malformed list) is clamped so that index is
     # never read past its row. The masks are always true (one scalar each) and only satisfy the
     # every-load-masked rule.
@@ -989,19 +1036,22 @@ def masked_conv_grad_input_kernel(
                 cand = m_ok & cand_d & cand_h & cand_w
                 # MODE is a constexpr and the test a runtime branch: two ifs, so 'zeros' pays no reduction
                 if MODE == 0:  # noqa: SIM114  (one candidate, p = i: nothing to skip)
-                    acc = _grad_input_blocks(acc, g_cols, w_ptr, idx_row, count, g, c, c_ok, pd, ph, pw, cand,
-                                             E, TO, OG, CG, OD, OH, OW, stride_go, stride_gd, stride_gh, stride_gw,
-                                             stride_wo, stride_wk, KH, KW, SD, SH, SW, PD, PH, PW, DD, DH, DW,
-                                             FP64, PRECISION, UPCAST, BLOCK_O)
+                    acc = _grad_input_taps(acc, g_n, w_ptr, idx_row, count, g, c0, c_ok, pd, ph, pw, cand,
+                                           E, TO, OG, CG, OD, OH, OW, stride_go, stride_gd, stride_gh, stride_gw,
+                                           stride_wo, stride_wk, KD, KH, KW, SD, SH, SW, PD, PH, PW, DD, DH, DW,
+                                           FP64, PRECISION, UPCAST, BLOCK_O, BLOCK_K, NARROW)
                 elif tl.max(cand.to(tl.int32), axis=0) > 0:
-                    acc = _grad_input_blocks(acc, g_cols, w_ptr, idx_row, count, g, c, c_ok, pd, ph, pw, cand,
-                                             E, TO, OG, CG, OD, OH, OW, stride_go, stride_gd, stride_gh, stride_gw,
-                                             stride_wo, stride_wk, KH, KW, SD, SH, SW, PD, PH, PW, DD, DH, DW,
-                                             FP64, PRECISION, UPCAST, BLOCK_O)
+                    acc = _grad_input_taps(acc, g_n, w_ptr, idx_row, count, g, c0, c_ok, pd, ph, pw, cand,
+                                           E, TO, OG, CG, OD, OH, OW, stride_go, stride_gd, stride_gh, stride_gw,
+                                           stride_wo, stride_wk, KD, KH, KW, SD, SH, SW, PD, PH, PW, DD, DH, DW,
+                                           FP64, PRECISION, UPCAST, BLOCK_O, BLOCK_K, NARROW)
 
-    # masked store, positions last (contiguous runs of dx)
-    dx = dx_ptr + (n * C * P + pix)[None, :] + ((g * CG + c) * P)[:, None]
-    tl.store(dx, tl.trans(acc).to(dx_ptr.dtype.element_ty), mask=c_ok[:, None] & m_ok[None, :])
+    # masked store as [BLOCK_M, BLOCK_K], positions first (see the forward's store)
+    dx_c = (g * CG + c) * P
+    if POS32:
+        dx_c = dx_c.to(tl.int32)
+    dx = dx_ptr + (n.to(tl.int64) * C * P + pix)[:, None] + dx_c[None, :]
+    tl.store(dx, acc.to(dx_ptr.dtype.element_ty), mask=m_ok[:, None] & c_ok[None, :])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1013,7 +1063,10 @@ def _swapped(dims) -> dict:
     forward's BLOCK_M × BO) and a stage holds (BLOCK_M + BK)·BO operand elements (the forward's
     (BLOCK_M + BO)·BK), so :func:`_default`, :func:`_fits` and :func:`_candidates` apply with BO and BK
     swapped (fp64's BLOCK_M·BO·BK product is symmetric)."""
-    return {"M": dims["M"], "BO": dims["BK"], "BK": dims["BO"]}
+    out = {"M": dims["M"], "BO": dims["BK"], "BK": dims["BO"]}
+    if "C" in dims:  # its channel-tile rows, for the enough-programs rule
+        out["rows"] = max(1, autotune.bucket(dims["C"]) // dims["BK"])
+    return out
 
 
 def _gi_default(dims, dtype, interpret: bool) -> Config:
@@ -1067,6 +1120,18 @@ GRAD_INPUT_SPEC = autotune.register(KernelSpec(
 
 # ----------------------------------------------------------------------------------------------
 # grad-input launcher
+def _narrow(gs: torch.Tensor, w2: torch.Tensor, g: _shapes.Geometry, bo: int, bk: int) -> bool:
+    """The grad-input kernel's ``NARROW``: every in-loop offset fits int32 — dY's channel and tap offsets from a
+    position's address (``|co·stride_go| + Σ (k - 1)·d·|stride|``), the weight's from its start (every entry of
+    the ``[C_out, K]`` matrix), the invariant channel deltas among them, a block's masked lanes past the sizes
+    included (``bo``, ``bk``)."""
+    k, d = _as_3d(g)["k"], _as_3d(g)["d"]
+    co, kk_ = max(gs.shape[1], 1) + bo, w2.shape[1] + bk
+    dy = co * abs(gs.stride(1)) + sum((kk - 1) * dd * abs(st) for kk, dd, st in zip(k, d, gs.stride()[2:]))
+    w = co * abs(w2.stride(0)) + kk_ * abs(w2.stride(1))
+    return max(dy, w) < 2**31
+
+
 def _check_grad_input_list(t, name: str, shape: tuple, grad: torch.Tensor) -> None:
     _shapes.check(isinstance(t, torch.Tensor), lambda: f"{name} must be a tensor, got {type(t).__name__}", TypeError)
     _shapes.check(t.dtype == torch.int32, lambda: f"{name} must be int32, got {t.dtype}", TypeError)
@@ -1153,7 +1218,9 @@ def masked_conv_grad_input(grad: torch.Tensor, weight: torch.Tensor, t_count: to
     cfg = config or autotune.lookup("masked_conv_grad_input", grad.device, grad.dtype, M=M, C=c, K=og * kt,
                                     BO=bo, BK=bk)
     a = _as_3d(g)
-    gs = _as_5d(grad, g.ndim)
+    # the tap walk reads BLOCK_O contiguous output channels per position from channels-last dY; other layouts
+    # are copied once (see _channels_last)
+    gs = _channels_last(_as_5d(grad, g.ndim))
     w2 = weight.movedim(1, -1).reshape(co, cg * kt)  # tap-major: a view for channels-last weights, else a copy
     t_count, t_index = t_count.contiguous(), t_index.contiguous()
     rows = groups * tc
@@ -1167,6 +1234,8 @@ def masked_conv_grad_input(grad: torch.Tensor, weight: torch.Tensor, t_count: to
             _shapes.PADDING_MODE_CODES[g.padding_mode],
             *_num_candidates(g, 3 - g.ndim),
             **_math_args(grad.dtype, masked_conv_grad_input_kernel),
-            BLOCK_O=bo, BLOCK_K=bk, **cfg.launch_kwargs(),
+            BLOCK_O=bo, BLOCK_K=bk,
+            NARROW=_narrow(gs, w2, g, bo, bk),
+            POS32=M + cfg.meta["BLOCK_M"] < 2**31 and c * P < 2**31, **cfg.launch_kwargs(),
         )
     return _finish(dx, buf)
