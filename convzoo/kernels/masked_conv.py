@@ -94,10 +94,14 @@ def masked_conv_fwd_kernel(
     ρ it becomes memory bound on x and y. Tiles are per group, so depthwise layers (OG = 1) use one
     lane in BLOCK_O: correct, not fast.
 
-    Layout: the A tile is gathered as ``[BLOCK_K, BLOCK_M]`` (positions last: consecutive threads read
-    consecutive positions, contiguous in x for stride 1) and transposed for ``tl.dot``; the result is
-    stored as ``[BLOCK_O, BLOCK_M]`` for the same reason (y is ``[N, CO, L]``: for fixed ``(n, o)`` the
-    positions are contiguous, and a position tile crosses at most a few sample boundaries).
+    Hot loop (``SUB > 0``, the tap walk): see the comments in the body and the README's kernel notes. The
+    A tile is gathered as ``[BLOCK_M, SUB]`` (positions first), ``SUB`` contiguous channels per position for
+    channels-last x (what the launcher passes: 16-byte ``cp.async``); channels-first x would be one scalar
+    load with its own address per element (the launcher copies it instead). ``SUB = 0`` (``C/G`` without a
+    power-of-two divisor ≥ 16) keeps the per-element gather: ``[BLOCK_K, BLOCK_M]``, each element's tap
+    and channel decoded from its column. y is stored as ``[BLOCK_M, BLOCK_O]`` (y is ``[N, CO, L]``: for
+    fixed ``(n, o)`` the positions are contiguous, and a position tile crosses at most a few sample
+    boundaries).
     """
     # program id -> (position tile, o-tile row), rows fastest: the rows of one position tile gather
     # the same x patches (those of one group share channels), so they run together and hit in L2
@@ -424,7 +428,9 @@ def masked_conv(x: torch.Tensor, weight: torch.Tensor, count: torch.Tensor, inde
     in ``padding_mode``: zeros, reflect, replicate, circular). The lists are not checked against the
     weight (that would read it, or sync with the device): a list that omits a nonzero tile drops it.
     The weight is read as its tap-major ``[C_out, K]`` matrix, ``weight.movedim(1, -1)`` flattened: a view
-    for a channels-last weight (what the op passes) or a 1 × 1 kernel, a copy otherwise.
+    for a channels-last weight (what the op passes) or a 1 × 1 kernel, a copy otherwise. Where ``C_in/G``
+    has a power-of-two divisor ≥ 16 (the tap walk), ``x`` is read channels-last: in place if it is, else
+    from a channels-last copy (one read and one write of ``x``; see :func:`_channels_last`).
     ``config`` overrides the autotune lookup (it sets BLOCK_M, warps, stages; the block is the lists').
 
     Raises:
@@ -988,10 +994,10 @@ def masked_conv_grad_input_kernel(
     dY's and dx's compulsory traffic dominates. Depthwise layers (CG = 1) use one lane of BLOCK_K: correct,
     not fast.
 
-    Layout: the A tile is gathered as ``[BLOCK_O, BLOCK_M]`` (positions last: for fixed ``(n, o)`` and
-    stride 1, consecutive positions read consecutive dY elements) and transposed for ``tl.dot``; the
-    weight block ``[BLOCK_O, BLOCK_K]`` is contiguous along the channels for a channels-last weight; dx is
-    stored as ``[BLOCK_K, BLOCK_M]`` (contiguous runs of positions).
+    Layout: the A tile is gathered as ``[BLOCK_M, BLOCK_O]`` (positions first; for channels-last dY, what the
+    launcher passes, ``BLOCK_O`` contiguous output channels per position: 16-byte ``cp.async``; see
+    :func:`_grad_input_taps`); the weight block ``[BLOCK_O, BLOCK_K]`` is contiguous along the channels for a
+    channels-last weight; dx is stored as ``[BLOCK_M, BLOCK_K]``.
     """
     # program id -> (position tile, channel-tile row), rows fastest: the rows of one position tile gather
     # the same dY (those of one group the same entries too), so they run together and hit in L2
@@ -1159,7 +1165,8 @@ def masked_conv_grad_input(grad: torch.Tensor, weight: torch.Tensor, t_count: to
     ``weight`` with the unlisted blocks zeroed: i.e. ``reference.masked_conv_grad_input`` with the mask the
     lists came from. Unlisted blocks are never read (NaN there is dropped); the lists are not checked
     against the weight. The weight is read as its tap-major ``[C_out, K]`` matrix (a view for a
-    channels-last weight or a 1 × 1 kernel, a copy otherwise). ``config`` overrides the autotune lookup
+    channels-last weight or a 1 × 1 kernel, a copy otherwise); ``grad`` channels-last (in place if it is,
+    else a copy: see :func:`_channels_last`). ``config`` overrides the autotune lookup
     (BLOCK_M, warps, stages; the block is the lists').
 
     Raises:
