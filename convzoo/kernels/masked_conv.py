@@ -31,6 +31,7 @@ from convzoo.autotune import Config, ConfigSpace, KernelSpec, TuneProblem
 from convzoo.kernels._common import (
     _as_3d,
     _as_5d,
+    _channels_last,
     _check_device,
     _device,
     _finish,
@@ -400,18 +401,6 @@ def _tap_tile(cg: int, bk: int, *strides: int) -> dict:
     sub = sub if sub >= 16 else 0
     narrow = all((max(sub, 1) - 1) * abs(st) < 2**31 for st in strides)
     return {"SUB": sub, "NARROW": narrow}
-
-
-def _channels_last(t: torch.Tensor) -> torch.Tensor:
-    """``t`` ``[N, C, D, H, W]`` with the channels innermost (stride 1): ``t`` itself when they are (or C ≤ 1),
-    else a channels-last copy (one read and one write of ``t``, and its size in memory while the kernel runs).
-    The copy buys the tap walk's vector loads: a channels-first gather is one 16-bit load, with its own
-    64-bit address, per element, which caps the hot loop at ~0.37 of the tensor cores' peak (the static
-    report, fp16 conv3_x), against ≥ 0.6 for the vector gather. Pass channels-last input
-    (``torch.channels_last`` / ``channels_last_3d``) to skip it."""
-    if t.shape[1] <= 1 or t.stride(1) == 1:
-        return t
-    return t.permute(0, 2, 3, 4, 1).contiguous().permute(0, 4, 1, 2, 3)
 
 
 def masked_conv(x: torch.Tensor, weight: torch.Tensor, count: torch.Tensor, index: torch.Tensor,
