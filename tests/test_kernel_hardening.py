@@ -391,3 +391,44 @@ def test_masked_conv_offsets_past_int32(tmp_path, kernel_device):
     y = mc_kernels.masked_conv(xh, wh, count, index, b, [3], [1], [1, 1], [1], "zeros", 2, (16, 16))
     want = torch.nn.functional.conv1d(x.double(), w.double(), b.double(), 1, 1, 1, 2)
     torch.testing.assert_close(y.double(), want, atol=1e-5, rtol=1e-5)
+
+
+def test_masked_conv_tap_walk_offsets_past_int32(tmp_path, kernel_device):
+    """The tap walk (C_in/G = 16): channels-last x whose position l sits at l · HUGE (its int64 position base),
+    and a 1 × 1 weight whose input channel c sits at c · HUGE, so the weight's in-loop delta (SUB - 1) · stride
+    is past 2^31 (the kernel's int64 deltas, not NARROW's int32 ones)."""
+    from convzoo.kernels import masked_conv as mc_kernels
+
+    x = torch.randint(-4, 5, (1, 16, 5)).float().to(kernel_device)  # integers: exact sums in fp32
+    xh = huge_view(x, (16, 1, HUGE), tmp_path, "x")  # channels-last: read in place, not copied
+    count = torch.ones(1, 1, dtype=torch.int32, device=kernel_device)
+    index = torch.zeros(1, 1, 1, dtype=torch.int32, device=kernel_device)
+    w = torch.randint(-4, 5, (4, 16, 1)).float().to(kernel_device)
+    wh = huge_view(w, (1, HUGE, 1), tmp_path, "w")
+    assert not mc_kernels._tap_tile(16, 16, 1, HUGE)["NARROW"]
+    y = mc_kernels.masked_conv(xh, wh, count, index, None, [1], [1], [0, 0], [1], "zeros", 1, (16, 16))
+    want = torch.nn.functional.conv1d(x.double(), w.double())
+    torch.testing.assert_close(y.double(), want, atol=1e-5, rtol=1e-5)
+    w3 = torch.randint(-4, 5, (4, 16, 3)).float().to(kernel_device)
+    count, index = mc_kernels.dense_tile_lists(w3, 1, (16, 16))
+    y = mc_kernels.masked_conv(xh, huge_view(w3, (HUGE, 1, 16), tmp_path, "w3"), count, index, None, [3], [1],
+                               [1, 1], [1], "zeros", 1, (16, 16))
+    want = torch.nn.functional.conv1d(x.double(), w3.double(), None, 1, 1)
+    torch.testing.assert_close(y.double(), want, atol=1e-5, rtol=1e-5)
+
+
+def test_masked_conv_grad_input_offsets_past_int32(tmp_path, kernel_device):
+    """masked_conv's input gradient: channels-last dY whose output position l sits at l · HUGE (read in place:
+    the int64 position base), and a channels-last weight whose output channel o sits at o · HUGE (its [C_out, K]
+    view keeps the stride, so the in-loop weight offsets are int64, not NARROW's int32)."""
+    from convzoo.kernels import masked_conv as mc_kernels
+
+    gy = torch.randint(-4, 5, (1, 16, 5)).float().to(kernel_device)  # integers: exact sums in fp32
+    w = torch.randint(-4, 5, (16, 4, 3)).float().to(kernel_device)
+    gh = huge_view(gy, (16, 1, HUGE), tmp_path, "gy")
+    wh = huge_view(w, (HUGE, 1, 4), tmp_path, "w")
+    assert wh.movedim(1, -1).reshape(16, 12).stride() == (HUGE, 1)
+    count, index = mc_kernels.dense_grad_input_lists(w, 1, (16, 16))
+    dx = mc_kernels.masked_conv_grad_input(gh, wh, count, index, [5], [3], [1], [1, 1], [1], "zeros", 1, (16, 16))
+    want = torch.nn.grad.conv1d_input([1, 4, 5], w.double(), gy.double(), 1, 1)
+    torch.testing.assert_close(dx.double(), want, atol=1e-5, rtol=1e-5)

@@ -328,3 +328,97 @@ def test_bad_input(case, kernel_device):
         args[name] = f(args)
     with pytest.raises(exc, match=match):
         kernels.masked_conv(**args)
+
+
+# ---------------------------------------------------------------------------------------------- the tap walk
+# C_in/G with a power-of-two divisor ≥ 16 takes the tap walk (SUB > 0: sub-tiles of one tap, per-position
+# validity, vector loads); the cases above (C_in/G ≤ 6) take the per-element gather. id: (x shape, C_out,
+# kernel, stride, padding pairs, dilation, groups, mode, block)
+TAP_CASES = {
+    # SUB = BK = 32: one sub-tile per k-tile
+    "2d_C32_K3_P1_b16x32": ((2, 32, 5, 6), 20, (3, 3), (1, 1), [(1, 1), (1, 1)], (1, 1), 1, "zeros", (16, 32)),
+    # SUB = 32 < BK = 64: two sub-tiles, K = 288 ends half-way through the last k-tile (its second half past K)
+    "2d_C32_K3_S2_P1_b16x64": ((2, 32, 7, 6), 16, (3, 3), (2, 2), [(1, 1), (1, 1)], (1, 1), 1, "zeros", (16, 64)),
+    # CG = 16 < BK = 32: the second sub-tile steps to the next tap; groups; reflect
+    "2d_C16_G2_S2x1_D1x2_reflect": ((2, 32, 7, 8), 12, (3, 3), (2, 1), [(1, 1), (2, 2)], (1, 2), 2, "reflect",
+                                    (16, 32)),
+    "2d_C16_K2x3_replicate_asym": ((1, 16, 5, 6), 8, (2, 3), (1, 2), [(1, 0), (2, 1)], (1, 1), 1, "replicate",
+                                   (16, 32)),
+    "1d_C16_K5_D2_circular": ((2, 16, 13), 8, (5,), (1,), [(3, 1)], (2,), 1, "circular", (16, 16)),
+    # 27 taps: the per-position tap bits, 3-d, KD > 1
+    "3d_C16_K3_S2_P1": ((2, 16, 4, 5, 4), 16, (3, 3, 3), (2, 2, 2), [(1, 1)] * 3, (1, 1, 1), 1, "zeros", (16, 16)),
+    # 35 taps (> 31 bits): 'zeros' with a bounds test per (position, tap)
+    "2d_C16_K7x5_P3x2": ((1, 16, 6, 5), 8, (7, 5), (1, 1), [(3, 3), (2, 2)], (1, 1), 1, "zeros", (16, 32)),
+    # a kernel-size-1 dim with padding: positions that read only padding still store their bias
+    "2d_C16_K1x3_P2x1": ((2, 16, 3, 5), 8, (1, 3), (1, 1), [(2, 1), (1, 1)], (1, 1), 1, "zeros", (16, 16)),
+}
+
+
+def _tap_check(key, density, dtype=torch.float64, layout="contiguous", device="cpu", config=None):
+    shape, co, kernel, stride, padding, dilation, groups, mode, block = TAP_CASES[key]
+    x = torch.randn(shape, dtype=dtype, device=device)
+    if layout == "channels_last":
+        x = x.movedim(1, -1).contiguous().movedim(-1, 1)
+    elif layout == "sliced":
+        x = torch.randn(shape[0], 2 * shape[1], *shape[2:-1], shape[-1] + 3, dtype=dtype, device=device)
+        x = x[:, ::2, ..., 1:-2]
+    w = torch.randn(co, shape[1] // groups, *kernel, dtype=dtype, device=device)
+    b = torch.randn(co, dtype=dtype, device=device)
+    assert kernels._tap_tile(shape[1] // groups, block[1])["SUB"] >= 16  # the tap walk, not the fallback
+    mask = make_mask(w.shape, groups, block, density).to(device)
+    y = run(x, w, mask, b, kernel, stride, padding, dilation, groups, mode, block, config)
+    want = conv_ref(x, w * mask, b, stride, padding, dilation, groups, mode)
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(y.double(), want, atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("key", sorted(TAP_CASES))
+def test_tap_walk(key, kernel_device):
+    """Dense, random and whole-tile masks through the tap walk, every padding mode, 1/2/3-d."""
+    for density in ("one", 0.3, "block0.5"):
+        _tap_check(key, density, device=kernel_device)
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "sliced"])
+def test_tap_walk_layouts(layout, kernel_device):
+    """Channels-last x is read in place (vector loads along C); other layouts are copied to it once."""
+    for key in ("2d_C32_K3_S2_P1_b16x64", "3d_C16_K3_S2_P1"):
+        _tap_check(key, 0.5, torch.float32, layout, kernel_device)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_tap_walk_16bit(dtype, kernel_device):
+    _tap_check("2d_C16_G2_S2x1_D1x2_reflect", 0.5, dtype, device=kernel_device)
+    _tap_check("2d_C32_K3_S2_P1_b16x64", "block0.5", dtype, device=kernel_device)
+
+
+def test_tap_walk_position_tiles_cross_samples(kernel_device):
+    """BLOCK_M 16 over N·L = 2·15 positions: tiles span both samples, the last is partial."""
+    _tap_check("2d_C16_K1x3_P2x1", 0.5, config=Config({"BLOCK_M": 16}, 4, 1), device=kernel_device)
+
+
+def test_tap_walk_omitted_tiles_are_never_read(kernel_device):
+    """NaN in every omitted tile: the sub-tiles of a listed k-tile read only that tile's columns."""
+    shape, co, kernel, stride, padding, dilation, groups, mode, block = TAP_CASES["2d_C16_G2_S2x1_D1x2_reflect"]
+    x = torch.randn(shape, device=kernel_device)
+    w = torch.randn(co, shape[1] // groups, *kernel, device=kernel_device)
+    mask = block_mask(w.shape, groups, block, 0.5).to(kernel_device)
+    count, index = tile_lists(mask, groups, block)
+    assert (count > 0).any() and (count < index.shape[-1]).any()
+    poisoned = torch.where(mask, w, torch.full_like(w, float("nan")))
+    flat = [v for p in padding for v in p]
+    y = kernels.masked_conv(x, poisoned, count.to(kernel_device), index.to(kernel_device), None, list(kernel),
+                            list(dilation), flat, list(stride), mode, groups, block)
+    assert torch.isfinite(y).all()
+    want = conv_ref(x, w * mask, None, stride, padding, dilation, groups, mode)
+    torch.testing.assert_close(y.double(), want, atol=TOL[torch.float32][0], rtol=TOL[torch.float32][1])
+
+
+def test_tap_tile():
+    """SUB: the largest power of two dividing C_in/G and BK, when ≥ 16; NARROW: every (SUB - 1)·stride < 2^31."""
+    assert kernels._tap_tile(128, 64, 1, 1) == {"SUB": 64, "NARROW": True}
+    assert kernels._tap_tile(48, 64, 1, 1)["SUB"] == 16
+    assert kernels._tap_tile(32, 64)["SUB"] == 32
+    assert kernels._tap_tile(24, 64)["SUB"] == 0 and kernels._tap_tile(3, 16)["SUB"] == 0
+    assert kernels._tap_tile(0, 16)["SUB"] == 0
+    assert not kernels._tap_tile(64, 64, 1, 2**26)["NARROW"] and kernels._tap_tile(64, 64, 2**24)["NARROW"]

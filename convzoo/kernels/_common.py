@@ -273,3 +273,16 @@ def _num_candidates(g: _shapes.Geometry, lead: int) -> tuple[int, int, int]:
     else:
         per = [1 + lo + hi for lo, hi in zip(g.pad_lo, g.pad_hi)]
     return (1,) * lead + tuple(per)
+
+
+def _channels_last(t: torch.Tensor) -> torch.Tensor:
+    """``t`` ``[N, C, D, H, W]`` (a kernel's 5-d view, see :func:`_as_5d`) with the channels innermost (stride
+    1): ``t`` itself when they are (or C ≤ 1), else a channels-last copy (one read and one write of ``t``, and
+    its size in memory while the kernel runs), for an implicit-GEMM gather that reads a tap's channels as
+    contiguous vectors (masked_conv's tap walk): a channels-first gather is one 16-bit load, with its own
+    64-bit address, per element, which capped masked_conv's forward hot loop at ~0.37 of the tensor cores'
+    peak (the static report, fp16 conv3_x), against 1.0 for the vector gather. Pass channels-last input
+    (``torch.channels_last`` / ``channels_last_3d``) to skip it."""
+    if t.shape[1] <= 1 or t.stride(1) == 1:
+        return t
+    return t.permute(0, 2, 3, 4, 1).contiguous().permute(0, 4, 1, 2, 3)

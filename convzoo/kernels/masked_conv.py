@@ -31,7 +31,7 @@ from convzoo.autotune import Config, ConfigSpace, KernelSpec, TuneProblem
 from convzoo.kernels._common import (
     _as_3d,
     _as_5d,
-    _block_index,
+    _channels_last,
     _check_device,
     _device,
     _finish,
@@ -41,6 +41,7 @@ from convzoo.kernels._common import (
     _num_candidates,
     _padded_candidate,
     _patch_columns,
+    _source_index,
     _widen,
 )
 
@@ -49,6 +50,7 @@ __all__ = ["BLOCK_SIZES", "masked_conv", "masked_conv_grad_input", "masked_conv_
 # the tile sides a tile list may be built for: tl.dot needs ≥ 16 on NVIDIA, tl.arange a power of two,
 # and a 128 × 128 fp32 weight tile per pipeline stage is already 64 KiB of shared memory
 BLOCK_SIZES = (16, 32, 64, 128)
+_SMS = 132  # the heuristics' GPU: an H100 SXM (tuned tables pick tiles and SPLIT for other GPUs)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -71,8 +73,12 @@ def masked_conv_fwd_kernel(
     MODE: tl.constexpr,
     HAS_BIAS: tl.constexpr, FP64: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
-    # tiles: BLOCK_O × BLOCK_K is the tile lists' block; BLOCK_M is free
-    BLOCK_M: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr,
+    # tiles: BLOCK_O × BLOCK_K is the tile lists' block; BLOCK_M is free. SUB (see _tap_tile): the k-tile is
+    # walked as BLOCK_K / SUB sub-tiles of one tap each (0: CG too small or odd, the per-element gather);
+    # NARROW: the in-loop channel and weight deltas (SUB - 1)·stride fit int32 (the launcher proved it);
+    # POS32: M + BLOCK_M < 2^31 and CO·L < 2^31, so position indices and y's channel offsets are int32
+    BLOCK_M: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr, SUB: tl.constexpr, NARROW: tl.constexpr,
+    POS32: tl.constexpr,
 ):
     """``y[n, g·OG + o, l] = Σ_k P_g[n·L + l, k] · W_g[o, k] + b[g·OG + o]``: one (position tile,
     o-tile row ``(g, to)``) per program, the K loop over the row's ``count`` listed k-tiles only.
@@ -89,10 +95,14 @@ def masked_conv_fwd_kernel(
     ρ it becomes memory bound on x and y. Tiles are per group, so depthwise layers (OG = 1) use one
     lane in BLOCK_O: correct, not fast.
 
-    Layout: the A tile is gathered as ``[BLOCK_K, BLOCK_M]`` (positions last: consecutive threads read
-    consecutive positions, contiguous in x for stride 1) and transposed for ``tl.dot``; the result is
-    stored as ``[BLOCK_O, BLOCK_M]`` for the same reason (y is ``[N, CO, L]``: for fixed ``(n, o)`` the
-    positions are contiguous, and a position tile crosses at most a few sample boundaries).
+    Hot loop (``SUB > 0``, the tap walk): see the comments in the body and the README's kernel notes. The
+    A tile is gathered as ``[BLOCK_M, SUB]`` (positions first), ``SUB`` contiguous channels per position for
+    channels-last x (what the launcher passes: 16-byte ``cp.async``); channels-first x would be one scalar
+    load with its own address per element (the launcher copies it instead). ``SUB = 0`` (``C/G`` without a
+    power-of-two divisor ≥ 16) keeps the per-element gather: ``[BLOCK_K, BLOCK_M]``, each element's tap
+    and channel decoded from its column. y is stored as ``[BLOCK_M, BLOCK_O]`` (y is ``[N, CO, L]``: for
+    fixed ``(n, o)`` the positions are contiguous, and a position tile crosses at most a few sample
+    boundaries).
     """
     # program id -> (position tile, o-tile row), rows fastest: the rows of one position tile gather
     # the same x patches (those of one group share channels), so they run together and hit in L2
@@ -105,12 +115,14 @@ def masked_conv_fwd_kernel(
     # offsets and masks: positions m = n·L + l, the row's output channels o (co in all of y)
     m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = m < M
+    if POS32:  # M + BLOCK_M < 2^31 (the launcher checked): int32 division, not the 64-bit subroutine
+        m = m.to(tl.int32)
     n = m // L
     l = m % L
     o = to * BLOCK_O + tl.arange(0, BLOCK_O)
     o_ok = o < OG
     co = g * OG + o
-    x_cols = x_ptr + g * CG * stride_xc + n * stride_xn  # group g's first channel, sample n
+    x_cols = x_ptr + g * CG * stride_xc + n.to(tl.int64) * stride_xn  # group g's first channel, sample n
     w_cols = w_ptr + co * stride_wo
     # the row's listed k-tiles; a count past TK (a malformed list) is clamped so that index is never read
     # past its row. The masks are always true (one scalar each) and only satisfy the every-load-masked rule.
@@ -120,26 +132,110 @@ def masked_conv_fwd_kernel(
 
     # loop over the listed k-tiles only, fp32 (fp64) accumulation
     acc = tl.zeros([BLOCK_M, BLOCK_O], dtype=ACC_DTYPE)
-    for j in range(0, count):
-        kt = tl.load(idx_row + j, mask=j < TK, other=0).to(tl.int64)
-        k = kt * BLOCK_K + tl.arange(0, BLOCK_K)
-        # k < 0 only from a malformed list: masked, so such a list can give a wrong sum but never a wild read
-        k_ok = (k >= 0) & (k < K)
-        # tap-major k = t·CG + c as _patch_columns' unfold-order row c·∏kernel + t
-        r = (k % CG) * (KD * KH * KW) + k // CG
-        off, ok = _patch_columns(r[:, None], l[None, :], ID, IH, IW, OH, OW,
-                                 stride_xc, stride_xd, stride_xh, stride_xw,
-                                 KD, KH, KW, SD, SH, SW, PD, PH, PW, DD, DH, DW, MODE, False)
-        pt = tl.load(x_cols[None, :] + off, mask=(k_ok[:, None] & m_ok[None, :]) & ok, other=0)
-        w = tl.load(w_cols[None, :] + k[:, None] * stride_wk, mask=k_ok[:, None] & o_ok[None, :], other=0)
-        acc = _mma(tl.trans(pt), w, acc, FP64, PRECISION, UPCAST)
+    if SUB > 0:
+        # the tap walk (SUB divides CG, so a sub-tile of SUB columns k = t·CG + c0 + i is one tap t, channels
+        # c0 .. c0 + SUB - 1). Per program, once: each position's window corner and, for 'zeros', its address
+        # and a bit per tap saying whether the tap reads x (up to 31 taps); per sub-tile, scalars (tap, channel,
+        # their offset) and one validity bit per position; per element only the invariant channel delta
+        # (int32 when NARROW) — no div/mod, no bounds test per element. For channels-last x (stride_xc = 1,
+        # what the launcher passes) the sub-tile is SUB contiguous channels per position: 16-byte cp.async.
+        ow = l % OW
+        oh = (l // OW) % OH
+        od = l // OW // OH
+        i_d0 = (od * SD - PD).to(tl.int32)
+        i_h0 = (oh * SH - PH).to(tl.int32)
+        i_w0 = (ow * SW - PW).to(tl.int32)
+        if MODE == 0:
+            x_pos = x_cols + i_d0.to(tl.int64) * stride_xd + i_h0.to(tl.int64) * stride_xh \
+                + i_w0.to(tl.int64) * stride_xw
+            if KD * KH * KW <= 31:
+                # bit t: tap t = (kd, kh, kw) of this position reads inside x (0 for a position past M);
+                # 0 <= i < n as one unsigned compare
+                bits = tl.zeros_like(i_w0)
+                for tap in tl.static_range(KD * KH * KW):
+                    v = (m_ok & ((i_d0 + (tap // (KW * KH)) * DD).to(tl.uint32, bitcast=True) < ID)
+                         & ((i_h0 + (tap // KW % KH) * DH).to(tl.uint32, bitcast=True) < IH)
+                         & ((i_w0 + (tap % KW) * DW).to(tl.uint32, bitcast=True) < IW))
+                    bits = bits | (v.to(tl.int32) << tap)
+        ch = tl.arange(0, SUB).to(tl.int64) * stride_xc
+        wk = tl.arange(0, SUB).to(tl.int64) * stride_wk
+        if NARROW:
+            ch = ch.to(tl.int32)
+            wk = wk.to(tl.int32)
+        for j in range(0, count):
+            kt = tl.load(idx_row + j, mask=j < TK, other=0)
+            # kt outside [0, TK) only from a malformed list: masked (and clamped, so the int32 tap math below
+            # cannot wrap), so a wrong sum but never a wild read
+            kt_ok = (kt >= 0) & (kt < TK)
+            kt = tl.where(kt_ok, kt, 0)
+            # int32 scalars: k0 < TK·BLOCK_K < K + BLOCK_K, and K is an int32 argument; one division per k-tile,
+            # the next sub-tile's (tap, channel) follows by one step (SUB <= CG: at most one tap boundary)
+            k0 = kt * BLOCK_K
+            t = k0 // CG
+            # not k0 % CG: Triton keeps the difference's divisibility (16-byte vector loads); t·CG <= k0, so the
+            # int64 product narrows exactly
+            c0 = k0 - (t.to(tl.int64) * CG).to(tl.int32)
+            for s in tl.static_range(BLOCK_K // SUB):
+                if s > 0:
+                    c0 += SUB
+                    wrap = c0 >= CG
+                    c0 = tl.where(wrap, c0 - CG, c0)
+                    t = tl.where(wrap, t + 1, t)
+                # K is a multiple of SUB: a sub-tile is all in K or all past it (the last k-tile's tail)
+                s_ok = kt_ok & (k0 + s * SUB < K)
+                kw = t % KW
+                kh = (t // KW) % KH
+                kd = t // (KW * KH)
+                if MODE == 0:
+                    if KD * KH * KW <= 31:
+                        # bit 31 is never set: a sub-tile past K (or of a malformed entry) reads nothing
+                        ok = ((bits >> tl.where(s_ok, t, 31)) & 1) != 0
+                    else:
+                        ok = (m_ok & s_ok & ((i_d0 + kd * DD).to(tl.uint32, bitcast=True) < ID)
+                              & ((i_h0 + kh * DH).to(tl.uint32, bitcast=True) < IH)
+                              & ((i_w0 + kw * DW).to(tl.uint32, bitcast=True) < IW))
+                    src = x_pos + (c0.to(tl.int64) * stride_xc + (kd * DD).to(tl.int64) * stride_xd
+                                   + (kh * DH).to(tl.int64) * stride_xh + (kw * DW).to(tl.int64) * stride_xw)
+                else:
+                    s_d, ok_d = _source_index(i_d0 + kd * DD, ID, MODE)
+                    s_h, ok_h = _source_index(i_h0 + kh * DH, IH, MODE)
+                    s_w, ok_w = _source_index(i_w0 + kw * DW, IW, MODE)
+                    ok = m_ok & s_ok & ok_d & ok_h & ok_w
+                    src = x_cols + c0.to(tl.int64) * stride_xc + s_d.to(tl.int64) * stride_xd \
+                        + s_h.to(tl.int64) * stride_xh + s_w.to(tl.int64) * stride_xw
+                # [BLOCK_M, SUB], positions first: with channels-first x (no contiguous dim in the tile) each
+                # thread then holds few positions and many channels, so the per-position terms stay few
+                pt = tl.load(src[:, None] + ch[None, :], mask=ok[:, None], other=0)
+                w = tl.load((w_cols + (k0 + s * SUB).to(tl.int64) * stride_wk)[None, :] + wk[:, None],
+                            mask=o_ok[None, :] & s_ok, other=0)
+                acc = _mma(pt, w, acc, FP64, PRECISION, UPCAST)
+    else:
+        # the per-element gather (CG has no power-of-two divisor ≥ 16: the stem's 3 channels, depthwise)
+        for j in range(0, count):
+            kt = tl.load(idx_row + j, mask=j < TK, other=0).to(tl.int64)
+            k = kt * BLOCK_K + tl.arange(0, BLOCK_K)
+            # k < 0 only from a malformed list: masked, so such a list can give a wrong sum but never a wild read
+            k_ok = (k >= 0) & (k < K)
+            # tap-major k = t·CG + c as _patch_columns' unfold-order row c·∏kernel + t
+            r = (k % CG) * (KD * KH * KW) + k // CG
+            off, ok = _patch_columns(r[:, None], l.to(tl.int64)[None, :], ID, IH, IW, OH, OW,
+                                     stride_xc, stride_xd, stride_xh, stride_xw,
+                                     KD, KH, KW, SD, SH, SW, PD, PH, PW, DD, DH, DW, MODE, False)
+            pt = tl.load(x_cols[None, :] + off, mask=(k_ok[:, None] & m_ok[None, :]) & ok, other=0)
+            w = tl.load(w_cols[None, :] + k[:, None] * stride_wk, mask=k_ok[:, None] & o_ok[None, :], other=0)
+            acc = _mma(tl.trans(pt), w, acc, FP64, PRECISION, UPCAST)
     if HAS_BIAS:
         b = tl.load(b_ptr + co * stride_b, mask=o_ok, other=0)
         acc += _widen(b, ACC_DTYPE, UPCAST)[None, :]
 
-    # masked store, positions last (contiguous runs of y)
-    y = y_ptr + n[None, :] * CO * L + co[:, None] * L + l[None, :]
-    tl.store(y, tl.trans(acc).to(y_ptr.dtype.element_ty), mask=o_ok[:, None] & m_ok[None, :])
+    # masked store as [BLOCK_M, BLOCK_O], positions first (contiguous runs of y); without a provable run
+    # (L not a multiple of the vector) Triton then gives each thread few positions and many channels, so the
+    # per-position address terms stay few
+    y_co = co * L
+    if POS32:
+        y_co = y_co.to(tl.int32)
+    y = y_ptr + (n.to(tl.int64) * CO * L + l)[:, None] + y_co[None, :]
+    tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & o_ok[None, :])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -162,10 +258,22 @@ def _default(dims, dtype, interpret: bool) -> Config:
     if interpret:
         return Config({"BLOCK_M": _fit(dims["M"], 16, 256)}, num_warps=4, num_stages=1)
     if dtype == torch.float64:
-        return Config({"BLOCK_M": max(1, min(16, 8192 // (bo * bk)))}, num_warps=4, num_stages=1)
-    bm = _fit(dims["M"], 16, 128)
-    warps = 8 if bm * bo > 64 * 128 else 4
-    stages = 3 if dtype in (torch.float16, torch.bfloat16) else 2
+        # 8 warps once the product passes 4096 values (32 fp64 per thread at 4 warps spill a few bytes)
+        bm = max(1, min(16, 8192 // (bo * bk)))
+        return Config({"BLOCK_M": bm}, num_warps=8 if bm * bo * bk > 4096 else 4, num_stages=1)
+    if "O" in dims:  # the forward's dims: its o-tile rows (bucketed, as every dim the heuristic reads)
+        dims = {**dims, "rows": max(1, autotune.bucket(dims["O"]) // bo)}
+    half = dtype in (torch.float16, torch.bfloat16)
+    # a narrow block (BO <= 32) gets 256 positions: the tap walk's per-position and per-tap work is then
+    # spread over twice the MMA (the static report: fp16 local_2d_b256, BO = 32, 0.48 -> 0.7 of peak)
+    bm = _fit(dims["M"], 64 if half else 16, 256 if half and bo <= 32 else 128)
+    # enough programs for the H100's 132 SMs, down to 64 positions (one wgmma's M per warpgroup)
+    rows = dims.get("rows", 1)
+    while bm > 64 and -(-dims["M"] // bm) * rows < _SMS:
+        bm //= 2
+    # fp32's FMA product (no tensor cores under IEEE) holds its operand tiles in registers too: 8 warps
+    warps = 8 if bm * bo > 64 * 128 or (not half and bm * bo > 64 * 64) else 4
+    stages = 3 if half else 2
     while stages > 1 and not _fits(bm, bo, bk, warps, stages, dtype):
         stages -= 1
     while bm > 16 and not _fits(bm, bo, bk, warps, stages, dtype):
@@ -193,8 +301,11 @@ def _fits(bm: int, bo: int, bk: int, warps: int, stages: int, dtype) -> bool:
 
 
 def _candidates(dims, dtype):
+    """The tuning grid: :func:`_keep` and :func:`_fits`, and for the tensor-core dtypes (16-bit) ≥ 64 positions
+    (wgmma's M per warpgroup; smaller tiles fall back to mma.sync)."""
     bo, bk = dims["BO"], dims["BK"]
-    for bm in (1, 2, 4, 8, 16, 32, 64, 128, 256):
+    lo = 64 if dtype in (torch.float16, torch.bfloat16) else 1
+    for bm in (b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256) if b >= lo):
         for warps in (4, 8):
             for stages in (1, 2, 3, 4):
                 cfg = Config({"BLOCK_M": bm}, num_warps=warps, num_stages=stages)
@@ -281,6 +392,17 @@ def _check_list(t, name: str, shape: tuple, x: torch.Tensor) -> None:
     _shapes.check(t.device == x.device, lambda: f"{name} is on {t.device} but input is on {x.device}")
 
 
+def _tap_tile(cg: int, bk: int, *strides: int) -> dict:
+    """The kernels' tap walk: ``SUB``, the largest power of two dividing both ``cg`` (channels per group) and
+    ``bk`` (the k side of the lists' block), when it is ≥ 16 (``tl.dot``'s smallest side), else 0; a sub-tile
+    of ``SUB`` tap-major columns then lies in one tap. ``NARROW``: every in-loop delta ``i·stride`` (``i <
+    SUB``, each of ``strides``) fits int32, so the kernel adds int32 offsets to its int64 bases."""
+    sub = math.gcd(cg, bk) if cg > 0 else 0
+    sub = sub if sub >= 16 else 0
+    narrow = all((max(sub, 1) - 1) * abs(st) < 2**31 for st in strides)
+    return {"SUB": sub, "NARROW": narrow}
+
+
 def masked_conv(x: torch.Tensor, weight: torch.Tensor, count: torch.Tensor, index: torch.Tensor,
                 bias: torch.Tensor | None, kernel_size: list[int], dilation: list[int], padding: list[int],
                 stride: list[int], padding_mode: str, groups: int, block, config: Config | None = None
@@ -295,7 +417,9 @@ def masked_conv(x: torch.Tensor, weight: torch.Tensor, count: torch.Tensor, inde
     in ``padding_mode``: zeros, reflect, replicate, circular). The lists are not checked against the
     weight (that would read it, or sync with the device): a list that omits a nonzero tile drops it.
     The weight is read as its tap-major ``[C_out, K]`` matrix, ``weight.movedim(1, -1)`` flattened: a view
-    for a channels-last weight (what the op passes) or a 1 × 1 kernel, a copy otherwise.
+    for a channels-last weight (what the op passes) or a 1 × 1 kernel, a copy otherwise. Where ``C_in/G``
+    has a power-of-two divisor ≥ 16 (the tap walk), ``x`` is read channels-last: in place if it is, else
+    from a channels-last copy (one read and one write of ``x``; see :func:`_channels_last`).
     ``config`` overrides the autotune lookup (it sets BLOCK_M, warps, stages; the block is the lists').
 
     Raises:
@@ -344,8 +468,11 @@ def masked_conv(x: torch.Tensor, weight: torch.Tensor, count: torch.Tensor, inde
     M = n * L
     cfg = config or autotune.lookup("masked_conv_fwd", x.device, x.dtype, M=M, O=co, K=k, BO=bo, BK=bk)
     a = _as_3d(g)
-    xs = _as_5d(x, g.ndim)
     w2 = weight.movedim(1, -1).reshape(co, k)  # tap-major: a view for channels-last weights, else a copy
+    tap = _tap_tile(cg, bk, 1, w2.stride(1))
+    # the tap walk reads SUB contiguous channels per position from channels-last x; other layouts are copied
+    # once (see _channels_last)
+    xs = _channels_last(_as_5d(x, g.ndim)) if tap["SUB"] else _as_5d(x, g.ndim)
     count, index = count.contiguous(), index.contiguous()
     b = weight if bias is None else bias  # never read without bias
     rows = groups * to
@@ -358,7 +485,8 @@ def masked_conv(x: torch.Tensor, weight: torch.Tensor, count: torch.Tensor, inde
             *a["k"], *a["s"], *a["lo"], *a["d"],
             _shapes.PADDING_MODE_CODES[g.padding_mode],
             bias is not None, **_math_args(x.dtype, masked_conv_fwd_kernel),
-            BLOCK_O=bo, BLOCK_K=bk, **cfg.launch_kwargs(),
+            BLOCK_O=bo, BLOCK_K=bk, **tap, POS32=M + cfg.meta["BLOCK_M"] < 2**31 and co * L < 2**31,
+            **cfg.launch_kwargs(),
         )
     return _finish(y, buf)
 
@@ -499,7 +627,6 @@ def masked_conv_grad_weight_kernel(
 # ----------------------------------------------------------------------------------------------
 # grad-weight configs. As in the forward, BLOCK_O × BLOCK_K is the tile lists' block (lookup dims BO, BK); a
 # config holds the reduction step BLOCK_M, the split SPLIT, num_warps and num_stages.
-_SMS = 132  # the heuristic's GPU: an H100 SXM (tuned tables pick SPLIT for other GPUs)
 
 
 def _gw_split(dims, bm: int) -> int:
@@ -727,40 +854,84 @@ def masked_conv_grad_weight(grad: torch.Tensor, x: torch.Tensor, mask: torch.Ten
 # ==============================================================================================
 # grad-input: dX = dY ⋆ (W ⊙ mask)ᵀ, a gather over the grad-input tile lists (t_count / t_index)
 @triton.jit
-def _grad_input_blocks(acc, g_cols, w_ptr, idx_row, count, g, c, c_ok, pd, ph, pw, cand,
-                       E, TO, OG, CG, OD, OH, OW, stride_go, stride_gd, stride_gh, stride_gw, stride_wo, stride_wk,
-                       KH: tl.constexpr, KW: tl.constexpr,
-                       SD: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
-                       PD: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
-                       DD: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
-                       FP64: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_O: tl.constexpr):
-    """``acc`` plus, over the row's ``count`` listed entries ``e = t·TO + to``, ``Aᵀ·W``: ``W [BLOCK_O, BLOCK_K]``
-    the weight block ``W[g·OG + to·BO + o, c, t]``, ``A [BLOCK_O, BLOCK_M]`` the output gradient at the output
-    positions whose tap ``t`` reads the padded positions ``(pd, ph, pw)`` (0 where there is none: the stride
-    does not divide, or off the output grid; or where ``cand`` is false)."""
+def _grad_input_taps(acc, g_n, w_ptr, idx_row, count, g, c0, c_ok, pd, ph, pw, cand,
+                     E, TO, OG, CG, OD, OH, OW, stride_go, stride_gd, stride_gh, stride_gw, stride_wo, stride_wk,
+                     KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+                     SD: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
+                     PD: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
+                     DD: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
+                     FP64: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                     BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr, NARROW: tl.constexpr):
+    """``acc`` plus, over the row's ``count`` listed entries ``e = t·TO + to``, ``A·W``: ``W [BLOCK_O, BLOCK_K]``
+    the weight block ``W[g·OG + to·BO + o, c0 + c, t]``, ``A [BLOCK_M, BLOCK_O]`` the output gradient at the
+    output positions whose tap ``t`` reads the padded positions ``(pd, ph, pw)`` (0 where there is none: the
+    stride does not divide, or off the output grid; or where ``cand`` is false).
+
+    The tap walk: each entry is one tap and BLOCK_O consecutive output channels (contiguous in channels-last
+    dY: vector loads). Per call, once: the positions' ``p + P`` (``num``: an output index times S plus the
+    tap's k·D) and, up to 31 taps, a bit per tap saying whether it reads dY; for stride 1 also each position's
+    dY address (the tap then only subtracts a scalar). Per entry: int32 scalar tap math, one validity bit
+    per position, the invariant channel deltas (int32 when NARROW)."""
+    nd = pd + PD
+    nh = ph + PH
+    nw = pw + PW
+    if KD * KH * KW <= 31:
+        bits = tl.zeros_like(nw)
+        for tap in tl.static_range(KD * KH * KW):
+            ad = nd - (tap // (KW * KH)) * DD
+            ah = nh - (tap // KW % KH) * DH
+            aw = nw - (tap % KW) * DW
+            v = (cand & (ad >= 0) & (ad % SD == 0) & (ad // SD < OD) & (ah >= 0) & (ah % SH == 0) & (ah // SH < OH)
+                 & (aw >= 0) & (aw % SW == 0) & (aw // SW < OW))
+            bits = bits | (v.to(tl.int32) << tap)
+    if SD * SH * SW == 1:
+        g_pos = g_n + nd.to(tl.int64) * stride_gd + nh.to(tl.int64) * stride_gh + nw.to(tl.int64) * stride_gw
+    go = tl.arange(0, BLOCK_O).to(tl.int64) * stride_go
+    wo = tl.arange(0, BLOCK_O).to(tl.int64) * stride_wo
+    wc = tl.arange(0, BLOCK_K).to(tl.int64) * stride_wk
+    if NARROW:
+        go = go.to(tl.int32)
+        wo = wo.to(tl.int32)
+        wc = wc.to(tl.int32)
     for j in range(0, count):
-        e = tl.load(idx_row + j, mask=j < E, other=0).to(tl.int64)
-        # an entry outside [0, E) only comes from a malformed list: its loads are masked, so such a list
-        # can give a wrong sum but never a wild read
+        e = tl.load(idx_row + j, mask=j < E, other=0)
+        # an entry outside [0, E) only comes from a malformed list: masked (and clamped, so the int32 tap math
+        # cannot wrap), so such a list can give a wrong sum but never a wild read
         e_ok = (e >= 0) & (e < E)
+        e = tl.where(e_ok, e, 0)
         t = e // TO
-        to = e % TO
-        o = to * BLOCK_O + tl.arange(0, BLOCK_O)
+        o0 = (e - (t.to(tl.int64) * TO).to(tl.int32)) * BLOCK_O  # t·TO <= e: the int64 product narrows exactly
+        kw = t % KW
+        kh = (t // KW) % KH
+        kd = t // (KW * KH)
         # (!= 0: the newest Triton's interpreter makes a block bool & a scalar bool int64, which a load mask
         # refuses; a no-op when compiled)
-        o_ok = ((o < OG) & e_ok) != 0
-        co = g * OG + o
+        o_ok = (((o0 + tl.arange(0, BLOCK_O)) < OG) & e_ok) != 0
+        co0 = g * OG + o0
+        if KD * KH * KW <= 31:
+            ok = ((bits >> tl.where(e_ok, t, 31)) & 1) != 0
+        else:
+            ad = nd - kd * DD
+            ah = nh - kh * DH
+            aw = nw - kw * DW
+            ok = (cand & (ad >= 0) & (ad % SD == 0) & (ad // SD < OD) & (ah >= 0) & (ah % SH == 0)
+                  & (ah // SH < OH) & (aw >= 0) & (aw % SW == 0) & (aw // SW < OW))
+        if SD * SH * SW == 1:
+            g_off = co0 * stride_go - (kd * DD).to(tl.int64) * stride_gd - (kh * DH).to(tl.int64) * stride_gh \
+                - (kw * DW).to(tl.int64) * stride_gw
+            if NARROW:  # the launcher bounded it: int32 scalar math
+                g_off = g_off.to(tl.int32)
+            src = g_pos + g_off
+        else:
+            src = g_n + co0 * stride_go + ((nd - kd * DD) // SD).to(tl.int64) * stride_gd \
+                + ((nh - kh * DH) // SH).to(tl.int64) * stride_gh + ((nw - kw * DW) // SW).to(tl.int64) * stride_gw
+        a = tl.load(src[:, None] + go[None, :], mask=ok[:, None] & o_ok[None, :], other=0)
         # the weight block: W[co, c, t] at tap-major column t·CG + c
-        w = tl.load(w_ptr + co[:, None] * stride_wo + (t * CG + c)[None, :] * stride_wk,
-                    mask=o_ok[:, None] & c_ok[None, :], other=0)
-        # the output positions q whose tap t = (kd, kh, kw) reads p, per dim
-        qd, ok_d = _block_index(pd, PD, t // (KW * KH), OD, SD, DD)
-        qh, ok_h = _block_index(ph, PH, (t // KW) % KH, OH, SH, DH)
-        qw, ok_w = _block_index(pw, PW, t % KW, OW, SW, DW)
-        ok = cand & ok_d & ok_h & ok_w
-        q = qd * stride_gd + qh * stride_gh + qw * stride_gw
-        a = tl.load(g_cols[None, :] + co[:, None] * stride_go + q[None, :], mask=o_ok[:, None] & ok[None, :], other=0)
-        acc = _mma(tl.trans(a), w, acc, FP64, PRECISION, UPCAST)
+        w_off = co0 * stride_wo + (t.to(tl.int64) * CG + c0) * stride_wk
+        if NARROW:
+            w_off = w_off.to(tl.int32)
+        w = tl.load(w_ptr + w_off + wo[:, None] + wc[None, :], mask=o_ok[:, None] & c_ok[None, :], other=0)
+        acc = _mma(a, w, acc, FP64, PRECISION, UPCAST)
     return acc
 
 
@@ -786,8 +957,9 @@ def masked_conv_grad_input_kernel(
     # padded positions that can read one input index, per dim (1 for 'zeros')
     NCD: tl.constexpr, NCH: tl.constexpr, NCW: tl.constexpr,
     FP64: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, ACC_DTYPE: tl.constexpr,
-    # tiles: BLOCK_O × BLOCK_K is the tile lists' block; BLOCK_M is free
-    BLOCK_M: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr,
+    # tiles: BLOCK_O × BLOCK_K is the tile lists' block; BLOCK_M is free. NARROW: the in-loop channel deltas
+    # (BLOCK - 1)·stride fit int32; POS32: M + BLOCK_M < 2^31 and C·P < 2^31 (int32 position math)
+    BLOCK_M: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr, NARROW: tl.constexpr, POS32: tl.constexpr,
 ):
     """``dx[n, g·CG + c, i] = Σ_t Σ_o dY[n, g·OG + o, q(i, t)] · W[g·OG + o, c, t]``, summed over every
     padded position ``p`` that reads input index ``i`` (only ``i`` itself for 'zeros'; the padding's
@@ -811,10 +983,10 @@ def masked_conv_grad_input_kernel(
     dY's and dx's compulsory traffic dominates. Depthwise layers (CG = 1) use one lane of BLOCK_K: correct,
     not fast.
 
-    Layout: the A tile is gathered as ``[BLOCK_O, BLOCK_M]`` (positions last: for fixed ``(n, o)`` and
-    stride 1, consecutive positions read consecutive dY elements) and transposed for ``tl.dot``; the
-    weight block ``[BLOCK_O, BLOCK_K]`` is contiguous along the channels for a channels-last weight; dx is
-    stored as ``[BLOCK_K, BLOCK_M]`` (contiguous runs of positions).
+    Layout: the A tile is gathered as ``[BLOCK_M, BLOCK_O]`` (positions first; for channels-last dY, what the
+    launcher passes, ``BLOCK_O`` contiguous output channels per position: 16-byte ``cp.async``; see
+    :func:`_grad_input_taps`); the weight block ``[BLOCK_O, BLOCK_K]`` is contiguous along the channels for a
+    channels-last weight; dx is stored as ``[BLOCK_M, BLOCK_K]``.
     """
     # program id -> (position tile, channel-tile row), rows fastest: the rows of one position tile gather
     # the same dY (those of one group the same entries too), so they run together and hit in L2
@@ -827,14 +999,17 @@ def masked_conv_grad_input_kernel(
     # offsets and masks: positions m = n·P + i, the row's input channels c (g·CG + c in all of dx)
     m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = m < M
+    if POS32:  # int32 division, not the 64-bit subroutine
+        m = m.to(tl.int32)
     n = m // P
     pix = m % P
     iw = pix % IW
     ih = (pix // IW) % IH
     i_d = pix // IW // IH  # not pix // (IW * IH): an int32 product of two sizes
-    c = tc * BLOCK_K + tl.arange(0, BLOCK_K)
+    c0 = tc * BLOCK_K
+    c = c0 + tl.arange(0, BLOCK_K)
     c_ok = c < CG
-    g_cols = g_ptr + n * stride_gn  # sample n's dY
+    g_n = g_ptr + n.to(tl.int64) * stride_gn  # sample n's dY
     # the row's listed (tap, o-tile) entries; a count past E (a malformed list) is clamped so that index is
     # never read past its row. The masks are always true (one scalar each) and only satisfy the
     # every-load-masked rule.
@@ -856,19 +1031,22 @@ def masked_conv_grad_input_kernel(
                 cand = m_ok & cand_d & cand_h & cand_w
                 # MODE is a constexpr and the test a runtime branch: two ifs, so 'zeros' pays no reduction
                 if MODE == 0:  # noqa: SIM114  (one candidate, p = i: nothing to skip)
-                    acc = _grad_input_blocks(acc, g_cols, w_ptr, idx_row, count, g, c, c_ok, pd, ph, pw, cand,
-                                             E, TO, OG, CG, OD, OH, OW, stride_go, stride_gd, stride_gh, stride_gw,
-                                             stride_wo, stride_wk, KH, KW, SD, SH, SW, PD, PH, PW, DD, DH, DW,
-                                             FP64, PRECISION, UPCAST, BLOCK_O)
+                    acc = _grad_input_taps(acc, g_n, w_ptr, idx_row, count, g, c0, c_ok, pd, ph, pw, cand,
+                                           E, TO, OG, CG, OD, OH, OW, stride_go, stride_gd, stride_gh, stride_gw,
+                                           stride_wo, stride_wk, KD, KH, KW, SD, SH, SW, PD, PH, PW, DD, DH, DW,
+                                           FP64, PRECISION, UPCAST, BLOCK_O, BLOCK_K, NARROW)
                 elif tl.max(cand.to(tl.int32), axis=0) > 0:
-                    acc = _grad_input_blocks(acc, g_cols, w_ptr, idx_row, count, g, c, c_ok, pd, ph, pw, cand,
-                                             E, TO, OG, CG, OD, OH, OW, stride_go, stride_gd, stride_gh, stride_gw,
-                                             stride_wo, stride_wk, KH, KW, SD, SH, SW, PD, PH, PW, DD, DH, DW,
-                                             FP64, PRECISION, UPCAST, BLOCK_O)
+                    acc = _grad_input_taps(acc, g_n, w_ptr, idx_row, count, g, c0, c_ok, pd, ph, pw, cand,
+                                           E, TO, OG, CG, OD, OH, OW, stride_go, stride_gd, stride_gh, stride_gw,
+                                           stride_wo, stride_wk, KD, KH, KW, SD, SH, SW, PD, PH, PW, DD, DH, DW,
+                                           FP64, PRECISION, UPCAST, BLOCK_O, BLOCK_K, NARROW)
 
-    # masked store, positions last (contiguous runs of dx)
-    dx = dx_ptr + (n * C * P + pix)[None, :] + ((g * CG + c) * P)[:, None]
-    tl.store(dx, tl.trans(acc).to(dx_ptr.dtype.element_ty), mask=c_ok[:, None] & m_ok[None, :])
+    # masked store as [BLOCK_M, BLOCK_K], positions first (see the forward's store)
+    dx_c = (g * CG + c) * P
+    if POS32:
+        dx_c = dx_c.to(tl.int32)
+    dx = dx_ptr + (n.to(tl.int64) * C * P + pix)[:, None] + dx_c[None, :]
+    tl.store(dx, acc.to(dx_ptr.dtype.element_ty), mask=m_ok[:, None] & c_ok[None, :])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -880,7 +1058,10 @@ def _swapped(dims) -> dict:
     forward's BLOCK_M × BO) and a stage holds (BLOCK_M + BK)·BO operand elements (the forward's
     (BLOCK_M + BO)·BK), so :func:`_default`, :func:`_fits` and :func:`_candidates` apply with BO and BK
     swapped (fp64's BLOCK_M·BO·BK product is symmetric)."""
-    return {"M": dims["M"], "BO": dims["BK"], "BK": dims["BO"]}
+    out = {"M": dims["M"], "BO": dims["BK"], "BK": dims["BO"]}
+    if "C" in dims:  # its channel-tile rows, for the enough-programs rule
+        out["rows"] = max(1, autotune.bucket(dims["C"]) // dims["BK"])
+    return out
 
 
 def _gi_default(dims, dtype, interpret: bool) -> Config:
@@ -934,6 +1115,18 @@ GRAD_INPUT_SPEC = autotune.register(KernelSpec(
 
 # ----------------------------------------------------------------------------------------------
 # grad-input launcher
+def _narrow(gs: torch.Tensor, w2: torch.Tensor, g: _shapes.Geometry, bo: int, bk: int) -> bool:
+    """The grad-input kernel's ``NARROW``: every in-loop offset fits int32 — dY's channel and tap offsets from a
+    position's address (``|co·stride_go| + Σ (k - 1)·d·|stride|``), the weight's from its start (every entry of
+    the ``[C_out, K]`` matrix), the invariant channel deltas among them, a block's masked lanes past the sizes
+    included (``bo``, ``bk``)."""
+    k, d = _as_3d(g)["k"], _as_3d(g)["d"]
+    co, kk_ = max(gs.shape[1], 1) + bo, w2.shape[1] + bk
+    dy = co * abs(gs.stride(1)) + sum((kk - 1) * dd * abs(st) for kk, dd, st in zip(k, d, gs.stride()[2:]))
+    w = co * abs(w2.stride(0)) + kk_ * abs(w2.stride(1))
+    return max(dy, w) < 2**31
+
+
 def _check_grad_input_list(t, name: str, shape: tuple, grad: torch.Tensor) -> None:
     _shapes.check(isinstance(t, torch.Tensor), lambda: f"{name} must be a tensor, got {type(t).__name__}", TypeError)
     _shapes.check(t.dtype == torch.int32, lambda: f"{name} must be int32, got {t.dtype}", TypeError)
@@ -961,7 +1154,8 @@ def masked_conv_grad_input(grad: torch.Tensor, weight: torch.Tensor, t_count: to
     ``weight`` with the unlisted blocks zeroed: i.e. ``reference.masked_conv_grad_input`` with the mask the
     lists came from. Unlisted blocks are never read (NaN there is dropped); the lists are not checked
     against the weight. The weight is read as its tap-major ``[C_out, K]`` matrix (a view for a
-    channels-last weight or a 1 × 1 kernel, a copy otherwise). ``config`` overrides the autotune lookup
+    channels-last weight or a 1 × 1 kernel, a copy otherwise); ``grad`` channels-last (in place if it is,
+    else a copy: see :func:`_channels_last`). ``config`` overrides the autotune lookup
     (BLOCK_M, warps, stages; the block is the lists').
 
     Raises:
@@ -1020,7 +1214,9 @@ def masked_conv_grad_input(grad: torch.Tensor, weight: torch.Tensor, t_count: to
     cfg = config or autotune.lookup("masked_conv_grad_input", grad.device, grad.dtype, M=M, C=c, K=og * kt,
                                     BO=bo, BK=bk)
     a = _as_3d(g)
-    gs = _as_5d(grad, g.ndim)
+    # the tap walk reads BLOCK_O contiguous output channels per position from channels-last dY; other layouts
+    # are copied once (see _channels_last)
+    gs = _channels_last(_as_5d(grad, g.ndim))
     w2 = weight.movedim(1, -1).reshape(co, cg * kt)  # tap-major: a view for channels-last weights, else a copy
     t_count, t_index = t_count.contiguous(), t_index.contiguous()
     rows = groups * tc
@@ -1034,6 +1230,8 @@ def masked_conv_grad_input(grad: torch.Tensor, weight: torch.Tensor, t_count: to
             _shapes.PADDING_MODE_CODES[g.padding_mode],
             *_num_candidates(g, 3 - g.ndim),
             **_math_args(grad.dtype, masked_conv_grad_input_kernel),
-            BLOCK_O=bo, BLOCK_K=bk, **cfg.launch_kwargs(),
+            BLOCK_O=bo, BLOCK_K=bk,
+            NARROW=_narrow(gs, w2, g, bo, bk),
+            POS32=M + cfg.meta["BLOCK_M"] < 2**31 and c * P < 2**31, **cfg.launch_kwargs(),
         )
     return _finish(dx, buf)

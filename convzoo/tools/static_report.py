@@ -50,16 +50,12 @@ DOT_KERNELS = {"local_conv_fwd", "local_conv_grad_weight", "local_conv_grad_inpu
 # Issue "No spills, Hopper tensor cores fed" rewrites these loops; each entry goes when its kernel is fixed.
 _HOT_LOOP = "per-element gather index math in the hot loop (issue: No spills, Hopper tensor cores fed)"
 EXCEPTIONS = {
-    ("masked_conv_fwd", "spills"): _HOT_LOOP,
-    ("masked_conv_grad_input", "spills"): _HOT_LOOP,
     ("masked_conv_grad_weight", "spills"): _HOT_LOOP,
     ("local_conv_fwd", "spills"): _HOT_LOOP,
     ("local_conv_grad_weight", "spills"): _HOT_LOOP,
     ("local_conv_grad_input", "spills"): _HOT_LOOP,
     ("patch_covariance", "spills"): _HOT_LOOP,
     ("coactivation_correlation", "spills"): _HOT_LOOP,
-    ("masked_conv_fwd", "low_warps"): _HOT_LOOP + "; 255 registers leave one 4-warp block per SM",
-    ("masked_conv_grad_input", "low_warps"): _HOT_LOOP + "; 255 registers leave one 4-warp block per SM",
     ("masked_conv_grad_weight", "low_warps"): _HOT_LOOP + "; register pressure of the gathered tiles",
     ("local_conv_fwd", "low_warps"): _HOT_LOOP + "; register pressure of the gathered tiles",
     ("local_conv_grad_weight", "low_warps"): _HOT_LOOP + "; register pressure of the gathered tiles",
