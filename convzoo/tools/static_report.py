@@ -55,7 +55,6 @@ EXCEPTIONS = {
     ("local_conv_fwd", "spills"): _HOT_LOOP,
     ("local_conv_grad_weight", "spills"): _HOT_LOOP,
     ("local_conv_grad_input", "spills"): _HOT_LOOP,
-    ("patch_covariance", "spills"): _HOT_LOOP,
     ("coactivation_correlation", "spills"): _HOT_LOOP,
     ("masked_conv_fwd", "low_warps"): _HOT_LOOP + "; 255 registers leave one 4-warp block per SM",
     ("masked_conv_grad_input", "low_warps"): _HOT_LOOP + "; 255 registers leave one 4-warp block per SM",
@@ -63,7 +62,6 @@ EXCEPTIONS = {
     ("local_conv_fwd", "low_warps"): _HOT_LOOP + "; register pressure of the gathered tiles",
     ("local_conv_grad_weight", "low_warps"): _HOT_LOOP + "; register pressure of the gathered tiles",
     ("local_conv_grad_input", "low_warps"): _HOT_LOOP + "; register pressure of the gathered tiles",
-    ("patch_covariance", "low_warps"): _HOT_LOOP + "; register pressure of the gathered tiles",
     ("coactivation_correlation", "low_warps"): _HOT_LOOP + "; register pressure of the gathered tiles",
     # a gather kernel: bf16 on the 7×7 ResNet stage (triton 3.6) spills a few bytes of its per-tap index math
     ("unfold_transpose_backward", "spills"): "per-element index math of the gather (the same issue's gather "
