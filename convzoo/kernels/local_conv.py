@@ -65,7 +65,7 @@ def local_conv_fwd_kernel(
     DD: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
     MODE: tl.constexpr,
     HAS_BIAS: tl.constexpr, FP64: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    ACC_DTYPE: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, GATHER_T: tl.constexpr,
     # tiles
     BLOCK_N: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
@@ -106,7 +106,10 @@ def local_conv_fwd_kernel(
         off, ok = _patch_columns(r, l, ID, IH, IW, OH, OW, stride_xc, stride_xd, stride_xh, stride_xw,
                                  KD, KH, KW, SD, SH, SW, PD, PH, PW, DD, DH, DW, MODE, False)
         w = tl.load(w_rows[:, None] + r[None, :] * stride_wr, mask=o_ok[:, None] & r_ok[None, :], other=0)
-        p = tl.load(x_cols[None, :] + off[:, None], mask=(r_ok & ok)[:, None] & n_ok[None, :], other=0)
+        if GATHER_T:  # the same tile, gathered batch-major and transposed (see _GATHER_T)
+            p = tl.trans(tl.load(x_cols[:, None] + off[None, :], mask=n_ok[:, None] & (r_ok & ok)[None, :], other=0))
+        else:
+            p = tl.load(x_cols[None, :] + off[:, None], mask=(r_ok & ok)[:, None] & n_ok[None, :], other=0)
         acc = _mma(w, p, acc, FP64, PRECISION, UPCAST)
     if HAS_BIAS:
         b = tl.load(b_ptr + o * stride_bo + l * stride_bl, mask=o_ok, other=0)
@@ -411,6 +414,12 @@ GRAD_INPUT_SPEC = autotune.register(KernelSpec(
 
 # ----------------------------------------------------------------------------------------------
 # launchers
+# The forward's patch tile: which gather layout keeps its per-row index math in few registers differs by Triton
+# version (static sm_90 report, fp16 local_2d: triton 3.6 gathers [BLOCK_R, BLOCK_N] in 247 loop instructions and
+# [BLOCK_N, BLOCK_R] + transpose in 1,258; triton 3.8 the other way round, 1,207 and 241)
+_GATHER_T = tuple(int(v) for v in triton.__version__.split(".")[:2]) >= (3, 8)
+
+
 def local_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, kernel_size: list[int],
                dilation: list[int], padding: list[int], stride: list[int], padding_mode: str = "zeros",
                config: Config | None = None) -> torch.Tensor:
@@ -457,7 +466,7 @@ def local_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
             *xs.stride(), *weight.stride(), *b_strides,
             *a["k"], *a["s"], *a["lo"], *a["d"],
             _shapes.PADDING_MODE_CODES[g.padding_mode],
-            bias is not None, **_math_args(x.dtype, local_conv_fwd_kernel),
+            bias is not None, **_math_args(x.dtype, local_conv_fwd_kernel), GATHER_T=_GATHER_T,
             **cfg.launch_kwargs(),
         )
     return _finish(y, buf)
