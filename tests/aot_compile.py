@@ -39,6 +39,11 @@ DIMS = {"masked_conv_fwd": [{"M": 256, "O": 256, "K": 256, "BO": bo, "BK": bk}
 # tile constexprs that come from the dims, not from the config
 FIXED_TILES = {name: (lambda dims: {"BLOCK_O": dims["BO"], "BLOCK_K": dims["BK"]})
                for name in ("masked_conv_fwd", "masked_conv_grad_weight", "masked_conv_grad_input")}
+# patch_covariance's channels per (tap, channel block) pair come from the group's channels (the launcher's): 16 ≤ any
+# BLOCK_D compiles the several-taps-per-tile path
+FIXED_TILES["patch_covariance"] = lambda dims: {"BLOCK_C": 16}
+# local_conv's forward gather layout is the launcher's (by Triton version): the newest one's
+FIXED_TILES["local_conv_fwd"] = lambda dims: {"GATHER_T": True}
 # pointer arguments that are not of the data's dtype (masked_conv's tile lists, the grad-weight's byte mask)
 INT_PTRS = {"count_ptr": "*i32", "index_ptr": "*i32", "mask_ptr": "*u8"}
 # runtime arguments that are floats (the grad-weight kernel's coactivation thresholds)

@@ -360,6 +360,20 @@ def test_patch_covariance_channel_offset_past_int32(tmp_path, kernel_device):
     out = pc_kernels.patch_covariance(x, *geom, 2, False, True)
     want = reference.patch_covariance(dense.cpu(), *geom, 2, False, True).to(out.device)
     torch.testing.assert_close(out, want, atol=0, rtol=0)
+def test_patch_covariance_position_and_sample_offsets_past_int32(tmp_path, kernel_device):
+    """Channels-last input (channel stride 1: the kernel reads it in place, no copy): position l at l · HUGE and
+    sample n at n · HUGE · 8, past 2^31 in the per-tap offsets and in the hot loop's sample increments."""
+    from convzoo.kernels import patch_covariance as pc_kernels
+
+    dense = torch.randint(-4, 5, (2, 4, 5)).float().to(kernel_device)  # integers: exact sums in fp32
+    x = huge_view(dense, (8 * HUGE, 1, HUGE), tmp_path, "x")
+    geom = ([3], [1], [1, 1], [0], [1], "reflect")  # kernel, stride, padding, output_padding, dilation, mode
+    for groups in (1, 2):
+        out = pc_kernels.patch_covariance(x, *geom, groups, False, True)
+        want = reference.patch_covariance(dense.cpu(), *geom, groups, False, True).to(out.device)
+        torch.testing.assert_close(out, want, atol=0, rtol=0)
+
+
 def test_extract_patches_group_offset_past_int32(tmp_path, kernel_device):
     """extract_patches reads group g's channel c of x at (g·C/groups + c) · stride_xc: past 2^31 from the
     second channel on, through the in-kernel group loop (g · C/groups · stride_xc) and the channel offset."""

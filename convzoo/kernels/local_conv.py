@@ -65,12 +65,15 @@ def local_conv_fwd_kernel(
     DD: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
     MODE: tl.constexpr,
     HAS_BIAS: tl.constexpr, FP64: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    ACC_DTYPE: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, GATHER_T: tl.constexpr,
     # tiles
     BLOCK_N: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     """``y[n, o, l] = Σ_r P_l[n, r] · W[o, r, l] + b[o, l]``: one (position, C_out tile, batch tile)
-    per program, looping over R with ``tl.dot``.
+    per program, looping over R with ``tl.dot`` as ``yᵀ = W_l · P_lᵀ``: the C_out tile is the MMA's M (64 rows
+    per warpgroup make it ``wgmma`` whatever the batch), the batch tile its N. The weight tile streams along
+    its contiguous R (16-byte loads); the patch tile is a gather (one offset and validity per patch row, from
+    the position's coordinates computed once per program), one element per load.
 
     Roofline: FLOPs = 2·N·O·R·L; bytes ≥ (O·R·L [weight] + N·C·∏in [x, re-reads served by L2]
     + N·O·L [y])·e. Arithmetic intensity ≈ 2N/e FLOP per weight byte, so the op is bound by
@@ -91,26 +94,30 @@ def local_conv_fwd_kernel(
     o = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
     n_ok = n < N
     o_ok = o < O
-    x_rows = x_ptr + n * stride_xn
-    w_cols = w_ptr + l * stride_wl + o * stride_wo
+    x_cols = x_ptr + n * stride_xn
+    w_rows = w_ptr + l * stride_wl + o * stride_wo
 
-    # loop over the patch rows, fp32 (fp64) accumulation
-    acc = tl.zeros([BLOCK_N, BLOCK_O], dtype=ACC_DTYPE)
+    # loop over the patch rows, fp32 (fp64) accumulation of yᵀ = W_l · P_lᵀ: C_out is the MMA's M (≥ 64 rows
+    # per warpgroup: wgmma even for a small batch), the batch its N
+    acc = tl.zeros([BLOCK_O, BLOCK_N], dtype=ACC_DTYPE)
     for r0 in range(0, R, BLOCK_R):
         r = r0 + tl.arange(0, BLOCK_R).to(tl.int64)
         r_ok = r < R
         off, ok = _patch_columns(r, l, ID, IH, IW, OH, OW, stride_xc, stride_xd, stride_xh, stride_xw,
                                  KD, KH, KW, SD, SH, SW, PD, PH, PW, DD, DH, DW, MODE, False)
-        p = tl.load(x_rows[:, None] + off[None, :], mask=n_ok[:, None] & (r_ok & ok)[None, :], other=0)
-        w = tl.load(w_cols[None, :] + r[:, None] * stride_wr, mask=r_ok[:, None] & o_ok[None, :], other=0)
-        acc = _mma(p, w, acc, FP64, PRECISION, UPCAST)
+        w = tl.load(w_rows[:, None] + r[None, :] * stride_wr, mask=o_ok[:, None] & r_ok[None, :], other=0)
+        if GATHER_T:  # the same tile, gathered batch-major and transposed (see _GATHER_T)
+            p = tl.trans(tl.load(x_cols[:, None] + off[None, :], mask=n_ok[:, None] & (r_ok & ok)[None, :], other=0))
+        else:
+            p = tl.load(x_cols[None, :] + off[:, None], mask=(r_ok & ok)[:, None] & n_ok[None, :], other=0)
+        acc = _mma(w, p, acc, FP64, PRECISION, UPCAST)
     if HAS_BIAS:
         b = tl.load(b_ptr + o * stride_bo + l * stride_bl, mask=o_ok, other=0)
-        acc += _widen(b, ACC_DTYPE, UPCAST)[None, :]
+        acc += _widen(b, ACC_DTYPE, UPCAST)[:, None]
 
     # masked store; y is [N, O, L] so a tile is strided by L — partial sectors merge in L2
-    y = y_ptr + n[:, None] * O * L + o[None, :] * L + l
-    tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=n_ok[:, None] & o_ok[None, :])
+    y = y_ptr + n[None, :] * O * L + o[:, None] * L + l
+    tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=o_ok[:, None] & n_ok[None, :])
 
 
 @triton.jit
@@ -293,9 +300,10 @@ def _gemm_default(m: int, n: int, k: int, dtype, interpret: bool, m_cap: int) ->
 
 
 def _fwd_default(dims, dtype, interpret: bool) -> Config:
-    # weight-bandwidth bound: one program covers a batch of up to 128 for a C_out tile of W_l, so
-    # each weight element is fetched from DRAM once (larger batches re-read it from L2)
-    bn, bo, br, warps, stages = _gemm_default(dims["N"], dims["O"], dims["R"], dtype, interpret, m_cap=128)
+    # weight-bandwidth bound: one program covers a batch of up to 64 (the MMA's N) for a C_out tile (its M)
+    # of W_l, so each weight element is fetched from DRAM once for a batch ≤ 64 (larger batches re-read it
+    # from L2); a batch tile of 128 costs 4 warps 255 registers and spills (static sm_90 report)
+    bn, bo, br, warps, stages = _gemm_default(dims["N"], dims["O"], dims["R"], dtype, interpret, m_cap=64)
     return Config({"BLOCK_N": bn, "BLOCK_O": bo, "BLOCK_R": br}, num_warps=warps, num_stages=stages)
 
 
@@ -406,6 +414,12 @@ GRAD_INPUT_SPEC = autotune.register(KernelSpec(
 
 # ----------------------------------------------------------------------------------------------
 # launchers
+# The forward's patch tile: which gather layout keeps its per-row index math in few registers differs by Triton
+# version (static sm_90 report, fp16 local_2d: triton 3.6 gathers [BLOCK_R, BLOCK_N] in 247 loop instructions and
+# [BLOCK_N, BLOCK_R] + transpose in 1,258; triton 3.8 the other way round, 1,207 and 241)
+_GATHER_T = tuple(int(v) for v in triton.__version__.split(".")[:2]) >= (3, 8)
+
+
 def local_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, kernel_size: list[int],
                dilation: list[int], padding: list[int], stride: list[int], padding_mode: str = "zeros",
                config: Config | None = None) -> torch.Tensor:
@@ -452,7 +466,7 @@ def local_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
             *xs.stride(), *weight.stride(), *b_strides,
             *a["k"], *a["s"], *a["lo"], *a["d"],
             _shapes.PADDING_MODE_CODES[g.padding_mode],
-            bias is not None, **_math_args(x.dtype, local_conv_fwd_kernel),
+            bias is not None, **_math_args(x.dtype, local_conv_fwd_kernel), GATHER_T=_GATHER_T,
             **cfg.launch_kwargs(),
         )
     return _finish(y, buf)

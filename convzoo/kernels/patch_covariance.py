@@ -2,14 +2,17 @@
 convolutions: a symmetric implicit GEMM, Triton kernel and launcher.
 
 For each channel group ``g`` the factor is ``F_g = Σ_{n,l} p_{n,l} p_{n,l}ᵀ`` over the ``D = C/G·∏K`` rows
-of the patch matrix (plus a constant-1 bias row). The kernel tiles ``F_g`` in ``BLOCK_D × BLOCK_D`` tiles,
-computes only the upper block-triangle (the diagonal tiles whole), loops over the reduction dim
-``M = N·L`` (every sample and position) in ``BLOCK_M`` steps, gathers both operand tiles from ``x``
-with the unfold index math (``_patch_columns``; for a transposed layer the inverse map, as
-``unfold_transpose`` does), and feeds them to ``tl.dot``; the patch matrix is never written. Each
-upper tile is stored twice, as itself and mirrored. A split over ``M`` (``SPLIT`` programs per tile,
-each writing a partial into a workspace that the launcher sums) fills the GPU when ``F`` has few tiles;
-no atomics, so the result is deterministic.
+of the patch matrix (plus a constant-1 bias row). The kernel tiles the ``D × D`` block in ``BLOCK_D × BLOCK_D``
+tiles, computes only the upper block-triangle (the diagonal tiles whole) and stores each upper tile twice, as
+itself and mirrored; the patch matrix is never written. A tile side is ``BLOCK_D / BLOCK_C`` (tap, channel
+block) pairs: ``BLOCK_C`` channels of one tap, contiguous in the channels-last copy of ``x`` the launcher makes
+(16-byte loads, ``cp.async``). The reduction over every sample and position walks l-blocks of ``BLOCK_M``
+positions (per l-block, once: each tap's offset and padding-validity vectors, ``_patch_columns``'s index math,
+or for a transposed layer the inverse map as ``unfold_transpose`` does) and, inside, the samples: the hot loop
+is two pointer increments, two masked tile loads and the MMA. The bias row and corner (``Σ p`` and ``N·L``) come
+from the patches of the sample sum ``Σ_n x[n]``, outside the kernel. A split of the (l-block, sample) reduction
+into chunks (``SPLIT`` programs per tile, each writing a partial into a workspace that the launcher sums) fills
+the GPU when ``F`` has few tiles; no atomics, so the result is deterministic.
 """
 
 from __future__ import annotations
@@ -35,40 +38,30 @@ __all__ = ["patch_covariance"]
 
 
 @triton.jit
-def _patch_tile(x_ptr, r, m, D, M, L, ID, IH, IW, OH, OW,
-                stride_xn, stride_xc, stride_xd, stride_xh, stride_xw,
-                KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
-                SD: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
-                PD: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
-                DD: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
-                MODE: tl.constexpr, TRANSPOSED: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr):
-    """The patch-matrix tile ``P[r, m]`` (rows ``r`` ``[BLOCK_D, 1]``, columns ``m = n·L + l``
-    ``[1, BLOCK_M]``) of one channel group (``x_ptr`` at its first channel): 0 outside ``r < D``,
-    ``m < M`` and where padding reads nothing; row ``D`` is the constant 1 when ``HAS_BIAS``. ``UPCAST``
-    (bf16 under the interpreter, which has no bf16 constants either) widens the tile to fp32 here."""
-    n = m // L
-    l = m % L
-    off, ok = _patch_columns(r, l, ID, IH, IW, OH, OW, stride_xc, stride_xd, stride_xh, stride_xw,
+def _tap_columns(k, l, ID, IH, IW, OH, OW, L, stride_xd, stride_xh, stride_xw,
+                 KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+                 SD: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
+                 PD: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
+                 DD: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
+                 MODE: tl.constexpr, TRANSPOSED: tl.constexpr):
+    """Tap ``k`` (a scalar, or one per row) of positions ``l`` (int64): the offset into a sample's channel 0
+    each reads and whether it reads anything (``l < L`` and the padding). One vector per (tap, l-block): the
+    hot loop over samples reuses it."""
+    off, ok = _patch_columns(k, l, ID, IH, IW, OH, OW, 0, stride_xd, stride_xh, stride_xw,
                              KD, KH, KW, SD, SH, SW, PD, PH, PW, DD, DH, DW, MODE, TRANSPOSED)
-    m_ok = m < M
-    v = tl.load(x_ptr + n * stride_xn + off, mask=ok & (r < D) & m_ok, other=0)
-    if UPCAST:
-        v = _widen(v, tl.float32, UPCAST)
-    if HAS_BIAS:
-        one = tl.full(v.shape, 1, v.dtype)
-        v = tl.where((r == D) & m_ok, one, v)
-    return v
+    return off, ok & (l < L)
 
 
 @triton.jit
 def patch_covariance_kernel(
-    # output: [SPLIT or 1, G, DP, DP] (a workspace when SPLIT > 1), any strides
+    # output: [SPLIT or 1, G, D, D] (a workspace when split), any strides; the bias row is the launcher's
     out_ptr,
-    # input: [N, C, ID, IH, IW], any strides
+    # input: [N, C, ID, IH, IW], any strides (the launcher passes channels-last: stride_xc = 1)
     x_ptr,
-    # runtime sizes: CG channels per group, D patch rows (DP = D + bias), T tiles per side,
-    # M = N·L columns of the patch matrix
-    CG, ID, IH, IW, OH, OW, L, M, D, DP, T,
+    # runtime sizes: CG channels per group, N samples, L positions, TC channel blocks per tap, TQ = K·TC
+    # (tap, channel block) pairs in TT tile rows, the split's chunks: SN sample chunks of NS samples, l-block
+    # chunks of LS l-blocks
+    CG, N, ID, IH, IW, OH, OW, L, TC, TQ, TT, SN, NS, LS,
     stride_xn, stride_xc, stride_xd, stride_xh, stride_xw,
     stride_os, stride_og, stride_oi, stride_oj,
     # out ← alpha·out + coef·F (alpha is only read when READ_OUT)
@@ -78,54 +71,92 @@ def patch_covariance_kernel(
     SD: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
     PD: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
     DD: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
-    MODE: tl.constexpr, TRANSPOSED: tl.constexpr, HAS_BIAS: tl.constexpr, READ_OUT: tl.constexpr,
+    MODE: tl.constexpr, TRANSPOSED: tl.constexpr, READ_OUT: tl.constexpr,
     FP64: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, ACC_DTYPE: tl.constexpr,
-    # tiles
-    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, SPLIT: tl.constexpr,
+    # tiles: BLOCK_D rows per tile side, BLOCK_D / BLOCK_C taps of BLOCK_C channels each (BLOCK_C: the
+    # launcher's, from the group's channels), BLOCK_M positions per step; SPLIT is the launcher's (chunks)
+    BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr, SPLIT: tl.constexpr,
 ):
-    """One ``BLOCK_D × BLOCK_D`` tile ``(ti, tj)``, ``ti ≤ tj``, of group ``g``'s factor over the
-    ``SPLIT``-th share ``s`` of the columns: ``Σ_m P[i, m]·P[j, m]``, stored at ``(i, j)`` and ``(j, i)``.
+    """One tile ``(ti, tj)``, ``ti ≤ tj``, of group ``g``'s factor over chunk ``s`` of the (l-block, sample)
+    reduction: ``Σ_{n,l} P[i, (n, l)]·P[j, (n, l)]``, stored at ``(i, j)`` and ``(j, i)``.
 
-    Roofline: FLOPs = 2·G·DP²·M, of which the kernel does about half (the upper block-triangle:
-    G·T(T+1)/2 tiles of 2·BLOCK_D²·M). Bytes: x is read ``T`` times per tile row (from L2 after the
-    first pass: each tile gathers its two row blocks of the patch matrix) and the G·DP² result is
-    written once; the arithmetic intensity is ~BLOCK_D/2 FLOP per gathered element, so the kernel is
-    compute bound at BLOCK_D ≥ 64 in bf16: TFLOP/s = G·DP²·M·2 / t against the measured tensor-core
-    peak (the "useful" FLOPs of the full product; the mirrored half costs nothing). Loads are
-    coalesced along the positions (the contiguous dim of x for stride 1) in both operand tiles.
+    The patch rows are walked as (tap, channel block) pairs ``q`` (tap ``q // TC``, channels
+    ``(q % TC)·BLOCK_C + [0, BLOCK_C)``), ``BLOCK_D / BLOCK_C`` pairs per tile side, and stored at unfold's row
+    ``c·K + k``: in channels-last input a pair is ``BLOCK_C`` contiguous channels (16-byte loads), and its padding
+    test is one value per (tap, position), not a div/mod of a flat row index per element. The reduction walks
+    l-blocks (outer: the per-tap offset and validity vectors of ``BLOCK_M`` positions, computed once per
+    l-block) and samples (inner, the hot loop: two pointer increments, two masked loads and the MMA).
+
+    Roofline: FLOPs = 2·G·D²·N·L, of which the kernel does about half (the upper block-triangle). x is
+    read ``TT`` times per tile row (from L2 after the first pass); the arithmetic intensity is ~BLOCK_D/2
+    FLOP per gathered element: compute bound at BLOCK_D ≥ 64 in bf16.
     """
-    # program id -> (tile pair, group, split); the grid covers T×T pairs and the lower ones exit
+    # program id -> (tile pair, group, chunk); the grid covers TT×TT pairs and the lower ones exit
     pid = tl.program_id(0)
     g = tl.program_id(1).to(tl.int64)
     s = tl.program_id(2).to(tl.int64)
-    ti = pid // T
-    tj = pid % T
+    ti = pid // TT
+    tj = pid % TT
     if ti <= tj:
-        # offsets: the two row blocks of the patch matrix, the columns of this split
-        ri = (ti * BLOCK_D + tl.arange(0, BLOCK_D)).to(tl.int64)
-        rj = (tj * BLOCK_D + tl.arange(0, BLOCK_D)).to(tl.int64)
+        # offsets: each row's tap and channel (int64: channel c at c · stride_xc may pass 2^31); a tile side is
+        # BLOCK_D / BLOCK_C (tap, channel block) pairs of BLOCK_C channels
+        if BLOCK_D == BLOCK_C:  # one tap per tile side: a scalar, its offsets one vector per l-block
+            ki = (ti // TC).to(tl.int64)  # int64: _patch_columns' channel part (0 here) times a stride
+            kj = (tj // TC).to(tl.int64)
+            ci = ((ti % TC) * BLOCK_D + tl.arange(0, BLOCK_D)).to(tl.int64)
+            cj = ((tj % TC) * BLOCK_D + tl.arange(0, BLOCK_D)).to(tl.int64)
+            ci_ok = ci < CG
+            cj_ok = cj < CG
+            ki_a = ki
+            kj_b = kj
+        else:  # a tap per BLOCK_C rows: small channel groups still fill BLOCK_D ≥ 64 rows (wgmma)
+            r = tl.arange(0, BLOCK_D)
+            qi = ti * (BLOCK_D // BLOCK_C) + r // BLOCK_C
+            qj = tj * (BLOCK_D // BLOCK_C) + r // BLOCK_C
+            ki = (qi // TC).to(tl.int64)
+            kj = (qj // TC).to(tl.int64)
+            ci = ((qi % TC) * BLOCK_C + r % BLOCK_C).to(tl.int64)
+            cj = ((qj % TC) * BLOCK_C + r % BLOCK_C).to(tl.int64)
+            ci_ok = (ci < CG) & (qi < TQ)
+            cj_ok = (cj < CG) & (qj < TQ)
+            ki_a = ki[:, None]
+            kj_b = kj[None, :]
         x_g = x_ptr + g * CG * stride_xc
-        # the share's column steps, cdiv(cdiv(M, BLOCK_M), SPLIT) for M ≥ 1 without tl.cdiv's M + BLOCK_M - 1
-        # (nor steps · BLOCK_M), which wrap in int32 for M within BLOCK_M of 2^31: the loop ran 0 times
-        steps = (M - 1) // BLOCK_M // SPLIT + 1
-        start = s * steps * BLOCK_M
+        # this chunk: samples [n0, n1), l-blocks [b0, b1)
+        n0 = s % SN * NS
+        n1 = tl.minimum(n0 + NS, N)
+        b0 = s // SN * LS
+        b1 = tl.minimum(b0 + LS, (L - 1) // BLOCK_M + 1)  # cdiv(L, BLOCK_M) without L + BLOCK_M - 1's wrap
+        x_n0 = x_g + n0 * stride_xn
 
-        # loop over the columns, fp32 (fp64) accumulation
+        # loop over the l-blocks (offset/validity vectors once) and the samples (the hot loop)
         acc = tl.zeros([BLOCK_D, BLOCK_D], dtype=ACC_DTYPE)
-        for step in range(0, steps):
-            m = start + step * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)  # step · BLOCK_M < M: no wrap
-            a = _patch_tile(x_g, ri[:, None], m[None, :], D, M, L, ID, IH, IW, OH, OW,
-                            stride_xn, stride_xc, stride_xd, stride_xh, stride_xw,
-                            KD, KH, KW, SD, SH, SW, PD, PH, PW, DD, DH, DW, MODE, TRANSPOSED, HAS_BIAS, UPCAST)
-            b = _patch_tile(x_g, rj[None, :], m[:, None], D, M, L, ID, IH, IW, OH, OW,
-                            stride_xn, stride_xc, stride_xd, stride_xh, stride_xw,
-                            KD, KH, KW, SD, SH, SW, PD, PH, PW, DD, DH, DW, MODE, TRANSPOSED, HAS_BIAS, UPCAST)
-            acc = _mma(a, b, acc, FP64, PRECISION, False)  # UPCAST: the tiles are fp32 already
+        for b in range(b0, b1):
+            l = tl.arange(0, BLOCK_M).to(tl.int64) + b * BLOCK_M  # int64 (b is a Python int when interpreted)
+            off_i, ok_i = _tap_columns(ki_a, l[None, :], ID, IH, IW, OH, OW, L, stride_xd, stride_xh, stride_xw,
+                                       KD, KH, KW, SD, SH, SW, PD, PH, PW, DD, DH, DW, MODE, TRANSPOSED)
+            off_j, ok_j = _tap_columns(kj_b, l[:, None], ID, IH, IW, OH, OW, L, stride_xd, stride_xh, stride_xw,
+                                       KD, KH, KW, SD, SH, SW, PD, PH, PW, DD, DH, DW, MODE, TRANSPOSED)
+            a_ptrs = x_n0 + ci[:, None] * stride_xc + off_i  # [BLOCK_D, BLOCK_M]
+            b_ptrs = x_n0 + off_j + cj[None, :] * stride_xc  # [BLOCK_M, BLOCK_D]
+            a_ok = ci_ok[:, None] & ok_i
+            b_ok = ok_j & cj_ok[None, :]
+            for _ in range(n0, n1):
+                a = tl.load(a_ptrs, mask=a_ok, other=0)
+                b_ = tl.load(b_ptrs, mask=b_ok, other=0)
+                if UPCAST:
+                    a = _widen(a, tl.float32, UPCAST)
+                    b_ = _widen(b_, tl.float32, UPCAST)
+                acc = _mma(a, b_, acc, FP64, PRECISION, False)  # UPCAST: the tiles are fp32 already
+                a_ptrs += stride_xn
+                b_ptrs += stride_xn
 
-        # epilogue: scale, blend into out, store the tile and its mirror
+        # epilogue: scale, blend into out, store the tile and its mirror at patch rows c·K + k
         acc = acc * coef
         base = out_ptr + s * stride_os + g * stride_og
-        ok = (ri < DP)[:, None] & (rj < DP)[None, :]
+        ri = ci * (KD * KH * KW) + ki
+        rj = cj * (KD * KH * KW) + kj
+        ok = ci_ok[:, None] & cj_ok[None, :]
         upper = base + ri[:, None] * stride_oi + rj[None, :] * stride_oj
         val = acc
         if READ_OUT:
@@ -148,12 +179,23 @@ def _fit(v: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, autotune.bucket(v)))
 
 
+def _block_c(channels: int, block_d: int) -> int:
+    """Channels per (tap, channel block) pair: the group's channels to a power of two, at most a tile side."""
+    return min(block_d, triton.next_power_of_2(max(channels, 1)))
+
+
+def _tiles(dims, block_d: int) -> int:
+    """Tile rows (one side): the (tap, channel block) pairs over the pairs per tile."""
+    bc = _block_c(dims["C"], block_d)
+    return -(-(dims["K"] * -(-dims["C"] // bc)) // (block_d // bc))
+
+
 def _split(dims, block_d: int, block_m: int, interpret: bool) -> int:
     """Programs per tile: enough to give every SM two tiles' work, while each still runs ≥ 8 column
     steps (a partial tile written to the workspace costs one extra BLOCK_D² write)."""
     if interpret:
         return 1
-    t = -(-dims["D"] // block_d)
+    t = _tiles(dims, block_d)
     tiles = dims["G"] * t * (t + 1) // 2
     want = autotune.bucket(-(-2 * _SMS // tiles))
     most = max(1, dims["M"] // (8 * block_m))
@@ -161,17 +203,22 @@ def _split(dims, block_d: int, block_m: int, interpret: bool) -> int:
 
 
 def _default(dims, dtype, interpret: bool) -> Config:
-    """BLOCK_D 64 (the tile pair's arithmetic intensity grows with it; 128 spills on an H100 with
-    two gathered operands), BLOCK_M 32-64 along the positions; fp64 is a broadcast-sum: small tiles.
-    The interpreter pays per program and per step: the largest tiles."""
+    """BLOCK_D 64 rows (wgmma; the tile pair's arithmetic intensity grows with it): 64 channels of one tap, or
+    several taps of a smaller group's channels; BLOCK_M 64 positions, 4 warps, 3 stages (a cp.async ring of both
+    gathered operands): 103-116 SASS instructions per 4 wgmma, ≤ 210 registers, no spills (static sm_90 report).
+    fp32 (an FMA dot under torch's default precision): BLOCK_M 32, 8 warps, 1 stage (4 warps, or 2-3 stages,
+    spill 4-16 bytes on some problems). fp64 is a
+    broadcast-sum: small tiles. The interpreter pays per program and per step: the largest
+    tiles."""
+    rows = dims["K"] * triton.next_power_of_2(max(dims["C"], 1))  # the pairs' rows, padded
     if interpret:
-        bd, bm, warps, stages = _fit(dims["D"], 16, 64), _fit(dims["M"], 16, 256), 4, 1
+        bd, bm, warps, stages = _fit(rows, 16, 64), _fit(dims["L"], 16, 256), 4, 1
     elif dtype == torch.float64:
         bd, bm, warps, stages = 16, 16, 4, 1
     else:
-        bd = _fit(dims["D"], 16, 64)
-        bm = 64 if dtype in (torch.float16, torch.bfloat16) else 32
-        warps, stages = 4, 2
+        bd = _fit(rows, 16, 64)
+        half = dtype in (torch.float16, torch.bfloat16)
+        bm, warps, stages = (64, 4, 3) if half else (32, 8, 1)
     return Config({"BLOCK_D": bd, "BLOCK_M": bm, "SPLIT": _split(dims, bd, bm, interpret)},
                   num_warps=warps, num_stages=stages)
 
@@ -208,7 +255,8 @@ def _problem(layer, dtype, device) -> TuneProblem:
     geom = {"kernel_size": kernel, "stride": stride, "padding": pad, "output_padding": [0] * layer.ndim,
             "dilation": dil, "padding_mode": mode}
     g = layer.resolved()
-    dims = {"D": layer.c * g.kernel_numel, "M": layer.n * g.num_blocks, "G": 1}
+    dims = {"D": layer.c * g.kernel_numel, "M": layer.n * g.num_blocks, "G": 1, "C": layer.c, "K": g.kernel_numel,
+            "L": g.num_blocks}
 
     def setup():
         x = torch.randn(layer.n, layer.c, *layer.size, device=device, dtype=dtype)
@@ -219,7 +267,8 @@ def _problem(layer, dtype, device) -> TuneProblem:
 
 
 PATCH_COVARIANCE_SPEC = autotune.register(KernelSpec(
-    "patch_covariance", patch_covariance_kernel, ("D", "M", "G"), _default, _candidates, _problem, _SPACE))
+    "patch_covariance", patch_covariance_kernel, ("D", "M", "G", "C", "K", "L"), _default, _candidates, _problem,
+    _SPACE))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -237,7 +286,7 @@ def _kernel_geometry(x: torch.Tensor, kernel_size, stride, padding, output_paddi
         lo, mode, num = g.pad_lo, _shapes.PADDING_MODE_CODES[padding_mode], g.num_blocks
     return {"in": _pad3(g.in_size, 1), "out": _pad3(g.out_size, 1), "k": _pad3(g.kernel_size, 1),
             "s": _pad3(g.stride, 1), "p": _pad3(lo, 0), "d": _pad3(g.dilation, 1), "mode": mode, "L": num,
-            "K": g.kernel_numel, "ndim": g.ndim}
+            "transposed": transposed, "K": g.kernel_numel, "ndim": g.ndim}
 
 
 def patch_covariance(x: torch.Tensor, kernel_size: list[int], stride: list[int], padding: list[int],
@@ -273,32 +322,88 @@ def patch_covariance(x: torch.Tensor, kernel_size: list[int], stride: list[int],
     m = n * a["L"]
     if m == 0 or (cg == 0 and not bias):
         return out.mul_(alpha) if read_out else out.zero_()
-    # (3) look up config and launch
-    cfg = config or autotune.lookup("patch_covariance", x.device, x.dtype, D=dp, M=m, G=groups)
-    bd, split = cfg.meta["BLOCK_D"], cfg.meta["SPLIT"]
-    t = triton.cdiv(dp, bd)
-    target = out if split == 1 else torch.empty((split, groups, dp, dp), device=x.device, dtype=acc_dtype)
-    target4 = target[None] if split == 1 else target
+    # (3) look up config and launch: the kernel computes the D × D patch block (into a view of out, or per
+    # chunk into a workspace), the bias row and corner come from one sum over the samples (below)
+    if d > 0:
+        cfg = config or autotune.lookup("patch_covariance", x.device, x.dtype, D=dp, M=m, G=groups, C=cg,
+                                        K=a["K"], L=a["L"])
+        _launch(out[:, :d, :d], x, a, cg, read_out, alpha, coef, cfg)
+    if bias:
+        _bias_row(out, x, kernel_size, stride, padding, output_padding, dilation, padding_mode, transposed,
+                  groups, d, m, read_out, alpha, coef)
+    return out
+
+
+def _chunks(n: int, blocks: int, split: int) -> tuple[int, int, int, int]:
+    """The split's chunks of the (l-block, sample) reduction: (SN sample chunks, NS samples each, SL l-block
+    chunks, LS l-blocks each), l-blocks first (the hot loop runs over the samples), none empty."""
+    ls = -(-blocks // min(split, blocks))
+    sl = -(-blocks // ls)
+    ns = -(-n // min(n, -(-split // sl)))
+    return -(-n // ns), ns, sl, ls
+
+
+def _launch(target: torch.Tensor, x: torch.Tensor, a: dict, cg: int, read_out: bool, alpha: float, coef: float,
+            cfg: Config) -> None:
+    """The kernel on ``target`` (``[G, D, D]``). ``x`` goes in channels-last (one copy when it is not): a tile is
+    then ``BLOCK_D`` contiguous channels of one tap, read with 16-byte loads; channels-first input would gather
+    one element per load along the positions (measured on the static sm_90 report: README, kernel notes)."""
+    groups, d = target.shape[0], target.shape[1]
+    bd, bm = cfg.meta["BLOCK_D"], cfg.meta["BLOCK_M"]
+    bc = _block_c(cg, bd)
+    tc = triton.cdiv(cg, bc)
+    tt = triton.cdiv(a["K"] * tc, bd // bc)
+    n = x.shape[0]
+    sn, ns, sl, ls = _chunks(n, triton.cdiv(a["L"], bm), cfg.meta["SPLIT"])
+    split = sn * sl
+    acc_dtype = target.dtype
+    work = target if split == 1 else torch.empty((split, groups, d, d), device=x.device, dtype=acc_dtype)
+    work4 = work[None] if split == 1 else work
     xs = _as_5d(x, a["ndim"])
+    if xs.stride(1) != 1 and cg > 1:
+        xs = xs.contiguous(memory_format=torch.channels_last_3d)
     with _device(x):
-        # grid dims 1 (groups) and 2 (SPLIT) are limited to 65535 on CUDA: a depthwise layer may have more
+        # grid dims 1 (groups) and 2 (chunks) are limited to 65535 on CUDA: a depthwise layer may have more
         # channels, so the groups go in launches of at most that many (each on its slices of x and target)
         for g0 in range(0, groups, _MAX_GRID_YZ):
             ng = min(_MAX_GRID_YZ, groups - g0)
-            patch_covariance_kernel[(t * t, ng, split)](
-                target4[:, g0:g0 + ng], xs[:, g0 * cg:(g0 + ng) * cg],
-                cg, *a["in"], a["out"][1], a["out"][2], a["L"], m, d, dp, t,
-                *xs.stride(), *target4.stride(),
+            patch_covariance_kernel[(tt * tt, ng, split)](
+                work4[:, g0:g0 + ng], xs[:, g0 * cg:(g0 + ng) * cg],
+                cg, n, *a["in"], a["out"][1], a["out"][2], a["L"], tc, a["K"] * tc, tt, sn, ns, ls,
+                *xs.stride(), *work4.stride(),
                 alpha if split == 1 else 0.0, coef if split == 1 else 1.0,
                 *a["k"], *a["s"], *a["p"], *a["d"],
-                a["mode"], transposed, bias, read_out and split == 1,
-                **_math_args(x.dtype, patch_covariance_kernel),
+                a["mode"], a["transposed"], read_out and split == 1,
+                **_math_args(x.dtype, patch_covariance_kernel), BLOCK_C=bc,
                 **cfg.launch_kwargs(),
             )
     if split > 1:  # the partials, summed in a fixed order: deterministic
-        total = target.sum(0)
+        total = work.sum(0)
         if read_out:
-            out.mul_(alpha).add_(total, alpha=coef)
+            target.mul_(alpha).add_(total, alpha=coef)
         else:
-            torch.mul(total, coef, out=out)
-    return out
+            torch.mul(total, coef, out=target)
+
+
+def _bias_row(out: torch.Tensor, x: torch.Tensor, kernel_size, stride, padding, output_padding, dilation,
+              padding_mode: str, transposed: bool, groups: int, d: int, m: int, read_out: bool, alpha: float,
+              coef: float) -> None:
+    """Row and column ``D`` of ``out``: ``Σ_{n,l} p`` (the patches of the sample sum ``Σ_n x[n]``, summed over
+    the positions; one sample's patch matrix of memory) and the corner ``M = N·L``, scaled and blended."""
+    if d > 0:
+        xsum = x.sum(0, keepdim=True, dtype=out.dtype)
+        if transposed:
+            cols = reference.unfold_transpose(xsum, kernel_size, stride, padding, output_padding, dilation)
+        else:
+            cols = reference.unfold(xsum, kernel_size, dilation, padding, stride, padding_mode)
+        row = cols.sum(-1).view(groups, d)
+        for dst in (out[:, d, :d], out[:, :d, d]):
+            if read_out:
+                dst.mul_(alpha).add_(row, alpha=coef)
+            else:
+                torch.mul(row, coef, out=dst)
+    corner = out[:, d, d]
+    if read_out:
+        corner.mul_(alpha).add_(float(m) * coef)
+    else:
+        corner.fill_(float(m) * coef)
