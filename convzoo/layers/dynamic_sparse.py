@@ -14,7 +14,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 from convzoo import _compat, sparsity
 from convzoo import functional as cf
-from convzoo.layers.masked_conv import MaskedConv1d, MaskedConv2d, MaskedConv3d
+from convzoo.layers.masked_conv import MaskedConv1d, MaskedConv2d, MaskedConv3d, _fx_leaf
 
 __all__ = ["DynamicSparseConv1d", "DynamicSparseConv2d", "DynamicSparseConv3d", "PruneRegrowSchedule"]
 
@@ -212,9 +212,14 @@ class _DynamicSparseConvNd:
         return acc + h if self.ema is None else acc * self.ema + h * (1 - self.ema)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        leaf = _fx_leaf(self, input)  # torch.fx.symbolic_trace: the layer as one call_module node
+        if leaf is not None:
+            return leaf
         y = super().forward(input)
-        if not (self.training and (self.collects or self._grad_tap is not None)) or _compat.recomputed_forward():
-            # (in backward: activation checkpointing recomputing a forward whose input was counted already)
+        if (not (self.training and (self.collects or self._grad_tap is not None)) or _compat.recomputed_forward()
+                or (not torch.compiler.is_compiling() and _compat.functorch_transforming())):
+            # (in backward: activation checkpointing recomputing a forward whose input was counted already; under
+            # a torch.func transform (grad, jvp, vmap, ...): a pure function, no statistics, no counter step)
             return y
         x = input if input.dim() == self.weight.dim() else input[None]
         yb = y if input.dim() == self.weight.dim() else y[None]
@@ -388,7 +393,8 @@ class PruneRegrowSchedule:
     ``fraction``, or each layer's own ``prune_fraction`` when None; with ``end=None`` the fraction stays ``f``).
 
     Args:
-        model: the module whose :class:`DynamicSparseConv1d/2d/3d` submodules are updated (found once, here).
+        model: the module whose :class:`DynamicSparseConv1d/2d/3d` and :class:`convzoo.DynamicSparseLinear`
+            submodules are updated (found once, here).
         optimizer: passed to ``prune_regrow`` (its state of changed connections is zeroed), or None.
         every: steps between updates, a positive int.
         end: the step after which no update happens (and the cosine reaches 0), or None.
@@ -419,7 +425,7 @@ class PruneRegrowSchedule:
         self.fraction = None if fraction is None else sparsity._check_density(fraction, "fraction")
         self.layers = [m for m in model.modules() if isinstance(m, _DynamicSparseConvNd)]
         if not self.layers:
-            raise ValueError("model has no DynamicSparseConv1d/2d/3d layer to update")
+            raise ValueError("model has no DynamicSparseConv1d/2d/3d or DynamicSparseLinear layer to update")
         if scope not in SCOPES:
             raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
         if scope == "global":

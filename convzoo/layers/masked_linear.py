@@ -12,7 +12,7 @@ from convzoo import _shapes
 from convzoo import functional as cf
 from convzoo.autotune import interpret_mode
 from convzoo.layers.dynamic_sparse import _DynamicSparseConvNd
-from convzoo.layers.masked_conv import _MaskedConvNd
+from convzoo.layers.masked_conv import _fx_leaf, _MaskedConvNd
 
 __all__ = ["DynamicSparseLinear", "MaskedLinear"]
 
@@ -74,6 +74,9 @@ class MaskedLinear(_MaskedConvNd, nn.Linear):
                       lambda: f"input must be [*, in_features={self.in_features}], got shape {tuple(input.shape)}")
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        leaf = _fx_leaf(self, input)  # torch.fx.symbolic_trace: the layer as one call_module node
+        if leaf is not None:
+            return leaf
         self._check_input(input)
         if not (input.is_cuda or (input.device.type == "cpu" and interpret_mode())):
             # the plain-torch path: the op's own (F.conv1d of the masked weight) is the same math, but a 1-tap
