@@ -145,8 +145,10 @@ class DynamicSparseLinear(_DynamicSparseConvNd, MaskedLinear):
     Args: ``nn.Linear``'s, ``MaskedLinear``'s ``density`` (default 0.5 here), ``block`` and ``nm``, and
     ``DynamicSparseConv1d``'s ``update_every``, ``score``, ``prune_fraction``, ``regrow`` (``'coactivation'``,
     ``'random'`` or ``'gradient'``: RigL, the dense gradient tapped from the backward of every ``update_every``-th
-    training forward, on the kernels and on the plain-torch ``F.linear`` path alike), ``regrow_init``, ``prune_dims`` (``(0,)`` per output row, ``(0, 1)`` per entry, ``()`` the whole weight),
-    ``ema``, ``x_threshold``, ``y_threshold``, with the same meaning and defaults.
+    training forward, on the kernels and on the plain-torch ``F.linear`` path alike), ``regrow_init``,
+    ``prune_dims`` (``(0,)`` per output row, ``(0, 1)`` per entry, ``()`` the whole weight), ``ema``,
+    ``x_threshold``, ``y_threshold``, with the same meaning and defaults. Under a ``torch.func`` transform (grad,
+    jvp, vmap) the layer is a pure function: no statistics, no counter step, no gradient tap.
 
     Raises:
         TypeError, ValueError: as :class:`MaskedLinear` and :class:`convzoo.DynamicSparseConv1d`.
