@@ -351,3 +351,17 @@ def test_global_scope_ranks_whole_blocks_with_entries_and_counts_in_weights(regr
         groups = sparsity.weight_matrix(nm.mask, 1).reshape(-1, 4).sum(1)
         assert (groups == 2).all() and outs[2].pruned.sum() == outs[2].regrown.sum() > 0
         assert sum(int(m.mask.sum()) for m in (blocky, plain, nm)) == sum(counts)
+
+
+def test_prune_regrow_count_with_block_is_in_tiles_and_refused_with_nm():
+    torch.manual_seed(10)
+    scores = torch.rand(32, 16, 3, 3)
+    mask = sparsity.block_mask(scores, (16, 16), density=0.5)  # 2 x 9 tiles, 9 kept
+    out = sparsity.prune_regrow(mask, scores, torch.rand(scores.shape), 0.0, dims=(), block=(16, 16),
+                                count=torch.tensor(2), ties="random")
+    tiles = sparsity._tiled(out.pruned, 1, (16, 16)).any(dim=4).any(dim=2)
+    grown = sparsity._tiled(out.regrown, 1, (16, 16)).any(dim=4).any(dim=2)
+    assert int(tiles.sum()) == 2 and int(grown.sum()) == 2 and out.mask.sum() == mask.sum()
+    assert torch.equal(sparsity.block_mask(out.mask, (16, 16)), out.mask)
+    with pytest.raises(ValueError, match="count"):
+        sparsity.prune_regrow(sparsity.nm_mask(scores), scores, scores, 0.1, nm=(2, 4), count=torch.tensor(1))

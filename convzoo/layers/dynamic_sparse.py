@@ -368,6 +368,10 @@ which :meth:`prune_regrow` keeps: whole blocks, N of every M):
     regrow_init: how regrown weights start: ``'zeros'`` (RigL's) or ``'init'`` (``nn.Conv{n}d``'s uniform
         initialisation); None: ``'zeros'`` for ``regrow='gradient'``, else ``'init'``.
 
+Under a ``torch.func`` transform (grad, jvp, vjp, vmap) the layer is a pure function: its gradients and tangents
+are the masked convolution's, and it collects no statistics, steps no counter and taps no dense gradient.
+``torch.fx.symbolic_trace`` keeps it as one ``call_module`` node.
+
 Raises:
     TypeError, ValueError: ``nn.Conv{n}d``'s own errors, or an argument above of the wrong type or out of range.
 """
