@@ -256,6 +256,13 @@ def differentiating() -> bool:
     return fwAD._current_level >= 0 or _transforms()
 
 
+def functorch_transforming() -> bool:
+    """A ``torch.func`` transform (grad, jvp, vjp, vmap, ...) is active. False where the running torch lacks the
+    private query (then a layer that mutates its statistics under a transform raises, as torch does: never a silent
+    wrong result)."""
+    return _transforms is not None and bool(_transforms())
+
+
 def function_apply(function, plain: bool, *args):
     """``function.apply(*args)``; straight into its C++ ``apply`` when ``plain`` (:func:`plain_eager` held for its
     tensors) and the probe found it: the Python preamble of ``Function.apply`` binds default arguments

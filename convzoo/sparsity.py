@@ -477,7 +477,7 @@ def _check_pool(pool) -> tuple[str, str]:
 
 
 def _block_prune_regrow(mask, prune_score, regrow_score, fraction, dims, regrow_pruned, ties, generator, block,
-                        groups, pool) -> PruneRegrow:
+                        groups, pool, count=None) -> PruneRegrow:
     """:func:`prune_regrow` on whole ``block`` tiles: the same step on the tile map, expanded back."""
     groups = _check_weight_shaped(mask, "mask", groups)
     block = _check_block(block)
@@ -487,7 +487,7 @@ def _block_prune_regrow(mask, prune_score, regrow_score, fraction, dims, regrow_
     kept = _tiled(mask, groups, block).any(dim=4).any(dim=2)  # [G, TO, TK]
     out = prune_regrow(kept, _pooled(prune_score, groups, block, pools[0]),
                        _pooled(regrow_score, groups, block, pools[1]), fraction, dims=(0, 1) if dims else (),
-                       regrow_pruned=regrow_pruned, ties=ties, generator=generator)
+                       regrow_pruned=regrow_pruned, ties=ties, generator=generator, count=count)
     shape = tuple(mask.shape)
     new = _untiled(out.mask, shape, groups, block)
     gone = _untiled(out.pruned, shape, groups, block)
@@ -595,7 +595,8 @@ def prune_regrow(mask: torch.Tensor, prune_score: torch.Tensor, regrow_score: to
         count: None, or an integer tensor on the mask's device, one entry per slice (or a 0-d one for all):
             the number of entries to change in each slice instead of ``round(fraction · a)`` (still capped at
             the candidates); ``fraction`` is then not read. A global schedule passes the counts it chose across
-            layers this way, without a host synchronisation. Not with ``block`` or ``nm``.
+            layers this way, without a host synchronisation. With ``block``: counted in tiles, per row of tiles
+            (``dims=(0,)``) or for all tiles (``dims=()``). Not with ``nm``.
 
     Returns:
         A :class:`PruneRegrow` of bool tensors of ``mask``'s shape.
@@ -625,14 +626,13 @@ def prune_regrow(mask: torch.Tensor, prune_score: torch.Tensor, regrow_score: to
                             and not count.is_complex() and count.dtype != torch.bool),
           lambda: f"count must be None or an integer tensor, got {getattr(count, 'dtype', type(count).__name__)}",
           TypeError)
-    check(count is None or (block is None and nm is None), lambda: "count is for unstructured masks: not with "
-          "block or nm")
+    check(count is None or nm is None, lambda: "count is for unstructured or block masks: not with nm")
     if nm is not None:
         return _nm_prune_regrow(mask, prune_score, regrow_score, fraction, dims, regrow_pruned, ties, generator, nm,
                                 groups)
     if block is not None:
         return _block_prune_regrow(mask, prune_score, regrow_score, fraction, dims, regrow_pruned, ties, generator,
-                                   block, groups, pool)
+                                   block, groups, pool, count)
     rest = tuple([d for d in range(mask.dim()) if d not in dims])
     perm = dims + rest
     n_slices = math.prod([mask.shape[d] for d in dims])

@@ -284,7 +284,7 @@ def test_bad_arguments(cls, kwargs, exc, word):
 @pytest.mark.parametrize("kwargs, exc, word", [
     (dict(score="max"), ValueError, "score"),
     (dict(regrow="x"), ValueError, "regrow"),
-    (dict(regrow="gradient"), ValueError, "regrow"),
+    (dict(regrow_init="normal"), ValueError, "regrow_init"),
     (dict(update_every=0), ValueError, "update_every"),
     (dict(prune_dims=(2,)), ValueError, "dims"),
 ])

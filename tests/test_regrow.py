@@ -270,8 +270,9 @@ def test_global_scope_prunes_the_globally_smallest_and_keeps_every_count(regrow)
 def test_global_scope_refuses_what_it_cannot_take():
     with pytest.raises(ValueError, match="scope must"):
         PruneRegrowSchedule(_model(), scope="world")
-    blocky = nn.Sequential(convzoo.DynamicSparseConv2d(16, 16, 3, block=(16, 16), score="magnitude"))
-    with pytest.raises(ValueError, match="block"):
+    # a block layer with partial edge tiles (24 = 16 + 8 outputs): a regrown tile would not replace a pruned one
+    blocky = nn.Sequential(convzoo.DynamicSparseConv2d(16, 24, 1, block=(16, 16), score="magnitude"))
+    with pytest.raises(ValueError, match="whole tiles"):
         PruneRegrowSchedule(blocky, scope="global")
     with pytest.raises(ValueError, match="score"):
         PruneRegrowSchedule(nn.Sequential(convzoo.DynamicSparseConv2d(3, 4, 3)), scope="global")
@@ -280,3 +281,87 @@ def test_global_scope_refuses_what_it_cannot_take():
     with pytest.raises(ValueError, match="fraction"):
         PruneRegrowSchedule(mixed, scope="global")
     PruneRegrowSchedule(mixed, scope="global", fraction=0.1)
+
+
+def _tile_units(m):
+    """By hand: a block layer's tiles as (kept, mean |w|, active count, entry mask) in [G, TO, TK] row-major order."""
+    bo, bk = m._mask_block
+    wm = sparsity.weight_matrix(m.weight.detach().abs(), m.groups)
+    mm = sparsity.weight_matrix(m.mask, m.groups)
+    units = []
+    for g in range(wm.shape[0]):
+        for to in range(wm.shape[1] // bo):
+            for tk in range(wm.shape[2] // bk):
+                sl = (g, slice(to * bo, to * bo + bo), slice(tk * bk, tk * bk + bk))
+                where = torch.zeros_like(mm)
+                where[sl] = True
+                units.append((bool(mm[sl].any()), wm[sl].float().mean().item(), int(mm[sl].sum()),
+                              sparsity.weight_from_matrix(where, tuple(m.mask.shape))))
+    return units
+
+
+@pytest.mark.parametrize("regrow", ["random", "gradient"])
+def test_global_scope_ranks_whole_blocks_with_entries_and_counts_in_weights(regrow):
+    """A block layer, an unstructured one and an N:M one under scope='global': by hand, the active units (entries;
+    whole 16×16 tiles by mean |w|, weighing their active weights) in ascending score, the longest prefix holding at
+    most round(f·A) weights goes; every layer keeps its count (the block one its whole tiles); the N:M layer takes
+    its own per-layer N:M step."""
+    torch.manual_seed(9)
+    model = nn.Sequential(convzoo.DynamicSparseConv2d(16, 32, 3, padding=1, density=0.5, block=(16, 16),
+                                                      score="magnitude", regrow=regrow), nn.ReLU(),
+                          convzoo.DynamicSparseConv2d(32, 8, 3, padding=1, density=0.3, score="magnitude",
+                                                      regrow=regrow), nn.ReLU(),
+                          convzoo.DynamicSparseConv2d(8, 8, 1, nm=(2, 4), score="magnitude", regrow=regrow))
+    blocky, plain, nm = model[0], model[2], model[4]
+    with torch.no_grad():  # spread the block layer's tile means so that tiles and entries interleave in the ranking
+        blocky.weight.mul_(0.6)
+    sched = PruneRegrowSchedule(model, every=1, fraction=0.3, scope="global", generator=torch.Generator())
+    counts = [int(m.mask.sum()) for m in (blocky, plain, nm)]
+    for _step in range(3):
+        if regrow == "gradient":
+            _loss(model(torch.randn(2, 16, 5, 5))).backward()
+        tiles = _tile_units(blocky)
+        masks = [m.mask.clone() for m in (blocky, plain, nm)]
+        units = [(s, n, ("t", i)) for i, (k, s, n, _) in enumerate(tiles) if k]
+        wp = plain.weight.detach().abs().flatten()
+        units += [(wp[j].item(), 1, ("e", j)) for j in masks[1].flatten().nonzero().flatten().tolist()]
+        budget = round(0.3 * sum(n for _, n, _ in units))
+        units.sort(key=lambda u: u[0])  # continuous data: no ties
+        gone, used = [], 0
+        for _s, n, which in units:
+            if used + n > budget:
+                break
+            used += n
+            gone.append(which)
+        want_b = torch.zeros_like(masks[0])
+        want_p = torch.zeros_like(masks[1]).flatten()
+        for kind, i in gone:
+            if kind == "t":
+                want_b |= tiles[i][3] & masks[0]
+            else:
+                want_p[i] = True
+        assert any(k == "t" for k, _ in gone) and any(k == "e" for k, _ in gone)  # both kinds compete
+        outs = sched.global_prune_regrow(0.3)
+        assert torch.equal(outs[0].pruned, want_b) and torch.equal(outs[1].pruned, want_p.view(masks[1].shape))
+        for m, o, old, c in zip((blocky, plain, nm), outs, masks, counts):
+            assert int(m.mask.sum()) == c  # every layer keeps its count: the total is exact
+            assert not (o.regrown & old & ~o.pruned).any()
+        assert torch.equal(sparsity.block_mask(blocky.mask, (16, 16)), blocky.mask)  # whole tiles only
+        # N:M kept: every group of 4 along the reduction keeps exactly 2, and the layer did change
+        groups = sparsity.weight_matrix(nm.mask, 1).reshape(-1, 4).sum(1)
+        assert (groups == 2).all() and outs[2].pruned.sum() == outs[2].regrown.sum() > 0
+        assert sum(int(m.mask.sum()) for m in (blocky, plain, nm)) == sum(counts)
+
+
+def test_prune_regrow_count_with_block_is_in_tiles_and_refused_with_nm():
+    torch.manual_seed(10)
+    scores = torch.rand(32, 16, 3, 3)
+    mask = sparsity.block_mask(scores, (16, 16), density=0.5)  # 2 x 9 tiles, 9 kept
+    out = sparsity.prune_regrow(mask, scores, torch.rand(scores.shape), 0.0, dims=(), block=(16, 16),
+                                count=torch.tensor(2), ties="random")
+    tiles = sparsity._tiled(out.pruned, 1, (16, 16)).any(dim=4).any(dim=2)
+    grown = sparsity._tiled(out.regrown, 1, (16, 16)).any(dim=4).any(dim=2)
+    assert int(tiles.sum()) == 2 and int(grown.sum()) == 2 and out.mask.sum() == mask.sum()
+    assert torch.equal(sparsity.block_mask(out.mask, (16, 16)), out.mask)
+    with pytest.raises(ValueError, match="count"):
+        sparsity.prune_regrow(sparsity.nm_mask(scores), scores, scores, 0.1, nm=(2, 4), count=torch.tensor(1))

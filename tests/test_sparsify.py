@@ -378,14 +378,18 @@ def _cnn():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("block", [None, (16, 16)])
-def test_sparsify_and_the_schedule_train_compiled_with_exact_density_at_every_update(block):
+@pytest.mark.parametrize("block, scope", [(None, "layer"), ((16, 16), "layer"), (None, "global"),
+                                          ((16, 16), "global")])
+def test_sparsify_and_the_schedule_train_compiled_with_exact_density_at_every_update(block, scope):
     """sparsify(kind='dynamic') + PruneRegrowSchedule, the training step under torch.compile(fullgraph=True): after
     every update the total kept count is round(density · P) (with block: every layer keeps its whole-tile count,
-    and the kernels' visited-tile fraction equals its density in tiles), and the masks do change."""
+    and the kernels' visited-tile fraction equals its density in tiles), and the masks do change. With
+    scope='global' (magnitude scores; with block the last Linear, 10 outputs, has partial tiles: excluded)."""
     model = _cnn()
-    convzoo.sparsify(model, 0.2, kind="dynamic", exclude=(), block=block, prune_fraction=0.5,
-                     generator=torch.Generator().manual_seed(0))
+    extra = {} if scope == "layer" else dict(score="magnitude")
+    exclude = ("last",) if scope == "global" and block is not None else ()
+    convzoo.sparsify(model, 0.2, kind="dynamic", exclude=exclude, block=block, prune_fraction=0.5,
+                     generator=torch.Generator().manual_seed(0), **extra)
     layers = _sparse_layers(model)
     total = sum(m.weight.numel() for m in layers)
     kept = _kept(model)
@@ -393,7 +397,8 @@ def test_sparsify_and_the_schedule_train_compiled_with_exact_density_at_every_up
         assert sum(kept) == round(0.2 * total)
     fractions = [float(sparsity.tile_fraction(m.tile_lists())) for m in layers]
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    sched = convzoo.PruneRegrowSchedule(model, opt, every=2, generator=torch.Generator().manual_seed(1))
+    sched = convzoo.PruneRegrowSchedule(model, opt, every=2, generator=torch.Generator().manual_seed(1),
+                                        scope=scope)
     step = torch.compile(lambda x, t: nn.functional.cross_entropy(model(x), t), fullgraph=True, backend="aot_eager")
     first = [m.mask.clone() for m in layers]
     g = torch.Generator().manual_seed(2)

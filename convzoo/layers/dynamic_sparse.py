@@ -14,7 +14,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 from convzoo import _compat, sparsity
 from convzoo import functional as cf
-from convzoo.layers.masked_conv import MaskedConv1d, MaskedConv2d, MaskedConv3d
+from convzoo.layers.masked_conv import MaskedConv1d, MaskedConv2d, MaskedConv3d, _fx_leaf
 
 __all__ = ["DynamicSparseConv1d", "DynamicSparseConv2d", "DynamicSparseConv3d", "PruneRegrowSchedule"]
 
@@ -218,9 +218,14 @@ class _DynamicSparseConvNd:
         return acc + h if self.ema is None else acc * self.ema + h * (1 - self.ema)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        leaf = _fx_leaf(self, input)  # torch.fx.symbolic_trace: the layer as one call_module node
+        if leaf is not None:
+            return leaf
         y = super().forward(input)
-        if not (self.training and (self.collects or self._grad_tap is not None)) or _compat.recomputed_forward():
-            # (in backward: activation checkpointing recomputing a forward whose input was counted already)
+        if (not (self.training and (self.collects or self._grad_tap is not None)) or _compat.recomputed_forward()
+                or (not torch.compiler.is_compiling() and _compat.functorch_transforming())):
+            # (in backward: activation checkpointing recomputing a forward whose input was counted already; under
+            # a torch.func transform (grad, jvp, vmap, ...): a pure function, no statistics, no counter step)
             return y
         x = input if input.dim() == self.weight.dim() else input[None]
         yb = y if input.dim() == self.weight.dim() else y[None]
@@ -306,9 +311,15 @@ class _DynamicSparseConvNd:
             out = sparsity.prune_regrow(self.mask, prune_score.float(), regrow_score.float(), fraction,
                                         dims=self.prune_dims, ties="random", generator=generator,
                                         block=self._mask_block, groups=self.groups, pool=pool, nm=self._mask_nm)
-        else:  # a global schedule chose which to prune: exactly those go, as many regrow over the whole layer
+        elif self._mask_block is None:
+            # a global schedule chose which to prune: exactly those go, as many regrow over the whole layer
             out = sparsity.prune_regrow(self.mask, (~_pruned).float(), regrow_score.float(), 0.0, dims=(),
                                         ties="random", generator=generator, count=_pruned.sum())
+        else:  # the same in whole tiles: the chosen tiles go (pooled score 0), as many tiles regrow
+            tiles = sparsity._tiled(_pruned, self.groups, self._mask_block).any(dim=4).any(dim=2).sum()
+            out = sparsity.prune_regrow(self.mask, (~_pruned).float(), regrow_score.float(), 0.0, dims=(),
+                                        ties="random", generator=generator, block=self._mask_block,
+                                        groups=self.groups, pool=("mean", pool[1]), count=tiles)
         if self.regrow_init == "zeros":
             fresh = torch.zeros_like(current)
         else:
@@ -363,6 +374,10 @@ which :meth:`prune_regrow` keeps: whole blocks, N of every M):
     regrow_init: how regrown weights start: ``'zeros'`` (RigL's) or ``'init'`` (``nn.Conv{n}d``'s uniform
         initialisation); None: ``'zeros'`` for ``regrow='gradient'``, else ``'init'``.
 
+Under a ``torch.func`` transform (grad, jvp, vjp, vmap) the layer is a pure function: its gradients and tangents
+are the masked convolution's, and it collects no statistics, steps no counter and taps no dense gradient.
+``torch.fx.symbolic_trace`` keeps it as one ``call_module`` node.
+
 Raises:
     TypeError, ValueError: ``nn.Conv{n}d``'s own errors, or an argument above of the wrong type or out of range.
 """
@@ -394,7 +409,8 @@ class PruneRegrowSchedule:
     ``fraction``, or each layer's own ``prune_fraction`` when None; with ``end=None`` the fraction stays ``f``).
 
     Args:
-        model: the module whose :class:`DynamicSparseConv1d/2d/3d` submodules are updated (found once, here).
+        model: the module whose :class:`DynamicSparseConv1d/2d/3d` and :class:`convzoo.DynamicSparseLinear`
+            submodules are updated (found once, here).
         optimizer: passed to ``prune_regrow`` (its state of changed connections is zeroed), or None.
         every: steps between updates, a positive int.
         end: the step after which no update happens (and the cosine reaches 0), or None.
@@ -402,11 +418,17 @@ class PruneRegrowSchedule:
         generator: the ``torch.Generator`` for random regrowth and re-initialisation.
         process_group: the ``torch.distributed`` group (see ``prune_regrow``).
         scope: ``'layer'`` (each layer prunes its own fraction, per slice of its ``prune_dims``) or ``'global'``:
-            the ``round(f_t · A)`` active connections of smallest ``|weight|`` across all layers go (``A`` the
-            total active count; equal magnitudes in a random order from ``generator``, NaN first), and each layer
-            regrows, by its own ``regrow`` rule over its whole weight, as many as it lost, so every layer keeps
-            its count and the total density is exact at every step. ``'global'`` needs every layer unstructured
-            (no ``block`` / ``nm``) with ``score='magnitude'``, and one fraction (``fraction``, or equal
+            the active connections of smallest ``|weight|`` across all layers go, ``round(f_t · A)`` of them
+            (``A`` the total active count; equal magnitudes in a random order from ``generator``, NaN first), and
+            each layer regrows, by its own ``regrow`` rule over its whole weight, as many as it lost, so every
+            layer keeps its count and the total density is exact at every step. A ``block`` layer takes part
+            with whole tiles: a tile is one unit scored by its mean ``|weight|`` and weighing its active weights;
+            counted in weights, the longest prefix of the ranking holding at most ``round(f_t · A)`` active
+            weights goes (so with tiles up to one tile fewer than that), and the layer regrows as many whole tiles
+            as it lost (its tiles must be whole: ``BO`` dividing ``C_out/groups``, ``BK`` dividing the reduction
+            length, else ValueError). An ``nm`` layer's density is fixed by its N:M structure: under ``'global'``
+            it takes its own per-layer N:M step with ``f_t`` (the ranking across layers leaves it out).
+            ``'global'`` needs ``score='magnitude'`` in every layer, and one fraction (``fraction``, or equal
             ``prune_fraction`` s).
 
     Raises:
@@ -425,15 +447,21 @@ class PruneRegrowSchedule:
         self.fraction = None if fraction is None else sparsity._check_density(fraction, "fraction")
         self.layers = [m for m in model.modules() if isinstance(m, _DynamicSparseConvNd)]
         if not self.layers:
-            raise ValueError("model has no DynamicSparseConv1d/2d/3d layer to update")
+            raise ValueError("model has no DynamicSparseConv1d/2d/3d or DynamicSparseLinear layer to update")
         if scope not in SCOPES:
             raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
         if scope == "global":
             for name, m in model.named_modules():
-                if isinstance(m, _DynamicSparseConvNd) and (m._mask_block is not None or m._mask_nm is not None
-                                                            or m.score_mode != "magnitude"):
-                    raise ValueError(f"scope='global' prunes unstructured layers by |weight|: layer {name!r} has "
-                                     f"block={m._mask_block}, nm={m._mask_nm}, score={m.score_mode!r}")
+                if not isinstance(m, _DynamicSparseConvNd):
+                    continue
+                if m.score_mode != "magnitude":
+                    raise ValueError(f"scope='global' prunes by |weight|: layer {name!r} has score={m.score_mode!r}")
+                if m._mask_block is not None:
+                    og, k = m.mask.shape[0] // m.groups, math.prod(m.mask.shape[1:])
+                    if og % m._mask_block[0] or k % m._mask_block[1]:
+                        raise ValueError(f"scope='global' with block needs whole tiles (every tile as many weights, "
+                                         f"so a regrown tile replaces a pruned one exactly): layer {name!r} has "
+                                         f"block={m._mask_block} and a [{og}, {k}] weight matrix per group")
             if self.fraction is None and len({m.prune_fraction for m in self.layers}) > 1:
                 raise ValueError("scope='global' prunes one fraction across layers: pass fraction (the layers' "
                                  "prune_fraction differ)")
@@ -461,25 +489,55 @@ class PruneRegrowSchedule:
 
     @torch.no_grad()
     def global_prune_regrow(self, fraction: float) -> list[sparsity.PruneRegrow]:
-        """One global step (``scope='global'``, see the class): the ``round(fraction · A)`` smallest-``|weight|``
-        active connections over all layers pruned, each layer regrowing as many. On the weights' device, no host
-        synchronisation. Returns each layer's :class:`convzoo.sparsity.PruneRegrow`, in :attr:`layers`' order."""
+        """One global step (``scope='global'``, see the class): over the unstructured and ``block`` layers, the
+        units (an entry, or a whole tile of a ``block`` layer, scored by its mean ``|weight|``) are ranked by score
+        together, and the longest prefix of active units holding at most ``round(fraction · A)`` active weights
+        goes (``A`` their total active weight count; counted in weights); each layer regrows as many units (entries,
+        or whole tiles) as it lost, by its own ``regrow`` rule. ``nm`` layers take their own per-layer N:M step
+        with ``fraction``. On the weights' device, no host synchronisation. Returns each layer's
+        :class:`convzoo.sparsity.PruneRegrow`, in :attr:`layers`' order."""
         fraction = sparsity._check_density(fraction, "fraction")
-        weights = [m.weight.full_tensor() if isinstance(m.weight, DTensor) else m.weight for m in self.layers]
-        kept = torch.cat([m.mask.reshape(-1) for m in self.layers])
-        mag = torch.cat([w.detach().abs().reshape(-1).float() for w in weights])
-        mag = torch.where(mag.isnan(), float("-inf"), mag)
-        k = torch.round(kept.sum(dtype=torch.int64).double() * fraction).long()
-        shuffle = torch.rand(kept.shape, generator=self.generator, device=kept.device).argsort()[None]
-        pruned = kept & (sparsity._rank(kept[None], mag[None], False, shuffle)[0] < k)
-        out, start = [], 0
+        ranked = [m for m in self.layers if m._mask_nm is None]
+        kept, mag, size = [], [], []
+        for m in ranked:
+            w = m.weight.full_tensor() if isinstance(m.weight, DTensor) else m.weight
+            a = w.detach().abs().float()
+            if m._mask_block is None:
+                kept.append(m.mask.reshape(-1))
+                mag.append(a.reshape(-1))
+                size.append(m.mask.reshape(-1).long())
+            else:  # whole tiles: kept where any entry is, mean |w| over the tile, its active weights
+                count = sparsity._tiled(m.mask, m.groups, m._mask_block).sum(dim=(2, 4), dtype=torch.int64)
+                kept.append(count.reshape(-1) > 0)
+                mag.append(sparsity._pooled(a, m.groups, m._mask_block, "mean").reshape(-1))
+                size.append(count.reshape(-1))
+        out = {}
+        if ranked:
+            kept, mag, size = torch.cat(kept), torch.cat(mag), torch.cat(size)
+            mag = torch.where(mag.isnan(), float("-inf"), mag)
+            k = torch.round(size.sum().double() * fraction).long()
+            shuffle = torch.rand(kept.shape, generator=self.generator, device=kept.device).argsort()[None]
+            rank = sparsity._rank(kept[None], mag[None], False, shuffle)[0]
+            # the active weights up to and including each unit, in rank order (active units rank first)
+            upto = torch.zeros_like(size).scatter_(0, rank, size).cumsum(0).gather(0, rank)
+            pruned, start = kept & (upto <= k), 0
+            for m in ranked:
+                if m._mask_block is None:
+                    n = m.mask.numel()
+                    mine = pruned[start:start + n].view(m.mask.shape)
+                else:
+                    (bo, bk), g = m._mask_block, m.groups
+                    to, tk = -(-m.mask.shape[0] // g // bo), -(-math.prod(m.mask.shape[1:]) // bk)
+                    n = g * to * tk
+                    mine = m.mask & sparsity._untiled(pruned[start:start + n].view(g, to, tk), tuple(m.mask.shape),
+                                                      g, m._mask_block)
+                start += n
+                out[id(m)] = m.prune_regrow(self.optimizer, generator=self.generator,
+                                            process_group=self.process_group, _pruned=mine)
         for m in self.layers:
-            n = m.mask.numel()
-            mine = pruned[start:start + n].view(m.mask.shape)
-            start += n
-            out.append(m.prune_regrow(self.optimizer, generator=self.generator, process_group=self.process_group,
-                                      _pruned=mine))
-        return out
+            if m._mask_nm is not None:
+                out[id(m)] = m.prune_regrow(self.optimizer, fraction, self.generator, self.process_group)
+        return [out[id(m)] for m in self.layers]
 
     def state_dict(self) -> dict:
         return {"steps": self.steps}

@@ -34,6 +34,25 @@ def _dense_state(layer: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
+def _fx_leaf(module: nn.Module, input):
+    """Under ``torch.fx.symbolic_trace`` (``input`` a ``torch.fx.Proxy``): the layer as one ``call_module`` node of
+    the traced graph (the GraphModule then calls the layer itself on real tensors: its checks, kernels, mask and
+    statistics, the same outputs), since its forward branches on the input's shape and device; the layer traced
+    as the root itself: one ``call_function`` node calling that layer object (the GraphModule then holds a reference
+    to it, in process: not picklable). None otherwise."""
+    if not isinstance(input, torch.fx.Proxy):
+        return None
+    tracer = input.tracer
+    path = tracer.path_of_module(module)
+    if path:
+        return tracer.create_proxy("call_module", path, (input,), {})
+
+    def masked_layer(x):
+        return module(x)
+
+    return tracer.create_proxy("call_function", masked_layer, (input,), {})
+
+
 class _MaskedConvNd:
     """The mask handling shared by the three classes (mixed in before ``nn.ConvNd``)."""
 
@@ -99,6 +118,9 @@ class _MaskedConvNd:
         w.masked_fill_(off, 0)
 
     def _conv_forward(self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        leaf = _fx_leaf(self, input)
+        if leaf is not None:
+            return leaf
         # the mask's block is the kernels' tile: a dropped block is a skipped tile
         return cf.masked_conv(input, weight, self.mask, bias, self.stride, self.padding, self.dilation, self.groups,
                               padding_mode=self.padding_mode, block=self._mask_block)

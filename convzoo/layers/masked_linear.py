@@ -12,11 +12,10 @@ from convzoo import _shapes
 from convzoo import functional as cf
 from convzoo.autotune import interpret_mode
 from convzoo.layers.dynamic_sparse import _DynamicSparseConvNd
-from convzoo.layers.masked_conv import _dense_state, _MaskedConvNd
+from convzoo.layers.masked_conv import _dense_state, _fx_leaf, _MaskedConvNd
 
 __all__ = ["DynamicSparseLinear", "MaskedLinear"]
 
-_REGROWS = ("coactivation", "random")  # the regrowths DynamicSparseLinear supports
 
 
 class MaskedLinear(_MaskedConvNd, nn.Linear):
@@ -74,8 +73,17 @@ class MaskedLinear(_MaskedConvNd, nn.Linear):
                       lambda: f"input must be [*, in_features={self.in_features}], got shape {tuple(input.shape)}")
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        leaf = _fx_leaf(self, input)  # torch.fx.symbolic_trace: the layer as one call_module node
+        if leaf is not None:
+            return leaf
         self._check_input(input)
-        if not (input.is_cuda or (input.device.type == "cpu" and interpret_mode())):
+        return self._linear_forward(input)
+
+    def _kernel_path(self, input: torch.Tensor) -> bool:
+        return input.is_cuda or (input.device.type == "cpu" and interpret_mode())
+
+    def _linear_forward(self, input: torch.Tensor) -> torch.Tensor:
+        if not self._kernel_path(input):
             # the plain-torch path: the op's own (F.conv1d of the masked weight) is the same math, but a 1-tap
             # F.conv1d is several times slower than F.linear on a CPU; where(), not a product: a masked NaN stays
             # invisible, and the weight gradient is exactly zero where the mask is
@@ -136,9 +144,12 @@ class DynamicSparseLinear(_DynamicSparseConvNd, MaskedLinear):
     :class:`convzoo.PruneRegrowSchedule` finds and drives it. :meth:`to_dense` gives an ``nn.Linear``.
 
     Args: ``nn.Linear``'s, ``MaskedLinear``'s ``density`` (default 0.5 here), ``block`` and ``nm``, and
-    ``DynamicSparseConv1d``'s ``update_every``, ``score``, ``prune_fraction``, ``regrow`` (``'coactivation'`` or
-    ``'random'``), ``prune_dims`` (``(0,)`` per output row, ``(0, 1)`` per entry, ``()`` the whole weight),
-    ``ema``, ``x_threshold``, ``y_threshold``, with the same meaning and defaults.
+    ``DynamicSparseConv1d``'s ``update_every``, ``score``, ``prune_fraction``, ``regrow`` (``'coactivation'``,
+    ``'random'`` or ``'gradient'``: RigL, the dense gradient tapped from the backward of every ``update_every``-th
+    training forward, on the kernels and on the plain-torch ``F.linear`` path alike), ``regrow_init``,
+    ``prune_dims`` (``(0,)`` per output row, ``(0, 1)`` per entry, ``()`` the whole weight), ``ema``,
+    ``x_threshold``, ``y_threshold``, with the same meaning and defaults. Under a ``torch.func`` transform (grad,
+    jvp, vmap) the layer is a pure function: no statistics, no counter step, no gradient tap.
 
     Raises:
         TypeError, ValueError: as :class:`MaskedLinear` and :class:`convzoo.DynamicSparseConv1d`.
@@ -147,14 +158,40 @@ class DynamicSparseLinear(_DynamicSparseConvNd, MaskedLinear):
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None, *,
                  density: float | None = None, block=None, nm=None, update_every: int = 1, score: str = "count",
                  prune_fraction: float = 0.1, regrow: str = "coactivation", prune_dims=(0,), ema=None,
-                 x_threshold: float = 0.0, y_threshold: float = 0.0):
-        if regrow not in _REGROWS:
-            # only the regrowths whose scores the mixin computes from this layer's own forward output and
-            # statistics: a mode that hooks the conv layers' _conv_forward would not see this forward
-            raise ValueError(f"regrow must be one of {_REGROWS} for DynamicSparseLinear, got {regrow!r}")
+                 x_threshold: float = 0.0, y_threshold: float = 0.0, regrow_init: str | None = None):
         nn.Linear.__init__(self, in_features, out_features, bias, device=device, dtype=dtype)
         self._init_mask(density, block, nm, default_density=0.5, zero=False)
-        self._init_dynamic(update_every, score, prune_fraction, regrow, prune_dims, ema, x_threshold, y_threshold)
+        self._init_dynamic(update_every, score, prune_fraction, regrow, prune_dims, ema, x_threshold, y_threshold,
+                           regrow_init)
+
+    def _linear_forward(self, input: torch.Tensor) -> torch.Tensor:
+        # regrow='gradient': the conv layers' dense-gradient tap (their _conv_forward), here through the 1-tap view
+        # on the kernels, and as a zero-valued tap on the masked entries of F.linear's weight on the plain path
+        if not self._taps_gradient(input):
+            return super()._linear_forward(input)
+        if torch.compiler.is_compiling():
+            run = (self.calls + 1) % self.update_every == 0
+        elif (self._calls + 1) % self.update_every:
+            return super()._linear_forward(input)
+        else:
+            run = torch.ones((), dtype=torch.bool, device=self.mask.device)
+        tap = self._grad_tap
+        if not self._kernel_path(input):
+            # value 0 at the masked entries (the forward is unchanged), gradient ∂L/∂W there into the tap's .grad
+            # on update steps (zero on the others: a compiled graph takes one path for both)
+            probe = torch.where(run, tap - tap.detach(), 0)
+            return F.linear(input, torch.where(self.mask, self.weight, probe), self.bias)
+        from convzoo.ops import masked_conv as ops
+
+        lead = input.shape[:-1]
+        x = (input.flatten(0, -2) if input.dim() > 1 else input[None]).unsqueeze(-1)  # [N, in, 1]
+        w = self.weight.unsqueeze(-1)
+        args = cf._resolved(cf._masked_conv_args, cf._cached_masked_conv_args, x.shape, w.shape, 1, 0, 1, 1, "zeros")
+        x, w, b = cf._autocast(x, w, self.bias)
+        block = None if self._mask_block is None else list(self._mask_block)
+        y = ops.masked_conv_dense_grad(x, w, tap.unsqueeze(-1), self._conv_mask(), run, b, *cf._as_lists(args),
+                                       block)
+        return y.reshape(*lead, self.out_features)
 
     def _statistics(self, x: torch.Tensor, y: torch.Tensor, x_threshold: float, y_threshold: float) -> torch.Tensor:
         # the mixin hands the input and output with one leading dim at least ([*, in], [*, out]): every leading
