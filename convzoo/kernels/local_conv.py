@@ -196,6 +196,39 @@ def _tap_position(i, j, k, n, O, lo, hi, S: tl.constexpr, D: tl.constexpr, MODE:
 
 
 @triton.jit
+def _grad_input_step(acc, gb, wb, g_off, w_off, o_ar, o_left, stride_go, stride_wo,
+                     C_MAJOR: tl.constexpr, MASK_O: tl.constexpr,
+                     FP64: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """One C_out block of one (position, tap): ``acc += W_lᵀ[c, o] · dY_lᵀ[o, n]`` (``C_MAJOR``) or
+    ``dY_l[n, o] · W_l[o, c]``, from the scalar bases ``gb`` / ``wb`` and the loop-invariant batch / channel
+    offsets. The batch and channel indices are clamped in range (their rows are never stored), so only the
+    last, partial C_out block (``MASK_O``) is masked: zeros in both operands, NaN-safe."""
+    if C_MAJOR:
+        w_ptrs = wb + w_off[:, None] + o_ar[None, :] * stride_wo
+        g_ptrs = gb + o_ar[:, None] * stride_go + g_off[None, :]
+        if MASK_O:
+            o_ok = o_ar < o_left
+            w = tl.load(w_ptrs, mask=o_ok[None, :], other=0)
+            g = tl.load(g_ptrs, mask=o_ok[:, None], other=0)
+        else:
+            w = tl.load(w_ptrs)
+            g = tl.load(g_ptrs)
+        acc = _mma(w, g, acc, FP64, PRECISION, UPCAST)
+    else:
+        g_ptrs = gb + g_off[:, None] + o_ar[None, :] * stride_go
+        w_ptrs = wb + o_ar[:, None] * stride_wo + w_off[None, :]
+        if MASK_O:
+            o_ok = o_ar < o_left
+            g = tl.load(g_ptrs, mask=o_ok[None, :], other=0)
+            w = tl.load(w_ptrs, mask=o_ok[:, None], other=0)
+        else:
+            g = tl.load(g_ptrs)
+            w = tl.load(w_ptrs)
+        acc = _mma(g, w, acc, FP64, PRECISION, UPCAST)
+    return acc
+
+
+@triton.jit
 def local_conv_grad_input_kernel(
     # output: grad input [N, C, ID, IH, IW], contiguous
     dx_ptr,
@@ -215,12 +248,22 @@ def local_conv_grad_input_kernel(
     # padded positions that can read one input index, per dim (1 for 'zeros')
     NCD: tl.constexpr, NCH: tl.constexpr, NCW: tl.constexpr,
     FP64: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, ACC_DTYPE: tl.constexpr,
-    # tiles
+    # tiles; C_MAJOR: the C_in tile is the MMA's M (dxᵀ = W_lᵀ · dY_lᵀ), else the batch tile; NARROW: the
+    # in-tile deltas (BLOCK - 1)·stride fit int32 (the launcher proved it)
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_O: tl.constexpr,
+    C_MAJOR: tl.constexpr, NARROW: tl.constexpr,
 ):
     """``dx[n, c, i] = Σ_{(l, k): tap k of position l reads i} Σ_o dY[n, o, l] · W[o, (c, k), l]``:
     one (input pixel, C_in tile, batch tile) per program. A gather, like fold: each output element
     is written once, deterministically.
+
+    The (padded candidate, tap) pairs that read the pixel are found with scalar math per pair, one dim at a
+    time; per pair the C_out loop is a plain GEMM step from two scalar base pointers (int64) that advance by
+    ``BLOCK_O`` strides and loop-invariant batch / channel offsets (int32 when ``NARROW``): no index math, no
+    bounds test per element but on the last partial C_out block. The larger of the C_in and batch tiles is
+    the MMA's M (``C_MAJOR``: ``dxᵀ = W_lᵀ · dY_lᵀ``), so 64 rows per warpgroup make it ``wgmma`` for a
+    batch of 32. The weight tile of one tap is strided by ∏K along C_in and dY by L along C_out: scalar
+    loads (a layout with C_in or C_out contiguous per (position, tap) would need a copy of the weight).
 
     Roofline: FLOPs = 2·N·O·C·K·L (K = ∏kernel_size), as the forward; bytes ≥ (O·R·L [weight]
     + N·O·L [dY] + N·C·∏in [dx])·e. A position's weight slab is read by the ≤ K pixels its taps
@@ -234,17 +277,38 @@ def local_conv_grad_input_kernel(
     pid_c = (pid // num_n) % num_c
     pid_n = pid % num_n
 
-    # offsets and masks
-    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    n_ok = n < N
-    c_ok = c < C
+    # offsets and masks: the tile's first batch row / channel in the scalar bases (int64), the in-tile
+    # deltas of the rows clamped in range (int32 when NARROW)
+    n0 = pid_n * BLOCK_N
+    c0 = pid_c * BLOCK_C
+    n_in = tl.arange(0, BLOCK_N)
+    c_in = tl.arange(0, BLOCK_C)
+    n_d = tl.minimum(n_in, N - 1 - n0)
+    c_d = tl.minimum(c_in, C - 1 - c0)
+    if NARROW:
+        n_d = n_d.to(tl.int32)
+        c_d = c_d.to(tl.int32)
+        o_ar = tl.arange(0, BLOCK_O)
+    else:
+        n_d = n_d.to(tl.int64)
+        c_d = c_d.to(tl.int64)
+        o_ar = tl.arange(0, BLOCK_O).to(tl.int64)
+    g_off = n_d * stride_gn
+    w_off = c_d * (KD * KH * KW) * stride_wr
+    g_tile = g_ptr + n0 * stride_gn
+    w_tile = w_ptr + c0 * (KD * KH * KW) * stride_wr
+    step_g = tl.full([], BLOCK_O, tl.int64) * stride_go
+    step_w = tl.full([], BLOCK_O, tl.int64) * stride_wo
+    o_full = O - O % BLOCK_O
     iw = pix % IW
     ih = (pix // IW) % IH
     i_d = pix // IW // IH  # not pix // (IW * IH): an int32 product of two sizes
 
     # loop over every (padded position, tap) pair that reads this pixel, then over C_out
-    acc = tl.zeros([BLOCK_N, BLOCK_C], dtype=ACC_DTYPE)
+    if C_MAJOR:
+        acc = tl.zeros([BLOCK_C, BLOCK_N], dtype=ACC_DTYPE)
+    else:
+        acc = tl.zeros([BLOCK_N, BLOCK_C], dtype=ACC_DTYPE)
     # (candidate, tap) pairs are checked one dim at a time, so only the pairs that exist go deeper
     for jd in range(NCD):
         for kd in range(KD):
@@ -261,20 +325,28 @@ def local_conv_grad_input_kernel(
                                         l = (ld * OH + lh) * OW + lw
                                         # loop indices are int32: int64 before any stride multiply
                                         tap = tl.cast((kd * KH + kh) * KW + kw, tl.int64)
-                                        g_rows = g_ptr + n * stride_gn + l * stride_gl
-                                        w_cols = w_ptr + l * stride_wl + (c * (KD * KH * KW) + tap) * stride_wr
-                                        for o0 in range(0, O, BLOCK_O):
-                                            o = o0 + tl.arange(0, BLOCK_O).to(tl.int64)
-                                            o_ok = o < O
-                                            gt = tl.load(g_rows[:, None] + o[None, :] * stride_go,
-                                                         mask=n_ok[:, None] & o_ok[None, :], other=0)
-                                            w = tl.load(w_cols[None, :] + o[:, None] * stride_wo,
-                                                        mask=o_ok[:, None] & c_ok[None, :], other=0)
-                                            acc = _mma(gt, w, acc, FP64, PRECISION, UPCAST)
+                                        gb = g_tile + l * stride_gl
+                                        wb = w_tile + l * stride_wl + tap * stride_wr
+                                        for _ in range(0, o_full, BLOCK_O):
+                                            acc = _grad_input_step(acc, gb, wb, g_off, w_off, o_ar, BLOCK_O,
+                                                                   stride_go, stride_wo, C_MAJOR, False,
+                                                                   FP64, PRECISION, UPCAST)
+                                            gb += step_g
+                                            wb += step_w
+                                        if o_full < O:
+                                            acc = _grad_input_step(acc, gb, wb, g_off, w_off, o_ar, O - o_full,
+                                                                   stride_go, stride_wo, C_MAJOR, True,
+                                                                   FP64, PRECISION, UPCAST)
 
     # masked store
-    dx = dx_ptr + n[:, None] * C * P + c[None, :] * P + pix
-    tl.store(dx, acc.to(dx_ptr.dtype.element_ty), mask=n_ok[:, None] & c_ok[None, :])
+    n = n0 + n_in
+    c = c0 + c_in
+    if C_MAJOR:
+        dx = dx_ptr + n[None, :] * C * P + c[:, None] * P + pix
+        tl.store(dx, acc.to(dx_ptr.dtype.element_ty), mask=(c < C)[:, None] & (n < N)[None, :])
+    else:
+        dx = dx_ptr + n[:, None] * C * P + c[None, :] * P + pix
+        tl.store(dx, acc.to(dx_ptr.dtype.element_ty), mask=(n < N)[:, None] & (c < C)[None, :])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -316,8 +388,24 @@ def _grad_weight_default(dims, dtype, interpret: bool) -> Config:
     return Config({"BLOCK_O": bo, "BLOCK_R": br, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
 
 
+def _c_major(meta) -> bool:
+    """Whether the grad-input kernel makes the C_in tile the MMA's M (``dxᵀ = W_lᵀ · dY_lᵀ``): when it is
+    the larger tile, so 64 rows per warpgroup make ``wgmma`` for a small batch (the batch tile otherwise)."""
+    return meta["BLOCK_C"] > meta["BLOCK_N"]
+
+
 def _grad_input_default(dims, dtype, interpret: bool) -> Config:
+    # static sm_90 report: registers grow with the weight tile BLOCK_C × BLOCK_O (its gather is one scalar load
+    # per element): 128 × 64 costs 8 warps 255 registers and spills, 128 × 32 keeps 164 (fp16 conv3_x)
     bn, bc, bo, warps, stages = _gemm_default(dims["N"], dims["C"], dims["O"], dtype, interpret, m_cap=128)
+    if not interpret and dtype in (torch.float16, torch.bfloat16):
+        # the larger of C_in and the batch is the MMA's M (see _c_major): up to 128 rows, the other up to 64
+        big, small = (dims["C"], dims["N"]) if dims["C"] > dims["N"] else (dims["N"], dims["C"])
+        bm, bs = _fit(big, 16, 128), _fit(small, 16, 64)
+        bc, bn = (bm, bs) if dims["C"] > dims["N"] else (bs, bm)
+        bo, warps = 32, (8 if bm * bs >= 4096 else 4)
+    elif not interpret and dtype == torch.float32:
+        warps = 8 if bn * bc >= 4096 else 4  # 128 × 32 at 4 warps: 255 registers, 24 B spills
     return Config({"BLOCK_N": bn, "BLOCK_C": bc, "BLOCK_O": bo}, num_warps=warps, num_stages=stages)
 
 
@@ -554,6 +642,11 @@ def local_conv_grad_input(grad: torch.Tensor, weight: torch.Tensor, input_size: 
     m = cfg.meta
     P = math.prod(g.in_size)
     grid = (P * triton.cdiv(n, m["BLOCK_N"]) * triton.cdiv(c, m["BLOCK_C"]),)
+    sgn, sgo, _ = g3.stride()
+    swo, swr, _ = weight.stride()
+    # the in-tile deltas the kernel adds to its int64 bases: int32 when they provably fit
+    narrow = max((m["BLOCK_N"] - 1) * sgn + (m["BLOCK_O"] - 1) * sgo,
+                 (m["BLOCK_C"] - 1) * g.kernel_numel * swr + (m["BLOCK_O"] - 1) * swo) < 2**31
     with _device(grad):
         local_conv_grad_input_kernel[grid](
             buf, g3, weight,
@@ -563,6 +656,7 @@ def local_conv_grad_input(grad: torch.Tensor, weight: torch.Tensor, input_size: 
             _shapes.PADDING_MODE_CODES[g.padding_mode],
             *_num_candidates(g, 3 - g.ndim),
             **_math_args(grad.dtype, local_conv_grad_input_kernel),
+            C_MAJOR=_c_major(m), NARROW=narrow,
             **cfg.launch_kwargs(),
         )
     return _finish(dx, buf)
