@@ -262,8 +262,11 @@ def local_conv_grad_input_kernel(
     ``BLOCK_O`` strides and loop-invariant batch / channel offsets (int32 when ``NARROW``): no index math, no
     bounds test per element but on the last partial C_out block. The larger of the C_in and batch tiles is
     the MMA's M (``C_MAJOR``: ``dxᵀ = W_lᵀ · dY_lᵀ``), so 64 rows per warpgroup make it ``wgmma`` for a
-    batch of 32. The weight tile of one tap is strided by ∏K along C_in and dY by L along C_out: scalar
-    loads (a layout with C_in or C_out contiguous per (position, tap) would need a copy of the weight).
+    batch of 32. The launcher hands dY with C_out contiguous (one copy of dY, small beside W, unless it
+    already is): its tile is 16-byte loads / ``cp.async``. The weight tile of one tap is strided by ∏K along
+    C_in and by R along C_out: one scalar load per element (a layout with C_in or C_out contiguous per
+    (position, tap) would take a copy of the whole weight, the op's largest tensor) — with the batch of 32 as
+    the MMA's N that gather caps the loop at about half the tensor-core peak.
 
     Roofline: FLOPs = 2·N·O·C·K·L (K = ∏kernel_size), as the forward; bytes ≥ (O·R·L [weight]
     + N·O·L [dY] + N·C·∏in [dx])·e. A position's weight slab is read by the ≤ K pixels its taps
@@ -396,14 +399,14 @@ def _c_major(meta) -> bool:
 
 def _grad_input_default(dims, dtype, interpret: bool) -> Config:
     # static sm_90 report: registers grow with the weight tile BLOCK_C × BLOCK_O (its gather is one scalar load
-    # per element): 128 × 64 costs 8 warps 255 registers and spills, 128 × 32 keeps 164 (fp16 conv3_x)
+    # per element): a C_out step of 64 on a 128 × 64 output tile takes 8 warps to 255 registers, 32 to 214
     bn, bc, bo, warps, stages = _gemm_default(dims["N"], dims["C"], dims["O"], dtype, interpret, m_cap=128)
     if not interpret and dtype in (torch.float16, torch.bfloat16):
         # the larger of C_in and the batch is the MMA's M (see _c_major): up to 128 rows, the other up to 64
         big, small = (dims["C"], dims["N"]) if dims["C"] > dims["N"] else (dims["N"], dims["C"])
         bm, bs = _fit(big, 16, 128), _fit(small, 16, 64)
         bc, bn = (bm, bs) if dims["C"] > dims["N"] else (bs, bm)
-        bo, warps = 32, (8 if bm * bs >= 4096 else 4)
+        bo, warps = (64 if bm * bs <= 4096 else 32), (8 if bm * bs >= 4096 else 4)
     elif not interpret and dtype == torch.float32:
         warps = 8 if bn * bc >= 4096 else 4  # 128 × 32 at 4 warps: 255 registers, 24 B spills
     return Config({"BLOCK_N": bn, "BLOCK_C": bc, "BLOCK_O": bo}, num_warps=warps, num_stages=stages)
@@ -639,6 +642,10 @@ def local_conv_grad_input(grad: torch.Tensor, weight: torch.Tensor, input_size: 
     a = _as_3d(g)
     cfg = config or autotune.lookup("local_conv_grad_input", grad.device, grad.dtype, N=n, C=c, O=o)
     g3 = grad.reshape(n, o, g.num_blocks)
+    if g3.stride(1) != 1 and o > 1:
+        # one copy of dY with C_out contiguous, position-major ([L, N, C_out]): its tile of one (position, tap)
+        # is then BLOCK_O contiguous elements per sample (16-byte loads, cp.async); dY is small beside W
+        g3 = g3.permute(2, 0, 1).contiguous().permute(1, 2, 0)
     m = cfg.meta
     P = math.prod(g.in_size)
     grid = (P * triton.cdiv(n, m["BLOCK_N"]) * triton.cdiv(c, m["BLOCK_C"]),)
