@@ -138,11 +138,17 @@ def local_conv_grad_weight_kernel(
     DD: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
     MODE: tl.constexpr,
     FP64: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, ACC_DTYPE: tl.constexpr,
-    # tiles
-    BLOCK_O: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+    # tiles; NARROW: the in-tile deltas (BLOCK_N - 1)·stride_xn + patch offsets and (BLOCK_N - 1)·stride_gn +
+    # (BLOCK_O - 1)·stride_go fit int32 (the launcher proved it)
+    BLOCK_O: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, NARROW: tl.constexpr,
 ):
     """``dW[o, r, l] = Σ_n dY[n, o, l] · P_l[n, r]`` and ``db[o, l] = Σ_n dY[n, o, l]``: one
     (position, C_out tile, R tile) per program, the batch reduced in the loop.
+
+    The patch columns' offsets and validity are computed once per program; the batch loop advances two
+    scalar int64 bases by ``BLOCK_N`` sample strides over loop-invariant in-tile offsets (int32 when
+    ``NARROW``); the C_out rows are clamped in range (never stored), so the full batch blocks are masked only
+    by the patch validity, the last partial one by the batch too.
 
     Roofline: FLOPs = 2·N·O·R·L; bytes ≥ (O·R·L [dW written] + N·O·L [dY] + N·C·∏in [x])·e —
     the same weight-bandwidth bound as the forward. Stores are contiguous along R in the
@@ -158,32 +164,57 @@ def local_conv_grad_weight_kernel(
     pid_r = pid % num_r
 
     # offsets and masks; the patch columns of this R tile are the same for every batch tile
-    o = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
+    o0 = pid_o * BLOCK_O
+    o = o0 + tl.arange(0, BLOCK_O)
     r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     o_ok = o < O
     r_ok = r < R
     off, ok = _patch_columns(r, l, ID, IH, IW, OH, OW, stride_xc, stride_xd, stride_xh, stride_xw,
                              KD, KH, KW, SD, SH, SW, PD, PH, PW, DD, DH, DW, MODE, False)
     col_ok = r_ok & ok
-    g_rows = g_ptr + l * stride_gl + o * stride_go
+    off = tl.where(col_ok, off, 0)
+    o_d = tl.minimum(tl.arange(0, BLOCK_O), O - 1 - o0)
+    n_in = tl.arange(0, BLOCK_N)
+    if NARROW:
+        off = off.to(tl.int32)
+        o_d = o_d.to(tl.int32)
+    else:
+        o_d = o_d.to(tl.int64)
+        n_in = n_in.to(tl.int64)
+    g_off = o_d[:, None] * stride_go + n_in[None, :] * stride_gn
+    x_off = n_in[:, None] * stride_xn + off[None, :]
+    gb = g_ptr + l * stride_gl + o0 * stride_go
+    xb = x_ptr
+    step_g = tl.full([], BLOCK_N, tl.int64) * stride_gn
+    step_x = tl.full([], BLOCK_N, tl.int64) * stride_xn
+    n_full = N - N % BLOCK_N
 
     # loop over the batch, fp32 (fp64) accumulation
     acc = tl.zeros([BLOCK_O, BLOCK_R], dtype=ACC_DTYPE)
-    acc_b = tl.zeros([BLOCK_O], dtype=ACC_DTYPE)
-    for n0 in range(0, N, BLOCK_N):
-        n = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
-        n_ok = n < N
-        gt = tl.load(g_rows[:, None] + n[None, :] * stride_gn, mask=o_ok[:, None] & n_ok[None, :], other=0)
-        p = tl.load(x_ptr + n[:, None] * stride_xn + off[None, :], mask=n_ok[:, None] & col_ok[None, :], other=0)
+    # the bias gradient elementwise per (C_out, sample) slot, reduced once after the loop (one cross-thread
+    # reduction, not one per batch step)
+    acc_b = tl.zeros([BLOCK_O, BLOCK_N], dtype=ACC_DTYPE)
+    for _ in range(0, n_full, BLOCK_N):
+        gt = tl.load(gb + g_off)
+        p = tl.load(xb + x_off, mask=col_ok[None, :], other=0)
         acc = _mma(gt, p, acc, FP64, PRECISION, UPCAST)
-        acc_b += tl.sum(_widen(gt, ACC_DTYPE, UPCAST), axis=1)
+        acc_b += _widen(gt, ACC_DTYPE, UPCAST)
+        gb += step_g
+        xb += step_x
+    if n_full < N:
+        n_ok = n_in < N - n_full
+        gt = tl.load(gb + g_off, mask=n_ok[None, :], other=0)
+        p = tl.load(xb + x_off, mask=n_ok[:, None] & col_ok[None, :], other=0)
+        acc = _mma(gt, p, acc, FP64, PRECISION, UPCAST)
+        acc_b += _widen(gt, ACC_DTYPE, UPCAST)
+    db = tl.sum(acc_b, axis=1)
 
     # masked stores; the bias gradient once per (position, C_out tile). A branch, not a scalar in the
     # mask: newer interpreters (triton >= 3.9) reject a mask that broadcasts a scalar bool
     dw = dw_ptr + l * stride_dwl + o[:, None] * stride_dwo + r[None, :] * stride_dwr
     tl.store(dw, acc.to(dw_ptr.dtype.element_ty), mask=o_ok[:, None] & r_ok[None, :])
     if pid_r == 0:
-        tl.store(db_ptr + o * L + l, acc_b.to(db_ptr.dtype.element_ty), mask=o_ok)
+        tl.store(db_ptr + o * L + l, db.to(db_ptr.dtype.element_ty), mask=o_ok)
 
 
 @triton.jit
@@ -387,7 +418,8 @@ def _grad_weight_default(dims, dtype, interpret: bool) -> Config:
     bo, br, bn, warps, stages = _gemm_default(dims["O"], dims["R"], dims["N"], dtype, interpret, m_cap=64)
     if not interpret and dtype != torch.float64:
         br = _fit(dims["R"], 16, 128)
-        warps = 8 if bo * br >= 8192 else 4
+        # static sm_90 report: a 32 × 128 tile at 4 warps took 255 registers and spilled (local_2d_b256)
+        warps = 8 if bo * br >= 4096 else 4
     return Config({"BLOCK_O": bo, "BLOCK_R": br, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
 
 
@@ -600,8 +632,16 @@ def local_conv_grad_weight(grad: torch.Tensor, x: torch.Tensor, kernel_size: lis
     cfg = config or autotune.lookup("local_conv_grad_weight", x.device, x.dtype, O=o, R=r, N=n)
     xs = _as_5d(x, g.ndim)
     g3 = grad.reshape(n, o, l)
+    if g3.stride(0) != 1 and n > 1:
+        # one copy of dY with the batch contiguous, position-major ([L, C_out, N]): 16-byte loads of its tile
+        g3 = g3.permute(2, 1, 0).contiguous().permute(2, 1, 0)
     m = cfg.meta
     grid = (l * triton.cdiv(o, m["BLOCK_O"]) * triton.cdiv(r, m["BLOCK_R"]),)
+    sgn, sgo, _ = g3.stride()
+    # the largest in-tile patch offset: every dim's (size - 1)·stride
+    span = sum((sz - 1) * st for sz, st in zip(xs.shape[1:], xs.stride()[1:]))
+    narrow = max((m["BLOCK_N"] - 1) * sgn + (m["BLOCK_O"] - 1) * sgo,
+                 (m["BLOCK_N"] - 1) * xs.stride(0) + span) < 2**31
     with _device(x):
         local_conv_grad_weight_kernel[grid](
             dw_buf, db_buf, g3, xs,
@@ -609,7 +649,7 @@ def local_conv_grad_weight(grad: torch.Tensor, x: torch.Tensor, kernel_size: lis
             *g3.stride(), *xs.stride(), *dw_buf.stride(),
             *a["k"], *a["s"], *a["lo"], *a["d"],
             _shapes.PADDING_MODE_CODES[g.padding_mode],
-            **_math_args(x.dtype, local_conv_grad_weight_kernel),
+            **_math_args(x.dtype, local_conv_grad_weight_kernel), NARROW=narrow,
             **cfg.launch_kwargs(),
         )
     return _finish(dw, dw_buf), _finish(db, db_buf)
