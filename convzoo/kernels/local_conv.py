@@ -11,7 +11,8 @@ from ``x`` inside the kernel and never written to memory:
 
 All use ``tl.dot`` on tiles ≥ 16 with fp32 accumulation (fp64 for fp64, as a broadcast-sum).
 Every rank is treated as 3-d with leading unit dims (see :mod:`convzoo.kernels.unfold`), and the
-padding modes are index math, as in unfold. Offsets are int64.
+padding modes are index math, as in unfold. Offsets are int64; the backward kernels' in-loop deltas are int32
+where the launcher proves they fit (``NARROW``), their bases int64.
 
 The weight may have any strides. The fastest layout is the one :class:`convzoo.LocalConv2d` keeps:
 physically ``[L, C_out, R]`` (``R`` contiguous), so each program streams one contiguous slab of W.
