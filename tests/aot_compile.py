@@ -39,6 +39,9 @@ DIMS = {"masked_conv_fwd": [{"M": 256, "O": 256, "K": 256, "BO": bo, "BK": bk}
 # tile constexprs that come from the dims, not from the config
 FIXED_TILES = {name: (lambda dims: {"BLOCK_O": dims["BO"], "BLOCK_K": dims["BK"]})
                for name in ("masked_conv_fwd", "masked_conv_grad_weight", "masked_conv_grad_input")}
+# masked_conv's tap walk (C/G = 256: SUB = BK, what the launchers pick) with int32 offsets and positions: the
+# specialisation a ResNet layer's launch gets
+TAP_WALK = {"SUB": None, "NARROW": True, "POS32": True}
 # patch_covariance's channels per (tap, channel block) pair come from the group's channels (the launcher's): 16 ≤ any
 # BLOCK_D compiles the several-taps-per-tile path
 FIXED_TILES["patch_covariance"] = lambda dims: {"BLOCK_C": 16}
@@ -59,7 +62,8 @@ def constexprs(fn, dtype, mode, cfg, fixed, has_bias=True):
               "HAS_BIAS": has_bias, "HAS_MASK": True, "BINARIZE": False, "TRANSPOSED": mode == 2, "READ_OUT": True,
               "FP64": fp64, "PRECISION": "tf32" if dtype == torch.float32 else "ieee",
               "UPCAST": False,  # bf16 reaches the tensor cores on a GPU (only the interpreter upcasts)
-              "ACC_DTYPE": tl.float64 if fp64 else tl.float32, **cfg.meta, **fixed}
+              "ACC_DTYPE": tl.float64 if fp64 else tl.float32, **TAP_WALK, "SUB": fixed.get("BLOCK_K"), **cfg.meta,
+              **fixed}
     return {p.name: values[p.name] for p in fn.params if p.is_constexpr}
 
 
