@@ -162,6 +162,15 @@ def _replace(model: nn.Module, swap: dict[int, nn.Module]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- sparsify
+def _constructor_args(m: nn.Module) -> tuple:
+    """The positional constructor arguments that rebuild ``m``'s configuration, for ``nn.Linear`` / ``nn.ConvNd``
+    and for the masked layers built on them (which take the same ones first)."""
+    if isinstance(m, nn.Linear):
+        return m.in_features, m.out_features, m.bias is not None
+    return (m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, m.dilation, m.groups,
+            m.bias is not None, m.padding_mode)
+
+
 def sparsify(model: nn.Module, density: float = 0.1, *, distribution: str = "erk", layers: str = "conv+linear",
              exclude=("first", "last"), kind: str = "masked", block=None, nm=None, init: str = "magnitude",
              generator: torch.Generator | None = None, **layer_kwargs) -> nn.Module:
@@ -302,11 +311,7 @@ def sparsify(model: nn.Module, density: float = 0.1, *, distribution: str = "erk
     for name, m in chosen:
         w = m.weight
         cls = _CLASSES[kind][type(m)]
-        if type(m) is nn.Linear:
-            args = (m.in_features, m.out_features, m.bias is not None)
-        else:
-            args = (m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, m.dilation, m.groups,
-                    m.bias is not None, m.padding_mode)
+        args = _constructor_args(m)
         try:
             with _fork_rng(w.device), torch.no_grad():
                 layer = cls(*args, device=w.device, dtype=w.dtype, density=None if nm else 1.0, block=block, nm=nm,
@@ -373,11 +378,7 @@ def desparsify(model: nn.Module) -> nn.Module:
         if type(m) not in known or id(m) in swap:  # (a subclass may add modules or its own forward: left alone)
             continue
         dense_cls = m._dense_class()
-        if dense_cls is nn.Linear:
-            args = (m.in_features, m.out_features, m.bias is not None)
-        else:
-            args = (m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, m.dilation, m.groups,
-                    m.bias is not None, m.padding_mode)
+        args = _constructor_args(m)
         dense = dense_cls(*args, device="meta", dtype=m.weight.dtype)  # (no values: its parameters are m's)
         with torch.no_grad():
             m.weight.masked_fill_(~m.mask, 0)
