@@ -372,6 +372,22 @@ def conv_matrix(weight: torch.Tensor, input_size, stride=1, padding=0, dilation=
                                  max_dense_elements)
 
 
+def _statistic_geometry(shape, kernel_size, stride, padding, output_padding, dilation, padding_mode,
+                        transposed: bool):
+    """``(batched, geom)`` of a patch statistic's layer (patch_covariance, ekfac_eigenvalues): ``geom`` is
+    ``(kernel, stride, padding, output_padding, dilation, padding_mode)`` as lists, a ConvTranspose's (its inverse
+    map) when ``transposed``; ``output_padding`` is refused without ``transposed``."""
+    if transposed:
+        return _covariance_transposed_args(shape, kernel_size, stride, padding, output_padding, dilation,
+                                           padding_mode)
+    if not _all_zero(output_padding):
+        raise ValueError(f"output_padding={output_padding!r} applies only with transposed=True")
+    batched, args = _resolved(_unfold_args, _cached_unfold_args, shape, kernel_size, dilation, padding, stride,
+                              padding_mode)
+    ks, dil, pad, st, pm = _as_lists(args) if batched else ([], [], [], [], padding_mode)
+    return batched, (ks, st, pad, [0] * len(ks), dil, pm)
+
+
 def patch_covariance(input: torch.Tensor, kernel_size, stride=1, padding=0, dilation=1, groups=1, *,
                      mode: str = "expand", group_reduction: str = "blocks", bias: bool = False, scale=None,
                      out: torch.Tensor | None = None, beta=None, transposed: bool = False, output_padding=0,
@@ -445,16 +461,8 @@ def patch_covariance(input: torch.Tensor, kernel_size, stride=1, padding=0, dila
     if input.requires_grad and torch.is_grad_enabled():
         raise ValueError("input requires grad, but patch_covariance is a statistic and not differentiable: pass "
                          "input.detach() (or call it under torch.no_grad())")
-    if transposed:
-        batched, geom = _covariance_transposed_args(input.shape, kernel_size, stride, padding, output_padding,
-                                                    dilation, padding_mode)
-    else:
-        if not _all_zero(output_padding):
-            raise ValueError(f"output_padding={output_padding!r} applies only with transposed=True")
-        batched, args = _resolved(_unfold_args, _cached_unfold_args, input.shape, kernel_size, dilation, padding,
-                                  stride, padding_mode)
-        ks, dil, pad, st, pm = _as_lists(args) if batched else ([], [], [], [], padding_mode)
-        geom = (ks, st, pad, [0] * len(ks), dil, pm)
+    batched, geom = _statistic_geometry(input.shape, kernel_size, stride, padding, output_padding, dilation,
+                                        padding_mode, transposed)
     if not batched:
         return patch_covariance(input[None], kernel_size, stride, padding, dilation, groups, mode=mode,
                                 group_reduction=group_reduction, bias=bias, scale=scale, out=out, beta=beta,
@@ -620,16 +628,8 @@ def ekfac_eigenvalues(input: torch.Tensor, grad_output: torch.Tensor, q_a: torch
     if kernel_size is None:
         return _ekfac_linear(input, grad_output, q_a, q_g, stride, padding, dilation, groups, bias, batch_scale,
                              coef, transposed, output_padding, padding_mode)
-    if transposed:
-        batched, geom = _covariance_transposed_args(input.shape, kernel_size, stride, padding, output_padding,
-                                                    dilation, padding_mode)
-    else:
-        if not _all_zero(output_padding):
-            raise ValueError(f"output_padding={output_padding!r} applies only with transposed=True")
-        batched, args = _resolved(_unfold_args, _cached_unfold_args, input.shape, kernel_size, dilation, padding,
-                                  stride, padding_mode)
-        ks, dil, pad, st, pm = _as_lists(args) if batched else ([], [], [], [], padding_mode)
-        geom = (ks, st, pad, [0] * len(ks), dil, pm)
+    batched, geom = _statistic_geometry(input.shape, kernel_size, stride, padding, output_padding, dilation,
+                                        padding_mode, transposed)
     if not batched:
         if grad_output.dim() != input.dim():
             raise ValueError(f"grad_output must be unbatched [C_out, *out] like input {tuple(input.shape)}, got shape "
