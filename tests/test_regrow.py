@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch._dynamo.testing
 import torch.nn.functional as F
+from _families import check_rigl_period, cubic_loss, topk_by_hand
 from torch import nn
 
 import convzoo
@@ -23,33 +24,12 @@ CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 LAYER = {1: convzoo.DynamicSparseConv1d, 2: convzoo.DynamicSparseConv2d, 3: convzoo.DynamicSparseConv3d}
 
 
-def _loss(y):
-    return (y ** 3).mean()  # not linear in y: the gradient depends on the sample, every entry differs
-
-
 def _dense_grad(layer, x):
     """Autograd's dense weight gradient of the same model as a plain convolution of ``weight·mask``."""
     w = (layer.weight.detach() * layer.mask).requires_grad_()
     y = CONV[w.dim() - 2](x, w, layer.bias, layer.stride, layer.padding, layer.dilation, layer.groups)
-    _loss(y).backward()
+    cubic_loss(y).backward()
     return w.grad
-
-
-def _topk_by_hand(mask, prune_score, regrow_score, fraction, dims):
-    """Per slice of ``dims`` (``(0,)`` or ``()``): the round(fraction·a) kept entries of lowest prune score and as
-    many dropped ones of highest regrow score (Python sorts; the data has no ties)."""
-    rows = (lambda t: t.reshape(t.shape[0], -1)) if dims else (lambda t: t.reshape(1, -1))
-    m, p, r = rows(mask), rows(prune_score), rows(regrow_score)
-    pruned, regrown = torch.zeros_like(m), torch.zeros_like(m)
-    for i in range(m.shape[0]):
-        kept = [j for j in range(m.shape[1]) if m[i, j]]
-        off = [j for j in range(m.shape[1]) if not m[i, j]]
-        k = min(round(len(kept) * fraction), len(off))
-        for j in sorted(kept, key=lambda j: p[i, j].item())[:k]:
-            pruned[i, j] = True
-        for j in sorted(off, key=lambda j: -r[i, j].item())[:k]:
-            regrown[i, j] = True
-    return pruned.view(mask.shape), regrown.view(mask.shape)
 
 
 # ---------------------------------------------------------------------------------------------- RigL
@@ -62,29 +42,7 @@ def test_gradient_regrowth_matches_the_brute_force_dense_gradient(nd, groups, pr
     size = {1: (9,), 2: (5, 6), 3: (4, 3, 5)}[nd]
     # x requires grad: the plain-torch path's backward is then one fused convolution_backward (dx and the dense dW)
     xs = [torch.randn(3, 4, *size, device=path, requires_grad=True) for _ in range(4)]
-    for i, x in enumerate(xs[:3]):  # the third forward (calls 0, 1, 2) is the update step
-        layer.zero_grad()
-        _loss(layer(x)).backward()
-        dx, x.grad = x.grad, None
-        want = _dense_grad(layer, x)
-        torch.testing.assert_close(dx, x.grad, rtol=1e-5, atol=1e-6)
-        # the weight's gradient is exactly the masked one on every step
-        torch.testing.assert_close(layer.weight.grad, want * layer.mask, rtol=1e-5, atol=1e-6)
-        if i < 2:
-            assert layer.dense_grad is None
-    dense = layer.dense_grad
-    torch.testing.assert_close(dense, want * ~layer.mask, rtol=1e-5, atol=1e-6)
-    assert torch.equal(dense[layer.mask], torch.zeros_like(dense[layer.mask]))
-    mask, w = layer.mask.clone(), layer.weight.detach().clone()
-    out = layer.prune_regrow(fraction=0.3)
-    pruned, regrown = _topk_by_hand(mask, w.abs(), want.abs(), 0.3, prune_dims)
-    assert regrown.any() and torch.equal(out.pruned, pruned) and torch.equal(out.regrown, regrown)
-    assert torch.equal(layer.mask, (mask & ~pruned) | regrown)
-    # RigL's init: regrown weights start at zero; the tap is cleared for the next period
-    assert torch.equal(layer.weight[regrown], torch.zeros_like(layer.weight[regrown])) and layer.dense_grad is None
-    # the next forwards (calls 3, 4) are not update steps
-    _loss(layer(xs[3])).backward()
-    assert layer.dense_grad is None
+    check_rigl_period(layer, xs, _dense_grad, prune_dims)
 
 
 @pytest.mark.parametrize("run", [True, False])
@@ -102,9 +60,9 @@ def test_dense_grad_tap_op_both_steps_and_opcheck(run, path):
     probe = torch.zeros_like(w, requires_grad=True)
     geom = ([1, 1], [1, 1, 1, 1], [1, 1], 1, "zeros", [16, 16])
     y = ops.masked_conv_dense_grad(x, w, probe, mask, torch.tensor(run, device=path), None, *geom)
-    _loss(y).backward()
+    cubic_loss(y).backward()
     wd = (w.detach() * mask).requires_grad_()
-    _loss(F.conv2d(x, wd, None, 1, 1)).backward()
+    cubic_loss(F.conv2d(x, wd, None, 1, 1)).backward()
     torch.testing.assert_close(w.grad, wd.grad * mask, rtol=1e-5, atol=1e-6)
     assert torch.equal(w.grad[~mask], torch.zeros_like(w.grad[~mask]))
     torch.testing.assert_close(probe.grad, wd.grad * ~mask if run else torch.zeros_like(w), rtol=1e-5, atol=1e-6)
@@ -118,7 +76,7 @@ def test_gradient_regrowth_with_blocks_pools_summed_abs_grad(path):
     layer = convzoo.DynamicSparseConv2d(16, 32, 3, padding=1, block=(16, 16), density=0.5, score="magnitude",
                                         regrow="gradient", prune_dims=(), device=path)
     x = torch.randn(2, 16, 5, 5, device=path)
-    _loss(layer(x)).backward()
+    cubic_loss(layer(x)).backward()
     g = _dense_grad(layer, x)
     torch.testing.assert_close(layer.dense_grad, g * ~layer.mask, rtol=1e-5, atol=1e-6)
 
@@ -129,7 +87,7 @@ def test_gradient_regrowth_with_blocks_pools_summed_abs_grad(path):
     out = layer.prune_regrow(fraction=0.25)
     kept = blocks(mask).any(-1).any(-1)
     p, r = blocks(w.abs()).mean((-1, -2)), blocks(g.abs()).sum((-1, -2))
-    pruned, regrown = _topk_by_hand(kept, p, r, 0.25, ())
+    pruned, regrown = topk_by_hand(kept, p, r, 0.25, ())
     assert regrown.sum() == 2
     assert torch.equal(blocks(out.mask).all(-1).all(-1), (kept & ~pruned) | regrown)
     assert torch.equal(blocks(out.mask).any(-1).any(-1), (kept & ~pruned) | regrown)  # whole blocks
@@ -139,7 +97,7 @@ def test_gradient_regrowth_keeps_nm():
     torch.manual_seed(3)
     layer = convzoo.DynamicSparseConv2d(8, 4, 3, padding=1, nm=(2, 4), score="magnitude", regrow="gradient")
     x = torch.randn(2, 8, 5, 5)
-    _loss(layer(x)).backward()
+    cubic_loss(layer(x)).backward()
     g = _dense_grad(layer, x)
     mask = layer.mask.clone()
     out = layer.prune_regrow(fraction=0.5)
@@ -158,7 +116,7 @@ def test_regrow_init_and_bad_arguments():
     assert convzoo.DynamicSparseConv2d(4, 4, 3, regrow="random").regrow_init == "init"
     layer = convzoo.DynamicSparseConv2d(4, 8, 3, density=0.5, regrow="gradient", regrow_init="init",
                                         score="magnitude")
-    _loss(layer(torch.randn(2, 4, 6, 6))).backward()
+    cubic_loss(layer(torch.randn(2, 4, 6, 6))).backward()
     out = layer.prune_regrow(fraction=0.5)
     bound = 1 / (4 * 9) ** 0.5
     fresh = layer.weight[out.regrown]
@@ -186,10 +144,10 @@ def test_gradient_tap_is_off_in_eval_no_grad_and_unbatched():
     with torch.no_grad():
         layer(x)  # a training forward (counted), with nothing to differentiate: no tap
     layer.eval()
-    _loss(layer(x)).backward()  # eval: not counted, no tap
+    cubic_loss(layer(x)).backward()  # eval: not counted, no tap
     assert layer.dense_grad is None and int(layer.calls) == 1
     layer.train()
-    _loss(layer(x)).backward()  # unbatched: a batch of one
+    cubic_loss(layer(x)).backward()  # unbatched: a batch of one
     torch.testing.assert_close(layer.dense_grad, _dense_grad(layer, x[None]) * ~layer.mask, rtol=1e-5, atol=1e-6)
 
 
@@ -204,8 +162,8 @@ def test_gradient_tap_compiled_without_recompiles():
     compiled = torch.compile(layer, backend=counter, fullgraph=True)
     xs = [torch.randn(2, 4, 6, 6) for _ in range(4)]
     for x in xs:
-        _loss(compiled(x)).backward()
-        _loss(eager(x)).backward()
+        cubic_loss(compiled(x)).backward()
+        cubic_loss(eager(x)).backward()
     assert counter.frame_count == 1
     torch.testing.assert_close(layer.dense_grad, eager.dense_grad, rtol=1e-5, atol=1e-6)
     # steps 2 and 4 tapped: the sum of their dense gradients at the masked entries
@@ -218,7 +176,7 @@ def test_set_prunes_by_magnitude_and_regrows_uniformly_among_inactive():
     layer = convzoo.DynamicSparseConv2d(3, 4, 3, density=0.5, score="magnitude", regrow="random")
     mask, w = layer.mask.clone(), layer.weight.detach().clone()
     out = layer.prune_regrow(fraction=0.4, generator=torch.Generator().manual_seed(0))
-    pruned, _ = _topk_by_hand(mask, w.abs(), torch.zeros_like(w), 0.4, (0,))
+    pruned, _ = topk_by_hand(mask, w.abs(), torch.zeros_like(w), 0.4, (0,))
     assert torch.equal(out.pruned, pruned)
     assert not (out.regrown & mask).any() and torch.equal(out.regrown.sum((1, 2, 3)), pruned.sum((1, 2, 3)))
     # uniform among the inactive: over many draws from the same state every inactive entry is chosen about
@@ -247,7 +205,7 @@ def test_global_scope_prunes_the_globally_smallest_and_keeps_every_count(regrow)
     total = sum(int(m.mask.sum()) for m in layers)
     for _step in range(3):
         if regrow == "gradient":
-            _loss(model(torch.randn(2, 3, 7, 7))).backward()
+            cubic_loss(model(torch.randn(2, 3, 7, 7))).backward()
         masks = [m.mask.clone() for m in layers]
         mags = torch.cat([m.weight.detach().abs().flatten() for m in layers])
         kept = torch.cat([m.flatten() for m in masks])
@@ -319,7 +277,7 @@ def test_global_scope_ranks_whole_blocks_with_entries_and_counts_in_weights(regr
     counts = [int(m.mask.sum()) for m in (blocky, plain, nm)]
     for _step in range(3):
         if regrow == "gradient":
-            _loss(model(torch.randn(2, 16, 5, 5))).backward()
+            cubic_loss(model(torch.randn(2, 16, 5, 5))).backward()
         tiles = _tile_units(blocky)
         masks = [m.mask.clone() for m in (blocky, plain, nm)]
         units = [(s, n, ("t", i)) for i, (k, s, n, _) in enumerate(tiles) if k]

@@ -15,35 +15,17 @@ import torch
 import torch._dynamo.testing
 import torch.fx
 import torch.nn.functional as F
+from _families import check_rigl_period, cubic_loss
 from torch import nn
 
 import convzoo
 from convzoo.layers.dynamic_sparse import PruneRegrowSchedule
 
 
-def _loss(y):
-    return (y ** 3).mean()
-
-
 def _linear_dense_grad(layer, x):
     w = (layer.weight.detach() * layer.mask).requires_grad_()
-    _loss(F.linear(x, w, layer.bias)).backward()
+    cubic_loss(F.linear(x, w, layer.bias)).backward()
     return w.grad
-
-
-def _topk_rows(mask, prune_score, regrow_score, fraction):
-    """Per output row: the round(fraction·a) kept entries of lowest prune score, as many dropped ones of highest
-    regrow score (Python sorts; continuous data, no ties)."""
-    pruned, regrown = torch.zeros_like(mask), torch.zeros_like(mask)
-    for i in range(mask.shape[0]):
-        kept = [j for j in range(mask.shape[1]) if mask[i, j]]
-        off = [j for j in range(mask.shape[1]) if not mask[i, j]]
-        k = min(round(len(kept) * fraction), len(off))
-        for j in sorted(kept, key=lambda j: prune_score[i, j].item())[:k]:
-            pruned[i, j] = True
-        for j in sorted(off, key=lambda j: -regrow_score[i, j].item())[:k]:
-            regrown[i, j] = True
-    return pruned, regrown
 
 
 # ---------------------------------------------------------------------------------------------- RigL on Linear
@@ -53,26 +35,7 @@ def test_linear_gradient_regrowth_matches_the_brute_force_dense_gradient(path):
                                         device=path)
     assert layer.regrow_init == "zeros"
     xs = [torch.randn(2, 3, 12, device=path, requires_grad=True) for _ in range(4)]  # leading dims: samples
-    for i, x in enumerate(xs[:3]):  # the third forward is the update step
-        layer.zero_grad()
-        _loss(layer(x)).backward()
-        dx, x.grad = x.grad, None
-        want = _linear_dense_grad(layer, x)
-        torch.testing.assert_close(dx, x.grad, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(layer.weight.grad, want * layer.mask, rtol=1e-5, atol=1e-6)
-        if i < 2:
-            assert layer.dense_grad is None
-    dense = layer.dense_grad
-    torch.testing.assert_close(dense, want * ~layer.mask, rtol=1e-5, atol=1e-6)
-    assert torch.equal(dense[layer.mask], torch.zeros_like(dense[layer.mask]))
-    mask, w = layer.mask.clone(), layer.weight.detach().clone()
-    out = layer.prune_regrow(fraction=0.3)
-    pruned, regrown = _topk_rows(mask, w.abs(), want.abs(), 0.3)
-    assert regrown.any() and torch.equal(out.pruned, pruned) and torch.equal(out.regrown, regrown)
-    assert torch.equal(layer.mask, (mask & ~pruned) | regrown)
-    assert torch.equal(layer.weight[regrown], torch.zeros_like(layer.weight[regrown])) and layer.dense_grad is None
-    _loss(layer(xs[3])).backward()  # not an update step
-    assert layer.dense_grad is None
+    check_rigl_period(layer, xs, _linear_dense_grad)
 
 
 def test_linear_gradient_tap_unbatched_off_in_eval_and_no_grad():
@@ -82,10 +45,10 @@ def test_linear_gradient_tap_unbatched_off_in_eval_and_no_grad():
     with torch.no_grad():
         layer(x)
     layer.eval()
-    _loss(layer(x)).backward()
+    cubic_loss(layer(x)).backward()
     assert layer.dense_grad is None and int(layer.calls) == 1
     layer.train()
-    _loss(layer(x)).backward()  # a 1-d input: one sample
+    cubic_loss(layer(x)).backward()  # a 1-d input: one sample
     torch.testing.assert_close(layer.dense_grad, _linear_dense_grad(layer, x) * ~layer.mask, rtol=1e-5, atol=1e-6)
 
 
@@ -101,8 +64,8 @@ def test_linear_gradient_tap_compiled_without_recompiles(path):
     for i, x in enumerate(xs):
         if i % 2:  # steps 2 and 4 tap: the sum of their dense gradients at the masked entries
             want += _linear_dense_grad(eager, x) * ~eager.mask
-        _loss(compiled(x)).backward()
-        _loss(eager(x)).backward()
+        cubic_loss(compiled(x)).backward()
+        cubic_loss(eager(x)).backward()
     assert counter.frame_count == 1
     torch.testing.assert_close(eager.dense_grad, want, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(layer.dense_grad, want, rtol=1e-5, atol=1e-6)
@@ -140,8 +103,8 @@ def test_torch_func_grad_jvp_vmap_in_train_mode(make):
     def f(p, x):
         return torch.func.functional_call(layer, (p, buffers), (x,))
 
-    got = torch.func.grad(lambda p: _loss(f(p, x)))(params)
-    want = torch.func.grad(lambda p: _loss(ref(p, x)))(params)
+    got = torch.func.grad(lambda p: cubic_loss(f(p, x)))(params)
+    want = torch.func.grad(lambda p: cubic_loss(ref(p, x)))(params)
     for k in want:
         torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6)
     tangent = {k: torch.randn_like(v) for k, v in params.items()}
@@ -150,8 +113,8 @@ def test_torch_func_grad_jvp_vmap_in_train_mode(make):
     torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(dy, dy_ref, rtol=1e-5, atol=1e-6)
     # per-sample gradients (vmap of grad)
-    got = torch.func.vmap(torch.func.grad(lambda p, xi: _loss(f(p, xi[None]))), (None, 0))(params, x)
-    want = torch.func.vmap(torch.func.grad(lambda p, xi: _loss(ref(p, xi[None]))), (None, 0))(params, x)
+    got = torch.func.vmap(torch.func.grad(lambda p, xi: cubic_loss(f(p, xi[None]))), (None, 0))(params, x)
+    want = torch.func.vmap(torch.func.grad(lambda p, xi: cubic_loss(ref(p, xi[None]))), (None, 0))(params, x)
     for k in want:
         torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6)
     # under a transform the layer is a pure function: no statistics, no counter step, no gradient tap
