@@ -188,10 +188,11 @@ def _cnn():
                          nn.Flatten(), nn.Linear(2 * 10 * 12, 4))
 
 
-def _train(batch_sizes, compiled: bool):
-    """3 SGD steps of ``_cnn`` with KFACFactors hooked: (factors, losses, compiled frames)."""
+def _train(batch_sizes, compiled: bool, gradients: bool = False, dynamic: bool = True):
+    """SGD steps of ``_cnn`` with KFACFactors hooked (and its gradient factors with ``gradients``), one per batch
+    size, the step compiled (fullgraph, ``dynamic``) or eager: (the KFACFactors, losses, compiled frames)."""
     model = _cnn()
-    kfac = KFACFactors(model, beta=BETA)
+    kfac = KFACFactors(model, beta=BETA, gradients=gradients)
     params = list(model.parameters())
 
     def step(x, y):
@@ -205,12 +206,12 @@ def _train(batch_sizes, compiled: bool):
     counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
     if compiled:
         torch._dynamo.reset()
-        step = torch.compile(step, fullgraph=True, dynamic=True, backend=counter)
+        step = torch.compile(step, fullgraph=True, dynamic=dynamic, backend=counter)
     g = torch.Generator().manual_seed(1)
     losses = []
     for n in batch_sizes:  # N = 1 would get its own graph (0/1 specialisation)
         losses.append(step(torch.randn(n, 2, 5, 6, generator=g), torch.randn(n, 4, generator=g)))
-    return kfac.factors, losses, counter.frame_count
+    return kfac, losses, counter.frame_count
 
 
 # autograd.grad inside the compiled step needs trace_autograd_ops; H != W, and no duck sizing either
@@ -222,9 +223,9 @@ def test_compiled_training_step_accumulates_the_eager_factors():
     sizes = (2, 2, 3)
     eager, eager_losses, _ = _train(sizes, compiled=False)
     comp, comp_losses, frames = _train(sizes, compiled=True)
-    assert list(comp) == ["0", "2", "4"]
-    for name in eager:
-        torch.testing.assert_close(comp[name], eager[name], atol=1e-5, rtol=1e-5)
+    assert list(comp.factors) == ["0", "2", "4"]
+    for name in eager.factors:
+        torch.testing.assert_close(comp.factors[name], eager.factors[name], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(torch.stack(comp_losses), torch.stack(eager_losses))
     # one graph for the first update (beta = 0), one for the later ones; the batch size is dynamic
     assert frames == 2

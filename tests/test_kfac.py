@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch._dynamo.testing
 import torch.nn.functional as F
-from test_curvature import LAYERS, _conv_patches
+from test_curvature import LAYERS, _conv_patches, _train
 from torch import nn
 
 import convzoo
@@ -395,33 +395,10 @@ def test_compiled_training_step_with_gradient_factors():
     on the output's tensor hook with dynamic shapes ("autograd_function_apply referenced nonexistent value"): there
     the step compiles static (one more graph for the new batch size)."""
     dynamic = torch.__version__ >= "2.12"
-    def train(compiled):
-        torch.manual_seed(0)
-        model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.ConvTranspose2d(3, 2, 2, stride=2),
-                              nn.Flatten(), nn.Linear(2 * 10 * 12, 4))
-        kfac = KFACFactors(model, beta=0.75, gradients=True)
-        params = list(model.parameters())
-
-        def step(x, y):
-            loss = F.mse_loss(model(x), y)
-            grads = torch.autograd.grad(loss, params)
-            with torch.no_grad():
-                for p, g in zip(params, grads):
-                    p.sub_(0.1 * g)
-            return loss.detach()
-
-        counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
-        if compiled:
-            torch._dynamo.reset()
-            step = torch.compile(step, fullgraph=True, dynamic=dynamic, backend=counter)
-        gen = torch.Generator().manual_seed(1)
-        for n in (2, 2, 3):
-            step(torch.randn(n, 2, 5, 6, generator=gen), torch.randn(n, 4, generator=gen))
-        return kfac, counter.frame_count
-
-    eager, _ = train(False)
-    comp, frames = train(True)
+    eager, eager_losses, _ = _train((2, 2, 3), compiled=False, gradients=True, dynamic=dynamic)
+    comp, comp_losses, frames = _train((2, 2, 3), compiled=True, gradients=True, dynamic=dynamic)
     torch._dynamo.reset()
+    torch.testing.assert_close(torch.stack(comp_losses), torch.stack(eager_losses))
     for name in eager.factors:
         assert comp.gradient_factors[name].abs().sum() > 0
         torch.testing.assert_close(comp.gradient_factors[name], eager.gradient_factors[name], atol=1e-5, rtol=1e-5)
