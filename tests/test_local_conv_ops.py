@@ -5,6 +5,7 @@ errors for bad input."""
 import pytest
 import torch
 import torch._dynamo.testing
+from compile_checks import assert_compiles_once
 from torch import nn
 
 import convzoo
@@ -95,14 +96,8 @@ def _fwd_bwd(model, x):
 def test_compile_fullgraph_dynamic_no_recompile(kernel_device):
     torch._dynamo.reset()
     model = _Net().to(kernel_device)
-    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
-    compiled = torch.compile(model, fullgraph=True, dynamic=True, backend=counter)
-    for n in (2, 3, 5):  # N = 1 would be specialised
-        x = torch.randn(n, 2, 5, 6, device=kernel_device)
-        for a, b in zip(_fwd_bwd(compiled, x), _fwd_bwd(model, x)):
-            torch.testing.assert_close(a, b)
-    assert counter.frame_count == 1
-    torch._dynamo.reset()
+    # N = 1 would be specialised
+    assert_compiles_once(model, [torch.randn(n, 2, 5, 6, device=kernel_device) for n in (2, 3, 5)], _fwd_bwd)
 
 
 @pytest.mark.slow

@@ -4,6 +4,7 @@ and clear errors for bad input."""
 import pytest
 import torch
 import torch._dynamo.testing
+from compile_checks import assert_compiles_once
 from torch import nn
 
 import convzoo
@@ -85,14 +86,9 @@ def test_compile_fullgraph_matches_eager(kernel_device):
 def test_compile_dynamic_no_recompile(kernel_device):
     torch._dynamo.reset()
     model = _Net().to(kernel_device)
-    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
-    compiled = torch.compile(model, fullgraph=True, dynamic=True, backend=counter)
-    for shape in [(2, 3, 6, 7), (3, 3, 9, 5)]:  # N = 1 would be specialised
-        x = torch.randn(shape, device=kernel_device)
-        for a, b in zip(_fwd_bwd(compiled, x), _fwd_bwd(model, x)):
-            torch.testing.assert_close(a, b)
-    assert counter.frame_count == 1
-    torch._dynamo.reset()
+    # N = 1 would be specialised
+    assert_compiles_once(model, [torch.randn(shape, device=kernel_device) for shape in [(2, 3, 6, 7), (3, 3, 9, 5)]],
+                         _fwd_bwd)
 
 
 @pytest.mark.slow
