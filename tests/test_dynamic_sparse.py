@@ -5,16 +5,14 @@ torch.compile(fullgraph=True, dynamic=True) of a training step (recompiles count
 under a fullgraph compile), DistributedDataParallel with gloo on 2 processes against one process on the
 concatenated batch, and bad input."""
 
-import datetime
+import functools
 import math
-import os
 
 import pytest
 import torch
 import torch._dynamo.testing
 import torch._inductor.config
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from _families import assert_two_ranks_match_one_process
 from torch import nn
 
 import convzoo
@@ -199,10 +197,10 @@ def _batches():
     return [torch.randn(4, 4, 6, 6, generator=g) for _ in range(4)]
 
 
-def _train(model, batches, rank=None, world=1):
+def _train(model, rank=None, world=1):
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     sched = convzoo.PruneRegrowSchedule(model, opt, every=2)
-    for x in batches:
+    for x in _batches():
         if rank is not None:
             x = x.chunk(world)[rank]
         model(x).square().mean().backward()
@@ -212,23 +210,10 @@ def _train(model, batches, rank=None, world=1):
     return model
 
 
-def _worker(rank, world, out_dir, wrap):
-    # a file rendezvous (no port to race for) and a timeout: a lost peer fails the test instead of hanging it
-    dist.init_process_group("gloo", init_method=f"file://{os.path.join(out_dir, 'store')}", rank=rank,
-                            world_size=world, timeout=datetime.timedelta(seconds=120))
-    try:
-        model = _model(wrap)
-        if wrap in ("ddp", "ddp_rigl"):
-            _train(nn.parallel.DistributedDataParallel(model), _batches(), rank, world)
-        else:  # FSDP2: the parameters become sharded DTensors
-            from torch.distributed.fsdp import fully_shard
+def _fully_shard(model):
+    from torch.distributed.fsdp import fully_shard  # FSDP2: the parameters become sharded DTensors
 
-            _train(fully_shard(model), _batches(), rank, world)
-        state = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach()
-                 for k, v in model.state_dict().items()}
-        torch.save(state, os.path.join(out_dir, f"{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+    return fully_shard(model)
 
 
 @pytest.mark.slow
@@ -237,12 +222,9 @@ def test_distributed_two_processes_match_one_process_on_the_concatenated_batch(t
     """gloo, 2 CPU processes, 4 steps with 2 prune/regrow steps, under DistributedDataParallel and under FSDP2's
     fully_shard (sharded DTensor weights): both ranks end with identical masks, weights and statistics, equal to
     one process training on the whole batch (the gradients are averaged; the counts are all-reduced)."""
-    mp.spawn(_worker, args=(2, str(tmp_path), wrap), nprocs=2, join=True)
-    r0, r1 = (torch.load(tmp_path / f"{r}.pt") for r in (0, 1))
-    single = _train(_model(wrap), _batches()).state_dict()
-    for k in r0:
-        assert torch.equal(r0[k], r1[k]), k
-        torch.testing.assert_close(r0[k], single[k], atol=1e-5, rtol=1e-5, msg=k)
+    r0 = assert_two_ranks_match_one_process(
+        tmp_path, functools.partial(_model, wrap), _train, atol=1e-5, rtol=1e-5,
+        wrap=_fully_shard if wrap == "fully_shard" else nn.parallel.DistributedDataParallel)
     assert not r0["0.mask"].all()
 
 

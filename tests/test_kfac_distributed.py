@@ -1,14 +1,10 @@
 """convzoo.KFAC under DistributedDataParallel (gloo, 2 CPU processes): the factors are all-reduced before each
 eigendecomposition, so both ranks precondition identically, and as one process on the concatenated batch."""
 
-import datetime
-import os
-
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
+from _families import assert_two_ranks_match_one_process
 from torch import nn
 
 import convzoo
@@ -39,25 +35,8 @@ def _train(model, rank=None, world=1):
     return model
 
 
-def _worker(rank, world, out_dir):
-    # a file rendezvous (no port to race for) and a timeout: a lost peer fails the test instead of hanging it
-    dist.init_process_group("gloo", init_method=f"file://{os.path.join(out_dir, 'store')}", rank=rank,
-                            world_size=world, timeout=datetime.timedelta(seconds=120))
-    try:
-        model = _model()
-        _train(nn.parallel.DistributedDataParallel(model), rank, world)
-        torch.save({k: v.detach() for k, v in model.state_dict().items()}, os.path.join(out_dir, f"{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-
-
 @pytest.mark.slow
 def test_two_ranks_precondition_identically_and_as_one_process(tmp_path):
     """Each rank's local factors differ (half the batch each); all-reduced before each inverse they are the
     whole batch's (the EMA is linear), so both ranks end with the same weights as one process on it."""
-    mp.spawn(_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
-    r0, r1 = (torch.load(tmp_path / f"{r}.pt") for r in (0, 1))
-    single = _train(_model()).state_dict()
-    for k in r0:
-        assert torch.equal(r0[k], r1[k]), k
-        torch.testing.assert_close(r0[k], single[k], atol=1e-10, rtol=1e-10, msg=k)
+    assert_two_ranks_match_one_process(tmp_path, _model, _train, atol=1e-10, rtol=1e-10)

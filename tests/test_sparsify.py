@@ -5,14 +5,11 @@ round trip through desparsify, bad arguments; and the issue's done-when: a spars
 with PruneRegrowSchedule under torch.compile(fullgraph=True) with the exact total density (and, with block, the
 visited-tile fraction) at every update, and under DistributedDataParallel with 2 gloo ranks."""
 
-import datetime
 import math
-import os
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from _families import assert_two_ranks_match_one_process
 from torch import nn
 
 import convzoo
@@ -432,10 +429,10 @@ def _batches():
     return [(torch.randn(4, 16, 6, 6, generator=g), torch.randint(0, 10, (4,), generator=g)) for _ in range(4)]
 
 
-def _train(model, batches, rank=None, world=1):
+def _train(model, rank=None, world=1):
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     sched = convzoo.PruneRegrowSchedule(model, opt, every=2)
-    for x, t in batches:
+    for x, t in _batches():
         if rank is not None:
             x, t = x.chunk(world)[rank], t.chunk(world)[rank]
         nn.functional.cross_entropy(model(x), t).backward()
@@ -445,27 +442,11 @@ def _train(model, batches, rank=None, world=1):
     return model
 
 
-def _worker(rank, world, out_dir):
-    dist.init_process_group("gloo", init_method=f"file://{os.path.join(out_dir, 'store')}", rank=rank,
-                            world_size=world, timeout=datetime.timedelta(seconds=120))
-    try:
-        model = _ddp_model()
-        _train(nn.parallel.DistributedDataParallel(model), _batches(), rank, world)
-        torch.save({k: v.detach() for k, v in model.state_dict().items()}, os.path.join(out_dir, f"{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-
-
 @pytest.mark.slow
 def test_a_sparsified_model_under_ddp_stays_identical_on_two_ranks(tmp_path):
     """gloo, 2 CPU processes, 4 steps with 2 prune/regrow steps of a sparsify'd conv + linear model: both ranks end
     with identical masks, weights and statistics, equal to one process on the whole batch."""
-    mp.spawn(_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
-    r0, r1 = (torch.load(tmp_path / f"{r}.pt") for r in (0, 1))
-    single = _train(_ddp_model(), _batches()).state_dict()
-    for k in r0:
-        assert torch.equal(r0[k], r1[k]), k
-        torch.testing.assert_close(r0[k], single[k], atol=1e-5, rtol=1e-5, msg=k)
+    r0 = assert_two_ranks_match_one_process(tmp_path, _ddp_model, _train, atol=1e-5, rtol=1e-5)
     masks = [k for k in r0 if k.endswith("mask")]
     assert len(masks) == 4 and sum(int(r0[k].sum()) for k in masks) == sum(int(v.sum()) for k, v in
                                                                            _ddp_model().state_dict().items()
