@@ -3,6 +3,12 @@
 - RigL (``regrow='gradient'``) on a dynamic-sparse layer, conv or linear: ``topk_by_hand`` (the oracle of which
   connections one prune/regrow step swaps) and ``check_rigl_period`` (one update period against the caller's own
   brute-force dense gradient).
+- A kernel launcher's tables (the masked_conv forward, grad-input and grad-weight tests): ``assert_matches_reference``
+  (an output against its float64 reference), ``check_config_space`` (every heuristic default and candidate of a
+  kernel's autotune spec is one the table reader accepts),
+  ``density_mask`` (the masks of a density id), ``assert_refuses`` (one row of a bad-input table, from the
+  ``BAD_INPUT_GEOMETRY`` every masked_conv launcher's accepted case has), ``float32_matmul_precision`` (torch's
+  setting, restored).
 - Two gloo ranks against one process: ``assert_two_ranks_match_one_process`` trains the caller's model under
   DistributedDataParallel (or another wrapper) in 2 CPU processes and compares both ranks' final state with one
   process trained on the whole batch.
@@ -13,13 +19,18 @@ training loop): the helper holds the loop and the assertions, never the oracle o
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from problems import TOL
 from torch import nn
+
+from convzoo import autotune
 
 TAP = dict(rtol=1e-5, atol=1e-6)  # the tapped gradients against autograd's: fp32 sums in another order
 
@@ -78,6 +89,79 @@ def check_rigl_period(layer, xs, dense_grad, prune_dims=(0,)):
     # the next forward (call 3) is not an update step
     cubic_loss(layer(xs[3])).backward()
     assert layer.dense_grad is None
+
+
+# ---------------------------------------------------------------------------------------------- launchers
+def assert_matches_reference(got, want, dtype):
+    """``got``, a launcher's output in ``dtype``, is allocated like its float64 reference ``want`` (same shape,
+    contiguous) and within ``dtype``'s tolerance of it."""
+    assert got.shape == want.shape and got.dtype == dtype and got.is_contiguous()
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(got.double(), want, atol=atol, rtol=rtol)
+
+
+def check_config_space(name, blocks, dims, dtype, bounds=None, keep_default=False):
+    """The autotune spec ``name`` at every block ``(BO, BK)`` of ``blocks`` and ``M`` positions in (1, 7, 100,
+    4096, 10^6) (``dims``: the other lookup dims): the heuristic default is the same for raw and bucketed dims
+    and (with ``keep_default``, even by the ``keep`` rule) one the table reader accepts; so is every candidate;
+    each has ``BLOCK_M`` a power of two, >= 16 where tl.dot runs (not fp64's broadcast-sum), and passes the
+    family's own ``bounds(cfg, bo, bk)``; every block has candidates."""
+    spec = autotune.get_spec(name)
+    for bo in blocks:
+        for bk in blocks:
+            for m in (1, 7, 100, 4096, 10**6):
+                raw = {"M": m, **dims, "BO": bo, "BK": bk}
+                bucketed = {d: autotune.bucket(v) for d, v in raw.items()}
+                default = spec.default_config(raw, dtype, False)
+                assert default == spec.default_config(bucketed, dtype, False)
+                spec.check(default, dtype, bucketed)
+                assert spec.space.keep(default, dtype) or not keep_default, default
+                cands = list(spec.candidates(bucketed, dtype))
+                for cfg in [default, *cands]:
+                    spec.check(cfg, dtype, bucketed)
+                    bm = cfg.meta["BLOCK_M"]
+                    assert bm & (bm - 1) == 0 and (bm >= 16 or dtype == torch.float64), cfg
+                    if bounds is not None:
+                        bounds(cfg, bo, bk)
+            assert cands, (bo, bk)
+
+
+def density_mask(shape, density, whole_blocks):
+    """A bool mask of ``shape``: ``"zero"``, ``"one"``, ``"block<share>"`` (``whole_blocks(share)``: the family's
+    own mask of whole kept blocks), or a float (random elements, each kept with that probability)."""
+    if density == "zero":
+        return torch.zeros(shape, dtype=torch.bool)
+    if density == "one":
+        return torch.ones(shape, dtype=torch.bool)
+    if isinstance(density, str):
+        return whole_blocks(float(density.removeprefix("block")))
+    return torch.rand(shape) < density
+
+
+# the accepted base case of every masked_conv launcher's bad-input table: 3x3, stride 1, padding 1, 2 groups
+BAD_INPUT_GEOMETRY = dict(kernel_size=[3, 3], dilation=[1, 1], padding=[1, 1, 1, 1], stride=[1, 1],
+                          padding_mode="zeros", groups=2, block=(16, 16))
+
+
+def assert_refuses(launcher, args, case):
+    """One row ``(changes, exc, match)`` of a bad-input table: each change ``name: f(args)`` replaces one of the
+    accepted ``args`` (each file's ``_good``); the launcher raises ``exc`` matching ``match``."""
+    changes, exc, match = case
+    for name, f in changes.items():
+        args[name] = f(args)
+    with pytest.raises(exc, match=match):
+        launcher(**args)
+
+
+@contextlib.contextmanager
+def float32_matmul_precision(precision):
+    """``torch.set_float32_matmul_precision(precision)`` inside the block, the previous setting after it."""
+    old = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(old)
 
 
 # ---------------------------------------------------------------------------------------------- two ranks

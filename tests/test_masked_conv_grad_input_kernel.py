@@ -9,6 +9,7 @@ a brute-force loop over the blocks, independent of ``convzoo.sparsity`` (one tes
 
 import math
 
+import _families as fam
 import pytest
 import torch
 import torch.nn.functional as F
@@ -60,13 +61,7 @@ def input_block_mask(shape, groups: int, block, density: float) -> torch.Tensor:
 
 def make_mask(shape, groups, block, density) -> torch.Tensor:
     """``density``: a float (random elements), ``"block0.5"`` (whole grad-input blocks), ``"zero"`` or ``"one"``."""
-    if density == "zero":
-        return torch.zeros(shape, dtype=torch.bool)
-    if density == "one":
-        return torch.ones(shape, dtype=torch.bool)
-    if isinstance(density, str):
-        return input_block_mask(shape, groups, block, float(density.removeprefix("block")))
-    return torch.rand(shape) < density
+    return fam.density_mask(shape, density, lambda share: input_block_mask(shape, groups, block, share))
 
 
 def grad_input_ref(grad, weight, input_size, stride, padding, dilation, groups, mode):
@@ -140,9 +135,7 @@ def _check(key, density, block=(16, 16), dtype=torch.float64, config=None, devic
     mask = make_mask(w.shape, geo["groups"], block, density).to(device)
     dx = run(grad, w, mask, *_geo_args(geo), block, config)
     want = _ref(grad, w * mask, geo)
-    assert dx.shape == want.shape and dx.dtype == dtype and dx.is_contiguous()
-    atol, rtol = TOL[dtype]
-    torch.testing.assert_close(dx.double(), want, atol=atol, rtol=rtol)
+    fam.assert_matches_reference(dx, want, dtype)
     return dx, want
 
 
@@ -228,12 +221,8 @@ def test_dtypes(key, dtype, kernel_device):
 
 def test_fp32_follows_torch_matmul_precision(kernel_device):
     """'highest' asks for IEEE fp32 products: within fp32's tolerance of the float64 reference."""
-    old = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("highest")
-    try:
+    with fam.float32_matmul_precision("highest"):
         _check("2d_K3_P1", 1.0, dtype=torch.float32, device=kernel_device)
-    finally:
-        torch.set_float32_matmul_precision(old)
 
 
 @pytest.mark.parametrize("layout", ["grad_channels_last", "grad_sliced", "grad_expanded", "weight_channels_last",
@@ -344,26 +333,17 @@ def test_configs_are_in_the_declared_space(dtype):
     BLOCK_K (the block is a lookup dim, so no config can disagree with the lists)."""
     spec = autotune.get_spec(SPEC)
     assert set(spec.space.tiles) == {"BLOCK_M"} and set(spec.dims) == {"M", "C", "K", "BO", "BK"}
-    for bo in kernels.BLOCK_SIZES:
-        for bk in kernels.BLOCK_SIZES:
-            for m in (1, 7, 100, 4096, 10**6):
-                dims = {"M": m, "C": 256, "K": 1152, "BO": bo, "BK": bk}
-                bucketed = {d: autotune.bucket(v) for d, v in dims.items()}
-                default = spec.default_config(dims, dtype, False)
-                assert default == spec.default_config(bucketed, dtype, False)
-                spec.check(default, dtype, bucketed)
-                cands = list(spec.candidates(bucketed, dtype))
-                for cfg in [default, *cands]:
-                    spec.check(cfg, dtype, bucketed)
-                    bm = cfg.meta["BLOCK_M"]
-                    assert bm & (bm - 1) == 0 and (bm >= 16 or dtype == torch.float64), cfg
-                    if dtype == torch.float64:
-                        assert bm * bo * bk <= 8192 or bm == 1, cfg
-                    else:
-                        elem = 4 if dtype == torch.float32 else 2
-                        assert bm * bk <= 64 * 32 * cfg.num_warps, cfg
-                        assert cfg.num_stages * (bm + bk) * bo * elem <= 160 * 1024, cfg
-            assert cands, (bo, bk)
+
+    def budget(cfg, bo, bk):
+        bm = cfg.meta["BLOCK_M"]
+        if dtype == torch.float64:
+            assert bm * bo * bk <= 8192 or bm == 1, cfg
+        else:
+            elem = 4 if dtype == torch.float32 else 2
+            assert bm * bk <= 64 * 32 * cfg.num_warps, cfg
+            assert cfg.num_stages * (bm + bk) * bo * elem <= 160 * 1024, cfg
+
+    fam.check_config_space(SPEC, kernels.BLOCK_SIZES, {"C": 256, "K": 1152}, dtype, budget)
 
 
 def test_every_candidate_config_runs(kernel_device):
@@ -390,9 +370,7 @@ def _good(device="cpu"):
     grad = torch.randn(2, 6, 6, 6, device=device)
     w = torch.randn(6, 2, 3, 3, device=device)
     count, index = kernels.dense_grad_input_lists(w, 2, (16, 16))
-    return dict(grad=grad, weight=w, t_count=count, t_index=index, input_size=[6, 6], kernel_size=[3, 3],
-                dilation=[1, 1], padding=[1, 1, 1, 1], stride=[1, 1], padding_mode="zeros", groups=2,
-                block=(16, 16))
+    return dict(grad=grad, weight=w, t_count=count, t_index=index, input_size=[6, 6], **fam.BAD_INPUT_GEOMETRY)
 
 
 def _randn(a, *shape):
@@ -429,9 +407,4 @@ BAD = {
 
 @pytest.mark.parametrize("case", sorted(BAD))
 def test_bad_input(case, kernel_device):
-    args = _good(kernel_device)
-    changes, exc, match = BAD[case]
-    for name, f in changes.items():
-        args[name] = f(args)
-    with pytest.raises(exc, match=match):
-        kernels.masked_conv_grad_input(**args)
+    fam.assert_refuses(kernels.masked_conv_grad_input, _good(kernel_device), BAD[case])

@@ -9,6 +9,7 @@ forward tests' brute-force ones (independent of convzoo.sparsity), except where 
 
 import math
 
+import _families as fam
 import pytest
 import torch
 import torch.nn.functional as F
@@ -73,9 +74,7 @@ def _check(key, density, block=(16, 16), dtype=torch.float64, config=None, devic
     mask = make_mask(weight_size, geo["groups"], block, density).to(device)
     dw = _run(dy, x, mask, weight_size, geo, block, config)
     want = _ref(dy, x, weight_size, geo, mask)
-    assert dw.shape == want.shape and dw.dtype == dtype and dw.is_contiguous()
-    atol, rtol = TOL[dtype]
-    torch.testing.assert_close(dw.double(), want, atol=atol, rtol=rtol)
+    fam.assert_matches_reference(dw, want, dtype)
     assert (dw[~mask] == 0).all()  # exactly: the mask's zeros are stored, not computed
     return dw
 
@@ -176,12 +175,8 @@ def test_dtypes(key, dtype, kernel_device):
 
 
 def test_fp32_follows_torch_matmul_precision(kernel_device):
-    old = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("highest")
-    try:
+    with fam.float32_matmul_precision("highest"):
         _check("2d_K3_P1", "one", dtype=torch.float32, device=kernel_device)
-    finally:
-        torch.set_float32_matmul_precision(old)
 
 
 @pytest.mark.parametrize("layout", ["channels_last", "sliced", "mask_permuted"])
@@ -280,21 +275,12 @@ def test_configs_are_in_the_declared_space(dtype):
     same for a key's raw and bucketed dims; the space holds no BLOCK_O / BLOCK_K (the block is a lookup dim)."""
     spec = autotune.get_spec(NAME)
     assert set(spec.space.tiles) == {"BLOCK_M", "SPLIT"} and set(spec.dims) == {"M", "O", "K", "BO", "BK"}
-    for bo in kernels.BLOCK_SIZES:
-        for bk in kernels.BLOCK_SIZES:
-            for m in (1, 7, 100, 4096, 10**6):
-                dims = {"M": m, "O": 200, "K": 1152, "BO": bo, "BK": bk}
-                bucketed = {d: autotune.bucket(v) for d, v in dims.items()}
-                default = spec.default_config(dims, dtype, False)
-                assert default == spec.default_config(bucketed, dtype, False)
-                assert spec.space.keep(default, dtype)
-                cands = list(spec.candidates(bucketed, dtype))
-                for cfg in [default, *cands]:
-                    spec.check(cfg, dtype, bucketed)
-                    bm, split = cfg.meta["BLOCK_M"], cfg.meta["SPLIT"]
-                    assert bm & (bm - 1) == 0 and (bm >= 16 or dtype == torch.float64), cfg
-                    assert split & (split - 1) == 0 and 1 <= split <= 64, cfg
-            assert cands, (bo, bk)
+
+    def split_bounds(cfg, bo, bk):
+        split = cfg.meta["SPLIT"]
+        assert split & (split - 1) == 0 and 1 <= split <= 64, cfg
+
+    fam.check_config_space(NAME, kernels.BLOCK_SIZES, {"O": 200, "K": 1152}, dtype, split_bounds, keep_default=True)
 
 
 def test_heuristic_splits_when_tiles_are_few():
@@ -342,8 +328,7 @@ def _good(device="cpu"):
     dy = torch.randn(2, 6, 6, 6, device=device)
     count, index = kernels.dense_tile_lists(torch.empty(6, 2, 3, 3), 2, (16, 16))
     return dict(grad=dy, x=x, mask=torch.ones(6, 2, 3, 3, dtype=torch.bool, device=device),
-                count=count.to(device), index=index.to(device), weight_size=[6, 2, 3, 3], kernel_size=[3, 3],
-                dilation=[1, 1], padding=[1, 1, 1, 1], stride=[1, 1], padding_mode="zeros", groups=2, block=(16, 16))
+                count=count.to(device), index=index.to(device), weight_size=[6, 2, 3, 3], **fam.BAD_INPUT_GEOMETRY)
 
 
 BAD = {
@@ -376,12 +361,7 @@ BAD = {
 
 @pytest.mark.parametrize("case", sorted(BAD))
 def test_bad_input(case, kernel_device):
-    args = _good(kernel_device)
-    changes, exc, match = BAD[case]
-    for name, f in changes.items():
-        args[name] = f(args)
-    with pytest.raises(exc, match=match):
-        kernels.masked_conv_grad_weight(**args)
+    fam.assert_refuses(kernels.masked_conv_grad_weight, _good(kernel_device), BAD[case])
 
 
 def test_good_input_runs(kernel_device):

@@ -8,6 +8,7 @@ of ``convzoo.sparsity``."""
 
 import math
 
+import _families as fam
 import pytest
 import torch
 import torch.nn.functional as F
@@ -52,13 +53,7 @@ def block_mask(shape, groups: int, block, density: float) -> torch.Tensor:
 
 def make_mask(shape, groups, block, density) -> torch.Tensor:
     """``density``: a float (random elements), ``"block0.5"`` (whole tiles), ``"zero"`` or ``"one"``."""
-    if density == "zero":
-        return torch.zeros(shape, dtype=torch.bool)
-    if density == "one":
-        return torch.ones(shape, dtype=torch.bool)
-    if isinstance(density, str):
-        return block_mask(shape, groups, block, float(density.removeprefix("block")))
-    return torch.rand(shape) < density
+    return fam.density_mask(shape, density, lambda share: block_mask(shape, groups, block, share))
 
 
 def conv_ref(x, weight, bias, stride, padding, dilation, groups, mode):
@@ -109,9 +104,7 @@ def _check(key, density, block=(16, 16), dtype=torch.float64, config=None, bias=
     y = run(x, w, mask, b, geo["kernel"], geo["stride"], geo["padding"], geo["dilation"], geo["groups"],
             geo["mode"], block, config)
     want = conv_ref(x, w * mask, b, geo["stride"], geo["padding"], geo["dilation"], geo["groups"], geo["mode"])
-    assert y.shape == want.shape and y.dtype == dtype and y.is_contiguous()
-    atol, rtol = TOL[dtype]
-    torch.testing.assert_close(y.double(), want, atol=atol, rtol=rtol)
+    fam.assert_matches_reference(y, want, dtype)
     return y, want
 
 
@@ -176,12 +169,8 @@ def test_dtypes(key, dtype, kernel_device):
 
 def test_fp32_follows_torch_matmul_precision(kernel_device):
     """'highest' asks for IEEE fp32 products: within fp32's tolerance of the float64 conv."""
-    old = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("highest")
-    try:
+    with fam.float32_matmul_precision("highest"):
         _check("2d_K3_P1", 1.0, dtype=torch.float32, device=kernel_device)
-    finally:
-        torch.set_float32_matmul_precision(old)
 
 
 @pytest.mark.parametrize("layout", ["channels_last", "sliced", "weight_permuted"])
@@ -255,20 +244,7 @@ def test_configs_are_in_the_declared_space(dtype):
     (the block is a lookup dim, so no config can disagree with the tile lists)."""
     spec = autotune.get_spec("masked_conv_fwd")
     assert set(spec.space.tiles) == {"BLOCK_M"} and set(spec.dims) == {"M", "O", "K", "BO", "BK"}
-    for bo in kernels.BLOCK_SIZES:
-        for bk in kernels.BLOCK_SIZES:
-            for m in (1, 7, 100, 4096, 10**6):
-                dims = {"M": m, "O": 256, "K": 1152, "BO": bo, "BK": bk}
-                bucketed = {d: autotune.bucket(v) for d, v in dims.items()}
-                default = spec.default_config(dims, dtype, False)
-                assert default == spec.default_config(bucketed, dtype, False)
-                spec.check(default, dtype, bucketed)
-                cands = list(spec.candidates(bucketed, dtype))
-                for cfg in [default, *cands]:
-                    spec.check(cfg, dtype, bucketed)
-                    bm = cfg.meta["BLOCK_M"]
-                    assert bm & (bm - 1) == 0 and (bm >= 16 or dtype == torch.float64), cfg
-            assert cands, (bo, bk)
+    fam.check_config_space("masked_conv_fwd", kernels.BLOCK_SIZES, {"O": 256, "K": 1152}, dtype)
 
 
 def test_every_candidate_config_runs(kernel_device):
@@ -295,9 +271,7 @@ def _good(device="cpu"):
     x = torch.randn(2, 4, 6, 6, device=device)
     w = torch.randn(6, 2, 3, 3, device=device)
     count, index = kernels.dense_tile_lists(w, 2, (16, 16))
-    return dict(x=x, weight=w, count=count, index=index, bias=torch.randn(6, device=device), kernel_size=[3, 3],
-                dilation=[1, 1], padding=[1, 1, 1, 1], stride=[1, 1], padding_mode="zeros", groups=2,
-                block=(16, 16))
+    return dict(x=x, weight=w, count=count, index=index, bias=torch.randn(6, device=device), **fam.BAD_INPUT_GEOMETRY)
 
 
 def _randn(a, *shape):
@@ -322,12 +296,7 @@ BAD = {
 
 @pytest.mark.parametrize("case", sorted(BAD))
 def test_bad_input(case, kernel_device):
-    args = _good(kernel_device)
-    changes, exc, match = BAD[case]
-    for name, f in changes.items():
-        args[name] = f(args)
-    with pytest.raises(exc, match=match):
-        kernels.masked_conv(**args)
+    fam.assert_refuses(kernels.masked_conv, _good(kernel_device), BAD[case])
 
 
 # ---------------------------------------------------------------------------------------------- the tap walk
@@ -367,9 +336,7 @@ def _tap_check(key, density, dtype=torch.float64, layout="contiguous", device="c
     assert kernels._tap_tile(shape[1] // groups, block[1])["SUB"] >= 16  # the tap walk, not the fallback
     mask = make_mask(w.shape, groups, block, density).to(device)
     y = run(x, w, mask, b, kernel, stride, padding, dilation, groups, mode, block, config)
-    want = conv_ref(x, w * mask, b, stride, padding, dilation, groups, mode)
-    atol, rtol = TOL[dtype]
-    torch.testing.assert_close(y.double(), want, atol=atol, rtol=rtol)
+    fam.assert_matches_reference(y, conv_ref(x, w * mask, b, stride, padding, dilation, groups, mode), dtype)
 
 
 @pytest.mark.parametrize("key", sorted(TAP_CASES))
