@@ -86,6 +86,65 @@ def _block_index(p, lo, k, O, S: tl.constexpr, D: tl.constexpr):
     return l, ok
 
 
+@triton.jit
+def _tap_coords(k, KH: tl.constexpr, KW: tl.constexpr):
+    """The per-dim taps ``(kd, kh, kw)`` of the flat tap index ``k = (kd·KH + kh)·KW + kw`` (unfold's row
+    order within a channel)."""
+    kw = k % KW
+    kh = (k // KW) % KH
+    kd = k // (KW * KH)
+    return kd, kh, kw
+
+
+@triton.jit
+def _position_coords(l, OH, OW):
+    """The per-dim coordinates ``(od, oh, ow)`` of the flat position ``l = (od·OH + oh)·OW + ow``."""
+    ow = l % OW
+    oh = (l // OW) % OH
+    od = l // OW // OH  # not l // (OW * OH): an int32 product of two sizes
+    return od, oh, ow
+
+
+@triton.jit
+def _tap_source(o, k, n, lo, S: tl.constexpr, D: tl.constexpr, MODE: tl.constexpr, TRANSPOSED: tl.constexpr):
+    """Along one dim: the input index tap ``k`` of output position ``o`` reads, and whether it reads anything.
+    A convolution's patches: padded position ``o·S - lo + k·D``, mapped by the padding mode (``_source_index``).
+    ``TRANSPOSED`` (a transposed convolution's patches, ``lo`` its padding, ``MODE`` unused: zeros): the ``i``
+    with ``o + lo - k·D = i·S``, if there is one (``_block_index``)."""
+    if TRANSPOSED:
+        i, ok = _block_index(o, lo, k, n, S, D)
+    else:
+        i, ok = _source_index(o * S - lo + k * D, n, MODE)
+    return i, ok
+
+
+@triton.jit
+def _tap_sources(od, oh, ow, kd, kh, kw, ID, IH, IW,
+                 SD: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
+                 PD: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
+                 DD: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
+                 MODE: tl.constexpr, TRANSPOSED: tl.constexpr):
+    """``_tap_source`` in all three dims: the input indices ``(i_d, i_h, i_w)`` tap ``(kd, kh, kw)`` of output
+    position ``(od, oh, ow)`` reads (broadcast together), and whether it reads anything."""
+    i_d, ok_d = _tap_source(od, kd, ID, PD, SD, DD, MODE, TRANSPOSED)
+    i_h, ok_h = _tap_source(oh, kh, IH, PH, SH, DH, MODE, TRANSPOSED)
+    i_w, ok_w = _tap_source(ow, kw, IW, PW, SW, DW, MODE, TRANSPOSED)
+    return i_d, i_h, i_w, ok_d & ok_h & ok_w
+
+
+@triton.jit
+def _tap_target(i, lo, k, O, S: tl.constexpr, D: tl.constexpr, TRANSPOSED: tl.constexpr):
+    """The adjoint of ``_tap_source`` along one dim: the output position whose tap ``k`` reads ``i``, and
+    whether there is one. A convolution (fold): ``i`` is a padded position, ``_block_index``. ``TRANSPOSED``
+    (unfold_transpose's adjoint): ``o = i·S - lo + k·D``, if it lies in ``[0, O)``."""
+    if TRANSPOSED:
+        o = i * S - lo + k * D
+        ok = (o >= 0) & (o < O)
+    else:
+        o, ok = _block_index(i, lo, k, O, S, D)
+    return o, ok
+
+
 # ----------------------------------------------------------------------------------------------
 # the implicit-GEMM kernels' (local_conv, patch_covariance) patch gather and tile product
 @triton.jit
@@ -115,24 +174,13 @@ def _patch_columns(r, l, ID, IH, IW, OH, OW, stride_xc, stride_xd, stride_xh, st
     and whether it reads anything (``'zeros'`` padding reads nothing). ``TRANSPOSED``: the patches of a
     transposed convolution (unfold_transpose's), where tap ``k`` of ``o`` reads the ``i`` with
     ``o + P - k·D = i·S``, if there is one (``MODE`` is then unused: zeros)."""
-    k = r % (KD * KH * KW)
+    kd, kh, kw = _tap_coords(r % (KD * KH * KW), KH, KW)
     c = r // (KD * KH * KW)
-    kw = k % KW
-    kh = (k // KW) % KH
-    kd = k // (KW * KH)
-    ow = l % OW
-    oh = (l // OW) % OH
-    od = l // OW // OH  # not l // (OW * OH): an int32 product of two sizes
-    if TRANSPOSED:
-        i_d, ok_d = _block_index(od, PD, kd, ID, SD, DD)
-        i_h, ok_h = _block_index(oh, PH, kh, IH, SH, DH)
-        i_w, ok_w = _block_index(ow, PW, kw, IW, SW, DW)
-    else:
-        i_d, ok_d = _source_index(od * SD - PD + kd * DD, ID, MODE)
-        i_h, ok_h = _source_index(oh * SH - PH + kh * DH, IH, MODE)
-        i_w, ok_w = _source_index(ow * SW - PW + kw * DW, IW, MODE)
+    od, oh, ow = _position_coords(l, OH, OW)
+    i_d, i_h, i_w, ok = _tap_sources(od, oh, ow, kd, kh, kw, ID, IH, IW, SD, SH, SW, PD, PH, PW, DD, DH, DW,
+                                     MODE, TRANSPOSED)
     off = c * stride_xc + i_d * stride_xd + i_h * stride_xh + i_w * stride_xw
-    return off, ok_d & ok_h & ok_w
+    return off, ok
 
 
 # ----------------------------------------------------------------------------------------------

@@ -19,7 +19,6 @@ from convzoo.kernels._common import (
     _acc_dtype,
     _as_3d,
     _as_5d,
-    _block_index,
     _candidates,
     _check_device,
     _device,
@@ -28,9 +27,12 @@ from convzoo.kernels._common import (
     _launch_buffer,
     _num_candidates,
     _padded_candidate,
+    _position_coords,
     _reduce_gather_default,
-    _source_index,
     _space,
+    _tap_coords,
+    _tap_sources,
+    _tap_target,
     _upcast,
     _widen,
 )
@@ -80,30 +82,19 @@ def unfold_kernel(
     blocks = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
     row_ok = rows < R
     blk_ok = blocks < L
-    k = rows % (KD * KH * KW)
+    kd, kh, kw = _tap_coords(rows % (KD * KH * KW), KH, KW)
     nc = rows // (KD * KH * KW)
     c = nc % C
     n = nc // C
-    kw = k % KW
-    kh = (k // KW) % KH
-    kd = k // (KW * KH)
-    ow = blocks % OW
-    oh = (blocks // OW) % OH
-    od = blocks // OW // OH  # not blocks // (OW * OH): an int32 product of two sizes
-
-    if TRANSPOSED:  # the input index that reaches (o, t), per dim: o + P - t·D = i·S with 0 <= i < n
-        i_d, ok_d = _block_index(od[None, :], PD, kd[:, None], ID, SD, DD)
-        i_h, ok_h = _block_index(oh[None, :], PH, kh[:, None], IH, SH, DH)
-        i_w, ok_w = _block_index(ow[None, :], PW, kw[:, None], IW, SW, DW)
-    else:
-        i_d, ok_d = _source_index(od[None, :] * SD - PD + kd[:, None] * DD, ID, MODE)
-        i_h, ok_h = _source_index(oh[None, :] * SH - PH + kh[:, None] * DH, IH, MODE)
-        i_w, ok_w = _source_index(ow[None, :] * SW - PW + kw[:, None] * DW, IW, MODE)
+    od, oh, ow = _position_coords(blocks, OH, OW)
+    # the input index each (tap, position) reads, per dim (TRANSPOSED: the one that reaches it, if any)
+    i_d, i_h, i_w, ok = _tap_sources(od[None, :], oh[None, :], ow[None, :], kd[:, None], kh[:, None], kw[:, None],
+                                     ID, IH, IW, SD, SH, SW, PD, PH, PW, DD, DH, DW, MODE, TRANSPOSED)
     tile_ok = row_ok[:, None] & blk_ok[None, :]
 
     src = (x_ptr + (n * stride_xn + c * stride_xc)[:, None]
            + i_d * stride_xd + i_h * stride_xh + i_w * stride_xw)
-    vals = tl.load(src, mask=tile_ok & ok_d & ok_h & ok_w, other=0)
+    vals = tl.load(src, mask=tile_ok & ok, other=0)
     tl.store(out_ptr + rows[:, None] * L + blocks[None, :], vals, mask=tile_ok)
 
 
@@ -122,7 +113,7 @@ def fold_kernel(
     PD: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
     QD: tl.constexpr, QH: tl.constexpr, QW: tl.constexpr,
     DD: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
-    MODE: tl.constexpr,
+    MODE: tl.constexpr, TRANSPOSED: tl.constexpr,
     # padded positions that can read one input index, per dim (1 for 'zeros')
     NCD: tl.constexpr, NCH: tl.constexpr, NCW: tl.constexpr,
     ACC_DTYPE: tl.constexpr, UPCAST: tl.constexpr,
@@ -131,6 +122,11 @@ def fold_kernel(
 ):
     """col2im as a gather: each output pixel sums, in a fixed order, every column entry that
     unfold would have copied from it. Deterministic: no atomics.
+
+    ``TRANSPOSED``: the adjoint of unfold_transpose (``unfold_kernel`` with ``TRANSPOSED``; P* its symmetric
+    padding, Q* 0, ``MODE`` 0 and NC* 1) instead: input pixel ``i`` sums, over the taps in a fixed order, the
+    column entry at ``o = i·S - P + t·D`` when it lies in the output. Each column entry is then read at most
+    once (a (t, o) pair has at most one i): ≤ R·K·P entries read.
 
     Roofline: reads R·K·L column entries (each once) and writes R·P pixels; R·K·L adds.
     Memory bound (≤ 1 add per element read): GB/s = (R·K·L + R·P)·e / t vs the copy bandwidth.
@@ -150,9 +146,7 @@ def fold_kernel(
     n = rows // C
     c = rows % C
     row_base = n * stride_cn + c * (KD * KH * KW) * stride_ck
-    iw = pix % IW
-    ih = (pix // IW) % IH
-    i_d = pix // IW // IH  # not pix // (IW * IH): an int32 product of two sizes
+    i_d, ih, iw = _position_coords(pix, IH, IW)
 
     # loop over every (padded position, tap) pair that can read this pixel, fp32 (fp64) accumulation
     acc = tl.zeros([BLOCK_R, BLOCK_P], dtype=ACC_DTYPE)
@@ -163,11 +157,11 @@ def fold_kernel(
             for jw in range(NCW):
                 pw, cand_w = _padded_candidate(iw, jw, IW, PW, QW, MODE)
                 for kd in range(KD):
-                    ld, ok_d = _block_index(pd, PD, kd, OD, SD, DD)
+                    ld, ok_d = _tap_target(pd, PD, kd, OD, SD, DD, TRANSPOSED)
                     for kh in range(KH):
-                        lh, ok_h = _block_index(ph, PH, kh, OH, SH, DH)
+                        lh, ok_h = _tap_target(ph, PH, kh, OH, SH, DH, TRANSPOSED)
                         for kw in range(KW):
-                            lw, ok_w = _block_index(pw, PW, kw, OW, SW, DW)
+                            lw, ok_w = _tap_target(pw, PW, kw, OW, SW, DW, TRANSPOSED)
                             ok = cand_d & cand_h & cand_w & ok_d & ok_h & ok_w & pix_ok
                             blk = (ld * OH + lh) * OW + lw
                             # loop indices are int32: tap · stride_ck passes 2^31 once (K-1)·L does
@@ -279,7 +273,7 @@ def fold(cols: torch.Tensor, output_size: list[int], kernel_size: list[int], dil
             rows, out.shape[1], *a["in"], *a["out"], P,
             *cols.stride(),
             *a["k"], *a["s"], *a["lo"], *a["hi"], *a["d"],
-            _shapes.PADDING_MODE_CODES[g.padding_mode],
+            _shapes.PADDING_MODE_CODES[g.padding_mode], False,
             *_num_candidates(g, 3 - g.ndim),
             _acc_dtype(cols.dtype), _upcast(cols.dtype, fold_kernel),
             **cfg.launch_kwargs(),

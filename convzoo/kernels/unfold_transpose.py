@@ -5,8 +5,9 @@ Like :mod:`convzoo.kernels.unfold`, both kernels see every input as 3-d (a 1-d o
 spatial dims of size 1 with kernel 1, stride 1, dilation 1, no padding) and the whole batch is one
 launch. Input position ``i`` reaches output position ``o = i·S - P + t·D`` through tap ``t``: the forward
 gather is unfold's kernel (``unfold_kernel`` with ``TRANSPOSED``), which takes, for each ``(t, o)``, the one
-``i`` (if any) with ``o + P - t·D = i·S``; the adjoint gathers,
-for each ``i``, the ``(t, o)`` entries it was copied to and sums them. Both are gathers: no atomics.
+``i`` (if any) with ``o + P - t·D = i·S``; the adjoint is fold's kernel (``fold_kernel`` with ``TRANSPOSED``),
+which gathers, for each ``i``, the ``(t, o)`` entries it was copied to and sums them. Both are gathers: no
+atomics.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import math
 
 import torch
 import triton
-import triton.language as tl
 
 from convzoo import _shapes, autotune, reference
 from convzoo.autotune import Config, KernelSpec, TuneProblem
@@ -32,77 +32,13 @@ from convzoo.kernels._common import (
     _reduce_gather_default,
     _space,
     _upcast,
-    _widen,
 )
-from convzoo.kernels.unfold import unfold_kernel
+from convzoo.kernels.unfold import fold_kernel, unfold_kernel
+
+# the adjoint's kernel is fold's, with TRANSPOSED (the name stays for the imports that know it)
+unfold_transpose_backward_kernel = fold_kernel
 
 __all__ = ["unfold_transpose", "unfold_transpose_backward"]
-
-
-@triton.jit
-def unfold_transpose_backward_kernel(
-    # output: [N, C, ID, IH, IW], contiguous
-    out_ptr,
-    # input (the columns): [N, C*KD*KH*KW, L], any strides
-    cols_ptr,
-    # runtime sizes: R = N*C rows, P = ID*IH*IW pixels
-    R, C, ID, IH, IW, OD, OH, OW, P,
-    stride_cn, stride_ck, stride_cl,
-    # geometry
-    KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
-    SD: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
-    PD: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
-    DD: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
-    ACC_DTYPE: tl.constexpr, UPCAST: tl.constexpr,
-    # tiles
-    BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr,
-):
-    """The adjoint of unfold_transpose (``unfold_kernel`` with ``TRANSPOSED``), as a gather: input pixel ``i``
-    sums, over the taps in a fixed order, the column entry at ``o = i·S - P + t·D`` when it lies in the output.
-    Deterministic.
-
-    Roofline: reads at most R·K·P column entries (each entry at most once: a (t, o) pair has at most one
-    i) and writes R·P pixels; ≤ R·K·P adds, so memory bound: GB/s = (R·K·P + R·P)·e / t. Tiles are
-    BLOCK_R (n, c) rows × BLOCK_P pixels, contiguous along the pixels (coalesced stores).
-    """
-    # program id -> tile
-    pid = tl.program_id(0).to(tl.int64)
-    num_p = tl.cdiv(P, BLOCK_P)
-    pid_r = pid // num_p
-    pid_p = pid % num_p
-
-    # offsets and masks
-    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)  # int64: row = n*C + c
-    pix = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    row_ok = rows < R
-    pix_ok = pix < P
-    n = rows // C
-    c = rows % C
-    row_base = n * stride_cn + c * (KD * KH * KW) * stride_ck
-    iw = pix % IW
-    ih = (pix // IW) % IH
-    i_d = pix // IW // IH  # not pix // (IW * IH): an int32 product of two sizes
-
-    # loop over the taps, fp32 (fp64) accumulation
-    acc = tl.zeros([BLOCK_R, BLOCK_P], dtype=ACC_DTYPE)
-    for kd in range(KD):
-        od = i_d * SD - PD + kd * DD
-        ok_d = (od >= 0) & (od < OD)
-        for kh in range(KH):
-            oh = ih * SH - PH + kh * DH
-            ok_h = (oh >= 0) & (oh < OH)
-            for kw in range(KW):
-                ow = iw * SW - PW + kw * DW
-                ok = ok_d & ok_h & (ow >= 0) & (ow < OW) & pix_ok
-                blk = (od * OH + oh) * OW + ow
-                # loop indices are int32: tap · stride_ck passes 2^31 once (K-1)·L does
-                tap = tl.cast((kd * KH + kh) * KW + kw, tl.int64)
-                src = cols_ptr + (row_base + tap * stride_ck)[:, None] + blk[None, :] * stride_cl
-                vals = tl.load(src, mask=row_ok[:, None] & ok[None, :], other=0)
-                acc += _widen(vals, ACC_DTYPE, UPCAST)
-
-    out = out_ptr + rows[:, None] * P + pix[None, :]
-    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & pix_ok[None, :])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -142,7 +78,7 @@ UNFOLD_TRANSPOSE_SPEC = autotune.register(KernelSpec(
     "unfold_transpose", unfold_kernel, ("R", "L"), _gather_default, _candidates("BLOCK_R", "BLOCK_L"),
     _forward_problem, _space("BLOCK_R", "BLOCK_L")))
 UNFOLD_TRANSPOSE_BACKWARD_SPEC = autotune.register(KernelSpec(
-    "unfold_transpose_backward", unfold_transpose_backward_kernel, ("R", "P"), _reduce_gather_default,
+    "unfold_transpose_backward", fold_kernel, ("R", "P"), _reduce_gather_default,
     _candidates("BLOCK_R", "BLOCK_P"), _backward_problem, _space("BLOCK_R", "BLOCK_P")))
 
 
@@ -208,19 +144,20 @@ def unfold_transpose_backward(cols: torch.Tensor, input_size: list[int], kernel_
     out = cols.new_empty(_shapes.unfold_transpose_backward_out_shape(cols, g))
     if out.numel() == 0:
         return out
-    buf = _launch_buffer(out, unfold_transpose_backward_kernel)
+    buf = _launch_buffer(out, fold_kernel)
     # (3) look up config and launch
     a = _as_3d(g)
     rows, P = out.shape[0] * out.shape[1], math.prod(g.in_size)
     cfg = config or autotune.lookup("unfold_transpose_backward", cols.device, cols.dtype, R=rows, P=P)
     grid = (triton.cdiv(rows, cfg.meta["BLOCK_R"]) * triton.cdiv(P, cfg.meta["BLOCK_P"]),)
     with _device(cols):
-        unfold_transpose_backward_kernel[grid](
+        fold_kernel[grid](
             buf, cols,
             rows, out.shape[1], *a["in"], *a["out"], P,
             *cols.stride(),
-            *a["k"], *a["s"], *a["p"], *a["d"],
-            _acc_dtype(cols.dtype), _upcast(cols.dtype, unfold_transpose_backward_kernel),
+            *a["k"], *a["s"], *a["p"], 0, 0, 0, *a["d"],  # high paddings: none
+            0, True, 1, 1, 1,  # MODE (zeros), TRANSPOSED, one candidate per dim
+            _acc_dtype(cols.dtype), _upcast(cols.dtype, fold_kernel),
             **cfg.launch_kwargs(),
         )
     return _finish(out, buf)
