@@ -28,11 +28,14 @@ from convzoo.kernels._common import (
     _num_candidates,
     _padded_candidate,
     _position_coords,
+    _random_problem,
     _reduce_gather_default,
     _space,
     _tap_coords,
     _tap_sources,
     _tap_target,
+    _tile_grid,
+    _tile_offsets,
     _upcast,
     _widen,
 )
@@ -71,17 +74,8 @@ def unfold_kernel(
     Each program writes a BLOCK_R × BLOCK_L tile, contiguous along L (coalesced stores); for a
     row, consecutive L read consecutive input columns when SW == 1 (coalesced loads).
     """
-    # program id -> tile
-    pid = tl.program_id(0).to(tl.int64)
-    num_l = tl.cdiv(L, BLOCK_L)
-    pid_r = pid // num_l
-    pid_l = pid % num_l
-
-    # offsets and masks
-    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)  # int64: row = (n*C + c)*K + k
-    blocks = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
-    row_ok = rows < R
-    blk_ok = blocks < L
+    # program id -> tile: offsets (int64; row = (n*C + c)*K + k) and masks
+    rows, blocks, row_ok, blk_ok = _tile_offsets(R, L, BLOCK_R, BLOCK_L)
     kd, kh, kw = _tap_coords(rows % (KD * KH * KW), KH, KW)
     nc = rows // (KD * KH * KW)
     c = nc % C
@@ -132,17 +126,8 @@ def fold_kernel(
     Memory bound (≤ 1 add per element read): GB/s = (R·K·L + R·P)·e / t vs the copy bandwidth.
     Tiles are BLOCK_R (n, c) rows × BLOCK_P pixels, contiguous along the pixels (coalesced stores).
     """
-    # program id -> tile
-    pid = tl.program_id(0).to(tl.int64)
-    num_p = tl.cdiv(P, BLOCK_P)
-    pid_r = pid // num_p
-    pid_p = pid % num_p
-
-    # offsets and masks
-    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)  # int64: row = n*C + c
-    pix = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    row_ok = rows < R
-    pix_ok = pix < P
+    # program id -> tile: offsets (int64; row = n*C + c) and masks
+    rows, pix, row_ok, pix_ok = _tile_offsets(R, P, BLOCK_R, BLOCK_P)
     n = rows // C
     c = rows % C
     row_base = n * stride_cn + c * (KD * KH * KW) * stride_ck
@@ -179,23 +164,18 @@ def fold_kernel(
 # configs
 def _unfold_problem(layer, dtype, device) -> TuneProblem:
     g, geom = layer.resolved(), layer.geometry()
-
-    def setup():
-        x = torch.randn(layer.n, layer.c, *layer.size, device=device, dtype=dtype)
-        return (lambda cfg: unfold(x, *geom, config=cfg)), (lambda: reference.unfold(x, *geom))
-
-    return TuneProblem({"R": layer.n * layer.c * g.kernel_numel, "L": g.num_blocks}, setup, exact=True)
+    return _random_problem({"R": layer.n * layer.c * g.kernel_numel, "L": g.num_blocks},
+                           (layer.n, layer.c, *layer.size), dtype, device,
+                           lambda x, cfg: unfold(x, *geom, config=cfg), lambda x: reference.unfold(x, *geom),
+                           exact=True)
 
 
 def _fold_problem(layer, dtype, device) -> TuneProblem:
-    g, geom = layer.resolved(), layer.geometry()
-
-    def setup():
-        cols = torch.randn(layer.n, layer.c * g.kernel_numel, g.num_blocks, device=device, dtype=dtype)
-        return (lambda cfg: fold(cols, list(layer.size), *geom, config=cfg),
-                lambda: reference.fold(cols, list(layer.size), *geom))
-
-    return TuneProblem({"R": layer.n * layer.c, "P": math.prod(layer.size)}, setup)
+    g, geom, size = layer.resolved(), layer.geometry(), list(layer.size)
+    return _random_problem({"R": layer.n * layer.c, "P": math.prod(size)},
+                           (layer.n, layer.c * g.kernel_numel, g.num_blocks), dtype, device,
+                           lambda cols, cfg: fold(cols, size, *geom, config=cfg),
+                           lambda cols: reference.fold(cols, size, *geom))
 
 
 UNFOLD_SPEC = autotune.register(KernelSpec(
@@ -228,18 +208,24 @@ def unfold(x: torch.Tensor, kernel_size: list[int], dilation: list[int], padding
     if out.numel() == 0:
         return out
     # (3) look up config and launch
-    a = _as_3d(g)
-    rows, L = out.shape[1] * out.shape[0], out.shape[2]
-    cfg = config or autotune.lookup("unfold", x.device, x.dtype, R=rows, L=L)
-    xs = _as_5d(x, g.ndim)
-    grid = (triton.cdiv(rows, cfg.meta["BLOCK_R"]) * triton.cdiv(L, cfg.meta["BLOCK_L"]),)
-    with _device(x):
+    return _launch_unfold("unfold", _as_5d(x, g.ndim), out, _as_3d(g), _shapes.PADDING_MODE_CODES[g.padding_mode],
+                          False, config)
+
+
+def _launch_unfold(name: str, xs: torch.Tensor, out: torch.Tensor, a: dict, mode: int, transposed: bool,
+                   config: Config | None) -> torch.Tensor:
+    """``unfold_kernel`` (the autotune entry ``name``'s config) from ``xs`` (the 5-d view, :func:`_as_5d`) into
+    ``out`` ``[N, C·∏K, L]``, for the 3-d geometry ``a`` (:func:`_as_3d`'s keys): unfold's, or ``transposed``
+    unfold_transpose's (``lo`` its padding, ``mode`` unused)."""
+    rows, L = out.shape[0] * out.shape[1], out.shape[2]
+    cfg, grid = _tile_grid(name, xs, rows, config, L=L)
+    with _device(xs):
         unfold_kernel[grid](
             out, xs,
-            rows, x.shape[1], *a["in"], *a["out"], L,
+            rows, xs.shape[1], *a["in"], *a["out"], L,
             *xs.stride(),
             *a["k"], *a["s"], *a["lo"], *a["d"],
-            _shapes.PADDING_MODE_CODES[g.padding_mode], False,
+            mode, transposed,
             **cfg.launch_kwargs(),
         )
     return out
@@ -261,20 +247,27 @@ def fold(cols: torch.Tensor, output_size: list[int], kernel_size: list[int], dil
     out = cols.new_empty(_shapes.fold_out_shape(cols, g))
     if out.numel() == 0:
         return out
-    buf = _launch_buffer(out, fold_kernel)
     # (3) look up config and launch
-    a = _as_3d(g)
-    rows, P = out.shape[0] * out.shape[1], math.prod(g.in_size)
-    cfg = config or autotune.lookup("fold", cols.device, cols.dtype, R=rows, P=P)
-    grid = (triton.cdiv(rows, cfg.meta["BLOCK_R"]) * triton.cdiv(P, cfg.meta["BLOCK_P"]),)
+    return _launch_fold("fold", cols, out, _as_3d(g), _shapes.PADDING_MODE_CODES[g.padding_mode], False,
+                        _num_candidates(g, 3 - g.ndim), config)
+
+
+def _launch_fold(name: str, cols: torch.Tensor, out: torch.Tensor, a: dict, mode: int, transposed: bool,
+                 candidates: tuple[int, int, int], config: Config | None) -> torch.Tensor:
+    """``fold_kernel`` (the autotune entry ``name``'s config) from ``cols`` ``[N, C·∏K, L]`` into ``out``
+    ``[N, C, *in]``, for the 3-d geometry ``a`` (:func:`_as_3d`'s keys) and ``candidates`` padded positions per
+    dim (:func:`_num_candidates`): fold's, or ``transposed`` unfold_transpose's adjoint (``lo`` its padding,
+    ``hi`` 0, ``mode`` 0, one candidate)."""
+    buf = _launch_buffer(out, fold_kernel)
+    rows, P = out.shape[0] * out.shape[1], math.prod(out.shape[2:])
+    cfg, grid = _tile_grid(name, cols, rows, config, P=P)
     with _device(cols):
         fold_kernel[grid](
             buf, cols,
             rows, out.shape[1], *a["in"], *a["out"], P,
             *cols.stride(),
             *a["k"], *a["s"], *a["lo"], *a["hi"], *a["d"],
-            _shapes.PADDING_MODE_CODES[g.padding_mode], False,
-            *_num_candidates(g, 3 - g.ndim),
+            mode, transposed, *candidates,
             _acc_dtype(cols.dtype), _upcast(cols.dtype, fold_kernel),
             **cfg.launch_kwargs(),
         )

@@ -15,25 +15,20 @@ from __future__ import annotations
 import math
 
 import torch
-import triton
 
 from convzoo import _shapes, autotune, reference
 from convzoo.autotune import Config, KernelSpec, TuneProblem
 from convzoo.kernels._common import (
-    _acc_dtype,
     _as_5d,
     _candidates,
     _check_device,
-    _device,
-    _finish,
     _gather_default,
-    _launch_buffer,
     _pad3,
+    _random_problem,
     _reduce_gather_default,
     _space,
-    _upcast,
 )
-from convzoo.kernels.unfold import fold_kernel, unfold_kernel
+from convzoo.kernels.unfold import _launch_fold, _launch_unfold, fold_kernel, unfold_kernel
 
 # the adjoint's kernel is fold's, with TRANSPOSED (the name stays for the imports that know it)
 unfold_transpose_backward_kernel = fold_kernel
@@ -54,24 +49,19 @@ def _layer_geometry(layer) -> tuple[list, list, list, list, list]:
 def _forward_problem(layer, dtype, device) -> TuneProblem:
     geom = _layer_geometry(layer)
     g = _shapes.transpose_geometry(layer.size, *geom)
-
-    def setup():
-        x = torch.randn(layer.n, layer.c, *layer.size, device=device, dtype=dtype)
-        return (lambda cfg: unfold_transpose(x, *geom, config=cfg)), (lambda: reference.unfold_transpose(x, *geom))
-
-    return TuneProblem({"R": layer.n * layer.c * g.kernel_numel, "L": g.num_positions}, setup, exact=True)
+    return _random_problem({"R": layer.n * layer.c * g.kernel_numel, "L": g.num_positions},
+                           (layer.n, layer.c, *layer.size), dtype, device,
+                           lambda x, cfg: unfold_transpose(x, *geom, config=cfg),
+                           lambda x: reference.unfold_transpose(x, *geom), exact=True)
 
 
 def _backward_problem(layer, dtype, device) -> TuneProblem:
-    geom = _layer_geometry(layer)
+    geom, size = _layer_geometry(layer), list(layer.size)
     g = _shapes.transpose_geometry(layer.size, *geom)
-
-    def setup():
-        cols = torch.randn(layer.n, layer.c * g.kernel_numel, g.num_positions, device=device, dtype=dtype)
-        return (lambda cfg: unfold_transpose_backward(cols, list(layer.size), *geom, config=cfg),
-                lambda: reference.unfold_transpose_backward(cols, list(layer.size), *geom))
-
-    return TuneProblem({"R": layer.n * layer.c, "P": math.prod(layer.size)}, setup)
+    return _random_problem({"R": layer.n * layer.c, "P": math.prod(size)},
+                           (layer.n, layer.c * g.kernel_numel, g.num_positions), dtype, device,
+                           lambda cols, cfg: unfold_transpose_backward(cols, size, *geom, config=cfg),
+                           lambda cols: reference.unfold_transpose_backward(cols, size, *geom))
 
 
 UNFOLD_TRANSPOSE_SPEC = autotune.register(KernelSpec(
@@ -85,9 +75,10 @@ UNFOLD_TRANSPOSE_BACKWARD_SPEC = autotune.register(KernelSpec(
 # ----------------------------------------------------------------------------------------------
 # launchers
 def _as_3d(g: _shapes.TransposeGeometry) -> dict:
-    """Geometry padded with leading unit dims to 3 spatial dims, as kernel arguments."""
+    """Geometry padded with leading unit dims to 3 spatial dims, as kernel arguments (the keys of
+    :func:`convzoo.kernels._common._as_3d`: ``lo`` the padding, ``hi`` none)."""
     return {"in": _pad3(g.in_size, 1), "out": _pad3(g.out_size, 1), "k": _pad3(g.kernel_size, 1),
-            "s": _pad3(g.stride, 1), "p": _pad3(g.padding, 0), "d": _pad3(g.dilation, 1)}
+            "s": _pad3(g.stride, 1), "lo": _pad3(g.padding, 0), "hi": (0, 0, 0), "d": _pad3(g.dilation, 1)}
 
 
 def unfold_transpose(x: torch.Tensor, kernel_size: list[int], stride: list[int], padding: list[int],
@@ -109,21 +100,7 @@ def unfold_transpose(x: torch.Tensor, kernel_size: list[int], stride: list[int],
     if out.numel() == 0:
         return out
     # (3) look up config and launch
-    a = _as_3d(g)
-    rows, L = out.shape[0] * out.shape[1], out.shape[2]
-    cfg = config or autotune.lookup("unfold_transpose", x.device, x.dtype, R=rows, L=L)
-    xs = _as_5d(x, g.ndim)
-    grid = (triton.cdiv(rows, cfg.meta["BLOCK_R"]) * triton.cdiv(L, cfg.meta["BLOCK_L"]),)
-    with _device(x):
-        unfold_kernel[grid](
-            out, xs,
-            rows, x.shape[1], *a["in"], *a["out"], L,
-            *xs.stride(),
-            *a["k"], *a["s"], *a["p"], *a["d"],
-            0, True,  # MODE (unused), TRANSPOSED
-            **cfg.launch_kwargs(),
-        )
-    return out
+    return _launch_unfold("unfold_transpose", _as_5d(x, g.ndim), out, _as_3d(g), 0, True, config)
 
 
 def unfold_transpose_backward(cols: torch.Tensor, input_size: list[int], kernel_size: list[int], stride: list[int],
@@ -144,20 +121,5 @@ def unfold_transpose_backward(cols: torch.Tensor, input_size: list[int], kernel_
     out = cols.new_empty(_shapes.unfold_transpose_backward_out_shape(cols, g))
     if out.numel() == 0:
         return out
-    buf = _launch_buffer(out, fold_kernel)
     # (3) look up config and launch
-    a = _as_3d(g)
-    rows, P = out.shape[0] * out.shape[1], math.prod(g.in_size)
-    cfg = config or autotune.lookup("unfold_transpose_backward", cols.device, cols.dtype, R=rows, P=P)
-    grid = (triton.cdiv(rows, cfg.meta["BLOCK_R"]) * triton.cdiv(P, cfg.meta["BLOCK_P"]),)
-    with _device(cols):
-        fold_kernel[grid](
-            buf, cols,
-            rows, out.shape[1], *a["in"], *a["out"], P,
-            *cols.stride(),
-            *a["k"], *a["s"], *a["p"], 0, 0, 0, *a["d"],  # high paddings: none
-            0, True, 1, 1, 1,  # MODE (zeros), TRANSPOSED, one candidate per dim
-            _acc_dtype(cols.dtype), _upcast(cols.dtype, fold_kernel),
-            **cfg.launch_kwargs(),
-        )
-    return _finish(out, buf)
+    return _launch_fold("unfold_transpose_backward", cols, out, _as_3d(g), 0, True, (1, 1, 1), config)
