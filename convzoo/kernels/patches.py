@@ -30,7 +30,7 @@ from convzoo.kernels._common import (
     _random_problem,
     _space,
     _tap_coords,
-    _tap_sources,
+    _tap_source,
     _tile_default,
     _tile_grid,
     _tile_offsets,
@@ -77,13 +77,16 @@ def extract_patches_kernel(
     n = rows // L
     blk = rows % L
     od, oh, ow = _position_coords(blk, OH, OW)
-    kd, kh, kw = _tap_coords(cols % (KD * KH * KW), KH, KW)
+    k = cols % (KD * KH * KW)
     c = cols // (KD * KH * KW)
+    kd, kh, kw = _tap_coords(k, KH, KW)
 
-    i_d, i_h, i_w, ok = _tap_sources(od[:, None], oh[:, None], ow[:, None], kd[None, :], kh[None, :], kw[None, :],
-                                     ID, IH, IW, SD, SH, SW, PD, PH, PW, DD, DH, DW, MODE, False)
+    # per dim, not _tap_sources: the tile mask first in the mask (as unfold_kernel's) keeps the registers down
+    i_d, ok_d = _tap_source(od[:, None], kd[None, :], ID, PD, SD, DD, MODE, False)
+    i_h, ok_h = _tap_source(oh[:, None], kh[None, :], IH, PH, SH, DH, MODE, False)
+    i_w, ok_w = _tap_source(ow[:, None], kw[None, :], IW, PW, SW, DW, MODE, False)
     tile_ok = row_ok[:, None] & col_ok[None, :]
-    ok = tile_ok & ok
+    ok = tile_ok & ok_d & ok_h & ok_w
     src = (x_ptr + (n * stride_xn)[:, None] + (c * stride_xc)[None, :]
            + i_d * stride_xd + i_h * stride_xh + i_w * stride_xw)
 
