@@ -1,5 +1,5 @@
 """unfold_transpose (the patches a transposed convolution sees) and its adjoint, for 1-, 2- and 3-d
-inputs: Triton kernels and launchers.
+inputs: launchers of :mod:`convzoo.kernels.unfold`'s two Triton kernels, with the transposed geometry.
 
 Like :mod:`convzoo.kernels.unfold`, both kernels see every input as 3-d (a 1-d or 2-d call gets leading
 spatial dims of size 1 with kernel 1, stride 1, dilation 1, no padding) and the whole batch is one
