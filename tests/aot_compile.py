@@ -47,6 +47,10 @@ TAP_WALK = {"SUB": None, "NARROW": True, "POS32": True}
 FIXED_TILES["patch_covariance"] = lambda dims: {"BLOCK_C": 16}
 # local_conv's forward gather layout is the launcher's (by Triton version): the newest one's
 FIXED_TILES["local_conv_fwd"] = lambda dims: {"GATHER_T": True}
+# fold_kernel serves fold (mode 2: its reflect candidate loops) and, TRANSPOSED, unfold_transpose's adjoint: each
+# spec compiles its launcher's flag, not mode 2's
+FIXED_TILES["fold"] = lambda dims: {"TRANSPOSED": False}
+FIXED_TILES["unfold_transpose_backward"] = lambda dims: {"TRANSPOSED": True}
 # pointer arguments that are not of the data's dtype (masked_conv's tile lists, the grad-weight's byte mask)
 INT_PTRS = {"count_ptr": "*i32", "index_ptr": "*i32", "mask_ptr": "*u8"}
 # runtime arguments that are floats (the grad-weight kernel's coactivation thresholds)

@@ -1,7 +1,9 @@
-"""What the kernel families share: the jit index helpers that map an output tap to the input it reads
-(padding modes folded into the index math), the implicit-GEMM kernels' patch gather and tile product, the
-fp32 widening of bf16 under the interpreter, and the launchers' host helpers (geometry as 3-d kernel
-arguments, device, accumulator dtype and ``tl.dot`` precision, launch buffers).
+"""What the kernel families share: the jit index helpers that map an output tap to the input it reads and
+back (padding modes folded into the index math, a convolution's and a transposed one's: ``_tap_sources``,
+``_tap_target``, with the tap and position decodes), the gather kernels' program → tile map, the implicit-GEMM
+kernels' patch gather and tile product, the fp32 widening of bf16 under the interpreter, and the launchers'
+host helpers (geometry as 3-d kernel arguments, device, accumulator dtype and ``tl.dot`` precision, launch
+buffers, the gather grid, tuning problems, the split reductions' share count, workspace and fixed-order sum).
 
 Imported by every kernel module; decorated when they are (so under the same ``TRITON_INTERPRET``).
 """
@@ -15,7 +17,7 @@ import triton
 import triton.language as tl
 
 from convzoo import _compat, _shapes, autotune
-from convzoo.autotune import Config, ConfigSpace
+from convzoo.autotune import Config, ConfigSpace, TuneProblem
 
 
 # ----------------------------------------------------------------------------------------------
@@ -86,6 +88,78 @@ def _block_index(p, lo, k, O, S: tl.constexpr, D: tl.constexpr):
     return l, ok
 
 
+@triton.jit
+def _tap_coords(k, KH: tl.constexpr, KW: tl.constexpr):
+    """The per-dim taps ``(kd, kh, kw)`` of the flat tap index ``k = (kd·KH + kh)·KW + kw`` (unfold's row
+    order within a channel)."""
+    kw = k % KW
+    kh = (k // KW) % KH
+    kd = k // (KW * KH)
+    return kd, kh, kw
+
+
+@triton.jit
+def _position_coords(l, OH, OW):
+    """The per-dim coordinates ``(od, oh, ow)`` of the flat position ``l = (od·OH + oh)·OW + ow``."""
+    ow = l % OW
+    oh = (l // OW) % OH
+    od = l // OW // OH  # not l // (OW * OH): an int32 product of two sizes
+    return od, oh, ow
+
+
+@triton.jit
+def _tap_source(o, k, n, lo, S: tl.constexpr, D: tl.constexpr, MODE: tl.constexpr, TRANSPOSED: tl.constexpr):
+    """Along one dim: the input index tap ``k`` of output position ``o`` reads, and whether it reads anything.
+    A convolution's patches: padded position ``o·S - lo + k·D``, mapped by the padding mode (``_source_index``).
+    ``TRANSPOSED`` (a transposed convolution's patches, ``lo`` its padding, ``MODE`` unused: zeros): the ``i``
+    with ``o + lo - k·D = i·S``, if there is one (``_block_index``)."""
+    if TRANSPOSED:
+        i, ok = _block_index(o, lo, k, n, S, D)
+    else:
+        i, ok = _source_index(o * S - lo + k * D, n, MODE)
+    return i, ok
+
+
+@triton.jit
+def _tap_sources(od, oh, ow, kd, kh, kw, ID, IH, IW,
+                 SD: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
+                 PD: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
+                 DD: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
+                 MODE: tl.constexpr, TRANSPOSED: tl.constexpr):
+    """``_tap_source`` in all three dims: the input indices ``(i_d, i_h, i_w)`` tap ``(kd, kh, kw)`` of output
+    position ``(od, oh, ow)`` reads (broadcast together), and whether it reads anything."""
+    i_d, ok_d = _tap_source(od, kd, ID, PD, SD, DD, MODE, TRANSPOSED)
+    i_h, ok_h = _tap_source(oh, kh, IH, PH, SH, DH, MODE, TRANSPOSED)
+    i_w, ok_w = _tap_source(ow, kw, IW, PW, SW, DW, MODE, TRANSPOSED)
+    return i_d, i_h, i_w, ok_d & ok_h & ok_w
+
+
+@triton.jit
+def _tap_target(i, lo, k, O, S: tl.constexpr, D: tl.constexpr, TRANSPOSED: tl.constexpr):
+    """The adjoint of ``_tap_source`` along one dim: the output position whose tap ``k`` reads ``i``, and
+    whether there is one. A convolution (fold): ``i`` is a padded position, ``_block_index``. ``TRANSPOSED``
+    (unfold_transpose's adjoint): ``o = i·S - lo + k·D``, if it lies in ``[0, O)``."""
+    if TRANSPOSED:
+        o = i * S - lo + k * D
+        ok = (o >= 0) & (o < O)
+    else:
+        o, ok = _block_index(i, lo, k, O, S, D)
+    return o, ok
+
+
+@triton.jit
+def _tile_offsets(R, I, BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr):
+    """The gather kernels' program → tile map (a 1-d grid of ``cdiv(R, BLOCK_R)·cdiv(I, BLOCK_I)`` programs, the
+    inner dim fastest): this program's rows and inner indices (int64) and their masks."""
+    pid = tl.program_id(0).to(tl.int64)
+    num_i = tl.cdiv(I, BLOCK_I)
+    pid_r = pid // num_i
+    pid_i = pid % num_i
+    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    inner = pid_i * BLOCK_I + tl.arange(0, BLOCK_I)
+    return rows, inner, rows < R, inner < I
+
+
 # ----------------------------------------------------------------------------------------------
 # the implicit-GEMM kernels' (local_conv, patch_covariance) patch gather and tile product
 @triton.jit
@@ -117,20 +191,13 @@ def _patch_columns(r, l, ID, IH, IW, OH, OW, stride_xc, stride_xd, stride_xh, st
     ``o + P - k·D = i·S``, if there is one (``MODE`` is then unused: zeros)."""
     k = r % (KD * KH * KW)
     c = r // (KD * KH * KW)
-    kw = k % KW
-    kh = (k // KW) % KH
-    kd = k // (KW * KH)
-    ow = l % OW
-    oh = (l // OW) % OH
-    od = l // OW // OH  # not l // (OW * OH): an int32 product of two sizes
-    if TRANSPOSED:
-        i_d, ok_d = _block_index(od, PD, kd, ID, SD, DD)
-        i_h, ok_h = _block_index(oh, PH, kh, IH, SH, DH)
-        i_w, ok_w = _block_index(ow, PW, kw, IW, SW, DW)
-    else:
-        i_d, ok_d = _source_index(od * SD - PD + kd * DD, ID, MODE)
-        i_h, ok_h = _source_index(oh * SH - PH + kh * DH, IH, MODE)
-        i_w, ok_w = _source_index(ow * SW - PW + kw * DW, IW, MODE)
+    kd, kh, kw = _tap_coords(k, KH, KW)
+    od, oh, ow = _position_coords(l, OH, OW)
+    # per dim, the validity combined after the offset: in this order patch_covariance's fp16 tile keeps 152
+    # registers (154 through _tap_sources, static sm_90 report)
+    i_d, ok_d = _tap_source(od, kd, ID, PD, SD, DD, MODE, TRANSPOSED)
+    i_h, ok_h = _tap_source(oh, kh, IH, PH, SH, DH, MODE, TRANSPOSED)
+    i_w, ok_w = _tap_source(ow, kw, IW, PW, SW, DW, MODE, TRANSPOSED)
     off = c * stride_xc + i_d * stride_xd + i_h * stride_xh + i_w * stride_xw
     return off, ok_d & ok_h & ok_w
 
@@ -160,6 +227,25 @@ def _reduce_gather_default(dims, dtype, interpret: bool) -> Config:
     # the tap loop keeps an fp32 accumulator tile live: 1024 elements = 8 registers/thread at 4 warps
     br, bp = _tile_default(dims["R"], dims["P"], interpret, inner_cap=128, tile=1024)
     return Config({"BLOCK_R": br, "BLOCK_P": bp}, num_warps=4, num_stages=1)
+
+
+def _tile_grid(name: str, t: torch.Tensor, rows: int, config: Config | None, **inner: int):
+    """A gather kernel's config (``config``, or the autotune lookup of kernel ``name`` for ``t``'s device and dtype
+    at dims ``R = rows`` and the one ``inner`` dim) and its grid (``_tile_offsets``': ``BLOCK_R`` rows ×
+    ``BLOCK_<inner>`` tiles)."""
+    ((dim, size),) = inner.items()
+    cfg = config or autotune.lookup(name, t.device, t.dtype, R=rows, **inner)
+    return cfg, (triton.cdiv(rows, cfg.meta["BLOCK_R"]) * triton.cdiv(size, cfg.meta[f"BLOCK_{dim}"]),)
+
+
+def _random_problem(dims: dict, shape: tuple, dtype, device, run, ref, exact: bool = False) -> TuneProblem:
+    """A tuning problem on one random input ``t`` of ``shape``: ``run(t, cfg)`` against ``ref(t)`` (``exact``:
+    bit-equality, for the copy kernels)."""
+    def setup():
+        t = torch.randn(*shape, device=device, dtype=dtype)
+        return (lambda cfg: run(t, cfg)), (lambda: ref(t))
+
+    return TuneProblem(dims, setup, exact=exact)
 
 
 def _candidates(row_name: str, inner_name: str):
@@ -286,3 +372,82 @@ def _channels_last(t: torch.Tensor) -> torch.Tensor:
     if t.shape[1] <= 1 or t.stride(1) == 1:
         return t
     return t.permute(0, 2, 3, 4, 1).contiguous().permute(0, 4, 1, 2, 3)
+
+
+# ----------------------------------------------------------------------------------------------
+# the split reductions' host side (patch_covariance, ekfac: SPLIT programs per output tile, each writing a
+# partial into a workspace that the launcher sums in a fixed order; no atomics, deterministic)
+_SMS = 132  # the heuristics' GPU: an H100 SXM (tuned tables pick tiles and SPLIT for other GPUs)
+_MAX_GRID_YZ = 65535  # CUDA's limit on grid dims 1 and 2
+
+
+def _fit(v: int, lo: int, hi: int) -> int:
+    """``v`` rounded up to a power of two, clamped to ``[lo, hi]`` (``tl.dot`` needs tiles ≥ 16)."""
+    return max(lo, min(hi, autotune.bucket(v)))
+
+
+def _split_count(tiles: int, most: int) -> int:
+    """Programs per output tile for ``tiles`` tiles: enough for two programs per SM, at most ``most`` (rounded
+    down to a power of two: each share must keep enough work to pay for its partial) and 64."""
+    want = autotune.bucket(-(-2 * _SMS // tiles))
+    return max(1, min(want, 1 << (max(1, most).bit_length() - 1), 64))
+
+
+def _group_slices(groups: int):
+    """``(g0, ng)``: the channel groups in launches of at most ``_MAX_GRID_YZ`` (a grid dim 1 or 2 limit a
+    depthwise layer may pass), each on its slices of the tensors."""
+    for g0 in range(0, groups, _MAX_GRID_YZ):
+        yield g0, min(_MAX_GRID_YZ, groups - g0)
+
+
+def _split_workspace(target: torch.Tensor, split: int) -> torch.Tensor:
+    """Where a split kernel writes ``target``'s partials: ``target`` itself as ``[1, ...]`` (no split), else a
+    ``[split, ...]`` workspace of its shape and dtype."""
+    if split == 1:
+        return target[None]
+    return torch.empty((split, *target.shape), device=target.device, dtype=target.dtype)
+
+
+def _sum_partials(work: torch.Tensor, target: torch.Tensor, read_out: bool = False, alpha: float = 0.0,
+                  coef: float = 1.0) -> None:
+    """``target ← coef·Σ_s work[s]`` (``+ alpha·target`` when ``read_out``), the partials summed in a fixed
+    order: deterministic (after a split launch: without one the kernel wrote, scaled and blended ``target``
+    itself, see ``_split_workspace``)."""
+    total = work.sum(0)
+    if read_out:
+        target.mul_(alpha).add_(total, alpha=coef)
+    else:
+        torch.mul(total, coef, out=target)
+
+
+def _conv_geometry_3d(x: torch.Tensor, kernel_size, stride, padding, output_padding, dilation, padding_mode: str,
+                      transposed: bool, groups: int, bias: bool) -> dict:
+    """A (transposed) convolution's geometry on ``x`` as 3-d kernel arguments, for the patch statistic kernels
+    that gather its patches with ``_tap_sources`` (``p``: the low padding, or the transposed padding; ``mode``: 0
+    when transposed; ``L`` positions, ``K`` taps, ``ndim`` spatial dims), and their sizes: ``CG`` channels per
+    group, ``D = CG·K`` patch rows, ``DP = D + bias``, ``acc`` the accumulator dtype. Checks the geometry, then
+    the device.
+
+    Raises:
+        ValueError / TypeError: bad geometry (see :func:`convzoo._shapes.geometry` and
+            :func:`convzoo._shapes.transpose_geometry`) or a device the kernels cannot run on.
+    """
+    if transposed:
+        g = _shapes.transpose_geometry(list(x.shape[2:]), kernel_size, stride, padding, output_padding, dilation)
+        lo, mode, num = g.padding, 0, g.num_positions
+    else:
+        g = _shapes.geometry(list(x.shape[2:]), kernel_size, dilation, padding, stride, padding_mode)
+        lo, mode, num = g.pad_lo, _shapes.PADDING_MODE_CODES[padding_mode], g.num_blocks
+    _check_device(x)
+    cg = x.shape[1] // groups
+    return {"in": _pad3(g.in_size, 1), "out": _pad3(g.out_size, 1), "k": _pad3(g.kernel_size, 1),
+            "s": _pad3(g.stride, 1), "p": _pad3(lo, 0), "d": _pad3(g.dilation, 1), "mode": mode, "L": num,
+            "transposed": transposed, "K": g.kernel_numel, "ndim": g.ndim, "CG": cg, "D": cg * g.kernel_numel,
+            "DP": cg * g.kernel_numel + int(bias), "acc": torch.float64 if x.dtype == torch.float64 else torch.float32}
+
+
+def _layer_conv_args(layer) -> dict:
+    """A tuning grid layer's geometry as the keyword arguments of the statistic launchers (no output padding)."""
+    kernel, dil, pad, stride, mode = layer.geometry()
+    return {"kernel_size": kernel, "stride": stride, "padding": pad, "output_padding": [0] * layer.ndim,
+            "dilation": dil, "padding_mode": mode}

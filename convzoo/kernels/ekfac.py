@@ -21,16 +21,22 @@ import torch
 import triton
 import triton.language as tl
 
-from convzoo import _shapes, autotune, reference
+from convzoo import autotune, reference
 from convzoo.autotune import Config, ConfigSpace, KernelSpec, TuneProblem
 from convzoo.kernels._common import (
-    _block_index,
-    _check_device,
+    _as_5d,
+    _conv_geometry_3d,
     _device,
+    _fit,
+    _group_slices,
+    _layer_conv_args,
     _math_args,
     _mma,
-    _pad3,
-    _source_index,
+    _split_count,
+    _split_workspace,
+    _sum_partials,
+    _tap_coords,
+    _tap_sources,
     _widen,
 )
 
@@ -50,22 +56,13 @@ def _patch_rows(x_ptr, r, od, oh, ow, l_ok, n, D, ID, IH, IW,
     first channel): 0 outside ``r < D``, ``l < L`` and where padding reads nothing; row ``D`` is the constant 1
     when ``HAS_BIAS``. The positions' coordinates come from the caller, computed once per position step (three
     divisions by runtime sizes), not per patch-row step; the taps' from ``r`` by constexprs."""
-    k = r % (KD * KH * KW)
+    kd, kh, kw = _tap_coords((r % (KD * KH * KW)).to(tl.int32), KH, KW)
     c = r // (KD * KH * KW)
-    kw = (k % KW).to(tl.int32)
-    kh = ((k // KW) % KH).to(tl.int32)
-    kd = (k // (KW * KH)).to(tl.int32)
-    if TRANSPOSED:
-        i_d, ok_d = _block_index(od, PD, kd, ID, SD, DD)
-        i_h, ok_h = _block_index(oh, PH, kh, IH, SH, DH)
-        i_w, ok_w = _block_index(ow, PW, kw, IW, SW, DW)
-    else:
-        i_d, ok_d = _source_index(od * SD - PD + kd * DD, ID, MODE)
-        i_h, ok_h = _source_index(oh * SH - PH + kh * DH, IH, MODE)
-        i_w, ok_w = _source_index(ow * SW - PW + kw * DW, IW, MODE)
+    i_d, i_h, i_w, ok = _tap_sources(od, oh, ow, kd, kh, kw, ID, IH, IW, SD, SH, SW, PD, PH, PW, DD, DH, DW,
+                                     MODE, TRANSPOSED)
     off = (c * stride_xc + i_d.to(tl.int64) * stride_xd + i_h.to(tl.int64) * stride_xh
            + i_w.to(tl.int64) * stride_xw)
-    v = tl.load(x_ptr + n * stride_xn + off, mask=ok_d & ok_h & ok_w & (r < D) & l_ok, other=0)
+    v = tl.load(x_ptr + n * stride_xn + off, mask=ok & (r < D) & l_ok, other=0)
     if HAS_BIAS:
         one = tl.full(v.shape, 1, v.dtype)
         v = tl.where((r == D) & l_ok, one, v)
@@ -176,21 +173,11 @@ def ekfac_kernel(
 
 # ----------------------------------------------------------------------------------------------
 # configs
-_SMS = 132  # the heuristic's GPU: an H100 SXM (tuned tables pick SPLIT for other GPUs)
-
-
-def _fit(v: int, lo: int, hi: int) -> int:
-    return max(lo, min(hi, autotune.bucket(v)))
-
-
 def _split(dims, block_j: int, block_o: int, interpret: bool) -> int:
     """Programs per tile: enough for two tiles' work per SM, while each share keeps ≥ 4 samples."""
     if interpret:
         return 1
-    tiles = dims["G"] * -(-dims["D"] // block_j) * -(-dims["O"] // block_o)
-    want = autotune.bucket(-(-2 * _SMS // tiles))
-    most = max(1, dims["N"] // 4)
-    return max(1, min(want, 1 << (most.bit_length() - 1), 64))
+    return _split_count(dims["G"] * -(-dims["D"] // block_j) * -(-dims["O"] // block_o), dims["N"] // 4)
 
 
 def _default(dims, dtype, interpret: bool) -> Config:
@@ -245,9 +232,7 @@ _SPACE = ConfigSpace({"BLOCK_J": (16, 128), "BLOCK_O": (16, 128), "BLOCK_L": (16
 
 def _problem(layer, dtype, device) -> TuneProblem:
     """A tuning grid layer's statistic (groups 1, with the bias column), against the plain-torch path."""
-    kernel, dil, pad, stride, mode = layer.geometry()
-    geom = {"kernel_size": kernel, "stride": stride, "padding": pad, "output_padding": [0] * layer.ndim,
-            "dilation": dil, "padding_mode": mode}
+    geom = _layer_conv_args(layer)
     g = layer.resolved()
     co, dp = layer.out_channels, layer.c * g.kernel_numel + 1
     dims = {"O": co, "D": dp, "L": g.num_blocks, "N": layer.n, "G": 1}
@@ -272,23 +257,6 @@ EKFAC_SPEC = autotune.register(KernelSpec(
 
 # ----------------------------------------------------------------------------------------------
 # launcher
-_MAX_GRID_YZ = 65535  # CUDA's limit on grid dims 1 and 2
-
-
-def _kernel_geometry(x: torch.Tensor, kernel_size, stride, padding, output_padding, dilation, padding_mode,
-                     transposed: bool) -> dict:
-    """The call's geometry as 3-d kernel arguments (``lo``: the low padding, or the transposed padding)."""
-    if transposed:
-        g = _shapes.transpose_geometry(list(x.shape[2:]), kernel_size, stride, padding, output_padding, dilation)
-        lo, mode, num = g.padding, 0, g.num_positions
-    else:
-        g = _shapes.geometry(list(x.shape[2:]), kernel_size, dilation, padding, stride, padding_mode)
-        lo, mode, num = g.pad_lo, _shapes.PADDING_MODE_CODES[padding_mode], g.num_blocks
-    return {"in": _pad3(g.in_size, 1), "out": _pad3(g.out_size, 1), "k": _pad3(g.kernel_size, 1),
-            "s": _pad3(g.stride, 1), "p": _pad3(lo, 0), "d": _pad3(g.dilation, 1), "mode": mode, "L": num,
-            "K": g.kernel_numel, "ndim": g.ndim}
-
-
 def ekfac_eigenvalues(x: torch.Tensor, grad: torch.Tensor, q_a: torch.Tensor, q_g: torch.Tensor,
                       kernel_size: list[int], stride: list[int], padding: list[int], output_padding: list[int],
                       dilation: list[int], padding_mode: str, groups: int, transposed: bool, bias: bool,
@@ -307,14 +275,10 @@ def ekfac_eigenvalues(x: torch.Tensor, grad: torch.Tensor, q_a: torch.Tensor, q_
             :func:`convzoo._shapes.transpose_geometry`) or a device the kernels cannot run on.
     """
     # (1) check
-    a = _kernel_geometry(x, kernel_size, stride, padding, output_padding, dilation, padding_mode, transposed)
-    _check_device(x)
-    n, c = x.shape[0], x.shape[1]
-    cg = c // groups
-    dp = cg * a["K"] + int(bias)
+    a = _conv_geometry_3d(x, kernel_size, stride, padding, output_padding, dilation, padding_mode, transposed,
+                          groups, bias)
+    n, cg, dp, num, acc_dtype = x.shape[0], a["CG"], a["DP"], a["L"], a["acc"]
     co = grad.shape[1] // groups
-    num = a["L"]
-    acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     # (2) allocate; an empty reduction (N = 0 or no positions) gives s = 0
     out = x.new_empty((groups, co, dp), dtype=acc_dtype)
     if out.numel() == 0:
@@ -332,17 +296,14 @@ def ekfac_eigenvalues(x: torch.Tensor, grad: torch.Tensor, q_a: torch.Tensor, q_
     cfg = config or autotune.lookup("ekfac", x.device, x.dtype, O=co, D=dp, L=num, N=n, G=groups)
     bj, bo, split = cfg.meta["BLOCK_J"], cfg.meta["BLOCK_O"], cfg.meta["SPLIT"]
     tj, to = triton.cdiv(dp, bj), triton.cdiv(co, bo)
-    target = out[None] if split == 1 else torch.empty((split, groups, co, dp), device=x.device, dtype=acc_dtype)
-    xs = x
-    for _ in range(3 - a["ndim"]):
-        xs = xs.unsqueeze(2)
+    target = _split_workspace(out, split)
+    xs = _as_5d(x, a["ndim"])
     with _device(x):
         # grid dims 1 (groups) and 2 (SPLIT) are limited to 65535 on CUDA: a depthwise layer may have more
-        for g0 in range(0, groups, _MAX_GRID_YZ):
-            ng = min(_MAX_GRID_YZ, groups - g0)
+        for g0, ng in _group_slices(groups):
             ekfac_kernel[(tj * to, ng, split)](
                 target[:, g0:g0 + ng], xs[:, g0 * cg:(g0 + ng) * cg], qa[g0:g0 + ng], gh[:, g0 * co:(g0 + ng) * co],
-                cg, co, *a["in"], a["out"][1], a["out"][2], num, n, cg * a["K"], dp, tj,
+                cg, co, *a["in"], a["out"][1], a["out"][2], num, n, a["D"], dp, tj,
                 *xs.stride(), *qa.stride(), *gh.stride(), *target.stride(),
                 coef if split == 1 else 1.0,
                 *a["k"], *a["s"], *a["p"], *a["d"],
@@ -350,6 +311,6 @@ def ekfac_eigenvalues(x: torch.Tensor, grad: torch.Tensor, q_a: torch.Tensor, q_
                 **_math_args(x.dtype, ekfac_kernel),
                 **cfg.launch_kwargs(),
             )
-    if split > 1:  # the partials, summed in a fixed order: deterministic
-        torch.mul(target.sum(0), coef, out=out)
+    if split > 1:
+        _sum_partials(target, out, coef=coef)
     return out

@@ -21,16 +21,21 @@ import torch
 import triton
 import triton.language as tl
 
-from convzoo import _shapes, autotune, reference
+from convzoo import autotune, reference
 from convzoo.autotune import Config, ConfigSpace, KernelSpec, TuneProblem
 from convzoo.kernels._common import (
     _as_5d,
-    _check_device,
+    _conv_geometry_3d,
     _device,
+    _fit,
+    _group_slices,
+    _layer_conv_args,
     _math_args,
     _mma,
-    _pad3,
     _patch_columns,
+    _split_count,
+    _split_workspace,
+    _sum_partials,
     _widen,
 )
 
@@ -172,13 +177,6 @@ def patch_covariance_kernel(
 
 # ----------------------------------------------------------------------------------------------
 # configs
-_SMS = 132  # the heuristic's GPU: an H100 SXM (tuned tables pick SPLIT for other GPUs)
-
-
-def _fit(v: int, lo: int, hi: int) -> int:
-    return max(lo, min(hi, autotune.bucket(v)))
-
-
 def _block_c(channels: int, block_d: int) -> int:
     """Channels per (tap, channel block) pair: the group's channels to a power of two, at most a tile side."""
     return min(block_d, triton.next_power_of_2(max(channels, 1)))
@@ -196,10 +194,7 @@ def _split(dims, block_d: int, block_m: int, interpret: bool) -> int:
     if interpret:
         return 1
     t = _tiles(dims, block_d)
-    tiles = dims["G"] * t * (t + 1) // 2
-    want = autotune.bucket(-(-2 * _SMS // tiles))
-    most = max(1, dims["M"] // (8 * block_m))
-    return max(1, min(want, 1 << (most.bit_length() - 1), 64))
+    return _split_count(dims["G"] * t * (t + 1) // 2, dims["M"] // (8 * block_m))
 
 
 def _default(dims, dtype, interpret: bool) -> Config:
@@ -251,9 +246,7 @@ _SPACE = ConfigSpace({"BLOCK_D": (16, 128), "BLOCK_M": (16, 256), "SPLIT": (1, 6
 
 def _problem(layer, dtype, device) -> TuneProblem:
     """A tuning grid layer's factor (groups 1, no bias), against the plain-torch path."""
-    kernel, dil, pad, stride, mode = layer.geometry()
-    geom = {"kernel_size": kernel, "stride": stride, "padding": pad, "output_padding": [0] * layer.ndim,
-            "dilation": dil, "padding_mode": mode}
+    geom = _layer_conv_args(layer)
     g = layer.resolved()
     dims = {"D": layer.c * g.kernel_numel, "M": layer.n * g.num_blocks, "G": 1, "C": layer.c, "K": g.kernel_numel,
             "L": g.num_blocks}
@@ -273,22 +266,6 @@ PATCH_COVARIANCE_SPEC = autotune.register(KernelSpec(
 
 # ----------------------------------------------------------------------------------------------
 # launcher
-_MAX_GRID_YZ = 65535  # CUDA's limit on grid dims 1 and 2
-
-def _kernel_geometry(x: torch.Tensor, kernel_size, stride, padding, output_padding, dilation, padding_mode,
-                     transposed: bool) -> dict:
-    """The call's geometry as 3-d kernel arguments (``lo``: the low padding, or the transposed padding)."""
-    if transposed:
-        g = _shapes.transpose_geometry(list(x.shape[2:]), kernel_size, stride, padding, output_padding, dilation)
-        lo, mode, num = g.padding, 0, g.num_positions
-    else:
-        g = _shapes.geometry(list(x.shape[2:]), kernel_size, dilation, padding, stride, padding_mode)
-        lo, mode, num = g.pad_lo, _shapes.PADDING_MODE_CODES[padding_mode], g.num_blocks
-    return {"in": _pad3(g.in_size, 1), "out": _pad3(g.out_size, 1), "k": _pad3(g.kernel_size, 1),
-            "s": _pad3(g.stride, 1), "p": _pad3(lo, 0), "d": _pad3(g.dilation, 1), "mode": mode, "L": num,
-            "transposed": transposed, "K": g.kernel_numel, "ndim": g.ndim}
-
-
 def patch_covariance(x: torch.Tensor, kernel_size: list[int], stride: list[int], padding: list[int],
                      output_padding: list[int], dilation: list[int], padding_mode: str, groups: int,
                      transposed: bool, bias: bool, out: torch.Tensor | None = None, alpha: float = 0.0,
@@ -306,13 +283,9 @@ def patch_covariance(x: torch.Tensor, kernel_size: list[int], stride: list[int],
             :func:`convzoo._shapes.transpose_geometry`) or a device the kernels cannot run on.
     """
     # (1) check
-    a = _kernel_geometry(x, kernel_size, stride, padding, output_padding, dilation, padding_mode, transposed)
-    _check_device(x)
-    n, c = x.shape[0], x.shape[1]
-    cg = c // groups
-    d = cg * a["K"]
-    dp = d + int(bias)
-    acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    a = _conv_geometry_3d(x, kernel_size, stride, padding, output_padding, dilation, padding_mode, transposed,
+                          groups, bias)
+    n, cg, d, dp, acc_dtype = x.shape[0], a["CG"], a["D"], a["DP"], a["acc"]
     # (2) allocate; an empty reduction (N = 0 or no positions) gives F = 0
     read_out = out is not None and alpha != 0.0
     if out is None:
@@ -348,7 +321,7 @@ def _launch(target: torch.Tensor, x: torch.Tensor, a: dict, cg: int, read_out: b
     """The kernel on ``target`` (``[G, D, D]``). ``x`` goes in channels-last (one copy when it is not): a tile is
     then ``BLOCK_D`` contiguous channels of one tap, read with 16-byte loads; channels-first input would gather
     one element per load along the positions (measured on the static sm_90 report: README, kernel notes)."""
-    groups, d = target.shape[0], target.shape[1]
+    groups = target.shape[0]
     bd, bm = cfg.meta["BLOCK_D"], cfg.meta["BLOCK_M"]
     bc = _block_c(cg, bd)
     tc = triton.cdiv(cg, bc)
@@ -356,33 +329,26 @@ def _launch(target: torch.Tensor, x: torch.Tensor, a: dict, cg: int, read_out: b
     n = x.shape[0]
     sn, ns, sl, ls = _chunks(n, triton.cdiv(a["L"], bm), cfg.meta["SPLIT"])
     split = sn * sl
-    acc_dtype = target.dtype
-    work = target if split == 1 else torch.empty((split, groups, d, d), device=x.device, dtype=acc_dtype)
-    work4 = work[None] if split == 1 else work
+    work = _split_workspace(target, split)
     xs = _as_5d(x, a["ndim"])
     if xs.stride(1) != 1 and cg > 1:
         xs = xs.contiguous(memory_format=torch.channels_last_3d)
     with _device(x):
         # grid dims 1 (groups) and 2 (chunks) are limited to 65535 on CUDA: a depthwise layer may have more
         # channels, so the groups go in launches of at most that many (each on its slices of x and target)
-        for g0 in range(0, groups, _MAX_GRID_YZ):
-            ng = min(_MAX_GRID_YZ, groups - g0)
+        for g0, ng in _group_slices(groups):
             patch_covariance_kernel[(tt * tt, ng, split)](
-                work4[:, g0:g0 + ng], xs[:, g0 * cg:(g0 + ng) * cg],
+                work[:, g0:g0 + ng], xs[:, g0 * cg:(g0 + ng) * cg],
                 cg, n, *a["in"], a["out"][1], a["out"][2], a["L"], tc, a["K"] * tc, tt, sn, ns, ls,
-                *xs.stride(), *work4.stride(),
+                *xs.stride(), *work.stride(),
                 alpha if split == 1 else 0.0, coef if split == 1 else 1.0,
                 *a["k"], *a["s"], *a["p"], *a["d"],
                 a["mode"], a["transposed"], read_out and split == 1,
                 **_math_args(x.dtype, patch_covariance_kernel), BLOCK_C=bc,
                 **cfg.launch_kwargs(),
             )
-    if split > 1:  # the partials, summed in a fixed order: deterministic
-        total = work.sum(0)
-        if read_out:
-            target.mul_(alpha).add_(total, alpha=coef)
-        else:
-            torch.mul(total, coef, out=target)
+    if split > 1:
+        _sum_partials(work, target, read_out, alpha, coef)
 
 
 def _bias_row(out: torch.Tensor, x: torch.Tensor, kernel_size, stride, padding, output_padding, dilation,

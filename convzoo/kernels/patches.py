@@ -26,9 +26,14 @@ from convzoo.kernels._common import (
     _device,
     _finish,
     _launch_buffer,
-    _source_index,
+    _position_coords,
+    _random_problem,
     _space,
+    _tap_coords,
+    _tap_source,
     _tile_default,
+    _tile_grid,
+    _tile_offsets,
     _upcast,
     _widen,
 )
@@ -67,31 +72,19 @@ def extract_patches_kernel(
     DW == 1. The group sum is in fp32 (fp64 for fp64) and divided with round-to-nearest (``div_rn``, as
     torch's mean), so G = 1 is an exact copy in every dtype.
     """
-    # program id -> tile
-    pid = tl.program_id(0).to(tl.int64)
-    num_d = tl.cdiv(D, BLOCK_D)
-    pid_r = pid // num_d
-    pid_d = pid % num_d
-
-    # offsets and masks
-    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)  # int64: row = n*L + l
-    cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)  # int64: col = c*K + k
-    row_ok = rows < R
-    col_ok = cols < D
+    # program id -> tile: offsets (int64; row = n*L + l, col = c*K + k) and masks
+    rows, cols, row_ok, col_ok = _tile_offsets(R, D, BLOCK_R, BLOCK_D)
     n = rows // L
     blk = rows % L
-    ow = blk % OW
-    oh = (blk // OW) % OH
-    od = blk // OW // OH  # not blk // (OW * OH): an int32 product of two sizes
+    od, oh, ow = _position_coords(blk, OH, OW)
     k = cols % (KD * KH * KW)
     c = cols // (KD * KH * KW)
-    kw = k % KW
-    kh = (k // KW) % KH
-    kd = k // (KW * KH)
+    kd, kh, kw = _tap_coords(k, KH, KW)
 
-    i_d, ok_d = _source_index(od[:, None] * SD - PD + kd[None, :] * DD, ID, MODE)
-    i_h, ok_h = _source_index(oh[:, None] * SH - PH + kh[None, :] * DH, IH, MODE)
-    i_w, ok_w = _source_index(ow[:, None] * SW - PW + kw[None, :] * DW, IW, MODE)
+    # per dim, not _tap_sources: the tile mask first in the mask (as unfold_kernel's) keeps the registers down
+    i_d, ok_d = _tap_source(od[:, None], kd[None, :], ID, PD, SD, DD, MODE, False)
+    i_h, ok_h = _tap_source(oh[:, None], kh[None, :], IH, PH, SH, DH, MODE, False)
+    i_w, ok_w = _tap_source(ow[:, None], kw[None, :], IW, PW, SW, DW, MODE, False)
     tile_ok = row_ok[:, None] & col_ok[None, :]
     ok = tile_ok & ok_d & ok_h & ok_w
     src = (x_ptr + (n * stride_xn)[:, None] + (c * stride_xc)[None, :]
@@ -125,13 +118,10 @@ def _default(dims, dtype, interpret: bool) -> Config:
 def _problem(layer, dtype, device) -> TuneProblem:
     g, geom = layer.resolved(), layer.geometry()
     groups = 2 if layer.c % 2 == 0 else 1  # the group loop runs; its count does not change the best tile
-
-    def setup():
-        x = torch.randn(layer.n, layer.c, *layer.size, device=device, dtype=dtype)
-        return (lambda cfg: extract_patches(x, *geom, groups, config=cfg),
-                lambda: reference.extract_patches(x, *geom, groups))
-
-    return TuneProblem({"R": layer.n * g.num_blocks, "D": layer.c // groups * g.kernel_numel}, setup)
+    return _random_problem({"R": layer.n * g.num_blocks, "D": layer.c // groups * g.kernel_numel},
+                           (layer.n, layer.c, *layer.size), dtype, device,
+                           lambda x, cfg: extract_patches(x, *geom, groups, config=cfg),
+                           lambda x: reference.extract_patches(x, *geom, groups))
 
 
 EXTRACT_PATCHES_SPEC = autotune.register(KernelSpec(
@@ -164,9 +154,8 @@ def extract_patches(x: torch.Tensor, kernel_size: list[int], dilation: list[int]
     # (3) look up config and launch
     a = _as_3d(g)
     rows, D = out.shape[0] * out.shape[1], out.shape[2]
-    cfg = config or autotune.lookup("extract_patches", x.device, x.dtype, R=rows, D=D)
+    cfg, grid = _tile_grid("extract_patches", x, rows, config, D=D)
     xs = _as_5d(x, g.ndim)
-    grid = (triton.cdiv(rows, cfg.meta["BLOCK_R"]) * triton.cdiv(D, cfg.meta["BLOCK_D"]),)
     with _device(x):
         extract_patches_kernel[grid](
             buf, xs,

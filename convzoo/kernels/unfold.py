@@ -19,7 +19,6 @@ from convzoo.kernels._common import (
     _acc_dtype,
     _as_3d,
     _as_5d,
-    _block_index,
     _candidates,
     _check_device,
     _device,
@@ -28,9 +27,15 @@ from convzoo.kernels._common import (
     _launch_buffer,
     _num_candidates,
     _padded_candidate,
+    _position_coords,
+    _random_problem,
     _reduce_gather_default,
-    _source_index,
     _space,
+    _tap_coords,
+    _tap_source,
+    _tap_target,
+    _tile_grid,
+    _tile_offsets,
     _upcast,
     _widen,
 )
@@ -69,36 +74,19 @@ def unfold_kernel(
     Each program writes a BLOCK_R × BLOCK_L tile, contiguous along L (coalesced stores); for a
     row, consecutive L read consecutive input columns when SW == 1 (coalesced loads).
     """
-    # program id -> tile
-    pid = tl.program_id(0).to(tl.int64)
-    num_l = tl.cdiv(L, BLOCK_L)
-    pid_r = pid // num_l
-    pid_l = pid % num_l
-
-    # offsets and masks
-    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)  # int64: row = (n*C + c)*K + k
-    blocks = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
-    row_ok = rows < R
-    blk_ok = blocks < L
+    # program id -> tile: offsets (int64; row = (n*C + c)*K + k) and masks
+    rows, blocks, row_ok, blk_ok = _tile_offsets(R, L, BLOCK_R, BLOCK_L)
     k = rows % (KD * KH * KW)
     nc = rows // (KD * KH * KW)
     c = nc % C
     n = nc // C
-    kw = k % KW
-    kh = (k // KW) % KH
-    kd = k // (KW * KH)
-    ow = blocks % OW
-    oh = (blocks // OW) % OH
-    od = blocks // OW // OH  # not blocks // (OW * OH): an int32 product of two sizes
-
-    if TRANSPOSED:  # the input index that reaches (o, t), per dim: o + P - t·D = i·S with 0 <= i < n
-        i_d, ok_d = _block_index(od[None, :], PD, kd[:, None], ID, SD, DD)
-        i_h, ok_h = _block_index(oh[None, :], PH, kh[:, None], IH, SH, DH)
-        i_w, ok_w = _block_index(ow[None, :], PW, kw[:, None], IW, SW, DW)
-    else:
-        i_d, ok_d = _source_index(od[None, :] * SD - PD + kd[:, None] * DD, ID, MODE)
-        i_h, ok_h = _source_index(oh[None, :] * SH - PH + kh[:, None] * DH, IH, MODE)
-        i_w, ok_w = _source_index(ow[None, :] * SW - PW + kw[:, None] * DW, IW, MODE)
+    kd, kh, kw = _tap_coords(k, KH, KW)
+    od, oh, ow = _position_coords(blocks, OH, OW)
+    # the input index each (tap, position) reads, per dim (TRANSPOSED: the one that reaches it, if any); per dim,
+    # not _tap_sources: the tile mask first in the load's mask keeps fp32 at 52 registers, not 66 (cifar_conv2)
+    i_d, ok_d = _tap_source(od[None, :], kd[:, None], ID, PD, SD, DD, MODE, TRANSPOSED)
+    i_h, ok_h = _tap_source(oh[None, :], kh[:, None], IH, PH, SH, DH, MODE, TRANSPOSED)
+    i_w, ok_w = _tap_source(ow[None, :], kw[:, None], IW, PW, SW, DW, MODE, TRANSPOSED)
     tile_ok = row_ok[:, None] & blk_ok[None, :]
 
     src = (x_ptr + (n * stride_xn + c * stride_xc)[:, None]
@@ -122,7 +110,7 @@ def fold_kernel(
     PD: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
     QD: tl.constexpr, QH: tl.constexpr, QW: tl.constexpr,
     DD: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
-    MODE: tl.constexpr,
+    MODE: tl.constexpr, TRANSPOSED: tl.constexpr,
     # padded positions that can read one input index, per dim (1 for 'zeros')
     NCD: tl.constexpr, NCH: tl.constexpr, NCW: tl.constexpr,
     ACC_DTYPE: tl.constexpr, UPCAST: tl.constexpr,
@@ -132,27 +120,21 @@ def fold_kernel(
     """col2im as a gather: each output pixel sums, in a fixed order, every column entry that
     unfold would have copied from it. Deterministic: no atomics.
 
+    ``TRANSPOSED``: the adjoint of unfold_transpose (``unfold_kernel`` with ``TRANSPOSED``; P* its symmetric
+    padding, Q* 0, ``MODE`` 0 and NC* 1) instead: input pixel ``i`` sums, over the taps in a fixed order, the
+    column entry at ``o = i·S - P + t·D`` when it lies in the output. Each column entry is then read at most
+    once (a (t, o) pair has at most one i): ≤ R·K·P entries read.
+
     Roofline: reads R·K·L column entries (each once) and writes R·P pixels; R·K·L adds.
     Memory bound (≤ 1 add per element read): GB/s = (R·K·L + R·P)·e / t vs the copy bandwidth.
     Tiles are BLOCK_R (n, c) rows × BLOCK_P pixels, contiguous along the pixels (coalesced stores).
     """
-    # program id -> tile
-    pid = tl.program_id(0).to(tl.int64)
-    num_p = tl.cdiv(P, BLOCK_P)
-    pid_r = pid // num_p
-    pid_p = pid % num_p
-
-    # offsets and masks
-    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)  # int64: row = n*C + c
-    pix = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    row_ok = rows < R
-    pix_ok = pix < P
+    # program id -> tile: offsets (int64; row = n*C + c) and masks
+    rows, pix, row_ok, pix_ok = _tile_offsets(R, P, BLOCK_R, BLOCK_P)
     n = rows // C
     c = rows % C
     row_base = n * stride_cn + c * (KD * KH * KW) * stride_ck
-    iw = pix % IW
-    ih = (pix // IW) % IH
-    i_d = pix // IW // IH  # not pix // (IW * IH): an int32 product of two sizes
+    i_d, ih, iw = _position_coords(pix, IH, IW)
 
     # loop over every (padded position, tap) pair that can read this pixel, fp32 (fp64) accumulation
     acc = tl.zeros([BLOCK_R, BLOCK_P], dtype=ACC_DTYPE)
@@ -163,11 +145,11 @@ def fold_kernel(
             for jw in range(NCW):
                 pw, cand_w = _padded_candidate(iw, jw, IW, PW, QW, MODE)
                 for kd in range(KD):
-                    ld, ok_d = _block_index(pd, PD, kd, OD, SD, DD)
+                    ld, ok_d = _tap_target(pd, PD, kd, OD, SD, DD, TRANSPOSED)
                     for kh in range(KH):
-                        lh, ok_h = _block_index(ph, PH, kh, OH, SH, DH)
+                        lh, ok_h = _tap_target(ph, PH, kh, OH, SH, DH, TRANSPOSED)
                         for kw in range(KW):
-                            lw, ok_w = _block_index(pw, PW, kw, OW, SW, DW)
+                            lw, ok_w = _tap_target(pw, PW, kw, OW, SW, DW, TRANSPOSED)
                             ok = cand_d & cand_h & cand_w & ok_d & ok_h & ok_w & pix_ok
                             blk = (ld * OH + lh) * OW + lw
                             # loop indices are int32: tap · stride_ck passes 2^31 once (K-1)·L does
@@ -185,23 +167,18 @@ def fold_kernel(
 # configs
 def _unfold_problem(layer, dtype, device) -> TuneProblem:
     g, geom = layer.resolved(), layer.geometry()
-
-    def setup():
-        x = torch.randn(layer.n, layer.c, *layer.size, device=device, dtype=dtype)
-        return (lambda cfg: unfold(x, *geom, config=cfg)), (lambda: reference.unfold(x, *geom))
-
-    return TuneProblem({"R": layer.n * layer.c * g.kernel_numel, "L": g.num_blocks}, setup, exact=True)
+    return _random_problem({"R": layer.n * layer.c * g.kernel_numel, "L": g.num_blocks},
+                           (layer.n, layer.c, *layer.size), dtype, device,
+                           lambda x, cfg: unfold(x, *geom, config=cfg), lambda x: reference.unfold(x, *geom),
+                           exact=True)
 
 
 def _fold_problem(layer, dtype, device) -> TuneProblem:
-    g, geom = layer.resolved(), layer.geometry()
-
-    def setup():
-        cols = torch.randn(layer.n, layer.c * g.kernel_numel, g.num_blocks, device=device, dtype=dtype)
-        return (lambda cfg: fold(cols, list(layer.size), *geom, config=cfg),
-                lambda: reference.fold(cols, list(layer.size), *geom))
-
-    return TuneProblem({"R": layer.n * layer.c, "P": math.prod(layer.size)}, setup)
+    g, geom, size = layer.resolved(), layer.geometry(), list(layer.size)
+    return _random_problem({"R": layer.n * layer.c, "P": math.prod(size)},
+                           (layer.n, layer.c * g.kernel_numel, g.num_blocks), dtype, device,
+                           lambda cols, cfg: fold(cols, size, *geom, config=cfg),
+                           lambda cols: reference.fold(cols, size, *geom))
 
 
 UNFOLD_SPEC = autotune.register(KernelSpec(
@@ -234,18 +211,24 @@ def unfold(x: torch.Tensor, kernel_size: list[int], dilation: list[int], padding
     if out.numel() == 0:
         return out
     # (3) look up config and launch
-    a = _as_3d(g)
-    rows, L = out.shape[1] * out.shape[0], out.shape[2]
-    cfg = config or autotune.lookup("unfold", x.device, x.dtype, R=rows, L=L)
-    xs = _as_5d(x, g.ndim)
-    grid = (triton.cdiv(rows, cfg.meta["BLOCK_R"]) * triton.cdiv(L, cfg.meta["BLOCK_L"]),)
-    with _device(x):
+    return _launch_unfold("unfold", _as_5d(x, g.ndim), out, _as_3d(g), _shapes.PADDING_MODE_CODES[g.padding_mode],
+                          False, config)
+
+
+def _launch_unfold(name: str, xs: torch.Tensor, out: torch.Tensor, a: dict, mode: int, transposed: bool,
+                   config: Config | None) -> torch.Tensor:
+    """``unfold_kernel`` (the autotune entry ``name``'s config) from ``xs`` (the 5-d view, :func:`_as_5d`) into
+    ``out`` ``[N, C·∏K, L]``, for the 3-d geometry ``a`` (:func:`_as_3d`'s keys): unfold's, or ``transposed``
+    unfold_transpose's (``lo`` its padding, ``mode`` unused)."""
+    rows, L = out.shape[0] * out.shape[1], out.shape[2]
+    cfg, grid = _tile_grid(name, xs, rows, config, L=L)
+    with _device(xs):
         unfold_kernel[grid](
             out, xs,
-            rows, x.shape[1], *a["in"], *a["out"], L,
+            rows, xs.shape[1], *a["in"], *a["out"], L,
             *xs.stride(),
             *a["k"], *a["s"], *a["lo"], *a["d"],
-            _shapes.PADDING_MODE_CODES[g.padding_mode], False,
+            mode, transposed,
             **cfg.launch_kwargs(),
         )
     return out
@@ -267,20 +250,27 @@ def fold(cols: torch.Tensor, output_size: list[int], kernel_size: list[int], dil
     out = cols.new_empty(_shapes.fold_out_shape(cols, g))
     if out.numel() == 0:
         return out
-    buf = _launch_buffer(out, fold_kernel)
     # (3) look up config and launch
-    a = _as_3d(g)
-    rows, P = out.shape[0] * out.shape[1], math.prod(g.in_size)
-    cfg = config or autotune.lookup("fold", cols.device, cols.dtype, R=rows, P=P)
-    grid = (triton.cdiv(rows, cfg.meta["BLOCK_R"]) * triton.cdiv(P, cfg.meta["BLOCK_P"]),)
+    return _launch_fold("fold", cols, out, _as_3d(g), _shapes.PADDING_MODE_CODES[g.padding_mode], False,
+                        _num_candidates(g, 3 - g.ndim), config)
+
+
+def _launch_fold(name: str, cols: torch.Tensor, out: torch.Tensor, a: dict, mode: int, transposed: bool,
+                 candidates: tuple[int, int, int], config: Config | None) -> torch.Tensor:
+    """``fold_kernel`` (the autotune entry ``name``'s config) from ``cols`` ``[N, C·∏K, L]`` into ``out``
+    ``[N, C, *in]``, for the 3-d geometry ``a`` (:func:`_as_3d`'s keys) and ``candidates`` padded positions per
+    dim (:func:`_num_candidates`): fold's, or ``transposed`` unfold_transpose's adjoint (``lo`` its padding,
+    ``hi`` 0, ``mode`` 0, one candidate)."""
+    buf = _launch_buffer(out, fold_kernel)
+    rows, P = out.shape[0] * out.shape[1], math.prod(out.shape[2:])
+    cfg, grid = _tile_grid(name, cols, rows, config, P=P)
     with _device(cols):
         fold_kernel[grid](
             buf, cols,
             rows, out.shape[1], *a["in"], *a["out"], P,
             *cols.stride(),
             *a["k"], *a["s"], *a["lo"], *a["hi"], *a["d"],
-            _shapes.PADDING_MODE_CODES[g.padding_mode],
-            *_num_candidates(g, 3 - g.ndim),
+            mode, transposed, *candidates,
             _acc_dtype(cols.dtype), _upcast(cols.dtype, fold_kernel),
             **cfg.launch_kwargs(),
         )
