@@ -39,9 +39,9 @@ DIMS = {"masked_conv_fwd": [{"M": 256, "O": 256, "K": 256, "BO": bo, "BK": bk}
 # tile constexprs that come from the dims, not from the config
 FIXED_TILES = {name: (lambda dims: {"BLOCK_O": dims["BO"], "BLOCK_K": dims["BK"]})
                for name in ("masked_conv_fwd", "masked_conv_grad_weight", "masked_conv_grad_input")}
-# masked_conv's tap walk (C/G = 256: SUB = BK, what the launchers pick) with int32 offsets and positions: the
-# specialisation a ResNet layer's launch gets
-TAP_WALK = {"SUB": None, "NARROW": True, "POS32": True}
+# masked_conv's tap walk (C/G = 256: SUB = BK, what the launchers pick) with int32 offsets and positions, 2-d
+# (DIMS), a packed channels-last dY (DY_FLAT): the specialisation a ResNet layer's launch gets
+TAP_WALK = {"SUB": None, "NARROW": True, "OFF32": True, "POS32": True, "DIMS": 2, "DY_FLAT": True}
 # patch_covariance's channels per (tap, channel block) pair come from the group's channels (the launcher's): 16 ≤ any
 # BLOCK_D compiles the several-taps-per-tile path
 FIXED_TILES["patch_covariance"] = lambda dims: {"BLOCK_C": 16}

@@ -446,3 +446,26 @@ def test_masked_conv_grad_input_offsets_past_int32(tmp_path, kernel_device):
     dx = mc_kernels.masked_conv_grad_input(gh, wh, count, index, [5], [3], [1], [1, 1], [1], "zeros", 1, (16, 16))
     want = torch.nn.grad.conv1d_input([1, 4, 5], w.double(), gy.double(), 1, 1)
     torch.testing.assert_close(dx.double(), want, atol=1e-5, rtol=1e-5)
+
+
+def test_masked_conv_grad_weight_tap_walk_offsets_past_int32(tmp_path, kernel_device):
+    """masked_conv's weight gradient through the tap walk (C_in/G = 16): channels-last x and dY whose output
+    position l sits at l · HUGE (read in place: no OFF32, the int64 position offsets), 3 taps with padding, one
+    share and two."""
+    from convzoo.autotune import Config
+    from convzoo.kernels import masked_conv as mc_kernels
+
+    x = torch.randint(-4, 5, (1, 16, 5)).float().to(kernel_device)  # integers: exact sums in fp32
+    dy = torch.randint(-4, 5, (1, 8, 5)).float().to(kernel_device)
+    xh = huge_view(x, (16, 1, HUGE), tmp_path, "x")  # channels-last: read in place, not copied
+    dyh = huge_view(dy, (8, 1, HUGE), tmp_path, "dy")
+    g = mc_kernels._shapes.unfold_geometry(xh, [3], [1], [1, 1], [1], "zeros")
+    assert mc_kernels._tap_tile(16, 16)["SUB"] == 16 and not mc_kernels._gw_off32(xh, dyh, g, 8, 16)
+    mask = torch.ones(8, 16, 3, dtype=torch.bool, device=kernel_device)
+    count, index = mc_kernels.dense_tile_lists(mask, 1, (16, 16))
+    want = torch.nn.grad.conv1d_weight(x.double(), [8, 16, 3], dy.double(), 1, 1)
+    for split in (1, 2):
+        cfg = Config({"BLOCK_M": 16, "SPLIT": split}, num_warps=4, num_stages=1)
+        dw = mc_kernels.masked_conv_grad_weight(dyh, xh, mask, count, index, [8, 16, 3], [3], [1], [1, 1], [1],
+                                                "zeros", 1, (16, 16), config=cfg)
+        torch.testing.assert_close(dw.double(), want, atol=0, rtol=0)
