@@ -47,6 +47,9 @@ TAP_WALK = {"SUB": None, "NARROW": True, "OFF32": True, "POS32": True, "DIMS": 2
 FIXED_TILES["patch_covariance"] = lambda dims: {"BLOCK_C": 16}
 # local_conv's forward gather layout is the launcher's (by Triton version): the newest one's
 FIXED_TILES["local_conv_fwd"] = lambda dims: {"GATHER_T": True}
+# local_conv grad-input: the launcher picks the MMA orientation and the int32 deltas: the C_in-major, narrow one
+FIXED_TILES["local_conv_grad_input"] = lambda dims: {"C_MAJOR": True, "NARROW": True}
+FIXED_TILES["local_conv_grad_weight"] = lambda dims: {"NARROW": True}
 # pointer arguments that are not of the data's dtype (masked_conv's tile lists, the grad-weight's byte mask)
 INT_PTRS = {"count_ptr": "*i32", "index_ptr": "*i32", "mask_ptr": "*u8"}
 # runtime arguments that are floats (the grad-weight kernel's coactivation thresholds)

@@ -97,7 +97,8 @@ def test_local_conv_forward_offsets_past_int32(tmp_path, kernel_device):
 
 
 def test_local_conv_grad_weight_offsets_past_int32(tmp_path, kernel_device):
-    """x's channel c at c · HUGE, and dY of position l at l · HUGE."""
+    """x's channel c at c · HUGE, and dY of position l at l · HUGE (the launcher copies such a dY
+    batch-contiguous: the copy must read it right)."""
     x, _, gy = _local_conv_dense(kernel_device)
     xh = huge_view(x, (1, HUGE, 3), tmp_path, "x")
     gh = huge_view(gy, (9, 3, HUGE), tmp_path, "gy")
@@ -107,12 +108,36 @@ def test_local_conv_grad_weight_offsets_past_int32(tmp_path, kernel_device):
     torch.testing.assert_close(db.double(), db_ref, atol=1e-5, rtol=1e-5)
 
 
+def test_local_conv_grad_weight_dy_position_offsets_past_int32(tmp_path, kernel_device):
+    """dY already batch-contiguous (read in place, no copy) with position l at l · HUGE: the kernel's int64
+    per-position base, int32 in-tile deltas."""
+    x, _, gy = _local_conv_dense(kernel_device)
+    gh = huge_view(gy, (1, 2, HUGE), tmp_path, "gy")
+    assert gh.stride(0) == 1 and gh.stride(2) * 2 >= 2**31
+    dw, db = lc_kernels.local_conv_grad_weight(gh, x, *_geom(3))
+    dw_ref, db_ref = reference.local_conv_grad_weight(gy.double(), x.double(), *_geom(3))
+    torch.testing.assert_close(dw.double(), dw_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(db.double(), db_ref, atol=1e-5, rtol=1e-5)
+
+
 def test_local_conv_grad_input_offsets_past_int32(tmp_path, kernel_device):
-    """Patch row r of the weight at r · 2^28+ (row 8 past 2^31), and dY channel o at o · HUGE."""
+    """Patch row r of the weight at r · 2^28+ (row 8 past 2^31), and dY channel o at o · HUGE (the launcher
+    copies such a dY C_out-contiguous: the copy must read it right)."""
     _, w, gy = _local_conv_dense(kernel_device)
     wh = huge_view(w, (3, 2**28 + 2**20, 1), tmp_path, "w")
     gh = huge_view(gy, (3, HUGE, 1), tmp_path, "gy")
     dx = lc_kernels.local_conv_grad_input(gh, wh, [5], *_geom(3))
+    ref = reference.local_conv_grad_input(gy.double(), w.double(), [5], *_geom(3))
+    torch.testing.assert_close(dx.double(), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_local_conv_grad_input_dy_position_offsets_past_int32(tmp_path, kernel_device):
+    """dY already C_out-contiguous (read in place, no copy) with position l at l · HUGE: the kernel's int64
+    per-(position, tap) base, int32 in-tile deltas."""
+    _, w, gy = _local_conv_dense(kernel_device)
+    gh = huge_view(gy, (3, 1, HUGE), tmp_path, "gy")
+    assert gh.stride(1) == 1 and gh.stride(2) * 2 >= 2**31
+    dx = lc_kernels.local_conv_grad_input(gh, w, [5], *_geom(3))
     ref = reference.local_conv_grad_input(gy.double(), w.double(), [5], *_geom(3))
     torch.testing.assert_close(dx.double(), ref, atol=1e-5, rtol=1e-5)
 
