@@ -610,23 +610,21 @@ def masked_conv_grad_weight_kernel(
         s_ok = (kt >= 0) & (ks < K)
         ks = tl.where(s_ok, ks, 0)
         ts = ks // CG
-        cs = ks - ts * CG
+        cs = ks - (ts.to(tl.int64) * CG).to(tl.int32)  # ts·CG <= ks: the int64 product narrows exactly
         kd_s = (ts // (KW * KH)) * DD
         kh_s = (ts // KW % KH) * DH
         kw_s = (ts % KW) * DW
-        ch = tl.arange(0, SUB) * stride_xc
+        # the sub-tiles' tap offsets into x, the in-tile channel offsets of x and dY: int64, narrowed to int32
+        # when OFF32 (the launcher proved every offset the walk forms fits)
+        tap_s = cs.to(tl.int64) * stride_xc
+        if MODE == 0:
+            tap_s += kd_s.to(tl.int64) * stride_xd + kh_s.to(tl.int64) * stride_xh + kw_s.to(tl.int64) * stride_xw
+        ch = tl.arange(0, SUB).to(tl.int64) * stride_xc
         dyc = co * stride_dc
         if OFF32:
-            tap_s = cs * stride_xc
-            if MODE == 0:
-                tap_s += kd_s * stride_xd + kh_s * stride_xh + kw_s * stride_xw
-        else:
-            tap_s = cs.to(tl.int64) * stride_xc
-            if MODE == 0:
-                tap_s += kd_s.to(tl.int64) * stride_xd + kh_s.to(tl.int64) * stride_xh \
-                    + kw_s.to(tl.int64) * stride_xw
-            ch = ch.to(tl.int64)
-            dyc = dyc.to(tl.int64)
+            tap_s = tap_s.to(tl.int32)
+            ch = ch.to(tl.int32)
+            dyc = dyc.to(tl.int32)
         # the positions of the first step, then advanced by BLOCK_M = s_n·L + s_d·OH·OW + s_h·OW + s_w per step
         # (a carry per dim: each of ow, oh, od stays in range)
         OD = L // OW // OH
@@ -634,16 +632,15 @@ def masked_conv_grad_weight_kernel(
         if POS32:
             m = m.to(tl.int32)
         n = m // L
-        l = m - n * L
+        l = m - (n.to(tl.int64) * L).to(m.dtype)  # n·L <= m: the int64 product narrows exactly
         ow = (l % OW).to(tl.int32)
         oh = (l // OW % OH).to(tl.int32) if DIMS >= 2 else tl.zeros_like(ow)
         od = (l // OW // OH).to(tl.int32) if DIMS >= 3 else tl.zeros_like(ow)
         st_n = BLOCK_M // L
-        r_ = BLOCK_M - st_n * L
+        r_ = BLOCK_M % L
+        st_w = r_ % OW
+        st_h = r_ // OW % OH
         st_d = r_ // OW // OH
-        r_ = r_ - st_d * OH * OW
-        st_h = r_ // OW
-        st_w = r_ - st_h * OW
         # a narrow block (BLOCK_O < 64 <= BLOCK_K) accumulates dWᵀ = Pᵀ·dY: the MMA's M side is then BLOCK_K
         # (wgmma wants 64 rows per warpgroup)
         SWAP: tl.constexpr = BLOCK_O < 64 and BLOCK_K >= 64 and not FP64
@@ -651,29 +648,24 @@ def masked_conv_grad_weight_kernel(
             acc_t = tl.zeros([BLOCK_K, BLOCK_O], dtype=ACC_DTYPE)
         for _ in range(0, steps):
             m_ok = m < M
-            if OFF32:
-                if DY_FLAT:
-                    dy_pos = m * stride_dw
-                else:
-                    dy_pos = n * stride_dn + od * stride_dd + oh * stride_dh + ow * stride_dw
-                x_n = n * stride_xn
+            # the steps' position offsets: int64, narrowed to int32 when OFF32 (the launcher proved them)
+            if DY_FLAT:
+                dy_pos = m.to(tl.int64) * stride_dw
             else:
-                if DY_FLAT:
-                    dy_pos = m.to(tl.int64) * stride_dw
-                else:
-                    dy_pos = n.to(tl.int64) * stride_dn + od.to(tl.int64) * stride_dd \
-                        + oh.to(tl.int64) * stride_dh + ow.to(tl.int64) * stride_dw
-                x_n = n.to(tl.int64) * stride_xn
+                dy_pos = n.to(tl.int64) * stride_dn + od.to(tl.int64) * stride_dd \
+                    + oh.to(tl.int64) * stride_dh + ow.to(tl.int64) * stride_dw
+            if OFF32:
+                dy_pos = dy_pos.to(tl.int32)
+            x_n = n.to(tl.int64) * stride_xn
             dy = tl.load(dy_ptr + dy_pos[:, None] + dyc[None, :], mask=m_ok[:, None] & o_ok[None, :], other=0)
             i_d0 = od * SD - PD
             i_h0 = oh * SH - PH
             i_w0 = ow * SW - PW
             if MODE == 0:
+                x_pos = x_n + i_d0.to(tl.int64) * stride_xd + i_h0.to(tl.int64) * stride_xh \
+                    + i_w0.to(tl.int64) * stride_xw
                 if OFF32:
-                    x_pos = x_n + i_d0 * stride_xd + i_h0 * stride_xh + i_w0 * stride_xw
-                else:
-                    x_pos = x_n + i_d0.to(tl.int64) * stride_xd + i_h0.to(tl.int64) * stride_xh \
-                        + i_w0.to(tl.int64) * stride_xw
+                    x_pos = x_pos.to(tl.int32)
                 # [BLOCK_M, NS]: 0 <= i < n as one unsigned compare
                 v = (m_ok[:, None] & s_ok[None, :]
                      & ((i_d0[:, None] + kd_s[None, :]).to(tl.uint32, bitcast=True) < ID)
@@ -686,11 +678,10 @@ def masked_conv_grad_weight_kernel(
                 s_h, ok_h = _source_index(i_h0[:, None] + kh_s[None, :], IH, MODE)
                 s_w, ok_w = _source_index(i_w0[:, None] + kw_s[None, :], IW, MODE)
                 v = m_ok[:, None] & s_ok[None, :] & ok_d & ok_h & ok_w
+                src = x_n[:, None] + s_d.to(tl.int64) * stride_xd + s_h.to(tl.int64) * stride_xh \
+                    + s_w.to(tl.int64) * stride_xw + tap_s[None, :]
                 if OFF32:
-                    src = x_n[:, None] + s_d * stride_xd + s_h * stride_xh + s_w * stride_xw + tap_s[None, :]
-                else:
-                    src = x_n[:, None] + s_d.to(tl.int64) * stride_xd + s_h.to(tl.int64) * stride_xh \
-                        + s_w.to(tl.int64) * stride_xw + tap_s[None, :]
+                    src = src.to(tl.int32)
             pt3 = tl.load(x_g + src[:, :, None] + ch[None, None, :], mask=v[:, :, None], other=0)
             pt = tl.reshape(pt3, [BLOCK_M, BLOCK_K])
             if BINARIZE:
