@@ -20,6 +20,7 @@ from test_masked_conv_kernels import CASES, TAP_CASES, block_mask, make_mask, ti
 from convzoo import autotune, sparsity
 from convzoo.autotune import Config
 from convzoo.kernels import masked_conv as kernels
+from convzoo.kernels.masked_conv import grad_weight as grad_weight_module  # the launcher's globals
 
 NAME = "masked_conv_grad_weight"
 
@@ -248,7 +249,7 @@ def test_empty_dims(kernel_device, monkeypatch):
         def __getitem__(self, grid):
             raise AssertionError(f"launched with grid {grid}")
 
-    monkeypatch.setattr(kernels, "masked_conv_grad_weight_kernel", NoLaunch())
+    monkeypatch.setattr(grad_weight_module, "masked_conv_grad_weight_kernel", NoLaunch())
     for n, co, c in ((0, 4, 2), (2, 0, 2), (2, 4, 0)):
         x = torch.randn(n, c, 5, device=kernel_device)
         dy = torch.randn(n, co, 5, device=kernel_device)
@@ -258,7 +259,7 @@ def test_empty_dims(kernel_device, monkeypatch):
                                              [co, c, 3], *geom, 1, (16, 16))
         assert dw.shape == (co, c, 3) and dw.dtype == x.dtype and dw.is_contiguous()
         torch.testing.assert_close(dw, torch.zeros(co, c, 3, device=kernel_device), atol=0, rtol=0)
-    monkeypatch.setattr(kernels, "masked_conv_grad_weight_kernel", kernel)
+    monkeypatch.setattr(grad_weight_module, "masked_conv_grad_weight_kernel", kernel)
     x = torch.randn(2, 2, 0, device=kernel_device)
     dy = torch.randn(2, 4, 1, device=kernel_device)
     count, index = kernels.dense_tile_lists(torch.empty(4, 2, 2), 1, (16, 16))
