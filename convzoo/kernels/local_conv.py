@@ -35,6 +35,7 @@ from convzoo.kernels._common import (
     _check_device,
     _device,
     _finish,
+    _fit,
     _launch_buffer,
     _math_args,
     _mma,
@@ -372,11 +373,6 @@ def local_conv_grad_input_kernel(
 
 # ----------------------------------------------------------------------------------------------
 # configs
-def _fit(v: int, lo: int, hi: int) -> int:
-    """``v`` rounded up to a power of two, clamped to ``[lo, hi]`` (``tl.dot`` needs tiles ≥ 16)."""
-    return max(lo, min(hi, autotune.bucket(v)))
-
-
 def _gemm_default(m: int, n: int, k: int, dtype, interpret: bool, m_cap: int) -> tuple[int, int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for a per-position GEMM ``[m, k] · [k, n]``.
 

@@ -29,12 +29,14 @@ import triton.language as tl
 from convzoo import _shapes, autotune
 from convzoo.autotune import Config, ConfigSpace, KernelSpec, TuneProblem
 from convzoo.kernels._common import (
+    _SMS,
     _as_3d,
     _as_5d,
     _channels_last,
     _check_device,
     _device,
     _finish,
+    _fit,
     _launch_buffer,
     _math_args,
     _mma,
@@ -49,7 +51,6 @@ __all__ = ["BLOCK_SIZES", "default_block", "dense_tile_lists", "masked_conv"]
 # the tile sides a tile list may be built for: tl.dot needs ≥ 16 on NVIDIA, tl.arange a power of two,
 # and a 128 × 128 fp32 weight tile per pipeline stage is already 64 KiB of shared memory
 BLOCK_SIZES = (16, 32, 64, 128)
-_SMS = 132  # the heuristics' GPU: an H100 SXM (tuned tables pick tiles and SPLIT for other GPUs)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -242,10 +243,6 @@ def masked_conv_fwd_kernel(
 # are lookup dims (BO, BK; powers of two, so bucketing keeps them exact: a table keys its entries by
 # block) and not config entries. A config holds BLOCK_M, num_warps and num_stages only, so no table,
 # forced config or heuristic can name a tile that disagrees with the lists.
-def _fit(v: int, lo: int, hi: int) -> int:
-    return max(lo, min(hi, autotune.bucket(v)))
-
-
 def _default(dims, dtype, interpret: bool) -> Config:
     """BLOCK_M 128 positions (the tensor cores' M side: wgmma wants 64 per warpgroup) when there are
     that many, 8 warps once the fp32 accumulator passes 64 values per thread at 4; 3 stages for the

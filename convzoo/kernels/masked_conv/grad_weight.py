@@ -19,18 +19,18 @@ from convzoo.kernels._common import (
     _check_device,
     _device,
     _finish,
+    _fit,
     _launch_buffer,
     _math_args,
     _mma,
     _patch_columns,
     _source_index,
+    _split_count,
     _widen,
 )
 from convzoo.kernels.masked_conv.fwd import (
-    _SMS,
     _check_block,
     _check_list,
-    _fit,
     _tap_tile,
     default_block,
     dense_tile_lists,
@@ -320,9 +320,7 @@ def _gw_split(dims, bm: int) -> int:
     whose C_out/G is not a multiple of BO: such layers get more shares than they need, never fewer."""
     b = autotune.bucket
     tiles = max(1, b(dims["O"]) // dims["BO"]) * max(1, b(dims["K"]) // dims["BK"])
-    want = b(-(-2 * _SMS // tiles))
-    most = max(1, b(dims["M"]) // (8 * bm))
-    return max(1, min(want, 1 << (most.bit_length() - 1), 64))
+    return _split_count(tiles, b(dims["M"]) // (8 * bm))
 
 
 def _gw_default(dims, dtype, interpret: bool) -> Config:
