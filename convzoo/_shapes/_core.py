@@ -143,6 +143,11 @@ class Geometry(_Grid):
         """L, the number of sliding-window positions."""
         return self.num_positions
 
+    def columns_mismatch(self, columns) -> str:
+        """Why a column matrix with ``columns`` columns does not fold into this geometry."""
+        return (f"output_size {list(self.in_size)} with this kernel_size/dilation/padding/stride gives "
+                f"{list(self.out_size)} = {self.num_blocks} blocks, but input.shape[2]={columns}")
+
     @property
     def pad_lo(self) -> tuple:
         return self.padding[0::2]
@@ -265,23 +270,20 @@ unfold_out_shape = unfold_transpose_out_shape = patches_out_shape
 fold_out_shape = unfold_transpose_backward_out_shape = columns_out_shape
 
 
-def columns_geometry(cols: torch.Tensor, make_geometry, mismatch):
+def columns_geometry(cols: torch.Tensor, make_geometry):
     """Checks for a column op (fold, unfold_transpose_backward) on ``cols`` ``[N, C·∏K, L]``, in order: the
     column matrix itself, ``g = make_geometry()`` (its own errors), whole kernels per row, and ``L`` the number of
-    positions of ``g`` (else ``mismatch(g)`` is the message). Returns ``g``."""
+    positions of ``g`` (``g.columns_mismatch`` says why not). Returns ``g``."""
     check_columns_input(cols)
     g = make_geometry()
     check_columns_divide(cols, g.kernel_numel)
-    check(cols.shape[2] == g.num_positions, lambda: mismatch(g))
+    check(cols.shape[2] == g.num_positions, lambda: g.columns_mismatch(cols.shape[2]))
     return g
-
 
 
 def fold_geometry(cols: torch.Tensor, output_size, kernel_size, dilation, padding, stride,
                   padding_mode) -> Geometry:
     """Checks for ``fold(cols, output_size, ...)``; ``cols`` is ``[N, C·∏K, L]``."""
-    return columns_geometry(
-        cols, lambda: geometry(tuple(output_size), kernel_size, dilation, padding, stride, padding_mode),
-        lambda g: f"output_size {list(output_size)} with this kernel_size/dilation/padding/stride gives "
-                  f"{list(g.out_size)} = {g.num_blocks} blocks, but input.shape[2]={cols.shape[2]}")
+    return columns_geometry(cols, lambda: geometry(tuple(output_size), kernel_size, dilation, padding, stride,
+                                                   padding_mode))
 

@@ -33,6 +33,11 @@ class TransposeGeometry(_Grid):
     dilation: tuple
     out_size: tuple
 
+    def columns_mismatch(self, columns) -> str:
+        """Why a column matrix with ``columns`` columns is not this geometry's patch matrix."""
+        return (f"input.shape[2]={columns} must be the number of output positions {self.num_positions} "
+                f"(an output of {list(self.out_size)} for input size {list(self.in_size)})")
+
 
 def transpose_geometry(in_size: Sequence, kernel_size: Sequence, stride: Sequence, padding: Sequence,
                        output_padding: Sequence, dilation: Sequence) -> TransposeGeometry:
@@ -108,8 +113,6 @@ def unfold_transpose_geometry(x: torch.Tensor, kernel_size, stride, padding, out
 def unfold_transpose_backward_geometry(cols: torch.Tensor, input_size, kernel_size, stride, padding, output_padding,
                                        dilation) -> TransposeGeometry:
     """Checks for ``unfold_transpose_backward(cols, input_size, ...)``; ``cols`` is ``[N, C·∏K, ∏out]``."""
-    return columns_geometry(
-        cols, lambda: transpose_geometry(tuple(input_size), kernel_size, stride, padding, output_padding, dilation),
-        lambda g: f"input.shape[2]={cols.shape[2]} must be the number of output positions {g.num_positions} "
-                  f"(an output of {list(g.out_size)} for input size {list(input_size)})")
+    return columns_geometry(cols, lambda: transpose_geometry(tuple(input_size), kernel_size, stride, padding,
+                                                             output_padding, dilation))
 
