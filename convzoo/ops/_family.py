@@ -43,6 +43,16 @@ def _register_join_batch(op) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- linear pair
+def allocating_fake(geometry, out_shape):
+    """A data-movement op's fake, allocating as its launcher does: ``t.new_empty(out_shape(t, geometry(t, *args)))``
+    for the op's call ``(t, *args)`` (the geometry's checks included)."""
+
+    def fake(t, *args):
+        return t.new_empty(out_shape(t, geometry(t, *args)))
+
+    return fake
+
+
 def linear_pair(forward, adjoint):
     """The entry points ``(A, Aᵀ)`` of two linear custom ops, each the other's adjoint. ``forward`` and
     ``adjoint`` are ``(custom op, the function it was made from)``: ``A(x, *geom)`` and

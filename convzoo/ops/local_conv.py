@@ -22,28 +22,18 @@ import math
 import torch
 from torch import Tensor
 
-from convzoo import _shapes, reference
-from convzoo.ops import _autograd, _family, _native
-from convzoo.ops._dispatch import own, use_triton
+from convzoo import _shapes
+from convzoo.ops import _autograd, _family
+from convzoo.ops._dispatch import run
 
 __all__ = ["local_conv", "local_conv_grad_input", "local_conv_grad_weight", "position_major"]
-
-
-def _kernels():
-    from convzoo.kernels import local_conv as kernels
-
-    return kernels
 
 
 # ----------------------------------------------------------------------------------------------
 def _local_conv_impl(x: Tensor, weight: Tensor, bias: Tensor | None, kernel_size: list[int], dilation: list[int],
                      padding: list[int], stride: list[int], padding_mode: str) -> Tensor:
-    if use_triton(x):
-        return own(_kernels().local_conv(x, weight, bias, kernel_size, dilation, padding, stride, padding_mode))
-    out = _native.local_conv(x, weight, bias, kernel_size, dilation, padding, stride, padding_mode)
-    if out is None:
-        out = reference.local_conv(x, weight, bias, kernel_size, dilation, padding, stride, padding_mode)
-    return own(out)
+    return run(x, "local_conv", "local_conv", (x, weight, bias, kernel_size, dilation, padding, stride, padding_mode),
+               native=True)
 
 
 _local_conv = torch.library.custom_op("convzoo::local_conv", mutates_args=())(_local_conv_impl)
@@ -58,11 +48,8 @@ def _(x, weight, bias, kernel_size, dilation, padding, stride, padding_mode):
 def _local_conv_grad_input_impl(grad: Tensor, weight: Tensor, input_size: list[int], kernel_size: list[int],
                                 dilation: list[int], padding: list[int], stride: list[int],
                                 padding_mode: str) -> Tensor:
-    args = (grad, weight, input_size, kernel_size, dilation, padding, stride, padding_mode)
-    if use_triton(grad):
-        return own(_kernels().local_conv_grad_input(*args))
-    out = _native.local_conv_grad_input(*args)
-    return own(reference.local_conv_grad_input(*args) if out is None else out)
+    return run(grad, "local_conv", "local_conv_grad_input",
+               (grad, weight, input_size, kernel_size, dilation, padding, stride, padding_mode), native=True)
 
 
 _local_conv_grad_input = torch.library.custom_op("convzoo::local_conv_grad_input",
@@ -78,13 +65,8 @@ def _(grad, weight, input_size, kernel_size, dilation, padding, stride, padding_
 
 def _local_conv_grad_weight_impl(grad: Tensor, x: Tensor, kernel_size: list[int], dilation: list[int],
                                  padding: list[int], stride: list[int], padding_mode: str) -> tuple[Tensor, Tensor]:
-    args = (grad, x, kernel_size, dilation, padding, stride, padding_mode)
-    if use_triton(x):
-        dw, db = _kernels().local_conv_grad_weight(*args)
-    else:
-        out = _native.local_conv_grad_weight(*args)
-        dw, db = reference.local_conv_grad_weight(*args) if out is None else out
-    return own(dw), own(db)
+    return run(x, "local_conv", "local_conv_grad_weight", (grad, x, kernel_size, dilation, padding, stride,
+                                                           padding_mode), native=True)
 
 
 _local_conv_grad_weight = torch.library.custom_op("convzoo::local_conv_grad_weight",

@@ -184,18 +184,36 @@ def _(grad, weight, mask, input_size, stride, padding, dilation, groups, padding
     return grad.new_empty((grad.shape[0], weight.shape[1] * groups, *input_size))
 
 
-def _grad_weight_impl(grad: Tensor, x: Tensor, mask: Tensor | None, weight_size: list[int], stride: list[int],
-                      padding: list[int], dilation: list[int], groups: int, padding_mode: str,
-                      block: list[int] | None = None) -> Tensor:
+def _weight_gradient(grad, x, mask, run, weight_size, stride, padding, dilation, groups, padding_mode, block):
+    """The weight gradient on ``mask``'s tile lists: masked (``run`` None: exactly zero where the mask is), or
+    for the dense-gradient tap unmasked in every tile where the 0-d bool ``run`` is True, else in the mask's tiles
+    (zeros elsewhere; entries the mask drops inside a listed tile are computed too: the caller selects). On the
+    kernels the tap is the grad-weight kernel on the mask's cached tile lists with every row's count set to its
+    full length where ``run`` (each index row is a permutation of all tiles), no tile list rebuilt per step; on the
+    plain-torch path the dense weight gradient."""
+    kept = mask if run is None else None  # the mask the result is zeroed by
     if use_triton(grad):
         from convzoo.kernels import masked_conv as kernels
 
         lists = _tile_lists(mask, weight_size, groups, grad.device, block)
-        return own(kernels.masked_conv_grad_weight(grad, x, mask, lists.count, lists.index, list(weight_size),
+        count = lists.count if run is None else lists.count.masked_fill(run, lists.index.shape[-1])
+        return own(kernels.masked_conv_grad_weight(grad, x, kept, count, lists.index, list(weight_size),
                                                    list(weight_size[2:]), dilation, padding, stride, padding_mode,
                                                    groups, lists.block))
-    return own(reference.masked_conv_grad_weight(grad, x, mask, weight_size, stride, padding, dilation, groups,
+    return own(reference.masked_conv_grad_weight(grad, x, kept, weight_size, stride, padding, dilation, groups,
                                                  padding_mode))
+
+
+def _weight_gradient_fake(grad, x, weight_size, stride, padding, dilation, padding_mode, **others):
+    _same_device(grad, input=x, **others)
+    _shapes.geometry(tuple(x.shape[2:]), tuple(weight_size[2:]), dilation, padding, stride, padding_mode)
+    return x.new_empty(weight_size)
+
+
+def _grad_weight_impl(grad: Tensor, x: Tensor, mask: Tensor | None, weight_size: list[int], stride: list[int],
+                      padding: list[int], dilation: list[int], groups: int, padding_mode: str,
+                      block: list[int] | None = None) -> Tensor:
+    return _weight_gradient(grad, x, mask, None, weight_size, stride, padding, dilation, groups, padding_mode, block)
 
 
 _grad_weight = torch.library.custom_op("convzoo::masked_conv_grad_weight", mutates_args=())(_grad_weight_impl)
@@ -203,9 +221,7 @@ _grad_weight = torch.library.custom_op("convzoo::masked_conv_grad_weight", mutat
 
 @_grad_weight.register_fake
 def _(grad, x, mask, weight_size, stride, padding, dilation, groups, padding_mode, block=None):
-    _same_device(grad, input=x, mask=mask)
-    _shapes.geometry(tuple(x.shape[2:]), tuple(weight_size[2:]), dilation, padding, stride, padding_mode)
-    return x.new_empty(weight_size)
+    return _weight_gradient_fake(grad, x, weight_size, stride, padding, dilation, padding_mode, mask=mask)
 
 
 # ---------------------------------------------------------------------------------------------- the family
@@ -266,20 +282,8 @@ def _grad_weight_tap_impl(grad: Tensor, x: Tensor, mask: Tensor, run: Tensor, we
                           stride: list[int], padding: list[int], dilation: list[int], groups: int, padding_mode: str,
                           block: list[int] | None = None) -> Tensor:
     """The unmasked weight gradient in every tile where the 0-d bool ``run`` is True, else in the mask's tiles
-    (zeros elsewhere; entries the mask drops inside a listed tile are computed too: the caller selects). On the
-    kernels: the grad-weight kernel on the mask's cached tile lists with every row's count set to its full length
-    where ``run`` (each index row is a permutation of all tiles), no tile list rebuilt per step; on the plain-torch
-    path the dense weight gradient."""
-    if use_triton(grad):
-        from convzoo.kernels import masked_conv as kernels
-
-        lists = _tile_lists(mask, weight_size, groups, grad.device, block)
-        count = lists.count.masked_fill(run, lists.index.shape[-1])
-        return own(kernels.masked_conv_grad_weight(grad, x, None, count, lists.index, list(weight_size),
-                                                   list(weight_size[2:]), dilation, padding, stride, padding_mode,
-                                                   groups, lists.block))
-    return own(reference.masked_conv_grad_weight(grad, x, None, weight_size, stride, padding, dilation, groups,
-                                                 padding_mode))
+    (:func:`_weight_gradient`)."""
+    return _weight_gradient(grad, x, mask, run, weight_size, stride, padding, dilation, groups, padding_mode, block)
 
 
 _grad_weight_tap = torch.library.custom_op("convzoo::masked_conv_grad_weight_tap",
@@ -288,9 +292,7 @@ _grad_weight_tap = torch.library.custom_op("convzoo::masked_conv_grad_weight_tap
 
 @_grad_weight_tap.register_fake
 def _(grad, x, mask, run, weight_size, stride, padding, dilation, groups, padding_mode, block=None):
-    _same_device(grad, input=x, mask=mask, run=run)
-    _shapes.geometry(tuple(x.shape[2:]), tuple(weight_size[2:]), dilation, padding, stride, padding_mode)
-    return x.new_empty(weight_size)
+    return _weight_gradient_fake(grad, x, weight_size, stride, padding, dilation, padding_mode, mask=mask, run=run)
 
 
 class _DenseGradTap(torch.autograd.Function):

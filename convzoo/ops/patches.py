@@ -11,20 +11,16 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from convzoo import _shapes, reference
+from convzoo import _shapes
 from convzoo.ops import _family
-from convzoo.ops._dispatch import own, use_triton
+from convzoo.ops._dispatch import run
 
 __all__ = ["extract_patches", "extract_patches_backward"]
 
 
 def _extract_patches_impl(x: Tensor, kernel_size: list[int], dilation: list[int], padding: list[int],
                           stride: list[int], padding_mode: str, groups: int) -> Tensor:
-    if use_triton(x):
-        from convzoo.kernels import patches as kernels
-
-        return own(kernels.extract_patches(x, kernel_size, dilation, padding, stride, padding_mode, groups))
-    return own(reference.extract_patches(x, kernel_size, dilation, padding, stride, padding_mode, groups))
+    return run(x, "patches", "extract_patches", (x, kernel_size, dilation, padding, stride, padding_mode, groups))
 
 
 _extract_patches = torch.library.custom_op("convzoo::extract_patches", mutates_args=())(_extract_patches_impl)
@@ -38,13 +34,8 @@ def _(x, kernel_size, dilation, padding, stride, padding_mode, groups):
 
 def _backward_impl(grad: Tensor, input_size: list[int], kernel_size: list[int], dilation: list[int],
                    padding: list[int], stride: list[int], padding_mode: str, groups: int) -> Tensor:
-    if use_triton(grad):
-        from convzoo.kernels import patches as kernels
-
-        return own(kernels.extract_patches_backward(grad, input_size, kernel_size, dilation, padding, stride,
-                                                    padding_mode, groups))
-    return own(reference.extract_patches_backward(grad, input_size, kernel_size, dilation, padding, stride,
-                                                  padding_mode, groups))
+    return run(grad, "patches", "extract_patches_backward",
+               (grad, input_size, kernel_size, dilation, padding, stride, padding_mode, groups))
 
 
 _backward = torch.library.custom_op("convzoo::extract_patches_backward", mutates_args=())(_backward_impl)

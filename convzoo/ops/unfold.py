@@ -12,51 +12,30 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from convzoo import _shapes, reference
-from convzoo.ops import _family, _native
-from convzoo.ops._dispatch import own, use_triton
+from convzoo import _shapes
+from convzoo.ops import _family
+from convzoo.ops._dispatch import run
 
 __all__ = ["fold", "unfold"]
 
 
 def _unfold_impl(x: Tensor, kernel_size: list[int], dilation: list[int], padding: list[int], stride: list[int],
                  padding_mode: str) -> Tensor:
-    if use_triton(x):
-        from convzoo.kernels import unfold as kernels
-
-        return own(kernels.unfold(x, kernel_size, dilation, padding, stride, padding_mode))
-    out = _native.unfold(x, kernel_size, dilation, padding, stride, padding_mode)
-    return own(reference.unfold(x, kernel_size, dilation, padding, stride, padding_mode) if out is None else out)
+    return run(x, "unfold", "unfold", (x, kernel_size, dilation, padding, stride, padding_mode), native=True)
 
 
 _unfold = torch.library.custom_op("convzoo::unfold", mutates_args=())(_unfold_impl)
-
-
-@_unfold.register_fake
-def _(x, kernel_size, dilation, padding, stride, padding_mode):
-    g = _shapes.unfold_geometry(x, kernel_size, dilation, padding, stride, padding_mode)
-    return x.new_empty(_shapes.unfold_out_shape(x, g))
+_unfold.register_fake(_family.allocating_fake(_shapes.unfold_geometry, _shapes.unfold_out_shape))
 
 
 def _fold_impl(cols: Tensor, output_size: list[int], kernel_size: list[int], dilation: list[int],
                padding: list[int], stride: list[int], padding_mode: str) -> Tensor:
-    if use_triton(cols):
-        from convzoo.kernels import unfold as kernels
-
-        return own(kernels.fold(cols, output_size, kernel_size, dilation, padding, stride, padding_mode))
-    out = _native.fold(cols, output_size, kernel_size, dilation, padding, stride, padding_mode)
-    if out is None:
-        out = reference.fold(cols, output_size, kernel_size, dilation, padding, stride, padding_mode)
-    return own(out)
+    return run(cols, "unfold", "fold", (cols, output_size, kernel_size, dilation, padding, stride, padding_mode),
+               native=True)
 
 
 _fold = torch.library.custom_op("convzoo::fold", mutates_args=())(_fold_impl)
-
-
-@_fold.register_fake
-def _(cols, output_size, kernel_size, dilation, padding, stride, padding_mode):
-    g = _shapes.fold_geometry(cols, output_size, kernel_size, dilation, padding, stride, padding_mode)
-    return cols.new_empty(_shapes.fold_out_shape(cols, g))
+_fold.register_fake(_family.allocating_fake(_shapes.fold_geometry, _shapes.fold_out_shape))
 
 
 unfold, fold = _family.linear_pair((_unfold, _unfold_impl), (_fold, _fold_impl))

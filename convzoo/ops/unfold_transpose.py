@@ -11,50 +11,32 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from convzoo import _shapes, reference
+from convzoo import _shapes
 from convzoo.ops import _family
-from convzoo.ops._dispatch import own, use_triton
+from convzoo.ops._dispatch import run
 
 __all__ = ["unfold_transpose", "unfold_transpose_backward"]
 
 
 def _unfold_transpose_impl(x: Tensor, kernel_size: list[int], stride: list[int], padding: list[int],
                            output_padding: list[int], dilation: list[int]) -> Tensor:
-    if use_triton(x):
-        from convzoo.kernels import unfold_transpose as kernels
-
-        return own(kernels.unfold_transpose(x, kernel_size, stride, padding, output_padding, dilation))
-    return own(reference.unfold_transpose(x, kernel_size, stride, padding, output_padding, dilation))
+    return run(x, "unfold_transpose", "unfold_transpose", (x, kernel_size, stride, padding, output_padding, dilation))
 
 
 _unfold_transpose = torch.library.custom_op("convzoo::unfold_transpose", mutates_args=())(_unfold_transpose_impl)
-
-
-@_unfold_transpose.register_fake
-def _(x, kernel_size, stride, padding, output_padding, dilation):
-    g = _shapes.unfold_transpose_geometry(x, kernel_size, stride, padding, output_padding, dilation)
-    return x.new_empty(_shapes.unfold_transpose_out_shape(x, g))
+_unfold_transpose.register_fake(_family.allocating_fake(_shapes.unfold_transpose_geometry,
+                                                        _shapes.unfold_transpose_out_shape))
 
 
 def _backward_impl(cols: Tensor, input_size: list[int], kernel_size: list[int], stride: list[int],
                    padding: list[int], output_padding: list[int], dilation: list[int]) -> Tensor:
-    if use_triton(cols):
-        from convzoo.kernels import unfold_transpose as kernels
-
-        return own(kernels.unfold_transpose_backward(cols, input_size, kernel_size, stride, padding,
-                                                     output_padding, dilation))
-    return own(reference.unfold_transpose_backward(cols, input_size, kernel_size, stride, padding, output_padding,
-                                                   dilation))
+    return run(cols, "unfold_transpose", "unfold_transpose_backward",
+               (cols, input_size, kernel_size, stride, padding, output_padding, dilation))
 
 
 _backward = torch.library.custom_op("convzoo::unfold_transpose_backward", mutates_args=())(_backward_impl)
-
-
-@_backward.register_fake
-def _(cols, input_size, kernel_size, stride, padding, output_padding, dilation):
-    g = _shapes.unfold_transpose_backward_geometry(cols, input_size, kernel_size, stride, padding, output_padding,
-                                                   dilation)
-    return cols.new_empty(_shapes.unfold_transpose_backward_out_shape(cols, g))
+_backward.register_fake(_family.allocating_fake(_shapes.unfold_transpose_backward_geometry,
+                                                _shapes.unfold_transpose_backward_out_shape))
 
 
 unfold_transpose, unfold_transpose_backward = _family.linear_pair((_unfold_transpose, _unfold_transpose_impl),
