@@ -39,9 +39,9 @@ DIMS = {"masked_conv_fwd": [{"M": 256, "O": 256, "K": 256, "BO": bo, "BK": bk}
 # tile constexprs that come from the dims, not from the config
 FIXED_TILES = {name: (lambda dims: {"BLOCK_O": dims["BO"], "BLOCK_K": dims["BK"]})
                for name in ("masked_conv_fwd", "masked_conv_grad_weight", "masked_conv_grad_input")}
-# masked_conv's tap walk (C/G = 256: SUB = BK, what the launchers pick) with int32 offsets and positions: the
-# specialisation a ResNet layer's launch gets
-TAP_WALK = {"SUB": None, "NARROW": True, "POS32": True}
+# masked_conv's tap walk (C/G = 256: SUB = BK, what the launchers pick) with int32 offsets and positions, 2-d
+# (DIMS), a packed channels-last dY (DY_FLAT): the specialisation a ResNet layer's launch gets
+TAP_WALK = {"SUB": None, "NARROW": True, "OFF32": True, "POS32": True, "DIMS": 2, "DY_FLAT": True}
 # patch_covariance's channels per (tap, channel block) pair come from the group's channels (the launcher's): 16 ≤ any
 # BLOCK_D compiles the several-taps-per-tile path
 FIXED_TILES["patch_covariance"] = lambda dims: {"BLOCK_C": 16}
@@ -51,6 +51,9 @@ FIXED_TILES["local_conv_fwd"] = lambda dims: {"GATHER_T": True}
 # spec compiles its launcher's flag, not mode 2's
 FIXED_TILES["fold"] = lambda dims: {"TRANSPOSED": False}
 FIXED_TILES["unfold_transpose_backward"] = lambda dims: {"TRANSPOSED": True}
+# local_conv grad-input: the launcher picks the MMA orientation and the int32 deltas: the C_in-major, narrow one
+FIXED_TILES["local_conv_grad_input"] = lambda dims: {"C_MAJOR": True, "NARROW": True}
+FIXED_TILES["local_conv_grad_weight"] = lambda dims: {"NARROW": True}
 # pointer arguments that are not of the data's dtype (masked_conv's tile lists, the grad-weight's byte mask)
 INT_PTRS = {"count_ptr": "*i32", "index_ptr": "*i32", "mask_ptr": "*u8"}
 # runtime arguments that are floats (the grad-weight kernel's coactivation thresholds)

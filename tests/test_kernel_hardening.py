@@ -97,7 +97,8 @@ def test_local_conv_forward_offsets_past_int32(tmp_path, kernel_device):
 
 
 def test_local_conv_grad_weight_offsets_past_int32(tmp_path, kernel_device):
-    """x's channel c at c · HUGE, and dY of position l at l · HUGE."""
+    """x's channel c at c · HUGE, and dY of position l at l · HUGE (the launcher copies such a dY
+    batch-contiguous: the copy must read it right)."""
     x, _, gy = _local_conv_dense(kernel_device)
     xh = huge_view(x, (1, HUGE, 3), tmp_path, "x")
     gh = huge_view(gy, (9, 3, HUGE), tmp_path, "gy")
@@ -107,12 +108,36 @@ def test_local_conv_grad_weight_offsets_past_int32(tmp_path, kernel_device):
     torch.testing.assert_close(db.double(), db_ref, atol=1e-5, rtol=1e-5)
 
 
+def test_local_conv_grad_weight_dy_position_offsets_past_int32(tmp_path, kernel_device):
+    """dY already batch-contiguous (read in place, no copy) with position l at l · HUGE: the kernel's int64
+    per-position base, int32 in-tile deltas."""
+    x, _, gy = _local_conv_dense(kernel_device)
+    gh = huge_view(gy, (1, 2, HUGE), tmp_path, "gy")
+    assert gh.stride(0) == 1 and gh.stride(2) * 2 >= 2**31
+    dw, db = lc_kernels.local_conv_grad_weight(gh, x, *_geom(3))
+    dw_ref, db_ref = reference.local_conv_grad_weight(gy.double(), x.double(), *_geom(3))
+    torch.testing.assert_close(dw.double(), dw_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(db.double(), db_ref, atol=1e-5, rtol=1e-5)
+
+
 def test_local_conv_grad_input_offsets_past_int32(tmp_path, kernel_device):
-    """Patch row r of the weight at r · 2^28+ (row 8 past 2^31), and dY channel o at o · HUGE."""
+    """Patch row r of the weight at r · 2^28+ (row 8 past 2^31), and dY channel o at o · HUGE (the launcher
+    copies such a dY C_out-contiguous: the copy must read it right)."""
     _, w, gy = _local_conv_dense(kernel_device)
     wh = huge_view(w, (3, 2**28 + 2**20, 1), tmp_path, "w")
     gh = huge_view(gy, (3, HUGE, 1), tmp_path, "gy")
     dx = lc_kernels.local_conv_grad_input(gh, wh, [5], *_geom(3))
+    ref = reference.local_conv_grad_input(gy.double(), w.double(), [5], *_geom(3))
+    torch.testing.assert_close(dx.double(), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_local_conv_grad_input_dy_position_offsets_past_int32(tmp_path, kernel_device):
+    """dY already C_out-contiguous (read in place, no copy) with position l at l · HUGE: the kernel's int64
+    per-(position, tap) base, int32 in-tile deltas."""
+    _, w, gy = _local_conv_dense(kernel_device)
+    gh = huge_view(gy, (3, 1, HUGE), tmp_path, "gy")
+    assert gh.stride(1) == 1 and gh.stride(2) * 2 >= 2**31
+    dx = lc_kernels.local_conv_grad_input(gh, w, [5], *_geom(3))
     ref = reference.local_conv_grad_input(gy.double(), w.double(), [5], *_geom(3))
     torch.testing.assert_close(dx.double(), ref, atol=1e-5, rtol=1e-5)
 
@@ -446,3 +471,26 @@ def test_masked_conv_grad_input_offsets_past_int32(tmp_path, kernel_device):
     dx = mc_kernels.masked_conv_grad_input(gh, wh, count, index, [5], [3], [1], [1, 1], [1], "zeros", 1, (16, 16))
     want = torch.nn.grad.conv1d_input([1, 4, 5], w.double(), gy.double(), 1, 1)
     torch.testing.assert_close(dx.double(), want, atol=1e-5, rtol=1e-5)
+
+
+def test_masked_conv_grad_weight_tap_walk_offsets_past_int32(tmp_path, kernel_device):
+    """masked_conv's weight gradient through the tap walk (C_in/G = 16): channels-last x and dY whose output
+    position l sits at l · HUGE (read in place: no OFF32, the int64 position offsets), 3 taps with padding, one
+    share and two."""
+    from convzoo.autotune import Config
+    from convzoo.kernels import masked_conv as mc_kernels
+
+    x = torch.randint(-4, 5, (1, 16, 5)).float().to(kernel_device)  # integers: exact sums in fp32
+    dy = torch.randint(-4, 5, (1, 8, 5)).float().to(kernel_device)
+    xh = huge_view(x, (16, 1, HUGE), tmp_path, "x")  # channels-last: read in place, not copied
+    dyh = huge_view(dy, (8, 1, HUGE), tmp_path, "dy")
+    g = mc_kernels._shapes.unfold_geometry(xh, [3], [1], [1, 1], [1], "zeros")
+    assert mc_kernels._tap_tile(16, 16)["SUB"] == 16 and not mc_kernels._gw_off32(xh, dyh, g, 8, 16)
+    mask = torch.ones(8, 16, 3, dtype=torch.bool, device=kernel_device)
+    count, index = mc_kernels.dense_tile_lists(mask, 1, (16, 16))
+    want = torch.nn.grad.conv1d_weight(x.double(), [8, 16, 3], dy.double(), 1, 1)
+    for split in (1, 2):
+        cfg = Config({"BLOCK_M": 16, "SPLIT": split}, num_warps=4, num_stages=1)
+        dw = mc_kernels.masked_conv_grad_weight(dyh, xh, mask, count, index, [8, 16, 3], [3], [1], [1, 1], [1],
+                                                "zeros", 1, (16, 16), config=cfg)
+        torch.testing.assert_close(dw.double(), want, atol=0, rtol=0)

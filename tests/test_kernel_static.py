@@ -80,6 +80,9 @@ class Int64Check:
             value = self.expr(st.value)
             for target in st.targets:
                 self.assign(target, value)
+        elif isinstance(st, ast.AnnAssign):  # `NS: tl.constexpr = BLOCK_K // SUB`: an assignment
+            if st.value is not None:
+                self.assign(st.target, self.expr(st.value))
         elif isinstance(st, ast.AugAssign):
             value = self.binop(st.op, ast.Name(st.target.id), st.value, st) if isinstance(st.target, ast.Name) \
                 else self.expr(st.value)
@@ -290,6 +293,8 @@ def _bad_kernel(out_ptr, x_ptr, N, stride_xn, stride_xk, K: tl.constexpr, BLOCK:
         v = tl.load(x_ptr + n * stride_xn + k * stride_xk, mask=mask)  # two int32 products
         tl.store(out_ptr + n * N + k, v, mask=mask)  # n · N: int32 too
     tl.store(out_ptr + _offset(n, stride_xn), 0)  # through a helper, and unmasked
+    half: tl.constexpr = BLOCK // 2  # an annotated assignment, followed like any other
+    tl.store(out_ptr + half * stride_xk, 0, mask=pid == 0)
 
 
 @triton.jit
@@ -302,6 +307,8 @@ def _good_kernel(out_ptr, x_ptr, N, stride_xn, stride_xk, K: tl.constexpr, BLOCK
         v = tl.load(x_ptr + n[:, None] * stride_xn + tl.where(mask, kk, 0)[:, None] * stride_xk, mask=mask[:, None])
         tl.store(out_ptr + n * N + k, tl.sum(v, axis=1), mask=mask)
     tl.store(out_ptr + _offset(_int64_of(pid), stride_xn), 0, mask=pid == 0)
+    wide: tl.tensor = pid + BLOCK // 2  # int64 through an annotated assignment
+    tl.store(out_ptr + wide * stride_xk, 0, mask=pid == 0)
 
 
 def test_checker_flags_int32_products_and_unmasked_stores():
@@ -310,5 +317,6 @@ def test_checker_flags_int32_products_and_unmasked_stores():
     assert any("n * stride_xn" in e for e in errors), errors
     assert any("n * N" in e for e in errors), errors
     assert any(e.startswith("_offset") for e in errors), errors  # followed into the helper
+    assert any("half * stride_xk" in e for e in errors), errors  # through `half: tl.constexpr = ...`
     assert len(unmasked_memory_ops(_bad_kernel)) == 1
     assert check_int64(_good_kernel) == [] and unmasked_memory_ops(_good_kernel) == []

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from problems import TOL, assert_tune_problems_match
 from test_kernel_hardening import HUGE, huge_view
-from test_masked_conv_kernels import CASES, block_mask, make_mask, tile_lists
+from test_masked_conv_kernels import CASES, TAP_CASES, block_mask, make_mask, tile_lists
 
 from convzoo import autotune, sparsity
 from convzoo.autotune import Config
@@ -370,3 +370,91 @@ def test_good_input_runs(kernel_device):
     dw = kernels.masked_conv_grad_weight(**args)
     want = torch.nn.grad.conv2d_weight(args["x"].double(), [6, 2, 3, 3], args["grad"].double(), 1, 1, 1, 2)
     torch.testing.assert_close(dw.double(), want, atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- the tap walk
+# C_in/G with a power-of-two divisor >= 16 takes the tap walk (SUB > 0: a tile's sub-tiles of one tap each,
+# per-(position, sub-tile) validity, channels-last vector loads); the forward's TAP_CASES (one sub-tile per
+# k-tile, two, a sub-tile stepping to the next tap, groups, every padding mode, 1/2/3-d, 27 and 35 taps)
+def _tap_inputs(key, dtype=torch.float64, device="cpu", layout="contiguous"):
+    shape, co, kernel, stride, padding, dilation, groups, mode, block = TAP_CASES[key]
+    x = torch.randn(shape, dtype=dtype, device=device)
+    dy = torch.randn(shape[0], co, *out_size(shape, kernel, stride, padding, dilation), dtype=dtype, device=device)
+    if layout == "channels_last":
+        x, dy = (t.movedim(1, -1).contiguous().movedim(-1, 1) for t in (x, dy))
+    elif layout == "sliced":
+        x = torch.randn(shape[0], 2 * shape[1], *shape[2:-1], shape[-1] + 3, dtype=dtype, device=device)
+        x = x[:, ::2, ..., 1:-2]
+    assert kernels._tap_tile(shape[1] // groups, block[1])["SUB"] >= 16  # the tap walk, not the fallback
+    weight_size = [co, shape[1] // groups, *kernel]
+    return dy, x, weight_size, dict(kernel=kernel, stride=stride, padding=padding, dilation=dilation, groups=groups,
+                                    mode=mode), block
+
+
+def _tap_check(key, density, dtype=torch.float64, device="cpu", layout="contiguous", config=None):
+    dy, x, weight_size, geo, block = _tap_inputs(key, dtype, device, layout)
+    mask = make_mask(weight_size, geo["groups"], block, density).to(device)
+    dw = _run(dy, x, mask, weight_size, geo, block, config)
+    want = _ref(dy, x, weight_size, geo, mask)
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(dw.double(), want, atol=atol, rtol=rtol)
+    assert (dw[~mask] == 0).all()
+    return dw
+
+
+@pytest.mark.parametrize("key", sorted(TAP_CASES))
+def test_tap_walk(key, kernel_device):
+    """Dense, random and whole-tile masks through the tap walk, every padding mode, 1/2/3-d."""
+    for density in ("one", 0.3, "block0.5"):
+        _tap_check(key, density, device=kernel_device)
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "sliced"])
+def test_tap_walk_layouts(layout, kernel_device):
+    """Channels-last x and dY are read in place (vector loads along C); other layouts are copied once."""
+    for key in ("2d_C32_K3_S2_P1_b16x64", "3d_C16_K3_S2_P1"):
+        _tap_check(key, 0.5, torch.float32, kernel_device, layout)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_tap_walk_16bit(dtype, kernel_device):
+    _tap_check("2d_C16_G2_S2x1_D1x2_reflect", 0.5, dtype, kernel_device)
+    _tap_check("2d_C32_K3_S2_P1_b16x64", "block0.5", dtype, kernel_device)
+
+
+@pytest.mark.parametrize("split", [1, 3])
+def test_tap_walk_steps_cross_samples_and_split(split, kernel_device):
+    """BLOCK_M 16 over N·L = 2·15 positions: steps span both samples, the last is partial; shares."""
+    _tap_check("2d_C16_K1x3_P2x1", 0.5, device=kernel_device, config=_config(16, split))
+
+
+def test_tap_walk_nan_outside_the_mask_and_deterministic(kernel_device):
+    """NaN in x never reaches a masked entry, and two runs agree bit for bit."""
+    dy, x, weight_size, geo, block = _tap_inputs("2d_C32_K3_S2_P1_b16x64", torch.float32, kernel_device)
+    mask = make_mask(weight_size, geo["groups"], block, "block0.5").to(kernel_device)
+    a = _run(dy, x, mask, weight_size, geo, block, _config(16, 2))
+    b = _run(dy, x, mask, weight_size, geo, block, _config(16, 2))
+    assert torch.equal(a, b)
+    x[0, 0, 0, 0] = float("nan")
+    c = _run(dy, x, mask, weight_size, geo, block, _config(16, 2))
+    assert (c[~mask] == 0).all()
+
+
+@pytest.mark.parametrize("key", ["2d_C32_K3_S2_P1_b16x64", "2d_C16_G2_S2x1_D1x2_reflect"])
+def test_tap_walk_coactivation_count_thresholds(key, kernel_device):
+    """The fused thresholds (coactivation counts) through the tap walk: the weight gradient of the binarized
+    tensors, a padded tap absent whatever θ_x (θ_x < 0 here), NaN never above a threshold; fp16 operands, fp32
+    counts (exact)."""
+    dy, x, weight_size, geo, block = _tap_inputs(key, torch.float16, kernel_device)
+    x[0, 0, 0, 0] = float("nan")
+    th = (-0.25, 0.5)
+    mask = make_mask(weight_size, geo["groups"], block, "block0.5").to(kernel_device)
+    count, index = tile_lists(mask, geo["groups"], block)
+    flat = [v for p in geo["padding"] for v in p]
+    got = kernels.masked_conv_grad_weight(dy, x, mask, count.to(kernel_device), index.to(kernel_device), weight_size,
+                                          list(geo["kernel"]), list(geo["dilation"]), flat, list(geo["stride"]),
+                                          geo["mode"], geo["groups"], block, thresholds=th)
+    xb, yb = (x.float() > th[0]).double(), (dy.float() > th[1]).double()
+    want = _ref(yb, xb, weight_size, geo, mask)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want, atol=0, rtol=0)

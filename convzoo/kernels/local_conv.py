@@ -11,7 +11,8 @@ from ``x`` inside the kernel and never written to memory:
 
 All use ``tl.dot`` on tiles ≥ 16 with fp32 accumulation (fp64 for fp64, as a broadcast-sum).
 Every rank is treated as 3-d with leading unit dims (see :mod:`convzoo.kernels.unfold`), and the
-padding modes are index math, as in unfold. Offsets are int64.
+padding modes are index math, as in unfold. Offsets are int64; the backward kernels' in-loop deltas are int32
+where the launcher proves they fit (``NARROW``), their bases int64.
 
 The weight may have any strides. The fastest layout is the one :class:`convzoo.LocalConv2d` keeps:
 physically ``[L, C_out, R]`` (``R`` contiguous), so each program streams one contiguous slab of W.
@@ -121,6 +122,20 @@ def local_conv_fwd_kernel(
 
 
 @triton.jit
+def _grad_weight_step(acc, acc_b, g_ptrs, x_ptrs, n_ok, col_ok, FP64: tl.constexpr, PRECISION: tl.constexpr,
+                      UPCAST: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    """One batch block of the grad-weight loop: ``acc += dY_lᵀ · P_l`` and the bias gradient's elementwise
+    ``acc_b += dY_lᵀ``. The C_out rows are clamped in range (never stored), so the loads are masked by the
+    block's batch lanes ``n_ok`` (all true, folded, but on the last, partial block) and the patch columns'
+    validity ``col_ok``: zeros in both operands, NaN-safe."""
+    gt = tl.load(g_ptrs, mask=n_ok[None, :], other=0)
+    p = tl.load(x_ptrs, mask=n_ok[:, None] & col_ok[None, :], other=0)
+    acc = _mma(gt, p, acc, FP64, PRECISION, UPCAST)
+    acc_b += _widen(gt, ACC_DTYPE, UPCAST)
+    return acc, acc_b
+
+
+@triton.jit
 def local_conv_grad_weight_kernel(
     # outputs: grad weight [O, R, L] (any strides; the launcher allocates [L, O, R]), grad bias [O, L]
     dw_ptr, db_ptr,
@@ -138,11 +153,17 @@ def local_conv_grad_weight_kernel(
     DD: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
     MODE: tl.constexpr,
     FP64: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, ACC_DTYPE: tl.constexpr,
-    # tiles
-    BLOCK_O: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+    # tiles; NARROW: the in-tile deltas (BLOCK_N - 1)·stride_xn + patch offsets and (BLOCK_N - 1)·stride_gn +
+    # (BLOCK_O - 1)·stride_go fit int32 (the launcher proved it)
+    BLOCK_O: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, NARROW: tl.constexpr,
 ):
     """``dW[o, r, l] = Σ_n dY[n, o, l] · P_l[n, r]`` and ``db[o, l] = Σ_n dY[n, o, l]``: one
     (position, C_out tile, R tile) per program, the batch reduced in the loop.
+
+    The patch columns' offsets and validity are computed once per program; the batch loop advances two
+    scalar int64 bases by ``BLOCK_N`` sample strides over loop-invariant in-tile offsets (int32 when
+    ``NARROW``); the C_out rows are clamped in range (never stored), so the full batch blocks are masked only
+    by the patch validity, the last partial one by the batch too.
 
     Roofline: FLOPs = 2·N·O·R·L; bytes ≥ (O·R·L [dW written] + N·O·L [dY] + N·C·∏in [x])·e —
     the same weight-bandwidth bound as the forward. Stores are contiguous along R in the
@@ -158,32 +179,56 @@ def local_conv_grad_weight_kernel(
     pid_r = pid % num_r
 
     # offsets and masks; the patch columns of this R tile are the same for every batch tile
-    o = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
+    o0 = pid_o * BLOCK_O
+    o = o0 + tl.arange(0, BLOCK_O)
     r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     o_ok = o < O
     r_ok = r < R
     off, ok = _patch_columns(r, l, ID, IH, IW, OH, OW, stride_xc, stride_xd, stride_xh, stride_xw,
                              KD, KH, KW, SD, SH, SW, PD, PH, PW, DD, DH, DW, MODE, False)
     col_ok = r_ok & ok
-    g_rows = g_ptr + l * stride_gl + o * stride_go
+    off = tl.where(col_ok, off, 0)
+    o_d = tl.minimum(tl.arange(0, BLOCK_O), O - 1 - o0)
+    n_in = tl.arange(0, BLOCK_N)
+    # the loop-invariant in-tile offsets per row and column: int64, narrowed to int32 when NARROW (the launcher
+    # proved they fit)
+    g_o = o_d * stride_go
+    g_n = n_in.to(tl.int64) * stride_gn
+    x_n = n_in.to(tl.int64) * stride_xn
+    if NARROW:
+        g_o = g_o.to(tl.int32)
+        g_n = g_n.to(tl.int32)
+        x_n = x_n.to(tl.int32)
+        off = off.to(tl.int32)
+    g_off = g_o[:, None] + g_n[None, :]
+    x_off = x_n[:, None] + off[None, :]
+    gb = g_ptr + l * stride_gl + o0 * stride_go
+    xb = x_ptr
+    step_g = tl.full([], BLOCK_N, tl.int64) * stride_gn
+    step_x = tl.full([], BLOCK_N, tl.int64) * stride_xn
+    n_full = N - N % BLOCK_N
 
     # loop over the batch, fp32 (fp64) accumulation
     acc = tl.zeros([BLOCK_O, BLOCK_R], dtype=ACC_DTYPE)
-    acc_b = tl.zeros([BLOCK_O], dtype=ACC_DTYPE)
-    for n0 in range(0, N, BLOCK_N):
-        n = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
-        n_ok = n < N
-        gt = tl.load(g_rows[:, None] + n[None, :] * stride_gn, mask=o_ok[:, None] & n_ok[None, :], other=0)
-        p = tl.load(x_ptr + n[:, None] * stride_xn + off[None, :], mask=n_ok[:, None] & col_ok[None, :], other=0)
-        acc = _mma(gt, p, acc, FP64, PRECISION, UPCAST)
-        acc_b += tl.sum(_widen(gt, ACC_DTYPE, UPCAST), axis=1)
+    # the bias gradient elementwise per (C_out, sample) slot, reduced once after the loop (one cross-thread
+    # reduction, not one per batch step)
+    acc_b = tl.zeros([BLOCK_O, BLOCK_N], dtype=ACC_DTYPE)
+    for _ in range(0, n_full, BLOCK_N):
+        acc, acc_b = _grad_weight_step(acc, acc_b, gb + g_off, xb + x_off, n_in < BLOCK_N, col_ok,
+                                       FP64, PRECISION, UPCAST, ACC_DTYPE)
+        gb += step_g
+        xb += step_x
+    if n_full < N:
+        acc, acc_b = _grad_weight_step(acc, acc_b, gb + g_off, xb + x_off, n_in < N - n_full, col_ok,
+                                       FP64, PRECISION, UPCAST, ACC_DTYPE)
+    db = tl.sum(acc_b, axis=1)
 
     # masked stores; the bias gradient once per (position, C_out tile). A branch, not a scalar in the
     # mask: newer interpreters (triton >= 3.9) reject a mask that broadcasts a scalar bool
     dw = dw_ptr + l * stride_dwl + o[:, None] * stride_dwo + r[None, :] * stride_dwr
     tl.store(dw, acc.to(dw_ptr.dtype.element_ty), mask=o_ok[:, None] & r_ok[None, :])
     if pid_r == 0:
-        tl.store(db_ptr + o * L + l, acc_b.to(db_ptr.dtype.element_ty), mask=o_ok)
+        tl.store(db_ptr + o * L + l, db.to(db_ptr.dtype.element_ty), mask=o_ok)
 
 
 @triton.jit
@@ -193,6 +238,31 @@ def _tap_position(i, j, k, n, O, lo, hi, S: tl.constexpr, D: tl.constexpr, MODE:
     p, cand = _padded_candidate(i, j, n, lo, hi, MODE)
     l, ok = _block_index(p, lo, k, O, S, D)
     return l, cand & ok
+
+
+@triton.jit
+def _grad_input_step(acc, gb, wb, g_off, w_off, o_ar, o_left, stride_go, stride_wo,
+                     C_MAJOR: tl.constexpr, NARROW: tl.constexpr,
+                     FP64: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """One C_out block of one (position, tap): ``acc += W_lᵀ[c, o] · dY_lᵀ[o, n]`` (``C_MAJOR``) or
+    ``dY_l[n, o] · W_l[o, c]``, from the scalar bases ``gb`` / ``wb`` and the loop-invariant batch / channel
+    offsets. The batch and channel indices are clamped in range (their rows are never stored), so only the
+    last, partial C_out block (``MASK_O``) is masked: zeros in both operands, NaN-safe."""
+    go = o_ar.to(tl.int64) * stride_go
+    wo = o_ar.to(tl.int64) * stride_wo
+    if NARROW:
+        go = go.to(tl.int32)
+        wo = wo.to(tl.int32)
+    o_ok = o_ar < o_left
+    if C_MAJOR:
+        w = tl.load(wb + w_off[:, None] + wo[None, :], mask=o_ok[None, :], other=0)
+        g = tl.load(gb + go[:, None] + g_off[None, :], mask=o_ok[:, None], other=0)
+        acc = _mma(w, g, acc, FP64, PRECISION, UPCAST)
+    else:
+        g = tl.load(gb + g_off[:, None] + go[None, :], mask=o_ok[None, :], other=0)
+        w = tl.load(wb + wo[:, None] + w_off[None, :], mask=o_ok[:, None], other=0)
+        acc = _mma(g, w, acc, FP64, PRECISION, UPCAST)
+    return acc
 
 
 @triton.jit
@@ -215,12 +285,25 @@ def local_conv_grad_input_kernel(
     # padded positions that can read one input index, per dim (1 for 'zeros')
     NCD: tl.constexpr, NCH: tl.constexpr, NCW: tl.constexpr,
     FP64: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, ACC_DTYPE: tl.constexpr,
-    # tiles
+    # tiles; C_MAJOR: the C_in tile is the MMA's M (dxᵀ = W_lᵀ · dY_lᵀ), else the batch tile; NARROW: the
+    # in-tile deltas (BLOCK - 1)·stride fit int32 (the launcher proved it)
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_O: tl.constexpr,
+    C_MAJOR: tl.constexpr, NARROW: tl.constexpr,
 ):
     """``dx[n, c, i] = Σ_{(l, k): tap k of position l reads i} Σ_o dY[n, o, l] · W[o, (c, k), l]``:
     one (input pixel, C_in tile, batch tile) per program. A gather, like fold: each output element
     is written once, deterministically.
+
+    The (padded candidate, tap) pairs that read the pixel are found with scalar math per pair, one dim at a
+    time; per pair the C_out loop is a plain GEMM step from two scalar base pointers (int64) that advance by
+    ``BLOCK_O`` strides and loop-invariant batch / channel offsets (int32 when ``NARROW``): no index math, no
+    bounds test per element but on the last partial C_out block. The larger of the C_in and batch tiles is
+    the MMA's M (``C_MAJOR``: ``dxᵀ = W_lᵀ · dY_lᵀ``), so 64 rows per warpgroup make it ``wgmma`` for a
+    batch of 32. The launcher hands dY with C_out contiguous (one copy of dY, small beside W, unless it
+    already is): its tile is 16-byte loads / ``cp.async``. The weight tile of one tap is strided by ∏K along
+    C_in and by R along C_out: one scalar load per element (a layout with C_in or C_out contiguous per
+    (position, tap) would take a copy of the whole weight, the op's largest tensor) — with the batch of 32 as
+    the MMA's N that gather caps the loop at about half the tensor-core peak.
 
     Roofline: FLOPs = 2·N·O·C·K·L (K = ∏kernel_size), as the forward; bytes ≥ (O·R·L [weight]
     + N·O·L [dY] + N·C·∏in [dx])·e. A position's weight slab is read by the ≤ K pixels its taps
@@ -234,17 +317,35 @@ def local_conv_grad_input_kernel(
     pid_c = (pid // num_n) % num_c
     pid_n = pid % num_n
 
-    # offsets and masks
-    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    n_ok = n < N
-    c_ok = c < C
+    # offsets and masks: the tile's first batch row / channel in the scalar bases (int64), the in-tile
+    # deltas of the rows clamped in range (int32 when NARROW)
+    n0 = pid_n * BLOCK_N
+    c0 = pid_c * BLOCK_C
+    n_in = tl.arange(0, BLOCK_N)
+    c_in = tl.arange(0, BLOCK_C)
+    n_d = tl.minimum(n_in, N - 1 - n0)
+    c_d = tl.minimum(c_in, C - 1 - c0)
+    o_ar = tl.arange(0, BLOCK_O)
+    # the loop-invariant in-tile offsets: int64, narrowed to int32 when NARROW (the launcher proved they fit)
+    g_off = n_d * stride_gn
+    w_off = c_d * (KD * KH * KW) * stride_wr
+    if NARROW:
+        g_off = g_off.to(tl.int32)
+        w_off = w_off.to(tl.int32)
+    g_tile = g_ptr + n0 * stride_gn
+    w_tile = w_ptr + c0 * (KD * KH * KW) * stride_wr
+    step_g = tl.full([], BLOCK_O, tl.int64) * stride_go
+    step_w = tl.full([], BLOCK_O, tl.int64) * stride_wo
+    o_full = O - O % BLOCK_O
     iw = pix % IW
     ih = (pix // IW) % IH
     i_d = pix // IW // IH  # not pix // (IW * IH): an int32 product of two sizes
 
     # loop over every (padded position, tap) pair that reads this pixel, then over C_out
-    acc = tl.zeros([BLOCK_N, BLOCK_C], dtype=ACC_DTYPE)
+    if C_MAJOR:
+        acc = tl.zeros([BLOCK_C, BLOCK_N], dtype=ACC_DTYPE)
+    else:
+        acc = tl.zeros([BLOCK_N, BLOCK_C], dtype=ACC_DTYPE)
     # (candidate, tap) pairs are checked one dim at a time, so only the pairs that exist go deeper
     for jd in range(NCD):
         for kd in range(KD):
@@ -261,20 +362,28 @@ def local_conv_grad_input_kernel(
                                         l = (ld * OH + lh) * OW + lw
                                         # loop indices are int32: int64 before any stride multiply
                                         tap = tl.cast((kd * KH + kh) * KW + kw, tl.int64)
-                                        g_rows = g_ptr + n * stride_gn + l * stride_gl
-                                        w_cols = w_ptr + l * stride_wl + (c * (KD * KH * KW) + tap) * stride_wr
-                                        for o0 in range(0, O, BLOCK_O):
-                                            o = o0 + tl.arange(0, BLOCK_O).to(tl.int64)
-                                            o_ok = o < O
-                                            gt = tl.load(g_rows[:, None] + o[None, :] * stride_go,
-                                                         mask=n_ok[:, None] & o_ok[None, :], other=0)
-                                            w = tl.load(w_cols[None, :] + o[:, None] * stride_wo,
-                                                        mask=o_ok[:, None] & c_ok[None, :], other=0)
-                                            acc = _mma(gt, w, acc, FP64, PRECISION, UPCAST)
+                                        gb = g_tile + l * stride_gl
+                                        wb = w_tile + l * stride_wl + tap * stride_wr
+                                        for _ in range(0, o_full, BLOCK_O):
+                                            acc = _grad_input_step(acc, gb, wb, g_off, w_off, o_ar, BLOCK_O,
+                                                                   stride_go, stride_wo, C_MAJOR, NARROW,
+                                                                   FP64, PRECISION, UPCAST)
+                                            gb += step_g
+                                            wb += step_w
+                                        if o_full < O:
+                                            acc = _grad_input_step(acc, gb, wb, g_off, w_off, o_ar, O - o_full,
+                                                                   stride_go, stride_wo, C_MAJOR, NARROW,
+                                                                   FP64, PRECISION, UPCAST)
 
     # masked store
-    dx = dx_ptr + n[:, None] * C * P + c[None, :] * P + pix
-    tl.store(dx, acc.to(dx_ptr.dtype.element_ty), mask=n_ok[:, None] & c_ok[None, :])
+    n = n0 + n_in
+    c = c0 + c_in
+    if C_MAJOR:
+        dx = dx_ptr + n[None, :] * C * P + c[:, None] * P + pix
+        tl.store(dx, acc.to(dx_ptr.dtype.element_ty), mask=(c < C)[:, None] & (n < N)[None, :])
+    else:
+        dx = dx_ptr + n[:, None] * C * P + c[None, :] * P + pix
+        tl.store(dx, acc.to(dx_ptr.dtype.element_ty), mask=(n < N)[:, None] & (c < C)[None, :])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -312,12 +421,29 @@ def _grad_weight_default(dims, dtype, interpret: bool) -> Config:
     bo, br, bn, warps, stages = _gemm_default(dims["O"], dims["R"], dims["N"], dtype, interpret, m_cap=64)
     if not interpret and dtype != torch.float64:
         br = _fit(dims["R"], 16, 128)
-        warps = 8 if bo * br >= 8192 else 4
+        # static sm_90 report: a 32 × 128 tile at 4 warps took 255 registers and spilled (local_2d_b256)
+        warps = 8 if bo * br >= 4096 else 4
     return Config({"BLOCK_O": bo, "BLOCK_R": br, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
 
 
+def _c_major(meta) -> bool:
+    """Whether the grad-input kernel makes the C_in tile the MMA's M (``dxᵀ = W_lᵀ · dY_lᵀ``): when it is
+    the larger tile, so 64 rows per warpgroup make ``wgmma`` for a small batch (the batch tile otherwise)."""
+    return meta["BLOCK_C"] > meta["BLOCK_N"]
+
+
 def _grad_input_default(dims, dtype, interpret: bool) -> Config:
+    # static sm_90 report: registers grow with the weight tile BLOCK_C × BLOCK_O (its gather is one scalar load
+    # per element): a C_out step of 64 on a 128 × 64 output tile takes 8 warps to 255 registers, 32 to 214
     bn, bc, bo, warps, stages = _gemm_default(dims["N"], dims["C"], dims["O"], dtype, interpret, m_cap=128)
+    if not interpret and dtype in (torch.float16, torch.bfloat16):
+        # the larger of C_in and the batch is the MMA's M (see _c_major): up to 128 rows, the other up to 64
+        big, small = (dims["C"], dims["N"]) if dims["C"] > dims["N"] else (dims["N"], dims["C"])
+        bm, bs = _fit(big, 16, 128), _fit(small, 16, 64)
+        bc, bn = (bm, bs) if dims["C"] > dims["N"] else (bs, bm)
+        bo, warps = (64 if bm * bs <= 4096 else 32), (8 if bm * bs >= 4096 else 4)
+    elif not interpret and dtype == torch.float32:
+        warps = 8 if bn * bc >= 4096 else 4  # 128 × 32 at 4 warps: 255 registers, 24 B spills
     return Config({"BLOCK_N": bn, "BLOCK_C": bc, "BLOCK_O": bo}, num_warps=warps, num_stages=stages)
 
 
@@ -509,8 +635,16 @@ def local_conv_grad_weight(grad: torch.Tensor, x: torch.Tensor, kernel_size: lis
     cfg = config or autotune.lookup("local_conv_grad_weight", x.device, x.dtype, O=o, R=r, N=n)
     xs = _as_5d(x, g.ndim)
     g3 = grad.reshape(n, o, l)
+    if g3.stride(0) != 1 and n > 1:
+        # one copy of dY with the batch contiguous, position-major ([L, C_out, N]): 16-byte loads of its tile
+        g3 = g3.permute(2, 1, 0).contiguous().permute(2, 1, 0)
     m = cfg.meta
     grid = (l * triton.cdiv(o, m["BLOCK_O"]) * triton.cdiv(r, m["BLOCK_R"]),)
+    sgn, sgo, _ = g3.stride()
+    # the largest in-tile patch offset: every dim's (size - 1)·stride
+    span = sum((sz - 1) * st for sz, st in zip(xs.shape[1:], xs.stride()[1:]))
+    narrow = max((m["BLOCK_N"] - 1) * sgn + (m["BLOCK_O"] - 1) * sgo,
+                 (m["BLOCK_N"] - 1) * xs.stride(0) + span) < 2**31
     with _device(x):
         local_conv_grad_weight_kernel[grid](
             dw_buf, db_buf, g3, xs,
@@ -518,7 +652,7 @@ def local_conv_grad_weight(grad: torch.Tensor, x: torch.Tensor, kernel_size: lis
             *g3.stride(), *xs.stride(), *dw_buf.stride(),
             *a["k"], *a["s"], *a["lo"], *a["d"],
             _shapes.PADDING_MODE_CODES[g.padding_mode],
-            **_math_args(x.dtype, local_conv_grad_weight_kernel),
+            **_math_args(x.dtype, local_conv_grad_weight_kernel), NARROW=narrow,
             **cfg.launch_kwargs(),
         )
     return _finish(dw, dw_buf), _finish(db, db_buf)
@@ -551,9 +685,18 @@ def local_conv_grad_input(grad: torch.Tensor, weight: torch.Tensor, input_size: 
     a = _as_3d(g)
     cfg = config or autotune.lookup("local_conv_grad_input", grad.device, grad.dtype, N=n, C=c, O=o)
     g3 = grad.reshape(n, o, g.num_blocks)
+    if g3.stride(1) != 1 and o > 1:
+        # one copy of dY with C_out contiguous, position-major ([L, N, C_out]): its tile of one (position, tap)
+        # is then BLOCK_O contiguous elements per sample (16-byte loads, cp.async); dY is small beside W
+        g3 = g3.permute(2, 0, 1).contiguous().permute(1, 2, 0)
     m = cfg.meta
     P = math.prod(g.in_size)
     grid = (P * triton.cdiv(n, m["BLOCK_N"]) * triton.cdiv(c, m["BLOCK_C"]),)
+    sgn, sgo, _ = g3.stride()
+    swo, swr, _ = weight.stride()
+    # the in-tile deltas the kernel adds to its int64 bases: int32 when they provably fit
+    narrow = max((m["BLOCK_N"] - 1) * sgn + (m["BLOCK_O"] - 1) * sgo,
+                 (m["BLOCK_C"] - 1) * g.kernel_numel * swr + (m["BLOCK_O"] - 1) * swo) < 2**31
     with _device(grad):
         local_conv_grad_input_kernel[grid](
             buf, g3, weight,
@@ -563,6 +706,7 @@ def local_conv_grad_input(grad: torch.Tensor, weight: torch.Tensor, input_size: 
             _shapes.PADDING_MODE_CODES[g.padding_mode],
             *_num_candidates(g, 3 - g.ndim),
             **_math_args(grad.dtype, local_conv_grad_input_kernel),
+            C_MAJOR=_c_major(m), NARROW=narrow,
             **cfg.launch_kwargs(),
         )
     return _finish(dx, buf)

@@ -518,8 +518,14 @@ def masked_conv_grad_weight_kernel(
     MODE: tl.constexpr,
     HAS_MASK: tl.constexpr, BINARIZE: tl.constexpr,
     FP64: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, ACC_DTYPE: tl.constexpr,
-    # tiles: BLOCK_O × BLOCK_K is the tile lists' block; BLOCK_M (the reduction step) and SPLIT are free
+    # tiles: BLOCK_O × BLOCK_K is the tile lists' block; BLOCK_M (the reduction step) and SPLIT are free. SUB (see
+    # _tap_tile): the k-tile is BLOCK_K / SUB sub-tiles of one tap each (0: the per-element gather); OFF32: every
+    # offset the tap walk forms into x and dY fits int32 (the launcher proved it, see _gw_off32); POS32:
+    # M + BLOCK_M < 2^31, so position indices are int32; DIMS: the spatial dims (the tap walk's positions advance
+    # only those); DY_FLAT: dY is [M, CO] with row stride stride_dw (channels-last, packed positions)
     BLOCK_M: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr,
+    SUB: tl.constexpr = 0, OFF32: tl.constexpr = False, POS32: tl.constexpr = False, DIMS: tl.constexpr = 3,
+    DY_FLAT: tl.constexpr = False,
 ):
     """``dW_g[o, k] = Σ_m dY[n, g·OG + o, l] · P_g[m, k]`` (``m = n·L + l``) over the ``s``-th of ``SPLIT``
     shares of the positions, for one tile slot ``(g, to, j)`` per program: the tile ``index[g, to, j]``,
@@ -541,9 +547,13 @@ def masked_conv_grad_weight_kernel(
     until x's and dY's compulsory reads dominate: at small ρ it is memory bound on them. Depthwise layers
     (OG = 1) use one lane in BLOCK_O: correct, not fast.
 
-    Layout: both operand tiles are gathered positions-last, dY as ``[BLOCK_O, BLOCK_M]`` and the patches as
-    ``[BLOCK_K, BLOCK_M]`` (consecutive threads read consecutive positions, contiguous in dY and, for
-    stride 1, in x), the patch tile transposed for ``tl.dot``. The ``BO × BK`` store is strided (the
+    Hot loop (``SUB > 0``, the tap walk): see the comments in the body and the README's kernel notes; dY is
+    gathered as ``[BLOCK_M, BLOCK_O]`` and the patches as ``[BLOCK_M, BLOCK_K]`` (as ``[BLOCK_M, BLOCK_K / SUB,
+    SUB]``), both positions first, from channels-last x and dY (what the launcher passes: 16-byte ``cp.async``).
+    ``SUB = 0`` (``C/G`` without a power-of-two divisor ≥ 16) keeps the per-element gather, both operand tiles
+    positions-last, dY as ``[BLOCK_O, BLOCK_M]`` and the patches as ``[BLOCK_K, BLOCK_M]`` (consecutive threads
+    read consecutive positions, contiguous in dY and, for stride 1, in x), the patch tile transposed for
+    ``tl.dot``. The ``BO × BK`` store is strided (the
     weight is ``[CO, CG, *kernel]``: consecutive k are ``KT`` apart), once per tile: ~1/M of the traffic.
     """
     # program id -> (share s, o-tile row (g, to), slot j), slots fastest, then rows: the programs of one
@@ -585,34 +595,160 @@ def masked_conv_grad_weight_kernel(
     # loop over the share's positions, fp32 (fp64) accumulation
     acc = tl.zeros([BLOCK_O, BLOCK_K], dtype=ACC_DTYPE)
     m0 = start
-    for _ in range(0, steps):
-        m = m0 + tl.arange(0, BLOCK_M)
-        m_ok = m < M
+    if SUB > 0:
+        # the tap walk. A program's tile, and so its taps, is fixed: SUB divides CG and BLOCK_K, so the tile's
+        # columns s·SUB .. s·SUB + SUB - 1 are one tap t_s, channels c_s .. c_s + SUB - 1 (NS = BLOCK_K / SUB
+        # sub-tiles). Once per program: each sub-tile's tap offset into x (a small table, [NS]); per step: the
+        # positions advanced incrementally (no division), their window corners and addresses, one validity bit per
+        # (position, sub-tile) — no div/mod, no bounds test per element. x and dY are read channels-last (the
+        # launcher's _channels_last): a dY row is BLOCK_O contiguous channels and an x sub-tile row SUB contiguous
+        # channels, 16-byte vector loads; the x tile is gathered as [BLOCK_M, NS, SUB] and viewed as
+        # [BLOCK_M, BLOCK_K].
+        NS: tl.constexpr = BLOCK_K // SUB
+        ks = (kt * BLOCK_K).to(tl.int32) + tl.arange(0, NS) * SUB
+        # a sub-tile past K (K is a multiple of SUB) or of a malformed entry reads nothing
+        s_ok = (kt >= 0) & (ks < K)
+        ks = tl.where(s_ok, ks, 0)
+        ts = ks // CG
+        cs = ks - (ts.to(tl.int64) * CG).to(tl.int32)  # ts·CG <= ks: the int64 product narrows exactly
+        kd_s = (ts // (KW * KH)) * DD
+        kh_s = (ts // KW % KH) * DH
+        kw_s = (ts % KW) * DW
+        # the sub-tiles' tap offsets into x, the in-tile channel offsets of x and dY: int64, narrowed to int32
+        # when OFF32 (the launcher proved every offset the walk forms fits)
+        tap_s = cs.to(tl.int64) * stride_xc
+        if MODE == 0:
+            tap_s += kd_s.to(tl.int64) * stride_xd + kh_s.to(tl.int64) * stride_xh + kw_s.to(tl.int64) * stride_xw
+        ch = tl.arange(0, SUB).to(tl.int64) * stride_xc
+        dyc = co * stride_dc
+        if OFF32:
+            tap_s = tap_s.to(tl.int32)
+            ch = ch.to(tl.int32)
+            dyc = dyc.to(tl.int32)
+        # the positions of the first step, then advanced by BLOCK_M = s_n·L + s_d·OH·OW + s_h·OW + s_w per step
+        # (a carry per dim: each of ow, oh, od stays in range)
+        OD = L // OW // OH
+        m = start + tl.arange(0, BLOCK_M)
+        if POS32:
+            m = m.to(tl.int32)
         n = m // L
-        l = m % L
-        ow = l % OW
-        oh = (l // OW) % OH
-        od = l // OW // OH  # not l // (OW * OH): an int32 product of two sizes
-        dy_cols = n * stride_dn + od * stride_dd + oh * stride_dh + ow * stride_dw
-        dy = tl.load(dy_rows[:, None] + dy_cols[None, :], mask=o_ok[:, None] & m_ok[None, :], other=0)
-        off, ok = _patch_columns(r[:, None], l[None, :], ID, IH, IW, OH, OW,
-                                 stride_xc, stride_xd, stride_xh, stride_xw,
-                                 KD, KH, KW, SD, SH, SW, PD, PH, PW, DD, DH, DW, MODE, False)
-        p_ok = (k_ok[:, None] & m_ok[None, :]) & ok
-        pt = tl.load(x_g + n[None, :] * stride_xn + off, mask=p_ok, other=0)
-        if BINARIZE:
-            # the coactivation count: 0/1 operands (a padded tap is absent, so 0 whatever the threshold; NaN is
-            # never above one), compared in the accumulator's dtype; 0/1 products and their sums are exact in fp32
-            # below 2^24, so fp16 operands on the tensor cores count exactly
-            yb = tl.where(_widen(dy, ACC_DTYPE, UPCAST) > y_threshold, 1.0, 0.0)
-            xb = tl.where(p_ok & (_widen(pt, ACC_DTYPE, UPCAST) > x_threshold), 1.0, 0.0)
-            if FP64:
-                acc = _mma(yb.to(tl.float64), tl.trans(xb.to(tl.float64)), acc, True, PRECISION, False)
+        l = m - (n.to(tl.int64) * L).to(m.dtype)  # n·L <= m: the int64 product narrows exactly
+        ow = (l % OW).to(tl.int32)
+        oh = (l // OW % OH).to(tl.int32) if DIMS >= 2 else tl.zeros_like(ow)
+        od = (l // OW // OH).to(tl.int32) if DIMS >= 3 else tl.zeros_like(ow)
+        st_n = BLOCK_M // L
+        r_ = BLOCK_M % L
+        st_w = r_ % OW
+        st_h = r_ // OW % OH
+        st_d = r_ // OW // OH
+        # a narrow block (BLOCK_O < 64 <= BLOCK_K) accumulates dWᵀ = Pᵀ·dY: the MMA's M side is then BLOCK_K
+        # (wgmma wants 64 rows per warpgroup)
+        SWAP: tl.constexpr = BLOCK_O < 64 and BLOCK_K >= 64 and not FP64
+        if SWAP:
+            acc_t = tl.zeros([BLOCK_K, BLOCK_O], dtype=ACC_DTYPE)
+        for _ in range(0, steps):
+            m_ok = m < M
+            # the steps' position offsets: int64, narrowed to int32 when OFF32 (the launcher proved them)
+            if DY_FLAT:
+                dy_pos = m.to(tl.int64) * stride_dw
             else:
-                acc = _mma(yb.to(tl.float16), tl.trans(xb.to(tl.float16)), acc, False, "ieee", False)
-        else:
-            acc = _mma(dy, tl.trans(pt), acc, FP64, PRECISION, UPCAST)
-        m0 += BLOCK_M
+                dy_pos = n.to(tl.int64) * stride_dn + od.to(tl.int64) * stride_dd \
+                    + oh.to(tl.int64) * stride_dh + ow.to(tl.int64) * stride_dw
+            if OFF32:
+                dy_pos = dy_pos.to(tl.int32)
+            x_n = n.to(tl.int64) * stride_xn
+            dy = tl.load(dy_ptr + dy_pos[:, None] + dyc[None, :], mask=m_ok[:, None] & o_ok[None, :], other=0)
+            i_d0 = od * SD - PD
+            i_h0 = oh * SH - PH
+            i_w0 = ow * SW - PW
+            if MODE == 0:
+                x_pos = x_n + i_d0.to(tl.int64) * stride_xd + i_h0.to(tl.int64) * stride_xh \
+                    + i_w0.to(tl.int64) * stride_xw
+                if OFF32:
+                    x_pos = x_pos.to(tl.int32)
+                # [BLOCK_M, NS]: 0 <= i < n as one unsigned compare
+                v = (m_ok[:, None] & s_ok[None, :]
+                     & ((i_d0[:, None] + kd_s[None, :]).to(tl.uint32, bitcast=True) < ID)
+                     & ((i_h0[:, None] + kh_s[None, :]).to(tl.uint32, bitcast=True) < IH)
+                     & ((i_w0[:, None] + kw_s[None, :]).to(tl.uint32, bitcast=True) < IW))
+                src = x_pos[:, None] + tap_s[None, :]
+            else:
+                # other padding modes: each (position, sub-tile) reads its own source index
+                s_d, ok_d = _source_index(i_d0[:, None] + kd_s[None, :], ID, MODE)
+                s_h, ok_h = _source_index(i_h0[:, None] + kh_s[None, :], IH, MODE)
+                s_w, ok_w = _source_index(i_w0[:, None] + kw_s[None, :], IW, MODE)
+                v = m_ok[:, None] & s_ok[None, :] & ok_d & ok_h & ok_w
+                src = x_n[:, None] + s_d.to(tl.int64) * stride_xd + s_h.to(tl.int64) * stride_xh \
+                    + s_w.to(tl.int64) * stride_xw + tap_s[None, :]
+                if OFF32:
+                    src = src.to(tl.int32)
+            pt3 = tl.load(x_g + src[:, :, None] + ch[None, None, :], mask=v[:, :, None], other=0)
+            pt = tl.reshape(pt3, [BLOCK_M, BLOCK_K])
+            if BINARIZE:
+                # the coactivation count: 0/1 operands (a padded tap is absent, so 0 whatever the threshold; NaN is
+                # never above one), compared in the accumulator's dtype; 0/1 products and their sums are exact in
+                # fp32 below 2^24, so fp16 operands on the tensor cores count exactly
+                p_ok = tl.reshape(tl.broadcast_to(v[:, :, None], [BLOCK_M, NS, SUB]), [BLOCK_M, BLOCK_K])
+                yb = tl.where(_widen(dy, ACC_DTYPE, UPCAST) > y_threshold, 1.0, 0.0)
+                xb = tl.where(p_ok & (_widen(pt, ACC_DTYPE, UPCAST) > x_threshold), 1.0, 0.0)
+                if SWAP:
+                    if FP64:
+                        acc_t = _mma(tl.trans(xb.to(tl.float64)), yb.to(tl.float64), acc_t, True, PRECISION, False)
+                    else:
+                        acc_t = _mma(tl.trans(xb.to(tl.float16)), yb.to(tl.float16), acc_t, False, "ieee", False)
+                elif FP64:
+                    acc = _mma(tl.trans(yb.to(tl.float64)), xb.to(tl.float64), acc, True, PRECISION, False)
+                else:
+                    acc = _mma(tl.trans(yb.to(tl.float16)), xb.to(tl.float16), acc, False, "ieee", False)
+            elif SWAP:
+                acc_t = _mma(tl.trans(pt), dy, acc_t, FP64, PRECISION, UPCAST)
+            else:
+                acc = _mma(tl.trans(dy), pt, acc, FP64, PRECISION, UPCAST)
+            # the next step's positions
+            m += BLOCK_M
+            ow += st_w
+            cy = ow >= OW
+            ow = tl.where(cy, ow - OW, ow)
+            if DIMS >= 2:
+                oh += st_h + cy.to(tl.int32)
+                cy = oh >= OH
+                oh = tl.where(cy, oh - OH, oh)
+            if DIMS >= 3:
+                od += st_d + cy.to(tl.int32)
+                cy = od >= OD
+                od = tl.where(cy, od - OD, od)
+            n += st_n + cy.to(n.dtype)
+        if SWAP:
+            acc = tl.trans(acc_t)
+    else:
+        for _ in range(0, steps):
+            m = m0 + tl.arange(0, BLOCK_M)
+            m_ok = m < M
+            n = m // L
+            l = m % L
+            ow = l % OW
+            oh = (l // OW) % OH
+            od = l // OW // OH  # not l // (OW * OH): an int32 product of two sizes
+            dy_cols = n * stride_dn + od * stride_dd + oh * stride_dh + ow * stride_dw
+            dy = tl.load(dy_rows[:, None] + dy_cols[None, :], mask=o_ok[:, None] & m_ok[None, :], other=0)
+            off, ok = _patch_columns(r[:, None], l[None, :], ID, IH, IW, OH, OW,
+                                     stride_xc, stride_xd, stride_xh, stride_xw,
+                                     KD, KH, KW, SD, SH, SW, PD, PH, PW, DD, DH, DW, MODE, False)
+            p_ok = (k_ok[:, None] & m_ok[None, :]) & ok
+            pt = tl.load(x_g + n[None, :] * stride_xn + off, mask=p_ok, other=0)
+            if BINARIZE:
+                # the coactivation count: 0/1 operands (a padded tap is absent, so 0 whatever the threshold; NaN is
+                # never above one), compared in the accumulator's dtype; 0/1 products and their sums are exact in fp32
+                # below 2^24, so fp16 operands on the tensor cores count exactly
+                yb = tl.where(_widen(dy, ACC_DTYPE, UPCAST) > y_threshold, 1.0, 0.0)
+                xb = tl.where(p_ok & (_widen(pt, ACC_DTYPE, UPCAST) > x_threshold), 1.0, 0.0)
+                if FP64:
+                    acc = _mma(yb.to(tl.float64), tl.trans(xb.to(tl.float64)), acc, True, PRECISION, False)
+                else:
+                    acc = _mma(yb.to(tl.float16), tl.trans(xb.to(tl.float16)), acc, False, "ieee", False)
+            else:
+                acc = _mma(dy, tl.trans(pt), acc, FP64, PRECISION, UPCAST)
+            m0 += BLOCK_M
 
     # epilogue: the mask's zeros as exact zeros (where, not a product: 0·NaN is NaN), masked store
     ok = o_ok[:, None] & k_ok[None, :]
@@ -643,20 +779,24 @@ def _gw_split(dims, bm: int) -> int:
 
 
 def _gw_default(dims, dtype, interpret: bool) -> Config:
-    """BLOCK_M 64 positions per step for the 16-bit dtypes, 32 for fp32's twice larger operand tiles (the
-    block sets the accumulator: BLOCK_M only sets the operand tiles and the steps), 8 warps once the fp32
-    accumulator passes 64 values per thread at 4; stages as :func:`_gw_fits` allows, then SPLIT
-    (:func:`_gw_split`). fp64 is a broadcast-sum holding a BO × BLOCK_M × BK product: BLOCK_M shrinks to
-    keep it at ≤ 8192 values. The interpreter pays per program and per step: the largest BLOCK_M, one share."""
+    """BLOCK_M 128 positions per step for the 16-bit dtypes with 2 stages (the static sm_90 report, fp16 conv3_x:
+    the tap walk's per-position work over twice the MMA, 0.59 -> 0.65 of the tensor cores' peak, and 3 blocks
+    of 4 warps per SM), 32 for fp32's twice larger operand tiles (the block sets the accumulator: BLOCK_M only
+    sets the operand tiles and the steps), 8 warps once the fp32 accumulator passes 64 values per thread at 4,
+    and for fp32's FMA product (its operand tiles in registers too: 4 warps spill); stages as :func:`_gw_fits`
+    allows, then SPLIT (:func:`_gw_split`). fp64 is a broadcast-sum holding a BO × BLOCK_M × BK product: BLOCK_M
+    shrinks to keep it at ≤ 8192 values. The interpreter pays per program and per step: the largest BLOCK_M,
+    one share."""
     bo, bk = dims["BO"], dims["BK"]
     if interpret:
         return Config({"BLOCK_M": _fit(dims["M"], 16, 256), "SPLIT": 1}, num_warps=4, num_stages=1)
-    warps = 8 if bo * bk > 64 * 128 else 4
+    half = dtype in (torch.float16, torch.bfloat16)
+    warps = 8 if bo * bk > 64 * 128 or dtype == torch.float32 else 4
     if dtype == torch.float64:
         bm, stages = max(1, min(16, 8192 // (bo * bk))), 1
     else:
-        bm = 64 if dtype in (torch.float16, torch.bfloat16) else 32
-        stages = 3 if dtype in (torch.float16, torch.bfloat16) else 2
+        bm = 128 if half else 32
+        stages = 2
         while stages > 1 and not _gw_fits(bm, bo, bk, warps, stages, dtype):
             stages -= 1
         while bm > 16 and not _gw_fits(bm, bo, bk, warps, stages, dtype):
@@ -675,11 +815,12 @@ def _gw_keep(cfg: Config, dtype) -> bool:
 
 
 def _gw_fits(bm: int, bo: int, bk: int, warps: int, stages: int, dtype) -> bool:
-    """The fp32 accumulator and the two gathered operand tiles each within 64 values per thread, and the
-    pipeline's staged operand tiles within 160 KiB of the H100's 227 (the forward's rule, see :func:`_fits`)."""
+    """The fp32 accumulator within 64 values per thread, the two gathered operand tiles within 256 bytes per
+    thread (64 fp32 values, 128 16-bit ones: the tap walk's 16-bit tiles go to shared memory by cp.async), and
+    the pipeline's staged operand tiles within 160 KiB of the H100's 227 (the forward's rule, see :func:`_fits`)."""
     elem = 4 if dtype == torch.float32 else 2
     threads = 32 * warps
-    return (bo * bk <= 64 * threads and (bo + bk) * bm <= 64 * threads
+    return (bo * bk <= 64 * threads and (bo + bk) * bm * elem <= 256 * threads
             and stages * (bo + bk) * bm * elem <= 160 * 1024)
 
 
@@ -741,6 +882,20 @@ GRAD_WEIGHT_SPEC = autotune.register(KernelSpec(
 
 # ----------------------------------------------------------------------------------------------
 # grad-weight launcher
+def _gw_off32(xs: torch.Tensor, dys: torch.Tensor, g: _shapes.Geometry, co: int, bo: int) -> bool:
+    """The grad-weight tap walk's ``OFF32``: every offset it forms into x and dY fits int32 — for a valid lane
+    each partial sum of ``n·stride_xn + i_d·stride_xd + ... + c·stride_xc`` lies within ``Σ (size + lo + hi + (k
+    - 1)·d)·|stride|`` over x's dims (the window corners reach past the padding), and dY's within ``Σ size·|stride|
+    + (C_out + BLOCK_O)·|stride_dc|`` (the block's masked channel lanes). Lanes past M form wrapped offsets and
+    are never read."""
+    a = _as_3d(g)
+    pad = [lo + hi + (k - 1) * d for lo, hi, k, d in zip(a["lo"], a["hi"], a["k"], a["d"])]
+    x = xs.shape[0] * abs(xs.stride(0)) + xs.shape[1] * abs(xs.stride(1)) \
+        + sum((n + p) * abs(st) for n, p, st in zip(xs.shape[2:], pad, xs.stride()[2:]))
+    dy = sum(n * abs(st) for n, st in zip(dys.shape, dys.stride())) + (co + bo) * abs(dys.stride(1))
+    return max(x, dy) < 2**31
+
+
 def masked_conv_grad_weight(grad: torch.Tensor, x: torch.Tensor, mask: torch.Tensor | None, count: torch.Tensor,
                             index: torch.Tensor, weight_size: list[int], kernel_size: list[int],
                             dilation: list[int], padding: list[int], stride: list[int], padding_mode: str,
@@ -758,7 +913,9 @@ def masked_conv_grad_weight(grad: torch.Tensor, x: torch.Tensor, mask: torch.Ten
     zero, whatever x and dY hold (NaN and Inf included). Each ``index[g, to, :]`` must be a permutation of
     ``range(TK)``, as :func:`convzoo.sparsity.tile_lists` builds it: the kernel writes the unlisted tiles'
     zeros through it (no memset), so an entry no slot names would be left unwritten; it is not checked (that
-    would sync with the device). ``config`` overrides the autotune lookup (BLOCK_M, SPLIT, warps, stages; the
+    would sync with the device). Where ``C_in/G`` has a power-of-two divisor ≥ 16 (the tap walk), ``x`` and
+    ``grad`` are read channels-last: in place if they are, else from channels-last copies (see
+    :func:`_channels_last`). ``config`` overrides the autotune lookup (BLOCK_M, SPLIT, warps, stages; the
     block is the lists'). Deterministic: the split's partials are summed in a fixed order, no atomics.
 
     ``thresholds = (θ_x, θ_y)``: the coactivation count instead (:func:`convzoo.functional.coactivation`), the
@@ -827,7 +984,19 @@ def masked_conv_grad_weight(grad: torch.Tensor, x: torch.Tensor, mask: torch.Ten
         target = torch.empty((split, *size), dtype=acc_dtype, device=x.device)
     out = target.view(-1, co, cg, kt)
     a = _as_3d(g)
+    sub = _tap_tile(cg, bk)["SUB"]
     xs, dys = _as_5d(x, g.ndim), _as_5d(grad, g.ndim)
+    if sub:
+        # the tap walk reads SUB contiguous channels per position from channels-last x and BLOCK_O from
+        # channels-last dY; other layouts are copied once (see _channels_last)
+        xs, dys = _channels_last(xs), _channels_last(dys)
+    pos32 = M + cfg.meta["BLOCK_M"] < 2**31
+    off32 = bool(sub) and pos32 and _gw_off32(xs, dys, g, co, bo)
+    # dY as [M, C_out] rows stride_dw apart (position m's offset m·stride_dw): the positions need no decomposition
+    dy_flat, step = True, dys.stride(4)
+    for dim in (4, 3, 2, 0):
+        dy_flat = dy_flat and (dys.shape[dim] == 1 or dys.stride(dim) == step)
+        step *= dys.shape[dim]
     # the mask as [CO, CG, KT] bytes: a view for a contiguous mask (a 1-byte copy of the weight otherwise)
     m3 = mask.reshape(co, cg, kt).view(torch.uint8) if mask is not None else None
     count, index = count.contiguous(), index.contiguous()
@@ -841,7 +1010,8 @@ def masked_conv_grad_weight(grad: torch.Tensor, x: torch.Tensor, mask: torch.Ten
             *a["k"], *a["s"], *a["lo"], *a["d"],
             _shapes.PADDING_MODE_CODES[g.padding_mode],
             m3 is not None, thresholds is not None, **_math_args(x.dtype, masked_conv_grad_weight_kernel),
-            BLOCK_O=bo, BLOCK_K=bk, **cfg.launch_kwargs(),
+            BLOCK_O=bo, BLOCK_K=bk, SUB=sub, OFF32=off32, POS32=pos32, DIMS=g.ndim, DY_FLAT=dy_flat,
+            **cfg.launch_kwargs(),
         )
     if split == 1:
         return _finish(dw, target)

@@ -50,12 +50,6 @@ DOT_KERNELS = {"local_conv_fwd", "local_conv_grad_weight", "local_conv_grad_inpu
 # Issue "No spills, Hopper tensor cores fed" rewrites these loops; each entry goes when its kernel is fixed.
 _HOT_LOOP = "per-element gather index math in the hot loop (issue: No spills, Hopper tensor cores fed)"
 EXCEPTIONS = {
-    ("masked_conv_grad_weight", "spills"): _HOT_LOOP,
-    ("local_conv_grad_weight", "spills"): _HOT_LOOP,
-    ("local_conv_grad_input", "spills"): _HOT_LOOP,
-    ("masked_conv_grad_weight", "low_warps"): _HOT_LOOP + "; register pressure of the gathered tiles",
-    ("local_conv_grad_weight", "low_warps"): _HOT_LOOP + "; register pressure of the gathered tiles",
-    ("local_conv_grad_input", "low_warps"): _HOT_LOOP + "; register pressure of the gathered tiles",
     # fp32 (no tensor cores) on conv3_x: 40 bytes of spill stores under triton 3.8 (none under 3.6)
     ("coactivation_correlation", "spills"): _HOT_LOOP + "; fp32 on conv3_x under triton 3.8",
     # a gather kernel: bf16 on the 7×7 ResNet stage (triton 3.6) spills a few bytes of its per-tap index math
