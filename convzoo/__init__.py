@@ -5,8 +5,7 @@ Public names only; nothing here touches a device at import.
 
 from convzoo import functional, sparsity
 from convzoo._compat import debug_info
-from convzoo.curvature import KFACFactors
-from convzoo.kfac import KFAC
+from convzoo.curvature import KFAC, KFACFactors
 from convzoo.layers import (
     DynamicSparseConv1d,
     DynamicSparseConv2d,

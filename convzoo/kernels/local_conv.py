@@ -123,6 +123,20 @@ def local_conv_fwd_kernel(
 
 
 @triton.jit
+def _grad_weight_step(acc, acc_b, g_ptrs, x_ptrs, n_ok, col_ok, FP64: tl.constexpr, PRECISION: tl.constexpr,
+                      UPCAST: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    """One batch block of the grad-weight loop: ``acc += dY_lᵀ · P_l`` and the bias gradient's elementwise
+    ``acc_b += dY_lᵀ``. The C_out rows are clamped in range (never stored), so the loads are masked by the
+    block's batch lanes ``n_ok`` (all true, folded, but on the last, partial block) and the patch columns'
+    validity ``col_ok``: zeros in both operands, NaN-safe."""
+    gt = tl.load(g_ptrs, mask=n_ok[None, :], other=0)
+    p = tl.load(x_ptrs, mask=n_ok[:, None] & col_ok[None, :], other=0)
+    acc = _mma(gt, p, acc, FP64, PRECISION, UPCAST)
+    acc_b += _widen(gt, ACC_DTYPE, UPCAST)
+    return acc, acc_b
+
+
+@triton.jit
 def local_conv_grad_weight_kernel(
     # outputs: grad weight [O, R, L] (any strides; the launcher allocates [L, O, R]), grad bias [O, L]
     dw_ptr, db_ptr,
@@ -177,12 +191,18 @@ def local_conv_grad_weight_kernel(
     off = tl.where(col_ok, off, 0)
     o_d = tl.minimum(tl.arange(0, BLOCK_O), O - 1 - o0)
     n_in = tl.arange(0, BLOCK_N)
-    # the loop-invariant in-tile offsets: int64, narrowed to int32 when NARROW (the launcher proved they fit)
-    g_off = o_d[:, None] * stride_go + n_in.to(tl.int64)[None, :] * stride_gn
-    x_off = n_in.to(tl.int64)[:, None] * stride_xn + off[None, :]
+    # the loop-invariant in-tile offsets per row and column: int64, narrowed to int32 when NARROW (the launcher
+    # proved they fit)
+    g_o = o_d * stride_go
+    g_n = n_in.to(tl.int64) * stride_gn
+    x_n = n_in.to(tl.int64) * stride_xn
     if NARROW:
-        g_off = g_off.to(tl.int32)
-        x_off = x_off.to(tl.int32)
+        g_o = g_o.to(tl.int32)
+        g_n = g_n.to(tl.int32)
+        x_n = x_n.to(tl.int32)
+        off = off.to(tl.int32)
+    g_off = g_o[:, None] + g_n[None, :]
+    x_off = x_n[:, None] + off[None, :]
     gb = g_ptr + l * stride_gl + o0 * stride_go
     xb = x_ptr
     step_g = tl.full([], BLOCK_N, tl.int64) * stride_gn
@@ -195,19 +215,13 @@ def local_conv_grad_weight_kernel(
     # reduction, not one per batch step)
     acc_b = tl.zeros([BLOCK_O, BLOCK_N], dtype=ACC_DTYPE)
     for _ in range(0, n_full, BLOCK_N):
-        # (the clamped C_out rows are in range; o_ok keeps the every-access-masked rule, constant along the batch)
-        gt = tl.load(gb + g_off, mask=o_ok[:, None], other=0)
-        p = tl.load(xb + x_off, mask=col_ok[None, :], other=0)
-        acc = _mma(gt, p, acc, FP64, PRECISION, UPCAST)
-        acc_b += _widen(gt, ACC_DTYPE, UPCAST)
+        acc, acc_b = _grad_weight_step(acc, acc_b, gb + g_off, xb + x_off, n_in < BLOCK_N, col_ok,
+                                       FP64, PRECISION, UPCAST, ACC_DTYPE)
         gb += step_g
         xb += step_x
     if n_full < N:
-        n_ok = n_in < N - n_full
-        gt = tl.load(gb + g_off, mask=o_ok[:, None] & n_ok[None, :], other=0)
-        p = tl.load(xb + x_off, mask=n_ok[:, None] & col_ok[None, :], other=0)
-        acc = _mma(gt, p, acc, FP64, PRECISION, UPCAST)
-        acc_b += _widen(gt, ACC_DTYPE, UPCAST)
+        acc, acc_b = _grad_weight_step(acc, acc_b, gb + g_off, xb + x_off, n_in < N - n_full, col_ok,
+                                       FP64, PRECISION, UPCAST, ACC_DTYPE)
     db = tl.sum(acc_b, axis=1)
 
     # masked stores; the bias gradient once per (position, C_out tile). A branch, not a scalar in the
@@ -228,13 +242,19 @@ def _tap_position(i, j, k, n, O, lo, hi, S: tl.constexpr, D: tl.constexpr, MODE:
 
 
 @triton.jit
-def _grad_input_step(acc, gb, wb, g_off, w_off, go, wo, o_ok, C_MAJOR: tl.constexpr,
+def _grad_input_step(acc, gb, wb, g_off, w_off, o_ar, o_left, stride_go, stride_wo,
+                     C_MAJOR: tl.constexpr, NARROW: tl.constexpr,
                      FP64: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """One C_out block of one (position, tap): ``acc += W_lᵀ[c, o] · dY_lᵀ[o, n]`` (``C_MAJOR``) or
-    ``dY_l[n, o] · W_l[o, c]``, from the scalar bases ``gb`` / ``wb``, the loop-invariant batch / channel
-    offsets ``g_off`` / ``w_off`` and C_out offsets ``go`` / ``wo``. The batch and channel indices are clamped
-    in range (their rows are never stored), so the loads are masked by the block's C_out lanes ``o_ok`` only
-    (all true but on the last, partial C_out block): zeros in both operands, NaN-safe."""
+    ``dY_l[n, o] · W_l[o, c]``, from the scalar bases ``gb`` / ``wb`` and the loop-invariant batch / channel
+    offsets. The batch and channel indices are clamped in range (their rows are never stored), so only the
+    last, partial C_out block (``MASK_O``) is masked: zeros in both operands, NaN-safe."""
+    go = o_ar.to(tl.int64) * stride_go
+    wo = o_ar.to(tl.int64) * stride_wo
+    if NARROW:
+        go = go.to(tl.int32)
+        wo = wo.to(tl.int32)
+    o_ok = o_ar < o_left
     if C_MAJOR:
         w = tl.load(wb + w_off[:, None] + wo[None, :], mask=o_ok[None, :], other=0)
         g = tl.load(gb + go[:, None] + g_off[None, :], mask=o_ok[:, None], other=0)
@@ -307,18 +327,12 @@ def local_conv_grad_input_kernel(
     n_d = tl.minimum(n_in, N - 1 - n0)
     c_d = tl.minimum(c_in, C - 1 - c0)
     o_ar = tl.arange(0, BLOCK_O)
+    # the loop-invariant in-tile offsets: int64, narrowed to int32 when NARROW (the launcher proved they fit)
     g_off = n_d * stride_gn
     w_off = c_d * (KD * KH * KW) * stride_wr
-    go = o_ar.to(tl.int64) * stride_go
-    wo = o_ar.to(tl.int64) * stride_wo
     if NARROW:
         g_off = g_off.to(tl.int32)
         w_off = w_off.to(tl.int32)
-        go = go.to(tl.int32)
-        wo = wo.to(tl.int32)
-    # the C_out lanes of a full block (all true) and of the last, partial one
-    o_all = o_ar < BLOCK_O
-    o_last = o_ar < O % BLOCK_O
     g_tile = g_ptr + n0 * stride_gn
     w_tile = w_ptr + c0 * (KD * KH * KW) * stride_wr
     step_g = tl.full([], BLOCK_O, tl.int64) * stride_go
@@ -352,13 +366,15 @@ def local_conv_grad_input_kernel(
                                         gb = g_tile + l * stride_gl
                                         wb = w_tile + l * stride_wl + tap * stride_wr
                                         for _ in range(0, o_full, BLOCK_O):
-                                            acc = _grad_input_step(acc, gb, wb, g_off, w_off, go, wo, o_all,
-                                                                   C_MAJOR, FP64, PRECISION, UPCAST)
+                                            acc = _grad_input_step(acc, gb, wb, g_off, w_off, o_ar, BLOCK_O,
+                                                                   stride_go, stride_wo, C_MAJOR, NARROW,
+                                                                   FP64, PRECISION, UPCAST)
                                             gb += step_g
                                             wb += step_w
                                         if o_full < O:
-                                            acc = _grad_input_step(acc, gb, wb, g_off, w_off, go, wo, o_last,
-                                                                   C_MAJOR, FP64, PRECISION, UPCAST)
+                                            acc = _grad_input_step(acc, gb, wb, g_off, w_off, o_ar, O - o_full,
+                                                                   stride_go, stride_wo, C_MAJOR, NARROW,
+                                                                   FP64, PRECISION, UPCAST)
 
     # masked store
     n = n0 + n_in

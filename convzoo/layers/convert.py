@@ -153,12 +153,26 @@ def _check_plain(name: str, m: nn.Module) -> None:
                          f"the swap would drop; pass its name in exclude")
 
 
-def _replace(model: nn.Module, swap: dict[int, nn.Module]) -> None:
-    """Every reference to a swapped module (a module registered twice is replaced in both places)."""
+def _replace(model: nn.Module, swap: dict[int, nn.Module]) -> nn.Module:
+    """Every reference to a swapped module (a module registered twice is replaced in both places); returns
+    ``model``, or its replacement when ``model`` itself is swapped (then nothing else is touched)."""
+    if id(model) in swap:
+        return swap[id(model)]
     for parent in list(model.modules()):
         for key, child in list(parent._modules.items()):
             if child is not None and id(child) in swap:
                 parent._modules[key] = swap[id(child)]
+    return model
+
+
+def _adopt(old: nn.Module, new: nn.Module, swap: dict[int, nn.Module]) -> None:
+    """``new`` takes ``old``'s place (sparsify, desparsify): the same weight and bias ``nn.Parameter`` objects,
+    its train / eval mode and its hooks; recorded in ``swap`` for :func:`_replace`."""
+    new.weight = old.weight
+    new.bias = old.bias
+    new.train(old.training)
+    _compat.move_module_hooks(old, new)
+    swap[id(old)] = new
 
 
 # ---------------------------------------------------------------------------------------------- sparsify
@@ -344,16 +358,9 @@ def sparsify(model: nn.Module, density: float = 0.1, *, distribution: str = "erk
         # (the construction's rule, which reset_parameters draws a new mask by: the layer's own density, in whole
         # tiles with block, exact per output channel without)
         mask = _initial_mask(m.weight, k, groups, block, nm, init, generator)
-        layer.weight = m.weight
-        layer.bias = m.bias
+        _adopt(m, layer, swap)
         layer.set_mask(mask)  # zeroes the (shared) weight where the mask is off
-        layer.train(m.training)
-        _compat.move_module_hooks(m, layer)
-        swap[id(m)] = layer
-    if id(model) in swap:
-        return swap[id(model)]
-    _replace(model, swap)
-    return model
+    return _replace(model, swap)
 
 
 def desparsify(model: nn.Module) -> nn.Module:
@@ -382,12 +389,5 @@ def desparsify(model: nn.Module) -> nn.Module:
         dense = dense_cls(*args, device="meta", dtype=m.weight.dtype)  # (no values: its parameters are m's)
         with torch.no_grad():
             m.weight.masked_fill_(~m.mask, 0)
-        dense.weight = m.weight
-        dense.bias = m.bias
-        dense.train(m.training)
-        _compat.move_module_hooks(m, dense)
-        swap[id(m)] = dense
-    if id(model) in swap:
-        return swap[id(model)]
-    _replace(model, swap)
-    return model
+        _adopt(m, dense, swap)
+    return _replace(model, swap)

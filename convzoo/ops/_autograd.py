@@ -236,3 +236,17 @@ def loop_vmap(op, batch_size: int, in_dims, args):
     if isinstance(outs[0], tuple):
         return tuple(torch.stack(o) for o in zip(*outs)), (0,) * len(outs[0])
     return torch.stack(outs), 0
+
+
+def join(op, batch_size: int, args, in_dims, index: int = 0, dim: int = 0, out_dims=0, same_size: bool = True):
+    """A vmap rule's one call: the vmapped dim of ``args[index]`` (at ``in_dims[index]``) joins its dim ``dim``, one
+    the op batches over (the batch dim N, a channel dim), and each output is split back at its dim in ``out_dims``
+    (an int, or one per output, None for an output that does not depend on that argument). Returns
+    ``(output, out_dims)``. ``same_size``: each output's split dim has the joined dim's size (N joins N), so an
+    empty vmap (batch size 0) splits too; else it is inferred (``(batch_size, -1)``)."""
+    t = args[index].movedim(in_dims[index], dim)
+    out = op(*args[:index], t.flatten(dim, dim + 1), *args[index + 1:])
+    split = (batch_size, t.shape[dim + 1]) if same_size else (batch_size, -1)
+    if isinstance(out, tuple):
+        return tuple(o if d is None else o.unflatten(d, split) for o, d in zip(out, out_dims)), out_dims
+    return out.unflatten(out_dims, split), out_dims

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import importlib
 import sys
 
 import torch
 
-from convzoo import _compat
+from convzoo import _compat, reference
 from convzoo.autotune import interpret_mode
+from convzoo.ops import _native
 
 
 def own(t: torch.Tensor) -> torch.Tensor:
@@ -18,6 +20,20 @@ def own(t: torch.Tensor) -> torch.Tensor:
     if t._base is None:
         return t
     return t.new_empty(0).set_(t.untyped_storage(), t.storage_offset(), t.size(), t.stride())
+
+
+def run(on: torch.Tensor, kernels: str, name: str, args: tuple, native: bool = False):
+    """An op's implementation, where it is one of the same-named functions of the three places: the Triton launcher
+    ``convzoo.kernels.<kernels>.<name>(*args)`` where :func:`use_triton` holds for ``on`` (the tensor whose device
+    decides), else :mod:`convzoo.ops._native`'s (with ``native``: torch's own CPU im2col/col2im, where it applies),
+    else :mod:`convzoo.reference`'s. The result (each one, for a tuple) is a tensor of its own (:func:`own`)."""
+    if use_triton(on):
+        out = getattr(importlib.import_module(f"convzoo.kernels.{kernels}"), name)(*args)
+    else:
+        out = getattr(_native, name)(*args) if native else None
+        if out is None:
+            out = getattr(reference, name)(*args)
+    return tuple(own(o) for o in out) if isinstance(out, tuple) else own(out)
 
 
 def use_triton(t: torch.Tensor) -> bool:

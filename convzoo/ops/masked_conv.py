@@ -8,8 +8,9 @@ adjoints close the family, as for local_conv:
 - ``grad_input``: d/d(grad) is ``masked_conv(·, W, m)``, d/dW is ``grad_weight(grad, ·, m)``;
 - ``grad_weight``: d/d(grad) is ``masked_conv(x, ·, m)``, d/dx is ``grad_input(grad, ·, m)``;
 
-and each forward-mode tangent is the op with one argument replaced by its tangent. Arguments are resolved by
-:mod:`convzoo.functional` (per-dim lists, flat ``[lo_0, hi_0, ...]`` padding, a bool mask).
+and each forward-mode tangent is the op with one argument replaced by its tangent: the rules of
+:class:`convzoo.ops._family.Bilinear`, the mask its one constant tensor (:class:`_MaskedConv`). Arguments are
+resolved by :mod:`convzoo.functional` (per-dim lists, flat ``[lo_0, hi_0, ...]`` padding, a bool mask).
 
 All three run the tile-skipping Triton kernels (:mod:`convzoo.kernels.masked_conv`) on CUDA and under the
 interpreter, else the plain-torch path (:func:`convzoo.reference.masked_conv`: ``F.convNd`` on the masked weight,
@@ -37,7 +38,7 @@ from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
 from convzoo import _shapes, reference, sparsity
-from convzoo.ops import _autograd
+from convzoo.ops import _autograd, _family
 from convzoo.ops._dispatch import own, use_triton
 
 __all__ = ["clear_tile_cache", "masked_conv", "masked_conv_dense_grad", "masked_conv_grad_input",
@@ -183,18 +184,36 @@ def _(grad, weight, mask, input_size, stride, padding, dilation, groups, padding
     return grad.new_empty((grad.shape[0], weight.shape[1] * groups, *input_size))
 
 
-def _grad_weight_impl(grad: Tensor, x: Tensor, mask: Tensor | None, weight_size: list[int], stride: list[int],
-                      padding: list[int], dilation: list[int], groups: int, padding_mode: str,
-                      block: list[int] | None = None) -> Tensor:
+def _weight_gradient(grad, x, mask, run, weight_size, stride, padding, dilation, groups, padding_mode, block):
+    """The weight gradient on ``mask``'s tile lists: masked (``run`` None: exactly zero where the mask is), or
+    for the dense-gradient tap unmasked in every tile where the 0-d bool ``run`` is True, else in the mask's tiles
+    (zeros elsewhere; entries the mask drops inside a listed tile are computed too: the caller selects). On the
+    kernels the tap is the grad-weight kernel on the mask's cached tile lists with every row's count set to its
+    full length where ``run`` (each index row is a permutation of all tiles), no tile list rebuilt per step; on the
+    plain-torch path the dense weight gradient."""
+    kept = mask if run is None else None  # the mask the result is zeroed by
     if use_triton(grad):
         from convzoo.kernels import masked_conv as kernels
 
         lists = _tile_lists(mask, weight_size, groups, grad.device, block)
-        return own(kernels.masked_conv_grad_weight(grad, x, mask, lists.count, lists.index, list(weight_size),
+        count = lists.count if run is None else lists.count.masked_fill(run, lists.index.shape[-1])
+        return own(kernels.masked_conv_grad_weight(grad, x, kept, count, lists.index, list(weight_size),
                                                    list(weight_size[2:]), dilation, padding, stride, padding_mode,
                                                    groups, lists.block))
-    return own(reference.masked_conv_grad_weight(grad, x, mask, weight_size, stride, padding, dilation, groups,
+    return own(reference.masked_conv_grad_weight(grad, x, kept, weight_size, stride, padding, dilation, groups,
                                                  padding_mode))
+
+
+def _weight_gradient_fake(grad, x, weight_size, stride, padding, dilation, padding_mode, **others):
+    _same_device(grad, input=x, **others)
+    _shapes.geometry(tuple(x.shape[2:]), tuple(weight_size[2:]), dilation, padding, stride, padding_mode)
+    return x.new_empty(weight_size)
+
+
+def _grad_weight_impl(grad: Tensor, x: Tensor, mask: Tensor | None, weight_size: list[int], stride: list[int],
+                      padding: list[int], dilation: list[int], groups: int, padding_mode: str,
+                      block: list[int] | None = None) -> Tensor:
+    return _weight_gradient(grad, x, mask, None, weight_size, stride, padding, dilation, groups, padding_mode, block)
 
 
 _grad_weight = torch.library.custom_op("convzoo::masked_conv_grad_weight", mutates_args=())(_grad_weight_impl)
@@ -202,26 +221,11 @@ _grad_weight = torch.library.custom_op("convzoo::masked_conv_grad_weight", mutat
 
 @_grad_weight.register_fake
 def _(grad, x, mask, weight_size, stride, padding, dilation, groups, padding_mode, block=None):
-    _same_device(grad, input=x, mask=mask)
-    _shapes.geometry(tuple(x.shape[2:]), tuple(weight_size[2:]), dilation, padding, stride, padding_mode)
-    return x.new_empty(weight_size)
+    return _weight_gradient_fake(grad, x, weight_size, stride, padding, dilation, padding_mode, mask=mask)
 
 
-def _bias_as_output(bias: Tensor, shape) -> Tensor:
-    return _autograd.broadcast(bias, (1, shape[1], *([1] * (len(shape) - 2))), shape)
-
-
-# ---------------------------------------------------------------------------------------------- masked_conv
-def _setup(ctx, inputs, output):
-    x, weight, mask, bias, *geom = inputs
-    ctx.save_for_backward(x, weight, mask)
-    ctx.save_for_forward(x, weight, mask)
-    ctx.has_bias = bias is not None
-    ctx.out_shape = output.shape
-    ctx.geom = geom
-
-
-def _fused_backward(ctx, grad, x, weight, mask, want_b=None, grad_mask=None):
+# ---------------------------------------------------------------------------------------------- the family
+def _fused_backward(ctx, grad, x, weight, mask, want_b, grad_mask=None):
     """On the plain-torch path, a first-order eager backward that needs both gradients: one
     ``aten.convolution_backward`` call for dx, dW (then masked) and the bias (as autograd of ``F.convNd`` makes),
     not two ops; None where that does not apply (the kernels, a graph being recorded for double backward or by a
@@ -231,125 +235,46 @@ def _fused_backward(ctx, grad, x, weight, mask, want_b=None, grad_mask=None):
     if (torch.is_grad_enabled() or padding_mode != "zeros" or lo != hi or use_triton(grad)
             or 0 in (grad.numel(), x.numel(), weight.numel()) or not _autograd.plain_eager((grad, x, weight, mask))):
         return None
-    if want_b is None:
-        want_b = ctx.has_bias and ctx.needs_input_grad[3]
     dx, dw, db = torch.ops.aten.convolution_backward(
         grad, x, _masked_weight(weight, mask), [weight.shape[0]] if want_b else None, stride, lo, dilation, False,
         [0] * len(stride), groups, [True, True, want_b])
     return dx, reference.masked_weight(dw, mask if grad_mask is None else grad_mask), db
 
 
-def _backward(ctx, grad):
-    x, weight, mask = ctx.saved_tensors
-    dx = dw = db = None
-    if ctx.needs_input_grad[0] and ctx.needs_input_grad[1]:
-        fused = _fused_backward(ctx, grad, x, weight, mask)
-        if fused is not None:
-            dx, dw, db = fused
-            return dx, dw, None, db, None, None, None, None, None, None
-    if ctx.needs_input_grad[0]:
-        dx = masked_conv_grad_input(grad, weight, mask, list(x.shape[2:]), *ctx.geom)
-    if ctx.needs_input_grad[1]:
-        dw = masked_conv_grad_weight(grad, x, mask, list(weight.shape), *ctx.geom)
-    if ctx.has_bias and ctx.needs_input_grad[3]:
-        db = grad.sum([0, *range(2, grad.dim())])
-    return dx, dw, None, db, None, None, None, None, None, None
+class _MaskedConv(_family.Bilinear):
+    """masked_conv as a :class:`convzoo.ops._family.Bilinear` family: the mask its one constant tensor, a
+    per-channel bias, one ``aten.convolution_backward`` for a first-order plain-torch backward. A vmapped input
+    (``x``, ``grad``) joins the batch dim N (one call for the whole vmap); anything else runs once per entry."""
+
+    consts = 1
+
+    def conv(self, x, w, consts, bias, geom):
+        return masked_conv(x, w, *consts, bias, *geom)
+
+    def grad_input(self, grad, w, consts, input_size, geom):
+        return masked_conv_grad_input(grad, w, *consts, input_size, *geom)
+
+    def grad_weight(self, grad, x, consts, weight_size, geom):
+        return masked_conv_grad_weight(grad, x, *consts, weight_size, *geom)
+
+    def bias_as_output(self, bias, shape):
+        return _autograd.broadcast(bias, (1, shape[1], *([1] * (len(shape) - 2))), shape)
+
+    def bias_grad(self, grad, bias_dim, from_weight_grad):
+        return grad.sum([0, *range(2, grad.dim())])
+
+    def fused_backward(self, ctx, grad, x, w, consts, want_bias):
+        return _fused_backward(ctx, grad, x, w, *consts, want_bias)
 
 
-def _jvp(ctx, x_t, w_t, mask_t, b_t):
-    x, weight, mask = ctx.saved_tensors
-    y_t = None if x_t is None else masked_conv(x_t, weight, mask, None, *ctx.geom)
-    if w_t is not None:
-        return _autograd.add(y_t, masked_conv(x, w_t, mask, b_t, *ctx.geom))
-    return _autograd.add(y_t, None if b_t is None else _bias_as_output(b_t, ctx.out_shape))
-
-
-# ---------------------------------------------------------------------------------------------- grad_input
-def _grad_input_setup(ctx, inputs, output):
-    grad, weight, mask, input_size, *geom = inputs
-    ctx.save_for_backward(grad, weight, mask)
-    ctx.save_for_forward(grad, weight, mask)
-    ctx.input_size = input_size
-    ctx.geom = geom
-
-
-def _grad_input_backward(ctx, u):
-    grad, weight, mask = ctx.saved_tensors
-    d_grad = d_weight = None
-    if ctx.needs_input_grad[0]:
-        d_grad = masked_conv(u, weight, mask, None, *ctx.geom)
-    if ctx.needs_input_grad[1]:
-        d_weight = masked_conv_grad_weight(grad, u, mask, list(weight.shape), *ctx.geom)
-    return d_grad, d_weight, None, None, None, None, None, None, None, None
-
-
-def _grad_input_jvp(ctx, grad_t, w_t, mask_t):
-    grad, weight, mask = ctx.saved_tensors
-    out = None if grad_t is None else masked_conv_grad_input(grad_t, weight, mask, ctx.input_size, *ctx.geom)
-    return _autograd.add(out, None if w_t is None else masked_conv_grad_input(grad, w_t, mask, ctx.input_size,
-                                                                             *ctx.geom))
-
-
-# ---------------------------------------------------------------------------------------------- grad_weight
-def _grad_weight_setup(ctx, inputs, output):
-    grad, x, mask, weight_size, *geom = inputs
-    ctx.save_for_backward(grad, x, mask)
-    ctx.save_for_forward(grad, x, mask)
-    ctx.weight_size = weight_size
-    ctx.geom = geom
-
-
-def _grad_weight_backward(ctx, u):
-    grad, x, mask = ctx.saved_tensors
-    d_grad = d_x = None
-    if ctx.needs_input_grad[0]:
-        d_grad = masked_conv(x, u, mask, None, *ctx.geom)
-    if ctx.needs_input_grad[1]:
-        d_x = masked_conv_grad_input(grad, u, mask, list(x.shape[2:]), *ctx.geom)
-    return d_grad, d_x, None, None, None, None, None, None, None, None
-
-
-def _grad_weight_jvp(ctx, grad_t, x_t, mask_t):
-    grad, x, mask = ctx.saved_tensors
-    out = None if grad_t is None else masked_conv_grad_weight(grad_t, x, mask, ctx.weight_size, *ctx.geom)
-    return _autograd.add(out, None if x_t is None else masked_conv_grad_weight(grad, x_t, mask, ctx.weight_size,
-                                                                              *ctx.geom))
-
-
-masked_conv = _autograd.differentiable(_masked_conv, _masked_conv_impl, 4, _setup, _backward, _jvp)
+masked_conv, masked_conv_grad_input, masked_conv_grad_weight = _MaskedConv().build(
+    (_masked_conv, _masked_conv_impl), (_grad_input, _grad_input_impl), (_grad_weight, _grad_weight_impl))
 masked_conv.__doc__ = """``convzoo::masked_conv(x, weight, mask, bias, stride, padding, dilation, groups,
 padding_mode)``, differentiable under every transform (resolved arguments)."""
-masked_conv_grad_input = _autograd.differentiable(_grad_input, _grad_input_impl, 3, _grad_input_setup,
-                                                  _grad_input_backward, _grad_input_jvp)
 masked_conv_grad_input.__doc__ = """``convzoo::masked_conv_grad_input(grad, weight, mask, input_size, ...)``,
 differentiable under every transform."""
-masked_conv_grad_weight = _autograd.differentiable(_grad_weight, _grad_weight_impl, 3, _grad_weight_setup,
-                                                   _grad_weight_backward, _grad_weight_jvp)
 masked_conv_grad_weight.__doc__ = """``convzoo::masked_conv_grad_weight(grad, x, mask, weight_size, ...)``: the
 weight gradient, exactly zero where the mask is; differentiable under every transform."""
-
-
-# ---------------------------------------------------------------------------------------------- vmap
-# A vmapped input joins the batch dim N (one call for the whole vmap); anything else batched runs once per entry.
-@_masked_conv.register_vmap
-def _(info, in_dims, x, weight, mask, bias, *geom):
-    if in_dims[0] is not None and all(d is None for d in in_dims[1:4]):
-        x = x.movedim(in_dims[0], 0)
-        return _masked_conv(x.flatten(0, 1), weight, mask, bias, *geom).unflatten(0, x.shape[:2]), 0
-    return _autograd.loop_vmap(_masked_conv, info.batch_size, in_dims, (x, weight, mask, bias, *geom))
-
-
-@_grad_input.register_vmap
-def _(info, in_dims, grad, weight, mask, *args):
-    if in_dims[0] is not None and all(d is None for d in in_dims[1:3]):
-        grad = grad.movedim(in_dims[0], 0)
-        return _grad_input(grad.flatten(0, 1), weight, mask, *args).unflatten(0, grad.shape[:2]), 0
-    return _autograd.loop_vmap(_grad_input, info.batch_size, in_dims, (grad, weight, mask, *args))
-
-
-@_grad_weight.register_vmap
-def _(info, in_dims, grad, x, mask, *args):
-    return _autograd.loop_vmap(_grad_weight, info.batch_size, in_dims, (grad, x, mask, *args))
 
 
 # ---------------------------------------------------------------------------------------------- dense-gradient tap
@@ -357,20 +282,8 @@ def _grad_weight_tap_impl(grad: Tensor, x: Tensor, mask: Tensor, run: Tensor, we
                           stride: list[int], padding: list[int], dilation: list[int], groups: int, padding_mode: str,
                           block: list[int] | None = None) -> Tensor:
     """The unmasked weight gradient in every tile where the 0-d bool ``run`` is True, else in the mask's tiles
-    (zeros elsewhere; entries the mask drops inside a listed tile are computed too: the caller selects). On the
-    kernels: the grad-weight kernel on the mask's cached tile lists with every row's count set to its full length
-    where ``run`` (each index row is a permutation of all tiles), no tile list rebuilt per step; on the plain-torch
-    path the dense weight gradient."""
-    if use_triton(grad):
-        from convzoo.kernels import masked_conv as kernels
-
-        lists = _tile_lists(mask, weight_size, groups, grad.device, block)
-        count = lists.count.masked_fill(run, lists.index.shape[-1])
-        return own(kernels.masked_conv_grad_weight(grad, x, None, count, lists.index, list(weight_size),
-                                                   list(weight_size[2:]), dilation, padding, stride, padding_mode,
-                                                   groups, lists.block))
-    return own(reference.masked_conv_grad_weight(grad, x, None, weight_size, stride, padding, dilation, groups,
-                                                 padding_mode))
+    (:func:`_weight_gradient`)."""
+    return _weight_gradient(grad, x, mask, run, weight_size, stride, padding, dilation, groups, padding_mode, block)
 
 
 _grad_weight_tap = torch.library.custom_op("convzoo::masked_conv_grad_weight_tap",
@@ -379,9 +292,7 @@ _grad_weight_tap = torch.library.custom_op("convzoo::masked_conv_grad_weight_tap
 
 @_grad_weight_tap.register_fake
 def _(grad, x, mask, run, weight_size, stride, padding, dilation, groups, padding_mode, block=None):
-    _same_device(grad, input=x, mask=mask, run=run)
-    _shapes.geometry(tuple(x.shape[2:]), tuple(weight_size[2:]), dilation, padding, stride, padding_mode)
-    return x.new_empty(weight_size)
+    return _weight_gradient_fake(grad, x, weight_size, stride, padding, dilation, padding_mode, mask=mask, run=run)
 
 
 class _DenseGradTap(torch.autograd.Function):
