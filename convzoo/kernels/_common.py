@@ -160,6 +160,22 @@ def _tile_offsets(R, I, BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr):
     return rows, inner, rows < R, inner < I
 
 
+@triton.jit
+def _split_tile(TK, ROWS, TO, OG, BLOCK_O: tl.constexpr):
+    """The split-position reductions' program → tile map (masked_conv's grad-weight, coactivation): a 1-d grid
+    of ``SPLIT·ROWS·TK`` programs, k-slots fastest, then the ``ROWS = G·TO`` o-tile rows ``(g, to)``, shares
+    slowest (the programs of one share read the same positions, so they run together and hit in L2). Returns
+    the share ``s``, the row, the slot ``j``, the group ``g`` (int64), the tile's output-channel mask and its
+    output channels ``co`` in all of C_out."""
+    pid = tl.program_id(0).to(tl.int64)
+    j = pid % TK
+    row = (pid // TK) % ROWS
+    s = pid // TK // ROWS
+    g = row // TO
+    o = (row % TO) * BLOCK_O + tl.arange(0, BLOCK_O)
+    return s, row, j, g, o < OG, g * OG + o
+
+
 # ----------------------------------------------------------------------------------------------
 # the implicit-GEMM kernels' (local_conv, patch_covariance) patch gather and tile product
 @triton.jit

@@ -26,6 +26,7 @@ from convzoo.kernels._common import (
     _patch_columns,
     _source_index,
     _split_count,
+    _split_tile,
     _widen,
 )
 from convzoo.kernels.masked_conv.fwd import (
@@ -104,18 +105,11 @@ def masked_conv_grad_weight_kernel(
     weight is ``[CO, CG, *kernel]``: consecutive k are ``KT`` apart), once per tile: ~1/M of the traffic.
     """
     # program id -> (share s, o-tile row (g, to), slot j), slots fastest, then rows: the programs of one
-    # share read the same positions of x and dY, so they run together and hit in L2
-    pid = tl.program_id(0).to(tl.int64)
-    j = pid % TK
-    row = (pid // TK) % ROWS
-    s = pid // TK // ROWS
-    g = row // TO
-    to = row % TO
+    # share read the same positions of x and dY, so they run together and hit in L2; the tile's output
+    # channels (co in all of dY) and their mask
+    s, row, j, g, o_ok, co = _split_tile(TK, ROWS, TO, OG, BLOCK_O)
 
-    # offsets and masks: the tile's output channels o (co in all of dY) and its columns k
-    o = to * BLOCK_O + tl.arange(0, BLOCK_O)
-    o_ok = o < OG
-    co = g * OG + o
+    # offsets and masks: the tile's columns k
     # the row's count, clamped to TK (a malformed list must not send a program past its row). The masks
     # are always true (one scalar each) and only satisfy the every-load-masked rule.
     count = tl.load(count_ptr + row, mask=row < ROWS, other=0)
