@@ -18,7 +18,18 @@ import triton.language as tl
 
 from convzoo import _shapes, autotune, reference
 from convzoo.autotune import Config, ConfigSpace, KernelSpec, TuneProblem
-from convzoo.kernels._common import _as_3d, _as_5d, _check_device, _device, _math_args, _mma, _patch_columns
+from convzoo.kernels._common import (
+    _as_3d,
+    _as_5d,
+    _check_device,
+    _device,
+    _fit,
+    _math_args,
+    _mma,
+    _patch_columns,
+    _split_count,
+    _split_tile,
+)
 
 __all__ = ["coactivation_correlation"]
 
@@ -68,18 +79,11 @@ def coactivation_correlation_kernel(
     strides are free, any layout is correct.
     """
     # program id -> (share s, row (g, to), k-tile j), k-tiles fastest, shares slowest: the programs of one
-    # share read the same positions of x̂ and ŷ, so they run together and hit in L2
-    pid = tl.program_id(0).to(tl.int64)
-    j = pid % TK
-    row = (pid // TK) % ROWS
-    s = pid // TK // ROWS
-    g = row // TO
-    to = row % TO
+    # share read the same positions of x̂ and ŷ, so they run together and hit in L2; the tile's output
+    # channels (co in all of ŷ) and their mask
+    s, _, j, g, o_ok, co = _split_tile(TK, ROWS, TO, OG, BLOCK_O)
 
-    # offsets and masks: the tile's output channels o (co in all of ŷ) and its columns k = t·CG + c
-    o = to * BLOCK_O + tl.arange(0, BLOCK_O)
-    o_ok = o < OG
-    co = g * OG + o
+    # offsets and masks: the tile's columns k = t·CG + c
     k = j * BLOCK_K + tl.arange(0, BLOCK_K)
     k_ok = k < K
     c = k % CG
@@ -125,22 +129,13 @@ def coactivation_correlation_kernel(
 
 # ----------------------------------------------------------------------------------------------
 # configs: a score tile BLOCK_O × BLOCK_K, the batch step BLOCK_N, the position split SPLIT
-_SMS = 132  # the heuristic's GPU: an H100 SXM (tuned tables pick SPLIT for other GPUs)
-
-
-def _fit(v: int, lo: int, hi: int) -> int:
-    return max(lo, min(hi, autotune.bucket(v)))
-
-
 def _split(dims, bo: int, bk: int) -> int:
     """Shares of the positions: enough for two programs per SM, each share still ≥ 4 positions (a share costs
     a BO × BK partial written and summed). From the bucketed dims (``O`` per group; the groups are not a
     lookup dim, so a grouped layer gets more shares than it needs, never fewer)."""
     b = autotune.bucket
     tiles = max(1, b(dims["O"]) // bo) * max(1, b(dims["K"]) // bk)
-    want = b(-(-2 * _SMS // tiles))
-    most = max(1, b(dims["L"]) // 4)
-    return max(1, min(want, 1 << (most.bit_length() - 1), 64))
+    return _split_count(tiles, b(dims["L"]) // 4)
 
 
 def _fits(bo: int, bk: int, bn: int, warps: int, stages: int, dtype) -> bool:
