@@ -3,8 +3,11 @@
 Public names only; nothing here touches a device at import.
 """
 
+import importlib
+
 from convzoo import functional, sparsity
 from convzoo._compat import debug_info
+from convzoo.autotune import config as _autotune_config
 from convzoo.curvature import KFAC, KFACFactors
 from convzoo.layers import (
     DynamicSparseConv1d,
@@ -33,3 +36,7 @@ __all__ = [
     "sparsify", "sparsity"
 ]
 __version__ = "0.1.0"
+
+# the top of the house fills the autotune registry from below: a config looked up by a kernel name whose module is
+# not imported yet (``CONVZOO_CONFIG``, ``force_config``, the tools) imports every kernel module first
+_autotune_config.add_loader(lambda: importlib.import_module("convzoo.kernels").load_all())

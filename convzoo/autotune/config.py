@@ -16,6 +16,7 @@ __all__ = [
     "ConfigSpace",
     "KernelSpec",
     "TuneProblem",
+    "add_loader",
     "bucket",
     "bucket_key",
     "get_spec",
@@ -174,6 +175,10 @@ class TuneProblem:
 
 
 _REGISTRY: dict[str, KernelSpec] = {}
+# callables that register more specs, run once each when a name is asked for that is not registered yet: the
+# registry is filled from below (``convzoo/__init__`` adds one that imports every kernel module), so this package
+# never imports a kernel module itself
+_LOADERS: list[Callable[[], None]] = []
 
 
 def register(spec: KernelSpec) -> KernelSpec:
@@ -181,7 +186,26 @@ def register(spec: KernelSpec) -> KernelSpec:
     return spec
 
 
+def add_loader(loader: Callable[[], None]) -> None:
+    """Add ``loader``, run (once) the first time :func:`get_spec` is asked for a name not registered yet.
+
+    Kernel modules register their specs when imported, and the ops import them lazily; a loader lets a lookup
+    by name (``CONVZOO_CONFIG``, :func:`~convzoo.autotune.force_config`, the tools) see every kernel without this
+    package importing the layer above it.
+    """
+    if loader not in _LOADERS:
+        _LOADERS.append(loader)
+
+
 def get_spec(name: str) -> KernelSpec:
+    """The spec registered as ``name``; an unknown name first runs the pending loaders, so a typo is told apart
+    from a kernel whose module is not imported yet.
+
+    Raises:
+        ValueError: no kernel has that name, after every loader ran.
+    """
+    while name not in _REGISTRY and _LOADERS:
+        _LOADERS.pop(0)()
     try:
         return _REGISTRY[name]
     except KeyError:

@@ -22,10 +22,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import importlib
 import json
 import os
-import pkgutil
 import re
 import reprlib
 import tempfile
@@ -35,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from convzoo.autotune.config import Config, ConfigSpace, KernelSpec, bucket_key, get_spec, parse_key, registered
+from convzoo.autotune.config import Config, ConfigSpace, KernelSpec, bucket_key, get_spec, parse_key
 
 __all__ = [
     "CONFIG_ENV",
@@ -215,18 +213,13 @@ _ENV_CHECKED: set[str] = set()  # CONVZOO_CONFIG values whose kernels, names and
 
 
 def _spec(name: str, source: str) -> KernelSpec:
-    """The spec of kernel ``name``. Kernels register when their module is imported, and the ops import
-    them lazily: a name not registered yet makes every ``convzoo.kernels`` module import before it is
-    called unknown (a lazy import upward, on this path only, so a typo is not mistaken for "not yet").
+    """The spec of kernel ``name``: kernels register when their module is imported, and a name not registered
+    yet runs the registry's loaders first (:func:`~convzoo.autotune.config.add_loader`), so a typo is not
+    mistaken for "not imported yet".
 
     Raises:
         ValueError: no kernel has that name (the message starts with ``source``).
     """
-    if name not in registered():
-        import convzoo.kernels as pkg
-
-        for m in pkgutil.iter_modules(pkg.__path__):
-            importlib.import_module(f"{pkg.__name__}.{m.name}")
     try:
         return get_spec(name)
     except ValueError as e:
