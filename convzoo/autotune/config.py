@@ -205,7 +205,8 @@ def get_spec(name: str) -> KernelSpec:
         ValueError: no kernel has that name, after every loader ran.
     """
     while name not in _REGISTRY and _LOADERS:
-        _LOADERS.pop(0)()
+        _LOADERS[0]()  # dropped only once it ran: a loader that raises (no Triton) raises again next time
+        _LOADERS.pop(0)
     try:
         return _REGISTRY[name]
     except KeyError:
