@@ -59,13 +59,12 @@ INT_PTRS = {"count_ptr": "*i32", "index_ptr": "*i32", "mask_ptr": "*u8"}
 # runtime arguments that are floats (the grad-weight kernel's coactivation thresholds)
 FLOAT_ARGS = {"x_threshold": "fp32", "y_threshold": "fp32"}
 # a 2-d 3×3 geometry (leading unit depth), stride (2, 1), dilation (1, 2), padding 1
-GEOMETRY = {"KD": 1, "KH": 3, "KW": 3, "SD": 1, "SH": 2, "SW": 1, "PD": 0, "PH": 1, "PW": 1, "QD": 0, "QH": 1,
-            "QW": 1, "DD": 1, "DH": 1, "DW": 2}
+GEOMETRY = {"KS": (1, 3, 3), "ST": (1, 2, 1), "LO": (0, 1, 1), "HI": (0, 1, 1), "DIL": (1, 1, 2)}
 
 
 def constexprs(fn, dtype, mode, cfg, fixed, has_bias=True):
     fp64 = dtype == torch.float64
-    values = {**GEOMETRY, "MODE": mode, "NCD": 1, "NCH": 3 if mode else 1, "NCW": 3 if mode else 1,
+    values = {**GEOMETRY, "MODE": mode, "NC": (1, 3, 3) if mode else (1, 1, 1),
               "HAS_BIAS": has_bias, "HAS_MASK": True, "BINARIZE": False, "TRANSPOSED": mode == 2, "READ_OUT": True,
               "FP64": fp64, "PRECISION": "tf32" if dtype == torch.float32 else "ieee",
               "UPCAST": False,  # bf16 reaches the tensor cores on a GPU (only the interpreter upcasts)

@@ -6,6 +6,11 @@ host helpers (geometry as 3-d kernel arguments, device, accumulator dtype and ``
 buffers, the gather grid, tuning problems, the split reductions' share count, workspace and fixed-order sum).
 
 Imported by every kernel module; decorated when they are (so under the same ``TRITON_INTERPRET``).
+
+Geometry reaches a kernel as per-dim constexpr tuples ``(d, h, w)`` (every input is 3-d to the kernels, see
+:func:`_as_3d`): ``KS`` the kernel size, ``ST`` the stride, ``LO`` the low (or a transposed convolution's)
+padding, ``HI`` the high padding, ``DIL`` the dilation, and ``NC`` the padded positions that can read one input
+index (see :func:`_num_candidates`); ``KS[0]`` is the depth's. :func:`_taps` is ``∏KS``.
 """
 
 from __future__ import annotations
@@ -22,6 +27,12 @@ from convzoo.autotune import Config, ConfigSpace, TuneProblem
 
 # ----------------------------------------------------------------------------------------------
 # index helpers shared by both kernels
+@triton.constexpr_function
+def _taps(ks):
+    """The number of taps ``∏ks`` of a kernel-size tuple, a compile-time constant."""
+    return ks[0] * ks[1] * ks[2]
+
+
 @triton.jit
 def _source_index(p, n, MODE: tl.constexpr):
     """Input index read by padded position ``p`` (in input coordinates) along a dim of size ``n``,
@@ -122,15 +133,13 @@ def _tap_source(o, k, n, lo, S: tl.constexpr, D: tl.constexpr, MODE: tl.constexp
 
 @triton.jit
 def _tap_sources(od, oh, ow, kd, kh, kw, ID, IH, IW,
-                 SD: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
-                 PD: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
-                 DD: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
+                 ST: tl.constexpr, LO: tl.constexpr, DIL: tl.constexpr,
                  MODE: tl.constexpr, TRANSPOSED: tl.constexpr):
     """``_tap_source`` in all three dims: the input indices ``(i_d, i_h, i_w)`` tap ``(kd, kh, kw)`` of output
     position ``(od, oh, ow)`` reads (broadcast together), and whether it reads anything."""
-    i_d, ok_d = _tap_source(od, kd, ID, PD, SD, DD, MODE, TRANSPOSED)
-    i_h, ok_h = _tap_source(oh, kh, IH, PH, SH, DH, MODE, TRANSPOSED)
-    i_w, ok_w = _tap_source(ow, kw, IW, PW, SW, DW, MODE, TRANSPOSED)
+    i_d, ok_d = _tap_source(od, kd, ID, LO[0], ST[0], DIL[0], MODE, TRANSPOSED)
+    i_h, ok_h = _tap_source(oh, kh, IH, LO[1], ST[1], DIL[1], MODE, TRANSPOSED)
+    i_w, ok_w = _tap_source(ow, kw, IW, LO[2], ST[2], DIL[2], MODE, TRANSPOSED)
     return i_d, i_h, i_w, ok_d & ok_h & ok_w
 
 
@@ -196,24 +205,21 @@ def _mma(a, b, acc, FP64: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.cons
 
 @triton.jit
 def _patch_columns(r, l, ID, IH, IW, OH, OW, stride_xc, stride_xd, stride_xh, stride_xw,
-                   KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
-                   SD: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
-                   PD: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
-                   DD: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr, MODE: tl.constexpr,
+                   KS: tl.constexpr, ST: tl.constexpr, LO: tl.constexpr, DIL: tl.constexpr, MODE: tl.constexpr,
                    TRANSPOSED: tl.constexpr):
     """For patch rows ``r = (c, kd, kh, kw)`` of position ``l``: the offset into ``x[n]`` each reads,
     and whether it reads anything (``'zeros'`` padding reads nothing). ``TRANSPOSED``: the patches of a
     transposed convolution (unfold_transpose's), where tap ``k`` of ``o`` reads the ``i`` with
     ``o + P - k·D = i·S``, if there is one (``MODE`` is then unused: zeros)."""
-    k = r % (KD * KH * KW)
-    c = r // (KD * KH * KW)
-    kd, kh, kw = _tap_coords(k, KH, KW)
+    k = r % _taps(KS)
+    c = r // _taps(KS)
+    kd, kh, kw = _tap_coords(k, KS[1], KS[2])
     od, oh, ow = _position_coords(l, OH, OW)
     # per dim, the validity combined after the offset: in this order patch_covariance's fp16 tile keeps 152
     # registers (154 through _tap_sources, static sm_90 report)
-    i_d, ok_d = _tap_source(od, kd, ID, PD, SD, DD, MODE, TRANSPOSED)
-    i_h, ok_h = _tap_source(oh, kh, IH, PH, SH, DH, MODE, TRANSPOSED)
-    i_w, ok_w = _tap_source(ow, kw, IW, PW, SW, DW, MODE, TRANSPOSED)
+    i_d, ok_d = _tap_source(od, kd, ID, LO[0], ST[0], DIL[0], MODE, TRANSPOSED)
+    i_h, ok_h = _tap_source(oh, kh, IH, LO[1], ST[1], DIL[1], MODE, TRANSPOSED)
+    i_w, ok_w = _tap_source(ow, kw, IW, LO[2], ST[2], DIL[2], MODE, TRANSPOSED)
     off = c * stride_xc + i_d * stride_xd + i_h * stride_xh + i_w * stride_xw
     return off, ok_d & ok_h & ok_w
 

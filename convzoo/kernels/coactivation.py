@@ -29,6 +29,7 @@ from convzoo.kernels._common import (
     _patch_columns,
     _split_count,
     _split_tile,
+    _taps,
 )
 
 __all__ = ["coactivation_correlation"]
@@ -48,10 +49,7 @@ def coactivation_correlation_kernel(
     stride_xn, stride_xc, stride_xd, stride_xh, stride_xw,
     stride_os, stride_oo, stride_oc, stride_ot,
     # geometry
-    KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
-    SD: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
-    PD: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
-    DD: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
+    KS: tl.constexpr, ST: tl.constexpr, LO: tl.constexpr, DIL: tl.constexpr,
     MODE: tl.constexpr,
     FP64: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, ACC_DTYPE: tl.constexpr,
     # tiles: a BLOCK_O × BLOCK_K score tile per program, BLOCK_N the batch step, SPLIT shares of the positions
@@ -89,7 +87,7 @@ def coactivation_correlation_kernel(
     c = k % CG
     t = k // CG
     # tap-major k = t·CG + c as _patch_columns' unfold-order row c·∏kernel + t
-    r = c * (KD * KH * KW) + t
+    r = c * _taps(KS) + t
     x_g = x_ptr + g * CG * stride_xc
     y_rows = y_ptr + co * stride_yc
 
@@ -109,7 +107,7 @@ def coactivation_correlation_kernel(
         # the patch columns of position l: an offset into x̂[n], and whether the tap reads anything (zero
         # padding reads nothing: 0, the normalised value of a constant); other modes read the copied entry
         off, ok = _patch_columns(r, l, ID, IH, IW, OH, OW, stride_xc, stride_xd, stride_xh, stride_xw,
-                                 KD, KH, KW, SD, SH, SW, PD, PH, PW, DD, DH, DW, MODE, False)
+                                 KS, ST, LO, DIL, MODE, False)
         col_ok = k_ok & ok
         x_l = x_g + off
         corr = tl.zeros([BLOCK_O, BLOCK_K], dtype=ACC_DTYPE)
@@ -298,7 +296,7 @@ def coactivation_correlation(x: torch.Tensor, y: torch.Tensor, weight_shape: lis
             part, ys, xs,
             n, L, og, cg, k, to, tk, rows, *a["in"], a["out"][1], a["out"][2],
             *ys.stride(), *xs.stride(), *part.stride(),
-            *a["k"], *a["s"], *a["lo"], *a["d"],
+            a["k"], a["s"], a["lo"], a["d"],
             _shapes.PADDING_MODE_CODES[g.padding_mode],
             **_math_args(operand, coactivation_correlation_kernel), **cfg.launch_kwargs(),
         )

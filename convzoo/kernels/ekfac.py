@@ -37,6 +37,7 @@ from convzoo.kernels._common import (
     _sum_partials,
     _tap_coords,
     _tap_sources,
+    _taps,
     _widen,
 )
 
@@ -46,19 +47,16 @@ __all__ = ["ekfac_eigenvalues"]
 @triton.jit
 def _patch_rows(x_ptr, r, od, oh, ow, l_ok, n, D, ID, IH, IW,
                 stride_xn, stride_xc, stride_xd, stride_xh, stride_xw,
-                KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
-                SD: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
-                PD: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
-                DD: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
+                KS: tl.constexpr, ST: tl.constexpr, LO: tl.constexpr, DIL: tl.constexpr,
                 MODE: tl.constexpr, TRANSPOSED: tl.constexpr, HAS_BIAS: tl.constexpr):
     """Sample ``n``'s patch-matrix tile ``P[r, l]`` (rows ``r`` ``[BLOCK_K, 1]``, int64; positions given by their
     output coordinates ``od, oh, ow`` ``[1, BLOCK_L]``, int32, and ``l_ok``) of one channel group (``x_ptr`` at its
     first channel): 0 outside ``r < D``, ``l < L`` and where padding reads nothing; row ``D`` is the constant 1
     when ``HAS_BIAS``. The positions' coordinates come from the caller, computed once per position step (three
     divisions by runtime sizes), not per patch-row step; the taps' from ``r`` by constexprs."""
-    kd, kh, kw = _tap_coords((r % (KD * KH * KW)).to(tl.int32), KH, KW)
-    c = r // (KD * KH * KW)
-    i_d, i_h, i_w, ok = _tap_sources(od, oh, ow, kd, kh, kw, ID, IH, IW, SD, SH, SW, PD, PH, PW, DD, DH, DW,
+    kd, kh, kw = _tap_coords((r % _taps(KS)).to(tl.int32), KS[1], KS[2])
+    c = r // _taps(KS)
+    i_d, i_h, i_w, ok = _tap_sources(od, oh, ow, kd, kh, kw, ID, IH, IW, ST, LO, DIL,
                                      MODE, TRANSPOSED)
     off = (c * stride_xc + i_d.to(tl.int64) * stride_xd + i_h.to(tl.int64) * stride_xh
            + i_w.to(tl.int64) * stride_xw)
@@ -99,10 +97,7 @@ def ekfac_kernel(
     # out = coef·s
     coef,
     # geometry
-    KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
-    SD: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
-    PD: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
-    DD: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
+    KS: tl.constexpr, ST: tl.constexpr, LO: tl.constexpr, DIL: tl.constexpr,
     MODE: tl.constexpr, TRANSPOSED: tl.constexpr, HAS_BIAS: tl.constexpr,
     FP64: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, ACC_DTYPE: tl.constexpr,
     # tiles
@@ -158,7 +153,7 @@ def ekfac_kernel(
                             mask=j_ok & (d < DP)[None, :], other=0)
                 p = _patch_rows(x_g, d[:, None], od, oh, ow, l_ok, n, D, ID, IH, IW,
                                 stride_xn, stride_xc, stride_xd, stride_xh, stride_xw,
-                                KD, KH, KW, SD, SH, SW, PD, PH, PW, DD, DH, DW, MODE, TRANSPOSED, HAS_BIAS)
+                                KS, ST, LO, DIL, MODE, TRANSPOSED, HAS_BIAS)
                 ahat = _mma(q, p, ahat, FP64, PRECISION, UPCAST)
             h = tl.load(h_g + n * stride_hn + ro[None, :] * stride_hc + l[:, None] * stride_hl,
                         mask=o_ok & (l < L)[:, None], other=0)
@@ -306,7 +301,7 @@ def ekfac_eigenvalues(x: torch.Tensor, grad: torch.Tensor, q_a: torch.Tensor, q_
                 cg, co, *a["in"], a["out"][1], a["out"][2], num, n, a["D"], dp, tj,
                 *xs.stride(), *qa.stride(), *gh.stride(), *target.stride(),
                 coef if split == 1 else 1.0,
-                *a["k"], *a["s"], *a["p"], *a["d"],
+                a["k"], a["s"], a["p"], a["d"],
                 a["mode"], transposed, bias,
                 **_math_args(x.dtype, ekfac_kernel),
                 **cfg.launch_kwargs(),

@@ -41,6 +41,7 @@ from convzoo.kernels._common import (
     _num_candidates,
     _padded_candidate,
     _patch_columns,
+    _taps,
     _widen,
 )
 from convzoo.kernels._local_conv_configs import (
@@ -68,10 +69,7 @@ def local_conv_fwd_kernel(
     stride_wo, stride_wr, stride_wl,
     stride_bo, stride_bl,
     # geometry
-    KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
-    SD: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
-    PD: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
-    DD: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
+    KS: tl.constexpr, ST: tl.constexpr, LO: tl.constexpr, DIL: tl.constexpr,
     MODE: tl.constexpr,
     HAS_BIAS: tl.constexpr, FP64: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     ACC_DTYPE: tl.constexpr, GATHER_T: tl.constexpr,
@@ -113,7 +111,7 @@ def local_conv_fwd_kernel(
         r = r0 + tl.arange(0, BLOCK_R).to(tl.int64)
         r_ok = r < R
         off, ok = _patch_columns(r, l, ID, IH, IW, OH, OW, stride_xc, stride_xd, stride_xh, stride_xw,
-                                 KD, KH, KW, SD, SH, SW, PD, PH, PW, DD, DH, DW, MODE, False)
+                                 KS, ST, LO, DIL, MODE, False)
         w = tl.load(w_rows[:, None] + r[None, :] * stride_wr, mask=o_ok[:, None] & r_ok[None, :], other=0)
         if GATHER_T:  # the same tile, gathered batch-major and transposed (see _GATHER_T)
             p = tl.trans(tl.load(x_cols[:, None] + off[None, :], mask=n_ok[:, None] & (r_ok & ok)[None, :], other=0))
@@ -155,10 +153,7 @@ def local_conv_grad_weight_kernel(
     stride_xn, stride_xc, stride_xd, stride_xh, stride_xw,
     stride_dwo, stride_dwr, stride_dwl,
     # geometry
-    KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
-    SD: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
-    PD: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
-    DD: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
+    KS: tl.constexpr, ST: tl.constexpr, LO: tl.constexpr, DIL: tl.constexpr,
     MODE: tl.constexpr,
     FP64: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, ACC_DTYPE: tl.constexpr,
     # tiles; NARROW: the in-tile deltas (BLOCK_N - 1)·stride_xn + patch offsets and (BLOCK_N - 1)·stride_gn +
@@ -193,7 +188,7 @@ def local_conv_grad_weight_kernel(
     o_ok = o < O
     r_ok = r < R
     off, ok = _patch_columns(r, l, ID, IH, IW, OH, OW, stride_xc, stride_xd, stride_xh, stride_xw,
-                             KD, KH, KW, SD, SH, SW, PD, PH, PW, DD, DH, DW, MODE, False)
+                             KS, ST, LO, DIL, MODE, False)
     col_ok = r_ok & ok
     off = tl.where(col_ok, off, 0)
     o_d = tl.minimum(tl.arange(0, BLOCK_O), O - 1 - o0)
@@ -283,15 +278,11 @@ def local_conv_grad_input_kernel(
     N, C, O, ID, IH, IW, OD, OH, OW, P,
     stride_gn, stride_go, stride_gl,
     stride_wo, stride_wr, stride_wl,
-    # geometry; PD/PH/PW are the low paddings, QD/QH/QW the high ones
-    KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
-    SD: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
-    PD: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
-    QD: tl.constexpr, QH: tl.constexpr, QW: tl.constexpr,
-    DD: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
+    # geometry (per-dim (d, h, w) tuples, see _common): LO the low paddings, HI the high ones
+    KS: tl.constexpr, ST: tl.constexpr, LO: tl.constexpr, HI: tl.constexpr, DIL: tl.constexpr,
     MODE: tl.constexpr,
     # padded positions that can read one input index, per dim (1 for 'zeros')
-    NCD: tl.constexpr, NCH: tl.constexpr, NCW: tl.constexpr,
+    NC: tl.constexpr,
     FP64: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, ACC_DTYPE: tl.constexpr,
     # tiles; C_MAJOR: the C_in tile is the MMA's M (dxᵀ = W_lᵀ · dY_lᵀ), else the batch tile; NARROW: the
     # in-tile deltas (BLOCK - 1)·stride fit int32 (the launcher proved it)
@@ -336,12 +327,12 @@ def local_conv_grad_input_kernel(
     o_ar = tl.arange(0, BLOCK_O)
     # the loop-invariant in-tile offsets: int64, narrowed to int32 when NARROW (the launcher proved they fit)
     g_off = n_d * stride_gn
-    w_off = c_d * (KD * KH * KW) * stride_wr
+    w_off = c_d * _taps(KS) * stride_wr
     if NARROW:
         g_off = g_off.to(tl.int32)
         w_off = w_off.to(tl.int32)
     g_tile = g_ptr + n0 * stride_gn
-    w_tile = w_ptr + c0 * (KD * KH * KW) * stride_wr
+    w_tile = w_ptr + c0 * _taps(KS) * stride_wr
     step_g = tl.full([], BLOCK_O, tl.int64) * stride_go
     step_w = tl.full([], BLOCK_O, tl.int64) * stride_wo
     o_full = O - O % BLOCK_O
@@ -355,21 +346,21 @@ def local_conv_grad_input_kernel(
     else:
         acc = tl.zeros([BLOCK_N, BLOCK_C], dtype=ACC_DTYPE)
     # (candidate, tap) pairs are checked one dim at a time, so only the pairs that exist go deeper
-    for jd in range(NCD):
-        for kd in range(KD):
-            ld, ok_d = _tap_position(i_d, jd, kd, ID, OD, PD, QD, SD, DD, MODE)
+    for jd in range(NC[0]):
+        for kd in range(KS[0]):
+            ld, ok_d = _tap_position(i_d, jd, kd, ID, OD, LO[0], HI[0], ST[0], DIL[0], MODE)
             if ok_d:
-                for jh in range(NCH):
-                    for kh in range(KH):
-                        lh, ok_h = _tap_position(ih, jh, kh, IH, OH, PH, QH, SH, DH, MODE)
+                for jh in range(NC[1]):
+                    for kh in range(KS[1]):
+                        lh, ok_h = _tap_position(ih, jh, kh, IH, OH, LO[1], HI[1], ST[1], DIL[1], MODE)
                         if ok_h:
-                            for jw in range(NCW):
-                                for kw in range(KW):
-                                    lw, ok_w = _tap_position(iw, jw, kw, IW, OW, PW, QW, SW, DW, MODE)
+                            for jw in range(NC[2]):
+                                for kw in range(KS[2]):
+                                    lw, ok_w = _tap_position(iw, jw, kw, IW, OW, LO[2], HI[2], ST[2], DIL[2], MODE)
                                     if ok_w:
                                         l = (ld * OH + lh) * OW + lw
                                         # loop indices are int32: int64 before any stride multiply
-                                        tap = tl.cast((kd * KH + kh) * KW + kw, tl.int64)
+                                        tap = tl.cast((kd * KS[1] + kh) * KS[2] + kw, tl.int64)
                                         gb = g_tile + l * stride_gl
                                         wb = w_tile + l * stride_wl + tap * stride_wr
                                         for _ in range(0, o_full, BLOCK_O):
@@ -508,7 +499,7 @@ def local_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
             buf, xs, weight, b,
             n, o, r, *a["in"], a["out"][1], a["out"][2], l,
             *xs.stride(), *weight.stride(), *b_strides,
-            *a["k"], *a["s"], *a["lo"], *a["d"],
+            a["k"], a["s"], a["lo"], a["d"],
             _shapes.PADDING_MODE_CODES[g.padding_mode],
             bias is not None, **_math_args(x.dtype, local_conv_fwd_kernel), GATHER_T=_GATHER_T,
             **cfg.launch_kwargs(),
@@ -568,7 +559,7 @@ def local_conv_grad_weight(grad: torch.Tensor, x: torch.Tensor, kernel_size: lis
             dw_buf, db_buf, g3, xs,
             n, o, r, *a["in"], a["out"][1], a["out"][2], l,
             *g3.stride(), *xs.stride(), *dw_buf.stride(),
-            *a["k"], *a["s"], *a["lo"], *a["d"],
+            a["k"], a["s"], a["lo"], a["d"],
             _shapes.PADDING_MODE_CODES[g.padding_mode],
             **_math_args(x.dtype, local_conv_grad_weight_kernel), NARROW=narrow,
             **cfg.launch_kwargs(),
@@ -620,9 +611,9 @@ def local_conv_grad_input(grad: torch.Tensor, weight: torch.Tensor, input_size: 
             buf, g3, weight,
             n, c, o, *a["in"], *a["out"], P,
             *g3.stride(), *weight.stride(),
-            *a["k"], *a["s"], *a["lo"], *a["hi"], *a["d"],
+            a["k"], a["s"], a["lo"], a["hi"], a["d"],
             _shapes.PADDING_MODE_CODES[g.padding_mode],
-            *_num_candidates(g, 3 - g.ndim),
+            _num_candidates(g, 3 - g.ndim),
             **_math_args(grad.dtype, local_conv_grad_input_kernel),
             C_MAJOR=_c_major(m), NARROW=narrow,
             **cfg.launch_kwargs(),

@@ -36,6 +36,7 @@ from convzoo.kernels._common import (
     _split_count,
     _split_workspace,
     _sum_partials,
+    _taps,
     _widen,
 )
 
@@ -44,16 +45,13 @@ __all__ = ["patch_covariance"]
 
 @triton.jit
 def _tap_columns(k, l, ID, IH, IW, OH, OW, L, stride_xd, stride_xh, stride_xw,
-                 KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
-                 SD: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
-                 PD: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
-                 DD: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
+                 KS: tl.constexpr, ST: tl.constexpr, LO: tl.constexpr, DIL: tl.constexpr,
                  MODE: tl.constexpr, TRANSPOSED: tl.constexpr):
     """Tap ``k`` (a scalar, or one per row) of positions ``l`` (int64): the offset into a sample's channel 0
     each reads and whether it reads anything (``l < L`` and the padding). One vector per (tap, l-block): the
     hot loop over samples reuses it."""
     off, ok = _patch_columns(k, l, ID, IH, IW, OH, OW, 0, stride_xd, stride_xh, stride_xw,
-                             KD, KH, KW, SD, SH, SW, PD, PH, PW, DD, DH, DW, MODE, TRANSPOSED)
+                             KS, ST, LO, DIL, MODE, TRANSPOSED)
     return off, ok & (l < L)
 
 
@@ -72,10 +70,7 @@ def patch_covariance_kernel(
     # out ← alpha·out + coef·F (alpha is only read when READ_OUT)
     alpha, coef,
     # geometry
-    KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
-    SD: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
-    PD: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
-    DD: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
+    KS: tl.constexpr, ST: tl.constexpr, LO: tl.constexpr, DIL: tl.constexpr,
     MODE: tl.constexpr, TRANSPOSED: tl.constexpr, READ_OUT: tl.constexpr,
     FP64: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, ACC_DTYPE: tl.constexpr,
     # tiles: BLOCK_D rows per tile side, BLOCK_D / BLOCK_C taps of BLOCK_C channels each (BLOCK_C: the
@@ -139,9 +134,9 @@ def patch_covariance_kernel(
         for b in range(b0, b1):
             l = tl.arange(0, BLOCK_M).to(tl.int64) + b * BLOCK_M  # int64 (b is a Python int when interpreted)
             off_i, ok_i = _tap_columns(ki_a, l[None, :], ID, IH, IW, OH, OW, L, stride_xd, stride_xh, stride_xw,
-                                       KD, KH, KW, SD, SH, SW, PD, PH, PW, DD, DH, DW, MODE, TRANSPOSED)
+                                       KS, ST, LO, DIL, MODE, TRANSPOSED)
             off_j, ok_j = _tap_columns(kj_b, l[:, None], ID, IH, IW, OH, OW, L, stride_xd, stride_xh, stride_xw,
-                                       KD, KH, KW, SD, SH, SW, PD, PH, PW, DD, DH, DW, MODE, TRANSPOSED)
+                                       KS, ST, LO, DIL, MODE, TRANSPOSED)
             a_ptrs = x_n0 + ci[:, None] * stride_xc + off_i  # [BLOCK_D, BLOCK_M]
             b_ptrs = x_n0 + off_j + cj[None, :] * stride_xc  # [BLOCK_M, BLOCK_D]
             a_ok = ci_ok[:, None] & ok_i
@@ -159,8 +154,8 @@ def patch_covariance_kernel(
         # epilogue: scale, blend into out, store the tile and its mirror at patch rows c·K + k
         acc = acc * coef
         base = out_ptr + s * stride_os + g * stride_og
-        ri = ci * (KD * KH * KW) + ki
-        rj = cj * (KD * KH * KW) + kj
+        ri = ci * _taps(KS) + ki
+        rj = cj * _taps(KS) + kj
         ok = ci_ok[:, None] & cj_ok[None, :]
         upper = base + ri[:, None] * stride_oi + rj[None, :] * stride_oj
         val = acc
@@ -342,7 +337,7 @@ def _launch(target: torch.Tensor, x: torch.Tensor, a: dict, cg: int, read_out: b
                 cg, n, *a["in"], a["out"][1], a["out"][2], a["L"], tc, a["K"] * tc, tt, sn, ns, ls,
                 *xs.stride(), *work.stride(),
                 alpha if split == 1 else 0.0, coef if split == 1 else 1.0,
-                *a["k"], *a["s"], *a["p"], *a["d"],
+                a["k"], a["s"], a["p"], a["d"],
                 a["mode"], a["transposed"], read_out and split == 1,
                 **_math_args(x.dtype, patch_covariance_kernel), BLOCK_C=bc,
                 **cfg.launch_kwargs(),

@@ -31,6 +31,7 @@ from convzoo.kernels._common import (
     _space,
     _tap_coords,
     _tap_source,
+    _taps,
     _tile_default,
     _tile_grid,
     _tile_offsets,
@@ -50,11 +51,8 @@ def extract_patches_kernel(
     # runtime sizes: R = N*L rows, D = CG*KD*KH*KW entries per row, G groups of CG channels, L = OD*OH*OW
     R, D, G, CG, ID, IH, IW, OD, OH, OW, L,
     stride_xn, stride_xc, stride_xd, stride_xh, stride_xw,
-    # geometry (P*: the low paddings; the padding modes need no high ones)
-    KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
-    SD: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
-    PD: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
-    DD: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
+    # geometry (LO: the low paddings; the padding modes need no high ones)
+    KS: tl.constexpr, ST: tl.constexpr, LO: tl.constexpr, DIL: tl.constexpr,
     MODE: tl.constexpr,
     ACC_DTYPE: tl.constexpr, UPCAST: tl.constexpr,
     # tiles
@@ -77,14 +75,14 @@ def extract_patches_kernel(
     n = rows // L
     blk = rows % L
     od, oh, ow = _position_coords(blk, OH, OW)
-    k = cols % (KD * KH * KW)
-    c = cols // (KD * KH * KW)
-    kd, kh, kw = _tap_coords(k, KH, KW)
+    k = cols % _taps(KS)
+    c = cols // _taps(KS)
+    kd, kh, kw = _tap_coords(k, KS[1], KS[2])
 
     # per dim, not _tap_sources: the tile mask first in the mask (as unfold_kernel's) keeps the registers down
-    i_d, ok_d = _tap_source(od[:, None], kd[None, :], ID, PD, SD, DD, MODE, False)
-    i_h, ok_h = _tap_source(oh[:, None], kh[None, :], IH, PH, SH, DH, MODE, False)
-    i_w, ok_w = _tap_source(ow[:, None], kw[None, :], IW, PW, SW, DW, MODE, False)
+    i_d, ok_d = _tap_source(od[:, None], kd[None, :], ID, LO[0], ST[0], DIL[0], MODE, False)
+    i_h, ok_h = _tap_source(oh[:, None], kh[None, :], IH, LO[1], ST[1], DIL[1], MODE, False)
+    i_w, ok_w = _tap_source(ow[:, None], kw[None, :], IW, LO[2], ST[2], DIL[2], MODE, False)
     tile_ok = row_ok[:, None] & col_ok[None, :]
     ok = tile_ok & ok_d & ok_h & ok_w
     src = (x_ptr + (n * stride_xn)[:, None] + (c * stride_xc)[None, :]
@@ -161,7 +159,7 @@ def extract_patches(x: torch.Tensor, kernel_size: list[int], dilation: list[int]
             buf, xs,
             rows, D, groups, x.shape[1] // groups, *a["in"], *a["out"], g.num_blocks,
             *xs.stride(),
-            *a["k"], *a["s"], *a["lo"], *a["d"],
+            a["k"], a["s"], a["lo"], a["d"],
             _shapes.PADDING_MODE_CODES[g.padding_mode],
             _acc_dtype(x.dtype), _upcast(x.dtype, extract_patches_kernel),
             **cfg.launch_kwargs(),

@@ -34,6 +34,7 @@ from convzoo.kernels._common import (
     _tap_coords,
     _tap_source,
     _tap_target,
+    _taps,
     _tile_grid,
     _tile_offsets,
     _upcast,
@@ -53,10 +54,7 @@ def unfold_kernel(
     R, C, ID, IH, IW, OD, OH, OW, L,
     stride_xn, stride_xc, stride_xd, stride_xh, stride_xw,
     # geometry
-    KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
-    SD: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
-    PD: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
-    DD: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
+    KS: tl.constexpr, ST: tl.constexpr, LO: tl.constexpr, DIL: tl.constexpr,
     MODE: tl.constexpr, TRANSPOSED: tl.constexpr,
     # tiles
     BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr,
@@ -76,17 +74,17 @@ def unfold_kernel(
     """
     # program id -> tile: offsets (int64; row = (n*C + c)*K + k) and masks
     rows, blocks, row_ok, blk_ok = _tile_offsets(R, L, BLOCK_R, BLOCK_L)
-    k = rows % (KD * KH * KW)
-    nc = rows // (KD * KH * KW)
+    k = rows % _taps(KS)
+    nc = rows // _taps(KS)
     c = nc % C
     n = nc // C
-    kd, kh, kw = _tap_coords(k, KH, KW)
+    kd, kh, kw = _tap_coords(k, KS[1], KS[2])
     od, oh, ow = _position_coords(blocks, OH, OW)
     # the input index each (tap, position) reads, per dim (TRANSPOSED: the one that reaches it, if any); per dim,
     # not _tap_sources: the tile mask first in the load's mask keeps fp32 at 52 registers, not 66 (cifar_conv2)
-    i_d, ok_d = _tap_source(od[None, :], kd[:, None], ID, PD, SD, DD, MODE, TRANSPOSED)
-    i_h, ok_h = _tap_source(oh[None, :], kh[:, None], IH, PH, SH, DH, MODE, TRANSPOSED)
-    i_w, ok_w = _tap_source(ow[None, :], kw[:, None], IW, PW, SW, DW, MODE, TRANSPOSED)
+    i_d, ok_d = _tap_source(od[None, :], kd[:, None], ID, LO[0], ST[0], DIL[0], MODE, TRANSPOSED)
+    i_h, ok_h = _tap_source(oh[None, :], kh[:, None], IH, LO[1], ST[1], DIL[1], MODE, TRANSPOSED)
+    i_w, ok_w = _tap_source(ow[None, :], kw[:, None], IW, LO[2], ST[2], DIL[2], MODE, TRANSPOSED)
     tile_ok = row_ok[:, None] & blk_ok[None, :]
 
     src = (x_ptr + (n * stride_xn + c * stride_xc)[:, None]
@@ -104,15 +102,11 @@ def fold_kernel(
     # runtime sizes: R = N*C rows, P = ID*IH*IW pixels
     R, C, ID, IH, IW, OD, OH, OW, P,
     stride_cn, stride_ck, stride_cl,
-    # geometry; PD/PH/PW are the low paddings, QD/QH/QW the high ones
-    KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
-    SD: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
-    PD: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
-    QD: tl.constexpr, QH: tl.constexpr, QW: tl.constexpr,
-    DD: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
+    # geometry (per-dim (d, h, w) tuples, see _common): LO the low paddings, HI the high ones
+    KS: tl.constexpr, ST: tl.constexpr, LO: tl.constexpr, HI: tl.constexpr, DIL: tl.constexpr,
     MODE: tl.constexpr, TRANSPOSED: tl.constexpr,
     # padded positions that can read one input index, per dim (1 for 'zeros')
-    NCD: tl.constexpr, NCH: tl.constexpr, NCW: tl.constexpr,
+    NC: tl.constexpr,
     ACC_DTYPE: tl.constexpr, UPCAST: tl.constexpr,
     # tiles
     BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr,
@@ -133,27 +127,27 @@ def fold_kernel(
     rows, pix, row_ok, pix_ok = _tile_offsets(R, P, BLOCK_R, BLOCK_P)
     n = rows // C
     c = rows % C
-    row_base = n * stride_cn + c * (KD * KH * KW) * stride_ck
+    row_base = n * stride_cn + c * _taps(KS) * stride_ck
     i_d, ih, iw = _position_coords(pix, IH, IW)
 
     # loop over every (padded position, tap) pair that can read this pixel, fp32 (fp64) accumulation
     acc = tl.zeros([BLOCK_R, BLOCK_P], dtype=ACC_DTYPE)
-    for jd in range(NCD):
-        pd, cand_d = _padded_candidate(i_d, jd, ID, PD, QD, MODE)
-        for jh in range(NCH):
-            ph, cand_h = _padded_candidate(ih, jh, IH, PH, QH, MODE)
-            for jw in range(NCW):
-                pw, cand_w = _padded_candidate(iw, jw, IW, PW, QW, MODE)
-                for kd in range(KD):
-                    ld, ok_d = _tap_target(pd, PD, kd, OD, SD, DD, TRANSPOSED)
-                    for kh in range(KH):
-                        lh, ok_h = _tap_target(ph, PH, kh, OH, SH, DH, TRANSPOSED)
-                        for kw in range(KW):
-                            lw, ok_w = _tap_target(pw, PW, kw, OW, SW, DW, TRANSPOSED)
+    for jd in range(NC[0]):
+        pd, cand_d = _padded_candidate(i_d, jd, ID, LO[0], HI[0], MODE)
+        for jh in range(NC[1]):
+            ph, cand_h = _padded_candidate(ih, jh, IH, LO[1], HI[1], MODE)
+            for jw in range(NC[2]):
+                pw, cand_w = _padded_candidate(iw, jw, IW, LO[2], HI[2], MODE)
+                for kd in range(KS[0]):
+                    ld, ok_d = _tap_target(pd, LO[0], kd, OD, ST[0], DIL[0], TRANSPOSED)
+                    for kh in range(KS[1]):
+                        lh, ok_h = _tap_target(ph, LO[1], kh, OH, ST[1], DIL[1], TRANSPOSED)
+                        for kw in range(KS[2]):
+                            lw, ok_w = _tap_target(pw, LO[2], kw, OW, ST[2], DIL[2], TRANSPOSED)
                             ok = cand_d & cand_h & cand_w & ok_d & ok_h & ok_w & pix_ok
                             blk = (ld * OH + lh) * OW + lw
                             # loop indices are int32: tap · stride_ck passes 2^31 once (K-1)·L does
-                            tap = tl.cast((kd * KH + kh) * KW + kw, tl.int64)
+                            tap = tl.cast((kd * KS[1] + kh) * KS[2] + kw, tl.int64)
                             src = (cols_ptr + (row_base + tap * stride_ck)[:, None]
                                    + blk.to(tl.int64)[None, :] * stride_cl)
                             vals = tl.load(src, mask=row_ok[:, None] & ok[None, :], other=0)
@@ -227,7 +221,7 @@ def _launch_unfold(name: str, xs: torch.Tensor, out: torch.Tensor, a: dict, mode
             out, xs,
             rows, xs.shape[1], *a["in"], *a["out"], L,
             *xs.stride(),
-            *a["k"], *a["s"], *a["lo"], *a["d"],
+            a["k"], a["s"], a["lo"], a["d"],
             mode, transposed,
             **cfg.launch_kwargs(),
         )
@@ -269,8 +263,8 @@ def _launch_fold(name: str, cols: torch.Tensor, out: torch.Tensor, a: dict, mode
             buf, cols,
             rows, out.shape[1], *a["in"], *a["out"], P,
             *cols.stride(),
-            *a["k"], *a["s"], *a["lo"], *a["hi"], *a["d"],
-            mode, transposed, *candidates,
+            a["k"], a["s"], a["lo"], a["hi"], a["d"],
+            mode, transposed, candidates,
             _acc_dtype(cols.dtype), _upcast(cols.dtype, fold_kernel),
             **cfg.launch_kwargs(),
         )

@@ -42,6 +42,7 @@ from convzoo.kernels._common import (
     _mma,
     _patch_columns,
     _source_index,
+    _taps,
     _widen,
 )
 
@@ -66,10 +67,7 @@ def masked_conv_fwd_kernel(
     stride_xn, stride_xc, stride_xd, stride_xh, stride_xw,
     stride_wo, stride_wk, stride_b,
     # geometry
-    KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
-    SD: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
-    PD: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
-    DD: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
+    KS: tl.constexpr, ST: tl.constexpr, LO: tl.constexpr, DIL: tl.constexpr,
     MODE: tl.constexpr,
     HAS_BIAS: tl.constexpr, FP64: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
@@ -142,20 +140,20 @@ def masked_conv_fwd_kernel(
         ow = l % OW
         oh = (l // OW) % OH
         od = l // OW // OH
-        i_d0 = (od * SD - PD).to(tl.int32)
-        i_h0 = (oh * SH - PH).to(tl.int32)
-        i_w0 = (ow * SW - PW).to(tl.int32)
+        i_d0 = (od * ST[0] - LO[0]).to(tl.int32)
+        i_h0 = (oh * ST[1] - LO[1]).to(tl.int32)
+        i_w0 = (ow * ST[2] - LO[2]).to(tl.int32)
         if MODE == 0:
             x_pos = x_cols + i_d0.to(tl.int64) * stride_xd + i_h0.to(tl.int64) * stride_xh \
                 + i_w0.to(tl.int64) * stride_xw
-            if KD * KH * KW <= 31:
+            if _taps(KS) <= 31:
                 # bit t: tap t = (kd, kh, kw) of this position reads inside x (0 for a position past M);
                 # 0 <= i < n as one unsigned compare
                 bits = tl.zeros_like(i_w0)
-                for tap in tl.static_range(KD * KH * KW):
-                    v = (m_ok & ((i_d0 + (tap // (KW * KH)) * DD).to(tl.uint32, bitcast=True) < ID)
-                         & ((i_h0 + (tap // KW % KH) * DH).to(tl.uint32, bitcast=True) < IH)
-                         & ((i_w0 + (tap % KW) * DW).to(tl.uint32, bitcast=True) < IW))
+                for tap in tl.static_range(_taps(KS)):
+                    v = (m_ok & ((i_d0 + (tap // (KS[2] * KS[1])) * DIL[0]).to(tl.uint32, bitcast=True) < ID)
+                         & ((i_h0 + (tap // KS[2] % KS[1]) * DIL[1]).to(tl.uint32, bitcast=True) < IH)
+                         & ((i_w0 + (tap % KS[2]) * DIL[2]).to(tl.uint32, bitcast=True) < IW))
                     bits = bits | (v.to(tl.int32) << tap)
         ch = tl.arange(0, SUB).to(tl.int64) * stride_xc
         wk = tl.arange(0, SUB).to(tl.int64) * stride_wk
@@ -183,23 +181,23 @@ def masked_conv_fwd_kernel(
                     t = tl.where(wrap, t + 1, t)
                 # K is a multiple of SUB: a sub-tile is all in K or all past it (the last k-tile's tail)
                 s_ok = kt_ok & (k0 + s * SUB < K)
-                kw = t % KW
-                kh = (t // KW) % KH
-                kd = t // (KW * KH)
+                kw = t % KS[2]
+                kh = (t // KS[2]) % KS[1]
+                kd = t // (KS[2] * KS[1])
                 if MODE == 0:
-                    if KD * KH * KW <= 31:
+                    if _taps(KS) <= 31:
                         # bit 31 is never set: a sub-tile past K (or of a malformed entry) reads nothing
                         ok = ((bits >> tl.where(s_ok, t, 31)) & 1) != 0
                     else:
-                        ok = (m_ok & s_ok & ((i_d0 + kd * DD).to(tl.uint32, bitcast=True) < ID)
-                              & ((i_h0 + kh * DH).to(tl.uint32, bitcast=True) < IH)
-                              & ((i_w0 + kw * DW).to(tl.uint32, bitcast=True) < IW))
-                    src = x_pos + (c0.to(tl.int64) * stride_xc + (kd * DD).to(tl.int64) * stride_xd
-                                   + (kh * DH).to(tl.int64) * stride_xh + (kw * DW).to(tl.int64) * stride_xw)
+                        ok = (m_ok & s_ok & ((i_d0 + kd * DIL[0]).to(tl.uint32, bitcast=True) < ID)
+                              & ((i_h0 + kh * DIL[1]).to(tl.uint32, bitcast=True) < IH)
+                              & ((i_w0 + kw * DIL[2]).to(tl.uint32, bitcast=True) < IW))
+                    src = x_pos + (c0.to(tl.int64) * stride_xc + (kd * DIL[0]).to(tl.int64) * stride_xd
+                                   + (kh * DIL[1]).to(tl.int64) * stride_xh + (kw * DIL[2]).to(tl.int64) * stride_xw)
                 else:
-                    s_d, ok_d = _source_index(i_d0 + kd * DD, ID, MODE)
-                    s_h, ok_h = _source_index(i_h0 + kh * DH, IH, MODE)
-                    s_w, ok_w = _source_index(i_w0 + kw * DW, IW, MODE)
+                    s_d, ok_d = _source_index(i_d0 + kd * DIL[0], ID, MODE)
+                    s_h, ok_h = _source_index(i_h0 + kh * DIL[1], IH, MODE)
+                    s_w, ok_w = _source_index(i_w0 + kw * DIL[2], IW, MODE)
                     ok = m_ok & s_ok & ok_d & ok_h & ok_w
                     src = x_cols + c0.to(tl.int64) * stride_xc + s_d.to(tl.int64) * stride_xd \
                         + s_h.to(tl.int64) * stride_xh + s_w.to(tl.int64) * stride_xw
@@ -217,10 +215,10 @@ def masked_conv_fwd_kernel(
             # k < 0 only from a malformed list: masked, so such a list can give a wrong sum but never a wild read
             k_ok = (k >= 0) & (k < K)
             # tap-major k = t·CG + c as _patch_columns' unfold-order row c·∏kernel + t
-            r = (k % CG) * (KD * KH * KW) + k // CG
+            r = (k % CG) * _taps(KS) + k // CG
             off, ok = _patch_columns(r[:, None], l.to(tl.int64)[None, :], ID, IH, IW, OH, OW,
                                      stride_xc, stride_xd, stride_xh, stride_xw,
-                                     KD, KH, KW, SD, SH, SW, PD, PH, PW, DD, DH, DW, MODE, False)
+                                     KS, ST, LO, DIL, MODE, False)
             pt = tl.load(x_cols[None, :] + off, mask=(k_ok[:, None] & m_ok[None, :]) & ok, other=0)
             w = tl.load(w_cols[None, :] + k[:, None] * stride_wk, mask=k_ok[:, None] & o_ok[None, :], other=0)
             acc = _mma(tl.trans(pt), w, acc, FP64, PRECISION, UPCAST)
@@ -478,7 +476,7 @@ def masked_conv(x: torch.Tensor, weight: torch.Tensor, count: torch.Tensor, inde
             buf, xs, w2, b, count, index,
             M, L, co, og, cg, k, to, tk, rows, *a["in"], a["out"][1], a["out"][2],
             *xs.stride(), *w2.stride(), b.stride(0) if bias is not None else 0,
-            *a["k"], *a["s"], *a["lo"], *a["d"],
+            a["k"], a["s"], a["lo"], a["d"],
             _shapes.PADDING_MODE_CODES[g.padding_mode],
             bias is not None, **_math_args(x.dtype, masked_conv_fwd_kernel),
             BLOCK_O=bo, BLOCK_K=bk, **tap, POS32=M + cfg.meta["BLOCK_M"] < 2**31 and co * L < 2**31,

@@ -23,6 +23,7 @@ from convzoo.kernels._common import (
     _mma,
     _num_candidates,
     _padded_candidate,
+    _taps,
 )
 from convzoo.kernels.masked_conv.fwd import (
     _SPACE,
@@ -40,10 +41,7 @@ __all__ = ["dense_grad_input_lists", "masked_conv_grad_input"]
 @triton.jit
 def _grad_input_taps(acc, g_n, w_ptr, idx_row, count, g, c0, c_ok, pd, ph, pw, cand,
                      E, TO, OG, CG, OD, OH, OW, stride_go, stride_gd, stride_gh, stride_gw, stride_wo, stride_wk,
-                     KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
-                     SD: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
-                     PD: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
-                     DD: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
+                     KS: tl.constexpr, ST: tl.constexpr, LO: tl.constexpr, DIL: tl.constexpr,
                      FP64: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
                      BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr, NARROW: tl.constexpr):
     """``acc`` plus, over the row's ``count`` listed entries ``e = t·TO + to``, ``A·W``: ``W [BLOCK_O, BLOCK_K]``
@@ -56,19 +54,20 @@ def _grad_input_taps(acc, g_n, w_ptr, idx_row, count, g, c0, c_ok, pd, ph, pw, c
     tap's k·D) and, up to 31 taps, a bit per tap saying whether it reads dY; for stride 1 also each position's
     dY address (the tap then only subtracts a scalar). Per entry: int32 scalar tap math, one validity bit
     per position, the invariant channel deltas (int32 when NARROW)."""
-    nd = pd + PD
-    nh = ph + PH
-    nw = pw + PW
-    if KD * KH * KW <= 31:
+    nd = pd + LO[0]
+    nh = ph + LO[1]
+    nw = pw + LO[2]
+    if _taps(KS) <= 31:
         bits = tl.zeros_like(nw)
-        for tap in tl.static_range(KD * KH * KW):
-            ad = nd - (tap // (KW * KH)) * DD
-            ah = nh - (tap // KW % KH) * DH
-            aw = nw - (tap % KW) * DW
-            v = (cand & (ad >= 0) & (ad % SD == 0) & (ad // SD < OD) & (ah >= 0) & (ah % SH == 0) & (ah // SH < OH)
-                 & (aw >= 0) & (aw % SW == 0) & (aw // SW < OW))
+        for tap in tl.static_range(_taps(KS)):
+            ad = nd - (tap // (KS[2] * KS[1])) * DIL[0]
+            ah = nh - (tap // KS[2] % KS[1]) * DIL[1]
+            aw = nw - (tap % KS[2]) * DIL[2]
+            v = (cand & (ad >= 0) & (ad % ST[0] == 0) & (ad // ST[0] < OD)
+                 & (ah >= 0) & (ah % ST[1] == 0) & (ah // ST[1] < OH)
+                 & (aw >= 0) & (aw % ST[2] == 0) & (aw // ST[2] < OW))
             bits = bits | (v.to(tl.int32) << tap)
-    if SD * SH * SW == 1:
+    if ST[0] * ST[1] * ST[2] == 1:
         g_pos = g_n + nd.to(tl.int64) * stride_gd + nh.to(tl.int64) * stride_gh + nw.to(tl.int64) * stride_gw
     go = tl.arange(0, BLOCK_O).to(tl.int64) * stride_go
     wo = tl.arange(0, BLOCK_O).to(tl.int64) * stride_wo
@@ -85,30 +84,31 @@ def _grad_input_taps(acc, g_n, w_ptr, idx_row, count, g, c0, c_ok, pd, ph, pw, c
         e = tl.where(e_ok, e, 0)
         t = e // TO
         o0 = (e - (t.to(tl.int64) * TO).to(tl.int32)) * BLOCK_O  # t·TO <= e: the int64 product narrows exactly
-        kw = t % KW
-        kh = (t // KW) % KH
-        kd = t // (KW * KH)
+        kw = t % KS[2]
+        kh = (t // KS[2]) % KS[1]
+        kd = t // (KS[2] * KS[1])
         # (!= 0: the newest Triton's interpreter makes a block bool & a scalar bool int64, which a load mask
         # refuses; a no-op when compiled)
         o_ok = (((o0 + tl.arange(0, BLOCK_O)) < OG) & e_ok) != 0
         co0 = g * OG + o0
-        if KD * KH * KW <= 31:
+        if _taps(KS) <= 31:
             ok = ((bits >> tl.where(e_ok, t, 31)) & 1) != 0
         else:
-            ad = nd - kd * DD
-            ah = nh - kh * DH
-            aw = nw - kw * DW
-            ok = (cand & (ad >= 0) & (ad % SD == 0) & (ad // SD < OD) & (ah >= 0) & (ah % SH == 0)
-                  & (ah // SH < OH) & (aw >= 0) & (aw % SW == 0) & (aw // SW < OW))
-        if SD * SH * SW == 1:
-            g_off = co0 * stride_go - (kd * DD).to(tl.int64) * stride_gd - (kh * DH).to(tl.int64) * stride_gh \
-                - (kw * DW).to(tl.int64) * stride_gw
+            ad = nd - kd * DIL[0]
+            ah = nh - kh * DIL[1]
+            aw = nw - kw * DIL[2]
+            ok = (cand & (ad >= 0) & (ad % ST[0] == 0) & (ad // ST[0] < OD) & (ah >= 0) & (ah % ST[1] == 0)
+                  & (ah // ST[1] < OH) & (aw >= 0) & (aw % ST[2] == 0) & (aw // ST[2] < OW))
+        if ST[0] * ST[1] * ST[2] == 1:
+            g_off = co0 * stride_go - (kd * DIL[0]).to(tl.int64) * stride_gd - (kh * DIL[1]).to(tl.int64) * stride_gh \
+                - (kw * DIL[2]).to(tl.int64) * stride_gw
             if NARROW:  # the launcher bounded it: int32 scalar math
                 g_off = g_off.to(tl.int32)
             src = g_pos + g_off
         else:
-            src = g_n + co0 * stride_go + ((nd - kd * DD) // SD).to(tl.int64) * stride_gd \
-                + ((nh - kh * DH) // SH).to(tl.int64) * stride_gh + ((nw - kw * DW) // SW).to(tl.int64) * stride_gw
+            src = g_n + co0 * stride_go + ((nd - kd * DIL[0]) // ST[0]).to(tl.int64) * stride_gd \
+                + ((nh - kh * DIL[1]) // ST[1]).to(tl.int64) * stride_gh \
+                + ((nw - kw * DIL[2]) // ST[2]).to(tl.int64) * stride_gw
         a = tl.load(src[:, None] + go[None, :], mask=ok[:, None] & o_ok[None, :], other=0)
         # the weight block: W[co, c, t] at tap-major column t·CG + c
         w_off = co0 * stride_wo + (t.to(tl.int64) * CG + c0) * stride_wk
@@ -131,15 +131,11 @@ def masked_conv_grad_input_kernel(
     M, P, C, OG, CG, TC, TO, E, ROWS, ID, IH, IW, OD, OH, OW,
     stride_gn, stride_go, stride_gd, stride_gh, stride_gw,
     stride_wo, stride_wk,
-    # geometry; PD/PH/PW are the low paddings, QD/QH/QW the high ones
-    KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
-    SD: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
-    PD: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
-    QD: tl.constexpr, QH: tl.constexpr, QW: tl.constexpr,
-    DD: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
+    # geometry (per-dim (d, h, w) tuples, see _common): LO the low paddings, HI the high ones
+    KS: tl.constexpr, ST: tl.constexpr, LO: tl.constexpr, HI: tl.constexpr, DIL: tl.constexpr,
     MODE: tl.constexpr,
     # padded positions that can read one input index, per dim (1 for 'zeros')
-    NCD: tl.constexpr, NCH: tl.constexpr, NCW: tl.constexpr,
+    NC: tl.constexpr,
     FP64: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, ACC_DTYPE: tl.constexpr,
     # tiles: BLOCK_O × BLOCK_K is the tile lists' block; BLOCK_M is free. NARROW: the in-loop channel deltas
     # (BLOCK - 1)·stride fit int32; POS32: M + BLOCK_M < 2^31 and C·P < 2^31 (int32 position math)
@@ -206,23 +202,23 @@ def masked_conv_grad_input_kernel(
     # run one block loop, as for 'zeros'; the candidates are the outer loop so that this test runs once per
     # program and the block loop (its loads and dots) stays at the top of its own loop, where it is pipelined
     acc = tl.zeros([BLOCK_M, BLOCK_K], dtype=ACC_DTYPE)
-    for jd in range(NCD):
-        pd, cand_d = _padded_candidate(i_d, jd, ID, PD, QD, MODE)
-        for jh in range(NCH):
-            ph, cand_h = _padded_candidate(ih, jh, IH, PH, QH, MODE)
-            for jw in range(NCW):
-                pw, cand_w = _padded_candidate(iw, jw, IW, PW, QW, MODE)
+    for jd in range(NC[0]):
+        pd, cand_d = _padded_candidate(i_d, jd, ID, LO[0], HI[0], MODE)
+        for jh in range(NC[1]):
+            ph, cand_h = _padded_candidate(ih, jh, IH, LO[1], HI[1], MODE)
+            for jw in range(NC[2]):
+                pw, cand_w = _padded_candidate(iw, jw, IW, LO[2], HI[2], MODE)
                 cand = m_ok & cand_d & cand_h & cand_w
                 # MODE is a constexpr and the test a runtime branch: two ifs, so 'zeros' pays no reduction
                 if MODE == 0:  # noqa: SIM114  (one candidate, p = i: nothing to skip)
                     acc = _grad_input_taps(acc, g_n, w_ptr, idx_row, count, g, c0, c_ok, pd, ph, pw, cand,
                                            E, TO, OG, CG, OD, OH, OW, stride_go, stride_gd, stride_gh, stride_gw,
-                                           stride_wo, stride_wk, KD, KH, KW, SD, SH, SW, PD, PH, PW, DD, DH, DW,
+                                           stride_wo, stride_wk, KS, ST, LO, DIL,
                                            FP64, PRECISION, UPCAST, BLOCK_O, BLOCK_K, NARROW)
                 elif tl.max(cand.to(tl.int32), axis=0) > 0:
                     acc = _grad_input_taps(acc, g_n, w_ptr, idx_row, count, g, c0, c_ok, pd, ph, pw, cand,
                                            E, TO, OG, CG, OD, OH, OW, stride_go, stride_gd, stride_gh, stride_gw,
-                                           stride_wo, stride_wk, KD, KH, KW, SD, SH, SW, PD, PH, PW, DD, DH, DW,
+                                           stride_wo, stride_wk, KS, ST, LO, DIL,
                                            FP64, PRECISION, UPCAST, BLOCK_O, BLOCK_K, NARROW)
 
     # masked store as [BLOCK_M, BLOCK_K], positions first (see the forward's store)
@@ -410,9 +406,9 @@ def masked_conv_grad_input(grad: torch.Tensor, weight: torch.Tensor, t_count: to
             buf, gs, w2, t_count, t_index,
             M, P, c, og, cg, tc, to, kt * to, rows, *a["in"], *a["out"],
             *gs.stride(), *w2.stride(),
-            *a["k"], *a["s"], *a["lo"], *a["hi"], *a["d"],
+            a["k"], a["s"], a["lo"], a["hi"], a["d"],
             _shapes.PADDING_MODE_CODES[g.padding_mode],
-            *_num_candidates(g, 3 - g.ndim),
+            _num_candidates(g, 3 - g.ndim),
             **_math_args(grad.dtype, masked_conv_grad_input_kernel),
             BLOCK_O=bo, BLOCK_K=bk,
             NARROW=_narrow(gs, w2, g, bo, bk),

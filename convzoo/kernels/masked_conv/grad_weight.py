@@ -27,6 +27,7 @@ from convzoo.kernels._common import (
     _source_index,
     _split_count,
     _split_tile,
+    _taps,
     _widen,
 )
 from convzoo.kernels.masked_conv.fwd import (
@@ -59,10 +60,7 @@ def masked_conv_grad_weight_kernel(
     stride_mo, stride_mc, stride_mt,
     stride_os, stride_oo, stride_oc, stride_ot,
     # geometry
-    KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
-    SD: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
-    PD: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
-    DD: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
+    KS: tl.constexpr, ST: tl.constexpr, LO: tl.constexpr, DIL: tl.constexpr,
     MODE: tl.constexpr,
     HAS_MASK: tl.constexpr, BINARIZE: tl.constexpr,
     FP64: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, ACC_DTYPE: tl.constexpr,
@@ -121,7 +119,7 @@ def masked_conv_grad_weight_kernel(
     c = k % CG
     t = k // CG
     # tap-major k = t·CG + c as _patch_columns' unfold-order row c·∏kernel + t
-    r = c * (KD * KH * KW) + t
+    r = c * _taps(KS) + t
     x_g = x_ptr + g * CG * stride_xc
     dy_rows = dy_ptr + co * stride_dc
 
@@ -152,9 +150,9 @@ def masked_conv_grad_weight_kernel(
         ks = tl.where(s_ok, ks, 0)
         ts = ks // CG
         cs = ks - (ts.to(tl.int64) * CG).to(tl.int32)  # ts·CG <= ks: the int64 product narrows exactly
-        kd_s = (ts // (KW * KH)) * DD
-        kh_s = (ts // KW % KH) * DH
-        kw_s = (ts % KW) * DW
+        kd_s = (ts // (KS[2] * KS[1])) * DIL[0]
+        kh_s = (ts // KS[2] % KS[1]) * DIL[1]
+        kw_s = (ts % KS[2]) * DIL[2]
         # the sub-tiles' tap offsets into x, the in-tile channel offsets of x and dY: int64, narrowed to int32
         # when OFF32 (the launcher proved every offset the walk forms fits)
         tap_s = cs.to(tl.int64) * stride_xc
@@ -199,9 +197,9 @@ def masked_conv_grad_weight_kernel(
                 dy_pos = dy_pos.to(tl.int32)
             x_n = n.to(tl.int64) * stride_xn
             dy = tl.load(dy_ptr + dy_pos[:, None] + dyc[None, :], mask=m_ok[:, None] & o_ok[None, :], other=0)
-            i_d0 = od * SD - PD
-            i_h0 = oh * SH - PH
-            i_w0 = ow * SW - PW
+            i_d0 = od * ST[0] - LO[0]
+            i_h0 = oh * ST[1] - LO[1]
+            i_w0 = ow * ST[2] - LO[2]
             if MODE == 0:
                 x_pos = x_n + i_d0.to(tl.int64) * stride_xd + i_h0.to(tl.int64) * stride_xh \
                     + i_w0.to(tl.int64) * stride_xw
@@ -274,7 +272,7 @@ def masked_conv_grad_weight_kernel(
             dy = tl.load(dy_rows[:, None] + dy_cols[None, :], mask=o_ok[:, None] & m_ok[None, :], other=0)
             off, ok = _patch_columns(r[:, None], l[None, :], ID, IH, IW, OH, OW,
                                      stride_xc, stride_xd, stride_xh, stride_xw,
-                                     KD, KH, KW, SD, SH, SW, PD, PH, PW, DD, DH, DW, MODE, False)
+                                     KS, ST, LO, DIL, MODE, False)
             p_ok = (k_ok[:, None] & m_ok[None, :]) & ok
             pt = tl.load(x_g + n[None, :] * stride_xn + off, mask=p_ok, other=0)
             if BINARIZE:
@@ -546,7 +544,7 @@ def masked_conv_grad_weight(grad: torch.Tensor, x: torch.Tensor, mask: torch.Ten
             out, dys, xs, x if m3 is None else m3, count, index,  # x as the mask pointer: never read
             M, L, og, cg, k, to, tk, rows, *a["in"], a["out"][1], a["out"][2], xt, yt,
             *dys.stride(), *xs.stride(), *(m3.stride() if m3 is not None else (0, 0, 0)), *out.stride(),
-            *a["k"], *a["s"], *a["lo"], *a["d"],
+            a["k"], a["s"], a["lo"], a["d"],
             _shapes.PADDING_MODE_CODES[g.padding_mode],
             m3 is not None, thresholds is not None, **_math_args(x.dtype, masked_conv_grad_weight_kernel),
             BLOCK_O=bo, BLOCK_K=bk, SUB=sub, OFF32=off32, POS32=pos32, DIMS=g.ndim, DY_FLAT=dy_flat,
