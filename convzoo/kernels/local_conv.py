@@ -272,7 +272,7 @@ def _grad_input_step(acc, gb, wb, g_off, w_off, o_ar, o_left, stride_go, stride_
 def local_conv_grad_input_kernel(
     # output: grad input [N, C, ID, IH, IW], contiguous
     dx_ptr,
-    # inputs: grad [N, O, L], weight [O, C*KD*KH*KW, L], any strides
+    # inputs: grad [N, O, L], weight [O, C·∏KS, L], any strides
     g_ptr, w_ptr,
     # runtime sizes: P = ID*IH*IW input pixels
     N, C, O, ID, IH, IW, OD, OH, OW, P,

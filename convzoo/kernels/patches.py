@@ -44,11 +44,11 @@ __all__ = ["extract_patches", "extract_patches_backward"]
 
 @triton.jit
 def extract_patches_kernel(
-    # output: [N, L, CG*KD*KH*KW], contiguous
+    # output: [N, L, CG·∏KS], contiguous
     out_ptr,
     # input: [N, G*CG, ID, IH, IW], any strides
     x_ptr,
-    # runtime sizes: R = N*L rows, D = CG*KD*KH*KW entries per row, G groups of CG channels, L = OD*OH*OW
+    # runtime sizes: R = N*L rows, D = CG·∏KS entries per row, G groups of CG channels, L = OD*OH*OW
     R, D, G, CG, ID, IH, IW, OD, OH, OW, L,
     stride_xn, stride_xc, stride_xd, stride_xh, stride_xw,
     # geometry (LO: the low paddings; the padding modes need no high ones)
@@ -59,7 +59,7 @@ def extract_patches_kernel(
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Patch gather with the channel groups averaged:
-    ``out[n, (od, oh, ow), (c, kd, kh, kw)] = (1/G)·Σ_g x[n, g·CG + c, od·SD - PD + kd·DD, ...]``
+    ``out[n, (od, oh, ow), (c, kd, kh, kw)] = (1/G)·Σ_g x[n, g·CG + c, od·ST[0] - LO[0] + kd·DIL[0], ...]``
     (each index mapped by the padding mode; 0 where ``'zeros'`` padding is read).
 
     Roofline: memory bound. Bytes = R·D·e written + at most G·(N·CG·ID·IH·IW)·e read once (the taps and

@@ -46,11 +46,11 @@ __all__ = ["fold", "unfold"]
 
 @triton.jit
 def unfold_kernel(
-    # output: [N, C*KD*KH*KW, L], contiguous
+    # output: [N, C·∏KS, L], contiguous
     out_ptr,
     # input: [N, C, ID, IH, IW], any strides
     x_ptr,
-    # runtime sizes: R = N*C*KD*KH*KW rows, L = OD*OH*OW blocks
+    # runtime sizes: R = N·C·∏KS rows, L = OD·OH·OW blocks
     R, C, ID, IH, IW, OD, OH, OW, L,
     stride_xn, stride_xc, stride_xd, stride_xh, stride_xw,
     # geometry
@@ -59,11 +59,11 @@ def unfold_kernel(
     # tiles
     BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
-    """im2col gather: ``out[n, (c, kd, kh, kw), (od, oh, ow)] = x[n, c, od*SD - PD + kd*DD, ...]``.
+    """im2col gather: ``out[n, (c, kd, kh, kw), (od, oh, ow)] = x[n, c, od·ST[0] - LO[0] + kd·DIL[0], ...]``.
 
-    ``TRANSPOSED``: unfold_transpose's gather instead (the patches a transposed convolution sees; P* its
-    symmetric padding, ``MODE`` unused): ``x[n, c, i_d, ...]`` with ``od = i_d·SD - PD + kd·DD`` (and alike per
-    dim), 0 where no input index lands there. With stride S only 1/∏S of those entries read anything, so
+    ``TRANSPOSED``: unfold_transpose's gather instead (the patches a transposed convolution sees; LO its
+    symmetric padding, ``MODE`` unused): ``x[n, c, i_d, ...]`` with ``od = i_d·ST[0] - LO[0] + kd·DIL[0]``
+    (and alike per dim), 0 where no input index lands there. With stride S only 1/∏S of those entries read anything, so
     that gather is bound by its stores.
 
     Roofline: pure data movement. Bytes = R·L·e written + at most the input read (neighbouring
@@ -97,7 +97,7 @@ def unfold_kernel(
 def fold_kernel(
     # output: [N, C, ID, IH, IW], contiguous
     out_ptr,
-    # input (the columns): [N, C*KD*KH*KW, L], any strides
+    # input (the columns): [N, C·∏KS, L], any strides
     cols_ptr,
     # runtime sizes: R = N*C rows, P = ID*IH*IW pixels
     R, C, ID, IH, IW, OD, OH, OW, P,
@@ -114,8 +114,8 @@ def fold_kernel(
     """col2im as a gather: each output pixel sums, in a fixed order, every column entry that
     unfold would have copied from it. Deterministic: no atomics.
 
-    ``TRANSPOSED``: the adjoint of unfold_transpose (``unfold_kernel`` with ``TRANSPOSED``; P* its symmetric
-    padding, Q* 0, ``MODE`` 0 and NC* 1) instead: input pixel ``i`` sums, over the taps in a fixed order, the
+    ``TRANSPOSED``: the adjoint of unfold_transpose (``unfold_kernel`` with ``TRANSPOSED``; LO its symmetric
+    padding, HI 0, ``MODE`` 0 and NC 1 per dim) instead: input pixel ``i`` sums, over the taps in a fixed order, the
     column entry at ``o = i·S - P + t·D`` when it lies in the output. Each column entry is then read at most
     once (a (t, o) pair has at most one i): ≤ R·K·P entries read.
 
