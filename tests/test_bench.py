@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import convzoo.tools.bench.cli as bench
-from convzoo.tools.bench import harness, ops, timing
+from convzoo.tools.bench import harness, ops, ops_patches, ops_sparse, timing
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--reps", "2", "--min-time", "0.01"]
@@ -371,9 +371,9 @@ def test_max_minutes_stops_starting_rows(no_interpreter, capsys):
 
 
 def test_a_missing_peer_drops_its_column_with_one_line(monkeypatch, no_interpreter, capsys):
-    monkeypatch.setattr(ops, "unfoldNd", None)
-    monkeypatch.setattr(ops, "convNd_kfc", None)
-    monkeypatch.setattr(ops, "extract_patches", None)
+    monkeypatch.setattr(ops_patches, "unfoldNd", None)
+    monkeypatch.setattr(ops_patches, "convNd_kfc", None)
+    monkeypatch.setattr(ops_patches, "extract_patches", None)
     rows = _rows(["--tiny", "--device", "cpu", "--reps", "2", "--no-memory", "--no-save"], FakeTimer(),
                  FakeLoad(0.0), capsys)
     assert rows and not any(r.provider in ("unfoldNd", "einconv", "curvlinops") for r in rows)
@@ -712,7 +712,7 @@ def test_seed_f2_is_skipped_where_it_would_not_fit(no_interpreter, monkeypatch, 
     assert "--full N128 C16→16 32×32 k3 p1 s1 (5.6 GiB)" in ops.NOTES["coactivation"]
     assert "N32" not in ops.NOTES["coactivation"]
     # a run says which provider it leaves out and why, once per shape, and times the others
-    monkeypatch.setattr(ops, "SEED_F2_LIMIT", 1024)
+    monkeypatch.setattr(ops_sparse, "SEED_F2_LIMIT", 1024)
     tiny = ops.problems("tiny", ["coactivation"])
     lines = []
     rows = harness.run(tiny, ops.providers(), ["fwd"], cpu, torch.float32, harness.Limits(1e10, 1e11, "float32"),
