@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _cli_helpers import assert_refused, minutes_cases, name_cases
 
 from convzoo.tools import gpu_check as gc
 from convzoo.tools import pytest_deadline
@@ -130,21 +131,15 @@ def test_default_tests_are_the_checkouts(monkeypatch):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--steps", "tests,foo"], "--steps: unknown step 'foo'; choose from tests,tune,bench"),
-    (["--steps", ","], "--steps: no step named in ','; choose from tests,tune,bench"),
-    (["--steps", "tune,tune"], "--steps: 'tune' is named twice"),
-    (["--minutes", "0"], "--minutes must be positive and finite"),
-    (["--minutes", "nan"], "--minutes must be positive and finite"),
+    *name_cases("--steps", "step", "tune", "foo", choices="tests,tune,bench"),
+    *minutes_cases("--minutes", "0", "nan"),
     (["--minutes", "1"], "--minutes must be at least 2"),
     (["--minutes", "x"], "argument --minutes: invalid float value"),
     (["--tests", "/nonexistent/tests"], "--tests: /nonexistent/tests is not a folder"),
     (["--grid", "huge"], "invalid choice"),
 ])
 def test_bad_arguments_exit_2_naming_the_argument(argv, message, capsys):
-    with pytest.raises(SystemExit) as e:
-        gc.main([*argv, "--dry-run"])
-    err = capsys.readouterr().err.splitlines()[-1]
-    assert e.value.code == 2 and err.startswith("convzoo-gpu-check: error: ") and message in err
+    assert_refused(lambda argv: gc.main([*argv, "--dry-run"]), argv, "convzoo-gpu-check", message, capsys)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
