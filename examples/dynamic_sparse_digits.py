@@ -50,6 +50,31 @@ def load_data(samples: int | None, seed: int):
     return x[:cut], y[:cut], x[cut:], y[cut:], name
 
 
+def parse(ap: argparse.ArgumentParser, argv, methods=None) -> argparse.Namespace:
+    """The options every digits example ends with (``--samples``; ``--methods``, a comma-separated subset of
+    ``methods``, where it compares some; ``--threads``), parsed and applied: ``args.methods`` becomes the list."""
+    ap.add_argument("--samples", type=int, default=None, help="use at most this many of the 1797 images")
+    if methods is not None:
+        ap.add_argument("--methods", default=",".join(methods), help=f"comma-separated, of {', '.join(methods)}")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    args = ap.parse_args(argv)
+    if methods is not None:
+        args.methods = args.methods.split(",")
+        if unknown := [m for m in args.methods if m not in methods]:
+            ap.error(f"unknown --methods {unknown}; choose from {list(methods)}")
+    # one thread by default: on 8×8 images an OpenMP team costs more than it saves, and on a busy machine a
+    # descheduled team member stalls every op (10× slower measured on a loaded 2-core box)
+    torch.set_num_threads(args.threads)
+    return args
+
+
+def load(args: argparse.Namespace):
+    """``(x_train, y_train, x_test, y_test)`` of ``--samples`` images split by ``--seed``, the data named."""
+    x_train, y_train, x_test, y_test, name = load_data(args.samples, args.seed)
+    print(f"data: {name}: {len(y_train)} train / {len(y_test)} test images")
+    return x_train, y_train, x_test, y_test
+
+
 def make_net(conv) -> nn.Sequential:
     """Three 3×3 convs (8×8 → 4×4 → 2×2) and a linear classifier; ``conv`` builds each conv."""
     return nn.Sequential(conv(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
@@ -79,17 +104,11 @@ def main(argv=None) -> None:
                     help="what prunes: lowest |w| (default) or lowest coactivation count")
     ap.add_argument("--every", type=int, default=20, help="training steps between prune/regrow updates")
     ap.add_argument("--fraction", type=float, default=0.1, help="initial fraction of kept weights replaced")
-    ap.add_argument("--samples", type=int, default=None, help="use at most this many of the 1797 images")
-    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
-    args = ap.parse_args(argv)
-    # one thread by default: on 8×8 images an OpenMP team costs more than it saves, and on a busy machine a
-    # descheduled team member stalls every op (10× slower measured on a loaded 2-core box)
-    torch.set_num_threads(args.threads)
+    args = parse(ap, argv)
     t0 = time.perf_counter()
-    x_train, y_train, x_test, y_test, name = load_data(args.samples, args.seed)
+    x_train, y_train, x_test, y_test = load(args)
     batch = 32
     steps = args.epochs * -(-len(y_train) // batch)
-    print(f"data: {name}: {len(y_train)} train / {len(y_test)} test images")
 
     torch.manual_seed(args.seed)
     dense = make_net(nn.Conv2d)

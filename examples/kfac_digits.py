@@ -25,7 +25,7 @@ from torch import nn
 
 import convzoo
 
-# the data and the network are the digits example's: one definition of each
+# the data, the network and the options every digits example ends with are the digits example's: one definition
 _spec = importlib.util.spec_from_file_location("dynamic_sparse_digits", Path(__file__).with_name(
     "dynamic_sparse_digits.py"))
 digits = importlib.util.module_from_spec(_spec)
@@ -43,18 +43,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--damping", type=float, default=0.01, help="K-FAC's damping λ (π-split)")
     ap.add_argument("--inverse-every", type=int, default=10, help="steps between eigendecompositions")
     ap.add_argument("--kl-clip", type=float, default=1e-3, help="K-FAC's KL clip (0: none)")
-    ap.add_argument("--samples", type=int, default=None, help="use at most this many of the 1797 images")
-    ap.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of {', '.join(METHODS)}")
-    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
-    args = ap.parse_args(argv)
-    methods = args.methods.split(",")
-    if unknown := [m for m in methods if m not in METHODS]:
-        ap.error(f"unknown --methods {unknown}; choose from {list(METHODS)}")
-    torch.set_num_threads(args.threads)  # one thread: see dynamic_sparse_digits.py
+    args = digits.parse(ap, argv, METHODS)
+    methods = args.methods
     t0 = time.perf_counter()
-    x_train, y_train, x_test, y_test, name = digits.load_data(args.samples, args.seed)
+    x_train, y_train, x_test, y_test = digits.load(args)
     batch = 32
-    print(f"data: {name}: {len(y_train)} train / {len(y_test)} test images")
 
     torch.manual_seed(args.seed)
     base = digits.make_net(nn.Conv2d)

@@ -32,7 +32,7 @@ from torch import nn
 import convzoo
 from convzoo import sparsity
 
-# the data and the network are the other digits example's: one definition of each
+# the data, the network and the options every digits example ends with are the other digits example's: one definition
 _spec = importlib.util.spec_from_file_location("dynamic_sparse_digits", Path(__file__).with_name(
     "dynamic_sparse_digits.py"))
 digits = importlib.util.module_from_spec(_spec)
@@ -69,19 +69,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--every", type=int, default=20, help="training steps between prune/regrow updates")
     ap.add_argument("--fraction", type=float, default=0.3, help="initial fraction of kept weights replaced (RigL's)")
     ap.add_argument("--block", type=int, default=0, help="masks of whole B×B tiles (16, 32, 64; 0: unstructured)")
-    ap.add_argument("--samples", type=int, default=None, help="use at most this many of the 1797 images")
-    ap.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of {', '.join(METHODS)}")
-    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
-    args = ap.parse_args(argv)
-    methods = args.methods.split(",")
-    if unknown := [m for m in methods if m not in METHODS]:
-        ap.error(f"unknown --methods {unknown}; choose from {list(METHODS)}")
-    torch.set_num_threads(args.threads)  # one thread: see dynamic_sparse_digits.py
+    args = digits.parse(ap, argv, METHODS)
+    methods = args.methods
     t0 = time.perf_counter()
-    x_train, y_train, x_test, y_test, name = digits.load_data(args.samples, args.seed)
+    x_train, y_train, x_test, y_test = digits.load(args)
     batch = 32
     steps = args.epochs * -(-len(y_train) // batch)
-    print(f"data: {name}: {len(y_train)} train / {len(y_test)} test images")
 
     torch.manual_seed(args.seed)
     base = digits.make_net(nn.Conv2d)

@@ -292,22 +292,18 @@ def test_a_key_that_no_lookup_can_match_is_dropped_with_the_warning(roots):
 
 
 def _deny_stat(monkeypatch, folder):
-    real = pathlib.Path.stat
+    """``Path.stat`` and ``Path.read_text`` of anything under ``folder`` raise PermissionError (as without rights)."""
 
-    def stat(self, *args, **kwargs):
-        if str(self).startswith(str(folder) + os.sep):
-            raise PermissionError(13, "Permission denied", str(self))
-        return real(self, *args, **kwargs)
+    def denied(real):
+        def method(self, *args, **kwargs):
+            if str(self).startswith(str(folder) + os.sep):
+                raise PermissionError(13, "Permission denied", str(self))
+            return real(self, *args, **kwargs)
 
-    monkeypatch.setattr(pathlib.Path, "stat", stat)
-    real_read = pathlib.Path.read_text
+        return method
 
-    def read_text(self, *args, **kwargs):
-        if str(self).startswith(str(folder) + os.sep):
-            raise PermissionError(13, "Permission denied", str(self))
-        return real_read(self, *args, **kwargs)
-
-    monkeypatch.setattr(pathlib.Path, "read_text", read_text)
+    for name in ("stat", "read_text"):
+        monkeypatch.setattr(pathlib.Path, name, denied(getattr(pathlib.Path, name)))
 
 
 @pytest.mark.parametrize("case", ["cache_is_a_file", "gpu_folder_is_a_file", "no_permission",

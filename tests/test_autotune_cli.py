@@ -11,6 +11,7 @@ import warnings
 
 import pytest
 import torch
+from _cli_helpers import assert_absent_cuda_device_refused, assert_refused, device_cases, minutes_cases, name_cases
 
 import convzoo.kernels.local_conv  # noqa: F401  (registers every kernel while TRITON_INTERPRET is set)
 from convzoo import autotune
@@ -120,35 +121,19 @@ def test_no_gpu_exits_nonzero_unless_dry_run(cache, capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--kernels", "conv9d"], "--kernels: unknown kernel"),
-    (["--kernels", ","], "--kernels: no kernel named"),
-    (["--dtype", "float8"], "--dtype: unknown dtype"),
-    (["--dtype", ","], "--dtype: no dtype named"),
+    *name_cases("--kernels", "kernel", "unfold", "conv9d"),
+    *name_cases("--dtype", "dtype", "float16", "float8"),
     (["--grid", "huge"], "invalid choice"),
-    (["--max-minutes", "0"], "--max-minutes must be positive"),
-    (["--max-minutes", "-1"], "--max-minutes must be positive"),
-    (["--max-minutes", "nan"], "--max-minutes must be positive and finite"),
-    (["--max-minutes", "inf"], "--max-minutes must be positive and finite"),
-    (["--max-minutes", "1e999"], "--max-minutes must be positive and finite"),
-    (["--device", "bogus"], "--device: 'bogus' is not a device"),
-    (["--device", "meta"], "--device: tuning times the kernels on a CUDA GPU"),
-    (["--device", "cpu", "--dry-run"], "--device: tuning times the kernels on a CUDA GPU"),
+    *minutes_cases("--max-minutes", "0", "-1", "nan", "inf", "1e999"),
+    *device_cases("tuning times the kernels on a CUDA GPU"),
+    (["--device", "cpu", "--dry-run"], "--device: tuning times the kernels on a CUDA GPU, not on 'cpu'"),
 ])
 def test_bad_arguments(argv, message, capsys, cache):
-    with pytest.raises(SystemExit) as e:
-        cli.parse_args(argv)
-    err = capsys.readouterr().err
-    assert e.value.code == 2 and message in err.splitlines()[-1]  # after the usage, one line naming it
-    assert err.splitlines()[-1].startswith("convzoo-autotune: error: ")
+    assert_refused(cli.parse_args, argv, "convzoo-autotune", message, capsys)
 
 
 def test_a_cuda_device_that_is_not_here_is_refused(monkeypatch, capsys, cache):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    with pytest.raises(SystemExit) as e:
-        cli.parse_args(["--device", "cuda:2", "--dry-run"])
-    assert e.value.code == 2 and "--device: no CUDA device 2; this machine has 2" in capsys.readouterr().err
-    assert cli.parse_args(["--device", "cuda:1", "--dry-run"]).device == "cuda:1"
+    assert_absent_cuda_device_refused(cli.parse_args, ["--dry-run"], "convzoo-autotune", 2, monkeypatch, capsys)
 
 
 @pytest.mark.parametrize("where", ["out_is_a_file", "out_under_a_file", "out_read_only", "cache_is_a_file"])

@@ -13,9 +13,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from _cli_helpers import (
+    assert_absent_cuda_device_refused,
+    assert_refused,
+    cases,
+    device_cases,
+    minutes_cases,
+    name_cases,
+)
 
 import convzoo.tools.bench.cli as bench
-from convzoo.tools.bench import harness, ops, timing
+from convzoo.tools.bench import harness, ops, ops_patches, ops_sparse, timing
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--reps", "2", "--min-time", "0.01"]
@@ -371,9 +379,9 @@ def test_max_minutes_stops_starting_rows(no_interpreter, capsys):
 
 
 def test_a_missing_peer_drops_its_column_with_one_line(monkeypatch, no_interpreter, capsys):
-    monkeypatch.setattr(ops, "unfoldNd", None)
-    monkeypatch.setattr(ops, "convNd_kfc", None)
-    monkeypatch.setattr(ops, "extract_patches", None)
+    monkeypatch.setattr(ops_patches, "unfoldNd", None)
+    monkeypatch.setattr(ops_patches, "convNd_kfc", None)
+    monkeypatch.setattr(ops_patches, "extract_patches", None)
     rows = _rows(["--tiny", "--device", "cpu", "--reps", "2", "--no-memory", "--no-save"], FakeTimer(),
                  FakeLoad(0.0), capsys)
     assert rows and not any(r.provider in ("unfoldNd", "einconv", "curvlinops") for r in rows)
@@ -427,49 +435,32 @@ def test_shape_labels_state_the_shape():
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--ops", "conv"], "--ops: unknown op"),
-    (["--ops", ","], "--ops: no op named in ','"),
-    (["--ops", "fold,fold"], "--ops: 'fold' is named twice"),
+    *name_cases("--ops", "op", "fold", "conv"),
+    *name_cases("--modes", "mode", "fwd", "sideways"),
     (["--overhead", "--modes", "bwd"], "--modes: the --overhead rows have their own modes"),
     (["--tiny", "--update-reference"], "--update-reference: the reference results are whole --quick or --full "
                                        "runs, not --tiny"),
-    (["--update-reference", "--ops", "fold"], "not --ops"),
-    (["--update-reference", "--max-minutes", "2"], "not --max-minutes"),
-    (["--threads", "100000"], "--threads must be between 1 and this machine's"),
-    (["--modes", "fwd,sideways"], "--modes: unknown mode"),
-    (["--modes", ","], "--modes: no mode named in ','"),
-    (["--dtype", "int8"], "argument --dtype: invalid choice"),
-    (["--dtype", ","], "argument --dtype: invalid choice"),
-    (["--quick", "--full"], "not allowed with"),
-    (["--overhead", "--tiny"], "not allowed with"),
-    (["--out", "x", "--update-reference"], "not allowed with"),
+    *[(["--update-reference", flag, value], f"not {flag}") for flag, value in (("--ops", "fold"),
+                                                                               ("--max-minutes", "2"))],
+    *cases("--dtype", "argument --dtype: invalid choice", "int8", ","),
+    *[(argv, "not allowed with") for argv in (["--quick", "--full"], ["--overhead", "--tiny"],
+                                              ["--out", "x", "--update-reference"])],
     (["--reps", "1"], "--reps must be at least 2"),
-    (["--min-time", "0"], "--min-time must be in (0, 60)"),
-    (["--min-time", "nan"], "--min-time must be in (0, 60)"),
+    *cases("--min-time", "--min-time must be in (0, 60)", "0", "nan"),
     (["--threads", "0"], "--threads must be between 1 and"),
-    (["--max-minutes", "-1"], "--max-minutes must be positive"),
-    (["--max-minutes", "inf"], "--max-minutes must be positive"),
-    (["--device", "bogus"], "--device: 'bogus' is not a device"),
-    (["--device", "meta"], "--device: bench runs on cpu or cuda, not on 'meta'"),
+    (["--threads", "100000"], "--threads must be between 1 and this machine's"),
+    *minutes_cases("--max-minutes", "-1", "inf"),
+    *device_cases("bench runs on cpu or cuda"),
     pytest.param(["--device", "cuda"], "--device: 'cuda', but there is no CUDA device here",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")),
 ])
 def test_bad_arguments_exit_with_usage(argv, message, capsys):
-    with pytest.raises(SystemExit) as e:
-        bench.parse_args([*argv, *(["--no-save"] if "--out" not in argv and "--update-reference" not in argv
-                                   else [])])
-    err = capsys.readouterr().err
-    assert e.value.code == 2 and message in err.splitlines()[-1]  # after the usage, one line naming it
-    assert err.splitlines()[-1].startswith("convzoo-bench: error: ")
+    save = ["--no-save"] if "--out" not in argv and "--update-reference" not in argv else []
+    assert_refused(bench.parse_args, [*argv, *save], "convzoo-bench", message, capsys)
 
 
 def test_a_cuda_device_that_is_not_here_is_refused(monkeypatch, capsys):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    with pytest.raises(SystemExit) as e:
-        bench.parse_args(["--device", "cuda:1", "--no-save"])
-    assert e.value.code == 2 and "--device: no CUDA device 1; this machine has 1" in capsys.readouterr().err
-    assert bench.parse_args(["--device", "cuda:0", "--no-save"]).device == "cuda:0"
+    assert_absent_cuda_device_refused(bench.parse_args, ["--no-save"], "convzoo-bench", 1, monkeypatch, capsys)
 
 
 @pytest.mark.parametrize("where", ["a_file", "under_a_file", "read_only"])
@@ -712,7 +703,7 @@ def test_seed_f2_is_skipped_where_it_would_not_fit(no_interpreter, monkeypatch, 
     assert "--full N128 C16→16 32×32 k3 p1 s1 (5.6 GiB)" in ops.NOTES["coactivation"]
     assert "N32" not in ops.NOTES["coactivation"]
     # a run says which provider it leaves out and why, once per shape, and times the others
-    monkeypatch.setattr(ops, "SEED_F2_LIMIT", 1024)
+    monkeypatch.setattr(ops_sparse, "SEED_F2_LIMIT", 1024)
     tiny = ops.problems("tiny", ["coactivation"])
     lines = []
     rows = harness.run(tiny, ops.providers(), ["fwd"], cpu, torch.float32, harness.Limits(1e10, 1e11, "float32"),

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _cli_helpers import assert_refused, minutes_cases, name_cases
 
 from convzoo.tools import gpu_check as gc
 from convzoo.tools import pytest_deadline
@@ -33,7 +34,7 @@ def cache(tmp_path, monkeypatch):
 @pytest.fixture
 def fake_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(gc, "collect_env", lambda cuda=True: {"gpu": "Fake GPU", "driver": "1.0"})
+    monkeypatch.setattr(gc.cli, "collect_env", lambda cuda=True: {"gpu": "Fake GPU", "driver": "1.0"})
 
 
 def _timeouts(text: str) -> list[float]:
@@ -46,7 +47,7 @@ def _timeouts(text: str) -> list[float]:
 def test_dry_run_prints_one_budget_whose_timeouts_add_up(minutes, rehearse, tmp_path, cache, capsys, monkeypatch):
     out = tmp_path / "run"
     ran = []
-    monkeypatch.setattr(gc, "run_command", lambda *a, **k: ran.append(a))
+    monkeypatch.setattr(gc.cli, "run_command", lambda *a, **k: ran.append(a))
     argv = ["--dry-run", "--out", str(out), "--minutes", str(minutes)] + (["--rehearse"] if rehearse else [])
     assert gc.main(argv) == 0
     text = capsys.readouterr().out
@@ -110,7 +111,7 @@ def test_build_plan_refuses_bad_arguments(minutes, steps, error, message):
 
 
 def test_dry_run_default_folder_steps_subset_and_missing_tests(cache, capsys, monkeypatch, tmp_path):
-    monkeypatch.setattr(gc, "default_tests", lambda: tmp_path / "no-tests-here")
+    monkeypatch.setattr(gc.cli, "default_tests", lambda: tmp_path / "no-tests-here")
     assert gc.main(["--dry-run", "--steps", "tests,bench"]) == 0
     text = capsys.readouterr().out
     gpu = gc.device_slug(torch.cuda.get_device_name()) if torch.cuda.is_available() else "no-gpu"
@@ -123,28 +124,22 @@ def test_dry_run_default_folder_steps_subset_and_missing_tests(cache, capsys, mo
 
 def test_default_tests_are_the_checkouts(monkeypatch):
     assert (gc.default_tests() / "test_gpu_check.py").is_file()  # this checkout
-    monkeypatch.setattr(gc, "checkout_root", lambda: None)  # an installed package: no tests of ours
+    monkeypatch.setattr(gc.plan, "checkout_root", lambda: None)  # an installed package: no tests of ours
     assert gc.default_tests() is None
     text = gc.describe_plan(gc.build_plan(["tests"], Path("/w"), 8, None), Path("/r"), {}, 8, False, 0)
     assert "SKIPPED: no tests folder (convzoo is not imported from a checkout; pass --tests PATH)" in text
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--steps", "tests,foo"], "--steps: unknown step 'foo'; choose from tests,tune,bench"),
-    (["--steps", ","], "--steps: no step named in ','; choose from tests,tune,bench"),
-    (["--steps", "tune,tune"], "--steps: 'tune' is named twice"),
-    (["--minutes", "0"], "--minutes must be positive and finite"),
-    (["--minutes", "nan"], "--minutes must be positive and finite"),
+    *name_cases("--steps", "step", "tune", "foo", choices="tests,tune,bench"),
+    *minutes_cases("--minutes", "0", "nan"),
     (["--minutes", "1"], "--minutes must be at least 2"),
     (["--minutes", "x"], "argument --minutes: invalid float value"),
     (["--tests", "/nonexistent/tests"], "--tests: /nonexistent/tests is not a folder"),
     (["--grid", "huge"], "invalid choice"),
 ])
 def test_bad_arguments_exit_2_naming_the_argument(argv, message, capsys):
-    with pytest.raises(SystemExit) as e:
-        gc.main([*argv, "--dry-run"])
-    err = capsys.readouterr().err.splitlines()[-1]
-    assert e.value.code == 2 and err.startswith("convzoo-gpu-check: error: ") and message in err
+    assert_refused(lambda argv: gc.main([*argv, "--dry-run"]), argv, "convzoo-gpu-check", message, capsys)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
@@ -225,7 +220,7 @@ def test_hostile_step_outputs_never_stop_the_summary(tmp_path, monkeypatch):
     (tmp_path / "tests-progress.tsv").write_bytes(b"collected\tmany\n\xff\tx\npassed\t\nfailed")  # garbage lines
     (tmp_path / "tests-junit.xml").unlink()
     assert "- ran 0: 0 passed" in gc.build_summary(tmp_path)
-    monkeypatch.setattr(gc, "build_summary", lambda work: 1 / 0)
+    monkeypatch.setattr(gc.results, "build_summary", lambda work: 1 / 0)
     out = tmp_path / "out"
     out.mkdir()
     gc.publish(tmp_path, out)
@@ -394,7 +389,7 @@ def test_a_failing_step_does_not_stop_the_others(tmp_path, fake_gpu, monkeypatch
         write_fake_bench(work)
         return 0, False
 
-    monkeypatch.setattr(gc, "run_command", fake_run)
+    monkeypatch.setattr(gc.cli, "run_command", fake_run)
     assert gc.main(["--out", str(folder), "--minutes", "4"]) == 1
     plan = gc.build_plan(list(gc.STEPS), tmp_path, 4, None)
     assert [c[0] for c in calls] == ["tests", "tune", "bench"]
@@ -416,13 +411,13 @@ def test_a_failing_step_does_not_stop_the_others(tmp_path, fake_gpu, monkeypatch
 
 
 def test_all_steps_ok_exit_0_skipped_and_cut_steps_are_not_failures(tmp_path, fake_gpu, monkeypatch):
-    monkeypatch.setattr(gc, "default_tests", lambda: tmp_path / "none")
+    monkeypatch.setattr(gc.cli, "default_tests", lambda: tmp_path / "none")
 
     def fake_run(command, log_path, *a, **k):
         log_path.write_text("# --max-minutes 1 reached: 3 rows not timed\n" if log_path.stem == "bench" else "")
         return 0, False
 
-    monkeypatch.setattr(gc, "run_command", fake_run)
+    monkeypatch.setattr(gc.cli, "run_command", fake_run)
     folder = tmp_path / "run"
     folder.mkdir()
     (folder / "bench.csv").write_text("an earlier run's\n")  # ours: replaced, or removed when not written again
@@ -437,7 +432,7 @@ def test_all_steps_ok_exit_0_skipped_and_cut_steps_are_not_failures(tmp_path, fa
 
 def test_a_step_that_cannot_start_is_a_failure_and_one_without_time_is_skipped(tmp_path, fake_gpu, monkeypatch):
     clock = [0.0]
-    monkeypatch.setattr(gc.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(gc.cli.time, "monotonic", lambda: clock[0])
 
     def fake_run(command, log_path, cwd, timeout_s, env, stop_s=None):
         if log_path.stem == "tune":
@@ -445,13 +440,13 @@ def test_a_step_that_cannot_start_is_a_failure_and_one_without_time_is_skipped(t
         clock[0] += timeout_s  # tests use all of their time and then some
         return 0, False
 
-    monkeypatch.setattr(gc, "run_command", fake_run)
+    monkeypatch.setattr(gc.cli, "run_command", fake_run)
     assert gc.main(["--out", str(tmp_path / "run"), "--steps", "tests,tune,bench", "--minutes", "2"]) == 1
     records = json.loads((tmp_path / "run" / "run.json").read_text())["steps"]
     assert [r["status"] for r in records] == ["ok", "failed (could not start)", "ok"]
     assert "no such python" in records[1]["note"]
     clock[0] = 0.0
-    monkeypatch.setattr(gc, "run_command", lambda command, log_path, cwd, timeout_s, env, stop_s=None: (
+    monkeypatch.setattr(gc.cli, "run_command", lambda command, log_path, cwd, timeout_s, env, stop_s=None: (
         clock.__setitem__(0, clock[0] + 10_000), (0, False))[1])  # the first step ran far past the budget
     assert gc.main(["--out", str(tmp_path / "run2"), "--steps", "tune,bench", "--minutes", "2"]) == 0
     records = json.loads((tmp_path / "run2" / "run.json").read_text())["steps"]

@@ -314,16 +314,23 @@ _NATIVE_CASES = [  # (spatial size, kernel, dilation, symmetric padding, stride)
     ((4, 4), 4, 1, 0, 1), ((3, 5), 1, 1, 0, 1)]
 
 
+def _native_args(case):
+    """``(size, args)``: a :data:`_NATIVE_CASES` entry as the ops' resolved arguments (per-dim kernel, dilation,
+    flat ``[lo, hi, ...]`` padding, stride, padding mode)."""
+    size, *geom = case
+    nd = len(size)
+    ks, dil, pad, st = ([g] * nd if isinstance(g, int) else list(g) for g in geom)
+    return size, (ks, dil, [p for p in pad for _ in (0, 1)], st, "zeros")
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("case", _NATIVE_CASES, ids=str)
 def test_aten_path_is_the_reference_bit_for_bit(case, dtype):
     from convzoo import reference
     from convzoo.ops import _native
 
-    size, *geom = case
+    size, args = _native_args(case)
     nd = len(size)
-    ks, dil, pad, st = ([g] * nd if isinstance(g, int) else list(g) for g in geom)
-    args = (ks, dil, [p for p in pad for _ in (0, 1)], st, "zeros")
     x = torch.randn(2, 3, *size, dtype=torch.float64).to(dtype)
     got = _native.unfold(x, *args)
     torch.testing.assert_close(got, reference.unfold(x, *args), atol=0, rtol=0)
@@ -362,10 +369,7 @@ def test_aten_local_conv_family_is_the_reference_bit_for_bit(case, dtype):
     from convzoo import _shapes, reference
     from convzoo.ops import _native
 
-    size, *geom = case
-    nd = len(size)
-    ks, dil, pad, st = ([g] * nd if isinstance(g, int) else list(g) for g in geom)
-    args = (ks, dil, [p for p in pad for _ in (0, 1)], st, "zeros")
+    size, args = _native_args(case)
     g = _shapes.geometry(size, *args)
     x = torch.randn(2, 3, *size, dtype=dtype)
     w = torch.randn(g.num_blocks, 4, 3 * g.kernel_numel, dtype=dtype).permute(1, 2, 0)  # the layer's layout

@@ -31,6 +31,14 @@ from convzoo.tools._cli import check_device, check_minutes, check_names, check_w
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
+
+def _block_dims(k_side: str) -> dict[str, str]:
+    """The two lookup dims of each masked-conv kernel that its tile lists' blocks set (``k_side``: which side of the
+    kernel's matrix the block columns span)."""
+    return {"BO": "the tile lists' block rows (C_out side), sets BLOCK_O",
+            "BK": f"the tile lists' block columns ({k_side}), sets BLOCK_K"}
+
+
 # what each lookup dim of a table key counts, per kernel, and the tiles a config sets; from the
 # launchers' autotune.lookup(...) calls and the KernelSpecs in convzoo/kernels/*.py (a test checks
 # that the names match the registered specs)
@@ -66,15 +74,12 @@ KEY_LEGEND = {
                          "R": "rows of the [N*L, D] patch matrix = N*L (L output positions)"},
                         "BLOCK_R x BLOCK_D output tile (contiguous along D)"),
     "masked_conv_fwd": ({"M": "output positions N*L (samples x positions)", "O": "output channels C_out",
-                         "K": "reduction per group C_in/groups*prod(K)",
-                         "BO": "the tile lists' block rows (C_out side), sets BLOCK_O",
-                         "BK": "the tile lists' block columns (reduction side), sets BLOCK_K"},
+                         "K": "reduction per group C_in/groups*prod(K)", **_block_dims("reduction side")},
                         "BLOCK_M positions x the block's BO output channels per program, over the listed "
                         "BK-wide reduction tiles"),
     "masked_conv_grad_weight": ({"M": "reduction: output positions N*L (samples x positions)",
                                  "O": "output channels C_out", "K": "weight columns per group C_in/groups*prod(K)",
-                                 "BO": "the tile lists' block rows (C_out side), sets BLOCK_O",
-                                 "BK": "the tile lists' block columns (K side), sets BLOCK_K"},
+                                 **_block_dims("K side")},
                                 "the block's BO x BK dW tile per program (listed tiles only), BLOCK_M reduction "
                                 "step, SPLIT programs per tile"),
     "coactivation_correlation": ({"N": "batch (the correlations' reduction)", "L": "output positions prod(out)",
@@ -84,8 +89,7 @@ KEY_LEGEND = {
                                  "the positions"),
     "masked_conv_grad_input": ({"M": "input positions N*prod(input size) (samples x positions)",
                                 "C": "input channels C_in", "K": "reduction per group C_out/groups*prod(K)",
-                                "BO": "the tile lists' block rows (C_out side), sets BLOCK_O",
-                                "BK": "the tile lists' block columns (C_in side), sets BLOCK_K"},
+                                **_block_dims("C_in side")},
                                "BLOCK_M positions x the block's BK input channels per program, over the listed "
                                "(tap, BO-wide output-channel tile) blocks"),
 }

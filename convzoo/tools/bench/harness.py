@@ -74,6 +74,17 @@ class Problem:
     def moves_data_only(self) -> bool:
         return self.flops("fwd") == 0
 
+# the shape helpers of every family's problems (bench/ops_patches.py, bench/ops_sparse.py): the output size of
+# a conv geometry, and the label a problem states its shape in
+def _out(size, k, s, p):
+    return tuple((n + 2 * p - k) // s + 1 for n in size)
+
+
+def _label(n, c, size, k, s, p, c_out=None) -> str:
+    """The shape as a reader wants it: ``N8 C64 32×32 k3 p1 s1`` (``C16→32`` when channels change)."""
+    chans = f"C{c}" if c_out is None else f"C{c}→{c_out}"
+    return f"N{n} {chans} {'×'.join(map(str, size))} k{k} p{p} s{s}"
+
 
 @dataclass
 class Provider:
