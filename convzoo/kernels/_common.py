@@ -79,6 +79,20 @@ def _padded_candidate(i, j, n, lo, hi, MODE: tl.constexpr):
 
 
 @triton.jit
+def _padded_candidates(i_d, ih, iw, jd, jh, jw, ID, IH, IW, LO: tl.constexpr, HI: tl.constexpr,
+                       MODE: tl.constexpr):
+    """The ``(jd, jh, jw)``-th padded position ``(pd, ph, pw)`` that reads input position ``(i_d, ih, iw)``,
+    and whether it exists in all three dims: ``_padded_candidate`` per dim. The gathers that invert a padded
+    read (fold, the sparse conv's grad-input) loop ``jd``, ``jh``, ``jw`` over ``range(NC[0..2])``, in that
+    nesting, and call it in the innermost loop (each dim's part depends on its own index only, so the
+    compiler hoists it out of the loops inside)."""
+    pd, ok_d = _padded_candidate(i_d, jd, ID, LO[0], HI[0], MODE)
+    ph, ok_h = _padded_candidate(ih, jh, IH, LO[1], HI[1], MODE)
+    pw, ok_w = _padded_candidate(iw, jw, IW, LO[2], HI[2], MODE)
+    return pd, ph, pw, ok_d & ok_h & ok_w
+
+
+@triton.jit
 def _widen(v, ACC_DTYPE: tl.constexpr, UPCAST: tl.constexpr):
     """``v`` in the accumulator dtype. ``UPCAST`` (bf16 under the interpreter only) widens by the bits
     — a bf16 is the top half of an fp32 — because the interpreter's own bf16 → fp32 cast gets

@@ -26,7 +26,7 @@ from convzoo.kernels._common import (
     _gather_default,
     _launch_buffer,
     _num_candidates,
-    _padded_candidate,
+    _padded_candidates,
     _position_coords,
     _random_problem,
     _reduce_gather_default,
@@ -133,18 +133,16 @@ def fold_kernel(
     # loop over every (padded position, tap) pair that can read this pixel, fp32 (fp64) accumulation
     acc = tl.zeros([BLOCK_R, BLOCK_P], dtype=ACC_DTYPE)
     for jd in range(NC[0]):
-        pd, cand_d = _padded_candidate(i_d, jd, ID, LO[0], HI[0], MODE)
         for jh in range(NC[1]):
-            ph, cand_h = _padded_candidate(ih, jh, IH, LO[1], HI[1], MODE)
             for jw in range(NC[2]):
-                pw, cand_w = _padded_candidate(iw, jw, IW, LO[2], HI[2], MODE)
+                pd, ph, pw, cand = _padded_candidates(i_d, ih, iw, jd, jh, jw, ID, IH, IW, LO, HI, MODE)
                 for kd in range(KS[0]):
                     ld, ok_d = _tap_target(pd, LO[0], kd, OD, ST[0], DIL[0], TRANSPOSED)
                     for kh in range(KS[1]):
                         lh, ok_h = _tap_target(ph, LO[1], kh, OH, ST[1], DIL[1], TRANSPOSED)
                         for kw in range(KS[2]):
                             lw, ok_w = _tap_target(pw, LO[2], kw, OW, ST[2], DIL[2], TRANSPOSED)
-                            ok = cand_d & cand_h & cand_w & ok_d & ok_h & ok_w & pix_ok
+                            ok = cand & ok_d & ok_h & ok_w & pix_ok
                             blk = (ld * OH + lh) * OW + lw
                             # loop indices are int32: tap · stride_ck passes 2^31 once (K-1)·L does
                             tap = tl.cast((kd * KS[1] + kh) * KS[2] + kw, tl.int64)

@@ -22,7 +22,7 @@ from convzoo.kernels._common import (
     _math_args,
     _mma,
     _num_candidates,
-    _padded_candidate,
+    _padded_candidates,
     _taps,
 )
 from convzoo.kernels.masked_conv.fwd import (
@@ -203,12 +203,10 @@ def masked_conv_grad_input_kernel(
     # program and the block loop (its loads and dots) stays at the top of its own loop, where it is pipelined
     acc = tl.zeros([BLOCK_M, BLOCK_K], dtype=ACC_DTYPE)
     for jd in range(NC[0]):
-        pd, cand_d = _padded_candidate(i_d, jd, ID, LO[0], HI[0], MODE)
         for jh in range(NC[1]):
-            ph, cand_h = _padded_candidate(ih, jh, IH, LO[1], HI[1], MODE)
             for jw in range(NC[2]):
-                pw, cand_w = _padded_candidate(iw, jw, IW, LO[2], HI[2], MODE)
-                cand = m_ok & cand_d & cand_h & cand_w
+                pd, ph, pw, cand = _padded_candidates(i_d, ih, iw, jd, jh, jw, ID, IH, IW, LO, HI, MODE)
+                cand = m_ok & cand
                 # MODE is a constexpr and the test a runtime branch: two ifs, so 'zeros' pays no reduction
                 if MODE == 0:  # noqa: SIM114  (one candidate, p = i: nothing to skip)
                     acc = _grad_input_taps(acc, g_n, w_ptr, idx_row, count, g, c0, c_ok, pd, ph, pw, cand,
