@@ -464,6 +464,9 @@ def _conv_geometry_3d(x: torch.Tensor, kernel_size, stride, padding, output_padd
     group, ``D = CG·K`` patch rows, ``DP = D + bias``, ``acc`` the accumulator dtype. Checks the geometry, then
     the device.
 
+    ``padding`` is the flat ``[lo_0, hi_0, ...]`` list of a convolution, or the per-dim symmetric padding of a
+    transposed one (``transposed=True``, with ``output_padding``; ``padding_mode`` must then be ``'zeros'``).
+
     Raises:
         ValueError / TypeError: bad geometry (see :func:`convzoo._shapes.geometry` and
             :func:`convzoo._shapes.transpose_geometry`) or a device the kernels cannot run on.

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from convzoo.autotune import Config, ConfigSpace
-from convzoo.kernels._common import _fit
+from convzoo.kernels import _common as cm
 
 
 def _gemm_default(m: int, n: int, k: int, dtype, interpret: bool, m_cap: int) -> tuple[int, int, int, int, int]:
@@ -16,10 +16,10 @@ def _gemm_default(m: int, n: int, k: int, dtype, interpret: bool, m_cap: int) ->
     fp64 runs as a broadcast-sum (an M·N·K tile in registers): the smallest.
     """
     if interpret:
-        return _fit(m, 16, 64), _fit(n, 16, 64), _fit(k, 16, 128), 4, 1
+        return cm._fit(m, 16, 64), cm._fit(n, 16, 64), cm._fit(k, 16, 128), 4, 1
     if dtype == torch.float64:
         return 16, 16, 16, 4, 1
-    bm, bn = _fit(m, 16, m_cap), _fit(n, 16, 64)
+    bm, bn = cm._fit(m, 16, m_cap), cm._fit(n, 16, 64)
     bk = 64 if dtype in (torch.float16, torch.bfloat16) else 32
     return bm, bn, bk, (8 if bm * bn >= 8192 else 4), 3
 
@@ -36,7 +36,7 @@ def _grad_weight_default(dims, dtype, interpret: bool) -> Config:
     # the output dW is the big tensor: wide R tiles make its stores long contiguous runs
     bo, br, bn, warps, stages = _gemm_default(dims["O"], dims["R"], dims["N"], dtype, interpret, m_cap=64)
     if not interpret and dtype != torch.float64:
-        br = _fit(dims["R"], 16, 128)
+        br = cm._fit(dims["R"], 16, 128)
         # static sm_90 report: a 32 × 128 tile at 4 warps took 255 registers and spilled (local_2d_b256)
         warps = 8 if bo * br >= 4096 else 4
     return Config({"BLOCK_O": bo, "BLOCK_R": br, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
@@ -55,7 +55,7 @@ def _grad_input_default(dims, dtype, interpret: bool) -> Config:
     if not interpret and dtype in (torch.float16, torch.bfloat16):
         # the larger of C_in and the batch is the MMA's M (see _c_major): up to 128 rows, the other up to 64
         big, small = (dims["C"], dims["N"]) if dims["C"] > dims["N"] else (dims["N"], dims["C"])
-        bm, bs = _fit(big, 16, 128), _fit(small, 16, 64)
+        bm, bs = cm._fit(big, 16, 128), cm._fit(small, 16, 64)
         bc, bn = (bm, bs) if dims["C"] > dims["N"] else (bs, bm)
         bo, warps = (64 if bm * bs <= 4096 else 32), (8 if bm * bs >= 4096 else 4)
     elif not interpret and dtype == torch.float32:

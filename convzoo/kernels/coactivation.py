@@ -18,19 +18,7 @@ import triton.language as tl
 
 from convzoo import _shapes, autotune, reference
 from convzoo.autotune import Config, ConfigSpace, KernelSpec, TuneProblem
-from convzoo.kernels._common import (
-    _as_3d,
-    _as_5d,
-    _check_device,
-    _device,
-    _fit,
-    _math_args,
-    _mma,
-    _patch_columns,
-    _split_count,
-    _split_tile,
-    _taps,
-)
+from convzoo.kernels import _common as cm
 
 __all__ = ["coactivation_correlation"]
 
@@ -79,7 +67,7 @@ def coactivation_correlation_kernel(
     # program id -> (share s, row (g, to), k-tile j), k-tiles fastest, shares slowest: the programs of one
     # share read the same positions of x̂ and ŷ, so they run together and hit in L2; the tile's output
     # channels (co in all of ŷ) and their mask
-    s, _, j, g, o_ok, co = _split_tile(TK, ROWS, TO, OG, BLOCK_O)
+    s, _, j, g, o_ok, co = cm._split_tile(TK, ROWS, TO, OG, BLOCK_O)
 
     # offsets and masks: the tile's columns k = t·CG + c
     k = j * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -87,7 +75,7 @@ def coactivation_correlation_kernel(
     c = k % CG
     t = k // CG
     # tap-major k = t·CG + c as _patch_columns' unfold-order row c·∏kernel + t
-    r = c * _taps(KS) + t
+    r = c * cm._taps(KS) + t
     x_g = x_ptr + g * CG * stride_xc
     y_rows = y_ptr + co * stride_yc
 
@@ -106,8 +94,8 @@ def coactivation_correlation_kernel(
         y_l = y_rows + od * stride_yd + oh * stride_yh + ow * stride_yw
         # the patch columns of position l: an offset into x̂[n], and whether the tap reads anything (zero
         # padding reads nothing: 0, the normalised value of a constant); other modes read the copied entry
-        off, ok = _patch_columns(r, l, ID, IH, IW, OH, OW, stride_xc, stride_xd, stride_xh, stride_xw,
-                                 KS, ST, LO, DIL, MODE, False)
+        off, ok = cm._patch_columns(r, l, ID, IH, IW, OH, OW, stride_xc, stride_xd, stride_xh, stride_xw,
+                                    KS, ST, LO, DIL, MODE, False)
         col_ok = k_ok & ok
         x_l = x_g + off
         corr = tl.zeros([BLOCK_O, BLOCK_K], dtype=ACC_DTYPE)
@@ -117,7 +105,7 @@ def coactivation_correlation_kernel(
             # samples past N read 0: they add nothing, so BLOCK_N ≥ 16 pads a small batch for tl.dot
             yt = tl.load(y_l[:, None] + n[None, :] * stride_yn, mask=o_ok[:, None] & n_ok[None, :], other=0)
             xt = tl.load(x_l[None, :] + n[:, None] * stride_xn, mask=n_ok[:, None] & col_ok[None, :], other=0)
-            corr = _mma(yt, xt, corr, FP64, PRECISION, UPCAST)
+            corr = cm._mma(yt, xt, corr, FP64, PRECISION, UPCAST)
         acc += tl.abs(corr)
 
     # masked store of the share's partial sums
@@ -133,7 +121,7 @@ def _split(dims, bo: int, bk: int) -> int:
     lookup dim, so a grouped layer gets more shares than it needs, never fewer)."""
     b = autotune.bucket
     tiles = max(1, b(dims["O"]) // bo) * max(1, b(dims["K"]) // bk)
-    return _split_count(tiles, b(dims["L"]) // 4)
+    return cm._split_count(tiles, b(dims["L"]) // 4)
 
 
 def _fits(bo: int, bk: int, bn: int, warps: int, stages: int, dtype) -> bool:
@@ -153,20 +141,20 @@ def _default(dims, dtype, interpret: bool) -> Config:
     (:func:`_split`). fp64 is a broadcast-sum holding a BO × BLOCK_N × BK product: ≤ 8192 values. The
     interpreter pays per program and per step: the largest tiles, one share."""
     if interpret:
-        return Config({"BLOCK_O": _fit(dims["O"], 16, 64), "BLOCK_K": _fit(dims["K"], 16, 128),
-                       "BLOCK_N": _fit(dims["N"], 16, 64), "SPLIT": 1}, num_warps=4, num_stages=1)
+        return Config({"BLOCK_O": cm._fit(dims["O"], 16, 64), "BLOCK_K": cm._fit(dims["K"], 16, 128),
+                       "BLOCK_N": cm._fit(dims["N"], 16, 64), "SPLIT": 1}, num_warps=4, num_stages=1)
     if dtype == torch.float64:
-        bo, bk = _fit(dims["O"], 1, 16), _fit(dims["K"], 1, 32)
-        bn = max(1, min(_fit(dims["N"], 1, 16), 8192 // (bo * bk)))
+        bo, bk = cm._fit(dims["O"], 1, 16), cm._fit(dims["K"], 1, 32)
+        bn = max(1, min(cm._fit(dims["N"], 1, 16), 8192 // (bo * bk)))
         return Config({"BLOCK_O": bo, "BLOCK_K": bk, "BLOCK_N": bn, "SPLIT": _split(dims, bo, bk)},
                       num_warps=4, num_stages=1)
-    bo, bk = _fit(dims["O"], 16, 64), _fit(dims["K"], 16, 64)
-    bn = _fit(dims["N"], 16, 64 if dtype in (torch.float16, torch.bfloat16) else 32)
+    bo, bk = cm._fit(dims["O"], 16, 64), cm._fit(dims["K"], 16, 64)
+    bn = cm._fit(dims["N"], 16, 64 if dtype in (torch.float16, torch.bfloat16) else 32)
     if bo < 64 and dtype in (torch.float16, torch.bfloat16):
         # fewer than 64 output channels per group: an MMA M of 32 rows (mma.sync, not wgmma). A 128-wide K tile
         # keeps the MMA work per step, a batch step of 32 keeps it spill-free (32 × 64 × 64 spilled 20 bytes;
         # 32 × 128 × 32, 4 warps: 168 registers, issue bound 0.78 on the static sm_90 report's local_2d_b256)
-        bk, bn = _fit(dims["K"], 16, 128), min(bn, 32)
+        bk, bn = cm._fit(dims["K"], 16, 128), min(bn, 32)
     warps = 4 if _fits(bo, bk, bn, 4, 1, dtype) else 8
     stages = 3 if dtype in (torch.float16, torch.bfloat16) else 2
     while stages > 1 and not _fits(bo, bk, bn, warps, stages, dtype):
@@ -268,7 +256,7 @@ def coactivation_correlation(x: torch.Tensor, y: torch.Tensor, weight_shape: lis
         _shapes.check(isinstance(out, torch.Tensor) and tuple(out.shape) == tuple(weight_shape)
                       and out.device == x.device,
                       lambda: f"out must be a tensor of weight_shape {list(weight_shape)} on {x.device}")
-    _check_device(x)
+    cm._check_device(x)
     # (2) allocate: the scores in the accumulator's dtype; no launch for an empty result or fewer than two
     # samples (no spread: every score 0)
     acc_dtype = reference._acc(x.dtype)
@@ -287,18 +275,18 @@ def coactivation_correlation(x: torch.Tensor, y: torch.Tensor, weight_shape: lis
     bo, bk, split = cfg.meta["BLOCK_O"], cfg.meta["BLOCK_K"], cfg.meta["SPLIT"]
     to, tk = triton.cdiv(og, bo), triton.cdiv(k, bk)
     part = torch.empty((split, co, cg, kt), dtype=acc_dtype, device=x.device)
-    a = _as_3d(g)
-    xs, ys = _as_5d(xn, g.ndim), _as_5d(yn, g.ndim)
+    a = cm._as_3d(g)
+    xs, ys = cm._as_5d(xn, g.ndim), cm._as_5d(yn, g.ndim)
     rows = groups * to
     grid = (split * rows * tk,)
-    with _device(x):
+    with cm._device(x):
         coactivation_correlation_kernel[grid](
             part, ys, xs,
             n, L, og, cg, k, to, tk, rows, *a["in"], a["out"][1], a["out"][2],
             *ys.stride(), *xs.stride(), *part.stride(),
             a["k"], a["s"], a["lo"], a["d"],
             _shapes.PADDING_MODE_CODES[g.padding_mode],
-            **_math_args(operand, coactivation_correlation_kernel), **cfg.launch_kwargs(),
+            **cm._math_args(operand, coactivation_correlation_kernel), **cfg.launch_kwargs(),
         )
     # the partials summed in a fixed order (deterministic), then scaled as the reference does
     h = (part[0] if split == 1 else part.sum(0)).mul_((n - 1) / (n * L)).view([int(v) for v in weight_shape])

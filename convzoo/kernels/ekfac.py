@@ -23,23 +23,7 @@ import triton.language as tl
 
 from convzoo import autotune, reference
 from convzoo.autotune import Config, ConfigSpace, KernelSpec, TuneProblem
-from convzoo.kernels._common import (
-    _as_5d,
-    _conv_geometry_3d,
-    _device,
-    _fit,
-    _group_slices,
-    _layer_conv_args,
-    _math_args,
-    _mma,
-    _split_count,
-    _split_workspace,
-    _sum_partials,
-    _tap_coords,
-    _tap_sources,
-    _taps,
-    _widen,
-)
+from convzoo.kernels import _common as cm
 
 __all__ = ["ekfac_eigenvalues"]
 
@@ -54,10 +38,10 @@ def _patch_rows(x_ptr, r, od, oh, ow, l_ok, n, D, ID, IH, IW,
     first channel): 0 outside ``r < D``, ``l < L`` and where padding reads nothing; row ``D`` is the constant 1
     when ``HAS_BIAS``. The positions' coordinates come from the caller, computed once per position step (three
     divisions by runtime sizes), not per patch-row step; the taps' from ``r`` by constexprs."""
-    kd, kh, kw = _tap_coords((r % _taps(KS)).to(tl.int32), KS[1], KS[2])
-    c = r // _taps(KS)
-    i_d, i_h, i_w, ok = _tap_sources(od, oh, ow, kd, kh, kw, ID, IH, IW, ST, LO, DIL,
-                                     MODE, TRANSPOSED)
+    kd, kh, kw = cm._tap_coords((r % cm._taps(KS)).to(tl.int32), KS[1], KS[2])
+    c = r // cm._taps(KS)
+    i_d, i_h, i_w, ok = cm._tap_sources(od, oh, ow, kd, kh, kw, ID, IH, IW, ST, LO, DIL,
+                                        MODE, TRANSPOSED)
     off = (c * stride_xc + i_d.to(tl.int64) * stride_xd + i_h.to(tl.int64) * stride_xh
            + i_w.to(tl.int64) * stride_xw)
     v = tl.load(x_ptr + n * stride_xn + off, mask=ok & (r < D) & l_ok, other=0)
@@ -75,7 +59,7 @@ def _contract(ahat, h, acc, FP64: tl.constexpr, PRECISION: tl.constexpr, UPCAST:
     if FP64:
         acc += tl.sum(ahat[:, :, None] * h[None, :, :], axis=1)
     elif UPCAST:
-        acc = tl.dot(ahat, _widen(h, tl.float32, UPCAST), acc, input_precision="ieee")
+        acc = tl.dot(ahat, cm._widen(h, tl.float32, UPCAST), acc, input_precision="ieee")
     else:
         acc = tl.dot(ahat.to(h.dtype), h, acc, input_precision=PRECISION)
     return acc
@@ -154,7 +138,7 @@ def ekfac_kernel(
                 p = _patch_rows(x_g, d[:, None], od, oh, ow, l_ok, n, D, ID, IH, IW,
                                 stride_xn, stride_xc, stride_xd, stride_xh, stride_xw,
                                 KS, ST, LO, DIL, MODE, TRANSPOSED, HAS_BIAS)
-                ahat = _mma(q, p, ahat, FP64, PRECISION, UPCAST)
+                ahat = cm._mma(q, p, ahat, FP64, PRECISION, UPCAST)
             h = tl.load(h_g + n * stride_hn + ro[None, :] * stride_hc + l[:, None] * stride_hl,
                         mask=o_ok & (l < L)[:, None], other=0)
             acc = _contract(ahat, h, acc, FP64, PRECISION, UPCAST)
@@ -172,7 +156,7 @@ def _split(dims, block_j: int, block_o: int, interpret: bool) -> int:
     """Programs per tile: enough for two tiles' work per SM, while each share keeps ≥ 4 samples."""
     if interpret:
         return 1
-    return _split_count(dims["G"] * -(-dims["D"] // block_j) * -(-dims["O"] // block_o), dims["N"] // 4)
+    return cm._split_count(dims["G"] * -(-dims["D"] // block_j) * -(-dims["O"] // block_o), dims["N"] // 4)
 
 
 def _default(dims, dtype, interpret: bool) -> Config:
@@ -182,15 +166,15 @@ def _default(dims, dtype, interpret: bool) -> Config:
     warps (no spills). fp64 is a broadcast-sum: small tiles. The interpreter pays per program and per step: the largest
     tiles."""
     if interpret:
-        bj, bo, bl, bk = _fit(dims["D"], 16, 64), _fit(dims["O"], 16, 64), _fit(dims["L"], 16, 64), \
-            _fit(dims["D"], 16, 64)
+        bj, bo, bl, bk = cm._fit(dims["D"], 16, 64), cm._fit(dims["O"], 16, 64), cm._fit(dims["L"], 16, 64), \
+            cm._fit(dims["D"], 16, 64)
         warps, stages = 4, 1
     elif dtype == torch.float64:
         bj, bo, bl, bk, warps, stages = 16, 16, 16, 16, 4, 1
     elif dtype == torch.float32:  # CUDA cores unless TF32 is allowed: 64-wide tiles (and 4 warps) spill there
-        bj, bo, bl, bk, warps, stages = 32, _fit(dims["O"], 16, 32), 32, 16, 8, 1
+        bj, bo, bl, bk, warps, stages = 32, cm._fit(dims["O"], 16, 32), 32, 16, 8, 1
     else:  # 8 warps: the three fp32 tiles (two accumulators and the projected patches) fit without spilling
-        bj, bo, bl, bk = 64, _fit(dims["O"], 16, 64), 64, 32
+        bj, bo, bl, bk = 64, cm._fit(dims["O"], 16, 64), 64, 32
         warps, stages = 8, 2
     return Config({"BLOCK_J": bj, "BLOCK_O": bo, "BLOCK_L": bl, "BLOCK_K": bk,
                    "SPLIT": _split(dims, bj, bo, interpret)}, num_warps=warps, num_stages=stages)
@@ -227,7 +211,7 @@ _SPACE = ConfigSpace({"BLOCK_J": (16, 128), "BLOCK_O": (16, 128), "BLOCK_L": (16
 
 def _problem(layer, dtype, device) -> TuneProblem:
     """A tuning grid layer's statistic (groups 1, with the bias column), against the plain-torch path."""
-    geom = _layer_conv_args(layer)
+    geom = cm._layer_conv_args(layer)
     g = layer.resolved()
     co, dp = layer.out_channels, layer.c * g.kernel_numel + 1
     dims = {"O": co, "D": dp, "L": g.num_blocks, "N": layer.n, "G": 1}
@@ -260,18 +244,14 @@ def ekfac_eigenvalues(x: torch.Tensor, grad: torch.Tensor, q_a: torch.Tensor, q_
     and the output gradients ``grad`` ``[N, C_out, *out]``, ``Q_A`` ``q_a`` ``[G, DP, DP]`` and ``Q_G`` ``q_g``
     ``[G, C_out/G, C_out/G]``; a new ``[G, C_out/G, DP]`` tensor (fp32, fp64 for fp64 ``x``).
 
-    ``padding`` is the flat ``[lo_0, hi_0, ...]`` list of a convolution, or the per-dim symmetric padding of a
-    transposed one (``transposed=True``, with ``output_padding``; ``padding_mode`` must then be ``'zeros'``).
-    The output gradients are projected here, ``Q_Gᵀ G_n`` by one batched matmul in the accumulator dtype (then
-    the operand dtype: ``x``'s); ``Q_A`` is read in ``x``'s dtype. ``config`` overrides the autotune lookup.
-
-    Raises:
-        ValueError / TypeError: bad geometry (see :func:`convzoo._shapes.geometry` and
-            :func:`convzoo._shapes.transpose_geometry`) or a device the kernels cannot run on.
+    The geometry arguments (``padding``'s two forms among them) are ``_common._conv_geometry_3d``'s, and so
+    are the errors on bad ones (``ValueError`` / ``TypeError``). The output gradients are projected here,
+    ``Q_Gᵀ G_n`` by one batched matmul in the accumulator dtype (then the operand dtype: ``x``'s); ``Q_A`` is
+    read in ``x``'s dtype. ``config`` overrides the autotune lookup.
     """
     # (1) check
-    a = _conv_geometry_3d(x, kernel_size, stride, padding, output_padding, dilation, padding_mode, transposed,
-                          groups, bias)
+    a = cm._conv_geometry_3d(x, kernel_size, stride, padding, output_padding, dilation, padding_mode, transposed,
+                             groups, bias)
     n, cg, dp, num, acc_dtype = x.shape[0], a["CG"], a["DP"], a["L"], a["acc"]
     co = grad.shape[1] // groups
     # (2) allocate; an empty reduction (N = 0 or no positions) gives s = 0
@@ -291,11 +271,11 @@ def ekfac_eigenvalues(x: torch.Tensor, grad: torch.Tensor, q_a: torch.Tensor, q_
     cfg = config or autotune.lookup("ekfac", x.device, x.dtype, O=co, D=dp, L=num, N=n, G=groups)
     bj, bo, split = cfg.meta["BLOCK_J"], cfg.meta["BLOCK_O"], cfg.meta["SPLIT"]
     tj, to = triton.cdiv(dp, bj), triton.cdiv(co, bo)
-    target = _split_workspace(out, split)
-    xs = _as_5d(x, a["ndim"])
-    with _device(x):
+    target = cm._split_workspace(out, split)
+    xs = cm._as_5d(x, a["ndim"])
+    with cm._device(x):
         # grid dims 1 (groups) and 2 (SPLIT) are limited to 65535 on CUDA: a depthwise layer may have more
-        for g0, ng in _group_slices(groups):
+        for g0, ng in cm._group_slices(groups):
             ekfac_kernel[(tj * to, ng, split)](
                 target[:, g0:g0 + ng], xs[:, g0 * cg:(g0 + ng) * cg], qa[g0:g0 + ng], gh[:, g0 * co:(g0 + ng) * co],
                 cg, co, *a["in"], a["out"][1], a["out"][2], num, n, a["D"], dp, tj,
@@ -303,9 +283,9 @@ def ekfac_eigenvalues(x: torch.Tensor, grad: torch.Tensor, q_a: torch.Tensor, q_
                 coef if split == 1 else 1.0,
                 a["k"], a["s"], a["p"], a["d"],
                 a["mode"], transposed, bias,
-                **_math_args(x.dtype, ekfac_kernel),
+                **cm._math_args(x.dtype, ekfac_kernel),
                 **cfg.launch_kwargs(),
             )
     if split > 1:
-        _sum_partials(target, out, coef=coef)
+        cm._sum_partials(target, out, coef=coef)
     return out

@@ -28,22 +28,7 @@ import triton.language as tl
 
 from convzoo import _shapes, autotune, reference
 from convzoo.autotune import Config, KernelSpec, TuneProblem
-from convzoo.kernels._common import (
-    _as_3d,
-    _as_5d,
-    _block_index,
-    _check_device,
-    _device,
-    _finish,
-    _launch_buffer,
-    _math_args,
-    _mma,
-    _num_candidates,
-    _padded_candidate,
-    _patch_columns,
-    _taps,
-    _widen,
-)
+from convzoo.kernels import _common as cm
 from convzoo.kernels._local_conv_configs import (
     _c_major,
     _fwd_default,
@@ -110,17 +95,17 @@ def local_conv_fwd_kernel(
     for r0 in range(0, R, BLOCK_R):
         r = r0 + tl.arange(0, BLOCK_R).to(tl.int64)
         r_ok = r < R
-        off, ok = _patch_columns(r, l, ID, IH, IW, OH, OW, stride_xc, stride_xd, stride_xh, stride_xw,
-                                 KS, ST, LO, DIL, MODE, False)
+        off, ok = cm._patch_columns(r, l, ID, IH, IW, OH, OW, stride_xc, stride_xd, stride_xh, stride_xw,
+                                    KS, ST, LO, DIL, MODE, False)
         w = tl.load(w_rows[:, None] + r[None, :] * stride_wr, mask=o_ok[:, None] & r_ok[None, :], other=0)
         if GATHER_T:  # the same tile, gathered batch-major and transposed (see _GATHER_T)
             p = tl.trans(tl.load(x_cols[:, None] + off[None, :], mask=n_ok[:, None] & (r_ok & ok)[None, :], other=0))
         else:
             p = tl.load(x_cols[None, :] + off[:, None], mask=(r_ok & ok)[:, None] & n_ok[None, :], other=0)
-        acc = _mma(w, p, acc, FP64, PRECISION, UPCAST)
+        acc = cm._mma(w, p, acc, FP64, PRECISION, UPCAST)
     if HAS_BIAS:
         b = tl.load(b_ptr + o * stride_bo + l * stride_bl, mask=o_ok, other=0)
-        acc += _widen(b, ACC_DTYPE, UPCAST)[:, None]
+        acc += cm._widen(b, ACC_DTYPE, UPCAST)[:, None]
 
     # masked store; y is [N, O, L] so a tile is strided by L — partial sectors merge in L2
     y = y_ptr + n[None, :] * O * L + o[:, None] * L + l
@@ -136,8 +121,8 @@ def _grad_weight_step(acc, acc_b, g_ptrs, x_ptrs, n_ok, col_ok, FP64: tl.constex
     validity ``col_ok``: zeros in both operands, NaN-safe."""
     gt = tl.load(g_ptrs, mask=n_ok[None, :], other=0)
     p = tl.load(x_ptrs, mask=n_ok[:, None] & col_ok[None, :], other=0)
-    acc = _mma(gt, p, acc, FP64, PRECISION, UPCAST)
-    acc_b += _widen(gt, ACC_DTYPE, UPCAST)
+    acc = cm._mma(gt, p, acc, FP64, PRECISION, UPCAST)
+    acc_b += cm._widen(gt, ACC_DTYPE, UPCAST)
     return acc, acc_b
 
 
@@ -187,8 +172,8 @@ def local_conv_grad_weight_kernel(
     r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     o_ok = o < O
     r_ok = r < R
-    off, ok = _patch_columns(r, l, ID, IH, IW, OH, OW, stride_xc, stride_xd, stride_xh, stride_xw,
-                             KS, ST, LO, DIL, MODE, False)
+    off, ok = cm._patch_columns(r, l, ID, IH, IW, OH, OW, stride_xc, stride_xd, stride_xh, stride_xw,
+                                KS, ST, LO, DIL, MODE, False)
     col_ok = r_ok & ok
     off = tl.where(col_ok, off, 0)
     o_d = tl.minimum(tl.arange(0, BLOCK_O), O - 1 - o0)
@@ -238,8 +223,8 @@ def local_conv_grad_weight_kernel(
 def _tap_position(i, j, k, n, O, lo, hi, S: tl.constexpr, D: tl.constexpr, MODE: tl.constexpr):
     """Along one dim: the output position whose tap ``k`` reads input index ``i`` through its
     ``j``-th padded candidate (see ``_padded_candidate``), and whether that pair exists."""
-    p, cand = _padded_candidate(i, j, n, lo, hi, MODE)
-    l, ok = _block_index(p, lo, k, O, S, D)
+    p, cand = cm._padded_candidate(i, j, n, lo, hi, MODE)
+    l, ok = cm._block_index(p, lo, k, O, S, D)
     return l, cand & ok
 
 
@@ -260,11 +245,11 @@ def _grad_input_step(acc, gb, wb, g_off, w_off, o_ar, o_left, stride_go, stride_
     if C_MAJOR:
         w = tl.load(wb + w_off[:, None] + wo[None, :], mask=o_ok[None, :], other=0)
         g = tl.load(gb + go[:, None] + g_off[None, :], mask=o_ok[:, None], other=0)
-        acc = _mma(w, g, acc, FP64, PRECISION, UPCAST)
+        acc = cm._mma(w, g, acc, FP64, PRECISION, UPCAST)
     else:
         g = tl.load(gb + g_off[:, None] + go[None, :], mask=o_ok[None, :], other=0)
         w = tl.load(wb + wo[:, None] + w_off[None, :], mask=o_ok[:, None], other=0)
-        acc = _mma(g, w, acc, FP64, PRECISION, UPCAST)
+        acc = cm._mma(g, w, acc, FP64, PRECISION, UPCAST)
     return acc
 
 
@@ -327,12 +312,12 @@ def local_conv_grad_input_kernel(
     o_ar = tl.arange(0, BLOCK_O)
     # the loop-invariant in-tile offsets: int64, narrowed to int32 when NARROW (the launcher proved they fit)
     g_off = n_d * stride_gn
-    w_off = c_d * _taps(KS) * stride_wr
+    w_off = c_d * cm._taps(KS) * stride_wr
     if NARROW:
         g_off = g_off.to(tl.int32)
         w_off = w_off.to(tl.int32)
     g_tile = g_ptr + n0 * stride_gn
-    w_tile = w_ptr + c0 * _taps(KS) * stride_wr
+    w_tile = w_ptr + c0 * cm._taps(KS) * stride_wr
     step_g = tl.full([], BLOCK_O, tl.int64) * stride_go
     step_w = tl.full([], BLOCK_O, tl.int64) * stride_wo
     o_full = O - O % BLOCK_O
@@ -469,7 +454,7 @@ def local_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     """
     # (1) check
     g = _shapes.local_conv_geometry(x, weight, bias, kernel_size, dilation, padding, stride, padding_mode)
-    _check_device(x)
+    cm._check_device(x)
     # (2) allocate; empty dims need no launch: an empty result (N, C_out = 0), or C_in = 0, where every
     # dot product is an empty sum and y is the bias (zeros without one). L >= 1 always.
     y = x.new_empty(_shapes.local_conv_out_shape(x, weight, g))
@@ -482,11 +467,11 @@ def local_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
         if bias is not None:
             y.view(n, o, l).add_(bias if bias.dim() == 2 else bias[:, None])
         return y
-    buf = _launch_buffer(y, local_conv_fwd_kernel)
+    buf = cm._launch_buffer(y, local_conv_fwd_kernel)
     # (3) look up config and launch
-    a = _as_3d(g)
+    a = cm._as_3d(g)
     cfg = config or autotune.lookup("local_conv_fwd", x.device, x.dtype, N=n, O=o, R=r)
-    xs = _as_5d(x, g.ndim)
+    xs = cm._as_5d(x, g.ndim)
     if bias is None:
         b, b_strides = weight, (0, 0)  # never read
     else:
@@ -494,17 +479,17 @@ def local_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
         b_strides = b.stride()
     m = cfg.meta
     grid = (l * triton.cdiv(n, m["BLOCK_N"]) * triton.cdiv(o, m["BLOCK_O"]),)
-    with _device(x):
+    with cm._device(x):
         local_conv_fwd_kernel[grid](
             buf, xs, weight, b,
             n, o, r, *a["in"], a["out"][1], a["out"][2], l,
             *xs.stride(), *weight.stride(), *b_strides,
             a["k"], a["s"], a["lo"], a["d"],
             _shapes.PADDING_MODE_CODES[g.padding_mode],
-            bias is not None, **_math_args(x.dtype, local_conv_fwd_kernel), GATHER_T=_GATHER_T,
+            bias is not None, **cm._math_args(x.dtype, local_conv_fwd_kernel), GATHER_T=_GATHER_T,
             **cfg.launch_kwargs(),
         )
-    return _finish(y, buf)
+    return cm._finish(y, buf)
 
 
 def local_conv_grad_weight(grad: torch.Tensor, x: torch.Tensor, kernel_size: list[int], dilation: list[int],
@@ -521,7 +506,7 @@ def local_conv_grad_weight(grad: torch.Tensor, x: torch.Tensor, kernel_size: lis
     """
     # (1) check
     g = _shapes.local_conv_grad_weight_geometry(grad, x, kernel_size, dilation, padding, stride, padding_mode)
-    _check_device(x)
+    cm._check_device(x)
     # (2) allocate
     w_shape, b_shape = _shapes.local_conv_grad_weight_shapes(grad, x, g)
     dw = x.new_empty(w_shape).permute(1, 2, 0)
@@ -537,12 +522,12 @@ def local_conv_grad_weight(grad: torch.Tensor, x: torch.Tensor, kernel_size: lis
         dw.zero_()
         db.copy_(grad.reshape(n, o, l).sum(0, dtype=acc))
         return dw, db
-    dw_buf = _launch_buffer(dw, local_conv_grad_weight_kernel)
-    db_buf = _launch_buffer(db, local_conv_grad_weight_kernel)
+    dw_buf = cm._launch_buffer(dw, local_conv_grad_weight_kernel)
+    db_buf = cm._launch_buffer(db, local_conv_grad_weight_kernel)
     # (3) look up config and launch
-    a = _as_3d(g)
+    a = cm._as_3d(g)
     cfg = config or autotune.lookup("local_conv_grad_weight", x.device, x.dtype, O=o, R=r, N=n)
-    xs = _as_5d(x, g.ndim)
+    xs = cm._as_5d(x, g.ndim)
     g3 = grad.reshape(n, o, l)
     if g3.stride(0) != 1 and n > 1:
         # one copy of dY with the batch contiguous, position-major ([L, C_out, N]): 16-byte loads of its tile
@@ -554,17 +539,17 @@ def local_conv_grad_weight(grad: torch.Tensor, x: torch.Tensor, kernel_size: lis
     span = sum((sz - 1) * st for sz, st in zip(xs.shape[1:], xs.stride()[1:]))
     narrow = max((m["BLOCK_N"] - 1) * sgn + (m["BLOCK_O"] - 1) * sgo,
                  (m["BLOCK_N"] - 1) * xs.stride(0) + span) < 2**31
-    with _device(x):
+    with cm._device(x):
         local_conv_grad_weight_kernel[grid](
             dw_buf, db_buf, g3, xs,
             n, o, r, *a["in"], a["out"][1], a["out"][2], l,
             *g3.stride(), *xs.stride(), *dw_buf.stride(),
             a["k"], a["s"], a["lo"], a["d"],
             _shapes.PADDING_MODE_CODES[g.padding_mode],
-            **_math_args(x.dtype, local_conv_grad_weight_kernel), NARROW=narrow,
+            **cm._math_args(x.dtype, local_conv_grad_weight_kernel), NARROW=narrow,
             **cfg.launch_kwargs(),
         )
-    return _finish(dw, dw_buf), _finish(db, db_buf)
+    return cm._finish(dw, dw_buf), cm._finish(db, db_buf)
 
 
 def local_conv_grad_input(grad: torch.Tensor, weight: torch.Tensor, input_size: list[int], kernel_size: list[int],
@@ -580,7 +565,7 @@ def local_conv_grad_input(grad: torch.Tensor, weight: torch.Tensor, input_size: 
     # (1) check
     g = _shapes.local_conv_grad_input_geometry(grad, weight, input_size, kernel_size, dilation, padding, stride,
                                                padding_mode)
-    _check_device(grad)
+    cm._check_device(grad)
     # (2) allocate; nothing to launch for an empty result (N, C_in or an input dim = 0), and with
     # C_out = 0 every input pixel's gradient is an empty sum
     n, o, c = grad.shape[0], weight.shape[0], weight.shape[1] // g.kernel_numel
@@ -589,9 +574,9 @@ def local_conv_grad_input(grad: torch.Tensor, weight: torch.Tensor, input_size: 
         return dx
     if o == 0:
         return dx.zero_()
-    buf = _launch_buffer(dx, local_conv_grad_input_kernel)
+    buf = cm._launch_buffer(dx, local_conv_grad_input_kernel)
     # (3) look up config and launch
-    a = _as_3d(g)
+    a = cm._as_3d(g)
     cfg = config or autotune.lookup("local_conv_grad_input", grad.device, grad.dtype, N=n, C=c, O=o)
     g3 = grad.reshape(n, o, g.num_blocks)
     if g3.stride(1) != 1 and o > 1:
@@ -606,16 +591,16 @@ def local_conv_grad_input(grad: torch.Tensor, weight: torch.Tensor, input_size: 
     # the in-tile deltas the kernel adds to its int64 bases: int32 when they provably fit
     narrow = max((m["BLOCK_N"] - 1) * sgn + (m["BLOCK_O"] - 1) * sgo,
                  (m["BLOCK_C"] - 1) * g.kernel_numel * swr + (m["BLOCK_O"] - 1) * swo) < 2**31
-    with _device(grad):
+    with cm._device(grad):
         local_conv_grad_input_kernel[grid](
             buf, g3, weight,
             n, c, o, *a["in"], *a["out"], P,
             *g3.stride(), *weight.stride(),
             a["k"], a["s"], a["lo"], a["hi"], a["d"],
             _shapes.PADDING_MODE_CODES[g.padding_mode],
-            _num_candidates(g, 3 - g.ndim),
-            **_math_args(grad.dtype, local_conv_grad_input_kernel),
+            cm._num_candidates(g, 3 - g.ndim),
+            **cm._math_args(grad.dtype, local_conv_grad_input_kernel),
             C_MAJOR=_c_major(m), NARROW=narrow,
             **cfg.launch_kwargs(),
         )
-    return _finish(dx, buf)
+    return cm._finish(dx, buf)

@@ -23,22 +23,7 @@ import triton.language as tl
 
 from convzoo import autotune, reference
 from convzoo.autotune import Config, ConfigSpace, KernelSpec, TuneProblem
-from convzoo.kernels._common import (
-    _as_5d,
-    _conv_geometry_3d,
-    _device,
-    _fit,
-    _group_slices,
-    _layer_conv_args,
-    _math_args,
-    _mma,
-    _patch_columns,
-    _split_count,
-    _split_workspace,
-    _sum_partials,
-    _taps,
-    _widen,
-)
+from convzoo.kernels import _common as cm
 
 __all__ = ["patch_covariance"]
 
@@ -50,8 +35,8 @@ def _tap_columns(k, l, ID, IH, IW, OH, OW, L, stride_xd, stride_xh, stride_xw,
     """Tap ``k`` (a scalar, or one per row) of positions ``l`` (int64): the offset into a sample's channel 0
     each reads and whether it reads anything (``l < L`` and the padding). One vector per (tap, l-block): the
     hot loop over samples reuses it."""
-    off, ok = _patch_columns(k, l, ID, IH, IW, OH, OW, 0, stride_xd, stride_xh, stride_xw,
-                             KS, ST, LO, DIL, MODE, TRANSPOSED)
+    off, ok = cm._patch_columns(k, l, ID, IH, IW, OH, OW, 0, stride_xd, stride_xh, stride_xw,
+                                KS, ST, LO, DIL, MODE, TRANSPOSED)
     return off, ok & (l < L)
 
 
@@ -145,17 +130,17 @@ def patch_covariance_kernel(
                 a = tl.load(a_ptrs, mask=a_ok, other=0)
                 b_ = tl.load(b_ptrs, mask=b_ok, other=0)
                 if UPCAST:
-                    a = _widen(a, tl.float32, UPCAST)
-                    b_ = _widen(b_, tl.float32, UPCAST)
-                acc = _mma(a, b_, acc, FP64, PRECISION, False)  # UPCAST: the tiles are fp32 already
+                    a = cm._widen(a, tl.float32, UPCAST)
+                    b_ = cm._widen(b_, tl.float32, UPCAST)
+                acc = cm._mma(a, b_, acc, FP64, PRECISION, False)  # UPCAST: the tiles are fp32 already
                 a_ptrs += stride_xn
                 b_ptrs += stride_xn
 
         # epilogue: scale, blend into out, store the tile and its mirror at patch rows c·K + k
         acc = acc * coef
         base = out_ptr + s * stride_os + g * stride_og
-        ri = ci * _taps(KS) + ki
-        rj = cj * _taps(KS) + kj
+        ri = ci * cm._taps(KS) + ki
+        rj = cj * cm._taps(KS) + kj
         ok = ci_ok[:, None] & cj_ok[None, :]
         upper = base + ri[:, None] * stride_oi + rj[None, :] * stride_oj
         val = acc
@@ -189,7 +174,7 @@ def _split(dims, block_d: int, block_m: int, interpret: bool) -> int:
     if interpret:
         return 1
     t = _tiles(dims, block_d)
-    return _split_count(dims["G"] * t * (t + 1) // 2, dims["M"] // (8 * block_m))
+    return cm._split_count(dims["G"] * t * (t + 1) // 2, dims["M"] // (8 * block_m))
 
 
 def _default(dims, dtype, interpret: bool) -> Config:
@@ -202,11 +187,11 @@ def _default(dims, dtype, interpret: bool) -> Config:
     tiles."""
     rows = dims["K"] * triton.next_power_of_2(max(dims["C"], 1))  # the pairs' rows, padded
     if interpret:
-        bd, bm, warps, stages = _fit(rows, 16, 64), _fit(dims["L"], 16, 256), 4, 1
+        bd, bm, warps, stages = cm._fit(rows, 16, 64), cm._fit(dims["L"], 16, 256), 4, 1
     elif dtype == torch.float64:
         bd, bm, warps, stages = 16, 16, 4, 1
     else:
-        bd = _fit(rows, 16, 64)
+        bd = cm._fit(rows, 16, 64)
         half = dtype in (torch.float16, torch.bfloat16)
         bm, warps, stages = (64, 4, 3) if half else (32, 8, 1)
     return Config({"BLOCK_D": bd, "BLOCK_M": bm, "SPLIT": _split(dims, bd, bm, interpret)},
@@ -241,7 +226,7 @@ _SPACE = ConfigSpace({"BLOCK_D": (16, 128), "BLOCK_M": (16, 256), "SPLIT": (1, 6
 
 def _problem(layer, dtype, device) -> TuneProblem:
     """A tuning grid layer's factor (groups 1, no bias), against the plain-torch path."""
-    geom = _layer_conv_args(layer)
+    geom = cm._layer_conv_args(layer)
     g = layer.resolved()
     dims = {"D": layer.c * g.kernel_numel, "M": layer.n * g.num_blocks, "G": 1, "C": layer.c, "K": g.kernel_numel,
             "L": g.num_blocks}
@@ -269,17 +254,13 @@ def patch_covariance(x: torch.Tensor, kernel_size: list[int], stride: list[int],
     patch second moment ``Σ_{n,l} p p^T`` of channel group ``g`` of ``x`` ``[N, C, *spatial]``, written into
     ``out`` (``[G, DP, DP]``, the accumulator dtype, any strides) or a new tensor, and returned.
 
-    ``padding`` is the flat ``[lo_0, hi_0, ...]`` list of a convolution, or the per-dim symmetric padding of a
-    transposed one (``transposed=True``, with ``output_padding``; ``padding_mode`` must then be ``'zeros'``).
-    ``config`` overrides the autotune lookup (tests use it to run partial tiles and splits).
-
-    Raises:
-        ValueError / TypeError: bad geometry (see :func:`convzoo._shapes.geometry` and
-            :func:`convzoo._shapes.transpose_geometry`) or a device the kernels cannot run on.
+    The geometry arguments (``padding``'s two forms among them) are ``_common._conv_geometry_3d``'s, and so
+    are the errors on bad ones (``ValueError`` / ``TypeError``). ``config`` overrides the autotune lookup (tests
+    use it to run partial tiles and splits).
     """
     # (1) check
-    a = _conv_geometry_3d(x, kernel_size, stride, padding, output_padding, dilation, padding_mode, transposed,
-                          groups, bias)
+    a = cm._conv_geometry_3d(x, kernel_size, stride, padding, output_padding, dilation, padding_mode, transposed,
+                             groups, bias)
     n, cg, d, dp, acc_dtype = x.shape[0], a["CG"], a["D"], a["DP"], a["acc"]
     # (2) allocate; an empty reduction (N = 0 or no positions) gives F = 0
     read_out = out is not None and alpha != 0.0
@@ -324,14 +305,14 @@ def _launch(target: torch.Tensor, x: torch.Tensor, a: dict, cg: int, read_out: b
     n = x.shape[0]
     sn, ns, sl, ls = _chunks(n, triton.cdiv(a["L"], bm), cfg.meta["SPLIT"])
     split = sn * sl
-    work = _split_workspace(target, split)
-    xs = _as_5d(x, a["ndim"])
+    work = cm._split_workspace(target, split)
+    xs = cm._as_5d(x, a["ndim"])
     if xs.stride(1) != 1 and cg > 1:
         xs = xs.contiguous(memory_format=torch.channels_last_3d)
-    with _device(x):
+    with cm._device(x):
         # grid dims 1 (groups) and 2 (chunks) are limited to 65535 on CUDA: a depthwise layer may have more
         # channels, so the groups go in launches of at most that many (each on its slices of x and target)
-        for g0, ng in _group_slices(groups):
+        for g0, ng in cm._group_slices(groups):
             patch_covariance_kernel[(tt * tt, ng, split)](
                 work[:, g0:g0 + ng], xs[:, g0 * cg:(g0 + ng) * cg],
                 cg, n, *a["in"], a["out"][1], a["out"][2], a["L"], tc, a["K"] * tc, tt, sn, ns, ls,
@@ -339,11 +320,11 @@ def _launch(target: torch.Tensor, x: torch.Tensor, a: dict, cg: int, read_out: b
                 alpha if split == 1 else 0.0, coef if split == 1 else 1.0,
                 a["k"], a["s"], a["p"], a["d"],
                 a["mode"], a["transposed"], read_out and split == 1,
-                **_math_args(x.dtype, patch_covariance_kernel), BLOCK_C=bc,
+                **cm._math_args(x.dtype, patch_covariance_kernel), BLOCK_C=bc,
                 **cfg.launch_kwargs(),
             )
     if split > 1:
-        _sum_partials(work, target, read_out, alpha, coef)
+        cm._sum_partials(work, target, read_out, alpha, coef)
 
 
 def _bias_row(out: torch.Tensor, x: torch.Tensor, kernel_size, stride, padding, output_padding, dilation,

@@ -16,28 +16,8 @@ import triton.language as tl
 
 from convzoo import _shapes, autotune, reference
 from convzoo.autotune import Config, KernelSpec, TuneProblem
+from convzoo.kernels import _common as cm
 from convzoo.kernels import unfold as _unfold_kernels
-from convzoo.kernels._common import (
-    _acc_dtype,
-    _as_3d,
-    _as_5d,
-    _candidates,
-    _check_device,
-    _device,
-    _finish,
-    _launch_buffer,
-    _position_coords,
-    _random_problem,
-    _space,
-    _tap_coords,
-    _tap_source,
-    _taps,
-    _tile_default,
-    _tile_grid,
-    _tile_offsets,
-    _upcast,
-    _widen,
-)
 
 __all__ = ["extract_patches", "extract_patches_backward"]
 
@@ -71,18 +51,18 @@ def extract_patches_kernel(
     torch's mean), so G = 1 is an exact copy in every dtype.
     """
     # program id -> tile: offsets (int64; row = n*L + l, col = c*K + k) and masks
-    rows, cols, row_ok, col_ok = _tile_offsets(R, D, BLOCK_R, BLOCK_D)
+    rows, cols, row_ok, col_ok = cm._tile_offsets(R, D, BLOCK_R, BLOCK_D)
     n = rows // L
     blk = rows % L
-    od, oh, ow = _position_coords(blk, OH, OW)
-    k = cols % _taps(KS)
-    c = cols // _taps(KS)
-    kd, kh, kw = _tap_coords(k, KS[1], KS[2])
+    od, oh, ow = cm._position_coords(blk, OH, OW)
+    k = cols % cm._taps(KS)
+    c = cols // cm._taps(KS)
+    kd, kh, kw = cm._tap_coords(k, KS[1], KS[2])
 
     # per dim, not _tap_sources: the tile mask first in the mask (as unfold_kernel's) keeps the registers down
-    i_d, ok_d = _tap_source(od[:, None], kd[None, :], ID, LO[0], ST[0], DIL[0], MODE, False)
-    i_h, ok_h = _tap_source(oh[:, None], kh[None, :], IH, LO[1], ST[1], DIL[1], MODE, False)
-    i_w, ok_w = _tap_source(ow[:, None], kw[None, :], IW, LO[2], ST[2], DIL[2], MODE, False)
+    i_d, ok_d = cm._tap_source(od[:, None], kd[None, :], ID, LO[0], ST[0], DIL[0], MODE, False)
+    i_h, ok_h = cm._tap_source(oh[:, None], kh[None, :], IH, LO[1], ST[1], DIL[1], MODE, False)
+    i_w, ok_w = cm._tap_source(ow[:, None], kw[None, :], IW, LO[2], ST[2], DIL[2], MODE, False)
     tile_ok = row_ok[:, None] & col_ok[None, :]
     ok = tile_ok & ok_d & ok_h & ok_w
     src = (x_ptr + (n * stride_xn)[:, None] + (c * stride_xc)[None, :]
@@ -94,7 +74,7 @@ def extract_patches_kernel(
         # loop indices are int32: g · CG · stride_xc passes 2^31 with the channels
         group = tl.cast(g, tl.int64) * CG
         vals = tl.load(src + group * stride_xc, mask=ok, other=0)
-        acc += _widen(vals, ACC_DTYPE, UPCAST)
+        acc += cm._widen(vals, ACC_DTYPE, UPCAST)
     if acc.dtype == tl.float64:  # fp64 division is IEEE round-to-nearest already (div_rn is fp32 only)
         acc = acc / tl.cast(G, ACC_DTYPE)
     else:  # fp32 `/` may be approximate on a GPU
@@ -109,22 +89,22 @@ def _default(dims, dtype, interpret: bool) -> Config:
     """The heuristic (dims R = N·L rows, D contiguous entries per row)."""
     # the group loop keeps an fp32 accumulator tile live (as fold's tap loop): 1024 elements = 8 registers
     # per thread at 4 warps, beside the three index tiles
-    br, bd = _tile_default(dims["R"], dims["D"], interpret, inner_cap=128, tile=1024)
+    br, bd = cm._tile_default(dims["R"], dims["D"], interpret, inner_cap=128, tile=1024)
     return Config({"BLOCK_R": br, "BLOCK_D": bd}, num_warps=4, num_stages=1)
 
 
 def _problem(layer, dtype, device) -> TuneProblem:
     g, geom = layer.resolved(), layer.geometry()
     groups = 2 if layer.c % 2 == 0 else 1  # the group loop runs; its count does not change the best tile
-    return _random_problem({"R": layer.n * g.num_blocks, "D": layer.c // groups * g.kernel_numel},
-                           (layer.n, layer.c, *layer.size), dtype, device,
-                           lambda x, cfg: extract_patches(x, *geom, groups, config=cfg),
-                           lambda x: reference.extract_patches(x, *geom, groups))
+    return cm._random_problem({"R": layer.n * g.num_blocks, "D": layer.c // groups * g.kernel_numel},
+                              (layer.n, layer.c, *layer.size), dtype, device,
+                              lambda x, cfg: extract_patches(x, *geom, groups, config=cfg),
+                              lambda x: reference.extract_patches(x, *geom, groups))
 
 
 EXTRACT_PATCHES_SPEC = autotune.register(KernelSpec(
-    "extract_patches", extract_patches_kernel, ("R", "D"), _default, _candidates("BLOCK_R", "BLOCK_D"),
-    _problem, _space("BLOCK_R", "BLOCK_D")))
+    "extract_patches", extract_patches_kernel, ("R", "D"), _default, cm._candidates("BLOCK_R", "BLOCK_D"),
+    _problem, cm._space("BLOCK_R", "BLOCK_D")))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -142,29 +122,29 @@ def extract_patches(x: torch.Tensor, kernel_size: list[int], dilation: list[int]
     """
     # (1) check
     g = _shapes.extract_patches_geometry(x, kernel_size, dilation, padding, stride, padding_mode, groups)
-    _check_device(x)
+    cm._check_device(x)
     # (2) allocate; nothing to launch for an empty result (N, C = 0); an empty input dim (zero padding only)
     # reads nothing, so its patches are zeros, as the kernel writes
     out = x.new_empty(_shapes.extract_patches_out_shape(x, g, groups))
     if out.numel() == 0:
         return out
-    buf = _launch_buffer(out, extract_patches_kernel)
+    buf = cm._launch_buffer(out, extract_patches_kernel)
     # (3) look up config and launch
-    a = _as_3d(g)
+    a = cm._as_3d(g)
     rows, D = out.shape[0] * out.shape[1], out.shape[2]
-    cfg, grid = _tile_grid("extract_patches", x, rows, config, D=D)
-    xs = _as_5d(x, g.ndim)
-    with _device(x):
+    cfg, grid = cm._tile_grid("extract_patches", x, rows, config, D=D)
+    xs = cm._as_5d(x, g.ndim)
+    with cm._device(x):
         extract_patches_kernel[grid](
             buf, xs,
             rows, D, groups, x.shape[1] // groups, *a["in"], *a["out"], g.num_blocks,
             *xs.stride(),
             a["k"], a["s"], a["lo"], a["d"],
             _shapes.PADDING_MODE_CODES[g.padding_mode],
-            _acc_dtype(x.dtype), _upcast(x.dtype, extract_patches_kernel),
+            cm._acc_dtype(x.dtype), cm._upcast(x.dtype, extract_patches_kernel),
             **cfg.launch_kwargs(),
         )
-    return _finish(out, buf)
+    return cm._finish(out, buf)
 
 
 def extract_patches_backward(grad: torch.Tensor, input_size: list[int], kernel_size: list[int],
@@ -183,7 +163,7 @@ def extract_patches_backward(grad: torch.Tensor, input_size: list[int], kernel_s
     """
     g = _shapes.extract_patches_backward_geometry(grad, input_size, kernel_size, dilation, padding, stride,
                                                   padding_mode, groups)
-    _check_device(grad)
+    cm._check_device(grad)
     folded = _unfold_kernels.fold(grad.transpose(1, 2), list(input_size), kernel_size, dilation, padding, stride,
                                   padding_mode)
     return reference.broadcast_groups(folded, groups, _shapes.extract_patches_backward_out_shape(grad, g, groups))

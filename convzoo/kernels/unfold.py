@@ -15,31 +15,7 @@ import triton.language as tl
 
 from convzoo import _shapes, autotune, reference
 from convzoo.autotune import Config, KernelSpec, TuneProblem
-from convzoo.kernels._common import (
-    _acc_dtype,
-    _as_3d,
-    _as_5d,
-    _candidates,
-    _check_device,
-    _device,
-    _finish,
-    _gather_default,
-    _launch_buffer,
-    _num_candidates,
-    _padded_candidates,
-    _position_coords,
-    _random_problem,
-    _reduce_gather_default,
-    _space,
-    _tap_coords,
-    _tap_source,
-    _tap_target,
-    _taps,
-    _tile_grid,
-    _tile_offsets,
-    _upcast,
-    _widen,
-)
+from convzoo.kernels import _common as cm
 
 __all__ = ["fold", "unfold"]
 
@@ -73,18 +49,18 @@ def unfold_kernel(
     row, consecutive L read consecutive input columns when SW == 1 (coalesced loads).
     """
     # program id -> tile: offsets (int64; row = (n*C + c)*K + k) and masks
-    rows, blocks, row_ok, blk_ok = _tile_offsets(R, L, BLOCK_R, BLOCK_L)
-    k = rows % _taps(KS)
-    nc = rows // _taps(KS)
+    rows, blocks, row_ok, blk_ok = cm._tile_offsets(R, L, BLOCK_R, BLOCK_L)
+    k = rows % cm._taps(KS)
+    nc = rows // cm._taps(KS)
     c = nc % C
     n = nc // C
-    kd, kh, kw = _tap_coords(k, KS[1], KS[2])
-    od, oh, ow = _position_coords(blocks, OH, OW)
+    kd, kh, kw = cm._tap_coords(k, KS[1], KS[2])
+    od, oh, ow = cm._position_coords(blocks, OH, OW)
     # the input index each (tap, position) reads, per dim (TRANSPOSED: the one that reaches it, if any); per dim,
     # not _tap_sources: the tile mask first in the load's mask keeps fp32 at 52 registers, not 66 (cifar_conv2)
-    i_d, ok_d = _tap_source(od[None, :], kd[:, None], ID, LO[0], ST[0], DIL[0], MODE, TRANSPOSED)
-    i_h, ok_h = _tap_source(oh[None, :], kh[:, None], IH, LO[1], ST[1], DIL[1], MODE, TRANSPOSED)
-    i_w, ok_w = _tap_source(ow[None, :], kw[:, None], IW, LO[2], ST[2], DIL[2], MODE, TRANSPOSED)
+    i_d, ok_d = cm._tap_source(od[None, :], kd[:, None], ID, LO[0], ST[0], DIL[0], MODE, TRANSPOSED)
+    i_h, ok_h = cm._tap_source(oh[None, :], kh[:, None], IH, LO[1], ST[1], DIL[1], MODE, TRANSPOSED)
+    i_w, ok_w = cm._tap_source(ow[None, :], kw[:, None], IW, LO[2], ST[2], DIL[2], MODE, TRANSPOSED)
     tile_ok = row_ok[:, None] & blk_ok[None, :]
 
     src = (x_ptr + (n * stride_xn + c * stride_xc)[:, None]
@@ -124,24 +100,24 @@ def fold_kernel(
     Tiles are BLOCK_R (n, c) rows × BLOCK_P pixels, contiguous along the pixels (coalesced stores).
     """
     # program id -> tile: offsets (int64; row = n*C + c) and masks
-    rows, pix, row_ok, pix_ok = _tile_offsets(R, P, BLOCK_R, BLOCK_P)
+    rows, pix, row_ok, pix_ok = cm._tile_offsets(R, P, BLOCK_R, BLOCK_P)
     n = rows // C
     c = rows % C
-    row_base = n * stride_cn + c * _taps(KS) * stride_ck
-    i_d, ih, iw = _position_coords(pix, IH, IW)
+    row_base = n * stride_cn + c * cm._taps(KS) * stride_ck
+    i_d, ih, iw = cm._position_coords(pix, IH, IW)
 
     # loop over every (padded position, tap) pair that can read this pixel, fp32 (fp64) accumulation
     acc = tl.zeros([BLOCK_R, BLOCK_P], dtype=ACC_DTYPE)
     for jd in range(NC[0]):
         for jh in range(NC[1]):
             for jw in range(NC[2]):
-                pd, ph, pw, cand = _padded_candidates(i_d, ih, iw, jd, jh, jw, ID, IH, IW, LO, HI, MODE)
+                pd, ph, pw, cand = cm._padded_candidates(i_d, ih, iw, jd, jh, jw, ID, IH, IW, LO, HI, MODE)
                 for kd in range(KS[0]):
-                    ld, ok_d = _tap_target(pd, LO[0], kd, OD, ST[0], DIL[0], TRANSPOSED)
+                    ld, ok_d = cm._tap_target(pd, LO[0], kd, OD, ST[0], DIL[0], TRANSPOSED)
                     for kh in range(KS[1]):
-                        lh, ok_h = _tap_target(ph, LO[1], kh, OH, ST[1], DIL[1], TRANSPOSED)
+                        lh, ok_h = cm._tap_target(ph, LO[1], kh, OH, ST[1], DIL[1], TRANSPOSED)
                         for kw in range(KS[2]):
-                            lw, ok_w = _tap_target(pw, LO[2], kw, OW, ST[2], DIL[2], TRANSPOSED)
+                            lw, ok_w = cm._tap_target(pw, LO[2], kw, OW, ST[2], DIL[2], TRANSPOSED)
                             ok = cand & ok_d & ok_h & ok_w & pix_ok
                             blk = (ld * OH + lh) * OW + lw
                             # loop indices are int32: tap · stride_ck passes 2^31 once (K-1)·L does
@@ -149,7 +125,7 @@ def fold_kernel(
                             src = (cols_ptr + (row_base + tap * stride_ck)[:, None]
                                    + blk.to(tl.int64)[None, :] * stride_cl)
                             vals = tl.load(src, mask=row_ok[:, None] & ok[None, :], other=0)
-                            acc += _widen(vals, ACC_DTYPE, UPCAST)
+                            acc += cm._widen(vals, ACC_DTYPE, UPCAST)
 
     out = out_ptr + rows[:, None] * P + pix[None, :]
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & pix_ok[None, :])
@@ -159,26 +135,26 @@ def fold_kernel(
 # configs
 def _unfold_problem(layer, dtype, device) -> TuneProblem:
     g, geom = layer.resolved(), layer.geometry()
-    return _random_problem({"R": layer.n * layer.c * g.kernel_numel, "L": g.num_blocks},
-                           (layer.n, layer.c, *layer.size), dtype, device,
-                           lambda x, cfg: unfold(x, *geom, config=cfg), lambda x: reference.unfold(x, *geom),
-                           exact=True)
+    return cm._random_problem({"R": layer.n * layer.c * g.kernel_numel, "L": g.num_blocks},
+                              (layer.n, layer.c, *layer.size), dtype, device,
+                              lambda x, cfg: unfold(x, *geom, config=cfg), lambda x: reference.unfold(x, *geom),
+                              exact=True)
 
 
 def _fold_problem(layer, dtype, device) -> TuneProblem:
     g, geom, size = layer.resolved(), layer.geometry(), list(layer.size)
-    return _random_problem({"R": layer.n * layer.c, "P": math.prod(size)},
-                           (layer.n, layer.c * g.kernel_numel, g.num_blocks), dtype, device,
-                           lambda cols, cfg: fold(cols, size, *geom, config=cfg),
-                           lambda cols: reference.fold(cols, size, *geom))
+    return cm._random_problem({"R": layer.n * layer.c, "P": math.prod(size)},
+                              (layer.n, layer.c * g.kernel_numel, g.num_blocks), dtype, device,
+                              lambda cols, cfg: fold(cols, size, *geom, config=cfg),
+                              lambda cols: reference.fold(cols, size, *geom))
 
 
 UNFOLD_SPEC = autotune.register(KernelSpec(
-    "unfold", unfold_kernel, ("R", "L"), _gather_default, _candidates("BLOCK_R", "BLOCK_L"), _unfold_problem,
-    _space("BLOCK_R", "BLOCK_L")))
+    "unfold", unfold_kernel, ("R", "L"), cm._gather_default, cm._candidates("BLOCK_R", "BLOCK_L"), _unfold_problem,
+    cm._space("BLOCK_R", "BLOCK_L")))
 FOLD_SPEC = autotune.register(KernelSpec(
-    "fold", fold_kernel, ("R", "P"), _reduce_gather_default, _candidates("BLOCK_R", "BLOCK_P"), _fold_problem,
-    _space("BLOCK_R", "BLOCK_P")))
+    "fold", fold_kernel, ("R", "P"), cm._reduce_gather_default, cm._candidates("BLOCK_R", "BLOCK_P"), _fold_problem,
+    cm._space("BLOCK_R", "BLOCK_P")))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -195,7 +171,7 @@ def unfold(x: torch.Tensor, kernel_size: list[int], dilation: list[int], padding
     """
     # (1) check
     g = _shapes.unfold_geometry(x, kernel_size, dilation, padding, stride, padding_mode)
-    _check_device(x)
+    cm._check_device(x)
     # (2) allocate; nothing to launch for an empty result (N, C = 0); an empty input dim (zero
     # padding only: _shapes.geometry refuses it for replicate) reads nothing, so its columns are zeros,
     # as the kernel writes
@@ -203,7 +179,7 @@ def unfold(x: torch.Tensor, kernel_size: list[int], dilation: list[int], padding
     if out.numel() == 0:
         return out
     # (3) look up config and launch
-    return _launch_unfold("unfold", _as_5d(x, g.ndim), out, _as_3d(g), _shapes.PADDING_MODE_CODES[g.padding_mode],
+    return _launch_unfold("unfold", cm._as_5d(x, g.ndim), out, cm._as_3d(g), _shapes.PADDING_MODE_CODES[g.padding_mode],
                           False, config)
 
 
@@ -213,8 +189,8 @@ def _launch_unfold(name: str, xs: torch.Tensor, out: torch.Tensor, a: dict, mode
     ``out`` ``[N, C·∏K, L]``, for the 3-d geometry ``a`` (:func:`_as_3d`'s keys): unfold's, or ``transposed``
     unfold_transpose's (``lo`` its padding, ``mode`` unused)."""
     rows, L = out.shape[0] * out.shape[1], out.shape[2]
-    cfg, grid = _tile_grid(name, xs, rows, config, L=L)
-    with _device(xs):
+    cfg, grid = cm._tile_grid(name, xs, rows, config, L=L)
+    with cm._device(xs):
         unfold_kernel[grid](
             out, xs,
             rows, xs.shape[1], *a["in"], *a["out"], L,
@@ -237,14 +213,14 @@ def fold(cols: torch.Tensor, output_size: list[int], kernel_size: list[int], dil
     """
     # (1) check
     g = _shapes.fold_geometry(cols, output_size, kernel_size, dilation, padding, stride, padding_mode)
-    _check_device(cols)
+    cm._check_device(cols)
     # (2) allocate; nothing to launch for an empty result (N, C or an output dim = 0). L >= 1 always.
     out = cols.new_empty(_shapes.fold_out_shape(cols, g))
     if out.numel() == 0:
         return out
     # (3) look up config and launch
-    return _launch_fold("fold", cols, out, _as_3d(g), _shapes.PADDING_MODE_CODES[g.padding_mode], False,
-                        _num_candidates(g, 3 - g.ndim), config)
+    return _launch_fold("fold", cols, out, cm._as_3d(g), _shapes.PADDING_MODE_CODES[g.padding_mode], False,
+                        cm._num_candidates(g, 3 - g.ndim), config)
 
 
 def _launch_fold(name: str, cols: torch.Tensor, out: torch.Tensor, a: dict, mode: int, transposed: bool,
@@ -253,17 +229,17 @@ def _launch_fold(name: str, cols: torch.Tensor, out: torch.Tensor, a: dict, mode
     ``[N, C, *in]``, for the 3-d geometry ``a`` (:func:`_as_3d`'s keys) and ``candidates`` padded positions per
     dim (:func:`_num_candidates`): fold's, or ``transposed`` unfold_transpose's adjoint (``lo`` its padding,
     ``hi`` 0, ``mode`` 0, one candidate)."""
-    buf = _launch_buffer(out, fold_kernel)
+    buf = cm._launch_buffer(out, fold_kernel)
     rows, P = out.shape[0] * out.shape[1], math.prod(out.shape[2:])
-    cfg, grid = _tile_grid(name, cols, rows, config, P=P)
-    with _device(cols):
+    cfg, grid = cm._tile_grid(name, cols, rows, config, P=P)
+    with cm._device(cols):
         fold_kernel[grid](
             buf, cols,
             rows, out.shape[1], *a["in"], *a["out"], P,
             *cols.stride(),
             a["k"], a["s"], a["lo"], a["hi"], a["d"],
             mode, transposed, candidates,
-            _acc_dtype(cols.dtype), _upcast(cols.dtype, fold_kernel),
+            cm._acc_dtype(cols.dtype), cm._upcast(cols.dtype, fold_kernel),
             **cfg.launch_kwargs(),
         )
-    return _finish(out, buf)
+    return cm._finish(out, buf)

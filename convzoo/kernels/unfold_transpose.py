@@ -18,16 +18,7 @@ import torch
 
 from convzoo import _shapes, autotune, reference
 from convzoo.autotune import Config, KernelSpec, TuneProblem
-from convzoo.kernels._common import (
-    _as_5d,
-    _candidates,
-    _check_device,
-    _gather_default,
-    _pad3,
-    _random_problem,
-    _reduce_gather_default,
-    _space,
-)
+from convzoo.kernels import _common as cm
 from convzoo.kernels.unfold import _launch_fold, _launch_unfold, fold_kernel, unfold_kernel
 
 # the adjoint's kernel is fold's, with TRANSPOSED (the name stays for the imports that know it)
@@ -49,27 +40,27 @@ def _layer_geometry(layer) -> tuple[list, list, list, list, list]:
 def _forward_problem(layer, dtype, device) -> TuneProblem:
     geom = _layer_geometry(layer)
     g = _shapes.transpose_geometry(layer.size, *geom)
-    return _random_problem({"R": layer.n * layer.c * g.kernel_numel, "L": g.num_positions},
-                           (layer.n, layer.c, *layer.size), dtype, device,
-                           lambda x, cfg: unfold_transpose(x, *geom, config=cfg),
-                           lambda x: reference.unfold_transpose(x, *geom), exact=True)
+    return cm._random_problem({"R": layer.n * layer.c * g.kernel_numel, "L": g.num_positions},
+                              (layer.n, layer.c, *layer.size), dtype, device,
+                              lambda x, cfg: unfold_transpose(x, *geom, config=cfg),
+                              lambda x: reference.unfold_transpose(x, *geom), exact=True)
 
 
 def _backward_problem(layer, dtype, device) -> TuneProblem:
     geom, size = _layer_geometry(layer), list(layer.size)
     g = _shapes.transpose_geometry(layer.size, *geom)
-    return _random_problem({"R": layer.n * layer.c, "P": math.prod(size)},
-                           (layer.n, layer.c * g.kernel_numel, g.num_positions), dtype, device,
-                           lambda cols, cfg: unfold_transpose_backward(cols, size, *geom, config=cfg),
-                           lambda cols: reference.unfold_transpose_backward(cols, size, *geom))
+    return cm._random_problem({"R": layer.n * layer.c, "P": math.prod(size)},
+                              (layer.n, layer.c * g.kernel_numel, g.num_positions), dtype, device,
+                              lambda cols, cfg: unfold_transpose_backward(cols, size, *geom, config=cfg),
+                              lambda cols: reference.unfold_transpose_backward(cols, size, *geom))
 
 
 UNFOLD_TRANSPOSE_SPEC = autotune.register(KernelSpec(
-    "unfold_transpose", unfold_kernel, ("R", "L"), _gather_default, _candidates("BLOCK_R", "BLOCK_L"),
-    _forward_problem, _space("BLOCK_R", "BLOCK_L")))
+    "unfold_transpose", unfold_kernel, ("R", "L"), cm._gather_default, cm._candidates("BLOCK_R", "BLOCK_L"),
+    _forward_problem, cm._space("BLOCK_R", "BLOCK_L")))
 UNFOLD_TRANSPOSE_BACKWARD_SPEC = autotune.register(KernelSpec(
-    "unfold_transpose_backward", fold_kernel, ("R", "P"), _reduce_gather_default,
-    _candidates("BLOCK_R", "BLOCK_P"), _backward_problem, _space("BLOCK_R", "BLOCK_P")))
+    "unfold_transpose_backward", fold_kernel, ("R", "P"), cm._reduce_gather_default,
+    cm._candidates("BLOCK_R", "BLOCK_P"), _backward_problem, cm._space("BLOCK_R", "BLOCK_P")))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -77,8 +68,8 @@ UNFOLD_TRANSPOSE_BACKWARD_SPEC = autotune.register(KernelSpec(
 def _as_3d(g: _shapes.TransposeGeometry) -> dict:
     """Geometry padded with leading unit dims to 3 spatial dims, as kernel arguments (the keys of
     :func:`convzoo.kernels._common._as_3d`: ``lo`` the padding, ``hi`` none)."""
-    return {"in": _pad3(g.in_size, 1), "out": _pad3(g.out_size, 1), "k": _pad3(g.kernel_size, 1),
-            "s": _pad3(g.stride, 1), "lo": _pad3(g.padding, 0), "hi": (0, 0, 0), "d": _pad3(g.dilation, 1)}
+    return {"in": cm._pad3(g.in_size, 1), "out": cm._pad3(g.out_size, 1), "k": cm._pad3(g.kernel_size, 1),
+            "s": cm._pad3(g.stride, 1), "lo": cm._pad3(g.padding, 0), "hi": (0, 0, 0), "d": cm._pad3(g.dilation, 1)}
 
 
 def unfold_transpose(x: torch.Tensor, kernel_size: list[int], stride: list[int], padding: list[int],
@@ -93,14 +84,14 @@ def unfold_transpose(x: torch.Tensor, kernel_size: list[int], stride: list[int],
     """
     # (1) check
     g = _shapes.unfold_transpose_geometry(x, kernel_size, stride, padding, output_padding, dilation)
-    _check_device(x)
+    cm._check_device(x)
     # (2) allocate; nothing to launch for an empty result (N or C = 0); an empty input dim reads nothing
     # (every load is masked off), so its columns are zeros, as the kernel writes
     out = x.new_empty(_shapes.unfold_transpose_out_shape(x, g))
     if out.numel() == 0:
         return out
     # (3) look up config and launch
-    return _launch_unfold("unfold_transpose", _as_5d(x, g.ndim), out, _as_3d(g), 0, True, config)
+    return _launch_unfold("unfold_transpose", cm._as_5d(x, g.ndim), out, _as_3d(g), 0, True, config)
 
 
 def unfold_transpose_backward(cols: torch.Tensor, input_size: list[int], kernel_size: list[int], stride: list[int],
@@ -116,7 +107,7 @@ def unfold_transpose_backward(cols: torch.Tensor, input_size: list[int], kernel_
     # (1) check
     g = _shapes.unfold_transpose_backward_geometry(cols, input_size, kernel_size, stride, padding, output_padding,
                                                    dilation)
-    _check_device(cols)
+    cm._check_device(cols)
     # (2) allocate; nothing to launch for an empty result (N, C or an input dim = 0)
     out = cols.new_empty(_shapes.unfold_transpose_backward_out_shape(cols, g))
     if out.numel() == 0:

@@ -5,13 +5,12 @@ from here; importing it registers the three KernelSpecs (``masked_conv_fwd``, ``
 ``masked_conv_grad_input``)."""
 
 from convzoo import _shapes  # noqa: F401  (the one-module kernels.masked_conv's name, tests reach it here)
+from convzoo.kernels._common import _SMS, _fit  # noqa: F401  (likewise)
 from convzoo.kernels.masked_conv.fwd import (  # noqa: F401
-    _SMS,
     BLOCK_SIZES,
     FWD_SPEC,
     _check_block,
     _check_list,
-    _fit,
     _tap_tile,
     default_block,
     dense_tile_lists,

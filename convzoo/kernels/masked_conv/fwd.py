@@ -28,23 +28,7 @@ import triton.language as tl
 
 from convzoo import _shapes, autotune
 from convzoo.autotune import Config, ConfigSpace, KernelSpec, TuneProblem
-from convzoo.kernels._common import (
-    _SMS,
-    _as_3d,
-    _as_5d,
-    _channels_last,
-    _check_device,
-    _device,
-    _finish,
-    _fit,
-    _launch_buffer,
-    _math_args,
-    _mma,
-    _patch_columns,
-    _source_index,
-    _taps,
-    _widen,
-)
+from convzoo.kernels import _common as cm
 
 __all__ = ["BLOCK_SIZES", "default_block", "dense_tile_lists", "masked_conv"]
 
@@ -146,11 +130,11 @@ def masked_conv_fwd_kernel(
         if MODE == 0:
             x_pos = x_cols + i_d0.to(tl.int64) * stride_xd + i_h0.to(tl.int64) * stride_xh \
                 + i_w0.to(tl.int64) * stride_xw
-            if _taps(KS) <= 31:
+            if cm._taps(KS) <= 31:
                 # bit t: tap t = (kd, kh, kw) of this position reads inside x (0 for a position past M);
                 # 0 <= i < n as one unsigned compare
                 bits = tl.zeros_like(i_w0)
-                for tap in tl.static_range(_taps(KS)):
+                for tap in tl.static_range(cm._taps(KS)):
                     v = (m_ok & ((i_d0 + (tap // (KS[2] * KS[1])) * DIL[0]).to(tl.uint32, bitcast=True) < ID)
                          & ((i_h0 + (tap // KS[2] % KS[1]) * DIL[1]).to(tl.uint32, bitcast=True) < IH)
                          & ((i_w0 + (tap % KS[2]) * DIL[2]).to(tl.uint32, bitcast=True) < IW))
@@ -185,7 +169,7 @@ def masked_conv_fwd_kernel(
                 kh = (t // KS[2]) % KS[1]
                 kd = t // (KS[2] * KS[1])
                 if MODE == 0:
-                    if _taps(KS) <= 31:
+                    if cm._taps(KS) <= 31:
                         # bit 31 is never set: a sub-tile past K (or of a malformed entry) reads nothing
                         ok = ((bits >> tl.where(s_ok, t, 31)) & 1) != 0
                     else:
@@ -195,9 +179,9 @@ def masked_conv_fwd_kernel(
                     src = x_pos + (c0.to(tl.int64) * stride_xc + (kd * DIL[0]).to(tl.int64) * stride_xd
                                    + (kh * DIL[1]).to(tl.int64) * stride_xh + (kw * DIL[2]).to(tl.int64) * stride_xw)
                 else:
-                    s_d, ok_d = _source_index(i_d0 + kd * DIL[0], ID, MODE)
-                    s_h, ok_h = _source_index(i_h0 + kh * DIL[1], IH, MODE)
-                    s_w, ok_w = _source_index(i_w0 + kw * DIL[2], IW, MODE)
+                    s_d, ok_d = cm._source_index(i_d0 + kd * DIL[0], ID, MODE)
+                    s_h, ok_h = cm._source_index(i_h0 + kh * DIL[1], IH, MODE)
+                    s_w, ok_w = cm._source_index(i_w0 + kw * DIL[2], IW, MODE)
                     ok = m_ok & s_ok & ok_d & ok_h & ok_w
                     src = x_cols + c0.to(tl.int64) * stride_xc + s_d.to(tl.int64) * stride_xd \
                         + s_h.to(tl.int64) * stride_xh + s_w.to(tl.int64) * stride_xw
@@ -206,7 +190,7 @@ def masked_conv_fwd_kernel(
                 pt = tl.load(src[:, None] + ch[None, :], mask=ok[:, None], other=0)
                 w = tl.load((w_cols + (k0 + s * SUB).to(tl.int64) * stride_wk)[None, :] + wk[:, None],
                             mask=o_ok[None, :] & s_ok, other=0)
-                acc = _mma(pt, w, acc, FP64, PRECISION, UPCAST)
+                acc = cm._mma(pt, w, acc, FP64, PRECISION, UPCAST)
     else:
         # the per-element gather (CG has no power-of-two divisor ≥ 16: the stem's 3 channels, depthwise)
         for j in range(0, count):
@@ -215,16 +199,16 @@ def masked_conv_fwd_kernel(
             # k < 0 only from a malformed list: masked, so such a list can give a wrong sum but never a wild read
             k_ok = (k >= 0) & (k < K)
             # tap-major k = t·CG + c as _patch_columns' unfold-order row c·∏kernel + t
-            r = (k % CG) * _taps(KS) + k // CG
-            off, ok = _patch_columns(r[:, None], l.to(tl.int64)[None, :], ID, IH, IW, OH, OW,
-                                     stride_xc, stride_xd, stride_xh, stride_xw,
-                                     KS, ST, LO, DIL, MODE, False)
+            r = (k % CG) * cm._taps(KS) + k // CG
+            off, ok = cm._patch_columns(r[:, None], l.to(tl.int64)[None, :], ID, IH, IW, OH, OW,
+                                        stride_xc, stride_xd, stride_xh, stride_xw,
+                                        KS, ST, LO, DIL, MODE, False)
             pt = tl.load(x_cols[None, :] + off, mask=(k_ok[:, None] & m_ok[None, :]) & ok, other=0)
             w = tl.load(w_cols[None, :] + k[:, None] * stride_wk, mask=k_ok[:, None] & o_ok[None, :], other=0)
-            acc = _mma(tl.trans(pt), w, acc, FP64, PRECISION, UPCAST)
+            acc = cm._mma(tl.trans(pt), w, acc, FP64, PRECISION, UPCAST)
     if HAS_BIAS:
         b = tl.load(b_ptr + co * stride_b, mask=o_ok, other=0)
-        acc += _widen(b, ACC_DTYPE, UPCAST)[None, :]
+        acc += cm._widen(b, ACC_DTYPE, UPCAST)[None, :]
 
     # masked store as [BLOCK_M, BLOCK_O], positions first (contiguous runs of y); without a provable run
     # (L not a multiple of the vector) Triton then gives each thread few positions and many channels, so the
@@ -250,7 +234,7 @@ def _default(dims, dtype, interpret: bool) -> Config:
     ≤ 8192 values. The interpreter pays per program and per k-step: the largest tiles."""
     bo, bk = dims["BO"], dims["BK"]
     if interpret:
-        return Config({"BLOCK_M": _fit(dims["M"], 16, 256)}, num_warps=4, num_stages=1)
+        return Config({"BLOCK_M": cm._fit(dims["M"], 16, 256)}, num_warps=4, num_stages=1)
     if dtype == torch.float64:
         # 8 warps once the product passes 4096 values (32 fp64 per thread at 4 warps spill a few bytes)
         bm = max(1, min(16, 8192 // (bo * bk)))
@@ -260,10 +244,10 @@ def _default(dims, dtype, interpret: bool) -> Config:
     half = dtype in (torch.float16, torch.bfloat16)
     # a narrow block (BO <= 32) gets 256 positions: the tap walk's per-position and per-tap work is then
     # spread over twice the MMA (the static report: fp16 local_2d_b256, BO = 32, 0.48 -> 0.7 of peak)
-    bm = _fit(dims["M"], 64 if half else 16, 256 if half and bo <= 32 else 128)
+    bm = cm._fit(dims["M"], 64 if half else 16, 256 if half and bo <= 32 else 128)
     # enough programs for the H100's 132 SMs, down to 64 positions (one wgmma's M per warpgroup)
     rows = dims.get("rows", 1)
-    while bm > 64 and -(-dims["M"] // bm) * rows < _SMS:
+    while bm > 64 and -(-dims["M"] // bm) * rows < cm._SMS:
         bm //= 2
     # fp32's FMA product (no tensor cores under IEEE) holds its operand tiles in registers too: 8 warps
     warps = 8 if bm * bo > 64 * 128 or (not half and bm * bo > 64 * 64) else 4
@@ -319,7 +303,7 @@ def default_block(out_channels: int, k: int) -> tuple[int, int]:
     """The block (BO, BK) the op builds its tile lists for, and the tuner tunes: 64 × 64 where the per-group
     ``[C_out/G, K]`` weight matrix has that much, less for small layers (tables are keyed by block; a block
     never tuned falls back to the heuristic)."""
-    return _fit(out_channels, 16, 64), _fit(k, 16, 64)
+    return cm._fit(out_channels, 16, 64), cm._fit(k, 16, 64)
 
 
 def dense_tile_lists(weight: torch.Tensor, groups: int, block) -> tuple[torch.Tensor, torch.Tensor]:
@@ -450,36 +434,36 @@ def masked_conv(x: torch.Tensor, weight: torch.Tensor, count: torch.Tensor, inde
     to, tk = triton.cdiv(og, bo), triton.cdiv(k, bk)
     _check_list(count, "count", (groups, to), x)
     _check_list(index, "index", (groups, to, tk), x)
-    _check_device(x)
+    cm._check_device(x)
     # (2) allocate; nothing to launch for an empty result (N, C_out or an output dim = 0). K = 0 (C_in = 0)
     # launches: every list is empty then (TK = 0, and count is clamped to TK in-kernel), so y = bias
     y = x.new_empty((n, co, *g.out_size))
     if y.numel() == 0:
         return y
-    buf = _launch_buffer(y, masked_conv_fwd_kernel)
+    buf = cm._launch_buffer(y, masked_conv_fwd_kernel)
     # (3) look up config and launch
     L = g.num_blocks
     M = n * L
     cfg = config or autotune.lookup("masked_conv_fwd", x.device, x.dtype, M=M, O=co, K=k, BO=bo, BK=bk)
-    a = _as_3d(g)
+    a = cm._as_3d(g)
     w2 = weight.movedim(1, -1).reshape(co, k)  # tap-major: a view for channels-last weights, else a copy
     tap = _tap_tile(cg, bk, 1, w2.stride(1))
     # the tap walk reads SUB contiguous channels per position from channels-last x; other layouts are copied
     # once (see _channels_last)
-    xs = _channels_last(_as_5d(x, g.ndim)) if tap["SUB"] else _as_5d(x, g.ndim)
+    xs = cm._channels_last(cm._as_5d(x, g.ndim)) if tap["SUB"] else cm._as_5d(x, g.ndim)
     count, index = count.contiguous(), index.contiguous()
     b = weight if bias is None else bias  # never read without bias
     rows = groups * to
     grid = (triton.cdiv(M, cfg.meta["BLOCK_M"]) * rows,)
-    with _device(x):
+    with cm._device(x):
         masked_conv_fwd_kernel[grid](
             buf, xs, w2, b, count, index,
             M, L, co, og, cg, k, to, tk, rows, *a["in"], a["out"][1], a["out"][2],
             *xs.stride(), *w2.stride(), b.stride(0) if bias is not None else 0,
             a["k"], a["s"], a["lo"], a["d"],
             _shapes.PADDING_MODE_CODES[g.padding_mode],
-            bias is not None, **_math_args(x.dtype, masked_conv_fwd_kernel),
+            bias is not None, **cm._math_args(x.dtype, masked_conv_fwd_kernel),
             BLOCK_O=bo, BLOCK_K=bk, **tap, POS32=M + cfg.meta["BLOCK_M"] < 2**31 and co * L < 2**31,
             **cfg.launch_kwargs(),
         )
-    return _finish(y, buf)
+    return cm._finish(y, buf)

@@ -11,20 +11,7 @@ import triton.language as tl
 
 from convzoo import _shapes, autotune, reference
 from convzoo.autotune import Config, KernelSpec, TuneProblem
-from convzoo.kernels._common import (
-    _as_3d,
-    _as_5d,
-    _channels_last,
-    _check_device,
-    _device,
-    _finish,
-    _launch_buffer,
-    _math_args,
-    _mma,
-    _num_candidates,
-    _padded_candidates,
-    _taps,
-)
+from convzoo.kernels import _common as cm
 from convzoo.kernels.masked_conv.fwd import (
     _SPACE,
     _candidates,
@@ -57,9 +44,9 @@ def _grad_input_taps(acc, g_n, w_ptr, idx_row, count, g, c0, c_ok, pd, ph, pw, c
     nd = pd + LO[0]
     nh = ph + LO[1]
     nw = pw + LO[2]
-    if _taps(KS) <= 31:
+    if cm._taps(KS) <= 31:
         bits = tl.zeros_like(nw)
-        for tap in tl.static_range(_taps(KS)):
+        for tap in tl.static_range(cm._taps(KS)):
             ad = nd - (tap // (KS[2] * KS[1])) * DIL[0]
             ah = nh - (tap // KS[2] % KS[1]) * DIL[1]
             aw = nw - (tap % KS[2]) * DIL[2]
@@ -91,7 +78,7 @@ def _grad_input_taps(acc, g_n, w_ptr, idx_row, count, g, c0, c_ok, pd, ph, pw, c
         # refuses; a no-op when compiled)
         o_ok = (((o0 + tl.arange(0, BLOCK_O)) < OG) & e_ok) != 0
         co0 = g * OG + o0
-        if _taps(KS) <= 31:
+        if cm._taps(KS) <= 31:
             ok = ((bits >> tl.where(e_ok, t, 31)) & 1) != 0
         else:
             ad = nd - kd * DIL[0]
@@ -115,7 +102,7 @@ def _grad_input_taps(acc, g_n, w_ptr, idx_row, count, g, c0, c_ok, pd, ph, pw, c
         if NARROW:
             w_off = w_off.to(tl.int32)
         w = tl.load(w_ptr + w_off + wo[:, None] + wc[None, :], mask=o_ok[:, None] & c_ok[None, :], other=0)
-        acc = _mma(a, w, acc, FP64, PRECISION, UPCAST)
+        acc = cm._mma(a, w, acc, FP64, PRECISION, UPCAST)
     return acc
 
 
@@ -205,7 +192,7 @@ def masked_conv_grad_input_kernel(
     for jd in range(NC[0]):
         for jh in range(NC[1]):
             for jw in range(NC[2]):
-                pd, ph, pw, cand = _padded_candidates(i_d, ih, iw, jd, jh, jw, ID, IH, IW, LO, HI, MODE)
+                pd, ph, pw, cand = cm._padded_candidates(i_d, ih, iw, jd, jh, jw, ID, IH, IW, LO, HI, MODE)
                 cand = m_ok & cand
                 # MODE is a constexpr and the test a runtime branch: two ifs, so 'zeros' pays no reduction
                 if MODE == 0:  # noqa: SIM114  (one candidate, p = i: nothing to skip)
@@ -298,7 +285,7 @@ def _narrow(gs: torch.Tensor, w2: torch.Tensor, g: _shapes.Geometry, bo: int, bk
     position's address (``|co·stride_go| + Σ (k - 1)·d·|stride|``), the weight's from its start (every entry of
     the ``[C_out, K]`` matrix), the invariant channel deltas among them, a block's masked lanes past the sizes
     included (``bo``, ``bk``)."""
-    k, d = _as_3d(g)["k"], _as_3d(g)["d"]
+    k, d = cm._as_3d(g)["k"], cm._as_3d(g)["d"]
     co, kk_ = max(gs.shape[1], 1) + bo, w2.shape[1] + bk
     dy = co * abs(gs.stride(1)) + sum((kk - 1) * dd * abs(st) for kk, dd, st in zip(k, d, gs.stride()[2:]))
     w = co * abs(w2.stride(0)) + kk_ * abs(w2.stride(1))
@@ -376,7 +363,7 @@ def masked_conv_grad_input(grad: torch.Tensor, weight: torch.Tensor, t_count: to
     to, tc = triton.cdiv(og, bo), triton.cdiv(cg, bk)
     _check_grad_input_list(t_count, "t_count", (groups, tc), grad)
     _check_grad_input_list(t_index, "t_index", (groups, tc, kt * to), grad)
-    _check_device(grad)
+    cm._check_device(grad)
     # (2) allocate; nothing to launch for an empty dx (N, C_in or an input dim = 0), and dx = 0 without
     # output channels (C_out = 0: nothing reaches the input; the output grid is never empty, see geometry)
     n, c = grad.shape[0], cg * groups
@@ -385,31 +372,31 @@ def masked_conv_grad_input(grad: torch.Tensor, weight: torch.Tensor, t_count: to
         return dx
     if co == 0:
         return dx.zero_()
-    buf = _launch_buffer(dx, masked_conv_grad_input_kernel)
+    buf = cm._launch_buffer(dx, masked_conv_grad_input_kernel)
     # (3) look up config and launch
     P = math.prod(g.in_size)
     M = n * P
     cfg = config or autotune.lookup("masked_conv_grad_input", grad.device, grad.dtype, M=M, C=c, K=og * kt,
                                     BO=bo, BK=bk)
-    a = _as_3d(g)
+    a = cm._as_3d(g)
     # the tap walk reads BLOCK_O contiguous output channels per position from channels-last dY; other layouts
     # are copied once (see _channels_last)
-    gs = _channels_last(_as_5d(grad, g.ndim))
+    gs = cm._channels_last(cm._as_5d(grad, g.ndim))
     w2 = weight.movedim(1, -1).reshape(co, cg * kt)  # tap-major: a view for channels-last weights, else a copy
     t_count, t_index = t_count.contiguous(), t_index.contiguous()
     rows = groups * tc
     grid = (triton.cdiv(M, cfg.meta["BLOCK_M"]) * rows,)
-    with _device(grad):
+    with cm._device(grad):
         masked_conv_grad_input_kernel[grid](
             buf, gs, w2, t_count, t_index,
             M, P, c, og, cg, tc, to, kt * to, rows, *a["in"], *a["out"],
             *gs.stride(), *w2.stride(),
             a["k"], a["s"], a["lo"], a["hi"], a["d"],
             _shapes.PADDING_MODE_CODES[g.padding_mode],
-            _num_candidates(g, 3 - g.ndim),
-            **_math_args(grad.dtype, masked_conv_grad_input_kernel),
+            cm._num_candidates(g, 3 - g.ndim),
+            **cm._math_args(grad.dtype, masked_conv_grad_input_kernel),
             BLOCK_O=bo, BLOCK_K=bk,
             NARROW=_narrow(gs, w2, g, bo, bk),
             POS32=M + cfg.meta["BLOCK_M"] < 2**31 and c * P < 2**31, **cfg.launch_kwargs(),
         )
-    return _finish(dx, buf)
+    return cm._finish(dx, buf)

@@ -12,24 +12,7 @@ import triton.language as tl
 
 from convzoo import _shapes, autotune
 from convzoo.autotune import Config, ConfigSpace, KernelSpec, TuneProblem
-from convzoo.kernels._common import (
-    _as_3d,
-    _as_5d,
-    _channels_last,
-    _check_device,
-    _device,
-    _finish,
-    _fit,
-    _launch_buffer,
-    _math_args,
-    _mma,
-    _patch_columns,
-    _source_index,
-    _split_count,
-    _split_tile,
-    _taps,
-    _widen,
-)
+from convzoo.kernels import _common as cm
 from convzoo.kernels.masked_conv.fwd import (
     _check_block,
     _check_list,
@@ -105,7 +88,7 @@ def masked_conv_grad_weight_kernel(
     # program id -> (share s, o-tile row (g, to), slot j), slots fastest, then rows: the programs of one
     # share read the same positions of x and dY, so they run together and hit in L2; the tile's output
     # channels (co in all of dY) and their mask
-    s, row, j, g, o_ok, co = _split_tile(TK, ROWS, TO, OG, BLOCK_O)
+    s, row, j, g, o_ok, co = cm._split_tile(TK, ROWS, TO, OG, BLOCK_O)
 
     # offsets and masks: the tile's columns k
     # the row's count, clamped to TK (a malformed list must not send a program past its row). The masks
@@ -119,7 +102,7 @@ def masked_conv_grad_weight_kernel(
     c = k % CG
     t = k // CG
     # tap-major k = t·CG + c as _patch_columns' unfold-order row c·∏kernel + t
-    r = c * _taps(KS) + t
+    r = c * cm._taps(KS) + t
     x_g = x_ptr + g * CG * stride_xc
     dy_rows = dy_ptr + co * stride_dc
 
@@ -213,9 +196,9 @@ def masked_conv_grad_weight_kernel(
                 src = x_pos[:, None] + tap_s[None, :]
             else:
                 # other padding modes: each (position, sub-tile) reads its own source index
-                s_d, ok_d = _source_index(i_d0[:, None] + kd_s[None, :], ID, MODE)
-                s_h, ok_h = _source_index(i_h0[:, None] + kh_s[None, :], IH, MODE)
-                s_w, ok_w = _source_index(i_w0[:, None] + kw_s[None, :], IW, MODE)
+                s_d, ok_d = cm._source_index(i_d0[:, None] + kd_s[None, :], ID, MODE)
+                s_h, ok_h = cm._source_index(i_h0[:, None] + kh_s[None, :], IH, MODE)
+                s_w, ok_w = cm._source_index(i_w0[:, None] + kw_s[None, :], IW, MODE)
                 v = m_ok[:, None] & s_ok[None, :] & ok_d & ok_h & ok_w
                 src = x_n[:, None] + s_d.to(tl.int64) * stride_xd + s_h.to(tl.int64) * stride_xh \
                     + s_w.to(tl.int64) * stride_xw + tap_s[None, :]
@@ -228,21 +211,21 @@ def masked_conv_grad_weight_kernel(
                 # never above one), compared in the accumulator's dtype; 0/1 products and their sums are exact in
                 # fp32 below 2^24, so fp16 operands on the tensor cores count exactly
                 p_ok = tl.reshape(tl.broadcast_to(v[:, :, None], [BLOCK_M, NS, SUB]), [BLOCK_M, BLOCK_K])
-                yb = tl.where(_widen(dy, ACC_DTYPE, UPCAST) > y_threshold, 1.0, 0.0)
-                xb = tl.where(p_ok & (_widen(pt, ACC_DTYPE, UPCAST) > x_threshold), 1.0, 0.0)
+                yb = tl.where(cm._widen(dy, ACC_DTYPE, UPCAST) > y_threshold, 1.0, 0.0)
+                xb = tl.where(p_ok & (cm._widen(pt, ACC_DTYPE, UPCAST) > x_threshold), 1.0, 0.0)
                 if SWAP:
                     if FP64:
-                        acc_t = _mma(tl.trans(xb.to(tl.float64)), yb.to(tl.float64), acc_t, True, PRECISION, False)
+                        acc_t = cm._mma(tl.trans(xb.to(tl.float64)), yb.to(tl.float64), acc_t, True, PRECISION, False)
                     else:
-                        acc_t = _mma(tl.trans(xb.to(tl.float16)), yb.to(tl.float16), acc_t, False, "ieee", False)
+                        acc_t = cm._mma(tl.trans(xb.to(tl.float16)), yb.to(tl.float16), acc_t, False, "ieee", False)
                 elif FP64:
-                    acc = _mma(tl.trans(yb.to(tl.float64)), xb.to(tl.float64), acc, True, PRECISION, False)
+                    acc = cm._mma(tl.trans(yb.to(tl.float64)), xb.to(tl.float64), acc, True, PRECISION, False)
                 else:
-                    acc = _mma(tl.trans(yb.to(tl.float16)), xb.to(tl.float16), acc, False, "ieee", False)
+                    acc = cm._mma(tl.trans(yb.to(tl.float16)), xb.to(tl.float16), acc, False, "ieee", False)
             elif SWAP:
-                acc_t = _mma(tl.trans(pt), dy, acc_t, FP64, PRECISION, UPCAST)
+                acc_t = cm._mma(tl.trans(pt), dy, acc_t, FP64, PRECISION, UPCAST)
             else:
-                acc = _mma(tl.trans(dy), pt, acc, FP64, PRECISION, UPCAST)
+                acc = cm._mma(tl.trans(dy), pt, acc, FP64, PRECISION, UPCAST)
             # the next step's positions
             m += BLOCK_M
             ow += st_w
@@ -270,23 +253,23 @@ def masked_conv_grad_weight_kernel(
             od = l // OW // OH  # not l // (OW * OH): an int32 product of two sizes
             dy_cols = n * stride_dn + od * stride_dd + oh * stride_dh + ow * stride_dw
             dy = tl.load(dy_rows[:, None] + dy_cols[None, :], mask=o_ok[:, None] & m_ok[None, :], other=0)
-            off, ok = _patch_columns(r[:, None], l[None, :], ID, IH, IW, OH, OW,
-                                     stride_xc, stride_xd, stride_xh, stride_xw,
-                                     KS, ST, LO, DIL, MODE, False)
+            off, ok = cm._patch_columns(r[:, None], l[None, :], ID, IH, IW, OH, OW,
+                                        stride_xc, stride_xd, stride_xh, stride_xw,
+                                        KS, ST, LO, DIL, MODE, False)
             p_ok = (k_ok[:, None] & m_ok[None, :]) & ok
             pt = tl.load(x_g + n[None, :] * stride_xn + off, mask=p_ok, other=0)
             if BINARIZE:
                 # the coactivation count: 0/1 operands (a padded tap is absent, so 0 whatever the threshold; NaN is
                 # never above one), compared in the accumulator's dtype; 0/1 products and their sums are exact in fp32
                 # below 2^24, so fp16 operands on the tensor cores count exactly
-                yb = tl.where(_widen(dy, ACC_DTYPE, UPCAST) > y_threshold, 1.0, 0.0)
-                xb = tl.where(p_ok & (_widen(pt, ACC_DTYPE, UPCAST) > x_threshold), 1.0, 0.0)
+                yb = tl.where(cm._widen(dy, ACC_DTYPE, UPCAST) > y_threshold, 1.0, 0.0)
+                xb = tl.where(p_ok & (cm._widen(pt, ACC_DTYPE, UPCAST) > x_threshold), 1.0, 0.0)
                 if FP64:
-                    acc = _mma(yb.to(tl.float64), tl.trans(xb.to(tl.float64)), acc, True, PRECISION, False)
+                    acc = cm._mma(yb.to(tl.float64), tl.trans(xb.to(tl.float64)), acc, True, PRECISION, False)
                 else:
-                    acc = _mma(yb.to(tl.float16), tl.trans(xb.to(tl.float16)), acc, False, "ieee", False)
+                    acc = cm._mma(yb.to(tl.float16), tl.trans(xb.to(tl.float16)), acc, False, "ieee", False)
             else:
-                acc = _mma(dy, tl.trans(pt), acc, FP64, PRECISION, UPCAST)
+                acc = cm._mma(dy, tl.trans(pt), acc, FP64, PRECISION, UPCAST)
             m0 += BLOCK_M
 
     # epilogue: the mask's zeros as exact zeros (where, not a product: 0·NaN is NaN), masked store
@@ -312,7 +295,7 @@ def _gw_split(dims, bm: int) -> int:
     whose C_out/G is not a multiple of BO: such layers get more shares than they need, never fewer."""
     b = autotune.bucket
     tiles = max(1, b(dims["O"]) // dims["BO"]) * max(1, b(dims["K"]) // dims["BK"])
-    return _split_count(tiles, b(dims["M"]) // (8 * bm))
+    return cm._split_count(tiles, b(dims["M"]) // (8 * bm))
 
 
 def _gw_default(dims, dtype, interpret: bool) -> Config:
@@ -326,7 +309,7 @@ def _gw_default(dims, dtype, interpret: bool) -> Config:
     one share."""
     bo, bk = dims["BO"], dims["BK"]
     if interpret:
-        return Config({"BLOCK_M": _fit(dims["M"], 16, 256), "SPLIT": 1}, num_warps=4, num_stages=1)
+        return Config({"BLOCK_M": cm._fit(dims["M"], 16, 256), "SPLIT": 1}, num_warps=4, num_stages=1)
     half = dtype in (torch.float16, torch.bfloat16)
     warps = 8 if bo * bk > 64 * 128 or dtype == torch.float32 else 4
     if dtype == torch.float64:
@@ -425,7 +408,7 @@ def _gw_off32(xs: torch.Tensor, dys: torch.Tensor, g: _shapes.Geometry, co: int,
     - 1)·d)·|stride|`` over x's dims (the window corners reach past the padding), and dY's within ``Σ size·|stride|
     + (C_out + BLOCK_O)·|stride_dc|`` (the block's masked channel lanes). Lanes past M form wrapped offsets and
     are never read."""
-    a = _as_3d(g)
+    a = cm._as_3d(g)
     pad = [lo + hi + (k - 1) * d for lo, hi, k, d in zip(a["lo"], a["hi"], a["k"], a["d"])]
     x = xs.shape[0] * abs(xs.stride(0)) + xs.shape[1] * abs(xs.stride(1)) \
         + sum((n + p) * abs(st) for n, p, st in zip(xs.shape[2:], pad, xs.stride()[2:]))
@@ -500,7 +483,7 @@ def masked_conv_grad_weight(grad: torch.Tensor, x: torch.Tensor, mask: torch.Ten
     to, tk = triton.cdiv(og, bo), triton.cdiv(k, bk)
     _check_list(count, "count", (groups, to), x)
     _check_list(index, "index", (groups, to, tk), x)
-    _check_device(x)
+    cm._check_device(x)
     # (2) allocate; nothing to launch for an empty result (C_out = 0 or C_in = 0), nor for an empty reduction
     # (N = 0 or an empty output: no position, dW = 0)
     dw = x.new_empty(size, dtype=torch.float32 if thresholds is not None else x.dtype)
@@ -516,17 +499,17 @@ def masked_conv_grad_weight(grad: torch.Tensor, x: torch.Tensor, mask: torch.Ten
     split = cfg.meta["SPLIT"]
     acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     if split == 1:
-        target = _launch_buffer(dw, masked_conv_grad_weight_kernel)
+        target = cm._launch_buffer(dw, masked_conv_grad_weight_kernel)
     else:  # the fp32 (fp64) partials, one per share
         target = torch.empty((split, *size), dtype=acc_dtype, device=x.device)
     out = target.view(-1, co, cg, kt)
-    a = _as_3d(g)
+    a = cm._as_3d(g)
     sub = _tap_tile(cg, bk)["SUB"]
-    xs, dys = _as_5d(x, g.ndim), _as_5d(grad, g.ndim)
+    xs, dys = cm._as_5d(x, g.ndim), cm._as_5d(grad, g.ndim)
     if sub:
         # the tap walk reads SUB contiguous channels per position from channels-last x and BLOCK_O from
         # channels-last dY; other layouts are copied once (see _channels_last)
-        xs, dys = _channels_last(xs), _channels_last(dys)
+        xs, dys = cm._channels_last(xs), cm._channels_last(dys)
     pos32 = M + cfg.meta["BLOCK_M"] < 2**31
     off32 = bool(sub) and pos32 and _gw_off32(xs, dys, g, co, bo)
     # dY as [M, C_out] rows stride_dw apart (position m's offset m·stride_dw): the positions need no decomposition
@@ -539,19 +522,19 @@ def masked_conv_grad_weight(grad: torch.Tensor, x: torch.Tensor, mask: torch.Ten
     count, index = count.contiguous(), index.contiguous()
     rows = groups * to
     grid = (split * rows * tk,)
-    with _device(x):
+    with cm._device(x):
         masked_conv_grad_weight_kernel[grid](
             out, dys, xs, x if m3 is None else m3, count, index,  # x as the mask pointer: never read
             M, L, og, cg, k, to, tk, rows, *a["in"], a["out"][1], a["out"][2], xt, yt,
             *dys.stride(), *xs.stride(), *(m3.stride() if m3 is not None else (0, 0, 0)), *out.stride(),
             a["k"], a["s"], a["lo"], a["d"],
             _shapes.PADDING_MODE_CODES[g.padding_mode],
-            m3 is not None, thresholds is not None, **_math_args(x.dtype, masked_conv_grad_weight_kernel),
+            m3 is not None, thresholds is not None, **cm._math_args(x.dtype, masked_conv_grad_weight_kernel),
             BLOCK_O=bo, BLOCK_K=bk, SUB=sub, OFF32=off32, POS32=pos32, DIMS=g.ndim, DY_FLAT=dy_flat,
             **cfg.launch_kwargs(),
         )
     if split == 1:
-        return _finish(dw, target)
+        return cm._finish(dw, target)
     # the partials, summed in a fixed order (deterministic); a masked entry is 0 in each, so 0 in the sum
     if dw.dtype == acc_dtype:
         return torch.sum(target, dim=0, out=dw)
