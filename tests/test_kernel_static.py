@@ -17,6 +17,7 @@ from __future__ import annotations
 import ast
 import inspect
 import textwrap
+import types
 
 import pytest
 import triton
@@ -41,6 +42,19 @@ def _pyfunc(fn):
 
 def _is_jit(obj) -> bool:
     return isinstance(obj, triton.runtime.JITFunction) or _compat.interpreted(obj)
+
+
+def _callee(py, func: ast.expr):
+    """What a call's ``func`` names in the Python function ``py``'s globals: ``helper(...)`` or
+    ``module.helper(...)`` (the kernels reach ``_common`` as ``cm``) of a module that is not Triton's (``tl.sum``
+    and the other jit functions of its own library are not ours to check); None for anything else."""
+    if isinstance(func, ast.Name):
+        return py.__globals__.get(func.id)
+    if isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name):
+        module = py.__globals__.get(func.value.id)
+        if isinstance(module, types.ModuleType) and module.__name__.partition(".")[0] != "triton":
+            return getattr(module, func.attr, None)
+    return None
 
 
 class Int64Check:
@@ -199,7 +213,7 @@ class Int64Check:
             return len(node.args) > 2 and _is_int64_dtype(node.args[2])
         if name in _PROPAGATE and isinstance(func, ast.Attribute):
             return any(args[i] for i in _PROPAGATE[name] if i < len(args))
-        helper = self.py.__globals__.get(name) if isinstance(func, ast.Name) else None
+        helper = _callee(self.py, func)
         if _is_jit(helper):
             return self.helper(helper, node, args)
         return False
@@ -247,8 +261,8 @@ def unmasked_memory_ops(kernel) -> list[str]:
             if isinstance(f, ast.Attribute) and f.attr in ("load", "store") and \
                     not any(k.arg == "mask" for k in node.keywords):
                 found.append(f"{fn.__name__}: `{ast.unparse(node)}`")
-            if isinstance(f, ast.Name) and _is_jit(fn.__globals__.get(f.id)):
-                todo.append(fn.__globals__[f.id])
+            if _is_jit(_callee(fn, f)):
+                todo.append(_callee(fn, f))
     return found
 
 
@@ -285,6 +299,16 @@ def _int64_of(i):
 
 
 @triton.jit
+def _scaled(i, stride_q):
+    return stride_q * i
+
+
+# a helper reached as a module's attribute, as the kernels reach _common's (cm._tap_sources(...))
+_helpers = types.ModuleType("_helpers")
+_helpers._scaled = _scaled
+
+
+@triton.jit
 def _bad_kernel(out_ptr, x_ptr, N, stride_xn, stride_xk, K: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)  # int32
     n = pid * BLOCK + tl.arange(0, BLOCK)
@@ -293,6 +317,7 @@ def _bad_kernel(out_ptr, x_ptr, N, stride_xn, stride_xk, K: tl.constexpr, BLOCK:
         v = tl.load(x_ptr + n * stride_xn + k * stride_xk, mask=mask)  # two int32 products
         tl.store(out_ptr + n * N + k, v, mask=mask)  # n · N: int32 too
     tl.store(out_ptr + _offset(n, stride_xn), 0)  # through a helper, and unmasked
+    tl.store(out_ptr + _helpers._scaled(n, stride_xk), 0)  # through a module's helper, and unmasked
     half: tl.constexpr = BLOCK // 2  # an annotated assignment, followed like any other
     tl.store(out_ptr + half * stride_xk, 0, mask=pid == 0)
 
@@ -317,6 +342,7 @@ def test_checker_flags_int32_products_and_unmasked_stores():
     assert any("n * stride_xn" in e for e in errors), errors
     assert any("n * N" in e for e in errors), errors
     assert any(e.startswith("_offset") for e in errors), errors  # followed into the helper
+    assert any(e.startswith("_scaled") for e in errors), errors  # and into a module's
     assert any("half * stride_xk" in e for e in errors), errors  # through `half: tl.constexpr = ...`
-    assert len(unmasked_memory_ops(_bad_kernel)) == 1
+    assert len(unmasked_memory_ops(_bad_kernel)) == 2
     assert check_int64(_good_kernel) == [] and unmasked_memory_ops(_good_kernel) == []
