@@ -68,7 +68,9 @@ def constexprs(fn, dtype, mode, cfg, fixed, has_bias=True):
               "HAS_BIAS": has_bias, "HAS_MASK": True, "BINARIZE": False, "TRANSPOSED": mode == 2, "READ_OUT": True,
               "FP64": fp64, "PRECISION": "tf32" if dtype == torch.float32 else "ieee",
               "UPCAST": False,  # bf16 reaches the tensor cores on a GPU (only the interpreter upcasts)
-              "ACC_DTYPE": tl.float64 if fp64 else tl.float32, **TAP_WALK, "SUB": fixed.get("BLOCK_K"), **cfg.meta,
+              "ACC_DTYPE": tl.float64 if fp64 else tl.float32, **TAP_WALK, "SUB": fixed.get("BLOCK_K"),
+              "VEC": 16 // dtype.itemsize,  # x's rows 16-byte aligned (masked_conv grad-weight's launcher proves it)
+              **cfg.meta,
               **fixed}
     return {p.name: values[p.name] for p in fn.params if p.is_constexpr}
 

@@ -203,6 +203,34 @@ def test_layouts(layout, kernel_device):
         torch.testing.assert_close(dw.double(), want, atol=TOL[torch.float32][0], rtol=TOL[torch.float32][1])
 
 
+def test_x_alignment_is_asserted_only_where_proved(kernel_device, monkeypatch):
+    """VEC (the 16-byte alignment of x's sub-tile rows, asserted to the compiler) is 16 / element size for a
+    channels-last x whose strides are multiples of it (here a contiguous x, copied channels-last), and 1 for a
+    32-channel slice of a 42-channel channels-last tensor (already channels-last, so not copied: its strides,
+    multiples of 42, are not multiples of 4 fp32 elements); both give the reference's dW."""
+    real = grad_weight_module.masked_conv_grad_weight_kernel
+    seen = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                seen.append((kwargs["SUB"], kwargs["VEC"]))
+                return real[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(grad_weight_module, "masked_conv_grad_weight_kernel", Recorder())
+    weight_size = [16, 32, 3, 3]
+    geo = dict(kernel=[3, 3], stride=[1, 1], padding=[(1, 1), (1, 1)], dilation=[1, 1], groups=1, mode="zeros")
+    wide = torch.randn(2, 42, 5, 6, device=kernel_device).to(memory_format=torch.channels_last)
+    for x, vec in ((torch.randn(2, 32, 5, 6, device=kernel_device), 4), (wide[:, 5:37], 1)):
+        dy = torch.randn(2, 16, 5, 6, device=kernel_device)
+        mask = make_mask(weight_size, 1, (16, 16), 0.5).to(kernel_device)
+        dw = _run(dy, x, mask, weight_size, geo)
+        assert seen[-1] == (16, vec)
+        torch.testing.assert_close(dw.double(), _ref(dy, x, weight_size, geo, mask), atol=TOL[torch.float32][0],
+                                   rtol=TOL[torch.float32][1])
+
+
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's NaN matmul
 @pytest.mark.parametrize("split", [1, 2])
 def test_masked_entries_are_exact_zeros_with_nan_and_inf(split, kernel_device):

@@ -51,10 +51,12 @@ def masked_conv_grad_weight_kernel(
     # _tap_tile): the k-tile is BLOCK_K / SUB sub-tiles of one tap each (0: the per-element gather); OFF32: every
     # offset the tap walk forms into x and dY fits int32 (the launcher proved it, see _gw_off32); POS32:
     # M + BLOCK_M < 2^31, so position indices are int32; DIMS: the spatial dims (the tap walk's positions advance
-    # only those); DY_FLAT: dY is [M, CO] with row stride stride_dw (channels-last, packed positions)
+    # only those); DY_FLAT: dY is [M, CO] with row stride stride_dw (channels-last, packed positions); VEC: every
+    # x sub-tile row the tap walk reads starts at a multiple of VEC elements (16 bytes; the launcher proved it, see
+    # _x_vector), 1: not proved
     BLOCK_M: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr,
     SUB: tl.constexpr = 0, OFF32: tl.constexpr = False, POS32: tl.constexpr = False, DIMS: tl.constexpr = 3,
-    DY_FLAT: tl.constexpr = False,
+    DY_FLAT: tl.constexpr = False, VEC: tl.constexpr = 1,
 ):
     """``dW_g[o, k] = Σ_m dY[n, g·OG + o, l] · P_g[m, k]`` (``m = n·L + l``) over the ``s``-th of ``SPLIT``
     shares of the positions, for one tile slot ``(g, to, j)`` per program: the tile ``index[g, to, j]``,
@@ -204,7 +206,13 @@ def masked_conv_grad_weight_kernel(
                     + s_w.to(tl.int64) * stride_xw + tap_s[None, :]
                 if OFF32:
                     src = src.to(tl.int32)
-            pt3 = tl.load(x_g + src[:, :, None] + ch[None, None, :], mask=v[:, :, None], other=0)
+            off3 = src[:, :, None] + ch[None, None, :]
+            if VEC > 1:
+                # what the compiler cannot always derive (triton 3.8 does not for two-tap tiles, NS = 2, and then
+                # gathers x one element per load, unpipelined: 0.12 of the tensor cores' peak and spills, against
+                # 0.60 with it; the static report, fp16 cifar_conv2)
+                off3 = tl.multiple_of(off3, [1, 1, VEC])
+            pt3 = tl.load(x_g + off3, mask=v[:, :, None], other=0)
             pt = tl.reshape(pt3, [BLOCK_M, BLOCK_K])
             if BINARIZE:
                 # the coactivation count: 0/1 operands (a padded tap is absent, so 0 whatever the threshold; NaN is
@@ -402,6 +410,17 @@ GRAD_WEIGHT_SPEC = autotune.register(KernelSpec(
 
 # ----------------------------------------------------------------------------------------------
 # grad-weight launcher
+def _x_vector(xs: torch.Tensor, cg: int, sub: int) -> int:
+    """The kernel's ``VEC``: the elements of a 16-byte vector when every x sub-tile row the tap walk reads starts
+    at a multiple of them, else 1. A row's offset is ``g·CG + c_s + Σ_dim i·stride`` (channels-last ``xs``:
+    channel stride 1; ``c_s`` a multiple of SUB), so that holds when CG, SUB and every other stride of ``xs`` are
+    multiples (a channel slice of a wider channels-last tensor, say, need not be); the pointer's own alignment
+    is Triton's to check."""
+    vec = 16 // xs.element_size()
+    strides = (xs.stride(0), *xs.stride()[2:])
+    return vec if all(v % vec == 0 for v in (cg, sub, *strides)) else 1
+
+
 def _gw_off32(xs: torch.Tensor, dys: torch.Tensor, g: _shapes.Geometry, co: int, bo: int) -> bool:
     """The grad-weight tap walk's ``OFF32``: every offset it forms into x and dY fits int32 — for a valid lane
     each partial sum of ``n·stride_xn + i_d·stride_xd + ... + c·stride_xc`` lies within ``Σ (size + lo + hi + (k
@@ -531,6 +550,7 @@ def masked_conv_grad_weight(grad: torch.Tensor, x: torch.Tensor, mask: torch.Ten
             _shapes.PADDING_MODE_CODES[g.padding_mode],
             m3 is not None, thresholds is not None, **cm._math_args(x.dtype, masked_conv_grad_weight_kernel),
             BLOCK_O=bo, BLOCK_K=bk, SUB=sub, OFF32=off32, POS32=pos32, DIMS=g.ndim, DY_FLAT=dy_flat,
+            VEC=_x_vector(xs, cg, sub) if sub else 1,
             **cfg.launch_kwargs(),
         )
     if split == 1:
