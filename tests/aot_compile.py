@@ -45,6 +45,8 @@ TAP_WALK = {"SUB": None, "NARROW": True, "OFF32": True, "POS32": True, "DIMS": 2
 # patch_covariance's channels per (tap, channel block) pair come from the group's channels (the launcher's): 16 ≤ any
 # BLOCK_D compiles the several-taps-per-tile path
 FIXED_TILES["patch_covariance"] = lambda dims: {"BLOCK_C": 16}
+# ekfac walks its patch rows the same way: 16 channels per pair is one tap per step at BLOCK_K 16 and two at 32
+FIXED_TILES["ekfac"] = lambda dims: {"BLOCK_C": 16}
 # local_conv's forward gather layout is the launcher's (by Triton version): the newest one's
 FIXED_TILES["local_conv_fwd"] = lambda dims: {"GATHER_T": True}
 # fold_kernel serves fold (mode 2: its reflect candidate loops) and, TRANSPOSED, unfold_transpose's adjoint: each

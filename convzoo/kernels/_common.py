@@ -417,6 +417,12 @@ _SMS = 132  # the heuristics' GPU: an H100 SXM (tuned tables pick tiles and SPLI
 _MAX_GRID_YZ = 65535  # CUDA's limit on grid dims 1 and 2
 
 
+def _block_c(channels: int, block: int) -> int:
+    """Channels per (tap, channel block) pair of a patch-row walk (patch_covariance, ekfac): the group's channels
+    to a power of two, at most a tile side ``block``."""
+    return min(block, triton.next_power_of_2(max(channels, 1)))
+
+
 def _fit(v: int, lo: int, hi: int) -> int:
     """``v`` rounded up to a power of two, clamped to ``[lo, hi]`` (``tl.dot`` needs tiles ≥ 16)."""
     return max(lo, min(hi, autotune.bucket(v)))

@@ -29,29 +29,6 @@ __all__ = ["ekfac_eigenvalues"]
 
 
 @triton.jit
-def _patch_rows(x_ptr, r, od, oh, ow, l_ok, n, D, ID, IH, IW,
-                stride_xn, stride_xc, stride_xd, stride_xh, stride_xw,
-                KS: tl.constexpr, ST: tl.constexpr, LO: tl.constexpr, DIL: tl.constexpr,
-                MODE: tl.constexpr, TRANSPOSED: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """Sample ``n``'s patch-matrix tile ``P[r, l]`` (rows ``r`` ``[BLOCK_K, 1]``, int64; positions given by their
-    output coordinates ``od, oh, ow`` ``[1, BLOCK_L]``, int32, and ``l_ok``) of one channel group (``x_ptr`` at its
-    first channel): 0 outside ``r < D``, ``l < L`` and where padding reads nothing; row ``D`` is the constant 1
-    when ``HAS_BIAS``. The positions' coordinates come from the caller, computed once per position step (three
-    divisions by runtime sizes), not per patch-row step; the taps' from ``r`` by constexprs."""
-    kd, kh, kw = cm._tap_coords((r % cm._taps(KS)).to(tl.int32), KS[1], KS[2])
-    c = r // cm._taps(KS)
-    i_d, i_h, i_w, ok = cm._tap_sources(od, oh, ow, kd, kh, kw, ID, IH, IW, ST, LO, DIL,
-                                        MODE, TRANSPOSED)
-    off = (c * stride_xc + i_d.to(tl.int64) * stride_xd + i_h.to(tl.int64) * stride_xh
-           + i_w.to(tl.int64) * stride_xw)
-    v = tl.load(x_ptr + n * stride_xn + off, mask=ok & (r < D) & l_ok, other=0)
-    if HAS_BIAS:
-        one = tl.full(v.shape, 1, v.dtype)
-        v = tl.where((r == D) & l_ok, one, v)
-    return v
-
-
-@triton.jit
 def _contract(ahat, h, acc, FP64: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """``acc + ahat @ h``: ``ahat`` the fp32 (fp64) projected patch tile, ``h`` the projected gradients in the
     operand dtype. 16-bit operands: ``ahat`` is rounded to ``h``'s dtype for the tensor cores (as flash
@@ -72,8 +49,9 @@ def ekfac_kernel(
     # inputs: x [N, C, ID, IH, IW]; Q_A [G, DP, DP]; the projected output gradients Ĝ [N, G·CO, L]; any strides
     x_ptr, qa_ptr, gh_ptr,
     # runtime sizes: CG input channels and CO output channels per group, L positions, N samples, D patch rows
-    # (DP = D + bias), TJ tiles along DP
-    CG, CO, ID, IH, IW, OH, OW, L, N, D, DP, TJ,
+    # (DP = D + bias), TJ tiles along DP; the patch rows walked as TQ = K·TC (tap, channel block) pairs (TC
+    # blocks of BLOCK_C channels per tap) in TD steps of BLOCK_K rows
+    CG, CO, ID, IH, IW, OH, OW, L, N, D, DP, TJ, TC, TQ, TD,
     stride_xn, stride_xc, stride_xd, stride_xh, stride_xw,
     stride_qg, stride_qd, stride_qj,
     stride_hn, stride_hc, stride_hl,
@@ -84,9 +62,10 @@ def ekfac_kernel(
     KS: tl.constexpr, ST: tl.constexpr, LO: tl.constexpr, DIL: tl.constexpr,
     MODE: tl.constexpr, TRANSPOSED: tl.constexpr, HAS_BIAS: tl.constexpr,
     FP64: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, ACC_DTYPE: tl.constexpr,
-    # tiles
+    # tiles: BLOCK_K patch rows per projection step, BLOCK_K / BLOCK_C taps of BLOCK_C channels each (BLOCK_C:
+    # the launcher's, from the group's channels)
     BLOCK_J: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_K: tl.constexpr,
-    SPLIT: tl.constexpr,
+    SPLIT: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """One tile ``(tj, ti)`` of group ``g``'s ``sᵀ`` (``BLOCK_J`` eigen-columns of A × ``BLOCK_O`` of G) over the
     ``SPLIT``-th share of the samples: ``Σ_n (Σ_l Â_n[j, l]·Ĝ_n[i, l])²``, stored at ``out[s, g, i, j]``.
@@ -95,6 +74,12 @@ def ekfac_kernel(
     contract; over the whole statistic 2·G·N·L·DP·(DP·⌈CO/BLOCK_O⌉ + CO): the projection is recomputed for
     each of the ⌈CO/BLOCK_O⌉ row tiles (one for CO ≤ BLOCK_O). Both products are tensor-core ``tl.dot``s with
     M = BLOCK_J; x is gathered once per (tile, sample) from L2 and the result written once.
+
+    The patch rows are walked as patch_covariance walks them: (tap, channel block) pairs, ``BLOCK_K / BLOCK_C``
+    per projection step, each ``BLOCK_C`` channels of one tap (contiguous in channels-last x, what the launcher
+    passes: vector loads), its offsets and padding test one vector per (tap, position), not a div/mod and
+    bounds test per element; Q_A's rows are read at the walk's unfold rows ``c·K + k``. The bias row (the
+    constant 1) is a rank-1 update of the projected tile after the walk.
     """
     # program id -> (tile, group, split)
     pid = tl.program_id(0)
@@ -112,7 +97,6 @@ def ekfac_kernel(
     n0 = s * per
     n1 = tl.minimum(n0 + per, N)
     l_steps = (L - 1) // BLOCK_L + 1
-    d_steps = (DP - 1) // BLOCK_K + 1
     j_ok = (rj < DP)[:, None]
     o_ok = (ro < CO)[None, :]
 
@@ -122,23 +106,36 @@ def ekfac_kernel(
         # sample n's rotated gradient tile, transposed: Σ_l Â[j, l]·Ĝ[i, l]
         acc = tl.zeros([BLOCK_J, BLOCK_O], dtype=ACC_DTYPE)
         for ls in range(0, l_steps):
-            # the positions' output coordinates, int32 (the launcher checks L < 2^31), once per step
+            # the step's positions (int32: the launcher checks L < 2^31)
             l32 = ls * BLOCK_L + tl.arange(0, BLOCK_L)
-            ow = (l32 % OW)[None, :]
-            oh = ((l32 // OW) % OH)[None, :]
-            od = (l32 // OW // OH)[None, :]  # not l // (OW * OH): an int32 product of two sizes
             l = l32.to(tl.int64)
             l_ok = (l32 < L)[None, :]
-            # Â tile [BLOCK_J, BLOCK_L] = Q_A[:, j]ᵀ P[:, l], fp32 (fp64) accumulation
+            # Â tile [BLOCK_J, BLOCK_L] = Q_A[:, j]ᵀ P[:, l], fp32 (fp64) accumulation, over the (tap, channel
+            # block) pairs
             ahat = tl.zeros([BLOCK_J, BLOCK_L], dtype=ACC_DTYPE)
-            for ds in range(0, d_steps):
-                d = (ds * BLOCK_K + tl.arange(0, BLOCK_K)).to(tl.int64)
-                q = tl.load(q_g + d[None, :] * stride_qd + rj[:, None] * stride_qj,
-                            mask=j_ok & (d < DP)[None, :], other=0)
-                p = _patch_rows(x_g, d[:, None], od, oh, ow, l_ok, n, D, ID, IH, IW,
-                                stride_xn, stride_xc, stride_xd, stride_xh, stride_xw,
-                                KS, ST, LO, DIL, MODE, TRANSPOSED, HAS_BIAS)
+            x_n = x_g + n * stride_xn
+            for ds in range(0, TD):
+                if BLOCK_K == BLOCK_C:  # one tap per step: its offsets and test one vector of positions
+                    k = (ds // TC).to(tl.int64)  # int64: _patch_columns' channel part (0 here) times a stride
+                    c = ((ds % TC) * BLOCK_K + tl.arange(0, BLOCK_K)).to(tl.int64)
+                    c_ok = c < CG
+                    k_p = k
+                else:  # a tap per BLOCK_C rows: small channel groups still fill BLOCK_K rows
+                    r = tl.arange(0, BLOCK_K)
+                    q_ = ds * (BLOCK_K // BLOCK_C) + r // BLOCK_C
+                    k = (q_ // TC).to(tl.int64)
+                    c = ((q_ % TC) * BLOCK_C + r % BLOCK_C).to(tl.int64)
+                    c_ok = (c < CG) & (q_ < TQ)
+                    k_p = k[:, None]
+                off, ok = cm._patch_columns(k_p, l[None, :], ID, IH, IW, OH, OW, 0, stride_xd, stride_xh, stride_xw,
+                                            KS, ST, LO, DIL, MODE, TRANSPOSED)
+                p = tl.load(x_n + c[:, None] * stride_xc + off, mask=c_ok[:, None] & ok & l_ok, other=0)
+                q = tl.load(q_g + (c * cm._taps(KS) + k)[None, :] * stride_qd + rj[:, None] * stride_qj,
+                            mask=j_ok & c_ok[None, :], other=0)
                 ahat = cm._mma(q, p, ahat, FP64, PRECISION, UPCAST)
+            if HAS_BIAS:  # the constant-1 row D: Q_A[D, j] at every position
+                qb = tl.load(q_g + D.to(tl.int64) * stride_qd + rj * stride_qj, mask=rj < DP, other=0)
+                ahat += cm._widen(qb, ACC_DTYPE, UPCAST)[:, None] * tl.where(l_ok, 1.0, 0.0).to(ACC_DTYPE)
             h = tl.load(h_g + n * stride_hn + ro[None, :] * stride_hc + l[:, None] * stride_hl,
                         mask=o_ok & (l < L)[:, None], other=0)
             acc = _contract(ahat, h, acc, FP64, PRECISION, UPCAST)
@@ -162,17 +159,17 @@ def _split(dims, block_j: int, block_o: int, interpret: bool) -> int:
 def _default(dims, dtype, interpret: bool) -> Config:
     """16-bit: BLOCK_J 64 (the M of both ``tl.dot``s: a warpgroup's wgmma), BLOCK_O up to 64 (one row tile for
     most layers: the patch projection is recomputed per row tile), BLOCK_L 64 positions, BLOCK_K 32 patch rows
-    per projection step, 8 warps (0 spills in the static sm_90 report; 4 warps spill). fp32: 32-wide tiles, 8
-    warps (no spills). fp64 is a broadcast-sum: small tiles. The interpreter pays per program and per step: the largest
-    tiles."""
+    per projection step, 8 warps (0 spills in the static sm_90 report; 4 warps spill). fp32: 32-wide tiles, 4
+    warps (no spills under triton 3.6 and 3.8; 8 warps, or BLOCK_K 16, spill 8-36 bytes on some layers). fp64 is
+    a broadcast-sum: small tiles. The interpreter pays per program and per step: the largest tiles."""
     if interpret:
         bj, bo, bl, bk = cm._fit(dims["D"], 16, 64), cm._fit(dims["O"], 16, 64), cm._fit(dims["L"], 16, 64), \
             cm._fit(dims["D"], 16, 64)
         warps, stages = 4, 1
     elif dtype == torch.float64:
         bj, bo, bl, bk, warps, stages = 16, 16, 16, 16, 4, 1
-    elif dtype == torch.float32:  # CUDA cores unless TF32 is allowed: 64-wide tiles (and 4 warps) spill there
-        bj, bo, bl, bk, warps, stages = 32, cm._fit(dims["O"], 16, 32), 32, 16, 8, 1
+    elif dtype == torch.float32:  # CUDA cores unless TF32 is allowed: 64-wide tiles spill there, and so do 8 warps
+        bj, bo, bl, bk, warps, stages = 32, cm._fit(dims["O"], 16, 32), 32, 32, 4, 1
     else:  # 8 warps: the three fp32 tiles (two accumulators and the projected patches) fit without spilling
         bj, bo, bl, bk = 64, cm._fit(dims["O"], 16, 64), 64, 32
         warps, stages = 8, 2
@@ -271,19 +268,26 @@ def ekfac_eigenvalues(x: torch.Tensor, grad: torch.Tensor, q_a: torch.Tensor, q_
     cfg = config or autotune.lookup("ekfac", x.device, x.dtype, O=co, D=dp, L=num, N=n, G=groups)
     bj, bo, split = cfg.meta["BLOCK_J"], cfg.meta["BLOCK_O"], cfg.meta["SPLIT"]
     tj, to = triton.cdiv(dp, bj), triton.cdiv(co, bo)
+    bk = cfg.meta["BLOCK_K"]
+    bc = cm._block_c(cg, bk)
+    tc = triton.cdiv(cg, bc)
+    tq = a["K"] * tc
+    td = triton.cdiv(tq, bk // bc)
     target = cm._split_workspace(out, split)
     xs = cm._as_5d(x, a["ndim"])
+    if xs.stride(1) != 1 and cg > 1:  # a (tap, channel block) pair's channels contiguous: vector loads
+        xs = xs.contiguous(memory_format=torch.channels_last_3d)
     with cm._device(x):
         # grid dims 1 (groups) and 2 (SPLIT) are limited to 65535 on CUDA: a depthwise layer may have more
         for g0, ng in cm._group_slices(groups):
             ekfac_kernel[(tj * to, ng, split)](
                 target[:, g0:g0 + ng], xs[:, g0 * cg:(g0 + ng) * cg], qa[g0:g0 + ng], gh[:, g0 * co:(g0 + ng) * co],
-                cg, co, *a["in"], a["out"][1], a["out"][2], num, n, a["D"], dp, tj,
+                cg, co, *a["in"], a["out"][1], a["out"][2], num, n, a["D"], dp, tj, tc, tq, td,
                 *xs.stride(), *qa.stride(), *gh.stride(), *target.stride(),
                 coef if split == 1 else 1.0,
                 a["k"], a["s"], a["p"], a["d"],
                 a["mode"], transposed, bias,
-                **cm._math_args(x.dtype, ekfac_kernel),
+                **cm._math_args(x.dtype, ekfac_kernel), BLOCK_C=bc,
                 **cfg.launch_kwargs(),
             )
     if split > 1:

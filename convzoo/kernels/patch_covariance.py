@@ -157,14 +157,9 @@ def patch_covariance_kernel(
 
 # ----------------------------------------------------------------------------------------------
 # configs
-def _block_c(channels: int, block_d: int) -> int:
-    """Channels per (tap, channel block) pair: the group's channels to a power of two, at most a tile side."""
-    return min(block_d, triton.next_power_of_2(max(channels, 1)))
-
-
 def _tiles(dims, block_d: int) -> int:
     """Tile rows (one side): the (tap, channel block) pairs over the pairs per tile."""
-    bc = _block_c(dims["C"], block_d)
+    bc = cm._block_c(dims["C"], block_d)
     return -(-(dims["K"] * -(-dims["C"] // bc)) // (block_d // bc))
 
 
@@ -299,7 +294,7 @@ def _launch(target: torch.Tensor, x: torch.Tensor, a: dict, cg: int, read_out: b
     one element per load along the positions (measured on the static sm_90 report: README, kernel notes)."""
     groups = target.shape[0]
     bd, bm = cfg.meta["BLOCK_D"], cfg.meta["BLOCK_M"]
-    bc = _block_c(cg, bd)
+    bc = cm._block_c(cg, bd)
     tc = triton.cdiv(cg, bc)
     tt = triton.cdiv(a["K"] * tc, bd // bc)
     n = x.shape[0]
