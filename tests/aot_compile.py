@@ -77,9 +77,14 @@ def constexprs(fn, dtype, mode, cfg, fixed, has_bias=True):
     return {p.name: values[p.name] for p in fn.params if p.is_constexpr}
 
 
-def compile_one(spec, dtype, cfg, mode, arch, fixed):
+def compile_one(spec, dtype, cfg, mode, arch, fixed, ones=False):
+    """``ones``: every int argument is the constant 1, as Triton passes an int argument equal to 1 (a size or
+    stride of 1 must compile: no ``.to`` on an argument)."""
     fn = spec.kernel
     const = constexprs(fn, dtype, mode, cfg, fixed)
+    if ones:
+        const.update({p.name: 1 for p in fn.params if not p.is_constexpr and not p.name.endswith("_ptr")
+                      and p.name not in FLOAT_ARGS and p.name not in ("alpha", "coef")})
     sig = {p.name: "constexpr" if p.name in const else
            (INT_PTRS.get(p.name, f"*{TL[dtype]}") if p.name.endswith("_ptr") else FLOAT_ARGS.get(p.name, "i32"))
            for p in fn.params}
@@ -116,6 +121,17 @@ def main():
                                 row.update(ok=False, error=f"{type(e).__name__}: {e}"[:2000])
                             results.append(row)
                             print(json.dumps(row), flush=True)
+        # every int argument 1, once per kernel (fp16's default config, mode 0, sm_90)
+        cfg = spec.default_config(DIMS.get(name, [{d: 256 for d in spec.dims}])[0], torch.float16, False)
+        fixed = FIXED_TILES[name](DIMS.get(name, [{d: 256 for d in spec.dims}])[0]) if name in FIXED_TILES else {}
+        row = {"kernel": name, "dtype": "torch.float16", "config": cfg.to_json(), "fixed": fixed, "arch": 90,
+               "mode": 0, "ones": True, "dot": False}
+        try:
+            row.update(compile_one(spec, torch.float16, cfg, 0, 90, fixed, ones=True), ok=True)
+        except Exception as e:
+            row.update(ok=False, error=f"{type(e).__name__}: {e}"[:2000])
+        results.append(row)
+        print(json.dumps(row), flush=True)
     return 0 if all(r["ok"] for r in results) else 1
 
 

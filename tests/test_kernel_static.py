@@ -203,6 +203,10 @@ class Int64Check:
         for kw in node.keywords:
             self.expr(kw.value)
         if isinstance(func, ast.Attribute) and func.attr == "to":  # x.to(dtype)
+            if self.is_scaled_int(func.value):
+                self.errors.append(
+                    f"{self.name}, line {node.lineno}: `{ast.unparse(node)}`: {ast.unparse(func.value)} is an int "
+                    "kernel argument, which Triton passes as the constant 1 when it is 1 (no .to): use tl.cast")
             self.expr(func.value)
             dtype = node.args[0] if node.args else next((k.value for k in node.keywords if k.arg == "dtype"), None)
             return _is_int64_dtype(dtype)
@@ -320,6 +324,7 @@ def _bad_kernel(out_ptr, x_ptr, N, stride_xn, stride_xk, K: tl.constexpr, BLOCK:
     tl.store(out_ptr + _helpers._scaled(n, stride_xk), 0)  # through a module's helper, and unmasked
     half: tl.constexpr = BLOCK // 2  # an annotated assignment, followed like any other
     tl.store(out_ptr + half * stride_xk, 0, mask=pid == 0)
+    tl.store(out_ptr + N.to(tl.int64) * stride_xk, 0, mask=pid == 0)  # N == 1 arrives as the constant 1
 
 
 @triton.jit
@@ -344,5 +349,6 @@ def test_checker_flags_int32_products_and_unmasked_stores():
     assert any(e.startswith("_offset") for e in errors), errors  # followed into the helper
     assert any(e.startswith("_scaled") for e in errors), errors  # and into a module's
     assert any("half * stride_xk" in e for e in errors), errors  # through `half: tl.constexpr = ...`
+    assert any("N.to(tl.int64)" in e and "tl.cast" in e for e in errors), errors
     assert len(unmasked_memory_ops(_bad_kernel)) == 2
     assert check_int64(_good_kernel) == [] and unmasked_memory_ops(_good_kernel) == []

@@ -134,7 +134,8 @@ def ekfac_kernel(
                             mask=j_ok & c_ok[None, :], other=0)
                 ahat = cm._mma(q, p, ahat, FP64, PRECISION, UPCAST)
             if HAS_BIAS:  # the constant-1 row D: Q_A[D, j] at every position
-                qb = tl.load(q_g + D.to(tl.int64) * stride_qd + rj * stride_qj, mask=rj < DP, other=0)
+                # tl.cast, not D.to: an int argument equal to 1 reaches the kernel as the constant 1
+                qb = tl.load(q_g + tl.cast(D, tl.int64) * stride_qd + rj * stride_qj, mask=rj < DP, other=0)
                 ahat += cm._widen(qb, ACC_DTYPE, UPCAST)[:, None] * tl.where(l_ok, 1.0, 0.0).to(ACC_DTYPE)
             h = tl.load(h_g + n * stride_hn + ro[None, :] * stride_hc + l[:, None] * stride_hl,
                         mask=o_ok & (l < L)[:, None], other=0)
@@ -257,7 +258,7 @@ def ekfac_eigenvalues(x: torch.Tensor, grad: torch.Tensor, q_a: torch.Tensor, q_
         return out
     if n * num == 0:
         return out.zero_()
-    if num >= 2**31:
+    if num > 2**31 - 128:  # its last position step (BLOCK_L ≤ 128, the config space's bound) must not wrap
         raise ValueError(f"the kernel indexes a sample's output positions in int32: {num} positions are too many")
     # the output gradients in G's eigenbasis, [N, G·CO, L]: the size of grad (the patches, ∏K times more, are
     # projected in the kernel)

@@ -418,7 +418,7 @@ def _x_vector(xs: torch.Tensor, cg: int, sub: int) -> int:
     is Triton's to check."""
     vec = 16 // xs.element_size()
     strides = (xs.stride(0), *xs.stride()[2:])
-    return vec if all(v % vec == 0 for v in (cg, sub, *strides)) else 1
+    return vec if xs.stride(1) == 1 and all(v % vec == 0 for v in (cg, sub, *strides)) else 1
 
 
 def _gw_off32(xs: torch.Tensor, dys: torch.Tensor, g: _shapes.Geometry, co: int, bo: int) -> bool:
