@@ -79,6 +79,25 @@ def _padded_candidate(i, j, n, lo, hi, MODE: tl.constexpr):
 
 
 @triton.jit
+def _tap_pairs(t, TC, TQ, CG, BLOCK: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Step ``t`` of a patch-row walk in (tap, channel block) pairs (pair ``q``: tap ``q // TC``, channels
+    ``(q % TC)·BLOCK_C + [0, BLOCK_C)``; ``BLOCK / BLOCK_C`` pairs per step, ``TQ`` in all, see
+    :func:`_pair_walk`): the ``BLOCK`` rows' tap ``k`` (int64; one scalar when ``BLOCK == BLOCK_C``, else one
+    per row), channel ``c`` (int64) and validity. Their unfold row is ``c·K + k``."""
+    if BLOCK == BLOCK_C:  # one tap per step: the callers' offsets and tests are one vector of positions
+        k = (t // TC).to(tl.int64)
+        c = ((t % TC) * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
+        ok = c < CG
+    else:  # a tap per BLOCK_C rows: small channel groups still fill BLOCK rows
+        r = tl.arange(0, BLOCK)
+        q = t * (BLOCK // BLOCK_C) + r // BLOCK_C
+        k = (q // TC).to(tl.int64)
+        c = ((q % TC) * BLOCK_C + r % BLOCK_C).to(tl.int64)
+        ok = (c < CG) & (q < TQ)
+    return k, c, ok
+
+
+@triton.jit
 def _padded_candidates(i_d, ih, iw, jd, jh, jw, ID, IH, IW, LO: tl.constexpr, HI: tl.constexpr,
                        MODE: tl.constexpr):
     """The ``(jd, jh, jw)``-th padded position ``(pd, ph, pw)`` that reads input position ``(i_d, ih, iw)``,
@@ -417,10 +436,14 @@ _SMS = 132  # the heuristics' GPU: an H100 SXM (tuned tables pick tiles and SPLI
 _MAX_GRID_YZ = 65535  # CUDA's limit on grid dims 1 and 2
 
 
-def _block_c(channels: int, block: int) -> int:
-    """Channels per (tap, channel block) pair of a patch-row walk (patch_covariance, ekfac): the group's channels
-    to a power of two, at most a tile side ``block``."""
-    return min(block, triton.next_power_of_2(max(channels, 1)))
+def _pair_walk(channels: int, taps: int, block: int) -> tuple[int, int, int, int]:
+    """A patch-row walk in (tap, channel block) pairs (patch_covariance, ekfac; see :func:`_tap_pairs`) of
+    ``channels`` per group and ``taps`` taps in steps of ``block`` rows: ``(BLOCK_C, TC, TQ, steps)``, the
+    channels per pair (the group's to a power of two, at most ``block``), the pairs per tap, the pairs
+    (``taps·TC``) and the steps (``block / BLOCK_C`` pairs each)."""
+    bc = min(block, triton.next_power_of_2(max(channels, 1)))
+    tc = -(-channels // bc)
+    return bc, tc, taps * tc, -(-(taps * tc) // (block // bc))
 
 
 def _fit(v: int, lo: int, hi: int) -> int:

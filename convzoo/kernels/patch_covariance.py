@@ -85,27 +85,12 @@ def patch_covariance_kernel(
     if ti <= tj:
         # offsets: each row's tap and channel (int64: channel c at c · stride_xc may pass 2^31); a tile side is
         # BLOCK_D / BLOCK_C (tap, channel block) pairs of BLOCK_C channels
-        if BLOCK_D == BLOCK_C:  # one tap per tile side: a scalar, its offsets one vector per l-block
-            ki = (ti // TC).to(tl.int64)  # int64: _patch_columns' channel part (0 here) times a stride
-            kj = (tj // TC).to(tl.int64)
-            ci = ((ti % TC) * BLOCK_D + tl.arange(0, BLOCK_D)).to(tl.int64)
-            cj = ((tj % TC) * BLOCK_D + tl.arange(0, BLOCK_D)).to(tl.int64)
-            ci_ok = ci < CG
-            cj_ok = cj < CG
-            ki_a = ki
-            kj_b = kj
-        else:  # a tap per BLOCK_C rows: small channel groups still fill BLOCK_D ≥ 64 rows (wgmma)
-            r = tl.arange(0, BLOCK_D)
-            qi = ti * (BLOCK_D // BLOCK_C) + r // BLOCK_C
-            qj = tj * (BLOCK_D // BLOCK_C) + r // BLOCK_C
-            ki = (qi // TC).to(tl.int64)
-            kj = (qj // TC).to(tl.int64)
-            ci = ((qi % TC) * BLOCK_C + r % BLOCK_C).to(tl.int64)
-            cj = ((qj % TC) * BLOCK_C + r % BLOCK_C).to(tl.int64)
-            ci_ok = (ci < CG) & (qi < TQ)
-            cj_ok = (cj < CG) & (qj < TQ)
-            ki_a = ki[:, None]
-            kj_b = kj[None, :]
+        # (one tap per tile side when BLOCK_D == BLOCK_C: a scalar, its offsets one vector per l-block; else a tap
+        # per BLOCK_C rows: small channel groups still fill BLOCK_D ≥ 64 rows, wgmma)
+        ki, ci, ci_ok = cm._tap_pairs(ti, TC, TQ, CG, BLOCK_D, BLOCK_C)
+        kj, cj, cj_ok = cm._tap_pairs(tj, TC, TQ, CG, BLOCK_D, BLOCK_C)
+        ki_a = ki if BLOCK_D == BLOCK_C else ki[:, None]
+        kj_b = kj if BLOCK_D == BLOCK_C else kj[None, :]
         x_g = x_ptr + g * CG * stride_xc
         # this chunk: samples [n0, n1), l-blocks [b0, b1)
         n0 = s % SN * NS
@@ -159,8 +144,7 @@ def patch_covariance_kernel(
 # configs
 def _tiles(dims, block_d: int) -> int:
     """Tile rows (one side): the (tap, channel block) pairs over the pairs per tile."""
-    bc = cm._block_c(dims["C"], block_d)
-    return -(-(dims["K"] * -(-dims["C"] // bc)) // (block_d // bc))
+    return cm._pair_walk(dims["C"], dims["K"], block_d)[3]
 
 
 def _split(dims, block_d: int, block_m: int, interpret: bool) -> int:
@@ -294,23 +278,21 @@ def _launch(target: torch.Tensor, x: torch.Tensor, a: dict, cg: int, read_out: b
     one element per load along the positions (measured on the static sm_90 report: README, kernel notes)."""
     groups = target.shape[0]
     bd, bm = cfg.meta["BLOCK_D"], cfg.meta["BLOCK_M"]
-    bc = cm._block_c(cg, bd)
-    tc = triton.cdiv(cg, bc)
-    tt = triton.cdiv(a["K"] * tc, bd // bc)
+    bc, tc, tq, tt = cm._pair_walk(cg, a["K"], bd)
     n = x.shape[0]
     sn, ns, sl, ls = _chunks(n, triton.cdiv(a["L"], bm), cfg.meta["SPLIT"])
     split = sn * sl
     work = cm._split_workspace(target, split)
     xs = cm._as_5d(x, a["ndim"])
-    if xs.stride(1) != 1 and cg > 1:
-        xs = xs.contiguous(memory_format=torch.channels_last_3d)
+    if cg > 1:
+        xs = cm._channels_last(xs)
     with cm._device(x):
         # grid dims 1 (groups) and 2 (chunks) are limited to 65535 on CUDA: a depthwise layer may have more
         # channels, so the groups go in launches of at most that many (each on its slices of x and target)
         for g0, ng in cm._group_slices(groups):
             patch_covariance_kernel[(tt * tt, ng, split)](
                 work[:, g0:g0 + ng], xs[:, g0 * cg:(g0 + ng) * cg],
-                cg, n, *a["in"], a["out"][1], a["out"][2], a["L"], tc, a["K"] * tc, tt, sn, ns, ls,
+                cg, n, *a["in"], a["out"][1], a["out"][2], a["L"], tc, tq, tt, sn, ns, ls,
                 *xs.stride(), *work.stride(),
                 alpha if split == 1 else 0.0, coef if split == 1 else 1.0,
                 a["k"], a["s"], a["p"], a["d"],
