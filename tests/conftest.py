@@ -16,11 +16,20 @@ HAS_CUDA = torch.cuda.is_available()
 KERNEL_DEVICE = "cuda" if HAS_CUDA else "cpu"
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest's own hook deselects by -m
 def pytest_collection_modifyitems(config, items):
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device (gpu marker)")
     for item in items:
         if "gpu" in item.keywords and not HAS_CUDA:
             item.add_marker(skip_gpu)
+        if item.get_closest_marker("slow_interpreted") and not HAS_CUDA and _runs_kernels(item):
+            item.add_marker(pytest.mark.slow)
+
+
+def _runs_kernels(item):
+    """Whether a case runs the Triton kernels: every case but the ``path`` fixture's plain-torch one."""
+    callspec = getattr(item, "callspec", None)
+    return callspec is None or callspec.params.get("path") != "torch"
 
 
 @pytest.fixture(params=["triton", "torch"])

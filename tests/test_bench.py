@@ -514,6 +514,7 @@ def _pytest_bench(*args, timeout=300):
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.slow  # ~12 s: a pytest subprocess that imports torch and times every row
 def test_pytest_benchmark_times_the_same_problems_and_providers(tmp_path):
     """`pytest bench --benchmark-only` parametrizes over the bench's own tables (the same (op, shape, mode,
     provider) as convzoo-bench runs, in its order), times each and records what it is; nothing of it is in
@@ -544,6 +545,7 @@ def test_pytest_benchmark_refuses_the_interpreter():
     assert run.returncode != 0 and "TRITON_INTERPRET is set" in run.stderr
 
 
+@pytest.mark.slow  # ~8 s: builds and installs a wheel, then runs the tools in subprocesses
 def test_installed_without_a_checkout_the_tools_work(tmp_path):
     """A wheel built from the tracked files, installed into a bare folder and run from elsewhere: the console
     scripts are declared, the bench runs and writes where it is told, and there is no reference folder to

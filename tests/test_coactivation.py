@@ -404,7 +404,7 @@ def test_opcheck(mode):
     torch.library.opcheck(torch.ops.convzoo.coactivation_, (out, *args))
 
 
-@pytest.mark.parametrize("mode", ["count", "correlation"])
+@pytest.mark.parametrize("mode", ["count", pytest.param("correlation", marks=pytest.mark.slow)])  # ~12 s
 @torch.fx.experimental._config.patch(use_duck_shape=False)
 @torch._dynamo.config.patch(error_on_recompile=True)
 def test_compile_fullgraph_dynamic_no_recompile(mode):

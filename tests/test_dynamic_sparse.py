@@ -122,6 +122,7 @@ def test_gradient_never_reaches_masked_weights():
     assert (layer.weight.grad[~layer.mask] == 0).all() and layer.weight.grad[layer.mask].abs().sum() > 0
 
 
+@pytest.mark.slow  # ~20 s of compiling; test_sparsity compiles the prune_regrow function itself by default
 @torch._inductor.config.patch(fallback_random=True)  # the compiled draws (random ties, re-init) are eager's
 def test_prune_regrow_compiles_fullgraph():
     """No host sync in prune_regrow: a fullgraph compile of it traces (a .item() or a data-dependent shape

@@ -48,8 +48,10 @@ def test_opcheck_local_conv(bias, permuted, requires_grad, path):
     torch.library.opcheck(torch.ops.convzoo.local_conv.default, (x, w, b, *geom))
 
 
-@pytest.mark.parametrize("requires_grad", [False, True], ids=["nograd", "grad"])
-@pytest.mark.parametrize("key", list(GEOMS))
+@pytest.mark.parametrize("key, requires_grad", [  # with grad, 5-7 s each of the 2-d and 3-d under the interpreter
+    pytest.param(k, g, id=f"{k}-{'grad' if g else 'nograd'}",
+                 marks=pytest.mark.slow_interpreted if g and not k.startswith("1d") else ())
+    for k in GEOMS for g in (False, True)])
 def test_opcheck_backward_ops(key, requires_grad, path):
     x, w, _, geom = _setup(key, path, permuted=True)
     y = torch.ops.convzoo.local_conv(x, w, None, *geom)
@@ -60,7 +62,8 @@ def test_opcheck_backward_ops(key, requires_grad, path):
                           (gy, x.requires_grad_(requires_grad), *geom))
 
 
-@pytest.mark.parametrize("key", list(GEOMS))
+@pytest.mark.parametrize("key", [k if k.startswith("1d") else pytest.param(k, marks=pytest.mark.slow_interpreted)
+                                 for k in GEOMS])  # 10-24 s each under the interpreter
 def test_gradcheck_fp64(key, path):
     x, w, b, geom = _setup(key, path, torch.float64, bias="channel", requires_grad=True)
 

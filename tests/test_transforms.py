@@ -25,6 +25,12 @@ CASES = [
     Case(1, 1, (2, 3, 3), (2, 2, 2), None, ((1, 0), (0, 1), (1, 1)), None, "circular"),  # 3-d
 ]
 IDS = [c.id for c in CASES]
+
+
+def _cases(cases, slow):
+    """``cases`` as parameters, the one of id ``slow`` marked slow_interpreted (the longest under the interpreter:
+    CI's torch 2.11 run and a CUDA run take it)."""
+    return [pytest.param(c, id=c.id, marks=pytest.mark.slow_interpreted if c.id == slow else ()) for c in cases]
 C_OUT = 3
 
 
@@ -93,7 +99,7 @@ def _forward_ad(f, primals, tangents):
 
 
 # ---------------------------------------------------------------------------------------------- unfold / fold
-@pytest.mark.parametrize("case", CASES, ids=IDS)
+@pytest.mark.parametrize("case", _cases(CASES, slow=IDS[2]))
 def test_unfold_fold_forward_mode(case, path):
     x, t = _x(case, path), _x(case, path)
     ref = oracle_unfold(t, case)  # unfold is linear: its tangent is the unfold of the tangent
@@ -164,7 +170,7 @@ def test_local_conv_forward_mode(case, bias, path):
         _close(got, jvp(lambda p: ref(*one(p)), ((x, w, b)[i],), (tangents[i],))[1])
 
 
-@pytest.mark.parametrize("case", CASES, ids=IDS)
+@pytest.mark.parametrize("case", _cases(CASES, slow=IDS[2]))
 def test_local_conv_reverse_transforms(case, path):
     x = _x(case, path)
     w, b = _params(case, path)
@@ -234,7 +240,7 @@ def test_local_conv_second_order(case, path):
            jvp(grad(lambda w: ref(x, w, b).pow(3).sum()), (w,), (wt,))[1])
 
 
-@pytest.mark.parametrize("case", CASES[:2], ids=IDS[:2])
+@pytest.mark.parametrize("case", _cases(CASES[:2], slow=IDS[0]))
 def test_local_conv_backward_ops_transforms(case, path):
     """The backward ops are entry points too (double backward, KFAC-style code): jvp, vjp, vmap."""
     x = _x(case, path)
