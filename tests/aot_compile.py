@@ -53,6 +53,11 @@ FIXED_TILES["local_conv_fwd"] = lambda dims: {"GATHER_T": True}
 # spec compiles its launcher's flag, not mode 2's
 FIXED_TILES["fold"] = lambda dims: {"TRANSPOSED": False}
 FIXED_TILES["unfold_transpose_backward"] = lambda dims: {"TRANSPOSED": True}
+# unfold's gather (unfold and unfold_transpose): its int32 index math, positions × rows, and (a second lookup-dims
+# entry, WIDE) the int64 one of a plane past 2^31, rows × positions (the launcher's orientation depends on Triton)
+for _name in ("unfold", "unfold_transpose"):
+    DIMS[_name] = [{"R": 256, "L": 256}, {"R": 256, "L": 256, "WIDE": 1}]
+    FIXED_TILES[_name] = lambda dims: {"NARROW": "WIDE" not in dims, "POS_FIRST": "WIDE" not in dims}
 # local_conv grad-input: the launcher picks the MMA orientation and the int32 deltas: the C_in-major, narrow one
 FIXED_TILES["local_conv_grad_input"] = lambda dims: {"C_MAJOR": True, "NARROW": True}
 FIXED_TILES["local_conv_grad_weight"] = lambda dims: {"NARROW": True}

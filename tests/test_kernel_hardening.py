@@ -76,6 +76,35 @@ def test_unfold_channel_offset_past_int32(tmp_path, kernel_device):
     torch.testing.assert_close(out, reference.unfold(dense, *_geom(3, 1, "reflect")), atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("mode", ["zeros", "reflect"])
+@pytest.mark.parametrize("shape, strides", [((1, 1, 5), (1, 1, HUGE)), ((1, 1, 3, 4), (1, 1, HUGE, 1)),
+                                            ((1, 1, 3, 4), (1, 1, 1, HUGE))], ids=["W", "H_of_2d", "W_of_2d"])
+def test_unfold_offset_within_a_plane_past_int32(shape, strides, mode, tmp_path, kernel_device):
+    """Within one (sample, channel) plane the gather reads past 2^31 (index 2 or 4 of a dim of int32 stride HUGE):
+    the launcher keeps the kernel's in-plane index math int64 (``_narrow``), for unfold and unfold_transpose alike
+    (the int32 math reads 2^32 elements off, which the storage holds)."""
+    from convzoo.kernels import unfold_transpose as transpose_kernels
+
+    dense = torch.randint(-8, 9, shape).float().to(kernel_device)
+    x = huge_view(dense, strides, tmp_path, "x")
+    k = [3] * (dense.dim() - 2)
+    ones = [1] * len(k)
+    assert not unfold_kernels._narrow(x.view(1, 1, *[1] * (3 - len(k)), *x.shape[2:]), 1, 1)
+    geom = k, ones, [1, 1] * len(k), ones, mode
+    torch.testing.assert_close(unfold_kernels.unfold(x, *geom), reference.unfold(dense, *geom), atol=0, rtol=0)
+    geom = k, ones, ones, [0] * len(k), ones
+    torch.testing.assert_close(transpose_kernels.unfold_transpose(x, *geom), reference.unfold_transpose(dense, *geom),
+                               atol=0, rtol=0)
+
+
+def test_unfold_takes_int32_index_math_below_2_31():
+    x = torch.empty(2, 3, 1, 6, 7)
+    assert unfold_kernels._narrow(x, 2 * 3 * 9, 42)
+    assert not unfold_kernels._narrow(x, 2**31, 42) and not unfold_kernels._narrow(x, 6, 2**31)
+    huge = torch.empty_strided(x.shape, (0, 0, 0, 2**30, 1), device="meta")  # 5 · 2^30 + 6 in one plane
+    assert not unfold_kernels._narrow(huge, 6, 42) and unfold_kernels._narrow(huge[:, :, :, :1], 6, 42)
+
+
 def _local_conv_dense(device):
     """x [2, 3, 5], weight [3, 9, 3] (k = 3, L = 3), grad [2, 3, 3]: fp32. Three of C_in, C_out and L,
     so that index 2 of each meets a huge stride."""

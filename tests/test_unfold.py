@@ -111,6 +111,23 @@ def test_unfold_small_tiles_cover_every_element(config, kernel_device):
     torch.testing.assert_close(y.cpu(), oracle_unfold(x.cpu(), case), atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("ties_to_last", [False, True], ids=["positions_x_rows", "rows_x_positions"])
+def test_both_tile_orientations_gather_every_case(ties_to_last, monkeypatch, kernel_device):
+    """The launcher holds the gather's tile positions × rows or rows × positions by the installed Triton's
+    coalescing tie (``_common._TIES_TO_LAST_DIM``), so each CI leg runs one of them: both here, on every case (every
+    padding mode, rank, stride, dilation) with partial 16 × 32 tiles."""
+    from convzoo.kernels import _common as cm
+
+    monkeypatch.setattr(cm, "_TIES_TO_LAST_DIM", ties_to_last)
+    for case in CASES:
+        x = make_input(case, torch.float32, kernel_device)
+        nd = case.ndim
+        args = (list(case.kernel), list(case.dilation or (1,) * nd), flat_padding(case), list(case.stride or (1,) * nd),
+                case.mode)
+        y = kernels.unfold(x, *args, config=Config({"BLOCK_R": 16, "BLOCK_L": 32}))
+        torch.testing.assert_close(y.cpu(), oracle_unfold(x.cpu(), case), atol=0, rtol=0, msg=case.id)
+
+
 @pytest.mark.parametrize("config", [
     pytest.param(Config({"BLOCK_R": 1, "BLOCK_P": 16}), marks=pytest.mark.slow_interpreted),  # ~10 s: 1-row tiles
     Config({"BLOCK_R": 4, "BLOCK_P": 32}), Config({"BLOCK_R": 8, "BLOCK_P": 16}),

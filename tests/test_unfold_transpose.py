@@ -68,9 +68,14 @@ def test_fp16_and_permuted_input_exact(key, path):
     torch.testing.assert_close(cf.unfold_transpose(xp, *geom), want, atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("ties_to_last", [False, True], ids=["positions_x_rows", "rows_x_positions"])
 @pytest.mark.parametrize("key", ["2d_K3_S1_P2_D2", "2d_K7_S2_P4_OP1"])
-def test_every_tile_edge(key, kernel_device):
-    """Small tiles (many programs, partial tiles at every edge) give the same result as the reference."""
+def test_every_tile_edge(key, ties_to_last, monkeypatch, kernel_device):
+    """Small tiles (many programs, partial tiles at every edge) give the same result as the reference, in both
+    orientations of the gather's tile (the launcher's depends on the installed Triton: test_unfold)."""
+    from convzoo.kernels import _common as cm
+
+    monkeypatch.setattr(cm, "_TIES_TO_LAST_DIM", ties_to_last)
     x, geom = _case(key, kernel_device, torch.float64)
     args = _resolved(x, geom)
     cols = kernels.unfold_transpose(x, *args, config=autotune.Config({"BLOCK_R": 4, "BLOCK_L": 32}, 4, 1))

@@ -436,8 +436,8 @@ GRAD_INPUT_SPEC = autotune.register(KernelSpec(
 # launchers
 # The forward's patch tile: which gather layout keeps its per-row index math in few registers differs by Triton
 # version (static sm_90 report, fp16 local_2d: triton 3.6 gathers [BLOCK_R, BLOCK_N] in 247 loop instructions and
-# [BLOCK_N, BLOCK_R] + transpose in 1,258; triton 3.8 the other way round, 1,207 and 241)
-_GATHER_T = tuple(int(v) for v in triton.__version__.split(".")[:2]) >= (3, 8)
+# [BLOCK_N, BLOCK_R] + transpose in 1,258; triton 3.8 the other way round, 1,207 and 241): the coalescing pass's tie
+_GATHER_T = cm._TIES_TO_LAST_DIM
 
 
 def local_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, kernel_size: list[int],

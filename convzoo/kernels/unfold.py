@@ -32,6 +32,11 @@ def unfold_kernel(
     # geometry
     KS: tl.constexpr, ST: tl.constexpr, LO: tl.constexpr, DIL: tl.constexpr,
     MODE: tl.constexpr, TRANSPOSED: tl.constexpr,
+    # R and L, and every input offset within one (sample, channel) plane, below 2^31 (the launcher): the per-row,
+    # per-position and in-plane index math in int32
+    NARROW: tl.constexpr,
+    # the tile held positions × rows (else rows × positions): whichever makes the threads lie along the positions
+    POS_FIRST: tl.constexpr,
     # tiles
     BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
@@ -48,25 +53,53 @@ def unfold_kernel(
     Each program writes a BLOCK_R × BLOCK_L tile, contiguous along L (coalesced stores); for a
     row, consecutive L read consecutive input columns when SW == 1 (coalesced loads).
     """
-    # program id -> tile: offsets (int64; row = (n*C + c)*K + k) and masks
+    # program id -> tile: offsets (int64; row = (n*C + c)*K + k) and masks. The coalescing pass proves no
+    # contiguity in either dim of the gather's addresses and lays the threads by its tie-break
+    # (_common._TIES_TO_LAST_DIM); POS_FIRST (the launcher's) holds the tile so that they lie along the positions,
+    # which read neighbouring input columns and store 16-byte vectors straight from the load layout (along the
+    # rows, a warp read 16 taps of 2 positions and the tile went through shared memory to be stored)
     rows, blocks, row_ok, blk_ok = cm._tile_offsets(R, L, BLOCK_R, BLOCK_L)
-    k = rows % cm._taps(KS)
-    nc = rows // cm._taps(KS)
+    if NARROW:  # int32 divisions in place of int64 ones (a call each, for a runtime divisor)
+        r, l = rows.to(tl.int32), blocks.to(tl.int32)
+    else:
+        r, l = rows, blocks
+    k = r % cm._taps(KS)
+    nc = r // cm._taps(KS)
     c = nc % C
     n = nc // C
     kd, kh, kw = cm._tap_coords(k, KS[1], KS[2])
-    od, oh, ow = cm._position_coords(blocks, OH, OW)
-    # the input index each (tap, position) reads, per dim (TRANSPOSED: the one that reaches it, if any); per dim,
+    od, oh, ow = cm._position_coords(l, OH, OW)
+    # the input index each (position, tap) reads, per dim (TRANSPOSED: the one that reaches it, if any); per dim,
     # not _tap_sources: the tile mask first in the load's mask keeps fp32 at 52 registers, not 66 (cifar_conv2)
-    i_d, ok_d = cm._tap_source(od[None, :], kd[:, None], ID, LO[0], ST[0], DIL[0], MODE, TRANSPOSED)
-    i_h, ok_h = cm._tap_source(oh[None, :], kh[:, None], IH, LO[1], ST[1], DIL[1], MODE, TRANSPOSED)
-    i_w, ok_w = cm._tap_source(ow[None, :], kw[:, None], IW, LO[2], ST[2], DIL[2], MODE, TRANSPOSED)
-    tile_ok = row_ok[:, None] & blk_ok[None, :]
+    od, kd = _axes(od, kd, POS_FIRST)
+    oh, kh = _axes(oh, kh, POS_FIRST)
+    ow, kw = _axes(ow, kw, POS_FIRST)
+    i_d, ok_d = cm._tap_source(od, kd, ID, LO[0], ST[0], DIL[0], MODE, TRANSPOSED)
+    i_h, ok_h = cm._tap_source(oh, kh, IH, LO[1], ST[1], DIL[1], MODE, TRANSPOSED)
+    i_w, ok_w = cm._tap_source(ow, kw, IW, LO[2], ST[2], DIL[2], MODE, TRANSPOSED)
+    blk_ok, row_ok = _axes(blk_ok, row_ok, POS_FIRST)
+    tile_ok = blk_ok & row_ok
 
-    src = (x_ptr + (n * stride_xn + c * stride_xc)[:, None]
-           + i_d * stride_xd + i_h * stride_xh + i_w * stride_xw)
-    vals = tl.load(src, mask=tile_ok & ok_d & ok_h & ok_w, other=0)
-    tl.store(out_ptr + rows[:, None] * L + blocks[None, :], vals, mask=tile_ok)
+    # the (sample, channel) plane's offset in int64; the offset within it in int32 where NARROW says it fits
+    if NARROW:
+        sd, sh, sw = tl.cast(stride_xd, tl.int32), tl.cast(stride_xh, tl.int32), tl.cast(stride_xw, tl.int32)
+    else:
+        sd, sh, sw = tl.cast(stride_xd, tl.int64), tl.cast(stride_xh, tl.int64), tl.cast(stride_xw, tl.int64)
+    pos, plane = _axes(l, n.to(tl.int64) * stride_xn + c.to(tl.int64) * stride_xc, POS_FIRST)
+    vals = tl.load(x_ptr + plane + (i_d * sd + i_h * sh + i_w * sw), mask=tile_ok & ok_d & ok_h & ok_w, other=0)
+    _, row_base = _axes(l, rows * L, POS_FIRST)
+    tl.store(out_ptr + row_base + pos, vals, mask=tile_ok)
+
+
+@triton.jit
+def _axes(pos, row, POS_FIRST: tl.constexpr):
+    """A per-position and a per-row vector as the tile's two axes: positions × rows (``POS_FIRST``) or rows ×
+    positions."""
+    if POS_FIRST:
+        p, r = pos[:, None], row[None, :]
+    else:
+        p, r = pos[None, :], row[:, None]
+    return p, r
 
 
 @triton.jit
@@ -196,10 +229,18 @@ def _launch_unfold(name: str, xs: torch.Tensor, out: torch.Tensor, a: dict, mode
             rows, xs.shape[1], *a["in"], *a["out"], L,
             *xs.stride(),
             a["k"], a["s"], a["lo"], a["d"],
-            mode, transposed,
+            mode, transposed, _narrow(xs, rows, L), not cm._TIES_TO_LAST_DIM,
             **cfg.launch_kwargs(),
         )
     return out
+
+
+def _narrow(xs: torch.Tensor, rows: int, L: int) -> bool:
+    """Whether ``unfold_kernel`` may take its row, position and in-plane index math in int32: rows and positions
+    below 2^31, and the farthest element of one (sample, channel) plane of ``xs`` (5-d) too, so that every offset
+    it reads fits (a masked lane's offset may wrap: it is never read)."""
+    reach = sum((n - 1) * s for n, s in zip(xs.shape[2:], xs.stride()[2:]))
+    return max(rows, L, reach) < 2**31
 
 
 def fold(cols: torch.Tensor, output_size: list[int], kernel_size: list[int], dilation: list[int],
