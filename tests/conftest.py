@@ -13,6 +13,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 HAS_CUDA = torch.cuda.is_available()
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # the kernels run under Triton's interpreter
 KERNEL_DEVICE = "cuda" if HAS_CUDA else "cpu"
 
 
@@ -22,7 +23,7 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords and not HAS_CUDA:
             item.add_marker(skip_gpu)
-        if item.get_closest_marker("slow_interpreted") and not HAS_CUDA and _runs_kernels(item):
+        if item.get_closest_marker("slow_interpreted") and INTERPRETED and _runs_kernels(item):
             item.add_marker(pytest.mark.slow)
 
 

@@ -14,7 +14,8 @@ import torch
 from problems import TOL, Case, flat_padding, oracle_fold, oracle_unfold
 
 import convzoo.functional as cf
-from convzoo import reference
+from convzoo import _shapes, reference
+from convzoo.kernels import _common as cm
 from convzoo.kernels import local_conv as lc_kernels  # decorate the kernels while TRITON_INTERPRET is set
 from convzoo.kernels import unfold as unfold_kernels
 
@@ -89,7 +90,7 @@ def test_unfold_offset_within_a_plane_past_int32(shape, strides, mode, tmp_path,
     x = huge_view(dense, strides, tmp_path, "x")
     k = [3] * (dense.dim() - 2)
     ones = [1] * len(k)
-    assert not unfold_kernels._narrow(x.view(1, 1, *[1] * (3 - len(k)), *x.shape[2:]), 1, 1)
+    assert not _narrow(x, k, [1, 1] * len(k), ones, mode)
     geom = k, ones, [1, 1] * len(k), ones, mode
     torch.testing.assert_close(unfold_kernels.unfold(x, *geom), reference.unfold(dense, *geom), atol=0, rtol=0)
     geom = k, ones, ones, [0] * len(k), ones
@@ -97,12 +98,27 @@ def test_unfold_offset_within_a_plane_past_int32(shape, strides, mode, tmp_path,
                                atol=0, rtol=0)
 
 
+def _narrow(x, kernel, padding, stride, mode, rows=1):
+    """unfold's launcher's int32 test for ``x`` and a geometry (flat padding), rows = ``rows``."""
+    g = _shapes.unfold_geometry(x, kernel, [1] * len(kernel), padding, stride, mode)
+    return unfold_kernels._narrow(cm._as_5d(x, g.ndim), rows, math.prod(g.out_size), cm._as_3d(g))
+
+
 def test_unfold_takes_int32_index_math_below_2_31():
-    x = torch.empty(2, 3, 1, 6, 7)
-    assert unfold_kernels._narrow(x, 2 * 3 * 9, 42)
-    assert not unfold_kernels._narrow(x, 2**31, 42) and not unfold_kernels._narrow(x, 6, 2**31)
-    huge = torch.empty_strided(x.shape, (0, 0, 0, 2**30, 1), device="meta")  # 5 · 2^30 + 6 in one plane
-    assert not unfold_kernels._narrow(huge, 6, 42) and unfold_kernels._narrow(huge[:, :, :, :1], 6, 42)
+    """The int32 test: rows, positions, the farthest element of a plane, and every index value the kernel forms
+    (a wrapped index on a lane that reads is a wrong number: replicate clamps it to the wrong edge, circular's
+    shift by n leaves it negative, a stride-0 dim of 2^31 elements loses its positions past 2^31)."""
+    x = torch.empty(2, 3, 6, 7, device="meta")
+    assert _narrow(x, [3, 3], [1, 1, 1, 1], [1, 1], "zeros", rows=2 * 3 * 9)
+    assert not _narrow(x, [3, 3], [1, 1, 1, 1], [1, 1], "zeros", rows=2**31)
+    huge = torch.empty_strided(x.shape, (0, 0, 2**30, 1), device="meta")  # 5 · 2^30 + 6 in one plane
+    assert not _narrow(huge, [1, 1], [0, 0, 0, 0], [1, 1], "zeros") and _narrow(huge[:, :, :1], [1, 1], [0] * 4, [1, 1],
+                                                                              "zeros")
+    pair = torch.empty(1, 1, 2, device="meta")  # replicate padding of 2^31 at the end, stride 2: L = 2^30 + 1
+    assert _narrow(pair, [1], [0, 4], [2], "replicate") and not _narrow(pair, [1], [0, 2**31], [2], "replicate")
+    n = 3 * 2**29 + 1  # a plane below 2^31 whose circular shift p + n passes it
+    assert not _narrow(torch.empty(1, 1, n, device="meta"), [3], [1, 1], [1], "circular")
+    assert not _narrow(torch.empty_strided((1, 1, 2**31 + 2), (0, 0, 0), device="meta"), [1], [0, 0], [2], "zeros")
 
 
 def _local_conv_dense(device):

@@ -45,7 +45,7 @@ def _source_index(p, n, MODE: tl.constexpr):
         ok = p == p
     elif MODE == 2:  # reflect (padding < n, so one reflection suffices)
         i = tl.abs(p)
-        i = tl.where(i > n - 1, 2 * (n - 1) - i, i)
+        i = tl.where(i > n - 1, (n - 1) - (i - (n - 1)), i)  # 2(n-1) - i, no 2n formed: an int32 n may pass 2^30
         ok = p == p
     else:  # replicate
         i = tl.minimum(tl.maximum(p, 0), n - 1)
@@ -430,12 +430,16 @@ def _channels_last(t: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------
+# the gathers' tile orientation: Triton's coalescing pass, where it proves no contiguity in either dim of a
+# gather's addresses, lays the threads along dim 0 up to triton 3.7 and along the last dim from 3.8 (static sm_90
+# report: local_conv's forward patch tile, unfold's gather); those gathers hold their tiles by it so that the dim
+# they want the threads along wins
+_TIES_TO_LAST_DIM = tuple(int(v) for v in triton.__version__.split(".")[:2]) >= (3, 8)
+
+
+# ----------------------------------------------------------------------------------------------
 # the split reductions' host side (patch_covariance, ekfac: SPLIT programs per output tile, each writing a
 # partial into a workspace that the launcher sums in a fixed order; no atomics, deterministic)
-# Triton's coalescing pass, where it proves no contiguity in either dim of a gather's addresses, lays the threads
-# along dim 0 up to triton 3.7 and along the last dim from 3.8 (static sm_90 report: local_conv's forward patch
-# tile, unfold's gather): those gathers hold their tiles by it so that the dim they want the threads along wins
-_TIES_TO_LAST_DIM = tuple(int(v) for v in triton.__version__.split(".")[:2]) >= (3, 8)
 _SMS = 132  # the heuristics' GPU: an H100 SXM (tuned tables pick tiles and SPLIT for other GPUs)
 _MAX_GRID_YZ = 65535  # CUDA's limit on grid dims 1 and 2
 

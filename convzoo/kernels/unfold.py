@@ -32,8 +32,8 @@ def unfold_kernel(
     # geometry
     KS: tl.constexpr, ST: tl.constexpr, LO: tl.constexpr, DIL: tl.constexpr,
     MODE: tl.constexpr, TRANSPOSED: tl.constexpr,
-    # R and L, and every input offset within one (sample, channel) plane, below 2^31 (the launcher): the per-row,
-    # per-position and in-plane index math in int32
+    # R, L, every index value and every input offset within one (sample, channel) plane below 2^31 (the launcher's
+    # _narrow): the per-row, per-position and in-plane index math in int32
     NARROW: tl.constexpr,
     # the tile held positions × rows (else rows × positions): whichever makes the threads lie along the positions
     POS_FIRST: tl.constexpr,
@@ -50,11 +50,12 @@ def unfold_kernel(
     Roofline: pure data movement. Bytes = R·L·e written + at most the input read (neighbouring
     taps re-read the same lines, which L2 serves), e = element size; 0 FLOPs. Memory bound: the
     bench reports GB/s = (R·L + N·C·ID·IH·IW)·e / t against the measured copy bandwidth.
-    Each program writes a BLOCK_R × BLOCK_L tile, contiguous along L (coalesced stores); for a
-    row, consecutive L read consecutive input columns when SW == 1 (coalesced loads).
+    Each program writes BLOCK_R rows × BLOCK_L positions (held either way round, ``POS_FIRST``, so that the threads
+    lie along the positions), contiguous along L (coalesced 16-byte stores where L allows); for a row, consecutive L
+    read consecutive input columns when SW == 1 (coalesced loads).
     """
-    # program id -> tile: offsets (int64; row = (n*C + c)*K + k) and masks. The coalescing pass proves no
-    # contiguity in either dim of the gather's addresses and lays the threads by its tie-break
+    # program id -> tile: offsets (int64, int32 where NARROW; row = (n*C + c)*K + k) and masks. The coalescing pass
+    # proves no contiguity in either dim of the gather's addresses and lays the threads by its tie-break
     # (_common._TIES_TO_LAST_DIM); POS_FIRST (the launcher's) holds the tile so that they lie along the positions,
     # which read neighbouring input columns and store 16-byte vectors straight from the load layout (along the
     # rows, a warp read 16 taps of 2 positions and the tile went through shared memory to be stored)
@@ -229,18 +230,23 @@ def _launch_unfold(name: str, xs: torch.Tensor, out: torch.Tensor, a: dict, mode
             rows, xs.shape[1], *a["in"], *a["out"], L,
             *xs.stride(),
             a["k"], a["s"], a["lo"], a["d"],
-            mode, transposed, _narrow(xs, rows, L), not cm._TIES_TO_LAST_DIM,
+            mode, transposed, _narrow(xs, rows, L, a), not cm._TIES_TO_LAST_DIM,
             **cfg.launch_kwargs(),
         )
     return out
 
 
-def _narrow(xs: torch.Tensor, rows: int, L: int) -> bool:
+def _narrow(xs: torch.Tensor, rows: int, L: int, a: dict) -> bool:
     """Whether ``unfold_kernel`` may take its row, position and in-plane index math in int32: rows and positions
-    below 2^31, and the farthest element of one (sample, channel) plane of ``xs`` (5-d) too, so that every offset
-    it reads fits (a masked lane's offset may wrap: it is never read)."""
-    reach = sum((n - 1) * s for n, s in zip(xs.shape[2:], xs.stride()[2:]))
-    return max(rows, L, reach) < 2**31
+    below 2^31, every index value it forms too, and the farthest element of one (sample, channel) plane of ``xs``
+    (5-d), so that every offset it reads fits (a masked lane's offset may wrap: it is never read). The index values,
+    per dim (``a``: :func:`_common._as_3d`'s geometry): a position's padded index ``o·S - lo + k·D`` (the
+    transposed gather's ``o + lo - k·D``), circular's shift by ``n`` and reflect's ``2(n-1) - i`` stay within
+    ``(O-1)·S + |lo| + (K-1)·D + 2n`` in magnitude."""
+    reach = sum(max(n - 1, 0) * s for n, s in zip(xs.shape[2:], xs.stride()[2:]))
+    index = max((o - 1) * s + abs(lo) + (k - 1) * d + 2 * n
+                for n, o, k, s, lo, d in zip(a["in"], a["out"], a["k"], a["s"], a["lo"], a["d"]))
+    return max(rows, L, reach, index) < 2**31
 
 
 def fold(cols: torch.Tensor, output_size: list[int], kernel_size: list[int], dilation: list[int],
