@@ -47,8 +47,14 @@ TAP_WALK = {"SUB": None, "NARROW": True, "OFF32": True, "POS32": True, "DIMS": 2
 FIXED_TILES["patch_covariance"] = lambda dims: {"BLOCK_C": 16}
 # ekfac walks its patch rows the same way: 16 channels per pair is one tap per step at BLOCK_K 16 and two at 32
 FIXED_TILES["ekfac"] = lambda dims: {"BLOCK_C": 16}
-# local_conv's forward gather layout is the launcher's (by Triton version): the newest one's
-FIXED_TILES["local_conv_fwd"] = lambda dims: {"GATHER_T": True}
+# local_conv's forward: batch-last x with the row table (int32 math, 16-byte rows), C_out- and batch-major MMAs (a
+# second lookup-dims entry with a small C_out), and (WIDE) the int64 rows of a batch-first x past 2^31, gathered as
+# the newest Triton's launcher lays it
+DIMS["local_conv_fwd"] = [{"N": 256, "O": 256, "R": 256}, {"N": 256, "O": 32, "R": 256},
+                          {"N": 256, "O": 256, "R": 256, "WIDE": 1}]
+FIXED_TILES["local_conv_fwd"] = lambda dims: {"GATHER_T": "WIDE" in dims, "NARROW": "WIDE" not in dims,
+                                              "ROW_TABLE": "WIDE" not in dims, "ALIGN": 1 if "WIDE" in dims else 16,
+                                              "N_MAJOR": dims["N"] > dims["O"]}
 # fold_kernel serves fold (mode 2: its reflect candidate loops) and, TRANSPOSED, unfold_transpose's adjoint: each
 # spec compiles its launcher's flag, not mode 2's
 FIXED_TILES["fold"] = lambda dims: {"TRANSPOSED": False}
@@ -60,9 +66,12 @@ for _name in ("unfold", "unfold_transpose"):
     FIXED_TILES[_name] = lambda dims: {"NARROW": "WIDE" not in dims, "POS_FIRST": "WIDE" not in dims}
 # local_conv grad-input: the launcher picks the MMA orientation and the int32 deltas: the C_in-major, narrow one
 FIXED_TILES["local_conv_grad_input"] = lambda dims: {"C_MAJOR": True, "NARROW": True}
-FIXED_TILES["local_conv_grad_weight"] = lambda dims: {"NARROW": True}
-# pointer arguments that are not of the data's dtype (masked_conv's tile lists, the grad-weight's byte mask)
-INT_PTRS = {"count_ptr": "*i32", "index_ptr": "*i32", "mask_ptr": "*u8"}
+# grad-weight: batch-last x, the C_out tile as the MMA's M and (a small C_out) the R tile
+DIMS["local_conv_grad_weight"] = [{"O": 256, "R": 256, "N": 256}, {"O": 32, "R": 256, "N": 256}]
+FIXED_TILES["local_conv_grad_weight"] = lambda dims: {"NARROW": True, "R_MAJOR": dims["O"] < 64, "ALIGN": 16}
+# pointer arguments that are not of the data's dtype (masked_conv's tile lists, the grad-weight's byte mask,
+# local_conv's row table)
+INT_PTRS = {"count_ptr": "*i32", "index_ptr": "*i32", "mask_ptr": "*u8", "tab_ptr": "*i64"}
 # runtime arguments that are floats (the grad-weight kernel's coactivation thresholds)
 FLOAT_ARGS = {"x_threshold": "fp32", "y_threshold": "fp32"}
 # a 2-d 3×3 geometry (leading unit depth), stride (2, 1), dilation (1, 2), padding 1

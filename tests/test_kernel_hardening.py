@@ -141,6 +141,42 @@ def test_local_conv_forward_offsets_past_int32(tmp_path, kernel_device):
     torch.testing.assert_close(y.double(), ref, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("mode", ["zeros", "reflect"])
+def test_local_conv_forward_batch_last_offsets_past_int32(mode, tmp_path, kernel_device):
+    """x already batch-last (read in place, no copy: a patch row is 8 contiguous samples) with channel c at c · HUGE:
+    the launcher keeps the position, row and in-sample math int64 (no int32 test passes, so no row table either)."""
+    x = torch.randn(8, 3, 5, device=kernel_device)
+    xh = huge_view(x, (1, HUGE, 8), tmp_path, "x")
+    geom = [3], [1], [1, 1] if mode == "reflect" else [0, 0], [1], mode
+    w = torch.randn(3, 9, 5 if mode == "reflect" else 3, device=kernel_device)
+    assert not cm._index_fits(cm._as_5d(xh, 1), cm._as_3d(_shapes.local_conv_geometry(xh, w, None, *geom)), 1)
+    y = lc_kernels.local_conv(xh, w, None, *geom)
+    torch.testing.assert_close(y.double(), reference.local_conv(x.double(), w.double(), None, *geom), atol=1e-5,
+                               rtol=1e-5)
+
+
+def test_local_conv_forward_weight_row_offsets_past_int32(tmp_path, kernel_device):
+    """The weight's patch row r at r · HUGE (C_out and positions small): past 2^31 from row 2 on, so the forward keeps
+    its row math int64 although x's index math alone would pass the int32 test (a batch of 8: x copied batch-last)."""
+    x = torch.randn(8, 3, 5, device=kernel_device)
+    w = torch.randn(3, 9, 3, device=kernel_device)
+    wh = huge_view(w, (1, HUGE, 3), tmp_path, "w")
+    y = lc_kernels.local_conv(x, wh, None, *_geom(3))
+    torch.testing.assert_close(y.double(), reference.local_conv(x.double(), w.double(), None, *_geom(3)), atol=1e-5,
+                               rtol=1e-5)
+
+
+def test_local_conv_forward_tap_offsets_past_2_32(kernel_device):
+    """Dilation 2^27 and padding 2^27 on a 3-wide x: tap 1 of every position reads x in range, tap 0 padding, but tap
+    1's offset from the window corner is 2^27 · (a batch-last stride of 64) = 2^33. The row table cannot hold it (its
+    low word would spill into the tap's, masking a tap that reads): the launcher computes the rows instead."""
+    x = torch.randn(64, 1, 3, device=kernel_device)
+    w = torch.randn(1, 2, 3, device=kernel_device)
+    geom = [2], [2**27], [2**27, 0], [1], "zeros"
+    y = lc_kernels.local_conv(x, w, None, *geom)
+    torch.testing.assert_close(y, (x[:, 0, :] * w[0, 1, :])[:, None, :], atol=1e-6, rtol=1e-6)
+
+
 def test_local_conv_grad_weight_offsets_past_int32(tmp_path, kernel_device):
     """x's channel c at c · HUGE, and dY of position l at l · HUGE (the launcher copies such a dY
     batch-contiguous: the copy must read it right)."""

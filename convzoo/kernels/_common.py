@@ -416,6 +416,30 @@ def _num_candidates(g: _shapes.Geometry, lead: int) -> tuple[int, int, int]:
     return (1,) * lead + tuple(per)
 
 
+def _index_fits(xs: torch.Tensor, a: dict, first: int) -> bool:
+    """Whether a gather's index math over ``xs`` (a kernel's 5-d view, :func:`_as_5d`) below dim ``first`` may be
+    int32: every index value it forms and the farthest element it reads past the base of dims ``< first`` (2: one
+    (sample, channel) plane; 1: a sample's channels too) below 2^31, so that every offset it reads fits (a masked
+    lane's offset may wrap: it is never read). The index values, per dim (``a``: :func:`_as_3d`'s geometry): a
+    position's padded index ``o·S - lo + k·D`` (the transposed gather's ``o + lo - k·D``), circular's shift by
+    ``n`` and reflect's ``2(n-1) - i`` stay within ``(O-1)·S + |lo| + (K-1)·D + 2n`` in magnitude."""
+    reach = sum(max(n - 1, 0) * s for n, s in zip(xs.shape[first:], xs.stride()[first:]))
+    index = max((o - 1) * s + abs(lo) + (k - 1) * d + 2 * n
+                for n, o, k, s, lo, d in zip(a["in"], a["out"], a["k"], a["s"], a["lo"], a["d"]))
+    return max(reach, index) < 2**31
+
+
+def _batch_last(t: torch.Tensor) -> torch.Tensor:
+    """``t`` ``[N, C, D, H, W]`` (a kernel's 5-d view) with the batch innermost (stride 1), for a per-position
+    GEMM whose batch is an MMA dim (local_conv): ``t`` itself when it is, when the batch is too small to fill a
+    16-byte vector, or when ``t`` is empty; else a batch-last copy (one read and one write of ``t``, and its size in
+    memory while the kernel runs). A patch row of one position is then ``N`` contiguous elements: 16-byte
+    ``cp.async`` for the patch tile, not one 16-bit load with its own address per element."""
+    if t.shape[0] * t.element_size() < 16 or t.stride(0) == 1 or t.numel() == 0:
+        return t
+    return t.permute(1, 2, 3, 4, 0).contiguous().permute(4, 0, 1, 2, 3)
+
+
 def _channels_last(t: torch.Tensor) -> torch.Tensor:
     """``t`` ``[N, C, D, H, W]`` (a kernel's 5-d view, see :func:`_as_5d`) with the channels innermost (stride
     1): ``t`` itself when they are (or C ≤ 1), else a channels-last copy (one read and one write of ``t``, and

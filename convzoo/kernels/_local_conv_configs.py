@@ -29,6 +29,11 @@ def _fwd_default(dims, dtype, interpret: bool) -> Config:
     # of W_l, so each weight element is fetched from DRAM once for a batch ≤ 64 (larger batches re-read it
     # from L2); a batch tile of 128 costs 4 warps 255 registers and spills (static sm_90 report)
     bn, bo, br, warps, stages = _gemm_default(dims["N"], dims["O"], dims["R"], dtype, interpret, m_cap=64)
+    if not interpret and dtype in (torch.float16, torch.bfloat16):
+        # static sm_90 report (fp16 local_2d, the row table): a 64 × 32 × 64 step issues 94 instructions for 4
+        # HGMMAs (bound 0.68), 64 × 32 × 128 126 for 8 (1.0); C_out tiles of 128 take 8 warps (two warpgroups)
+        bo, br = cm._fit(dims["O"], 16, 128), cm._fit(dims["R"], 16, 128)
+        warps = 8 if bo >= 128 else 4
     return Config({"BLOCK_N": bn, "BLOCK_O": bo, "BLOCK_R": br}, num_warps=warps, num_stages=stages)
 
 
@@ -37,9 +42,23 @@ def _grad_weight_default(dims, dtype, interpret: bool) -> Config:
     bo, br, bn, warps, stages = _gemm_default(dims["O"], dims["R"], dims["N"], dtype, interpret, m_cap=64)
     if not interpret and dtype != torch.float64:
         br = cm._fit(dims["R"], 16, 128)
-        # static sm_90 report: a 32 × 128 tile at 4 warps took 255 registers and spilled (local_2d_b256)
-        warps = 8 if bo * br >= 4096 else 4
+        # static sm_90 report (batch-last x): 64 × 128 tiles take 8 warps to 127 registers; a C_out tile below 64
+        # makes the R tile the MMA's M (_r_major), one warpgroup of 4 warps (32 × 128: 168 registers, bound 0.81
+        # against 0.62 at 8 warps, local_2d_b256)
+        warps = 8 if bo * br >= 4096 and not _r_major({"BLOCK_O": bo, "BLOCK_R": br}) else 4
     return Config({"BLOCK_O": bo, "BLOCK_R": br, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
+
+
+def _n_major(meta) -> bool:
+    """Whether the forward kernel makes the batch tile the MMA's M (``y_l = P_l · W_lᵀ``): when it is the larger
+    tile, so a small C_out (below 64) still makes ``wgmma`` for a large batch (the C_out tile otherwise)."""
+    return meta["BLOCK_N"] > meta["BLOCK_O"]
+
+
+def _r_major(meta) -> bool:
+    """Whether the grad-weight kernel makes the R tile the MMA's M (``dW_lᵀ = P_lᵀ · dY_l``): when the C_out tile
+    is below 64 rows (``wgmma`` needs 64 per warpgroup) and the R tile is larger."""
+    return meta["BLOCK_O"] < 64 and meta["BLOCK_R"] > meta["BLOCK_O"]
 
 
 def _c_major(meta) -> bool:

@@ -11,8 +11,10 @@ from ``x`` inside the kernel and never written to memory:
 
 All use ``tl.dot`` on tiles ≥ 16 with fp32 accumulation (fp64 for fp64, as a broadcast-sum).
 Every rank is treated as 3-d with leading unit dims (see :mod:`convzoo.kernels.unfold`), and the
-padding modes are index math, as in unfold. Offsets are int64; the backward kernels' in-loop deltas are int32
-where the launcher proves they fit (``NARROW``), their bases int64.
+padding modes are index math, as in unfold. Offsets are int64; the forward's position, row and in-sample math and
+the backward kernels' in-loop deltas are int32 where the launcher proves they fit (``NARROW``), their bases int64.
+The forward and grad-weight take x batch-last (one copy, unless it is or the batch is below 16 bytes): a patch row
+of one position is then contiguous samples, so the patch tile is 16-byte ``cp.async`` like the weight's.
 
 The weight may have any strides. The fastest layout is the one :class:`convzoo.LocalConv2d` keeps:
 physically ``[L, C_out, R]`` (``R`` contiguous), so each program streams one contiguous slab of W.
@@ -20,6 +22,7 @@ physically ``[L, C_out, R]`` (``R`` contiguous), so each program streams one con
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -36,6 +39,8 @@ from convzoo.kernels._local_conv_configs import (
     _gemm_space,
     _grad_input_default,
     _grad_weight_default,
+    _n_major,
+    _r_major,
 )
 
 __all__ = ["local_conv", "local_conv_grad_input", "local_conv_grad_weight"]
@@ -43,11 +48,95 @@ __all__ = ["local_conv", "local_conv_grad_input", "local_conv_grad_weight"]
 
 # ----------------------------------------------------------------------------------------------
 @triton.jit
+def _window(l, OH, OW, ID, IH, IW, KS: tl.constexpr, ST: tl.constexpr, LO: tl.constexpr, DIL: tl.constexpr,
+            MODE: tl.constexpr):
+    """Once per program, for output position ``l``: its window's corner ``(i_d0, i_h0, i_w0)`` (the padded input
+    index of tap 0, per dim) and, for ``'zeros'`` with at most 31 taps, a bit per tap saying whether the tap reads
+    inside x; ``bits`` is 0 otherwise (unused)."""
+    od, oh, ow = cm._position_coords(l, OH, OW)
+    i_d0 = od * ST[0] - LO[0]
+    i_h0 = oh * ST[1] - LO[1]
+    i_w0 = ow * ST[2] - LO[2]
+    bits = tl.zeros_like(i_w0).to(tl.int32)
+    if MODE == 0 and cm._taps(KS) <= 31:
+        for tap in tl.static_range(cm._taps(KS)):
+            kd, kh, kw = tap // (KS[2] * KS[1]), tap // KS[2] % KS[1], tap % KS[2]
+            p_d, p_h, p_w = i_d0 + kd * DIL[0], i_h0 + kh * DIL[1], i_w0 + kw * DIL[2]
+            v = (p_d >= 0) & (p_d < ID) & (p_h >= 0) & (p_h < IH) & (p_w >= 0) & (p_w < IW)
+            bits = bits | (v.to(tl.int32) << tap)
+    return i_d0, i_h0, i_w0, bits
+
+
+@triton.jit
+def _window_rows(r, i_d0, i_h0, i_w0, bits, ID, IH, IW, stride_xc, stride_xd, stride_xh, stride_xw,
+                 KS: tl.constexpr, DIL: tl.constexpr, MODE: tl.constexpr):
+    """For patch rows ``r = (c, kd, kh, kw)`` of the position whose window :func:`_window` gave: the offset into
+    ``x[n]`` each reads and whether it reads anything (``'zeros'`` padding reads nothing). The rows' dtype (int32
+    where the launcher proved it fits) is the math's; the divisions are by compile-time tap counts."""
+    k = r % cm._taps(KS)
+    c = r // cm._taps(KS)
+    kd, kh, kw = cm._tap_coords(k, KS[1], KS[2])
+    p_d = i_d0 + kd * DIL[0]
+    p_h = i_h0 + kh * DIL[1]
+    p_w = i_w0 + kw * DIL[2]
+    if MODE == 0:
+        if cm._taps(KS) <= 31:
+            ok = ((bits >> k.to(tl.int32)) & 1) != 0
+        else:
+            ok = (p_d >= 0) & (p_d < ID) & (p_h >= 0) & (p_h < IH) & (p_w >= 0) & (p_w < IW)
+    else:
+        p_d, ok = cm._source_index(p_d, ID, MODE)
+        p_h, _ = cm._source_index(p_h, IH, MODE)
+        p_w, _ = cm._source_index(p_w, IW, MODE)
+    off = c * stride_xc + p_d * stride_xd + p_h * stride_xh + p_w * stride_xw
+    return off, ok
+
+
+@triton.jit
+def _fwd_step(acc, w_rows, x_cols, n_ok, r, R, stride_wr, i_d0, i_h0, i_w0, bits, tab_ptr, corner, ID, IH, IW,
+              stride_xc, stride_xd, stride_xh, stride_xw,
+              KS: tl.constexpr, DIL: tl.constexpr, MODE: tl.constexpr, LAST: tl.constexpr, GATHER_T: tl.constexpr,
+              ROW_TABLE: tl.constexpr, ALIGN: tl.constexpr, N_MAJOR: tl.constexpr, FP64: tl.constexpr,
+              PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """One R block of the forward: ``acc += W_l[:, r] · P_l[:, r]ᵀ``, the patch rows' offsets and validity from the
+    row table (``ROW_TABLE``, see :func:`_row_table`) or computed (:func:`_window_rows`). The weight's C_out rows
+    are clamped in range (never stored), so only the ``LAST``, partial block masks its tile, by ``r < R``; the
+    patch tile is masked by the rows' validity (and ``r < R`` in the last block) and the batch lanes: zeros in both
+    operands, NaN-safe."""
+    if ROW_TABLE:
+        # one load per row: the row's tap (high word; 31 past R: no bit) and its offset from the window corner
+        e = tl.load(tab_ptr + r)
+        off = tl.multiple_of(corner + e.to(tl.int32), ALIGN)  # a sum of strides, each a multiple of ALIGN
+        ok = ((bits >> (e >> 32).to(tl.int32)) & 1) != 0
+    else:
+        off, ok = _window_rows(r, i_d0, i_h0, i_w0, bits, ID, IH, IW, stride_xc, stride_xd, stride_xh, stride_xw,
+                               KS, DIL, MODE)
+    if LAST:
+        r_ok = r < R
+        ok = ok & r_ok
+        w = tl.load(w_rows[:, None] + r[None, :] * stride_wr, mask=r_ok[None, :], other=0)
+    else:
+        w = tl.load(w_rows[:, None] + r[None, :] * stride_wr)
+    if N_MAJOR:  # y_l = P_l · W_lᵀ: the batch tile is the MMA's M
+        p = tl.load(x_cols[:, None] + off[None, :], mask=n_ok[:, None] & ok[None, :], other=0)
+        acc = cm._mma(p, tl.trans(w), acc, FP64, PRECISION, UPCAST)
+    elif GATHER_T:  # the same tile, gathered batch-major and transposed (see _GATHER_T)
+        p = tl.trans(tl.load(x_cols[:, None] + off[None, :], mask=n_ok[:, None] & ok[None, :], other=0))
+        acc = cm._mma(w, p, acc, FP64, PRECISION, UPCAST)
+    else:
+        p = tl.load(x_cols[None, :] + off[:, None], mask=ok[:, None] & n_ok[None, :], other=0)
+        acc = cm._mma(w, p, acc, FP64, PRECISION, UPCAST)
+    return acc
+
+
+@triton.jit
 def local_conv_fwd_kernel(
     # output: [N, O, L], contiguous
     y_ptr,
     # inputs: x [N, C, ID, IH, IW], weight [O, R, L], bias [O, L] (per-channel bias: stride_bl = 0)
     x_ptr, w_ptr, b_ptr,
+    # the row table (ROW_TABLE: int64 [cdiv(R, 128)·128], see _row_table; else never read)
+    tab_ptr,
     # runtime sizes
     N, O, R, ID, IH, IW, OH, OW, L,
     stride_xn, stride_xc, stride_xd, stride_xh, stride_xw,
@@ -58,20 +147,33 @@ def local_conv_fwd_kernel(
     MODE: tl.constexpr,
     HAS_BIAS: tl.constexpr, FP64: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     ACC_DTYPE: tl.constexpr, GATHER_T: tl.constexpr,
-    # tiles
-    BLOCK_N: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_R: tl.constexpr,
+    # NARROW: R + BLOCK_R, L, (R + BLOCK_R)·stride_wr, every index value and a sample's farthest element below 2^31
+    # (the launcher proved it): the position, row and in-sample index math in int32, the sample and weight bases int64
+    NARROW: tl.constexpr,
+    # ROW_TABLE ('zeros', ≤ 31 taps, NARROW): each patch row's offset and tap from the launcher's table; ALIGN: a
+    # power of two (≤ 16) that divides x's channel and spatial strides, so every row's offset (loaded: Triton
+    # cannot see it) keeps the alignment a vector load needs
+    ROW_TABLE: tl.constexpr, ALIGN: tl.constexpr,
+    # tiles; N_MAJOR: the batch tile is the MMA's M (y_l = P_l · W_lᵀ), else the C_out tile (yᵀ = W_l · P_lᵀ)
+    BLOCK_N: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_R: tl.constexpr, N_MAJOR: tl.constexpr,
 ):
     """``y[n, o, l] = Σ_r P_l[n, r] · W[o, r, l] + b[o, l]``: one (position, C_out tile, batch tile)
     per program, looping over R with ``tl.dot`` as ``yᵀ = W_l · P_lᵀ``: the C_out tile is the MMA's M (64 rows
-    per warpgroup make it ``wgmma`` whatever the batch), the batch tile its N. The weight tile streams along
-    its contiguous R (16-byte loads); the patch tile is a gather (one offset and validity per patch row, from
-    the position's coordinates computed once per program), one element per load.
+    per warpgroup make it ``wgmma`` whatever the batch), the batch tile its N.
+
+    Hot loop: per program, once, the position's window corner and (``'zeros'``, ≤ 31 taps) a validity bit per
+    tap; per R block, each patch row's tap and channel by divisions by compile-time tap counts (int32 when
+    ``NARROW``), its offset and validity bit; per element nothing. The weight tile streams along its contiguous
+    R (16-byte ``cp.async``), unmasked but in the last, partial R block. The launcher hands x batch-last
+    (:func:`_common._batch_last`: one copy, unless it already is or the batch is below 16 bytes), so a patch row
+    of the tile is ``BLOCK_N`` contiguous samples: 16-byte ``cp.async`` too. A batch-first x (a batch below 16
+    bytes) is one scalar load per element, its own 64-bit address each.
 
     Roofline: FLOPs = 2·N·O·R·L; bytes ≥ (O·R·L [weight] + N·C·∏in [x, re-reads served by L2]
-    + N·O·L [y])·e. Arithmetic intensity ≈ 2N/e FLOP per weight byte, so the op is bound by
-    weight bandwidth below N ≈ (matmul peak / copy bandwidth)·e/2 — about 300 in bf16 on an H100 —
-    and by tensor-core throughput above. Programs of one position are consecutive with the batch
-    tile innermost, so a weight tile is fetched from DRAM once and re-read from L2.
+    + N·O·L [y])·e, plus 2·N·C·∏in·e for the batch-last copy of x. Arithmetic intensity ≈ 2N/e FLOP per weight
+    byte, so the op is bound by weight bandwidth below N ≈ (matmul peak / copy bandwidth)·e/2 — about 300 in
+    bf16 on an H100 — and by tensor-core throughput above. Programs of one position are consecutive with the
+    batch tile innermost, so a weight tile is fetched from DRAM once and re-read from L2.
     """
     # program id -> (position, C_out tile, batch tile), batch tile fastest
     pid = tl.program_id(0).to(tl.int64)
@@ -81,47 +183,66 @@ def local_conv_fwd_kernel(
     pid_o = (pid // num_n) % num_o
     pid_n = pid % num_n
 
-    # offsets and masks
+    # offsets and masks; the weight's C_out rows clamped in range (never stored)
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     o = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
     n_ok = n < N
     o_ok = o < O
     x_cols = x_ptr + n * stride_xn
-    w_rows = w_ptr + l * stride_wl + o * stride_wo
+    w_rows = w_ptr + l * stride_wl + tl.minimum(o, O - 1) * stride_wo
+    if NARROW:
+        lw = l.to(tl.int32)
+        r_ar = tl.arange(0, BLOCK_R)
+    else:
+        lw = l
+        r_ar = tl.arange(0, BLOCK_R).to(tl.int64)
+    i_d0, i_h0, i_w0, bits = _window(lw, OH, OW, ID, IH, IW, KS, ST, LO, DIL, MODE)
+    corner = i_d0 * stride_xd + i_h0 * stride_xh + i_w0 * stride_xw  # tap 0's offset (negative past an edge)
 
-    # loop over the patch rows, fp32 (fp64) accumulation of yᵀ = W_l · P_lᵀ: C_out is the MMA's M (≥ 64 rows
-    # per warpgroup: wgmma even for a small batch), the batch its N
-    acc = tl.zeros([BLOCK_O, BLOCK_N], dtype=ACC_DTYPE)
-    for r0 in range(0, R, BLOCK_R):
-        r = r0 + tl.arange(0, BLOCK_R).to(tl.int64)
-        r_ok = r < R
-        off, ok = cm._patch_columns(r, l, ID, IH, IW, OH, OW, stride_xc, stride_xd, stride_xh, stride_xw,
-                                    KS, ST, LO, DIL, MODE, False)
-        w = tl.load(w_rows[:, None] + r[None, :] * stride_wr, mask=o_ok[:, None] & r_ok[None, :], other=0)
-        if GATHER_T:  # the same tile, gathered batch-major and transposed (see _GATHER_T)
-            p = tl.trans(tl.load(x_cols[:, None] + off[None, :], mask=n_ok[:, None] & (r_ok & ok)[None, :], other=0))
-        else:
-            p = tl.load(x_cols[None, :] + off[:, None], mask=(r_ok & ok)[:, None] & n_ok[None, :], other=0)
-        acc = cm._mma(w, p, acc, FP64, PRECISION, UPCAST)
-    if HAS_BIAS:
-        b = tl.load(b_ptr + o * stride_bo + l * stride_bl, mask=o_ok, other=0)
-        acc += cm._widen(b, ACC_DTYPE, UPCAST)[:, None]
-
-    # masked store; y is [N, O, L] so a tile is strided by L — partial sectors merge in L2
-    y = y_ptr + n[None, :] * O * L + o[:, None] * L + l
-    tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=o_ok[:, None] & n_ok[None, :])
+    # loop over the full R blocks, then the partial one; fp32 (fp64) accumulation of yᵀ = W_l · P_lᵀ: C_out is
+    # the MMA's M (≥ 64 rows per warpgroup: wgmma even for a small batch), the batch its N
+    if N_MAJOR:
+        acc = tl.zeros([BLOCK_N, BLOCK_O], dtype=ACC_DTYPE)
+    else:
+        acc = tl.zeros([BLOCK_O, BLOCK_N], dtype=ACC_DTYPE)
+    r_full = R - R % BLOCK_R
+    for r0 in range(0, r_full, BLOCK_R):
+        acc = _fwd_step(acc, w_rows, x_cols, n_ok, r0 + r_ar, R, stride_wr, i_d0, i_h0, i_w0, bits, tab_ptr, corner,
+                        ID, IH, IW, stride_xc, stride_xd, stride_xh, stride_xw, KS, DIL, MODE, False, GATHER_T,
+                        ROW_TABLE, ALIGN, N_MAJOR, FP64, PRECISION, UPCAST)
+    if r_full < R:
+        acc = _fwd_step(acc, w_rows, x_cols, n_ok, r_full + r_ar, R, stride_wr, i_d0, i_h0, i_w0, bits, tab_ptr,
+                        corner, ID, IH, IW, stride_xc, stride_xd, stride_xh, stride_xw, KS, DIL, MODE, True, GATHER_T,
+                        ROW_TABLE, ALIGN, N_MAJOR, FP64, PRECISION, UPCAST)
+    # bias and masked store; y is [N, O, L] so a tile is strided by L — partial sectors merge in L2
+    if N_MAJOR:
+        if HAS_BIAS:
+            b = tl.load(b_ptr + o * stride_bo + l * stride_bl, mask=o_ok, other=0)
+            acc += cm._widen(b, ACC_DTYPE, UPCAST)[None, :]
+        y = y_ptr + n[:, None] * O * L + o[None, :] * L + l
+        tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=n_ok[:, None] & o_ok[None, :])
+    else:
+        if HAS_BIAS:
+            b = tl.load(b_ptr + o * stride_bo + l * stride_bl, mask=o_ok, other=0)
+            acc += cm._widen(b, ACC_DTYPE, UPCAST)[:, None]
+        y = y_ptr + n[None, :] * O * L + o[:, None] * L + l
+        tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=o_ok[:, None] & n_ok[None, :])
 
 
 @triton.jit
-def _grad_weight_step(acc, acc_b, g_ptrs, x_ptrs, n_ok, col_ok, FP64: tl.constexpr, PRECISION: tl.constexpr,
-                      UPCAST: tl.constexpr, ACC_DTYPE: tl.constexpr):
+def _grad_weight_step(acc, acc_b, g_ptrs, x_ptrs, n_ok, col_ok, R_MAJOR: tl.constexpr, FP64: tl.constexpr,
+                      PRECISION: tl.constexpr, UPCAST: tl.constexpr, ACC_DTYPE: tl.constexpr):
     """One batch block of the grad-weight loop: ``acc += dY_lᵀ · P_l`` and the bias gradient's elementwise
     ``acc_b += dY_lᵀ``. The C_out rows are clamped in range (never stored), so the loads are masked by the
     block's batch lanes ``n_ok`` (all true, folded, but on the last, partial block) and the patch columns'
-    validity ``col_ok``: zeros in both operands, NaN-safe."""
+    validity ``col_ok``: zeros in both operands, NaN-safe. ``R_MAJOR``: ``accᵀ += P_lᵀ · dY_l`` (the R tile the
+    MMA's M)."""
     gt = tl.load(g_ptrs, mask=n_ok[None, :], other=0)
     p = tl.load(x_ptrs, mask=n_ok[:, None] & col_ok[None, :], other=0)
-    acc = cm._mma(gt, p, acc, FP64, PRECISION, UPCAST)
+    if R_MAJOR:
+        acc = cm._mma(tl.trans(p), tl.trans(gt), acc, FP64, PRECISION, UPCAST)
+    else:
+        acc = cm._mma(gt, p, acc, FP64, PRECISION, UPCAST)
     acc_b += cm._widen(gt, ACC_DTYPE, UPCAST)
     return acc, acc_b
 
@@ -144,6 +265,9 @@ def local_conv_grad_weight_kernel(
     # tiles; NARROW: the in-tile deltas (BLOCK_N - 1)·stride_xn + patch offsets and (BLOCK_N - 1)·stride_gn +
     # (BLOCK_O - 1)·stride_go fit int32 (the launcher proved it)
     BLOCK_O: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, NARROW: tl.constexpr,
+    # R_MAJOR: the R tile is the MMA's M (dW_lᵀ = P_lᵀ · dY_l), else the C_out tile; ALIGN: a power of two (≤ 16)
+    # that divides x's channel and spatial strides
+    R_MAJOR: tl.constexpr, ALIGN: tl.constexpr,
 ):
     """``dW[o, r, l] = Σ_n dY[n, o, l] · P_l[n, r]`` and ``db[o, l] = Σ_n dY[n, o, l]``: one
     (position, C_out tile, R tile) per program, the batch reduced in the loop.
@@ -151,11 +275,14 @@ def local_conv_grad_weight_kernel(
     The patch columns' offsets and validity are computed once per program; the batch loop advances two
     scalar int64 bases by ``BLOCK_N`` sample strides over loop-invariant in-tile offsets (int32 when
     ``NARROW``); the C_out rows are clamped in range (never stored), so the full batch blocks are masked only
-    by the patch validity, the last partial one by the batch too.
+    by the patch validity, the last partial one by the batch too. The launcher hands x batch-last
+    (:func:`_common._batch_last`) and dY batch-contiguous, so both tiles are ``BLOCK_N`` contiguous samples per
+    row: 16-byte ``cp.async``. The C_out tile is the MMA's M, or (``R_MAJOR``, a C_out tile below 64) the R tile:
+    ``wgmma`` either way.
 
-    Roofline: FLOPs = 2·N·O·R·L; bytes ≥ (O·R·L [dW written] + N·O·L [dY] + N·C·∏in [x])·e —
-    the same weight-bandwidth bound as the forward. Stores are contiguous along R in the
-    ``[L, O, R]`` layout the launcher allocates.
+    Roofline: FLOPs = 2·N·O·R·L; bytes ≥ (O·R·L [dW written] + N·O·L [dY] + N·C·∏in [x])·e, plus 2·N·C·∏in·e
+    for the batch-last copy of x — the same weight-bandwidth bound as the forward. Stores are contiguous along R
+    in the ``[L, O, R]`` layout the launcher allocates.
     """
     # program id -> (position, C_out tile, R tile), R tile fastest (they share the dY tile); the
     # launcher never launches R = 0 (num_r would be 0, a division by zero below)
@@ -175,7 +302,9 @@ def local_conv_grad_weight_kernel(
     off, ok = cm._patch_columns(r, l, ID, IH, IW, OH, OW, stride_xc, stride_xd, stride_xh, stride_xw,
                                 KS, ST, LO, DIL, MODE, False)
     col_ok = r_ok & ok
-    off = tl.where(col_ok, off, 0)
+    # a sum of x's channel and spatial strides, each a multiple of ALIGN (stated: triton 3.8 did not prove it, and
+    # gathered the patch tile one scalar load per element, static sm_90 report)
+    off = tl.multiple_of(tl.where(col_ok, off, 0), ALIGN)
     o_d = tl.minimum(tl.arange(0, BLOCK_O), O - 1 - o0)
     n_in = tl.arange(0, BLOCK_N)
     # the loop-invariant in-tile offsets per row and column: int64, narrowed to int32 when NARROW (the launcher
@@ -197,24 +326,31 @@ def local_conv_grad_weight_kernel(
     n_full = N - N % BLOCK_N
 
     # loop over the batch, fp32 (fp64) accumulation
-    acc = tl.zeros([BLOCK_O, BLOCK_R], dtype=ACC_DTYPE)
+    if R_MAJOR:
+        acc = tl.zeros([BLOCK_R, BLOCK_O], dtype=ACC_DTYPE)
+    else:
+        acc = tl.zeros([BLOCK_O, BLOCK_R], dtype=ACC_DTYPE)
     # the bias gradient elementwise per (C_out, sample) slot, reduced once after the loop (one cross-thread
     # reduction, not one per batch step)
     acc_b = tl.zeros([BLOCK_O, BLOCK_N], dtype=ACC_DTYPE)
     for _ in range(0, n_full, BLOCK_N):
-        acc, acc_b = _grad_weight_step(acc, acc_b, gb + g_off, xb + x_off, n_in < BLOCK_N, col_ok,
+        acc, acc_b = _grad_weight_step(acc, acc_b, gb + g_off, xb + x_off, n_in < BLOCK_N, col_ok, R_MAJOR,
                                        FP64, PRECISION, UPCAST, ACC_DTYPE)
         gb += step_g
         xb += step_x
     if n_full < N:
-        acc, acc_b = _grad_weight_step(acc, acc_b, gb + g_off, xb + x_off, n_in < N - n_full, col_ok,
+        acc, acc_b = _grad_weight_step(acc, acc_b, gb + g_off, xb + x_off, n_in < N - n_full, col_ok, R_MAJOR,
                                        FP64, PRECISION, UPCAST, ACC_DTYPE)
     db = tl.sum(acc_b, axis=1)
 
     # masked stores; the bias gradient once per (position, C_out tile). A branch, not a scalar in the
     # mask: newer interpreters (triton >= 3.9) reject a mask that broadcasts a scalar bool
-    dw = dw_ptr + l * stride_dwl + o[:, None] * stride_dwo + r[None, :] * stride_dwr
-    tl.store(dw, acc.to(dw_ptr.dtype.element_ty), mask=o_ok[:, None] & r_ok[None, :])
+    if R_MAJOR:
+        dw = dw_ptr + l * stride_dwl + o[None, :] * stride_dwo + r[:, None] * stride_dwr
+        tl.store(dw, acc.to(dw_ptr.dtype.element_ty), mask=r_ok[:, None] & o_ok[None, :])
+    else:
+        dw = dw_ptr + l * stride_dwl + o[:, None] * stride_dwo + r[None, :] * stride_dwr
+        tl.store(dw, acc.to(dw_ptr.dtype.element_ty), mask=o_ok[:, None] & r_ok[None, :])
     if pid_r == 0:
         tl.store(db_ptr + o * L + l, db.to(db_ptr.dtype.element_ty), mask=o_ok)
 
@@ -440,6 +576,48 @@ GRAD_INPUT_SPEC = autotune.register(KernelSpec(
 _GATHER_T = cm._TIES_TO_LAST_DIM
 
 
+# the row table's padding: its length is a multiple of the largest BLOCK_R, so no R block reads past it
+_TABLE_BLOCK = 128
+
+
+def _table_reach(R: int, ks: tuple, dil: tuple, strides: tuple) -> int:
+    """The largest offset from the window corner that a row of :func:`_build_row_table` holds (its channels' and
+    taps' strides; the table is used only where this is below 2^31, so its low word never spills into the tap's)."""
+    return (-(-R // math.prod(ks)) - 1) * strides[0] + sum((k - 1) * d * s for k, d, s in zip(ks, dil, strides[1:]))
+
+
+def _build_row_table(R: int, ks: tuple, dil: tuple, strides: tuple, device: torch.device) -> torch.Tensor:
+    """The forward's row table for patch rows ``r = (c, kd, kh, kw)`` (unfold's order) of a kernel ``ks`` with
+    dilation ``dil`` over x's channel and spatial ``strides``: int64 ``[cdiv(R, 128)·128]`` on ``device`` (built
+    there: no host-to-device copy, which a CUDA graph capture would reject), row ``r`` holding its tap ``k`` in the
+    high word and its offset from the window corner ``c·s_c + kd·D·s_d + kh·D·s_h + kw·D·s_w`` in the low one (below
+    2^31: :func:`_table_reach`, checked by the launcher). Rows past ``R`` hold tap 31, whose validity bit is never
+    set: they read nothing."""
+    taps = math.prod(ks)
+    rows = torch.arange(-(-R // _TABLE_BLOCK) * _TABLE_BLOCK, dtype=torch.int64, device=device)
+    k, c = rows % taps, rows // taps
+    kd, kh, kw = k // (ks[1] * ks[2]), k // ks[2] % ks[1], k % ks[2]
+    off = c * strides[0] + kd * (dil[0] * strides[1]) + kh * (dil[1] * strides[2]) + kw * (dil[2] * strides[3])
+    past = rows >= R
+    return (torch.where(past, 31, k) << 32) | torch.where(past, 0, off)
+
+
+_cached_row_table = functools.lru_cache(maxsize=64)(_build_row_table)
+
+
+def _row_table(R: int, ks: tuple, dil: tuple, strides: tuple, device: torch.device) -> torch.Tensor:
+    """:func:`_build_row_table`, cached per geometry and device; built afresh while a CUDA graph is captured (a
+    cached table made there would hold what the capture never ran, and the graph would read a cached table after
+    its eviction). On CUDA the table is marked in use by the current stream, so an eviction while a kernel on another
+    stream still reads it cannot hand its memory to new work first."""
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return _build_row_table(R, ks, dil, strides, device)
+    tab = _cached_row_table(R, tuple(ks), tuple(dil), tuple(strides), device)
+    if device.type == "cuda":
+        tab.record_stream(torch.cuda.current_stream(device))
+    return tab
+
+
 def local_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, kernel_size: list[int],
                dilation: list[int], padding: list[int], stride: list[int], padding_mode: str = "zeros",
                config: Config | None = None) -> torch.Tensor:
@@ -471,7 +649,8 @@ def local_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     # (3) look up config and launch
     a = cm._as_3d(g)
     cfg = config or autotune.lookup("local_conv_fwd", x.device, x.dtype, N=n, O=o, R=r)
-    xs = cm._as_5d(x, g.ndim)
+    # batch-last x (one copy unless it is, or the batch is below 16 bytes): a patch row is contiguous samples
+    xs = cm._batch_last(cm._as_5d(x, g.ndim))
     if bias is None:
         b, b_strides = weight, (0, 0)  # never read
     else:
@@ -479,14 +658,25 @@ def local_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
         b_strides = b.stride()
     m = cfg.meta
     grid = (l * triton.cdiv(n, m["BLOCK_N"]) * triton.cdiv(o, m["BLOCK_O"]),)
+    # int32 rows and in-sample math: R, L, x's index values and a sample's farthest element, and the weight tile's
+    # row offsets r·stride_wr (the C_out and position offsets stay int64)
+    narrow = (max(r + m["BLOCK_R"], l, (r + m["BLOCK_R"]) * weight.stride(1)) < 2**31
+              and cm._index_fits(xs, a, 1))
+    # the row table for 'zeros' with ≤ 31 taps (their validity bits), but fp64 (a broadcast-sum, no tensor cores):
+    # with the table triton 3.8 spilled its forward (4 bytes, static sm_90 report)
+    table = (narrow and g.padding_mode == "zeros" and g.kernel_numel <= 31 and m["BLOCK_R"] <= _TABLE_BLOCK
+             and x.dtype != torch.float64 and _table_reach(r, a["k"], a["d"], xs.stride()[1:]) < 2**31)
+    tab = _row_table(r, a["k"], a["d"], xs.stride()[1:], x.device) if table else weight
     with cm._device(x):
         local_conv_fwd_kernel[grid](
-            buf, xs, weight, b,
+            buf, xs, weight, b, tab,
             n, o, r, *a["in"], a["out"][1], a["out"][2], l,
             *xs.stride(), *weight.stride(), *b_strides,
             a["k"], a["s"], a["lo"], a["d"],
             _shapes.PADDING_MODE_CODES[g.padding_mode],
-            bias is not None, **cm._math_args(x.dtype, local_conv_fwd_kernel), GATHER_T=_GATHER_T,
+            bias is not None, **cm._math_args(x.dtype, local_conv_fwd_kernel),
+            GATHER_T=_GATHER_T and xs.stride(0) != 1, NARROW=narrow, ROW_TABLE=table,
+            ALIGN=math.gcd(16, *xs.stride()[1:]), N_MAJOR=_n_major(m),
             **cfg.launch_kwargs(),
         )
     return cm._finish(y, buf)
@@ -527,7 +717,8 @@ def local_conv_grad_weight(grad: torch.Tensor, x: torch.Tensor, kernel_size: lis
     # (3) look up config and launch
     a = cm._as_3d(g)
     cfg = config or autotune.lookup("local_conv_grad_weight", x.device, x.dtype, O=o, R=r, N=n)
-    xs = cm._as_5d(x, g.ndim)
+    # batch-last x (one copy unless it is, or the batch is below 16 bytes): the patch tile's samples are contiguous
+    xs = cm._batch_last(cm._as_5d(x, g.ndim))
     g3 = grad.reshape(n, o, l)
     if g3.stride(0) != 1 and n > 1:
         # one copy of dY with the batch contiguous, position-major ([L, C_out, N]): 16-byte loads of its tile
@@ -546,7 +737,8 @@ def local_conv_grad_weight(grad: torch.Tensor, x: torch.Tensor, kernel_size: lis
             *g3.stride(), *xs.stride(), *dw_buf.stride(),
             a["k"], a["s"], a["lo"], a["d"],
             _shapes.PADDING_MODE_CODES[g.padding_mode],
-            **cm._math_args(x.dtype, local_conv_grad_weight_kernel), NARROW=narrow,
+            **cm._math_args(x.dtype, local_conv_grad_weight_kernel), NARROW=narrow, R_MAJOR=_r_major(m),
+            ALIGN=math.gcd(16, *xs.stride()[1:]),
             **cfg.launch_kwargs(),
         )
     return cm._finish(dw, dw_buf), cm._finish(db, db_buf)

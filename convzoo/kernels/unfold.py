@@ -237,16 +237,9 @@ def _launch_unfold(name: str, xs: torch.Tensor, out: torch.Tensor, a: dict, mode
 
 
 def _narrow(xs: torch.Tensor, rows: int, L: int, a: dict) -> bool:
-    """Whether ``unfold_kernel`` may take its row, position and in-plane index math in int32: rows and positions
-    below 2^31, every index value it forms too, and the farthest element of one (sample, channel) plane of ``xs``
-    (5-d), so that every offset it reads fits (a masked lane's offset may wrap: it is never read). The index values,
-    per dim (``a``: :func:`_common._as_3d`'s geometry): a position's padded index ``o·S - lo + k·D`` (the
-    transposed gather's ``o + lo - k·D``), circular's shift by ``n`` and reflect's ``2(n-1) - i`` stay within
-    ``(O-1)·S + |lo| + (K-1)·D + 2n`` in magnitude."""
-    reach = sum(max(n - 1, 0) * s for n, s in zip(xs.shape[2:], xs.stride()[2:]))
-    index = max((o - 1) * s + abs(lo) + (k - 1) * d + 2 * n
-                for n, o, k, s, lo, d in zip(a["in"], a["out"], a["k"], a["s"], a["lo"], a["d"]))
-    return max(rows, L, reach, index) < 2**31
+    """Whether ``unfold_kernel`` may take its row, position and in-plane index math in int32 (rows and positions
+    below 2^31, and :func:`_common._index_fits` for one (sample, channel) plane of ``xs``)."""
+    return max(rows, L) < 2**31 and cm._index_fits(xs, a, first=2)
 
 
 def fold(cols: torch.Tensor, output_size: list[int], kernel_size: list[int], dilation: list[int],
