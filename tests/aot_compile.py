@@ -33,20 +33,30 @@ DOT_KERNELS = {"local_conv_fwd", "local_conv_grad_weight", "local_conv_grad_inpu
 DIMS = {"masked_conv_fwd": [{"M": 256, "O": 256, "K": 256, "BO": bo, "BK": bk}
                             for bo, bk in ((32, 32), (64, 64), (128, 128))],
         "masked_conv_grad_weight": [{"M": 4096, "O": 256, "K": 256, "BO": bo, "BK": bk}
-                                    for bo, bk in ((32, 32), (64, 64), (128, 128))],
+                                    for bo, bk in ((32, 32), (64, 64), (128, 128))]
+        # the plane walk (PLANE: BL positions of a plane per sample, at most BLOCK_M): one sample per step, and
+        # (a 32-position plane) several
+        + [{"M": 4096, "O": 256, "K": 256, "BO": 64, "BK": 64, "PLANE": 128},
+           {"M": 4096, "O": 256, "K": 256, "BO": 32, "BK": 64, "PLANE": 32}],
         "masked_conv_grad_input": [{"M": 256, "C": 256, "K": 256, "BO": bo, "BK": bk}
                                    for bo, bk in ((32, 32), (64, 64), (128, 128))]}
 # tile constexprs that come from the dims, not from the config
 FIXED_TILES = {name: (lambda dims: {"BLOCK_O": dims["BO"], "BLOCK_K": dims["BK"]})
                for name in ("masked_conv_fwd", "masked_conv_grad_weight", "masked_conv_grad_input")}
+FIXED_TILES["masked_conv_grad_weight"] = lambda dims: {"BLOCK_O": dims["BO"], "BLOCK_K": dims["BK"],
+                                                       "PLANE": "PLANE" in dims, "BL": dims.get("PLANE", 1)}
 # masked_conv's tap walk (C/G = 256: SUB = BK, what the launchers pick) with int32 offsets and positions, 2-d
 # (DIMS), a packed channels-last dY (DY_FLAT): the specialisation a ResNet layer's launch gets
 TAP_WALK = {"SUB": None, "NARROW": True, "OFF32": True, "POS32": True, "DIMS": 2, "DY_FLAT": True}
 # patch_covariance's channels per (tap, channel block) pair come from the group's channels (the launcher's): 16 ≤ any
 # BLOCK_D compiles the several-taps-per-tile path
 FIXED_TILES["patch_covariance"] = lambda dims: {"BLOCK_C": 16}
-# ekfac walks its patch rows the same way: 16 channels per pair is one tap per step at BLOCK_K 16 and two at 32
-FIXED_TILES["ekfac"] = lambda dims: {"BLOCK_C": 16}
+# ekfac walks its patch rows the same way: 16 channels per pair is one tap per step at BLOCK_K 16 and two at 32;
+# a second lookup-dims entry (ONE_TAP) takes BLOCK_C = BLOCK_K, one tap per step, every channel block full (FULL_C).
+# 'zeros' (mode 0) walks the windows (WINDOW), reflect computes each step's sources: as the launcher picks
+DIMS["ekfac"] = [{"O": 256, "D": 256, "L": 256, "N": 256, "G": 256},
+                 {"O": 256, "D": 256, "L": 256, "N": 256, "G": 256, "ONE_TAP": 1}]
+FIXED_TILES["ekfac"] = lambda dims: {"BLOCK_C": None if "ONE_TAP" in dims else 16, "FULL_C": "ONE_TAP" in dims}
 # local_conv's forward: batch-last x with the row table (int32 math, 16-byte rows), C_out- and batch-major MMAs (a
 # second lookup-dims entry with a small C_out), and (WIDE) the int64 rows of a batch-first x past 2^31, gathered as
 # the newest Triton's launcher lays it
@@ -88,6 +98,10 @@ def constexprs(fn, dtype, mode, cfg, fixed, has_bias=True):
               "VEC": 16 // dtype.itemsize,  # x's rows 16-byte aligned (masked_conv grad-weight's launcher proves it)
               **cfg.meta,
               **fixed}
+    values["BL"] = min(values.get("BL", 1), values.get("BLOCK_M", 1))  # the plane walk's BL: at most BLOCK_M
+    if "BLOCK_C" in fixed and fixed["BLOCK_C"] is None:  # ekfac's one tap per step
+        values["BLOCK_C"] = values["BLOCK_K"]
+    values["WINDOW"] = mode == 0  # ekfac's window walk: 'zeros' (the geometry's 9 taps)
     return {p.name: values[p.name] for p in fn.params if p.is_constexpr}
 
 

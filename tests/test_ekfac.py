@@ -14,6 +14,7 @@ from torch import nn
 
 import convzoo.functional as cf
 from convzoo import autotune, reference
+from convzoo.kernels import ekfac as ekfac_kernels
 
 # id: (layer constructor, input shape, functional geometry kwargs)
 CONV_CASES = {
@@ -223,6 +224,62 @@ def test_every_tile_and_split_of_the_kernel(channels, kernel, splits, kernel_dev
                                        q_g.to(kernel_device), tuple(kernel), (1, 2), (kernel[0] // 2, 1), groups=2,
                                        bias=True, scale=1.0)
         _close(got.cpu(), want, torch.float32)
+
+
+WALK_CASES = {
+    # CG 16 in BLOCK_K 16: one tap per step, every channel block full (FULL_C: no channel mask)
+    "one_tap_full_blocks": (16, [3, 3], [1, 1], "zeros"),
+    # 25 taps of two channels per pair: the window walk with a tap per pair (8 pairs per step)
+    "25_taps_pairs": (2, [5, 5], [2, 2], "zeros"),
+    # 49 taps (> 31) and 'reflect': the per-step source computation instead
+    "49_taps_computed": (2, [7, 7], [3, 3], "zeros"),
+    "reflect_computed": (16, [3, 3], [1, 1], "reflect"),
+}
+
+
+@pytest.mark.parametrize("case", [pytest.param(k, marks=pytest.mark.slow_interpreted) if "computed" in k else k
+                                  for k in sorted(WALK_CASES)])
+def test_window_and_computed_walks(case, kernel_device):
+    """Both patch-row walks of the kernel against the CPU path in fp64: the window walk (corners and tap bits per
+    position step; one tap per step and several) and the per-step source computation; padding read by the border
+    positions, two groups, 30 positions in two steps of 16 (the last partial)."""
+    channels, kernel, padding, mode = WALK_CASES[case]
+    x = torch.randn(2, 2 * channels, 5, 6)
+    out = [n + 2 * p - k + 1 for n, p, k in zip((5, 6), padding, kernel)]
+    grad = torch.randn(2, 6, *out)
+    q_a, q_g = _bases(2, math.prod(kernel) * channels + 1, 3, torch.float32)
+    flat = [v for p in padding for v in (p, p)]
+    geom = (kernel, [1, 1], flat, [0, 0], [1, 1], mode, 2, False, True)
+    want = reference.ekfac_eigenvalues(x.double(), grad.double(), q_a.double(), q_g.double(), *geom)
+    assert ekfac_kernels._window_walk(0 if mode == "zeros" else 1, False, math.prod(kernel)) == (
+        mode == "zeros" and math.prod(kernel) <= 31)
+    cfg = autotune.Config({"BLOCK_J": 16, "BLOCK_O": 16, "BLOCK_L": 16, "BLOCK_K": 16, "SPLIT": 1}, num_warps=4,
+                          num_stages=1)
+    with autotune.force_config("ekfac", cfg):
+        got = cf.ekfac_eigenvalues(x.to(kernel_device), grad.to(kernel_device), q_a.to(kernel_device),
+                                   q_g.to(kernel_device), tuple(kernel), (1, 1), tuple(padding), padding_mode=mode,
+                                   groups=2, bias=True, scale=1.0)
+    _close(got.cpu(), want, torch.float32)
+
+
+def test_walk_rows_reorders_q_a_for_the_walk():
+    """The launcher's Q_A: row k·CG + c holds unfold row c·K + k, the bias row stays last, the columns are padded
+    with zeros to whole BLOCK_J tiles."""
+    cg, taps, bj = 3, 4, 16
+    q_a = torch.randn(2, cg * taps + 1, cg * taps + 1)
+    got = ekfac_kernels._walk_rows(q_a, cg, taps, bj, torch.float64)
+    assert got.shape == (2, 13, 16) and (got[:, :, 13:] == 0).all()
+    for k in range(taps):
+        for c in range(cg):
+            assert torch.equal(got[:, k * cg + c, :13], q_a[:, c * taps + k].double())
+    assert torch.equal(got[:, 12, :13], q_a[:, 12].double())
+
+
+def test_padded_positions():
+    """The projected gradients' positions: a multiple of 16 where it adds at most 1/8 (196 -> 208, 30 -> 32, 784
+    stays), else as they are (a Linear layer's 1, 49, 42)."""
+    got = [ekfac_kernels._padded_positions(v) for v in (196, 30, 784, 1, 49, 42, 128)]
+    assert got == [208, 32, 784, 1, 49, 42, 128]
 
 
 def test_dot_configs_have_tiles_of_at_least_16():

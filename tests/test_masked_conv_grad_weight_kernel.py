@@ -457,6 +457,31 @@ def test_tap_walk_steps_cross_samples_and_split(split, kernel_device):
     _tap_check("2d_C16_K1x3_P2x1", 0.5, device=kernel_device, config=_config(16, split))
 
 
+@pytest.mark.parametrize("bl", [0, 16, 4], ids=["flat", "plane_one_sample", "plane_four_samples"])
+@pytest.mark.parametrize("key", sorted(TAP_CASES))
+def test_tap_walk_plane_and_flat(key, bl, monkeypatch, kernel_device):
+    """Both position walks on every tap case, BLOCK_M 16 in 3 shares (a share's pairs begin and end inside an
+    l-block): the flat walk (steps of 16 consecutive positions), the plane walk with one sample of 16 positions per
+    step and with four samples of 4 (N ≤ 2 here: lanes past N; more l-blocks than samples)."""
+    calls = []
+    monkeypatch.setattr(grad_weight_module, "_gw_plane", lambda L, bm: calls.append((L, bm)) or bl)
+    _tap_check(key, 0.5, device=kernel_device, config=_config(16, 3))
+    assert calls and all(bm == 16 for _, bm in calls)
+
+
+def test_plane_walk_choice():
+    """The plane walk's BL: the smallest power of two holding a plane, at most BLOCK_M, where its tiles are at least
+    3/4 positions (7² in 64: 0.77; 28² in 7 tiles of 128: 0.875); else the flat walk (3² in 16: 0.56; 130 in 2
+    tiles of 128: 0.51)."""
+    assert grad_weight_module._gw_plane(49, 128) == 64
+    assert grad_weight_module._gw_plane(784, 128) == 128
+    assert grad_weight_module._gw_plane(256, 128) == 128
+    assert grad_weight_module._gw_plane(1, 16) == 1
+    assert grad_weight_module._gw_plane(9, 16) == 0
+    assert grad_weight_module._gw_plane(130, 128) == 0
+    assert grad_weight_module._gw_plane(40, 16) == 16  # 40 in 3 tiles of 16: 0.83
+
+
 def test_tap_walk_nan_outside_the_mask_and_deterministic(kernel_device):
     """NaN in x never reaches a masked entry, and two runs agree bit for bit."""
     dy, x, weight_size, geo, block = _tap_inputs("2d_C32_K3_S2_P1_b16x64", torch.float32, kernel_device)

@@ -152,6 +152,26 @@ def _position_coords(l, OH, OW):
 
 
 @triton.jit
+def _window(l, OH, OW, ID, IH, IW, KS: tl.constexpr, ST: tl.constexpr, LO: tl.constexpr, DIL: tl.constexpr,
+            MODE: tl.constexpr):
+    """For output positions ``l`` (local_conv's forward: once per program; ekfac: once per position step): their
+    windows' corner ``(i_d0, i_h0, i_w0)`` (the padded input index of tap 0, per dim) and, for ``'zeros'`` with at
+    most 31 taps, a bit per tap saying whether the tap reads inside x; ``bits`` is 0 otherwise (unused)."""
+    od, oh, ow = _position_coords(l, OH, OW)
+    i_d0 = od * ST[0] - LO[0]
+    i_h0 = oh * ST[1] - LO[1]
+    i_w0 = ow * ST[2] - LO[2]
+    bits = tl.zeros_like(i_w0).to(tl.int32)
+    if MODE == 0 and _taps(KS) <= 31:
+        for tap in tl.static_range(_taps(KS)):
+            kd, kh, kw = tap // (KS[2] * KS[1]), tap // KS[2] % KS[1], tap % KS[2]
+            p_d, p_h, p_w = i_d0 + kd * DIL[0], i_h0 + kh * DIL[1], i_w0 + kw * DIL[2]
+            v = (p_d >= 0) & (p_d < ID) & (p_h >= 0) & (p_h < IH) & (p_w >= 0) & (p_w < IW)
+            bits = bits | (v.to(tl.int32) << tap)
+    return i_d0, i_h0, i_w0, bits
+
+
+@triton.jit
 def _tap_source(o, k, n, lo, S: tl.constexpr, D: tl.constexpr, MODE: tl.constexpr, TRANSPOSED: tl.constexpr):
     """Along one dim: the input index tap ``k`` of output position ``o`` reads, and whether it reads anything.
     A convolution's patches: padded position ``o·S - lo + k·D``, mapped by the padding mode (``_source_index``).

@@ -48,31 +48,12 @@ __all__ = ["local_conv", "local_conv_grad_input", "local_conv_grad_weight"]
 
 # ----------------------------------------------------------------------------------------------
 @triton.jit
-def _window(l, OH, OW, ID, IH, IW, KS: tl.constexpr, ST: tl.constexpr, LO: tl.constexpr, DIL: tl.constexpr,
-            MODE: tl.constexpr):
-    """Once per program, for output position ``l``: its window's corner ``(i_d0, i_h0, i_w0)`` (the padded input
-    index of tap 0, per dim) and, for ``'zeros'`` with at most 31 taps, a bit per tap saying whether the tap reads
-    inside x; ``bits`` is 0 otherwise (unused)."""
-    od, oh, ow = cm._position_coords(l, OH, OW)
-    i_d0 = od * ST[0] - LO[0]
-    i_h0 = oh * ST[1] - LO[1]
-    i_w0 = ow * ST[2] - LO[2]
-    bits = tl.zeros_like(i_w0).to(tl.int32)
-    if MODE == 0 and cm._taps(KS) <= 31:
-        for tap in tl.static_range(cm._taps(KS)):
-            kd, kh, kw = tap // (KS[2] * KS[1]), tap // KS[2] % KS[1], tap % KS[2]
-            p_d, p_h, p_w = i_d0 + kd * DIL[0], i_h0 + kh * DIL[1], i_w0 + kw * DIL[2]
-            v = (p_d >= 0) & (p_d < ID) & (p_h >= 0) & (p_h < IH) & (p_w >= 0) & (p_w < IW)
-            bits = bits | (v.to(tl.int32) << tap)
-    return i_d0, i_h0, i_w0, bits
-
-
-@triton.jit
 def _window_rows(r, i_d0, i_h0, i_w0, bits, ID, IH, IW, stride_xc, stride_xd, stride_xh, stride_xw,
-                 KS: tl.constexpr, DIL: tl.constexpr, MODE: tl.constexpr):
+                 KS: tl.constexpr, DIL: tl.constexpr, MODE: tl.constexpr, NARROW: tl.constexpr):
     """For patch rows ``r = (c, kd, kh, kw)`` of the position whose window :func:`_window` gave: the offset into
     ``x[n]`` each reads and whether it reads anything (``'zeros'`` padding reads nothing). The rows' dtype (int32
-    where the launcher proved it fits) is the math's; the divisions are by compile-time tap counts."""
+    where the launcher proved it fits, ``NARROW``) is the math's, the offset formed in int64 and narrowed then;
+    the divisions are by compile-time tap counts."""
     k = r % cm._taps(KS)
     c = r // cm._taps(KS)
     kd, kh, kw = cm._tap_coords(k, KS[1], KS[2])
@@ -88,35 +69,44 @@ def _window_rows(r, i_d0, i_h0, i_w0, bits, ID, IH, IW, stride_xc, stride_xd, st
         p_d, ok = cm._source_index(p_d, ID, MODE)
         p_h, _ = cm._source_index(p_h, IH, MODE)
         p_w, _ = cm._source_index(p_w, IW, MODE)
-    off = c * stride_xc + p_d * stride_xd + p_h * stride_xh + p_w * stride_xw
+    off = c.to(tl.int64) * stride_xc + p_d.to(tl.int64) * stride_xd + p_h.to(tl.int64) * stride_xh \
+        + p_w.to(tl.int64) * stride_xw
+    if NARROW:
+        off = off.to(tl.int32)
     return off, ok
 
 
 @triton.jit
-def _fwd_step(acc, w_rows, x_cols, n_ok, r, R, stride_wr, i_d0, i_h0, i_w0, bits, tab_ptr, corner, ID, IH, IW,
+def _fwd_step(acc, w_rows, x_cols, n_ok, r0, r, R, stride_wr, i_d0, i_h0, i_w0, bits, tab_ptr, corner, ID, IH, IW,
               stride_xc, stride_xd, stride_xh, stride_xw,
               KS: tl.constexpr, DIL: tl.constexpr, MODE: tl.constexpr, LAST: tl.constexpr, GATHER_T: tl.constexpr,
-              ROW_TABLE: tl.constexpr, ALIGN: tl.constexpr, N_MAJOR: tl.constexpr, FP64: tl.constexpr,
-              PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+              ROW_TABLE: tl.constexpr, ALIGN: tl.constexpr, N_MAJOR: tl.constexpr, NARROW: tl.constexpr,
+              FP64: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """One R block of the forward: ``acc += W_l[:, r] · P_l[:, r]ᵀ``, the patch rows' offsets and validity from the
     row table (``ROW_TABLE``, see :func:`_row_table`) or computed (:func:`_window_rows`). The weight's C_out rows
-    are clamped in range (never stored), so only the ``LAST``, partial block masks its tile, by ``r < R``; the
+    are clamped in range (never stored), so only the ``LAST``, partial block masks its tile by ``r < R``, a full
+    block by its one scalar condition ``r0 + BLOCK_R <= R`` (true; a uniform mask keeps the 16-byte loads; fp64,
+    whose loads are 8-byte, by ``r < R`` too: with the scalar one ptxas spilled 4 bytes, the static report); the
     patch tile is masked by the rows' validity (and ``r < R`` in the last block) and the batch lanes: zeros in both
-    operands, NaN-safe."""
+    operands, NaN-safe. The table holds ``cdiv(R, 128)·128`` rows, so a block that starts below ``R`` reads
+    inside it."""
     if ROW_TABLE:
         # one load per row: the row's tap (high word; 31 past R: no bit) and its offset from the window corner
-        e = tl.load(tab_ptr + r)
+        e = tl.load(tab_ptr + r, mask=r0 < R, other=0)
         off = tl.multiple_of(corner + e.to(tl.int32), ALIGN)  # a sum of strides, each a multiple of ALIGN
         ok = ((bits >> (e >> 32).to(tl.int32)) & 1) != 0
     else:
         off, ok = _window_rows(r, i_d0, i_h0, i_w0, bits, ID, IH, IW, stride_xc, stride_xd, stride_xh, stride_xw,
-                               KS, DIL, MODE)
-    if LAST:
+                               KS, DIL, MODE, NARROW)
+    w_off = r.to(tl.int64) * stride_wr
+    if NARROW:
+        w_off = w_off.to(tl.int32)
+    if LAST or FP64:
         r_ok = r < R
         ok = ok & r_ok
-        w = tl.load(w_rows[:, None] + r[None, :] * stride_wr, mask=r_ok[None, :], other=0)
+        w = tl.load(w_rows[:, None] + w_off[None, :], mask=r_ok[None, :], other=0)
     else:
-        w = tl.load(w_rows[:, None] + r[None, :] * stride_wr)
+        w = tl.load(w_rows[:, None] + w_off[None, :], mask=r0 + r.shape[0] <= R, other=0)
     if N_MAJOR:  # y_l = P_l · W_lᵀ: the batch tile is the MMA's M
         p = tl.load(x_cols[:, None] + off[None, :], mask=n_ok[:, None] & ok[None, :], other=0)
         acc = cm._mma(p, tl.trans(w), acc, FP64, PRECISION, UPCAST)
@@ -196,8 +186,11 @@ def local_conv_fwd_kernel(
     else:
         lw = l
         r_ar = tl.arange(0, BLOCK_R).to(tl.int64)
-    i_d0, i_h0, i_w0, bits = _window(lw, OH, OW, ID, IH, IW, KS, ST, LO, DIL, MODE)
-    corner = i_d0 * stride_xd + i_h0 * stride_xh + i_w0 * stride_xw  # tap 0's offset (negative past an edge)
+    i_d0, i_h0, i_w0, bits = cm._window(lw, OH, OW, ID, IH, IW, KS, ST, LO, DIL, MODE)
+    # tap 0's offset (negative past an edge)
+    corner = i_d0.to(tl.int64) * stride_xd + i_h0.to(tl.int64) * stride_xh + i_w0.to(tl.int64) * stride_xw
+    if NARROW:
+        corner = corner.to(tl.int32)
 
     # loop over the full R blocks, then the partial one; fp32 (fp64) accumulation of yᵀ = W_l · P_lᵀ: C_out is
     # the MMA's M (≥ 64 rows per warpgroup: wgmma even for a small batch), the batch its N
@@ -207,13 +200,13 @@ def local_conv_fwd_kernel(
         acc = tl.zeros([BLOCK_O, BLOCK_N], dtype=ACC_DTYPE)
     r_full = R - R % BLOCK_R
     for r0 in range(0, r_full, BLOCK_R):
-        acc = _fwd_step(acc, w_rows, x_cols, n_ok, r0 + r_ar, R, stride_wr, i_d0, i_h0, i_w0, bits, tab_ptr, corner,
-                        ID, IH, IW, stride_xc, stride_xd, stride_xh, stride_xw, KS, DIL, MODE, False, GATHER_T,
-                        ROW_TABLE, ALIGN, N_MAJOR, FP64, PRECISION, UPCAST)
+        acc = _fwd_step(acc, w_rows, x_cols, n_ok, r0, r0 + r_ar, R, stride_wr, i_d0, i_h0, i_w0, bits, tab_ptr,
+                        corner, ID, IH, IW, stride_xc, stride_xd, stride_xh, stride_xw, KS, DIL, MODE, False, GATHER_T,
+                        ROW_TABLE, ALIGN, N_MAJOR, NARROW, FP64, PRECISION, UPCAST)
     if r_full < R:
-        acc = _fwd_step(acc, w_rows, x_cols, n_ok, r_full + r_ar, R, stride_wr, i_d0, i_h0, i_w0, bits, tab_ptr,
-                        corner, ID, IH, IW, stride_xc, stride_xd, stride_xh, stride_xw, KS, DIL, MODE, True, GATHER_T,
-                        ROW_TABLE, ALIGN, N_MAJOR, FP64, PRECISION, UPCAST)
+        acc = _fwd_step(acc, w_rows, x_cols, n_ok, r_full, r_full + r_ar, R, stride_wr, i_d0, i_h0, i_w0, bits,
+                        tab_ptr, corner, ID, IH, IW, stride_xc, stride_xd, stride_xh, stride_xw, KS, DIL, MODE, True,
+                        GATHER_T, ROW_TABLE, ALIGN, N_MAJOR, NARROW, FP64, PRECISION, UPCAST)
     # bias and masked store; y is [N, O, L] so a tile is strided by L — partial sectors merge in L2
     if N_MAJOR:
         if HAS_BIAS:

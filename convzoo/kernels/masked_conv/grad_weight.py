@@ -27,6 +27,81 @@ __all__ = ["masked_conv_grad_weight"]
 # grad-weight: dW_g = dY_gᵀ · P_g over the listed tiles, a split over the positions
 # ----------------------------------------------------------------------------------------------
 @triton.jit
+def _gw_taps(n, od, oh, ow, p_ok, s_ok, kd_s, kh_s, kw_s, tap_s, ch, ID, IH, IW, stride_xn, stride_xd, stride_xh,
+             stride_xw, ST: tl.constexpr, LO: tl.constexpr, MODE: tl.constexpr, OFF32: tl.constexpr,
+             VEC: tl.constexpr):
+    """The tap walk's patch addressing for positions ``(n, od, oh, ow)`` ``[BLOCK_M]`` (valid where ``p_ok``) and the
+    tile's sub-tiles (valid where ``s_ok``; tap offsets ``kd_s, kh_s, kw_s``, x offsets ``tap_s`` ``[NS]``; the
+    in-sub-tile channel offsets ``ch`` ``[SUB]``): the validity per (position, sub-tile) ``[BLOCK_M, NS]`` and the
+    x offsets ``[BLOCK_M, NS, SUB]`` (int32 when ``OFF32``: the launcher proved every one fits)."""
+    i_d0 = od * ST[0] - LO[0]
+    i_h0 = oh * ST[1] - LO[1]
+    i_w0 = ow * ST[2] - LO[2]
+    x_n = n.to(tl.int64) * stride_xn
+    if MODE == 0:
+        x_pos = x_n + i_d0.to(tl.int64) * stride_xd + i_h0.to(tl.int64) * stride_xh + i_w0.to(tl.int64) * stride_xw
+        if OFF32:
+            x_pos = x_pos.to(tl.int32)
+        # [BLOCK_M, NS]: 0 <= i < n as one unsigned compare
+        v = (p_ok[:, None] & s_ok[None, :]
+             & ((i_d0[:, None] + kd_s[None, :]).to(tl.uint32, bitcast=True) < ID)
+             & ((i_h0[:, None] + kh_s[None, :]).to(tl.uint32, bitcast=True) < IH)
+             & ((i_w0[:, None] + kw_s[None, :]).to(tl.uint32, bitcast=True) < IW))
+        src = x_pos[:, None] + tap_s[None, :]
+    else:
+        # other padding modes: each (position, sub-tile) reads its own source index
+        s_d, ok_d = cm._source_index(i_d0[:, None] + kd_s[None, :], ID, MODE)
+        s_h, ok_h = cm._source_index(i_h0[:, None] + kh_s[None, :], IH, MODE)
+        s_w, ok_w = cm._source_index(i_w0[:, None] + kw_s[None, :], IW, MODE)
+        v = p_ok[:, None] & s_ok[None, :] & ok_d & ok_h & ok_w
+        src = x_n[:, None] + s_d.to(tl.int64) * stride_xd + s_h.to(tl.int64) * stride_xh \
+            + s_w.to(tl.int64) * stride_xw + tap_s[None, :]
+        if OFF32:
+            src = src.to(tl.int32)
+    off3 = src[:, :, None] + ch[None, None, :]
+    if VEC > 1:
+        # what the compiler cannot always derive (triton 3.8 does not for two-tap tiles, NS = 2, and then gathers x
+        # one element per load, unpipelined: 0.12 of the tensor cores' peak and spills, against 0.60 with it; the
+        # static report, fp16 cifar_conv2)
+        off3 = tl.multiple_of(off3, [1, 1, VEC])
+    return v, off3
+
+
+@triton.jit
+def _gw_product(acc, dy, pt3, v, x_threshold, y_threshold, SWAP: tl.constexpr, BINARIZE: tl.constexpr,
+                FP64: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    """One step of the tap walk's product: ``acc += dYᵀ · P`` (``[BLOCK_O, BLOCK_K]``), or with ``SWAP`` ``acc +=
+    Pᵀ · dY`` (``[BLOCK_K, BLOCK_O]``), from dY ``[BLOCK_M, BLOCK_O]`` and the patches gathered as ``[BLOCK_M, NS,
+    SUB]`` (``pt3``) with their validity per (position, sub-tile) ``v``. ``BINARIZE``: the coactivation count's
+    0/1 operands."""
+    BLOCK_M: tl.constexpr = pt3.shape[0]
+    NS: tl.constexpr = pt3.shape[1]
+    SUB: tl.constexpr = pt3.shape[2]
+    pt = tl.reshape(pt3, [BLOCK_M, NS * SUB])
+    if BINARIZE:
+        # the coactivation count: 0/1 operands (a padded tap is absent, so 0 whatever the threshold; NaN is never
+        # above one), compared in the accumulator's dtype; 0/1 products and their sums are exact in fp32 below
+        # 2^24, so fp16 operands on the tensor cores count exactly
+        p_ok = tl.reshape(tl.broadcast_to(v[:, :, None], [BLOCK_M, NS, SUB]), [BLOCK_M, NS * SUB])
+        yb = tl.where(cm._widen(dy, ACC_DTYPE, UPCAST) > y_threshold, 1.0, 0.0)
+        xb = tl.where(p_ok & (cm._widen(pt, ACC_DTYPE, UPCAST) > x_threshold), 1.0, 0.0)
+        if SWAP:
+            if FP64:
+                acc = cm._mma(tl.trans(xb.to(tl.float64)), yb.to(tl.float64), acc, True, PRECISION, False)
+            else:
+                acc = cm._mma(tl.trans(xb.to(tl.float16)), yb.to(tl.float16), acc, False, "ieee", False)
+        elif FP64:
+            acc = cm._mma(tl.trans(yb.to(tl.float64)), xb.to(tl.float64), acc, True, PRECISION, False)
+        else:
+            acc = cm._mma(tl.trans(yb.to(tl.float16)), xb.to(tl.float16), acc, False, "ieee", False)
+    elif SWAP:
+        acc = cm._mma(tl.trans(pt), dy, acc, FP64, PRECISION, UPCAST)
+    else:
+        acc = cm._mma(tl.trans(dy), pt, acc, FP64, PRECISION, UPCAST)
+    return acc
+
+
+@triton.jit
 def masked_conv_grad_weight_kernel(
     # output: dW as [SPLIT, CO, CG, KT] (the weight itself when SPLIT = 1, else a workspace of partials), any
     # strides; (o, k) of group g is (g·OG + o, k % CG, k // CG): the tap-major column k = t·CG + c
@@ -53,10 +128,11 @@ def masked_conv_grad_weight_kernel(
     # M + BLOCK_M < 2^31, so position indices are int32; DIMS: the spatial dims (the tap walk's positions advance
     # only those); DY_FLAT: dY is [M, CO] with row stride stride_dw (channels-last, packed positions); VEC: every
     # x sub-tile row the tap walk reads starts at a multiple of VEC elements (16 bytes; the launcher proved it, see
-    # _x_vector), 1: not proved
+    # _x_vector), 1: not proved. PLANE (the tap walk only, see _gw_plane): a step's positions are BLOCK_M / BL
+    # samples × BL positions of one sample plane (BL a power of two), l-blocks outer, sample blocks inner
     BLOCK_M: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr,
     SUB: tl.constexpr = 0, OFF32: tl.constexpr = False, POS32: tl.constexpr = False, DIMS: tl.constexpr = 3,
-    DY_FLAT: tl.constexpr = False, VEC: tl.constexpr = 1,
+    DY_FLAT: tl.constexpr = False, VEC: tl.constexpr = 1, PLANE: tl.constexpr = False, BL: tl.constexpr = 1,
 ):
     """``dW_g[o, k] = Σ_m dY[n, g·OG + o, l] · P_g[m, k]`` (``m = n·L + l``) over the ``s``-th of ``SPLIT``
     shares of the positions, for one tile slot ``(g, to, j)`` per program: the tile ``index[g, to, j]``,
@@ -81,6 +157,10 @@ def masked_conv_grad_weight_kernel(
     Hot loop (``SUB > 0``, the tap walk): see the comments in the body and the README's kernel notes; dY is
     gathered as ``[BLOCK_M, BLOCK_O]`` and the patches as ``[BLOCK_M, BLOCK_K]`` (as ``[BLOCK_M, BLOCK_K / SUB,
     SUB]``), both positions first, from channels-last x and dY (what the launcher passes: 16-byte ``cp.async``).
+    The plane walk (``PLANE``, where a plane fills ≥ 3/4 of its ``BL``-position tiles: :func:`_gw_plane`) holds
+    a step's positions' addressing and validity over the sample blocks, so its step is loads and MMAs; its
+    lanes past a plane (``cdiv(L, BL)·BL - L`` per sample) are masked MMA rows: the FLOPs above times
+    ``cdiv(L, BL)·BL / L`` on the tensor cores. The flat walk (positions in order) advances them by carries.
     ``SUB = 0`` (``C/G`` without a power-of-two divisor ≥ 16) keeps the per-element gather, both operand tiles
     positions-last, dY as ``[BLOCK_O, BLOCK_M]`` and the patches as ``[BLOCK_K, BLOCK_M]`` (consecutive threads
     read consecutive positions, contiguous in dY and, for stride 1, in x), the patch tile transposed for
@@ -149,105 +229,110 @@ def masked_conv_grad_weight_kernel(
             tap_s = tap_s.to(tl.int32)
             ch = ch.to(tl.int32)
             dyc = dyc.to(tl.int32)
-        # the positions of the first step, then advanced by BLOCK_M = s_n·L + s_d·OH·OW + s_h·OW + s_w per step
-        # (a carry per dim: each of ow, oh, od stays in range)
-        OD = L // OW // OH
-        m = start + tl.arange(0, BLOCK_M)
-        if POS32:
-            m = m.to(tl.int32)
-        n = m // L
-        l = m - (n.to(tl.int64) * L).to(m.dtype)  # n·L <= m: the int64 product narrows exactly
-        ow = (l % OW).to(tl.int32)
-        oh = (l // OW % OH).to(tl.int32) if DIMS >= 2 else tl.zeros_like(ow)
-        od = (l // OW // OH).to(tl.int32) if DIMS >= 3 else tl.zeros_like(ow)
-        st_n = BLOCK_M // L
-        r_ = BLOCK_M % L
-        st_w = r_ % OW
-        st_h = r_ // OW % OH
-        st_d = r_ // OW // OH
         # a narrow block (BLOCK_O < 64 <= BLOCK_K) accumulates dWᵀ = Pᵀ·dY: the MMA's M side is then BLOCK_K
         # (wgmma wants 64 rows per warpgroup)
         SWAP: tl.constexpr = BLOCK_O < 64 and BLOCK_K >= 64 and not FP64
         if SWAP:
             acc_t = tl.zeros([BLOCK_K, BLOCK_O], dtype=ACC_DTYPE)
-        for _ in range(0, steps):
-            m_ok = m < M
-            # the steps' position offsets: int64, narrowed to int32 when OFF32 (the launcher proved them)
-            if DY_FLAT:
-                dy_pos = m.to(tl.int64) * stride_dw
-            else:
-                dy_pos = n.to(tl.int64) * stride_dn + od.to(tl.int64) * stride_dd \
-                    + oh.to(tl.int64) * stride_dh + ow.to(tl.int64) * stride_dw
-            if OFF32:
-                dy_pos = dy_pos.to(tl.int32)
-            x_n = n.to(tl.int64) * stride_xn
-            dy = tl.load(dy_ptr + dy_pos[:, None] + dyc[None, :], mask=m_ok[:, None] & o_ok[None, :], other=0)
-            i_d0 = od * ST[0] - LO[0]
-            i_h0 = oh * ST[1] - LO[1]
-            i_w0 = ow * ST[2] - LO[2]
-            if MODE == 0:
-                x_pos = x_n + i_d0.to(tl.int64) * stride_xd + i_h0.to(tl.int64) * stride_xh \
-                    + i_w0.to(tl.int64) * stride_xw
+        if PLANE:
+            # the plane walk (_gw_plane): a step's positions are BN = BLOCK_M / BL samples × BL positions of their
+            # planes, and the share's (l-block, sample block) pairs are walked l-blocks outer: the positions'
+            # window corners, validity bits and in-sample offsets are computed once per l-block (the divisions by
+            # the output sizes there), and a step only moves two scalar bases by BN samples
+            BN: tl.constexpr = BLOCK_M // BL
+            ni = tl.arange(0, BLOCK_M) // BL
+            li = tl.arange(0, BLOCK_M) % BL
+            N = M // L
+            NB = (N - 1) // BN + 1
+            pairs = ((L - 1) // BL + 1) * NB
+            per = (pairs - 1) // SPLIT + 1
+            p0 = s * per
+            p1 = tl.where(j < count, tl.minimum(p0 + per, pairs), p0)
+            for lb in range(p0 // NB, tl.where(p1 > p0, (p1 - 1) // NB + 1, 0)):
+                l = lb * BL + li
+                l_ok = l < L
+                l = tl.where(l_ok, l, 0)
+                if POS32:
+                    l = l.to(tl.int32)
+                ow = (l % OW).to(tl.int32)
+                oh = (l // OW % OH).to(tl.int32) if DIMS >= 2 else tl.zeros_like(ow)
+                od = (l // OW // OH).to(tl.int32) if DIMS >= 3 else tl.zeros_like(ow)
+                v0, off3 = _gw_taps(ni, od, oh, ow, l_ok, s_ok, kd_s, kh_s, kw_s, tap_s, ch, ID, IH, IW, stride_xn,
+                                    stride_xd, stride_xh, stride_xw, ST, LO, MODE, OFF32, VEC)
+                dy_pos = ni.to(tl.int64) * stride_dn + od.to(tl.int64) * stride_dd + oh.to(tl.int64) * stride_dh \
+                    + ow.to(tl.int64) * stride_dw
                 if OFF32:
-                    x_pos = x_pos.to(tl.int32)
-                # [BLOCK_M, NS]: 0 <= i < n as one unsigned compare
-                v = (m_ok[:, None] & s_ok[None, :]
-                     & ((i_d0[:, None] + kd_s[None, :]).to(tl.uint32, bitcast=True) < ID)
-                     & ((i_h0[:, None] + kh_s[None, :]).to(tl.uint32, bitcast=True) < IH)
-                     & ((i_w0[:, None] + kw_s[None, :]).to(tl.uint32, bitcast=True) < IW))
-                src = x_pos[:, None] + tap_s[None, :]
-            else:
-                # other padding modes: each (position, sub-tile) reads its own source index
-                s_d, ok_d = cm._source_index(i_d0[:, None] + kd_s[None, :], ID, MODE)
-                s_h, ok_h = cm._source_index(i_h0[:, None] + kh_s[None, :], IH, MODE)
-                s_w, ok_w = cm._source_index(i_w0[:, None] + kw_s[None, :], IW, MODE)
-                v = m_ok[:, None] & s_ok[None, :] & ok_d & ok_h & ok_w
-                src = x_n[:, None] + s_d.to(tl.int64) * stride_xd + s_h.to(tl.int64) * stride_xh \
-                    + s_w.to(tl.int64) * stride_xw + tap_s[None, :]
-                if OFF32:
-                    src = src.to(tl.int32)
-            off3 = src[:, :, None] + ch[None, None, :]
-            if VEC > 1:
-                # what the compiler cannot always derive (triton 3.8 does not for two-tap tiles, NS = 2, and then
-                # gathers x one element per load, unpipelined: 0.12 of the tensor cores' peak and spills, against
-                # 0.60 with it; the static report, fp16 cifar_conv2)
-                off3 = tl.multiple_of(off3, [1, 1, VEC])
-            pt3 = tl.load(x_g + off3, mask=v[:, :, None], other=0)
-            pt = tl.reshape(pt3, [BLOCK_M, BLOCK_K])
-            if BINARIZE:
-                # the coactivation count: 0/1 operands (a padded tap is absent, so 0 whatever the threshold; NaN is
-                # never above one), compared in the accumulator's dtype; 0/1 products and their sums are exact in
-                # fp32 below 2^24, so fp16 operands on the tensor cores count exactly
-                p_ok = tl.reshape(tl.broadcast_to(v[:, :, None], [BLOCK_M, NS, SUB]), [BLOCK_M, BLOCK_K])
-                yb = tl.where(cm._widen(dy, ACC_DTYPE, UPCAST) > y_threshold, 1.0, 0.0)
-                xb = tl.where(p_ok & (cm._widen(pt, ACC_DTYPE, UPCAST) > x_threshold), 1.0, 0.0)
-                if SWAP:
-                    if FP64:
-                        acc_t = cm._mma(tl.trans(xb.to(tl.float64)), yb.to(tl.float64), acc_t, True, PRECISION, False)
+                    dy_pos = dy_pos.to(tl.int32)
+                dy_off = dy_pos[:, None] + dyc[None, :]
+                dy_ok = l_ok[:, None] & o_ok[None, :]
+                for nb in range(tl.maximum(p0 - lb * NB, 0), tl.minimum(p1 - lb * NB, NB)):
+                    n0 = tl.cast(nb, tl.int64) * BN  # (the interpreter passes a Python int)
+                    v = v0
+                    y_ok = dy_ok
+                    if BN > 1:
+                        # the last sample block's lanes past N
+                        n_ok = ni < N - n0
+                        v = v0 & n_ok[:, None]
+                        y_ok = dy_ok & n_ok[:, None]
+                    dy = tl.load(dy_ptr + n0 * stride_dn + dy_off, mask=y_ok, other=0)
+                    pt3 = tl.load(x_g + n0 * stride_xn + off3, mask=v[:, :, None], other=0)
+                    if SWAP:
+                        acc_t = _gw_product(acc_t, dy, pt3, v, x_threshold, y_threshold, True, BINARIZE, FP64,
+                                            PRECISION, UPCAST, ACC_DTYPE)
                     else:
-                        acc_t = cm._mma(tl.trans(xb.to(tl.float16)), yb.to(tl.float16), acc_t, False, "ieee", False)
-                elif FP64:
-                    acc = cm._mma(tl.trans(yb.to(tl.float64)), xb.to(tl.float64), acc, True, PRECISION, False)
+                        acc = _gw_product(acc, dy, pt3, v, x_threshold, y_threshold, False, BINARIZE, FP64,
+                                          PRECISION, UPCAST, ACC_DTYPE)
+        else:
+            # the positions of the first step, then advanced by BLOCK_M = s_n·L + s_d·OH·OW + s_h·OW + s_w per step
+            # (a carry per dim: each of ow, oh, od stays in range)
+            OD = L // OW // OH
+            m = start + tl.arange(0, BLOCK_M)
+            if POS32:
+                m = m.to(tl.int32)
+            n = m // L
+            l = m - (n.to(tl.int64) * L).to(m.dtype)  # n·L <= m: the int64 product narrows exactly
+            ow = (l % OW).to(tl.int32)
+            oh = (l // OW % OH).to(tl.int32) if DIMS >= 2 else tl.zeros_like(ow)
+            od = (l // OW // OH).to(tl.int32) if DIMS >= 3 else tl.zeros_like(ow)
+            st_n = BLOCK_M // L
+            r_ = BLOCK_M % L
+            st_w = r_ % OW
+            st_h = r_ // OW % OH
+            st_d = r_ // OW // OH
+            for _ in range(0, steps):
+                m_ok = m < M
+                # the steps' position offsets: int64, narrowed to int32 when OFF32 (the launcher proved them)
+                if DY_FLAT:
+                    dy_pos = m.to(tl.int64) * stride_dw
                 else:
-                    acc = cm._mma(tl.trans(yb.to(tl.float16)), xb.to(tl.float16), acc, False, "ieee", False)
-            elif SWAP:
-                acc_t = cm._mma(tl.trans(pt), dy, acc_t, FP64, PRECISION, UPCAST)
-            else:
-                acc = cm._mma(tl.trans(dy), pt, acc, FP64, PRECISION, UPCAST)
-            # the next step's positions
-            m += BLOCK_M
-            ow += st_w
-            cy = ow >= OW
-            ow = tl.where(cy, ow - OW, ow)
-            if DIMS >= 2:
-                oh += st_h + cy.to(tl.int32)
-                cy = oh >= OH
-                oh = tl.where(cy, oh - OH, oh)
-            if DIMS >= 3:
-                od += st_d + cy.to(tl.int32)
-                cy = od >= OD
-                od = tl.where(cy, od - OD, od)
-            n += st_n + cy.to(n.dtype)
+                    dy_pos = n.to(tl.int64) * stride_dn + od.to(tl.int64) * stride_dd \
+                        + oh.to(tl.int64) * stride_dh + ow.to(tl.int64) * stride_dw
+                if OFF32:
+                    dy_pos = dy_pos.to(tl.int32)
+                dy = tl.load(dy_ptr + dy_pos[:, None] + dyc[None, :], mask=m_ok[:, None] & o_ok[None, :], other=0)
+                v, off3 = _gw_taps(n, od, oh, ow, m_ok, s_ok, kd_s, kh_s, kw_s, tap_s, ch, ID, IH, IW, stride_xn,
+                                   stride_xd, stride_xh, stride_xw, ST, LO, MODE, OFF32, VEC)
+                pt3 = tl.load(x_g + off3, mask=v[:, :, None], other=0)
+                if SWAP:
+                    acc_t = _gw_product(acc_t, dy, pt3, v, x_threshold, y_threshold, True, BINARIZE, FP64, PRECISION,
+                                        UPCAST, ACC_DTYPE)
+                else:
+                    acc = _gw_product(acc, dy, pt3, v, x_threshold, y_threshold, False, BINARIZE, FP64, PRECISION,
+                                      UPCAST, ACC_DTYPE)
+                # the next step's positions
+                m += BLOCK_M
+                ow += st_w
+                cy = ow >= OW
+                ow = tl.where(cy, ow - OW, ow)
+                if DIMS >= 2:
+                    oh += st_h + cy.to(tl.int32)
+                    cy = oh >= OH
+                    oh = tl.where(cy, oh - OH, oh)
+                if DIMS >= 3:
+                    od += st_d + cy.to(tl.int32)
+                    cy = od >= OD
+                    od = tl.where(cy, od - OD, od)
+                n += st_n + cy.to(n.dtype)
         if SWAP:
             acc = tl.trans(acc_t)
     else:
@@ -310,11 +395,12 @@ def _gw_default(dims, dtype, interpret: bool) -> Config:
     """BLOCK_M 128 positions per step for the 16-bit dtypes with 2 stages (the static sm_90 report, fp16 conv3_x:
     the tap walk's per-position work over twice the MMA, 0.59 -> 0.65 of the tensor cores' peak, and 3 blocks
     of 4 warps per SM), 32 for fp32's twice larger operand tiles (the block sets the accumulator: BLOCK_M only
-    sets the operand tiles and the steps), 8 warps once the fp32 accumulator passes 64 values per thread at 4,
-    and for fp32's FMA product (its operand tiles in registers too: 4 warps spill); stages as :func:`_gw_fits`
-    allows, then SPLIT (:func:`_gw_split`). fp64 is a broadcast-sum holding a BO × BLOCK_M × BK product: BLOCK_M
-    shrinks to keep it at ≤ 8192 values. The interpreter pays per program and per step: the largest BLOCK_M,
-    one share."""
+    sets the operand tiles and the steps; 16 for a block of ≤ 32 × 64, where triton 3.8 spilled 12 bytes at 32
+    with the plane walk, the static report's local_2d_b256), 8 warps once the fp32 accumulator passes 64 values
+    per thread at 4, and for fp32's FMA product (its operand tiles in registers too: 4 warps spill); stages as
+    :func:`_gw_fits` allows, then SPLIT (:func:`_gw_split`). fp64 is a broadcast-sum holding a BO × BLOCK_M × BK
+    product: BLOCK_M shrinks to keep it at ≤ 8192 values. The interpreter pays per program and per step: the
+    largest BLOCK_M, one share."""
     bo, bk = dims["BO"], dims["BK"]
     if interpret:
         return Config({"BLOCK_M": cm._fit(dims["M"], 16, 256), "SPLIT": 1}, num_warps=4, num_stages=1)
@@ -323,7 +409,7 @@ def _gw_default(dims, dtype, interpret: bool) -> Config:
     if dtype == torch.float64:
         bm, stages = max(1, min(16, 8192 // (bo * bk))), 1
     else:
-        bm = 128 if half else 32
+        bm = 128 if half else 16 if bo * bk <= 32 * 64 else 32
         stages = 2
         while stages > 1 and not _gw_fits(bm, bo, bk, warps, stages, dtype):
             stages -= 1
@@ -419,6 +505,14 @@ def _x_vector(xs: torch.Tensor, cg: int, sub: int) -> int:
     vec = 16 // xs.element_size()
     strides = (xs.stride(0), *xs.stride()[2:])
     return vec if xs.stride(1) == 1 and all(v % vec == 0 for v in (cg, sub, *strides)) else 1
+
+
+def _gw_plane(L: int, bm: int) -> int:
+    """The kernel's ``BL`` for the plane walk (``PLANE``), 0 for the flat one: ``BL = min(BLOCK_M, 2^⌈log2 L⌉)``
+    positions of a plane per sample, where those tiles hold at least 3/4 useful positions (``L / (cdiv(L, BL) ·
+    BL)``: the lanes past a plane are masked MMA rows)."""
+    bl = min(bm, triton.next_power_of_2(L))
+    return bl if 3 * triton.cdiv(L, bl) * bl <= 4 * L else 0
 
 
 def _gw_off32(xs: torch.Tensor, dys: torch.Tensor, g: _shapes.Geometry, co: int, bo: int) -> bool:
@@ -530,6 +624,7 @@ def masked_conv_grad_weight(grad: torch.Tensor, x: torch.Tensor, mask: torch.Ten
         # channels-last dY; other layouts are copied once (see _channels_last)
         xs, dys = cm._channels_last(xs), cm._channels_last(dys)
     pos32 = M + cfg.meta["BLOCK_M"] < 2**31
+    bl = _gw_plane(L, cfg.meta["BLOCK_M"]) if sub else 0
     off32 = bool(sub) and pos32 and _gw_off32(xs, dys, g, co, bo)
     # dY as [M, C_out] rows stride_dw apart (position m's offset m·stride_dw): the positions need no decomposition
     dy_flat, step = True, dys.stride(4)
@@ -550,7 +645,7 @@ def masked_conv_grad_weight(grad: torch.Tensor, x: torch.Tensor, mask: torch.Ten
             _shapes.PADDING_MODE_CODES[g.padding_mode],
             m3 is not None, thresholds is not None, **cm._math_args(x.dtype, masked_conv_grad_weight_kernel),
             BLOCK_O=bo, BLOCK_K=bk, SUB=sub, OFF32=off32, POS32=pos32, DIMS=g.ndim, DY_FLAT=dy_flat,
-            VEC=_x_vector(xs, cg, sub) if sub else 1,
+            VEC=_x_vector(xs, cg, sub) if sub else 1, PLANE=bool(sub and bl), BL=max(bl, 1),
             **cfg.launch_kwargs(),
         )
     if split == 1:
