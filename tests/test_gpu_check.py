@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import tarfile
@@ -469,10 +470,15 @@ def test_run_command_logs_interrupts_first_and_ends_the_whole_process_group(tmp_
     text = log.read_text()
     assert text.startswith(f"$ {shlex.quote(PY)} -c") and "out\n" in text and "err\n" in text
     # a step that writes its results when interrupted (pytest's junit report) gets to write them (8 s: the child
-    # must be inside its try before the interrupt, and a loaded 2-core machine once took over 3 s to get there)
+    # must be inside its try before the interrupt), also when this process ignores SIGINT (inherited by a child:
+    # run_command restores the default)
     marker = tmp_path / "wrote-results"
     script = f"import time\ntry:\n    time.sleep(60)\nexcept KeyboardInterrupt:\n    open({str(marker)!r}, 'w')"
-    rc, stopped = gc.run_command([PY, "-c", script], log, None, 8, dict(os.environ), stop_s=2)
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        rc, stopped = gc.run_command([PY, "-c", script], log, None, 8, dict(os.environ), stop_s=2)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert stopped and marker.exists()
     # one that ignores the interrupt and TERM is killed, its children with it
     pidfile = tmp_path / "grandchild.pid"

@@ -92,6 +92,11 @@ def _stop_group(proc: subprocess.Popen, stop_s: float) -> None:
         _signal_group(proc, signal.SIGKILL, 10)
 
 
+def _default_sigint() -> None:
+    """In the child, before exec: SIGINT back to its default disposition."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def run_command(command: list[str], log_path: Path, cwd: Path | None, timeout_s: float, env: dict,
                 stop_s: float | None = None) -> tuple[int | None, bool]:
     """Run ``command`` with stdout and stderr into ``log_path``; ``(exit code, stopped)``. ``stop_s`` before
@@ -106,8 +111,10 @@ def run_command(command: list[str], log_path: Path, cwd: Path | None, timeout_s:
         log.write(f"$ {shlex.join(command)}\n")
         log.flush()
         try:
+            # the child's SIGINT at its default, whatever this process's (an ignored SIGINT is inherited, and a
+            # step interrupted at its deadline would then never write its results: seen under pytest-xdist)
             proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    cwd=cwd, env=env, start_new_session=True)
+                                    cwd=cwd, env=env, start_new_session=True, preexec_fn=_default_sigint)
         except OSError as e:
             log.write(f"could not start: {e}\n")
             raise
