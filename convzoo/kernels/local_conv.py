@@ -152,9 +152,11 @@ def local_conv_fwd_kernel(
     per warpgroup make it ``wgmma`` whatever the batch), the batch tile its N.
 
     Hot loop: per program, once, the position's window corner and (``'zeros'``, ≤ 31 taps) a validity bit per
-    tap; per R block, each patch row's tap and channel by divisions by compile-time tap counts (int32 when
-    ``NARROW``), its offset and validity bit; per element nothing. The weight tile streams along its contiguous
-    R (16-byte ``cp.async``), unmasked but in the last, partial R block. The launcher hands x batch-last
+    tap; per R block, each patch row's offset from the corner and its tap loaded from the row table
+    (``ROW_TABLE``), else its tap and channel by divisions by compile-time tap counts (int32 when ``NARROW``), its
+    offset and validity; per element nothing. The weight tile streams along its contiguous R (16-byte
+    ``cp.async``), masked per element only in the last, partial R block (see :func:`_fwd_step`). The launcher
+    hands x batch-last
     (:func:`_common._batch_last`: one copy, unless it already is or the batch is below 16 bytes), so a patch row
     of the tile is ``BLOCK_N`` contiguous samples: 16-byte ``cp.async`` too. A batch-first x (a batch below 16
     bytes) is one scalar load per element, its own 64-bit address each.
